@@ -1,0 +1,1 @@
+//! Upstream authentication: `WWW-Authenticate` challenges and a token cache.

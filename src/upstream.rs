@@ -1,0 +1,1 @@
+//! The client side: requests to one upstream registry.
