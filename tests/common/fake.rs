@@ -1,0 +1,1035 @@
+//! An in-process fake upstream registry (Docker Registry HTTP API v2 /
+//! OCI distribution, pull side only) with request counting, optional Docker
+//! Hub style bearer-token auth and misbehaviour knobs.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Empty, Full, StreamBody, combinators::UnsyncBoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::image::sha256_digest;
+
+pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into())
+        .map_err(|e: Infallible| match e {})
+        .boxed_unsync()
+}
+
+fn empty() -> Body {
+    Empty::<Bytes>::new()
+        .map_err(|e: Infallible| match e {})
+        .boxed_unsync()
+}
+
+/// One request as the fake saw it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    }
+}
+
+/// Global failure mode: how the fake answers *every* request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// Behave.
+    None,
+    /// `503 Service Unavailable` with an OCI error body.
+    Unavailable,
+    /// `429 Too Many Requests` with `Retry-After: <secs>`.
+    TooManyRequests { retry_after: u32 },
+    /// Close connections without answering (new connections are accepted
+    /// and dropped at once; requests on existing ones abort the connection).
+    Down,
+}
+
+/// A stored manifest.
+#[derive(Clone)]
+struct StoredManifest {
+    media_type: String,
+    body: Bytes,
+}
+
+/// State of one held blob: the fake sends the first half of the body, then
+/// waits until released.
+pub struct HoldState {
+    released: watch::Sender<bool>,
+    halves_sent: watch::Sender<usize>,
+    completed: watch::Sender<usize>,
+    dropped: watch::Sender<usize>,
+}
+
+/// Handle to a held blob; see [`FakeUpstream::hold`].
+#[derive(Clone)]
+pub struct Hold {
+    state: Arc<HoldState>,
+}
+
+impl Hold {
+    /// Lets every held body (current and future) send the rest.
+    pub fn release(&self) {
+        self.state.released.send_replace(true);
+    }
+
+    /// Waits until `n` bodies in total have handed their first half to
+    /// hyper (i.e. the half is on its way to the client). Panics after 10 s.
+    pub async fn wait_half_sent(&self, n: usize) {
+        let mut rx = self.state.halves_sent.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|v| *v >= n))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("fake upstream: half of held blob not sent {n} time(s) within 10 s")
+            })
+            .unwrap();
+    }
+
+    /// Waits until `n` held bodies in total were sent completely. Panics
+    /// after 10 s.
+    pub async fn wait_completed(&self, n: usize) {
+        let mut rx = self.state.completed.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|v| *v >= n))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "fake upstream: held blob body not completed {n} time(s) within 10 s (dropped: {})",
+                    *self.state.dropped.borrow()
+                )
+            })
+            .unwrap();
+    }
+
+    pub fn halves_sent(&self) -> usize {
+        *self.state.halves_sent.borrow()
+    }
+
+    pub fn completed(&self) -> usize {
+        *self.state.completed.borrow()
+    }
+
+    /// Bodies that were dropped (connection closed by the downstream side)
+    /// before they were sent completely.
+    pub fn dropped(&self) -> usize {
+        *self.state.dropped.borrow()
+    }
+}
+
+/// Increments `dropped` when a held body is dropped before completion.
+struct DropGuard {
+    state: Arc<HoldState>,
+    done: bool,
+}
+
+impl Drop for DropGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            self.state.dropped.send_modify(|v| *v += 1);
+        }
+    }
+}
+
+struct Token {
+    expires: Instant,
+    repos: HashSet<String>,
+}
+
+#[derive(Default)]
+struct Store {
+    blobs: HashMap<String, Bytes>,
+    manifests: HashMap<String, StoredManifest>,
+    /// repo -> tag -> digest
+    tags: HashMap<String, BTreeMap<String, String>>,
+}
+
+struct AuthConfig {
+    enabled: bool,
+    expires_in: u64,
+    credentials: Option<(String, String)>,
+    private: HashSet<String>,
+}
+
+struct Inner {
+    addr: SocketAddr,
+    store: Mutex<Store>,
+    log: Mutex<Vec<Recorded>>,
+    counts: Mutex<HashMap<(String, String), usize>>,
+    failure: Mutex<Failure>,
+    down: AtomicBool,
+    chunked: AtomicBool,
+    corrupt: Mutex<HashSet<String>>,
+    holds: Mutex<HashMap<String, Arc<HoldState>>>,
+    auth: Mutex<AuthConfig>,
+    tokens: Mutex<HashMap<String, Token>>,
+    token_seq: AtomicU64,
+    connections: AtomicUsize,
+}
+
+/// The fake registry. Cloning gives another handle to the same server.
+#[derive(Clone)]
+pub struct FakeUpstream {
+    inner: Arc<Inner>,
+}
+
+impl FakeUpstream {
+    /// Binds 127.0.0.1:0 and serves on the current tokio runtime.
+    pub async fn start() -> FakeUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let inner = Arc::new(Inner {
+            addr,
+            store: Mutex::default(),
+            log: Mutex::default(),
+            counts: Mutex::default(),
+            failure: Mutex::new(Failure::None),
+            down: AtomicBool::new(false),
+            chunked: AtomicBool::new(false),
+            corrupt: Mutex::default(),
+            holds: Mutex::default(),
+            auth: Mutex::new(AuthConfig {
+                enabled: false,
+                expires_in: 300,
+                credentials: None,
+                private: HashSet::new(),
+            }),
+            tokens: Mutex::default(),
+            token_seq: AtomicU64::new(1),
+            connections: AtomicUsize::new(0),
+        });
+        let weak = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                if inner.down.load(Ordering::SeqCst) {
+                    drop(stream);
+                    continue;
+                }
+                inner.connections.fetch_add(1, Ordering::SeqCst);
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let inner = inner.clone();
+                        async move { inner.handle(req).await }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        FakeUpstream { inner }
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.inner.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+
+    // ----- content -------------------------------------------------------
+
+    /// Stores a blob; returns its digest.
+    pub fn add_blob(&self, data: impl Into<Bytes>) -> String {
+        let data = data.into();
+        let digest = sha256_digest(&data);
+        self.inner
+            .store
+            .lock()
+            .unwrap()
+            .blobs
+            .insert(digest.clone(), data);
+        digest
+    }
+
+    pub fn remove_blob(&self, digest: &str) {
+        self.inner.store.lock().unwrap().blobs.remove(digest);
+    }
+
+    /// Stores a manifest, optionally tagging it in `repo`; returns its digest.
+    pub fn add_manifest(
+        &self,
+        repo: &str,
+        tag: Option<&str>,
+        media_type: &str,
+        body: impl Into<Bytes>,
+    ) -> String {
+        let body = body.into();
+        let digest = sha256_digest(&body);
+        let mut store = self.inner.store.lock().unwrap();
+        store.manifests.insert(
+            digest.clone(),
+            StoredManifest {
+                media_type: media_type.to_string(),
+                body,
+            },
+        );
+        let tags = store.tags.entry(repo.to_string()).or_default();
+        if let Some(tag) = tag {
+            tags.insert(tag.to_string(), digest.clone());
+        }
+        digest
+    }
+
+    /// Stores config, layers and manifest of `image` and tags it.
+    pub fn push_image(&self, repo: &str, tag: &str, image: &super::image::Image) {
+        self.add_blob(image.config.data.clone());
+        for l in &image.layers {
+            self.add_blob(l.data.clone());
+        }
+        self.add_manifest(
+            repo,
+            Some(tag),
+            image.media_type.as_str(),
+            image.manifest.clone(),
+        );
+    }
+
+    /// Stores an index, all images it refers to, and tags the index.
+    pub fn push_index(&self, repo: &str, tag: &str, index: &super::image::Index) {
+        for (img, _) in &index.images {
+            self.push_image_untagged(repo, img);
+        }
+        self.add_manifest(
+            repo,
+            Some(tag),
+            index.media_type.as_str(),
+            index.manifest.clone(),
+        );
+    }
+
+    pub fn push_image_untagged(&self, repo: &str, image: &super::image::Image) {
+        self.add_blob(image.config.data.clone());
+        for l in &image.layers {
+            self.add_blob(l.data.clone());
+        }
+        self.add_manifest(
+            repo,
+            None,
+            image.media_type.as_str(),
+            image.manifest.clone(),
+        );
+    }
+
+    /// Points `repo:tag` at `digest` (which must be a stored manifest).
+    pub fn set_tag(&self, repo: &str, tag: &str, digest: &str) {
+        let mut store = self.inner.store.lock().unwrap();
+        assert!(
+            store.manifests.contains_key(digest),
+            "set_tag: unknown manifest {digest}"
+        );
+        store
+            .tags
+            .entry(repo.to_string())
+            .or_default()
+            .insert(tag.to_string(), digest.to_string());
+    }
+
+    pub fn add_tag_names(&self, repo: &str, tags: &[&str], digest: &str) {
+        for t in tags {
+            self.set_tag(repo, t, digest);
+        }
+    }
+
+    // ----- knobs ---------------------------------------------------------
+
+    pub fn set_failure(&self, f: Failure) {
+        self.inner.down.store(f == Failure::Down, Ordering::SeqCst);
+        *self.inner.failure.lock().unwrap() = f;
+    }
+
+    /// Serve blob bodies as a stream without Content-Length (chunked).
+    pub fn set_chunked(&self, on: bool) {
+        self.inner.chunked.store(on, Ordering::SeqCst);
+    }
+
+    /// Serve wrong bytes (same length, one byte flipped in every 4 KiB) for
+    /// `digest` (blob or manifest).
+    pub fn corrupt(&self, digest: &str) {
+        self.inner
+            .corrupt
+            .lock()
+            .unwrap()
+            .insert(digest.to_string());
+    }
+
+    pub fn uncorrupt(&self, digest: &str) {
+        self.inner.corrupt.lock().unwrap().remove(digest);
+    }
+
+    /// From now on every GET of blob `digest` sends the first half of the
+    /// body, then waits until [`Hold::release`].
+    pub fn hold(&self, digest: &str) -> Hold {
+        let (released, _) = watch::channel(false);
+        let (halves_sent, _) = watch::channel(0);
+        let (completed, _) = watch::channel(0);
+        let (dropped, _) = watch::channel(0);
+        let state = Arc::new(HoldState {
+            released,
+            halves_sent,
+            completed,
+            dropped,
+        });
+        self.inner
+            .holds
+            .lock()
+            .unwrap()
+            .insert(digest.to_string(), state.clone());
+        Hold { state }
+    }
+
+    pub fn unhold(&self, digest: &str) {
+        if let Some(s) = self.inner.holds.lock().unwrap().remove(digest) {
+            s.released.send_replace(true);
+        }
+    }
+
+    /// Require bearer tokens from `/token` for everything under `/v2/`.
+    /// Tokens expire after `expires_in` seconds.
+    pub fn enable_auth(&self, expires_in: u64) {
+        let mut a = self.inner.auth.lock().unwrap();
+        a.enabled = true;
+        a.expires_in = expires_in;
+    }
+
+    /// Credentials the token endpoint accepts (Basic auth) for private repos.
+    pub fn set_credentials(&self, user: &str, password: &str) {
+        self.inner.auth.lock().unwrap().credentials =
+            Some((user.to_string(), password.to_string()));
+    }
+
+    /// Tokens for `repo` are only granted with valid credentials.
+    pub fn set_private(&self, repo: &str) {
+        self.inner
+            .auth
+            .lock()
+            .unwrap()
+            .private
+            .insert(repo.to_string());
+    }
+
+    // ----- observations --------------------------------------------------
+
+    /// Requests seen for exactly (method, path); path excludes the query.
+    pub fn count(&self, method: &str, path: &str) -> usize {
+        self.inner
+            .counts
+            .lock()
+            .unwrap()
+            .get(&(method.to_string(), path.to_string()))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// All requests seen (including `/token`).
+    pub fn total(&self) -> usize {
+        self.inner.log.lock().unwrap().len()
+    }
+
+    /// Requests matching a predicate.
+    pub fn count_where(&self, f: impl Fn(&Recorded) -> bool) -> usize {
+        self.inner
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| f(r))
+            .count()
+    }
+
+    fn count_suffix(&self, method: &str, suffix: &str) -> usize {
+        self.count_where(|r| {
+            r.method == method && r.path.starts_with("/v2/") && r.path.ends_with(suffix)
+        })
+    }
+
+    /// GETs of `/v2/<any repo>/blobs/<digest>`.
+    pub fn blob_gets(&self, digest: &str) -> usize {
+        self.count_suffix("GET", &format!("/blobs/{digest}"))
+    }
+
+    pub fn blob_heads(&self, digest: &str) -> usize {
+        self.count_suffix("HEAD", &format!("/blobs/{digest}"))
+    }
+
+    /// GETs of any blob at all.
+    pub fn all_blob_gets(&self) -> usize {
+        self.count_where(|r| r.method == "GET" && r.path.contains("/blobs/"))
+    }
+
+    /// GETs of `/v2/<repo>/manifests/<reference>`.
+    pub fn manifest_gets(&self, repo: &str, reference: &str) -> usize {
+        self.count("GET", &format!("/v2/{repo}/manifests/{reference}"))
+    }
+
+    pub fn manifest_heads(&self, repo: &str, reference: &str) -> usize {
+        self.count("HEAD", &format!("/v2/{repo}/manifests/{reference}"))
+    }
+
+    /// Requests of any method to any manifest of `repo`.
+    pub fn manifest_requests(&self, repo: &str) -> usize {
+        let prefix = format!("/v2/{repo}/manifests/");
+        self.count_where(|r| r.path.starts_with(&prefix))
+    }
+
+    /// Requests to the token endpoint.
+    pub fn token_requests(&self) -> usize {
+        self.count_where(|r| r.path == "/token")
+    }
+
+    /// Requests that reached `/v2/...` (not `/token`).
+    pub fn registry_requests(&self) -> usize {
+        self.count_where(|r| r.path.starts_with("/v2"))
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.inner.log.lock().unwrap().clone()
+    }
+
+    /// The most recent request with this method and path.
+    pub fn last_request(&self, method: &str, path: &str) -> Option<Recorded> {
+        self.inner
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|r| r.method == method && r.path == path)
+            .cloned()
+    }
+
+    /// The most recent request to `/token`.
+    pub fn last_token_request(&self) -> Option<Recorded> {
+        self.inner
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|r| r.path == "/token")
+            .cloned()
+    }
+
+    /// TCP connections accepted and served.
+    pub fn connections(&self) -> usize {
+        self.inner.connections.load(Ordering::SeqCst)
+    }
+}
+
+/// A URL on 127.0.0.1 where nothing listens.
+pub async fn dead_url() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    format!("http://{addr}")
+}
+
+pub fn oci_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    let body = serde_json::json!({"errors": [{"code": code, "message": message, "detail": null}]});
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .header("docker-distribution-api-version", "registry/2.0")
+        .body(full(serde_json::to_vec(&body).unwrap()))
+        .unwrap()
+}
+
+fn corrupt_bytes(data: &Bytes) -> Bytes {
+    let mut v = data.to_vec();
+    if v.is_empty() {
+        return Bytes::new();
+    }
+    let mut i = 0;
+    while i < v.len() {
+        v[i] ^= 0x5a;
+        i += 4096;
+    }
+    let last = v.len() - 1;
+    v[last] ^= 0xa5;
+    Bytes::from(v)
+}
+
+fn query_params(q: Option<&str>) -> Vec<(String, String)> {
+    let Some(q) = q else { return Vec::new() };
+    q.split('&')
+        .filter(|s| !s.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) =
+                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+            {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parses a single `bytes=a-b` / `bytes=a-` / `bytes=-n` range.
+fn parse_range(h: &str, len: u64) -> Option<Result<(u64, u64), ()>> {
+    let spec = h.strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let r = if a.is_empty() {
+        let n: u64 = b.parse().ok()?;
+        if n == 0 || len == 0 {
+            return Some(Err(()));
+        }
+        (len.saturating_sub(n), len - 1)
+    } else {
+        let start: u64 = a.parse().ok()?;
+        let end: u64 = if b.is_empty() {
+            len.saturating_sub(1)
+        } else {
+            b.parse().ok()?
+        };
+        if start >= len || end < start {
+            return Some(Err(()));
+        }
+        (start, end.min(len - 1))
+    };
+    Some(Ok(r))
+}
+
+impl Inner {
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, std::io::Error> {
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().map(str::to_string);
+        self.log.lock().unwrap().push(Recorded {
+            method: method.to_string(),
+            path: path.clone(),
+            query: query.clone(),
+            headers: req.headers().clone(),
+        });
+        *self
+            .counts
+            .lock()
+            .unwrap()
+            .entry((method.to_string(), path.clone()))
+            .or_default() += 1;
+
+        let failure = self.failure.lock().unwrap().clone();
+        match failure {
+            Failure::None => {}
+            Failure::Unavailable => {
+                return Ok(oci_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UNAVAILABLE",
+                    "service unavailable",
+                ));
+            }
+            Failure::TooManyRequests { retry_after } => {
+                let mut r = oci_error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "TOOMANYREQUESTS",
+                    "too many requests",
+                );
+                r.headers_mut().insert(
+                    "retry-after",
+                    HeaderValue::from_str(&retry_after.to_string()).unwrap(),
+                );
+                return Ok(r);
+            }
+            Failure::Down => {
+                return Err(std::io::Error::other("fake upstream is down"));
+            }
+        }
+
+        if path == "/token" {
+            return Ok(self.token(&req, query.as_deref()));
+        }
+        if path != "/v2" && !path.starts_with("/v2/") {
+            return Ok(oci_error(StatusCode::NOT_FOUND, "NOT_FOUND", "not found"));
+        }
+        if method != Method::GET && method != Method::HEAD {
+            return Ok(oci_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "UNSUPPORTED",
+                "the fake upstream is read-only",
+            ));
+        }
+        let head = method == Method::HEAD;
+
+        if path == "/v2/" || path == "/v2" {
+            if let Some(resp) = self.check_auth(&req, None) {
+                return Ok(resp);
+            }
+            return Ok(Response::builder()
+                .header("content-type", "application/json")
+                .header("docker-distribution-api-version", "registry/2.0")
+                .header("content-length", "2")
+                .body(if head { empty() } else { full("{}") })
+                .unwrap());
+        }
+
+        let rest = &path["/v2/".len()..];
+        if let Some(name) = rest.strip_suffix("/tags/list") {
+            if let Some(resp) = self.check_auth(&req, Some(name)) {
+                return Ok(resp);
+            }
+            return Ok(self.tags_list(name, query.as_deref(), head));
+        }
+        let mut parts = rest.rsplitn(3, '/');
+        let (Some(reference), Some(kind), Some(name)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Ok(oci_error(StatusCode::NOT_FOUND, "NOT_FOUND", "not found"));
+        };
+        if let Some(resp) = self.check_auth(&req, Some(name)) {
+            return Ok(resp);
+        }
+        match kind {
+            "manifests" => Ok(self.manifest(name, reference, head)),
+            "blobs" => Ok(self.blob(reference, head, req.headers())),
+            _ => Ok(oci_error(StatusCode::NOT_FOUND, "NOT_FOUND", "not found")),
+        }
+    }
+
+    fn challenge(&self, name: Option<&str>) -> Response<Body> {
+        let mut v = format!(
+            "Bearer realm=\"http://{}/token\",service=\"fake\"",
+            self.addr
+        );
+        if let Some(name) = name {
+            v.push_str(&format!(",scope=\"repository:{name}:pull\""));
+        }
+        let mut r = oci_error(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "authentication required",
+        );
+        r.headers_mut()
+            .insert("www-authenticate", HeaderValue::from_str(&v).unwrap());
+        r
+    }
+
+    /// `None` when the request may proceed.
+    fn check_auth(&self, req: &Request<Incoming>, name: Option<&str>) -> Option<Response<Body>> {
+        if !self.auth.lock().unwrap().enabled {
+            return None;
+        }
+        let Some(tok) = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+        else {
+            return Some(self.challenge(name));
+        };
+        let tokens = self.tokens.lock().unwrap();
+        let Some(t) = tokens.get(tok) else {
+            return Some(self.challenge(name));
+        };
+        if Instant::now() >= t.expires {
+            return Some(self.challenge(name));
+        }
+        if let Some(name) = name
+            && !t.repos.contains(name)
+        {
+            return Some(self.challenge(Some(name)));
+        }
+        None
+    }
+
+    fn token(&self, req: &Request<Incoming>, query: Option<&str>) -> Response<Body> {
+        let auth = self.auth.lock().unwrap();
+        let params = query_params(query);
+        // Basic credentials, if any, must be right.
+        let mut authenticated = false;
+        if let Some(h) = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+        {
+            let Some(b64) = h.strip_prefix("Basic ") else {
+                return oci_error(
+                    StatusCode::UNAUTHORIZED,
+                    "UNAUTHORIZED",
+                    "token endpoint wants Basic auth",
+                );
+            };
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .ok()
+                .and_then(|d| String::from_utf8(d).ok());
+            let ok = match (&decoded, &auth.credentials) {
+                (Some(d), Some((u, p))) => d.split_once(':') == Some((u.as_str(), p.as_str())),
+                _ => false,
+            };
+            if !ok {
+                return oci_error(
+                    StatusCode::UNAUTHORIZED,
+                    "UNAUTHORIZED",
+                    "incorrect username or password",
+                );
+            }
+            authenticated = true;
+        }
+        let mut repos = HashSet::new();
+        for (k, v) in &params {
+            if k != "scope" {
+                continue;
+            }
+            // repository:<name>:<actions>
+            let mut it = v.splitn(3, ':');
+            if let (Some("repository"), Some(name), Some(actions)) =
+                (it.next(), it.next(), it.next())
+                && actions.split(',').any(|a| a == "pull")
+                && (authenticated || !auth.private.contains(name))
+            {
+                repos.insert(name.to_string());
+            }
+        }
+        let n = self.token_seq.fetch_add(1, Ordering::SeqCst);
+        let token = format!("faketoken-{n}-{}", super::image::random_hex(8));
+        self.tokens.lock().unwrap().insert(
+            token.clone(),
+            Token {
+                expires: Instant::now() + Duration::from_secs(auth.expires_in),
+                repos,
+            },
+        );
+        let body = serde_json::json!({
+            "token": token,
+            "access_token": token,
+            "expires_in": auth.expires_in,
+            "issued_at": httpdate::fmt_http_date(std::time::SystemTime::now()),
+        });
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(full(serde_json::to_vec(&body).unwrap()))
+            .unwrap()
+    }
+
+    fn tags_list(&self, name: &str, query: Option<&str>, head: bool) -> Response<Body> {
+        let store = self.store.lock().unwrap();
+        let Some(tags) = store.tags.get(name) else {
+            return oci_error(
+                StatusCode::NOT_FOUND,
+                "NAME_UNKNOWN",
+                "repository name not known to registry",
+            );
+        };
+        let params = query_params(query);
+        let n: Option<usize> = params
+            .iter()
+            .find(|(k, _)| k == "n")
+            .and_then(|(_, v)| v.parse().ok());
+        let last = params
+            .iter()
+            .find(|(k, _)| k == "last")
+            .map(|(_, v)| v.clone());
+        let mut list: Vec<&String> = tags
+            .keys()
+            .filter(|t| last.as_ref().is_none_or(|l| t.as_str() > l.as_str()))
+            .collect();
+        let mut more = false;
+        if let Some(n) = n
+            && list.len() > n
+        {
+            list.truncate(n);
+            more = true;
+        }
+        let body = serde_json::to_vec(&serde_json::json!({"name": name, "tags": list})).unwrap();
+        let mut b = Response::builder()
+            .header("content-type", "application/json")
+            .header("content-length", body.len().to_string());
+        if more {
+            b = b.header(
+                "link",
+                format!(
+                    "</v2/{name}/tags/list?n={}&last={}>; rel=\"next\"",
+                    n.unwrap(),
+                    list.last().unwrap()
+                ),
+            );
+        }
+        b.body(if head { empty() } else { full(body) }).unwrap()
+    }
+
+    fn manifest(&self, name: &str, reference: &str, head: bool) -> Response<Body> {
+        let store = self.store.lock().unwrap();
+        let digest = if reference.contains(':') {
+            reference.to_string()
+        } else {
+            match store.tags.get(name).and_then(|t| t.get(reference)) {
+                Some(d) => d.clone(),
+                None => {
+                    return oci_error(
+                        StatusCode::NOT_FOUND,
+                        "MANIFEST_UNKNOWN",
+                        "manifest unknown",
+                    );
+                }
+            }
+        };
+        let Some(m) = store.manifests.get(&digest) else {
+            return oci_error(
+                StatusCode::NOT_FOUND,
+                "MANIFEST_UNKNOWN",
+                "manifest unknown",
+            );
+        };
+        let body = if self.corrupt.lock().unwrap().contains(&digest) {
+            corrupt_bytes(&m.body)
+        } else {
+            m.body.clone()
+        };
+        Response::builder()
+            .header("content-type", m.media_type.as_str())
+            .header("docker-content-digest", digest.as_str())
+            .header("content-length", body.len().to_string())
+            .header("etag", format!("\"{digest}\""))
+            .body(if head { empty() } else { full(body) })
+            .unwrap()
+    }
+
+    fn blob(&self, digest: &str, head: bool, headers: &HeaderMap) -> Response<Body> {
+        let data = match self.store.lock().unwrap().blobs.get(digest) {
+            Some(d) => d.clone(),
+            None => {
+                return oci_error(
+                    StatusCode::NOT_FOUND,
+                    "BLOB_UNKNOWN",
+                    "blob unknown to registry",
+                );
+            }
+        };
+        let data = if self.corrupt.lock().unwrap().contains(digest) {
+            corrupt_bytes(&data)
+        } else {
+            data
+        };
+        let len = data.len() as u64;
+        let builder = Response::builder()
+            .header("content-type", "application/octet-stream")
+            .header("docker-content-digest", digest)
+            .header("accept-ranges", "bytes");
+        if head {
+            return builder
+                .header("content-length", len.to_string())
+                .body(empty())
+                .unwrap();
+        }
+        if let Some(r) = headers.get("range").and_then(|v| v.to_str().ok())
+            && let Some(r) = parse_range(r, len)
+        {
+            return match r {
+                Ok((s, e)) => builder
+                    .status(StatusCode::PARTIAL_CONTENT)
+                    .header("content-range", format!("bytes {s}-{e}/{len}"))
+                    .header("content-length", (e - s + 1).to_string())
+                    .body(full(data.slice(s as usize..=e as usize)))
+                    .unwrap(),
+                Err(()) => builder
+                    .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                    .header("content-range", format!("bytes */{len}"))
+                    .body(empty())
+                    .unwrap(),
+            };
+        }
+        let chunked = self.chunked.load(Ordering::SeqCst);
+        let hold = self.holds.lock().unwrap().get(digest).cloned();
+        let builder = if chunked {
+            builder
+        } else {
+            builder.header("content-length", len.to_string())
+        };
+        if let Some(hold) = hold {
+            return builder.body(held_body(data, hold)).unwrap();
+        }
+        if chunked {
+            return builder.body(chunked_body(data)).unwrap();
+        }
+        builder.body(full(data)).unwrap()
+    }
+}
+
+/// The body in 64 KiB frames, with no known length.
+fn chunked_body(data: Bytes) -> Body {
+    let chunks: Vec<Result<Frame<Bytes>, std::io::Error>> = (0..data.len())
+        .step_by(64 * 1024)
+        .map(|i| Ok(Frame::data(data.slice(i..(i + 64 * 1024).min(data.len())))))
+        .collect();
+    http_body_util::BodyExt::boxed_unsync(StreamBody::new(futures_util::stream::iter(chunks)))
+}
+
+/// First half, then (once released) the rest. Reports progress on `hold`.
+fn held_body(data: Bytes, hold: Arc<HoldState>) -> Body {
+    let half = data.len() / 2;
+    let guard = DropGuard {
+        state: hold,
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(
+        (0u8, data, guard),
+        move |(step, data, mut guard)| async move {
+            match step {
+                0 => {
+                    let first = data.slice(..half);
+                    Some((Ok(Frame::data(first)), (1, data, guard)))
+                }
+                1 => {
+                    // hyper polls again only after taking the first half.
+                    guard.state.halves_sent.send_modify(|v| *v += 1);
+                    let mut rx = guard.state.released.subscribe();
+                    let _ = rx.wait_for(|r| *r).await;
+                    let rest = data.slice(half..);
+                    guard.done = true;
+                    guard.state.completed.send_modify(|v| *v += 1);
+                    Some((Ok(Frame::data(rest)), (2, data, guard)))
+                }
+                _ => None,
+            }
+        },
+    );
+    http_body_util::BodyExt::boxed_unsync(StreamBody::new(stream.boxed()))
+}

@@ -1,0 +1,159 @@
+//! Shared test support: a fake upstream registry, generated images, HTTP
+//! client helpers and an in-process stowage.
+#![allow(dead_code, unused_imports)]
+
+pub mod fake;
+pub mod image;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
+use hyper_util::rt::TokioIo;
+
+pub use fake::{Failure, FakeUpstream, Hold, Recorded, dead_url};
+pub use image::{
+    Blob, DOCKER_LIST, DOCKER_MANIFEST, Format, Image, Index, MediaType, OCI_INDEX, OCI_MANIFEST,
+    make_image, make_image_for, make_index, random_bytes, sha256_digest,
+};
+
+/// Fails the test if `fut` takes longer than `secs` seconds.
+pub async fn within<T>(secs: u64, what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(Duration::from_secs(secs), fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {secs} s: {what}"),
+    }
+}
+
+/// A reqwest client that ignores proxy settings and gives up after 30 s.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// The value of a response header as a string, if present.
+pub fn header(resp: &reqwest::Response, name: &str) -> Option<String> {
+    resp.headers()
+        .get(name)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+}
+
+/// Asserts the response is an OCI error with `status`, a JSON content type
+/// and `errors[0].code` one of `codes`. Returns the code.
+pub async fn assert_oci_error(
+    resp: reqwest::Response,
+    status: u16,
+    codes: &[&str],
+    what: &str,
+) -> String {
+    let got_status = resp.status().as_u16();
+    let ct = header(&resp, "content-type");
+    let body = resp.bytes().await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(got_status, status, "{what}: status (body: {text})");
+    check_oci_error_body(ct.as_deref(), &body, codes, what)
+}
+
+pub fn check_oci_error_body(
+    content_type: Option<&str>,
+    body: &[u8],
+    codes: &[&str],
+    what: &str,
+) -> String {
+    let text = String::from_utf8_lossy(body);
+    let ct = content_type.unwrap_or("");
+    assert!(
+        ct.starts_with("application/json"),
+        "{what}: Content-Type {ct:?} is not application/json (body: {text})"
+    );
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("{what}: body is not JSON ({e}): {text}"));
+    let errs = v["errors"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{what}: no errors array: {text}"));
+    assert!(!errs.is_empty(), "{what}: empty errors array");
+    let code = errs[0]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{what}: errors[0].code missing: {text}"))
+        .to_string();
+    assert!(
+        errs[0]["message"].is_string(),
+        "{what}: errors[0].message missing: {text}"
+    );
+    assert!(
+        codes.contains(&code.as_str()),
+        "{what}: code {code:?}, expected one of {codes:?} (body: {text})"
+    );
+    code
+}
+
+/// A response read off the wire by [`raw_request`].
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    }
+
+    pub fn assert_oci_error(&self, status: u16, codes: &[&str], what: &str) -> String {
+        assert_eq!(
+            self.status,
+            status,
+            "{what}: status (body: {})",
+            String::from_utf8_lossy(&self.body)
+        );
+        check_oci_error_body(
+            self.header("content-type").as_deref(),
+            &self.body,
+            codes,
+            what,
+        )
+    }
+}
+
+/// Sends one request with the request target exactly as given (no URL
+/// normalisation, so `..` and `%2e` survive), over a fresh connection.
+pub async fn raw_request(addr: SocketAddr, method: &str, target: &str) -> RawResponse {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(method)
+        .uri(target)
+        .header("host", addr.to_string())
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = within(30, "raw request", sender.send_request(req))
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = within(30, "raw body", resp.into_body().collect())
+        .await
+        .unwrap()
+        .to_bytes();
+    RawResponse {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// Reads a reqwest response body completely; `Err` if the transfer failed.
+pub async fn read_body(resp: reqwest::Response) -> Result<Bytes, reqwest::Error> {
+    resp.bytes().await
+}
