@@ -260,8 +260,7 @@ impl Config {
         }
         for (i, up) in self.upstreams.iter().enumerate() {
             let key = |k: &str| format!("upstream[{i}].{k}");
-            if up.host.is_empty()
-                || up.host.contains('/')
+            if !up.host.starts_with(|c: char| c.is_ascii_alphanumeric())
                 || !up
                     .host
                     .chars()
@@ -367,14 +366,16 @@ mod tests {
     fn unknown_key_is_named() {
         let e = Config::from_toml_str("listen = \"127.0.0.1:1\"\ncache_dri = \"x\"\n").unwrap_err();
         assert!(e.to_string().contains("cache_dri"), "{e}");
-        let e = Config::from_toml_str("[[upstream]]\nhost = \"a\"\nurl = \"http://a\"\nttl = \"1s\"\n")
-            .unwrap_err();
+        let e =
+            Config::from_toml_str("[[upstream]]\nhost = \"a\"\nurl = \"http://a\"\nttl = \"1s\"\n")
+                .unwrap_err();
         assert!(e.to_string().contains("ttl"), "{e}");
     }
 
     #[test]
     fn bad_values_name_their_key() {
-        let e = Config::from_toml_str("[[upstream]]\nhost = \"a\"\nurl = \"ftp://a\"\n").unwrap_err();
+        let e =
+            Config::from_toml_str("[[upstream]]\nhost = \"a\"\nurl = \"ftp://a\"\n").unwrap_err();
         assert!(e.to_string().contains("upstream[0].url"), "{e}");
         let e = Config::from_toml_str("listen = \"nope\"\n").unwrap_err();
         assert!(e.to_string().contains("listen"), "{e}");
@@ -388,13 +389,17 @@ mod tests {
     #[test]
     fn upstream_flags() {
         let mut c = Config::default();
-        c.apply_upstream_flags(&["http://127.0.0.1:9".into()]).unwrap();
+        c.apply_upstream_flags(&["http://127.0.0.1:9".into()])
+            .unwrap();
         assert_eq!(c.upstreams[0].url, "http://127.0.0.1:9");
         assert_eq!(c.upstreams[0].host, "docker.io");
 
         let mut c = Config::default();
-        c.apply_upstream_flags(&["ghcr.io=https://ghcr.io".into(), "docker.io=http://x".into()])
-            .unwrap();
+        c.apply_upstream_flags(&[
+            "ghcr.io=https://ghcr.io".into(),
+            "docker.io=http://x".into(),
+        ])
+        .unwrap();
         assert_eq!(c.upstreams[0].host, "ghcr.io");
         assert!(!c.upstreams[0].library_prefix);
         assert_eq!(c.upstreams[1].host, "docker.io");

@@ -1,0 +1,474 @@
+//! The manifest cache.
+//!
+//! * By digest: immutable, so kept forever once fetched and verified. In
+//!   memory (a size-weighted moka cache) in front of files on disk at
+//!   `<cache>/manifests/<alg>/<hex>` (first line the media type, then the
+//!   body).
+//! * By tag: a tag maps to a digest, kept per (upstream host, repository,
+//!   tag) in a moka cache whose entries expire after the upstream's tag TTL,
+//!   and on disk at `<cache>/tags/<host>/<repo>/_tags/<tag>` (`_tags` cannot
+//!   be a repository component, so tag files never collide with
+//!   repositories). When the in-memory entry has expired the tag is
+//!   revalidated with a `HEAD` upstream; the manifest is fetched again only
+//!   if the digest changed. If upstream is unreachable, 5xx or 429, the
+//!   cached manifest is served stale.
+//!
+//! Concurrent loads of one digest, and concurrent revalidations of one tag,
+//! are coalesced by moka into one upstream request.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use moka::Expiry;
+
+use crate::error::{RegistryError, UpstreamKind};
+use crate::reference::{Digest, RepoName, Tag};
+use crate::upstream::Upstream;
+
+/// Media types asked for on every manifest request.
+pub const ACCEPT: &str = "application/vnd.docker.distribution.manifest.v2+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.oci.image.manifest.v1+json, \
+application/vnd.oci.image.index.v1+json";
+
+/// Largest manifest accepted from upstream (distribution's own limit).
+const MAX_MANIFEST: usize = 4 * 1024 * 1024;
+
+/// In-memory budget for manifest bodies.
+const MEMORY_BUDGET: u64 = 64 * 1024 * 1024;
+
+/// Longest a stale tag is served before upstream is asked again.
+const STALE_RETRY: Duration = Duration::from_secs(30);
+
+/// A verified manifest.
+#[derive(Debug)]
+pub struct Manifest {
+    /// Its digest (of `body`).
+    pub digest: Digest,
+    /// `Content-Type` to serve it with.
+    pub media_type: String,
+    /// The exact bytes upstream served.
+    pub body: Bytes,
+}
+
+/// How a manifest request was answered, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// From the cache, fresh.
+    Hit,
+    /// Fetched or revalidated upstream.
+    Miss,
+    /// Served stale because upstream failed.
+    Stale,
+}
+
+impl Outcome {
+    /// Lowercase name for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Miss => "miss",
+            Outcome::Stale => "stale",
+        }
+    }
+}
+
+/// Key of a tag: upstream host, repository (as upstream names it), tag.
+type TagKey = (String, String, String);
+
+/// A tag's current digest and how long it may be trusted.
+#[derive(Debug, Clone)]
+struct TagEntry {
+    digest: Digest,
+    fresh_for: Duration,
+    outcome: Outcome,
+}
+
+/// Per-entry expiry: each tag entry carries its own freshness.
+struct TagExpiry;
+
+impl Expiry<TagKey, TagEntry> for TagExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &TagKey,
+        value: &TagEntry,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(value.fresh_for)
+    }
+}
+
+/// The manifest cache. Share it in an `Arc`.
+pub struct ManifestStore {
+    /// `<cache>/manifests`.
+    dir: PathBuf,
+    /// `<cache>/tags`.
+    tags_dir: PathBuf,
+    /// Manifests by digest, in memory.
+    by_digest: moka::future::Cache<Digest, Arc<Manifest>>,
+    /// Fresh tags.
+    tags: moka::future::Cache<TagKey, TagEntry>,
+}
+
+impl ManifestStore {
+    /// Opens (creating) the manifest directories under `cache_dir`.
+    pub fn open(cache_dir: &Path) -> io::Result<ManifestStore> {
+        let dir = cache_dir.join("manifests");
+        let tags_dir = cache_dir.join("tags");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::create_dir_all(&tags_dir)?;
+        Ok(ManifestStore {
+            dir,
+            tags_dir,
+            by_digest: moka::future::Cache::builder()
+                .weigher(|_, m: &Arc<Manifest>| u32::try_from(m.body.len()).unwrap_or(u32::MAX))
+                .max_capacity(MEMORY_BUDGET)
+                .build(),
+            tags: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .expire_after(TagExpiry)
+                .build(),
+        })
+    }
+
+    /// The manifest with `digest`, from memory, disk or upstream. A body
+    /// fetched from upstream must hash to `digest`.
+    pub async fn by_digest(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<(Arc<Manifest>, Outcome), RegistryError> {
+        if let Some(m) = self.by_digest.get(digest).await {
+            return Ok((m, Outcome::Hit));
+        }
+        let mut fetched = false;
+        let m = self
+            .by_digest
+            .try_get_with_by_ref(digest, async {
+                if let Some(m) = self.read_disk(digest).await.map_err(local_error)? {
+                    return Ok(Arc::new(m));
+                }
+                fetched = true;
+                let m = fetch(upstream, repo, &digest.to_string(), Some(digest)).await?;
+                self.write_disk(&m).await.map_err(local_error)?;
+                Ok(Arc::new(m))
+            })
+            .await
+            .map_err(|e: Arc<RegistryError>| (*e).clone())?;
+        Ok((m, if fetched { Outcome::Miss } else { Outcome::Hit }))
+    }
+
+    /// The manifest `tag` points at, revalidated upstream once the tag's
+    /// TTL has passed.
+    pub async fn by_tag(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> Result<(Arc<Manifest>, Outcome), RegistryError> {
+        let key: TagKey = (
+            upstream.host().to_string(),
+            upstream.upstream_repo(repo.as_str()).into_owned(),
+            tag.as_str().to_string(),
+        );
+        let mut loaded = false;
+        let entry = self
+            .tags
+            .try_get_with_by_ref(&key, async {
+                loaded = true;
+                self.revalidate(upstream, repo, tag).await
+            })
+            .await
+            .map_err(|e: Arc<RegistryError>| (*e).clone())?;
+        let (m, _) = self.by_digest(upstream, repo, &entry.digest).await?;
+        let outcome = if loaded { entry.outcome } else { Outcome::Hit };
+        Ok((m, outcome))
+    }
+
+    /// Asks upstream what `tag` points at now, using the tag file on disk
+    /// as the stale answer.
+    async fn revalidate(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> Result<TagEntry, RegistryError> {
+        let ttl = upstream.tag_ttl();
+        let stale = match self.read_tag(upstream, repo, tag).await {
+            Some(d) if self.has(&d).await => Some(d),
+            _ => None,
+        };
+        let what = format!("{repo}:{tag}");
+        if let Some(stale) = stale {
+            let head = upstream
+                .send(
+                    Method::HEAD,
+                    repo.as_str(),
+                    &format!("manifests/{tag}"),
+                    accept_headers(),
+                )
+                .await;
+            let serve_stale = |reason: String| {
+                tracing::warn!(upstream = upstream.host(), manifest = %what, %reason,
+                    "upstream unavailable, serving stale manifest");
+                Ok(TagEntry {
+                    digest: stale.clone(),
+                    fresh_for: ttl.min(STALE_RETRY),
+                    outcome: Outcome::Stale,
+                })
+            };
+            match head {
+                Err(e) => return serve_stale(e.to_string()),
+                Ok(r) if is_outage(r.status()) => {
+                    return serve_stale(format!("HEAD answered {}", r.status()));
+                }
+                Ok(r) if r.status() == StatusCode::OK => {
+                    let current = r
+                        .headers()
+                        .get("docker-content-digest")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| Digest::parse(v).ok());
+                    if current.as_ref() == Some(&stale) {
+                        return Ok(TagEntry {
+                            digest: stale,
+                            fresh_for: ttl,
+                            outcome: Outcome::Miss,
+                        });
+                    }
+                }
+                Ok(r) => {
+                    return Err(RegistryError::from_upstream(
+                        r.status(),
+                        UpstreamKind::Manifest,
+                        r.headers().get(header::RETRY_AFTER),
+                        &what,
+                    ));
+                }
+            }
+            // Moved (or HEAD gave no digest): fetch the tag.
+            return match fetch(upstream, repo, tag.as_str(), None).await {
+                Ok(m) => self.adopt(upstream, repo, tag, m, ttl).await,
+                Err(e) if is_outage(e.status) || e.code == "UNAVAILABLE" => serve_stale(e.message),
+                Err(e) => Err(e),
+            };
+        }
+        let m = fetch(upstream, repo, tag.as_str(), None).await?;
+        self.adopt(upstream, repo, tag, m, ttl).await
+    }
+
+    /// Stores a manifest fetched by tag and points the tag at it.
+    async fn adopt(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        tag: &Tag,
+        m: Manifest,
+        ttl: Duration,
+    ) -> Result<TagEntry, RegistryError> {
+        self.write_disk(&m).await.map_err(local_error)?;
+        self.write_tag(upstream, repo, tag, &m.digest)
+            .await
+            .map_err(local_error)?;
+        let digest = m.digest.clone();
+        self.by_digest.insert(digest.clone(), Arc::new(m)).await;
+        Ok(TagEntry {
+            digest,
+            fresh_for: ttl,
+            outcome: Outcome::Miss,
+        })
+    }
+
+    /// Whether a manifest is available locally.
+    async fn has(&self, digest: &Digest) -> bool {
+        self.by_digest.contains_key(digest)
+            || tokio::fs::try_exists(self.path_of(digest))
+                .await
+                .unwrap_or(false)
+    }
+
+    fn path_of(&self, digest: &Digest) -> PathBuf {
+        self.dir
+            .join(digest.algorithm().as_str())
+            .join(digest.hex())
+    }
+
+    fn tag_path(&self, upstream: &Upstream, repo: &RepoName, tag: &Tag) -> PathBuf {
+        let mut p = self.tags_dir.join(upstream.host());
+        for c in upstream.upstream_repo(repo.as_str()).split('/') {
+            p.push(c);
+        }
+        p.push("_tags");
+        p.push(tag.as_str());
+        p
+    }
+
+    async fn read_disk(&self, digest: &Digest) -> io::Result<Option<Manifest>> {
+        let data = match tokio::fs::read(self.path_of(digest)).await {
+            Ok(d) => Bytes::from(d),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Some(nl) = data.iter().position(|b| *b == b'\n') else {
+            return Ok(None);
+        };
+        let media_type = String::from_utf8_lossy(&data[..nl]).into_owned();
+        let body = data.slice(nl + 1..);
+        // Never serve a damaged file: it must still hash to its name.
+        if &Digest::of(digest.algorithm(), &body) != digest {
+            tracing::warn!(%digest, "cached manifest does not match its digest, dropping it");
+            let _ = tokio::fs::remove_file(self.path_of(digest)).await;
+            return Ok(None);
+        }
+        Ok(Some(Manifest {
+            digest: digest.clone(),
+            media_type,
+            body,
+        }))
+    }
+
+    async fn write_disk(&self, m: &Manifest) -> io::Result<()> {
+        let mut data = Vec::with_capacity(m.media_type.len() + 1 + m.body.len());
+        data.extend_from_slice(m.media_type.as_bytes());
+        data.push(b'\n');
+        data.extend_from_slice(&m.body);
+        write_atomic(self.path_of(&m.digest), data).await
+    }
+
+    async fn read_tag(&self, upstream: &Upstream, repo: &RepoName, tag: &Tag) -> Option<Digest> {
+        let text = tokio::fs::read_to_string(self.tag_path(upstream, repo, tag))
+            .await
+            .ok()?;
+        Digest::parse(text.trim()).ok()
+    }
+
+    async fn write_tag(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        tag: &Tag,
+        digest: &Digest,
+    ) -> io::Result<()> {
+        write_atomic(
+            self.tag_path(upstream, repo, tag),
+            format!("{digest}\n").into_bytes(),
+        )
+        .await
+    }
+}
+
+/// Writes a small file via a temporary sibling and a rename, so readers see
+/// the old or the new content, never a torn one.
+async fn write_atomic(path: PathBuf, data: Vec<u8>) -> io::Result<()> {
+    tokio::task::spawn_blocking(move || {
+        let dir = path
+            .parent()
+            .ok_or_else(|| io::Error::other("no parent directory"))?;
+        std::fs::create_dir_all(dir)?;
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        io::Write::write_all(&mut tmp, &data)?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(&path).map_err(|e| e.error)?;
+        Ok(())
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
+/// Upstream conditions under which a cached manifest is served stale.
+fn is_outage(status: StatusCode) -> bool {
+    status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS
+}
+
+fn local_error(e: io::Error) -> RegistryError {
+    RegistryError::internal(format!("manifest cache storage error: {e}"))
+}
+
+/// Request headers for a manifest request.
+pub fn accept_headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(header::ACCEPT, HeaderValue::from_static(ACCEPT));
+    h
+}
+
+/// GETs a manifest by tag or digest and verifies it: against `expected`
+/// when fetched by digest, against upstream's `Docker-Content-Digest` when
+/// fetched by tag.
+async fn fetch(
+    upstream: &Upstream,
+    repo: &RepoName,
+    reference: &str,
+    expected: Option<&Digest>,
+) -> Result<Manifest, RegistryError> {
+    let what = format!("{repo}@{reference}");
+    let resp = upstream
+        .send(
+            Method::GET,
+            repo.as_str(),
+            &format!("manifests/{reference}"),
+            accept_headers(),
+        )
+        .await?;
+    if resp.status() != StatusCode::OK {
+        return Err(RegistryError::from_upstream(
+            resp.status(),
+            UpstreamKind::Manifest,
+            resp.headers().get(header::RETRY_AFTER),
+            &what,
+        ));
+    }
+    let header_digest = resp
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Digest::parse(v).ok());
+    let content_type = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or(v).trim().to_string())
+        .filter(|v| !v.is_empty() && v != "application/json" && v != "text/plain");
+    let body = Limited::new(resp.into_body(), MAX_MANIFEST)
+        .collect()
+        .await
+        .map_err(|e| {
+            RegistryError::bad_gateway(format!("reading manifest {what} from upstream: {e}"))
+        })?
+        .to_bytes();
+    let check = expected.or(header_digest.as_ref());
+    let algorithm = check
+        .map(|d| d.algorithm())
+        .unwrap_or(crate::reference::Algorithm::Sha256);
+    let digest = Digest::of(algorithm, &body);
+    if let Some(want) = check
+        && want != &digest
+    {
+        tracing::warn!(manifest = %what, expected = %want, got = %digest, "manifest digest mismatch");
+        return Err(RegistryError::bad_gateway(format!(
+            "upstream manifest {what} does not match digest {want} (got {digest})"
+        )));
+    }
+    let media_type = content_type
+        .or_else(|| media_type_in(&body))
+        .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".to_string());
+    Ok(Manifest {
+        digest,
+        media_type,
+        body,
+    })
+}
+
+/// The `mediaType` field of a manifest body, if it has one.
+fn media_type_in(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+    }
+    serde_json::from_slice::<Probe>(body).ok()?.media_type
+}

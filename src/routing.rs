@@ -1,0 +1,90 @@
+//! Which upstream a request is for, and the repository name within it.
+//!
+//! In this order:
+//! 1. containerd's `?ns=<host>` query parameter names the registry host;
+//! 2. a path prefix `/v2/<host>/<repo>/...`, where the first component is a
+//!    configured host, names it (for clients that can only give a mirror a
+//!    path, like podman's `registries.conf`);
+//! 3. anything else goes to the default (first) upstream.
+//!
+//! A host named by `ns` that no upstream is configured for is refused with
+//! `404 NAME_UNKNOWN`: the mirror is never an open proxy.
+
+use std::sync::Arc;
+
+use crate::error::RegistryError;
+use crate::reference::RepoName;
+use crate::upstream::Upstream;
+
+/// The configured upstreams, the first being the default.
+pub struct Router {
+    upstreams: Vec<Arc<Upstream>>,
+}
+
+impl Router {
+    /// A router over `upstreams`; must not be empty (config validation
+    /// guarantees it).
+    pub fn new(upstreams: Vec<Arc<Upstream>>) -> Router {
+        Router { upstreams }
+    }
+
+    /// All upstreams.
+    pub fn upstreams(&self) -> &[Arc<Upstream>] {
+        &self.upstreams
+    }
+
+    fn find(&self, host: &str) -> Option<&Arc<Upstream>> {
+        let host = canonical_host(host);
+        self.upstreams
+            .iter()
+            .find(|u| canonical_host(u.host()) == host)
+    }
+
+    /// Picks the upstream for `name` (the repository path as requested) and
+    /// validates the repository name within it.
+    pub fn route(
+        &self,
+        name: &str,
+        ns: Option<&str>,
+    ) -> Result<(Arc<Upstream>, RepoName), RegistryError> {
+        if let Some(ns) = ns {
+            let upstream = self.find(ns).ok_or_else(|| {
+                RegistryError::name_unknown(format!(
+                    "this mirror has no upstream for registry host {ns:?}"
+                ))
+            })?;
+            // A client may still put the host in the path; tolerate it.
+            let name = match name.split_once('/') {
+                Some((first, rest)) if canonical_host(first) == canonical_host(ns) => rest,
+                _ => name,
+            };
+            return Ok((upstream.clone(), RepoName::parse(name)?));
+        }
+        if let Some((first, rest)) = name.split_once('/')
+            && let Some(upstream) = self.find(first)
+        {
+            return Ok((upstream.clone(), RepoName::parse(rest)?));
+        }
+        let default = self
+            .upstreams
+            .first()
+            .ok_or_else(|| RegistryError::internal("no upstream configured"))?;
+        Ok((default.clone(), RepoName::parse(name)?))
+    }
+}
+
+/// Docker Hub goes by several names.
+fn canonical_host(host: &str) -> &str {
+    match host {
+        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => "docker.io",
+        h => h,
+    }
+}
+
+/// The value of `ns` in a query string, if present.
+pub fn ns_param(query: Option<&str>) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == "ns")
+        .map(|(_, v)| v.into_owned())
+        .filter(|v| !v.is_empty())
+}

@@ -1,0 +1,423 @@
+//! The listener, connection handling, graceful shutdown, and the request
+//! handler that maps API routes onto the caches.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::blobs::BlobStore;
+use crate::body::{self, Body};
+use crate::config::Config;
+use crate::error::{RegistryError, UpstreamKind};
+use crate::manifests::{Manifest, ManifestStore};
+use crate::reference::{Reference, Route, parse_route};
+use crate::routing::{Router, ns_param};
+use crate::upstream::Upstream;
+
+/// Why the server could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Configuration refused (bad upstream credentials file, ...).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Could not bind, or the cache directory is unusable.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// Shared state of every request.
+pub struct AppState {
+    /// Upstream selection.
+    pub router: Router,
+    /// The blob cache.
+    pub blobs: Arc<BlobStore>,
+    /// The manifest cache.
+    pub manifests: ManifestStore,
+}
+
+/// A bound, ready-to-run mirror.
+pub struct Server {
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown_timeout: Duration,
+}
+
+impl Server {
+    /// Opens the caches, builds the upstream clients and binds the listener.
+    pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        let io = |context: String| move |source| ServerError::Io { context, source };
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|u| Upstream::new(u).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let idle = config
+            .upstreams
+            .iter()
+            .map(|u| u.timeout)
+            .max()
+            .unwrap_or(Duration::from_secs(30));
+        let blobs = BlobStore::open(&config.cache_dir, idle).map_err(io(format!(
+            "opening blob cache in {}",
+            config.cache_dir.display()
+        )))?;
+        let manifests = ManifestStore::open(&config.cache_dir).map_err(io(format!(
+            "opening manifest cache in {}",
+            config.cache_dir.display()
+        )))?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(io(format!("binding {}", config.listen)))?;
+        Ok(Server {
+            listener,
+            state: Arc::new(AppState {
+                router: Router::new(upstreams),
+                blobs: Arc::new(blobs),
+                manifests,
+            }),
+            shutdown_timeout: config.shutdown_timeout,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting and lets
+    /// in-flight responses finish for up to the shutdown timeout.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let graceful = GracefulShutdown::new();
+        let builder = auto::Builder::new(TokioExecutor::new());
+        tokio::pin!(shutdown);
+        tracing::info!(addr = %self.local_addr(), "stowage listening");
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let state = self.state.clone();
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(state, req, peer).await) }
+            });
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let conn = graceful.watch(conn.into_owned());
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+            });
+        }
+        drop(self.listener);
+        tracing::info!("shutting down: waiting for in-flight requests");
+        tokio::select! {
+            () = graceful.shutdown() => tracing::info!("all connections closed"),
+            () = tokio::time::sleep(self.shutdown_timeout) => {
+                tracing::warn!(timeout = ?self.shutdown_timeout, "shutdown timeout reached, dropping connections");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Handles one request and wraps its body so that one log line is written
+/// when the response is finished (or abandoned).
+pub async fn handle(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let (mut response, outcome) = match dispatch(&state, &req).await {
+        Ok(r) => r,
+        Err(e) => (e.into_response(method == Method::HEAD, body::full), "-"),
+    };
+    response.headers_mut().insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    let status = response.status();
+    let (parts, inner) = response.into_parts();
+    let logged = LoggedBody {
+        inner,
+        bytes: 0,
+        failed: false,
+        log: Some(LogLine {
+            method,
+            path,
+            status,
+            outcome,
+            peer,
+            started,
+        }),
+    };
+    Response::from_parts(parts, BodyExt::boxed(logged))
+}
+
+/// Routes a request. Returns the response and how it was answered
+/// (`hit`, `miss`, `join`, ... or `-`).
+async fn dispatch(
+    state: &AppState,
+    req: &Request<Incoming>,
+) -> Result<(Response<Body>, &'static str), RegistryError> {
+    let route = parse_route(req.uri().path())?;
+    let method = req.method();
+    let read_only = method == Method::GET || method == Method::HEAD;
+    if !read_only || route == Route::Write {
+        return Err(RegistryError::unsupported(format!(
+            "{method} is not supported: this is a read-only pull-through mirror"
+        )));
+    }
+    let head = method == Method::HEAD;
+    let ns = ns_param(req.uri().query());
+    match route {
+        Route::Base => {
+            let mut r = Response::new(if head {
+                body::empty()
+            } else {
+                body::full("{}")
+            });
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            r.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
+            Ok((r, "-"))
+        }
+        Route::Write => Err(RegistryError::unsupported("pushing is not supported")),
+        Route::Blob { name, digest } => {
+            let (upstream, repo) = state.router.route(&name, ns.as_deref())?;
+            let range = req
+                .headers()
+                .get(header::RANGE)
+                .and_then(|v| v.to_str().ok());
+            let r = state
+                .blobs
+                .serve(&upstream, &repo, &digest, range, head)
+                .await?;
+            Ok((r.response, r.outcome.as_str()))
+        }
+        Route::Manifest { name, reference } => {
+            let (upstream, repo) = state.router.route(&name, ns.as_deref())?;
+            let (m, outcome) = match &reference {
+                Reference::Digest(d) => state.manifests.by_digest(&upstream, &repo, d).await?,
+                Reference::Tag(t) => state.manifests.by_tag(&upstream, &repo, t).await?,
+            };
+            Ok((manifest_response(&m, head), outcome.as_str()))
+        }
+        Route::TagsList { name } => {
+            let (upstream, repo) = state.router.route(&name, ns.as_deref())?;
+            let query = req
+                .uri()
+                .query()
+                .map(|q| {
+                    form_urlencoded::Serializer::new(String::new())
+                        .extend_pairs(
+                            form_urlencoded::parse(q.as_bytes())
+                                .filter(|(k, _)| k == "n" || k == "last"),
+                        )
+                        .finish()
+                })
+                .filter(|q| !q.is_empty());
+            let tail = match query {
+                Some(q) => format!("tags/list?{q}"),
+                None => "tags/list".to_string(),
+            };
+            passthrough(&upstream, method, &repo, &tail, HeaderMap::new()).await
+        }
+        Route::Referrers { name, digest } => {
+            let (upstream, repo) = state.router.route(&name, ns.as_deref())?;
+            let mut tail = format!("referrers/{digest}");
+            if let Some(at) = req.uri().query().and_then(|q| {
+                form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "artifactType")
+            }) {
+                tail.push('?');
+                tail.push_str(
+                    &form_urlencoded::Serializer::new(String::new())
+                        .append_pair("artifactType", &at.1)
+                        .finish(),
+                );
+            }
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                header::ACCEPT,
+                HeaderValue::from_static("application/vnd.oci.image.index.v1+json"),
+            );
+            passthrough(&upstream, method, &repo, &tail, headers).await
+        }
+    }
+}
+
+fn manifest_response(m: &Manifest, head: bool) -> Response<Body> {
+    let mut r = Response::new(if head {
+        body::empty()
+    } else {
+        body::full(m.body.clone())
+    });
+    let h = r.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&m.media_type) {
+        h.insert(header::CONTENT_TYPE, v);
+    }
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(m.body.len()));
+    if let Ok(v) = HeaderValue::from_str(&m.digest.to_string()) {
+        h.insert("docker-content-digest", v);
+        if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", m.digest)) {
+            h.insert(header::ETAG, etag);
+        }
+    }
+    r
+}
+
+/// Forwards a small read-only request (tags list, referrers) upstream and
+/// streams the answer back, keeping the headers that matter.
+async fn passthrough(
+    upstream: &Upstream,
+    method: &Method,
+    repo: &crate::reference::RepoName,
+    tail: &str,
+    headers: HeaderMap,
+) -> Result<(Response<Body>, &'static str), RegistryError> {
+    let resp = upstream
+        .send(method.clone(), repo.as_str(), tail, headers)
+        .await?;
+    let status = resp.status();
+    if !status.is_success() {
+        return Err(RegistryError::from_upstream(
+            status,
+            UpstreamKind::Repository,
+            resp.headers().get(header::RETRY_AFTER),
+            repo.as_str(),
+        ));
+    }
+    let (parts, incoming) = resp.into_parts();
+    let mut r = Response::new(if *method == Method::HEAD {
+        body::empty()
+    } else {
+        BodyExt::boxed(incoming.map_err(std::io::Error::other))
+    });
+    *r.status_mut() = status;
+    for name in [header::CONTENT_TYPE, header::CONTENT_LENGTH, header::LINK] {
+        if let Some(v) = parts.headers.get(&name) {
+            r.headers_mut().insert(name, v.clone());
+        }
+    }
+    if let Some(v) = parts.headers.get("oci-filters-applied") {
+        r.headers_mut().insert("oci-filters-applied", v.clone());
+    }
+    Ok((r, "upstream"))
+}
+
+/// What the request log line says, written once the body ends.
+struct LogLine {
+    method: Method,
+    path: String,
+    status: StatusCode,
+    outcome: &'static str,
+    peer: SocketAddr,
+    started: Instant,
+}
+
+/// A body that counts what it sends and logs the request when it is done,
+/// failed, or dropped early (client gone).
+struct LoggedBody {
+    inner: Body,
+    bytes: u64,
+    failed: bool,
+    log: Option<LogLine>,
+}
+
+impl LoggedBody {
+    fn finish(&mut self, complete: bool) {
+        if let Some(l) = self.log.take() {
+            tracing::info!(
+                method = %l.method,
+                path = %l.path,
+                status = l.status.as_u16(),
+                bytes = self.bytes,
+                ms = l.started.elapsed().as_millis() as u64,
+                cache = l.outcome,
+                peer = %l.peer,
+                complete = complete && !self.failed,
+                "request"
+            );
+        }
+    }
+}
+
+impl hyper::body::Body for LoggedBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                this.failed = true;
+                this.finish(false);
+            }
+            Poll::Ready(None) => this.finish(true),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        let complete = hyper::body::Body::is_end_stream(&self.inner);
+        self.finish(complete);
+    }
+}
