@@ -387,6 +387,12 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_parses() {
+        let c = Config::from_toml_str(include_str!("../config/stowage.toml")).unwrap();
+        assert_eq!(c.upstreams[0].url, "https://registry-1.docker.io");
+    }
+
+    #[test]
     fn upstream_flags() {
         let mut c = Config::default();
         c.apply_upstream_flags(&["http://127.0.0.1:9".into()])
