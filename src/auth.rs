@@ -76,7 +76,9 @@ fn is_tchar(b: u8) -> bool {
 
 /// A small cursor over the header value.
 struct Lexer<'a> {
+    /// The whole header value.
     s: &'a [u8],
+    /// Index of the next unread byte.
     pos: usize,
 }
 
@@ -323,12 +325,16 @@ impl Token {
     }
 }
 
+/// The JSON a token endpoint answers with (other fields are ignored).
 #[derive(Deserialize)]
 struct TokenBody {
+    /// Docker's name for the token.
     #[serde(default)]
     token: Option<String>,
+    /// OAuth2's name for the token.
     #[serde(default)]
     access_token: Option<String>,
+    /// Lifetime in seconds.
     #[serde(default)]
     expires_in: Option<u64>,
 }
@@ -365,6 +371,7 @@ pub struct TokenKey {
     pub scope: String,
 }
 
+/// Expires each cached token after its [`Token::cache_ttl`].
 struct TokenExpiry;
 
 impl moka::Expiry<TokenKey, Token> for TokenExpiry {
@@ -382,6 +389,7 @@ impl moka::Expiry<TokenKey, Token> for TokenExpiry {
 /// endpoint said it would. Concurrent fetches of the same key are coalesced.
 #[derive(Clone)]
 pub struct TokenCache {
+    /// The moka cache.
     inner: moka::future::Cache<TokenKey, Token>,
 }
 

@@ -65,7 +65,9 @@ pub enum UpstreamError {
 enum Remembered {
     /// Bearer tokens from this realm and service.
     Bearer {
+        /// Token endpoint URL.
         realm: String,
+        /// `service` parameter for the token endpoint.
         service: Option<String>,
     },
     /// Basic credentials.
@@ -77,17 +79,25 @@ type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 /// One upstream registry: a pooled HTTP/1.1 + HTTP/2 client with its
 /// credentials, remembered challenge and token cache.
 pub struct Upstream {
+    /// `cfg.host`.
     host: String,
     /// `cfg.url` without trailing slashes.
     base: String,
+    /// `cfg.tag_ttl`.
     tag_ttl: Duration,
+    /// `cfg.library_prefix`.
     library_prefix: bool,
+    /// Bound on each exchange up to its response headers.
     timeout: Duration,
     /// `Authorization: Basic …` when a username is configured.
     basic: Option<HeaderValue>,
+    /// `stowage/<version>`.
     user_agent: HeaderValue,
+    /// Pooled HTTP/1.1 + HTTP/2 client, http and https.
     client: HttpClient,
+    /// Bearer tokens by realm, service and scope.
     tokens: TokenCache,
+    /// How the upstream last asked us to authenticate.
     challenge: Mutex<Option<Remembered>>,
 }
 
@@ -798,14 +808,16 @@ mod tests {
                     .map(|(r, _)| r.to_string())
                     .unwrap_or_default();
                 let scope = if challenge_scope {
-                    format!(r#","scope="repository:{repo}:pull""#)
+                    format!(r#",scope="repository:{repo}:pull""#)
                 } else {
                     String::new()
                 };
                 with_header(
                     reply(401, "unauthorized"),
                     header::WWW_AUTHENTICATE,
-                    &format!(r#"Bearer realm="http://{addr}/token",service="test registry"{scope}"#),
+                    &format!(
+                        r#"Bearer realm="http://{addr}/token",service="test registry"{scope}"#
+                    ),
                 )
             }
         })
@@ -885,7 +897,11 @@ mod tests {
             .into_iter()
             .find(|s| s.path.starts_with("/token"))
             .unwrap();
-        assert!(token_req.path.ends_with("&scope=repository%3Afoo%2Fbar%3Apull"));
+        assert!(
+            token_req
+                .path
+                .ends_with("&scope=repository%3Afoo%2Fbar%3Apull")
+        );
         assert_eq!(
             token_req.authorization.as_deref(),
             Some("Basic dXNlcjpzZWNyZXQ=")
@@ -914,7 +930,10 @@ mod tests {
         })
         .await;
         let up = Upstream::new(&config(format!("http://{addr}"))).unwrap();
-        assert_eq!(get(&up, "a/b", "manifests/x").await, (401, "go away".into()));
+        assert_eq!(
+            get(&up, "a/b", "manifests/x").await,
+            (401, "go away".into())
+        );
         assert_eq!(rec.count("/v2/"), 2);
         let last = rec.all().into_iter().last().unwrap();
         assert_eq!(last.authorization.as_deref(), Some("Bearer nope"));
@@ -1000,8 +1019,14 @@ mod tests {
         cfg.username = Some("user".into());
         cfg.password = Some("pw".into());
         let up = Upstream::new(&cfg).unwrap();
-        assert_eq!(get(&up, "a/b", "manifests/1").await, (200, "welcome".into()));
-        assert_eq!(get(&up, "a/b", "manifests/2").await, (200, "welcome".into()));
+        assert_eq!(
+            get(&up, "a/b", "manifests/1").await,
+            (200, "welcome".into())
+        );
+        assert_eq!(
+            get(&up, "a/b", "manifests/2").await,
+            (200, "welcome".into())
+        );
         // 401 + retry, then credentials sent up front.
         assert_eq!(rec.count("/v2/"), 3);
 
@@ -1046,7 +1071,7 @@ mod tests {
                         &format!("http://{storage}/bucket/blob?X-Amz-Signature=s3cr3t"),
                     ),
                     "/v2/a/b/manifests/rel" if ok => {
-                        with_header(reply(302, ""), header::LOCATION, "../other/./m?x=1")
+                        with_header(reply(302, ""), header::LOCATION, "../../other/./m?x=1")
                     }
                     "/v2/a/other/m" => reply(200, "relative ok"),
                     "/v2/a/b/manifests/loop" => {
@@ -1073,7 +1098,10 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::RANGE, HeaderValue::from_static("bytes=0-9"));
         headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
-        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer caller"));
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer caller"),
+        );
         let resp = up
             .send(Method::GET, "a/b", "blobs/sha256:abc", headers.clone())
             .await
@@ -1101,7 +1129,10 @@ mod tests {
         assert_eq!(storage_rec.all()[1].method, Method::HEAD);
 
         // Relative Location on the same host: no Authorization either.
-        assert_eq!(get(&up, "a/b", "manifests/rel").await, (200, "relative ok".into()));
+        assert_eq!(
+            get(&up, "a/b", "manifests/rel").await,
+            (200, "relative ok".into())
+        );
         let target = rec
             .all()
             .into_iter()
@@ -1138,7 +1169,12 @@ mod tests {
         assert!(reg.rec.all().iter().any(|s| s.path
             == "/token?service=test%20registry&scope=repository%3Alibrary%2Falpine%3Apull"));
         assert_eq!(get(&up, "foo/bar", "manifests/1").await.0, 200);
-        assert!(reg.rec.all().iter().any(|s| s.path == "/v2/foo/bar/manifests/1"));
+        assert!(
+            reg.rec
+                .all()
+                .iter()
+                .any(|s| s.path == "/v2/foo/bar/manifests/1")
+        );
 
         let no_prefix = Upstream::new(&config(format!("http://{}", reg.addr))).unwrap();
         assert_eq!(no_prefix.upstream_repo("alpine"), "alpine");
@@ -1151,11 +1187,19 @@ mod tests {
         assert_eq!(up.host(), "test.local");
         assert_eq!(up.tag_ttl(), Duration::from_secs(300));
         let resp = up
-            .send(Method::GET, "alpine", "tags/list?n=10&last=x", HeaderMap::new())
+            .send(
+                Method::GET,
+                "alpine",
+                "tags/list?n=10&last=x",
+                HeaderMap::new(),
+            )
             .await
             .unwrap();
         assert_eq!(resp.status(), 200);
-        assert_eq!(rec.all()[0].path, "/mirror/v2/library/alpine/tags/list?n=10&last=x");
+        assert_eq!(
+            rec.all()[0].path,
+            "/mirror/v2/library/alpine/tags/list?n=10&last=x"
+        );
     }
 
     #[tokio::test]
@@ -1222,10 +1266,7 @@ mod tests {
         assert!(Upstream::new(&config("ftp://x".into())).is_err());
         let mut cfg = config("https://x".into());
         cfg.ca_file = Some("/nonexistent/ca.pem".into());
-        assert!(matches!(
-            Upstream::new(&cfg),
-            Err(ConfigError::Read { .. })
-        ));
+        assert!(matches!(Upstream::new(&cfg), Err(ConfigError::Read { .. })));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ca.pem");
         std::fs::write(&path, "not a certificate\n").unwrap();
@@ -1239,7 +1280,9 @@ mod tests {
 
     #[test]
     fn location_resolution() {
-        let base: Uri = "https://reg.example/v2/a/b/blobs/sha256:1?x=y".parse().unwrap();
+        let base: Uri = "https://reg.example/v2/a/b/blobs/sha256:1?x=y"
+            .parse()
+            .unwrap();
         let r = |l: &str| resolve_location(&base, l).map(|u| u.to_string());
         assert_eq!(
             r("https://s3.example/bucket/k?sig=1").unwrap(),
@@ -1249,7 +1292,10 @@ mod tests {
         assert_eq!(r("/other/path").unwrap(), "https://reg.example/other/path");
         assert_eq!(r("c/d").unwrap(), "https://reg.example/v2/a/b/blobs/c/d");
         assert_eq!(r("../../x?q=1").unwrap(), "https://reg.example/v2/a/x?q=1");
-        assert_eq!(r("?page=2").unwrap(), "https://reg.example/v2/a/b/blobs/sha256:1?page=2");
+        assert_eq!(
+            r("?page=2").unwrap(),
+            "https://reg.example/v2/a/b/blobs/sha256:1?page=2"
+        );
         assert_eq!(r("/a/b#frag").unwrap(), "https://reg.example/a/b");
         assert!(r("").is_err());
         assert!(r("ftp://x/y").is_err());
@@ -1263,12 +1309,27 @@ mod tests {
     fn challenge_selection() {
         let mut h = HeaderMap::new();
         assert!(pick_challenge(&h).is_none());
-        h.append(header::WWW_AUTHENTICATE, HeaderValue::from_static("Negotiate"));
+        h.append(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Negotiate"),
+        );
         assert!(pick_challenge(&h).is_none());
-        h.append(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer x"));
-        assert!(matches!(pick_challenge(&h), Some(Err(UpstreamError::Protocol(_)))));
-        h.append(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=r"));
-        assert!(matches!(pick_challenge(&h), Some(Ok(Challenge::Basic { .. }))));
+        h.append(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer x"),
+        );
+        assert!(matches!(
+            pick_challenge(&h),
+            Some(Err(UpstreamError::Protocol(_)))
+        ));
+        h.append(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=r"),
+        );
+        assert!(matches!(
+            pick_challenge(&h),
+            Some(Ok(Challenge::Basic { .. }))
+        ));
         h.append(
             header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer realm=\"https://t\""),
