@@ -4,6 +4,7 @@
 
 pub mod fake;
 pub mod image;
+pub mod mirror;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -13,6 +14,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::TokioIo;
 
+pub use mirror::{Stowage, config_toml, start_stowage, start_stowage_in, start_stowage_toml};
 pub use fake::{Failure, FakeUpstream, Hold, Recorded, dead_url};
 pub use image::{
     Blob, DOCKER_LIST, DOCKER_MANIFEST, Format, Image, Index, MediaType, OCI_INDEX, OCI_MANIFEST,
@@ -156,4 +158,79 @@ pub async fn raw_request(addr: SocketAddr, method: &str, target: &str) -> RawRes
 /// Reads a reqwest response body completely; `Err` if the transfer failed.
 pub async fn read_body(resp: reqwest::Response) -> Result<Bytes, reqwest::Error> {
     resp.bytes().await
+}
+
+/// GETs `url` expecting 200; returns headers and the full body.
+pub async fn get_ok(c: &reqwest::Client, url: &str) -> (http::HeaderMap, Bytes) {
+    let r = within(30, url, c.get(url).send())
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = r.status();
+    let headers = r.headers().clone();
+    let body = within(30, url, r.bytes())
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: body failed: {e}"));
+    assert_eq!(
+        status,
+        200,
+        "GET {url}: status (body: {})",
+        String::from_utf8_lossy(&body[..body.len().min(500)])
+    );
+    (headers, body)
+}
+
+fn hv(h: &http::HeaderMap, name: &str) -> Option<String> {
+    h.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+}
+
+/// GET and HEAD of a blob through stowage, checking bytes and headers.
+pub async fn check_blob(c: &reqwest::Client, st: &Stowage, name: &str, blob: &Blob) {
+    let url = st.blob_url(name, &blob.digest);
+    let (h, body) = get_ok(c, &url).await;
+    assert_eq!(body.len(), blob.len(), "GET {url}: length");
+    assert_eq!(sha256_digest(&body), blob.digest, "GET {url}: digest of body");
+    assert_eq!(body, blob.data, "GET {url}: bytes");
+    assert_eq!(hv(&h, "content-length"), Some(blob.len().to_string()), "GET {url}: Content-Length");
+    assert_eq!(hv(&h, "docker-content-digest"), Some(blob.digest.clone()), "GET {url}: Docker-Content-Digest");
+    assert!(hv(&h, "content-type").is_some(), "GET {url}: Content-Type missing");
+
+    let r = within(30, &url, c.head(&url).send()).await.unwrap();
+    assert_eq!(r.status(), 200, "HEAD {url}");
+    assert_eq!(header(&r, "content-length"), Some(blob.len().to_string()), "HEAD {url}: Content-Length");
+    assert_eq!(header(&r, "docker-content-digest"), Some(blob.digest.clone()), "HEAD {url}: Docker-Content-Digest");
+    assert!(r.bytes().await.unwrap().is_empty(), "HEAD {url}: has a body");
+}
+
+/// GET and HEAD of a manifest through stowage, checking body and headers.
+pub async fn check_manifest(
+    c: &reqwest::Client,
+    st: &Stowage,
+    name: &str,
+    reference: &str,
+    body_expected: &[u8],
+    media_type: &str,
+) {
+    let digest = sha256_digest(body_expected);
+    let url = st.manifest_url(name, reference);
+    let (h, body) = get_ok(c, &url).await;
+    assert_eq!(&body[..], body_expected, "GET {url}: manifest bytes");
+    assert_eq!(hv(&h, "content-type").as_deref(), Some(media_type), "GET {url}: Content-Type");
+    assert_eq!(hv(&h, "content-length"), Some(body_expected.len().to_string()), "GET {url}: Content-Length");
+    assert_eq!(hv(&h, "docker-content-digest"), Some(digest.clone()), "GET {url}: Docker-Content-Digest");
+
+    let r = within(30, &url, c.head(&url).send()).await.unwrap();
+    assert_eq!(r.status(), 200, "HEAD {url}");
+    assert_eq!(header(&r, "content-type").as_deref(), Some(media_type), "HEAD {url}: Content-Type");
+    assert_eq!(header(&r, "content-length"), Some(body_expected.len().to_string()), "HEAD {url}: Content-Length");
+    assert_eq!(header(&r, "docker-content-digest"), Some(digest), "HEAD {url}: Docker-Content-Digest");
+    assert!(r.bytes().await.unwrap().is_empty(), "HEAD {url}: has a body");
+}
+
+/// Pulls `img` through stowage as `name:reference` (manifest, config,
+/// layers), checking everything.
+pub async fn pull_image(c: &reqwest::Client, st: &Stowage, name: &str, reference: &str, img: &Image) {
+    check_manifest(c, st, name, reference, &img.manifest, img.media_type.as_str()).await;
+    for b in img.blobs() {
+        check_blob(c, st, name, b).await;
+    }
 }

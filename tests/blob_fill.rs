@@ -1,0 +1,302 @@
+//! Blob cache fills: single upstream fetch for concurrent clients, live
+//! streaming to joiners, verification, client disconnects, ranges, HEAD.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const MIB: usize = 1 << 20;
+
+async fn setup(sizes: &[usize]) -> (FakeUpstream, Stowage, Vec<Blob>) {
+    let up = FakeUpstream::start().await;
+    let blobs: Vec<Blob> = sizes.iter().map(|n| Blob::random(*n)).collect();
+    for b in &blobs {
+        up.add_blob(b.data.clone());
+    }
+    let st = start_stowage(&up.url(), "").await;
+    (up, st, blobs)
+}
+
+/// Reads a body to the end, hashing it. `Err` when the transfer failed.
+async fn read_all(mut r: reqwest::Response) -> Result<Vec<u8>, reqwest::Error> {
+    let mut v = Vec::new();
+    while let Some(ch) = r.chunk().await? {
+        v.extend_from_slice(&ch);
+    }
+    Ok(v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_gets_of_uncached_blob_fetch_once() {
+    let (up, st, blobs) = setup(&[8 * MIB]).await;
+    let b = blobs[0].clone();
+    let url = st.blob_url("library/big", &b.digest);
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(32));
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let (url, b, barrier) = (url.clone(), b.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            barrier.wait().await;
+            let r = c.get(&url).send().await.unwrap_or_else(|e| panic!("client {i}: {e}"));
+            assert_eq!(r.status(), 200, "client {i}");
+            assert_eq!(header(&r, "docker-content-digest").as_deref(), Some(b.digest.as_str()), "client {i}");
+            let body = read_all(r).await.unwrap_or_else(|e| panic!("client {i}: body: {e}"));
+            assert_eq!(body.len(), b.len(), "client {i}: length");
+            assert_eq!(sha256_digest(&body), b.digest, "client {i}: digest");
+        }));
+    }
+    for t in tasks {
+        within(60, "32 concurrent clients", t).await.unwrap();
+    }
+    assert_eq!(up.blob_gets(&b.digest), 1, "upstream GETs for 32 concurrent clients");
+    let (_, body) = get_ok(&client(), &url).await;
+    assert_eq!(sha256_digest(&body), b.digest);
+    assert_eq!(up.blob_gets(&b.digest), 1, "upstream GETs after cached GET");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_gets_join_one_held_fill() {
+    let (up, st, blobs) = setup(&[8 * MIB]).await;
+    let b = blobs[0].clone();
+    let hold = up.hold(&b.digest);
+    let url = st.blob_url("library/big", &b.digest);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<usize>(64);
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let (url, b, tx) = (url.clone(), b.clone(), tx.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = client().get(&url).send().await.unwrap_or_else(|e| panic!("client {i}: {e}"));
+            assert_eq!(r.status(), 200, "client {i}");
+            tx.send(i).await.unwrap();
+            let body = read_all(r).await.unwrap_or_else(|e| panic!("client {i}: body: {e}"));
+            assert_eq!(sha256_digest(&body), b.digest, "client {i}: digest");
+        }));
+    }
+    // All 32 have their response headers while upstream is still holding.
+    within(20, "32 response headers while the fill is in progress", async {
+        for _ in 0..32 {
+            rx.recv().await.unwrap();
+        }
+    })
+    .await;
+    hold.wait_half_sent(1).await;
+    assert_eq!(hold.completed(), 0);
+    hold.release();
+    for t in tasks {
+        within(60, "32 joined clients", t).await.unwrap();
+    }
+    assert_eq!(up.blob_gets(&b.digest), 1, "upstream GETs for 32 concurrent clients");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn late_joiner_receives_bytes_before_fill_completes() {
+    let (up, st, blobs) = setup(&[8 * MIB]).await;
+    let b = blobs[0].clone();
+    let half = b.len() / 2;
+    let hold = up.hold(&b.digest);
+    let url = st.blob_url("library/big", &b.digest);
+
+    // Client A starts the fill and reads everything it can.
+    let a = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let r = client().get(&url).send().await.unwrap();
+            assert_eq!(r.status(), 200, "client A");
+            read_all(r).await
+        })
+    };
+    hold.wait_half_sent(1).await;
+
+    // Client B arrives while upstream holds after the first half.
+    let mut r = within(10, "client B response headers", client().get(&url).send())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "client B");
+    let mut got = Vec::new();
+    // B must see (nearly) the first half while upstream is still holding.
+    let slack = 512 * 1024;
+    within(10, "client B receiving the first half before upstream resumes", async {
+        while got.len() < half - slack {
+            let ch = r.chunk().await.unwrap().expect("client B body ended early");
+            got.extend_from_slice(&ch);
+        }
+    })
+    .await;
+    assert_eq!(hold.completed(), 0, "upstream must still be holding");
+    assert!(got.len() <= half, "client B got {} bytes, upstream sent only {half}", got.len());
+    assert_eq!(&got[..], &b.data[..got.len()], "client B: first bytes");
+
+    hold.release();
+    while let Some(ch) = within(30, "client B rest", r.chunk()).await.unwrap() {
+        got.extend_from_slice(&ch);
+    }
+    assert_eq!(sha256_digest(&got), b.digest, "client B: digest");
+    let body_a = within(30, "client A", a).await.unwrap().expect("client A body");
+    assert_eq!(sha256_digest(&body_a), b.digest, "client A: digest");
+    assert_eq!(up.blob_gets(&b.digest), 1, "upstream GETs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn corrupt_upstream_blob_fails_every_client_and_is_not_cached() {
+    let (up, st, blobs) = setup(&[2 * MIB]).await;
+    let b = blobs[0].clone();
+    up.corrupt(&b.digest);
+    let hold = up.hold(&b.digest);
+    let url = st.blob_url("library/bad", &b.digest);
+
+    // Three clients share one (held, corrupt) fill.
+    let mut tasks = Vec::new();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(8);
+    for i in 0..3 {
+        let (url, tx) = (url.clone(), tx.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = client().get(&url).send().await.unwrap_or_else(|e| panic!("client {i}: {e}"));
+            let status = r.status();
+            tx.send(()).await.unwrap();
+            (status, read_all(r).await)
+        }));
+        if i == 0 {
+            hold.wait_half_sent(1).await;
+        }
+    }
+    within(20, "headers of clients sharing the corrupt fill", async {
+        for _ in 0..3 {
+            rx.recv().await.unwrap();
+        }
+    })
+    .await;
+    hold.release();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (status, body) = within(30, "clients of the corrupt fill", t).await.unwrap();
+        assert_corrupt_fill_failed(i, status, body, &b);
+    }
+    up.unhold(&b.digest);
+
+    // Unheld, single client, same again.
+    let r = client().get(&url).send().await.unwrap();
+    let status = r.status();
+    assert_corrupt_fill_failed(99, status, read_all(r).await, &b);
+    assert_eq!(up.blob_gets(&b.digest), 2, "each failed fill must have fetched upstream");
+
+    // Nothing was cached: once upstream is healthy, stowage fetches again.
+    up.uncorrupt(&b.digest);
+    let (h, body) = get_ok(&client(), &url).await;
+    assert_eq!(sha256_digest(&body), b.digest);
+    assert_eq!(h.get("content-length").unwrap().to_str().unwrap(), b.len().to_string());
+    assert_eq!(up.blob_gets(&b.digest), 3, "corrupt bytes must not have been cached");
+}
+
+/// A client of a corrupt fill must not get a clean, complete 200: either an
+/// error status, or a 200 whose body transfer fails.
+fn assert_corrupt_fill_failed(
+    i: usize,
+    status: reqwest::StatusCode,
+    body: Result<Vec<u8>, reqwest::Error>,
+    b: &Blob,
+) {
+    if status.is_success() {
+        match body {
+            Err(_) => {}
+            Ok(v) => panic!(
+                "client {i}: corrupt upstream blob delivered as a clean {status} body of {} bytes \
+                 (digest {}, expected {}): the transfer must fail",
+                v.len(),
+                sha256_digest(&v),
+                b.digest
+            ),
+        }
+    } else {
+        assert!(status.is_server_error(), "client {i}: status {status} for a corrupt upstream blob");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_disconnect_does_not_abort_fill() {
+    let (up, st, blobs) = setup(&[4 * MIB]).await;
+    let b = blobs[0].clone();
+    let hold = up.hold(&b.digest);
+    let url = st.blob_url("library/gone", &b.digest);
+
+    let mut r = client().get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    hold.wait_half_sent(1).await;
+    let first = within(10, "first chunk", r.chunk()).await.unwrap().expect("no data");
+    assert!(!first.is_empty());
+    drop(r); // client gone mid-fill
+    // Give stowage a moment to notice the disconnect before upstream resumes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    hold.release();
+    hold.wait_completed(1).await;
+    assert_eq!(hold.dropped(), 0, "stowage dropped the upstream body when the client went away");
+
+    let (_, body) = get_ok(&client(), &url).await;
+    assert_eq!(sha256_digest(&body), b.digest);
+    let (_, body) = get_ok(&client(), &url).await;
+    assert_eq!(sha256_digest(&body), b.digest);
+    assert_eq!(up.blob_gets(&b.digest), 1, "the abandoned fill must still have been cached");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chunked_upstream_blob_is_cached() {
+    let (up, st, blobs) = setup(&[3 * MIB + 17]).await;
+    let b = blobs[0].clone();
+    up.set_chunked(true);
+    let url = st.blob_url("library/chunky", &b.digest);
+    let (_, body) = get_ok(&client(), &url).await;
+    assert_eq!(sha256_digest(&body), b.digest);
+    let c = client();
+    check_blob(&c, &st, "library/chunky", &b).await;
+    assert_eq!(up.blob_gets(&b.digest), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn range_requests_on_cached_blob() {
+    let (up, st, blobs) = setup(&[1000]).await;
+    let b = blobs[0].clone();
+    let size = b.len();
+    let url = st.blob_url("library/ranged", &b.digest);
+    let c = client();
+    get_ok(&c, &url).await;
+
+    let cases: [(&str, usize, usize); 4] = [
+        ("bytes=0-9", 0, 9),
+        ("bytes=-5", size - 5, size - 1),
+        ("bytes=10-", 10, size - 1),
+        ("bytes=990-5000", 990, size - 1),
+    ];
+    for (range, s, e) in cases {
+        let r = c.get(&url).header("range", range).send().await.unwrap();
+        assert_eq!(r.status(), 206, "{range}");
+        assert_eq!(header(&r, "content-range"), Some(format!("bytes {s}-{e}/{size}")), "{range}");
+        assert_eq!(header(&r, "content-length"), Some((e - s + 1).to_string()), "{range}");
+        assert_eq!(r.bytes().await.unwrap(), b.data.slice(s..=e), "{range}");
+    }
+    for range in [format!("bytes={size}-"), format!("bytes={}-{}", size + 10, size + 20)] {
+        let r = c.get(&url).header("range", &range).send().await.unwrap();
+        assert_eq!(r.status(), 416, "{range}");
+    }
+    assert_eq!(up.blob_gets(&b.digest), 1, "ranges on a cached blob went upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn head_of_uncached_blob_asks_upstream_without_filling() {
+    let (up, st, blobs) = setup(&[123_456]).await;
+    let b = blobs[0].clone();
+    let url = st.blob_url("library/headonly", &b.digest);
+    let c = client();
+    let r = c.head(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "content-length"), Some(b.len().to_string()));
+    assert_eq!(header(&r, "docker-content-digest"), Some(b.digest.clone()));
+    assert!(r.bytes().await.unwrap().is_empty());
+    assert_eq!(up.blob_heads(&b.digest), 1, "upstream HEADs");
+    // A fill started in the background would show up shortly.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(up.blob_gets(&b.digest), 0, "HEAD started a fill");
+
+    check_blob(&c, &st, "library/headonly", &b).await;
+    assert_eq!(up.blob_gets(&b.digest), 1);
+}

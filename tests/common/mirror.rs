@@ -1,0 +1,108 @@
+//! stowage started in-process on 127.0.0.1:0 with a temporary cache dir.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A running stowage. Dropping it stops the server (the cache directory
+/// is removed when `dir` is dropped).
+pub struct Stowage {
+    pub addr: SocketAddr,
+    pub dir: TempDir,
+    pub handle: JoinHandle<()>,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+impl Stowage {
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `http://127.0.0.1:PORT/v2/<rest>`
+    pub fn v2(&self, rest: &str) -> String {
+        format!("http://{}/v2/{}", self.addr, rest)
+    }
+
+    pub fn manifest_url(&self, name: &str, reference: &str) -> String {
+        self.v2(&format!("{name}/manifests/{reference}"))
+    }
+
+    pub fn blob_url(&self, name: &str, digest: &str) -> String {
+        self.v2(&format!("{name}/blobs/{digest}"))
+    }
+
+    /// Stops the server, waits for it to exit cleanly and hands back the
+    /// cache directory (for a restart on the same cache).
+    pub async fn stop(mut self) -> TempDir {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let handle = std::mem::replace(&mut self.handle, tokio::spawn(async {}));
+        super::within(30, "stowage shutdown", handle)
+            .await
+            .expect("stowage server task panicked");
+        // Move the directory out; Drop of `self` only sends nothing now.
+        let dir = std::mem::replace(&mut self.dir, TempDir::new().unwrap());
+        dir
+    }
+}
+
+impl Drop for Stowage {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// The TOML stowage is started with: one upstream, `docker.io`, at
+/// `upstream_url` with `library_prefix = true`, plus `upstream_extra` lines
+/// inside that `[[upstream]]` table (e.g. `tag_ttl = "1s"`).
+pub fn config_toml(cache_dir: &Path, upstream_url: &str, upstream_extra: &str) -> String {
+    format!(
+        "listen = \"127.0.0.1:0\"\ncache_dir = {dir:?}\nshutdown_timeout = \"2s\"\n\
+         [[upstream]]\nhost = \"docker.io\"\nurl = \"{upstream_url}\"\nlibrary_prefix = true\n{upstream_extra}\n",
+        dir = cache_dir.to_str().unwrap(),
+    )
+}
+
+/// Starts stowage in front of `upstream_url` with a fresh cache dir.
+pub async fn start_stowage(upstream_url: &str, upstream_extra: &str) -> Stowage {
+    start_stowage_in(TempDir::new().unwrap(), upstream_url, upstream_extra).await
+}
+
+/// Starts stowage on an existing cache dir (e.g. from [`Stowage::stop`]).
+pub async fn start_stowage_in(dir: TempDir, upstream_url: &str, upstream_extra: &str) -> Stowage {
+    let toml = config_toml(dir.path(), upstream_url, upstream_extra);
+    start_stowage_toml(dir, &toml).await
+}
+
+/// Starts stowage from a complete TOML document (which should use
+/// `listen = "127.0.0.1:0"` and `dir` as its cache dir).
+pub async fn start_stowage_toml(dir: TempDir, toml: &str) -> Stowage {
+    let cfg = stowage::config::Config::from_toml_str(toml)
+        .unwrap_or_else(|e| panic!("test config refused: {e}\n{toml}"));
+    let server = stowage::server::Server::bind(cfg)
+        .await
+        .unwrap_or_else(|e| panic!("stowage did not start: {e}"));
+    let addr = server.local_addr();
+    let (tx, rx) = oneshot::channel::<()>();
+    let handle = tokio::spawn(async move {
+        server
+            .run(async move {
+                let _ = rx.await;
+            })
+            .await
+            .expect("stowage run() returned an error");
+    });
+    Stowage {
+        addr,
+        dir,
+        handle,
+        shutdown: Some(tx),
+    }
+}

@@ -1,0 +1,260 @@
+//! Manifest caching: digests forever, tags for `tag_ttl`, revalidation with
+//! HEAD, stale-if-error, coalescing, verification; tags/list passthrough.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const TTL_MS: u64 = 400;
+
+fn short_ttl() -> String {
+    format!("tag_ttl = \"{TTL_MS}ms\"")
+}
+
+async fn past_ttl() {
+    tokio::time::sleep(Duration::from_millis(TTL_MS + 300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn manifest_by_digest_is_cached_forever() {
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[10]);
+    up.push_image("library/nginx", "1", &img);
+    let st = start_stowage(&up.url(), &short_ttl()).await;
+    let c = client();
+    check_manifest(&c, &st, "nginx", &img.digest, &img.manifest, OCI_MANIFEST).await;
+    let before = up.manifest_requests("library/nginx");
+    assert!(before >= 1);
+    past_ttl().await;
+    check_manifest(&c, &st, "nginx", &img.digest, &img.manifest, OCI_MANIFEST).await;
+    up.set_failure(Failure::Down);
+    check_manifest(&c, &st, "nginx", &img.digest, &img.manifest, OCI_MANIFEST).await;
+    assert_eq!(up.manifest_requests("library/nginx"), before, "digest manifest asked upstream again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tag_within_ttl_is_not_revalidated() {
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Docker, &[10]);
+    up.push_image("library/nginx", "stable", &img);
+    let st = start_stowage(&up.url(), "tag_ttl = \"1h\"").await;
+    let c = client();
+    check_manifest(&c, &st, "nginx", "stable", &img.manifest, DOCKER_MANIFEST).await;
+    let before = up.total();
+    // Even if the tag moves upstream, within the TTL the cached one is served.
+    let img2 = make_image(Format::Docker, &[11]);
+    up.push_image("library/nginx", "stable", &img2);
+    for _ in 0..5 {
+        check_manifest(&c, &st, "nginx", "stable", &img.manifest, DOCKER_MANIFEST).await;
+    }
+    assert_eq!(up.total(), before, "tag within TTL went upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tag_after_ttl_is_revalidated_with_head() {
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[10]);
+    up.push_image("library/node", "20", &img);
+    let st = start_stowage(&up.url(), &short_ttl()).await;
+    let c = client();
+    let url = st.manifest_url("node", "20");
+    get_ok(&c, &url).await;
+    let gets_tag = up.manifest_gets("library/node", "20");
+    let gets_digest = up.manifest_gets("library/node", &img.digest);
+    let heads = up.manifest_heads("library/node", "20");
+
+    past_ttl().await;
+    let (h, body) = get_ok(&c, &url).await;
+    assert_eq!(body, img.manifest);
+    assert_eq!(h["docker-content-digest"], img.digest.as_str());
+    assert_eq!(up.manifest_heads("library/node", "20"), heads + 1, "upstream HEADs of the tag after TTL");
+    assert_eq!(up.manifest_gets("library/node", "20"), gets_tag, "unchanged tag re-downloaded");
+    assert_eq!(up.manifest_gets("library/node", &img.digest), gets_digest, "unchanged manifest re-downloaded");
+
+    // Revalidated: fresh again for another TTL.
+    let before = up.total();
+    get_ok(&c, &url).await;
+    assert_eq!(up.total(), before, "freshly revalidated tag went upstream again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn moved_tag_is_served_after_ttl() {
+    let up = FakeUpstream::start().await;
+    let img1 = make_image(Format::Oci, &[10]);
+    let img2 = make_image(Format::Docker, &[20]);
+    up.push_image("library/python", "3", &img1);
+    let st = start_stowage(&up.url(), &short_ttl()).await;
+    let c = client();
+    check_manifest(&c, &st, "python", "3", &img1.manifest, OCI_MANIFEST).await;
+
+    up.push_image("library/python", "3", &img2);
+    past_ttl().await;
+    check_manifest(&c, &st, "python", "3", &img2.manifest, DOCKER_MANIFEST).await;
+    pull_image(&c, &st, "python", "3", &img2).await;
+    // The old manifest stays available by digest.
+    let before = up.total();
+    check_manifest(&c, &st, "python", &img1.digest, &img1.manifest, OCI_MANIFEST).await;
+    assert_eq!(up.total(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stale_tag_is_served_when_upstream_fails() {
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[10]);
+    up.push_image("library/golang", "1", &img);
+    let st = start_stowage(&up.url(), &short_ttl()).await;
+    let c = client();
+    check_manifest(&c, &st, "golang", "1", &img.manifest, OCI_MANIFEST).await;
+
+    for f in [Failure::Unavailable, Failure::Down] {
+        up.set_failure(f.clone());
+        past_ttl().await;
+        let before = up.total();
+        let r = c.get(st.manifest_url("golang", "1")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{f:?}: stale manifest not served");
+        assert_eq!(header(&r, "docker-content-digest"), Some(img.digest.clone()), "{f:?}");
+        assert_eq!(r.bytes().await.unwrap(), img.manifest, "{f:?}");
+        if f != Failure::Down {
+            assert!(up.total() > before, "{f:?}: stowage did not even try to revalidate");
+        }
+    }
+    // Unreachable upstream altogether.
+    let dir = st.stop().await;
+    let st = start_stowage_in(dir, &dead_url().await, &short_ttl()).await;
+    past_ttl().await;
+    check_manifest(&c, &st, "golang", "1", &img.manifest, OCI_MANIFEST).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stale_tag_is_served_when_upstream_rate_limits() {
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[10]);
+    up.push_image("library/perl", "5", &img);
+    let st = start_stowage(&up.url(), &short_ttl()).await;
+    let c = client();
+    check_manifest(&c, &st, "perl", "5", &img.manifest, OCI_MANIFEST).await;
+    up.set_failure(Failure::TooManyRequests { retry_after: 5 });
+    past_ttl().await;
+    let before = up.total();
+    check_manifest(&c, &st, "perl", "5", &img.manifest, OCI_MANIFEST).await;
+    assert!(up.total() > before, "stowage did not even try to revalidate");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_revalidations_make_one_upstream_request() {
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[10]);
+    up.push_image("library/ruby", "3", &img);
+    let st = start_stowage(&up.url(), &short_ttl()).await;
+    let url = st.manifest_url("ruby", "3");
+    get_ok(&client(), &url).await;
+    past_ttl().await;
+
+    let before = up.manifest_requests("library/ruby");
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(16));
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let (url, img, barrier) = (url.clone(), img.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            barrier.wait().await;
+            let (h, body) = get_ok(&c, &url).await;
+            assert_eq!(body, img.manifest, "client {i}");
+            assert_eq!(h["docker-content-digest"], img.digest.as_str(), "client {i}");
+        }));
+    }
+    for t in tasks {
+        within(30, "16 revalidating clients", t).await.unwrap();
+    }
+    assert_eq!(up.manifest_heads("library/ruby", "3"), 1, "upstream HEADs for 16 concurrent revalidations");
+    assert_eq!(
+        up.manifest_requests("library/ruby") - before,
+        1,
+        "upstream manifest requests for 16 concurrent revalidations"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_first_fetch_of_tag_is_coalesced() {
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[10]);
+    up.push_image("library/php", "8", &img);
+    let st = start_stowage(&up.url(), "").await;
+    let url = st.manifest_url("php", "8");
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(16));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (url, img, barrier) = (url.clone(), img.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            barrier.wait().await;
+            let (_, body) = get_ok(&c, &url).await;
+            assert_eq!(body, img.manifest);
+        }));
+    }
+    for t in tasks {
+        within(30, "16 clients", t).await.unwrap();
+    }
+    assert_eq!(up.manifest_gets("library/php", "8") + up.manifest_gets("library/php", &img.digest), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn manifest_not_matching_its_digest_is_rejected_and_not_cached() {
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[10]);
+    up.push_image("library/evil", "1", &img);
+    up.corrupt(&img.digest);
+    let st = start_stowage(&up.url(), "").await;
+    let c = client();
+    let url = st.manifest_url("evil", &img.digest);
+    for method in ["GET", "HEAD"] {
+        let r = c.request(method.parse().unwrap(), &url).send().await.unwrap();
+        let status = r.status();
+        let body = r.bytes().await.unwrap_or_default();
+        assert!(
+            status.is_server_error(),
+            "{method}: manifest whose bytes do not hash to the digest answered {status} \
+             (body {} bytes, digest {})",
+            body.len(),
+            sha256_digest(&body)
+        );
+    }
+    let before = up.manifest_requests("library/evil");
+    let r = c.get(&url).send().await.unwrap();
+    assert!(!r.status().is_success());
+    assert!(up.manifest_requests("library/evil") > before, "bad manifest was cached");
+
+    up.uncorrupt(&img.digest);
+    check_manifest(&c, &st, "evil", &img.digest, &img.manifest, OCI_MANIFEST).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tags_list_passes_through() {
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[10]);
+    up.push_image("library/debian", "bookworm", &img);
+    up.add_tag_names("library/debian", &["bullseye", "buster", "sid", "trixie"], &img.digest);
+    let st = start_stowage(&up.url(), "").await;
+    let c = client();
+
+    let r = c.get(st.v2("debian/tags/list")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(header(&r, "content-type").unwrap().starts_with("application/json"));
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["tags"], serde_json::json!(["bookworm", "bullseye", "buster", "sid", "trixie"]));
+
+    let r = c.get(st.v2("debian/tags/list?n=2&last=bullseye")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let link = header(&r, "link");
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["tags"], serde_json::json!(["buster", "sid"]));
+    let seen = up.last_request("GET", "/v2/library/debian/tags/list").unwrap();
+    let q = seen.query.unwrap_or_default();
+    assert!(q.contains("n=2") && q.contains("last=bullseye"), "query sent upstream: {q:?}");
+    assert!(link.is_some_and(|l| l.contains("rel=\"next\"")), "Link header not passed on");
+
+    let r = c.get(st.v2("nosuchrepo/tags/list")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+}

@@ -1,0 +1,137 @@
+//! Pulling images through stowage: bytes, digests and headers equal the
+//! upstream's, names are mapped, and cached content is not fetched again.
+
+mod common;
+
+use common::*;
+
+const ALL_MANIFEST_TYPES: [&str; 4] = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pull_oci_image_by_tag_and_digest() {
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[3000, 200_000, 1 << 20]);
+    up.push_image("library/alpine", "3.20", &img);
+    let st = start_stowage(&up.url(), "").await;
+    let c = client();
+
+    // One-component name: stowage asks upstream for library/alpine.
+    pull_image(&c, &st, "alpine", "3.20", &img).await;
+    check_manifest(&c, &st, "alpine", &img.digest, &img.manifest, OCI_MANIFEST).await;
+
+    assert!(
+        up.count_where(|r| r.path.starts_with("/v2/alpine/")) == 0,
+        "stowage asked upstream for /v2/alpine/... instead of /v2/library/alpine/...: {:?}",
+        up.requests().iter().map(|r| format!("{} {}", r.method, r.path)).collect::<Vec<_>>()
+    );
+    for b in img.blobs() {
+        assert_eq!(up.blob_gets(&b.digest), 1, "upstream GETs of blob {}", b.digest);
+        assert!(
+            up.count("GET", &format!("/v2/library/alpine/blobs/{}", b.digest)) == 1,
+            "blob fetched from the wrong repository"
+        );
+    }
+    // The manifest request upstream accepts every manifest type.
+    let m = up
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "GET" && r.path.starts_with("/v2/library/alpine/manifests/"))
+        .expect("no upstream manifest GET");
+    let accept = m.headers.get_all("accept").iter().map(|v| v.to_str().unwrap().to_string()).collect::<Vec<_>>().join(",");
+    for t in ALL_MANIFEST_TYPES {
+        assert!(accept.contains(t), "upstream Accept {accept:?} lacks {t}");
+    }
+
+    // Second pull: nothing goes upstream (tag is within its TTL).
+    let before = up.total();
+    pull_image(&c, &st, "alpine", "3.20", &img).await;
+    pull_image(&c, &st, "alpine", &img.digest, &img).await;
+    pull_image(&c, &st, "library/alpine", "3.20", &img).await;
+    assert_eq!(up.all_blob_gets(), img.blobs().len(), "upstream blob GETs after second pull");
+    assert_eq!(
+        up.total(),
+        before,
+        "second pull made upstream requests: {:?}",
+        up.requests()[before..].iter().map(|r| format!("{} {}", r.method, r.path)).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pull_docker_image_by_digest_first() {
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Docker, &[10, 50_000]);
+    up.push_image("myorg/app", "v1", &img);
+    let st = start_stowage(&up.url(), "").await;
+    let c = client();
+
+    // Two-component names are not prefixed.
+    pull_image(&c, &st, "myorg/app", &img.digest, &img).await;
+    check_manifest(&c, &st, "myorg/app", "v1", &img.manifest, DOCKER_MANIFEST).await;
+    assert_eq!(up.count_where(|r| r.path.contains("/library/")), 0, "myorg/app must not get library/");
+    assert!(up.count("GET", &format!("/v2/myorg/app/manifests/{}", img.digest)) >= 1);
+    let before = up.total();
+    pull_image(&c, &st, "myorg/app", "v1", &img).await;
+    assert_eq!(up.total(), before, "second pull went upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pull_multi_platform_index() {
+    for format in [Format::Oci, Format::Docker] {
+        let up = FakeUpstream::start().await;
+        let amd = make_image_for(format, &[100, 2000], "amd64");
+        let arm = make_image_for(format, &[300], "arm64");
+        let idx = make_index(format, vec![(amd.clone(), "amd64"), (arm.clone(), "arm64")]);
+        up.push_index("library/multi", "latest", &idx);
+        let st = start_stowage(&up.url(), "").await;
+        let c = client();
+
+        check_manifest(&c, &st, "multi", "latest", &idx.manifest, idx.media_type.as_str()).await;
+        check_manifest(&c, &st, "multi", &idx.digest, &idx.manifest, idx.media_type.as_str()).await;
+        pull_image(&c, &st, "multi", &arm.digest, &arm).await;
+        pull_image(&c, &st, "multi", &amd.digest, &amd).await;
+
+        let before = up.total();
+        check_manifest(&c, &st, "multi", "latest", &idx.manifest, idx.media_type.as_str()).await;
+        pull_image(&c, &st, "multi", &arm.digest, &arm).await;
+        assert_eq!(up.total(), before, "{format:?}: cached index pull went upstream");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cached_image_served_while_upstream_down() {
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[5000, 70_000]);
+    up.push_image("library/busybox", "1", &img);
+    let st = start_stowage(&up.url(), "").await;
+    let c = client();
+    pull_image(&c, &st, "busybox", "1", &img).await;
+
+    for f in [Failure::Down, Failure::Unavailable] {
+        up.set_failure(f.clone());
+        let before = up.total();
+        pull_image(&c, &st, "busybox", &img.digest, &img).await;
+        pull_image(&c, &st, "busybox", "1", &img).await;
+        assert_eq!(up.total(), before, "{f:?}: cached pull went upstream");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cache_survives_restart() {
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[5000, 300_000]);
+    up.push_image("library/redis", "7", &img);
+    let st = start_stowage(&up.url(), "").await;
+    let c = client();
+    pull_image(&c, &st, "redis", "7", &img).await;
+    let dir = st.stop().await;
+
+    // Same cache dir, upstream now failing: digests come from disk.
+    up.set_failure(Failure::Unavailable);
+    let st = start_stowage_in(dir, &up.url(), "").await;
+    let before_blobs = up.all_blob_gets();
+    pull_image(&c, &st, "redis", &img.digest, &img).await;
+    assert_eq!(up.all_blob_gets(), before_blobs, "blobs fetched again after restart");
+    let before = up.total();
+    pull_image(&c, &st, "redis", &img.digest, &img).await;
+    assert_eq!(up.total(), before);
+}
