@@ -25,13 +25,21 @@ async fn anonymous_pull_of_public_repo_fetches_one_token() {
 
     pull_image(&c, &st, "alpine", "latest", &img).await;
     pull_image(&c, &st, "alpine", &img.digest, &img).await;
-    assert_eq!(up.token_requests(), 1, "token requests for one pull of one repository");
+    assert_eq!(
+        up.token_requests(),
+        1,
+        "token requests for one pull of one repository"
+    );
 
     let t = up.last_token_request().unwrap();
-    assert!(t.header("authorization").is_none(), "anonymous token request carried credentials");
+    assert!(
+        t.header("authorization").is_none(),
+        "anonymous token request carried credentials"
+    );
     let q = t.query.unwrap_or_default();
     assert!(
-        q.contains("scope=repository%3Alibrary%2Falpine%3Apull") || q.contains("scope=repository:library/alpine:pull"),
+        q.contains("scope=repository%3Alibrary%2Falpine%3Apull")
+            || q.contains("scope=repository:library/alpine:pull"),
         "token scope: {q:?}"
     );
     assert!(q.contains("service=fake"), "token service: {q:?}");
@@ -41,7 +49,8 @@ async fn anonymous_pull_of_public_repo_fetches_one_token() {
     let first_token = reqs.iter().position(|r| r.path == "/token").unwrap();
     for r in &reqs[first_token + 1..] {
         assert!(
-            r.header("authorization").is_some_and(|a| a.starts_with("Bearer faketoken-")),
+            r.header("authorization")
+                .is_some_and(|a| a.starts_with("Bearer faketoken-")),
             "{} {} without the bearer token",
             r.method,
             r.path
@@ -53,7 +62,9 @@ async fn anonymous_pull_of_public_repo_fetches_one_token() {
 async fn token_is_reused_across_many_requests() {
     let up = FakeUpstream::start().await;
     up.enable_auth(300);
-    let images: Vec<Image> = (0..4).map(|_| make_image(Format::Oci, &[1000, 2000, 3000])).collect();
+    let images: Vec<Image> = (0..4)
+        .map(|_| make_image(Format::Oci, &[1000, 2000, 3000]))
+        .collect();
     for (i, img) in images.iter().enumerate() {
         up.push_image("library/many", &format!("t{i}"), img);
     }
@@ -62,8 +73,15 @@ async fn token_is_reused_across_many_requests() {
     for (i, img) in images.iter().enumerate() {
         pull_image(&c, &st, "many", &format!("t{i}"), img).await;
     }
-    assert!(up.registry_requests() >= 4 * 5, "too few upstream requests to prove reuse");
-    assert_eq!(up.token_requests(), 1, "token requests for 4 pulls of one repository");
+    assert!(
+        up.registry_requests() >= 4 * 5,
+        "too few upstream requests to prove reuse"
+    );
+    assert_eq!(
+        up.token_requests(),
+        1,
+        "token requests for 4 pulls of one repository"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -99,11 +117,19 @@ async fn private_repo_with_configured_credentials() {
     pull_image(&c, &st, "alice/secret", "v1", &img).await;
     assert_eq!(up.token_requests(), 1);
     let t = up.last_token_request().unwrap();
-    assert_eq!(t.header("authorization"), Some(basic("alice", "s3cret")), "token request credentials");
-    assert!(t.query.unwrap_or_default().contains("alice"), "token scope names the repository");
+    assert_eq!(
+        t.header("authorization"),
+        Some(basic("alice", "s3cret")),
+        "token request credentials"
+    );
+    assert!(
+        t.query.unwrap_or_default().contains("alice"),
+        "token scope names the repository"
+    );
     for r in up.requests().iter().filter(|r| r.path.starts_with("/v2/")) {
         assert!(
-            !r.header("authorization").is_some_and(|a| a.starts_with("Basic ")),
+            !r.header("authorization")
+                .is_some_and(|a| a.starts_with("Basic ")),
             "password sent to the registry itself: {} {}",
             r.method,
             r.path
@@ -123,14 +149,30 @@ async fn private_repo_without_credentials_is_refused() {
 
     for extra in ["", "username = \"alice\"\npassword = \"wrong\""] {
         let st = start_stowage(&up.url(), extra).await;
-        for url in [st.manifest_url("alice/secret", "v1"), st.blob_url("alice/secret", &img.config.digest)] {
+        for url in [
+            st.manifest_url("alice/secret", "v1"),
+            st.blob_url("alice/secret", &img.config.digest),
+        ] {
             let r = c.get(&url).send().await.unwrap();
             let status = r.status().as_u16();
             assert!(
                 matches!(status, 401 | 403 | 404 | 502),
                 "{extra:?}: GET {url}: status {status}"
             );
-            assert_oci_error(r, status, &["UNAUTHORIZED", "DENIED", "NAME_UNKNOWN", "MANIFEST_UNKNOWN", "BLOB_UNKNOWN", "UNAVAILABLE"], &url).await;
+            assert_oci_error(
+                r,
+                status,
+                &[
+                    "UNAUTHORIZED",
+                    "DENIED",
+                    "NAME_UNKNOWN",
+                    "MANIFEST_UNKNOWN",
+                    "BLOB_UNKNOWN",
+                    "UNAVAILABLE",
+                ],
+                &url,
+            )
+            .await;
         }
     }
 }

@@ -40,10 +40,20 @@ async fn concurrent_gets_of_uncached_blob_fetch_once() {
         tasks.push(tokio::spawn(async move {
             let c = client();
             barrier.wait().await;
-            let r = c.get(&url).send().await.unwrap_or_else(|e| panic!("client {i}: {e}"));
+            let r = c
+                .get(&url)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("client {i}: {e}"));
             assert_eq!(r.status(), 200, "client {i}");
-            assert_eq!(header(&r, "docker-content-digest").as_deref(), Some(b.digest.as_str()), "client {i}");
-            let body = read_all(r).await.unwrap_or_else(|e| panic!("client {i}: body: {e}"));
+            assert_eq!(
+                header(&r, "docker-content-digest").as_deref(),
+                Some(b.digest.as_str()),
+                "client {i}"
+            );
+            let body = read_all(r)
+                .await
+                .unwrap_or_else(|e| panic!("client {i}: body: {e}"));
             assert_eq!(body.len(), b.len(), "client {i}: length");
             assert_eq!(sha256_digest(&body), b.digest, "client {i}: digest");
         }));
@@ -51,7 +61,11 @@ async fn concurrent_gets_of_uncached_blob_fetch_once() {
     for t in tasks {
         within(60, "32 concurrent clients", t).await.unwrap();
     }
-    assert_eq!(up.blob_gets(&b.digest), 1, "upstream GETs for 32 concurrent clients");
+    assert_eq!(
+        up.blob_gets(&b.digest),
+        1,
+        "upstream GETs for 32 concurrent clients"
+    );
     let (_, body) = get_ok(&client(), &url).await;
     assert_eq!(sha256_digest(&body), b.digest);
     assert_eq!(up.blob_gets(&b.digest), 1, "upstream GETs after cached GET");
@@ -68,19 +82,29 @@ async fn concurrent_gets_join_one_held_fill() {
     for i in 0..32 {
         let (url, b, tx) = (url.clone(), b.clone(), tx.clone());
         tasks.push(tokio::spawn(async move {
-            let r = client().get(&url).send().await.unwrap_or_else(|e| panic!("client {i}: {e}"));
+            let r = client()
+                .get(&url)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("client {i}: {e}"));
             assert_eq!(r.status(), 200, "client {i}");
             tx.send(i).await.unwrap();
-            let body = read_all(r).await.unwrap_or_else(|e| panic!("client {i}: body: {e}"));
+            let body = read_all(r)
+                .await
+                .unwrap_or_else(|e| panic!("client {i}: body: {e}"));
             assert_eq!(sha256_digest(&body), b.digest, "client {i}: digest");
         }));
     }
     // All 32 have their response headers while upstream is still holding.
-    within(20, "32 response headers while the fill is in progress", async {
-        for _ in 0..32 {
-            rx.recv().await.unwrap();
-        }
-    })
+    within(
+        20,
+        "32 response headers while the fill is in progress",
+        async {
+            for _ in 0..32 {
+                rx.recv().await.unwrap();
+            }
+        },
+    )
     .await;
     hold.wait_half_sent(1).await;
     assert_eq!(hold.completed(), 0);
@@ -88,7 +112,11 @@ async fn concurrent_gets_join_one_held_fill() {
     for t in tasks {
         within(60, "32 joined clients", t).await.unwrap();
     }
-    assert_eq!(up.blob_gets(&b.digest), 1, "upstream GETs for 32 concurrent clients");
+    assert_eq!(
+        up.blob_gets(&b.digest),
+        1,
+        "upstream GETs for 32 concurrent clients"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -118,15 +146,23 @@ async fn late_joiner_receives_bytes_before_fill_completes() {
     let mut got = Vec::new();
     // B must see (nearly) the first half while upstream is still holding.
     let slack = 512 * 1024;
-    within(10, "client B receiving the first half before upstream resumes", async {
-        while got.len() < half - slack {
-            let ch = r.chunk().await.unwrap().expect("client B body ended early");
-            got.extend_from_slice(&ch);
-        }
-    })
+    within(
+        10,
+        "client B receiving the first half before upstream resumes",
+        async {
+            while got.len() < half - slack {
+                let ch = r.chunk().await.unwrap().expect("client B body ended early");
+                got.extend_from_slice(&ch);
+            }
+        },
+    )
     .await;
     assert_eq!(hold.completed(), 0, "upstream must still be holding");
-    assert!(got.len() <= half, "client B got {} bytes, upstream sent only {half}", got.len());
+    assert!(
+        got.len() <= half,
+        "client B got {} bytes, upstream sent only {half}",
+        got.len()
+    );
     assert_eq!(&got[..], &b.data[..got.len()], "client B: first bytes");
 
     hold.release();
@@ -134,7 +170,10 @@ async fn late_joiner_receives_bytes_before_fill_completes() {
         got.extend_from_slice(&ch);
     }
     assert_eq!(sha256_digest(&got), b.digest, "client B: digest");
-    let body_a = within(30, "client A", a).await.unwrap().expect("client A body");
+    let body_a = within(30, "client A", a)
+        .await
+        .unwrap()
+        .expect("client A body");
     assert_eq!(sha256_digest(&body_a), b.digest, "client A: digest");
     assert_eq!(up.blob_gets(&b.digest), 1, "upstream GETs");
 }
@@ -153,7 +192,11 @@ async fn corrupt_upstream_blob_fails_every_client_and_is_not_cached() {
     for i in 0..3 {
         let (url, tx) = (url.clone(), tx.clone());
         tasks.push(tokio::spawn(async move {
-            let r = client().get(&url).send().await.unwrap_or_else(|e| panic!("client {i}: {e}"));
+            let r = client()
+                .get(&url)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("client {i}: {e}"));
             let status = r.status();
             tx.send(()).await.unwrap();
             (status, read_all(r).await)
@@ -179,14 +222,25 @@ async fn corrupt_upstream_blob_fails_every_client_and_is_not_cached() {
     let r = client().get(&url).send().await.unwrap();
     let status = r.status();
     assert_corrupt_fill_failed(99, status, read_all(r).await, &b);
-    assert_eq!(up.blob_gets(&b.digest), 2, "each failed fill must have fetched upstream");
+    assert_eq!(
+        up.blob_gets(&b.digest),
+        2,
+        "each failed fill must have fetched upstream"
+    );
 
     // Nothing was cached: once upstream is healthy, stowage fetches again.
     up.uncorrupt(&b.digest);
     let (h, body) = get_ok(&client(), &url).await;
     assert_eq!(sha256_digest(&body), b.digest);
-    assert_eq!(h.get("content-length").unwrap().to_str().unwrap(), b.len().to_string());
-    assert_eq!(up.blob_gets(&b.digest), 3, "corrupt bytes must not have been cached");
+    assert_eq!(
+        h.get("content-length").unwrap().to_str().unwrap(),
+        b.len().to_string()
+    );
+    assert_eq!(
+        up.blob_gets(&b.digest),
+        3,
+        "corrupt bytes must not have been cached"
+    );
 }
 
 /// A client of a corrupt fill must not get a clean, complete 200: either an
@@ -209,7 +263,10 @@ fn assert_corrupt_fill_failed(
             ),
         }
     } else {
-        assert!(status.is_server_error(), "client {i}: status {status} for a corrupt upstream blob");
+        assert!(
+            status.is_server_error(),
+            "client {i}: status {status} for a corrupt upstream blob"
+        );
     }
 }
 
@@ -223,20 +280,31 @@ async fn client_disconnect_does_not_abort_fill() {
     let mut r = client().get(&url).send().await.unwrap();
     assert_eq!(r.status(), 200);
     hold.wait_half_sent(1).await;
-    let first = within(10, "first chunk", r.chunk()).await.unwrap().expect("no data");
+    let first = within(10, "first chunk", r.chunk())
+        .await
+        .unwrap()
+        .expect("no data");
     assert!(!first.is_empty());
     drop(r); // client gone mid-fill
     // Give stowage a moment to notice the disconnect before upstream resumes.
     tokio::time::sleep(Duration::from_millis(200)).await;
     hold.release();
     hold.wait_completed(1).await;
-    assert_eq!(hold.dropped(), 0, "stowage dropped the upstream body when the client went away");
+    assert_eq!(
+        hold.dropped(),
+        0,
+        "stowage dropped the upstream body when the client went away"
+    );
 
     let (_, body) = get_ok(&client(), &url).await;
     assert_eq!(sha256_digest(&body), b.digest);
     let (_, body) = get_ok(&client(), &url).await;
     assert_eq!(sha256_digest(&body), b.digest);
-    assert_eq!(up.blob_gets(&b.digest), 1, "the abandoned fill must still have been cached");
+    assert_eq!(
+        up.blob_gets(&b.digest),
+        1,
+        "the abandoned fill must still have been cached"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -270,15 +338,30 @@ async fn range_requests_on_cached_blob() {
     for (range, s, e) in cases {
         let r = c.get(&url).header("range", range).send().await.unwrap();
         assert_eq!(r.status(), 206, "{range}");
-        assert_eq!(header(&r, "content-range"), Some(format!("bytes {s}-{e}/{size}")), "{range}");
-        assert_eq!(header(&r, "content-length"), Some((e - s + 1).to_string()), "{range}");
+        assert_eq!(
+            header(&r, "content-range"),
+            Some(format!("bytes {s}-{e}/{size}")),
+            "{range}"
+        );
+        assert_eq!(
+            header(&r, "content-length"),
+            Some((e - s + 1).to_string()),
+            "{range}"
+        );
         assert_eq!(r.bytes().await.unwrap(), b.data.slice(s..=e), "{range}");
     }
-    for range in [format!("bytes={size}-"), format!("bytes={}-{}", size + 10, size + 20)] {
+    for range in [
+        format!("bytes={size}-"),
+        format!("bytes={}-{}", size + 10, size + 20),
+    ] {
         let r = c.get(&url).header("range", &range).send().await.unwrap();
         assert_eq!(r.status(), 416, "{range}");
     }
-    assert_eq!(up.blob_gets(&b.digest), 1, "ranges on a cached blob went upstream");
+    assert_eq!(
+        up.blob_gets(&b.digest),
+        1,
+        "ranges on a cached blob went upstream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -15,11 +15,18 @@ async fn base_endpoint() {
     for path in ["/v2/", "/v2"] {
         let r = c.get(format!("{}{path}", st.url())).send().await.unwrap();
         assert_eq!(r.status(), 200, "GET {path}");
-        assert_eq!(header(&r, "docker-distribution-api-version").as_deref(), Some("registry/2.0"), "GET {path}");
+        assert_eq!(
+            header(&r, "docker-distribution-api-version").as_deref(),
+            Some("registry/2.0"),
+            "GET {path}"
+        );
     }
     let r = c.head(format!("{}/v2/", st.url())).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(header(&r, "docker-distribution-api-version").as_deref(), Some("registry/2.0"));
+    assert_eq!(
+        header(&r, "docker-distribution-api-version").as_deref(),
+        Some("registry/2.0")
+    );
     assert!(r.bytes().await.unwrap().is_empty());
 }
 
@@ -51,7 +58,11 @@ async fn invalid_names_are_refused_locally() {
         long_nested.as_str(),
     ];
     for name in names {
-        for tail in ["manifests/latest".to_string(), format!("blobs/{GOOD_DIGEST}"), "tags/list".to_string()] {
+        for tail in [
+            "manifests/latest".to_string(),
+            format!("blobs/{GOOD_DIGEST}"),
+            "tags/list".to_string(),
+        ] {
             let target = format!("/v2/{}/{tail}", name.replace(' ', "%20"));
             let r = raw_request(st.addr, "GET", &target).await;
             r.assert_oci_error(400, &["NAME_INVALID"], &format!("GET {target}"));
@@ -59,7 +70,11 @@ async fn invalid_names_are_refused_locally() {
     }
     // `..` right after /v2/, and paths that are no API route at all: refused
     // locally with an OCI error (which one depends on how far routing got).
-    for target in ["/v2/../manifests/latest", "/v2/../../etc/passwd", "/v2/a/b/../../manifests/latest"] {
+    for target in [
+        "/v2/../manifests/latest",
+        "/v2/../../etc/passwd",
+        "/v2/a/b/../../manifests/latest",
+    ] {
         let r = raw_request(st.addr, "GET", target).await;
         assert!(
             matches!(r.status, 400 | 404 | 405),
@@ -74,7 +89,15 @@ async fn invalid_names_are_refused_locally() {
             target,
         );
     }
-    assert_eq!(up.total(), 0, "invalid names reached upstream: {:?}", up.requests().iter().map(|r| r.path.clone()).collect::<Vec<_>>());
+    assert_eq!(
+        up.total(),
+        0,
+        "invalid names reached upstream: {:?}",
+        up.requests()
+            .iter()
+            .map(|r| r.path.clone())
+            .collect::<Vec<_>>()
+    );
 
     // Valid but unusual names are accepted (and go upstream).
     for name in ["a__b", "a-b", "a--b", "a.b", "a_b/c-d/e.f", "0"] {
@@ -126,10 +149,22 @@ async fn invalid_tags_are_refused_locally() {
     let up = FakeUpstream::start().await;
     let st = start_stowage(&up.url(), "").await;
     let long = "t".repeat(129);
-    for tag in ["-bad", ".bad", long.as_str(), "bad%20tag", "bad!tag", "b@d", "%2e%2e"] {
+    for tag in [
+        "-bad",
+        ".bad",
+        long.as_str(),
+        "bad%20tag",
+        "bad!tag",
+        "b@d",
+        "%2e%2e",
+    ] {
         let target = format!("/v2/alpine/manifests/{tag}");
         let r = raw_request(st.addr, "GET", &target).await;
-        r.assert_oci_error(400, &["TAG_INVALID", "MANIFEST_INVALID"], &format!("GET {target}"));
+        r.assert_oci_error(
+            400,
+            &["TAG_INVALID", "MANIFEST_INVALID"],
+            &format!("GET {target}"),
+        );
     }
     assert_eq!(up.total(), 0, "invalid tags reached upstream");
     // Longest valid tag and odd-but-valid tags are accepted.
@@ -146,11 +181,28 @@ async fn push_attempts_are_unsupported() {
     let st = start_stowage(&up.url(), "").await;
     let cases = [
         ("POST", "/v2/alpine/blobs/uploads/".to_string()),
-        ("POST", format!("/v2/alpine/blobs/uploads/?digest={GOOD_DIGEST}")),
-        ("POST", "/v2/alpine/blobs/uploads/?mount=sha256:aa&from=other".to_string()),
-        ("PATCH", "/v2/alpine/blobs/uploads/0c8a2f3b-6c1e-4e7e-9a4b-5f0a1f2e3d4c".to_string()),
-        ("PUT", format!("/v2/alpine/blobs/uploads/0c8a2f3b-6c1e-4e7e-9a4b-5f0a1f2e3d4c?digest={GOOD_DIGEST}")),
-        ("DELETE", "/v2/alpine/blobs/uploads/0c8a2f3b-6c1e-4e7e-9a4b-5f0a1f2e3d4c".to_string()),
+        (
+            "POST",
+            format!("/v2/alpine/blobs/uploads/?digest={GOOD_DIGEST}"),
+        ),
+        (
+            "POST",
+            "/v2/alpine/blobs/uploads/?mount=sha256:aa&from=other".to_string(),
+        ),
+        (
+            "PATCH",
+            "/v2/alpine/blobs/uploads/0c8a2f3b-6c1e-4e7e-9a4b-5f0a1f2e3d4c".to_string(),
+        ),
+        (
+            "PUT",
+            format!(
+                "/v2/alpine/blobs/uploads/0c8a2f3b-6c1e-4e7e-9a4b-5f0a1f2e3d4c?digest={GOOD_DIGEST}"
+            ),
+        ),
+        (
+            "DELETE",
+            "/v2/alpine/blobs/uploads/0c8a2f3b-6c1e-4e7e-9a4b-5f0a1f2e3d4c".to_string(),
+        ),
         ("DELETE", format!("/v2/alpine/blobs/{GOOD_DIGEST}")),
         ("PUT", "/v2/alpine/manifests/latest".to_string()),
         ("PUT", format!("/v2/alpine/manifests/{GOOD_DIGEST}")),
@@ -174,15 +226,36 @@ async fn upstream_404_maps_to_unknown_codes() {
     let c = client();
     let missing = sha256_digest(b"missing");
 
-    let r = c.get(st.manifest_url("exists", "nosuchtag")).send().await.unwrap();
+    let r = c
+        .get(st.manifest_url("exists", "nosuchtag"))
+        .send()
+        .await
+        .unwrap();
     assert_oci_error(r, 404, &["MANIFEST_UNKNOWN"], "unknown tag").await;
-    let r = c.get(st.manifest_url("exists", &missing)).send().await.unwrap();
+    let r = c
+        .get(st.manifest_url("exists", &missing))
+        .send()
+        .await
+        .unwrap();
     assert_oci_error(r, 404, &["MANIFEST_UNKNOWN"], "unknown manifest digest").await;
-    let r = c.get(st.manifest_url("nosuchrepo", "latest")).send().await.unwrap();
-    assert_oci_error(r, 404, &["MANIFEST_UNKNOWN", "NAME_UNKNOWN"], "unknown repo").await;
+    let r = c
+        .get(st.manifest_url("nosuchrepo", "latest"))
+        .send()
+        .await
+        .unwrap();
+    assert_oci_error(
+        r,
+        404,
+        &["MANIFEST_UNKNOWN", "NAME_UNKNOWN"],
+        "unknown repo",
+    )
+    .await;
     let r = c.get(st.blob_url("exists", &missing)).send().await.unwrap();
     assert_oci_error(r, 404, &["BLOB_UNKNOWN"], "unknown blob").await;
-    for url in [st.blob_url("exists", &missing), st.manifest_url("exists", "nosuchtag")] {
+    for url in [
+        st.blob_url("exists", &missing),
+        st.manifest_url("exists", "nosuchtag"),
+    ] {
         let r = c.head(&url).send().await.unwrap();
         assert_eq!(r.status(), 404, "HEAD {url}");
         assert!(r.bytes().await.unwrap().is_empty(), "HEAD {url} has a body");
@@ -190,7 +263,11 @@ async fn upstream_404_maps_to_unknown_codes() {
 
     // Not remembered: content that appears upstream is found.
     let late = Blob::random(100);
-    let r = c.get(st.blob_url("exists", &late.digest)).send().await.unwrap();
+    let r = c
+        .get(st.blob_url("exists", &late.digest))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     up.add_blob(late.data.clone());
     check_blob(&c, &st, "exists", &late).await;
@@ -210,7 +287,11 @@ async fn upstream_429_is_passed_on_with_retry_after() {
         st.blob_url("limited", &img.config.digest),
     ] {
         let r = c.get(&url).send().await.unwrap();
-        assert_eq!(header(&r, "retry-after").as_deref(), Some("17"), "GET {url}: Retry-After");
+        assert_eq!(
+            header(&r, "retry-after").as_deref(),
+            Some("17"),
+            "GET {url}: Retry-After"
+        );
         assert_oci_error(r, 429, &["TOOMANYREQUESTS"], &url).await;
     }
     // Nothing bad was cached: once the limit lifts, the pull works.
@@ -225,10 +306,17 @@ async fn upstream_failure_with_nothing_cached_is_502_or_503() {
 
     // Unreachable address.
     let st = start_stowage(&dead_url().await, "timeout = \"5s\"").await;
-    for url in [st.manifest_url("alpine", "latest"), st.manifest_url("alpine", GOOD_DIGEST), st.blob_url("alpine", &blob.digest)] {
+    for url in [
+        st.manifest_url("alpine", "latest"),
+        st.manifest_url("alpine", GOOD_DIGEST),
+        st.blob_url("alpine", &blob.digest),
+    ] {
         let r = within(20, &url, c.get(&url).send()).await.unwrap();
         let status = r.status().as_u16();
-        assert!(status == 502 || status == 503, "unreachable upstream: GET {url}: {status}");
+        assert!(
+            status == 502 || status == 503,
+            "unreachable upstream: GET {url}: {status}"
+        );
         assert_oci_error(r, status, &["UNAVAILABLE", "UNKNOWN"], &url).await;
     }
 
@@ -238,11 +326,20 @@ async fn upstream_failure_with_nothing_cached_is_502_or_503() {
     let st = start_stowage(&up.url(), "timeout = \"5s\"").await;
     for f in [Failure::Unavailable, Failure::Down] {
         up.set_failure(f.clone());
-        for url in [st.manifest_url("alpine", "latest"), st.blob_url("alpine", &blob.digest)] {
+        for url in [
+            st.manifest_url("alpine", "latest"),
+            st.blob_url("alpine", &blob.digest),
+        ] {
             let r = within(20, &url, c.get(&url).send()).await.unwrap();
             let status = r.status().as_u16();
             assert!(status == 502 || status == 503, "{f:?}: GET {url}: {status}");
-            assert_oci_error(r, status, &["UNAVAILABLE", "UNKNOWN"], &format!("{f:?} {url}")).await;
+            assert_oci_error(
+                r,
+                status,
+                &["UNAVAILABLE", "UNKNOWN"],
+                &format!("{f:?} {url}"),
+            )
+            .await;
         }
     }
     up.set_failure(Failure::None);

@@ -31,7 +31,11 @@ async fn manifest_by_digest_is_cached_forever() {
     check_manifest(&c, &st, "nginx", &img.digest, &img.manifest, OCI_MANIFEST).await;
     up.set_failure(Failure::Down);
     check_manifest(&c, &st, "nginx", &img.digest, &img.manifest, OCI_MANIFEST).await;
-    assert_eq!(up.manifest_requests("library/nginx"), before, "digest manifest asked upstream again");
+    assert_eq!(
+        up.manifest_requests("library/nginx"),
+        before,
+        "digest manifest asked upstream again"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -69,14 +73,30 @@ async fn tag_after_ttl_is_revalidated_with_head() {
     let (h, body) = get_ok(&c, &url).await;
     assert_eq!(body, img.manifest);
     assert_eq!(h["docker-content-digest"], img.digest.as_str());
-    assert_eq!(up.manifest_heads("library/node", "20"), heads + 1, "upstream HEADs of the tag after TTL");
-    assert_eq!(up.manifest_gets("library/node", "20"), gets_tag, "unchanged tag re-downloaded");
-    assert_eq!(up.manifest_gets("library/node", &img.digest), gets_digest, "unchanged manifest re-downloaded");
+    assert_eq!(
+        up.manifest_heads("library/node", "20"),
+        heads + 1,
+        "upstream HEADs of the tag after TTL"
+    );
+    assert_eq!(
+        up.manifest_gets("library/node", "20"),
+        gets_tag,
+        "unchanged tag re-downloaded"
+    );
+    assert_eq!(
+        up.manifest_gets("library/node", &img.digest),
+        gets_digest,
+        "unchanged manifest re-downloaded"
+    );
 
     // Revalidated: fresh again for another TTL.
     let before = up.total();
     get_ok(&c, &url).await;
-    assert_eq!(up.total(), before, "freshly revalidated tag went upstream again");
+    assert_eq!(
+        up.total(),
+        before,
+        "freshly revalidated tag went upstream again"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -95,7 +115,15 @@ async fn moved_tag_is_served_after_ttl() {
     pull_image(&c, &st, "python", "3", &img2).await;
     // The old manifest stays available by digest.
     let before = up.total();
-    check_manifest(&c, &st, "python", &img1.digest, &img1.manifest, OCI_MANIFEST).await;
+    check_manifest(
+        &c,
+        &st,
+        "python",
+        &img1.digest,
+        &img1.manifest,
+        OCI_MANIFEST,
+    )
+    .await;
     assert_eq!(up.total(), before);
 }
 
@@ -114,10 +142,17 @@ async fn stale_tag_is_served_when_upstream_fails() {
         let before = up.total();
         let r = c.get(st.manifest_url("golang", "1")).send().await.unwrap();
         assert_eq!(r.status(), 200, "{f:?}: stale manifest not served");
-        assert_eq!(header(&r, "docker-content-digest"), Some(img.digest.clone()), "{f:?}");
+        assert_eq!(
+            header(&r, "docker-content-digest"),
+            Some(img.digest.clone()),
+            "{f:?}"
+        );
         assert_eq!(r.bytes().await.unwrap(), img.manifest, "{f:?}");
         if f != Failure::Down {
-            assert!(up.total() > before, "{f:?}: stowage did not even try to revalidate");
+            assert!(
+                up.total() > before,
+                "{f:?}: stowage did not even try to revalidate"
+            );
         }
     }
     // Unreachable upstream altogether.
@@ -139,7 +174,10 @@ async fn stale_tag_is_served_when_upstream_rate_limits() {
     past_ttl().await;
     let before = up.total();
     check_manifest(&c, &st, "perl", "5", &img.manifest, OCI_MANIFEST).await;
-    assert!(up.total() > before, "stowage did not even try to revalidate");
+    assert!(
+        up.total() > before,
+        "stowage did not even try to revalidate"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -162,13 +200,21 @@ async fn concurrent_revalidations_make_one_upstream_request() {
             barrier.wait().await;
             let (h, body) = get_ok(&c, &url).await;
             assert_eq!(body, img.manifest, "client {i}");
-            assert_eq!(h["docker-content-digest"], img.digest.as_str(), "client {i}");
+            assert_eq!(
+                h["docker-content-digest"],
+                img.digest.as_str(),
+                "client {i}"
+            );
         }));
     }
     for t in tasks {
         within(30, "16 revalidating clients", t).await.unwrap();
     }
-    assert_eq!(up.manifest_heads("library/ruby", "3"), 1, "upstream HEADs for 16 concurrent revalidations");
+    assert_eq!(
+        up.manifest_heads("library/ruby", "3"),
+        1,
+        "upstream HEADs for 16 concurrent revalidations"
+    );
     assert_eq!(
         up.manifest_requests("library/ruby") - before,
         1,
@@ -197,7 +243,10 @@ async fn concurrent_first_fetch_of_tag_is_coalesced() {
     for t in tasks {
         within(30, "16 clients", t).await.unwrap();
     }
-    assert_eq!(up.manifest_gets("library/php", "8") + up.manifest_gets("library/php", &img.digest), 1);
+    assert_eq!(
+        up.manifest_gets("library/php", "8") + up.manifest_gets("library/php", &img.digest),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -210,7 +259,11 @@ async fn manifest_not_matching_its_digest_is_rejected_and_not_cached() {
     let c = client();
     let url = st.manifest_url("evil", &img.digest);
     for method in ["GET", "HEAD"] {
-        let r = c.request(method.parse().unwrap(), &url).send().await.unwrap();
+        let r = c
+            .request(method.parse().unwrap(), &url)
+            .send()
+            .await
+            .unwrap();
         let status = r.status();
         let body = r.bytes().await.unwrap_or_default();
         assert!(
@@ -224,7 +277,10 @@ async fn manifest_not_matching_its_digest_is_rejected_and_not_cached() {
     let before = up.manifest_requests("library/evil");
     let r = c.get(&url).send().await.unwrap();
     assert!(!r.status().is_success());
-    assert!(up.manifest_requests("library/evil") > before, "bad manifest was cached");
+    assert!(
+        up.manifest_requests("library/evil") > before,
+        "bad manifest was cached"
+    );
 
     up.uncorrupt(&img.digest);
     check_manifest(&c, &st, "evil", &img.digest, &img.manifest, OCI_MANIFEST).await;
@@ -235,25 +291,48 @@ async fn tags_list_passes_through() {
     let up = FakeUpstream::start().await;
     let img = make_image(Format::Oci, &[10]);
     up.push_image("library/debian", "bookworm", &img);
-    up.add_tag_names("library/debian", &["bullseye", "buster", "sid", "trixie"], &img.digest);
+    up.add_tag_names(
+        "library/debian",
+        &["bullseye", "buster", "sid", "trixie"],
+        &img.digest,
+    );
     let st = start_stowage(&up.url(), "").await;
     let c = client();
 
     let r = c.get(st.v2("debian/tags/list")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert!(header(&r, "content-type").unwrap().starts_with("application/json"));
+    assert!(
+        header(&r, "content-type")
+            .unwrap()
+            .starts_with("application/json")
+    );
     let v: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(v["tags"], serde_json::json!(["bookworm", "bullseye", "buster", "sid", "trixie"]));
+    assert_eq!(
+        v["tags"],
+        serde_json::json!(["bookworm", "bullseye", "buster", "sid", "trixie"])
+    );
 
-    let r = c.get(st.v2("debian/tags/list?n=2&last=bullseye")).send().await.unwrap();
+    let r = c
+        .get(st.v2("debian/tags/list?n=2&last=bullseye"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let link = header(&r, "link");
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["tags"], serde_json::json!(["buster", "sid"]));
-    let seen = up.last_request("GET", "/v2/library/debian/tags/list").unwrap();
+    let seen = up
+        .last_request("GET", "/v2/library/debian/tags/list")
+        .unwrap();
     let q = seen.query.unwrap_or_default();
-    assert!(q.contains("n=2") && q.contains("last=bullseye"), "query sent upstream: {q:?}");
-    assert!(link.is_some_and(|l| l.contains("rel=\"next\"")), "Link header not passed on");
+    assert!(
+        q.contains("n=2") && q.contains("last=bullseye"),
+        "query sent upstream: {q:?}"
+    );
+    assert!(
+        link.is_some_and(|l| l.contains("rel=\"next\"")),
+        "Link header not passed on"
+    );
 
     let r = c.get(st.v2("nosuchrepo/tags/list")).send().await.unwrap();
     assert_eq!(r.status(), 404);

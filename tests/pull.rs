@@ -22,10 +22,18 @@ async fn pull_oci_image_by_tag_and_digest() {
     assert!(
         up.count_where(|r| r.path.starts_with("/v2/alpine/")) == 0,
         "stowage asked upstream for /v2/alpine/... instead of /v2/library/alpine/...: {:?}",
-        up.requests().iter().map(|r| format!("{} {}", r.method, r.path)).collect::<Vec<_>>()
+        up.requests()
+            .iter()
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect::<Vec<_>>()
     );
     for b in img.blobs() {
-        assert_eq!(up.blob_gets(&b.digest), 1, "upstream GETs of blob {}", b.digest);
+        assert_eq!(
+            up.blob_gets(&b.digest),
+            1,
+            "upstream GETs of blob {}",
+            b.digest
+        );
         assert!(
             up.count("GET", &format!("/v2/library/alpine/blobs/{}", b.digest)) == 1,
             "blob fetched from the wrong repository"
@@ -37,7 +45,13 @@ async fn pull_oci_image_by_tag_and_digest() {
         .into_iter()
         .find(|r| r.method == "GET" && r.path.starts_with("/v2/library/alpine/manifests/"))
         .expect("no upstream manifest GET");
-    let accept = m.headers.get_all("accept").iter().map(|v| v.to_str().unwrap().to_string()).collect::<Vec<_>>().join(",");
+    let accept = m
+        .headers
+        .get_all("accept")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect::<Vec<_>>()
+        .join(",");
     for t in ALL_MANIFEST_TYPES {
         assert!(accept.contains(t), "upstream Accept {accept:?} lacks {t}");
     }
@@ -47,12 +61,19 @@ async fn pull_oci_image_by_tag_and_digest() {
     pull_image(&c, &st, "alpine", "3.20", &img).await;
     pull_image(&c, &st, "alpine", &img.digest, &img).await;
     pull_image(&c, &st, "library/alpine", "3.20", &img).await;
-    assert_eq!(up.all_blob_gets(), img.blobs().len(), "upstream blob GETs after second pull");
+    assert_eq!(
+        up.all_blob_gets(),
+        img.blobs().len(),
+        "upstream blob GETs after second pull"
+    );
     assert_eq!(
         up.total(),
         before,
         "second pull made upstream requests: {:?}",
-        up.requests()[before..].iter().map(|r| format!("{} {}", r.method, r.path)).collect::<Vec<_>>()
+        up.requests()[before..]
+            .iter()
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect::<Vec<_>>()
     );
 }
 
@@ -67,7 +88,11 @@ async fn pull_docker_image_by_digest_first() {
     // Two-component names are not prefixed.
     pull_image(&c, &st, "myorg/app", &img.digest, &img).await;
     check_manifest(&c, &st, "myorg/app", "v1", &img.manifest, DOCKER_MANIFEST).await;
-    assert_eq!(up.count_where(|r| r.path.contains("/library/")), 0, "myorg/app must not get library/");
+    assert_eq!(
+        up.count_where(|r| r.path.contains("/library/")),
+        0,
+        "myorg/app must not get library/"
+    );
     assert!(up.count("GET", &format!("/v2/myorg/app/manifests/{}", img.digest)) >= 1);
     let before = up.total();
     pull_image(&c, &st, "myorg/app", "v1", &img).await;
@@ -85,15 +110,43 @@ async fn pull_multi_platform_index() {
         let st = start_stowage(&up.url(), "").await;
         let c = client();
 
-        check_manifest(&c, &st, "multi", "latest", &idx.manifest, idx.media_type.as_str()).await;
-        check_manifest(&c, &st, "multi", &idx.digest, &idx.manifest, idx.media_type.as_str()).await;
+        check_manifest(
+            &c,
+            &st,
+            "multi",
+            "latest",
+            &idx.manifest,
+            idx.media_type.as_str(),
+        )
+        .await;
+        check_manifest(
+            &c,
+            &st,
+            "multi",
+            &idx.digest,
+            &idx.manifest,
+            idx.media_type.as_str(),
+        )
+        .await;
         pull_image(&c, &st, "multi", &arm.digest, &arm).await;
         pull_image(&c, &st, "multi", &amd.digest, &amd).await;
 
         let before = up.total();
-        check_manifest(&c, &st, "multi", "latest", &idx.manifest, idx.media_type.as_str()).await;
+        check_manifest(
+            &c,
+            &st,
+            "multi",
+            "latest",
+            &idx.manifest,
+            idx.media_type.as_str(),
+        )
+        .await;
         pull_image(&c, &st, "multi", &arm.digest, &arm).await;
-        assert_eq!(up.total(), before, "{format:?}: cached index pull went upstream");
+        assert_eq!(
+            up.total(),
+            before,
+            "{format:?}: cached index pull went upstream"
+        );
     }
 }
 
@@ -130,7 +183,11 @@ async fn cache_survives_restart() {
     let st = start_stowage_in(dir, &up.url(), "").await;
     let before_blobs = up.all_blob_gets();
     pull_image(&c, &st, "redis", &img.digest, &img).await;
-    assert_eq!(up.all_blob_gets(), before_blobs, "blobs fetched again after restart");
+    assert_eq!(
+        up.all_blob_gets(),
+        before_blobs,
+        "blobs fetched again after restart"
+    );
     let before = up.total();
     pull_image(&c, &st, "redis", &img.digest, &img).await;
     assert_eq!(up.total(), before);

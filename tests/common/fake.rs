@@ -107,18 +107,26 @@ impl Hold {
     }
 
     /// Waits until `n` held bodies in total were sent completely. Panics
-    /// after 10 s.
+    /// at once if a held body is dropped unfinished, or after 10 s.
     pub async fn wait_completed(&self, n: usize) {
-        let mut rx = self.state.completed.subscribe();
-        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|v| *v >= n))
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "fake upstream: held blob body not completed {n} time(s) within 10 s (dropped: {})",
-                    *self.state.dropped.borrow()
-                )
-            })
-            .unwrap();
+        let mut done = self.state.completed.subscribe();
+        let mut dropped = self.state.dropped.subscribe();
+        let r = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::select! {
+                _ = done.wait_for(|v| *v >= n) => true,
+                _ = dropped.wait_for(|v| *v > 0) => false,
+            }
+        })
+        .await;
+        match r {
+            Ok(true) => {}
+            Ok(false) => panic!(
+                "fake upstream: a held blob body was dropped (connection closed by the mirror) \
+                 before it was sent completely ({} completed)",
+                self.completed()
+            ),
+            Err(_) => panic!("fake upstream: held blob body not completed {n} time(s) within 10 s"),
+        }
     }
 
     pub fn halves_sent(&self) -> usize {
@@ -593,14 +601,14 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) =
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) =
                 u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
-            {
-                out.push(v);
-                i += 3;
-                continue;
-            }
+        {
+            out.push(v);
+            i += 3;
+            continue;
         }
         out.push(if b[i] == b'+' { b' ' } else { b[i] });
         i += 1;

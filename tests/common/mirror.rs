@@ -45,9 +45,8 @@ impl Stowage {
         super::within(30, "stowage shutdown", handle)
             .await
             .expect("stowage server task panicked");
-        // Move the directory out; Drop of `self` only sends nothing now.
-        let dir = std::mem::replace(&mut self.dir, TempDir::new().unwrap());
-        dir
+        // Move the directory out; Drop of `self` has nothing left to stop.
+        std::mem::replace(&mut self.dir, TempDir::new().unwrap())
     }
 }
 

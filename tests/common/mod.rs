@@ -14,12 +14,12 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::TokioIo;
 
-pub use mirror::{Stowage, config_toml, start_stowage, start_stowage_in, start_stowage_toml};
 pub use fake::{Failure, FakeUpstream, Hold, Recorded, dead_url};
 pub use image::{
     Blob, DOCKER_LIST, DOCKER_MANIFEST, Format, Image, Index, MediaType, OCI_INDEX, OCI_MANIFEST,
     make_image, make_image_for, make_index, random_bytes, sha256_digest,
 };
+pub use mirror::{Stowage, config_toml, start_stowage, start_stowage_in, start_stowage_toml};
 
 /// Fails the test if `fut` takes longer than `secs` seconds.
 pub async fn within<T>(secs: u64, what: &str, fut: impl Future<Output = T>) -> T {
@@ -180,7 +180,8 @@ pub async fn get_ok(c: &reqwest::Client, url: &str) -> (http::HeaderMap, Bytes) 
 }
 
 fn hv(h: &http::HeaderMap, name: &str) -> Option<String> {
-    h.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    h.get(name)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
 }
 
 /// GET and HEAD of a blob through stowage, checking bytes and headers.
@@ -188,17 +189,43 @@ pub async fn check_blob(c: &reqwest::Client, st: &Stowage, name: &str, blob: &Bl
     let url = st.blob_url(name, &blob.digest);
     let (h, body) = get_ok(c, &url).await;
     assert_eq!(body.len(), blob.len(), "GET {url}: length");
-    assert_eq!(sha256_digest(&body), blob.digest, "GET {url}: digest of body");
+    assert_eq!(
+        sha256_digest(&body),
+        blob.digest,
+        "GET {url}: digest of body"
+    );
     assert_eq!(body, blob.data, "GET {url}: bytes");
-    assert_eq!(hv(&h, "content-length"), Some(blob.len().to_string()), "GET {url}: Content-Length");
-    assert_eq!(hv(&h, "docker-content-digest"), Some(blob.digest.clone()), "GET {url}: Docker-Content-Digest");
-    assert!(hv(&h, "content-type").is_some(), "GET {url}: Content-Type missing");
+    assert_eq!(
+        hv(&h, "content-length"),
+        Some(blob.len().to_string()),
+        "GET {url}: Content-Length"
+    );
+    assert_eq!(
+        hv(&h, "docker-content-digest"),
+        Some(blob.digest.clone()),
+        "GET {url}: Docker-Content-Digest"
+    );
+    assert!(
+        hv(&h, "content-type").is_some(),
+        "GET {url}: Content-Type missing"
+    );
 
     let r = within(30, &url, c.head(&url).send()).await.unwrap();
     assert_eq!(r.status(), 200, "HEAD {url}");
-    assert_eq!(header(&r, "content-length"), Some(blob.len().to_string()), "HEAD {url}: Content-Length");
-    assert_eq!(header(&r, "docker-content-digest"), Some(blob.digest.clone()), "HEAD {url}: Docker-Content-Digest");
-    assert!(r.bytes().await.unwrap().is_empty(), "HEAD {url}: has a body");
+    assert_eq!(
+        header(&r, "content-length"),
+        Some(blob.len().to_string()),
+        "HEAD {url}: Content-Length"
+    );
+    assert_eq!(
+        header(&r, "docker-content-digest"),
+        Some(blob.digest.clone()),
+        "HEAD {url}: Docker-Content-Digest"
+    );
+    assert!(
+        r.bytes().await.unwrap().is_empty(),
+        "HEAD {url}: has a body"
+    );
 }
 
 /// GET and HEAD of a manifest through stowage, checking body and headers.
@@ -214,22 +241,63 @@ pub async fn check_manifest(
     let url = st.manifest_url(name, reference);
     let (h, body) = get_ok(c, &url).await;
     assert_eq!(&body[..], body_expected, "GET {url}: manifest bytes");
-    assert_eq!(hv(&h, "content-type").as_deref(), Some(media_type), "GET {url}: Content-Type");
-    assert_eq!(hv(&h, "content-length"), Some(body_expected.len().to_string()), "GET {url}: Content-Length");
-    assert_eq!(hv(&h, "docker-content-digest"), Some(digest.clone()), "GET {url}: Docker-Content-Digest");
+    assert_eq!(
+        hv(&h, "content-type").as_deref(),
+        Some(media_type),
+        "GET {url}: Content-Type"
+    );
+    assert_eq!(
+        hv(&h, "content-length"),
+        Some(body_expected.len().to_string()),
+        "GET {url}: Content-Length"
+    );
+    assert_eq!(
+        hv(&h, "docker-content-digest"),
+        Some(digest.clone()),
+        "GET {url}: Docker-Content-Digest"
+    );
 
     let r = within(30, &url, c.head(&url).send()).await.unwrap();
     assert_eq!(r.status(), 200, "HEAD {url}");
-    assert_eq!(header(&r, "content-type").as_deref(), Some(media_type), "HEAD {url}: Content-Type");
-    assert_eq!(header(&r, "content-length"), Some(body_expected.len().to_string()), "HEAD {url}: Content-Length");
-    assert_eq!(header(&r, "docker-content-digest"), Some(digest), "HEAD {url}: Docker-Content-Digest");
-    assert!(r.bytes().await.unwrap().is_empty(), "HEAD {url}: has a body");
+    assert_eq!(
+        header(&r, "content-type").as_deref(),
+        Some(media_type),
+        "HEAD {url}: Content-Type"
+    );
+    assert_eq!(
+        header(&r, "content-length"),
+        Some(body_expected.len().to_string()),
+        "HEAD {url}: Content-Length"
+    );
+    assert_eq!(
+        header(&r, "docker-content-digest"),
+        Some(digest),
+        "HEAD {url}: Docker-Content-Digest"
+    );
+    assert!(
+        r.bytes().await.unwrap().is_empty(),
+        "HEAD {url}: has a body"
+    );
 }
 
 /// Pulls `img` through stowage as `name:reference` (manifest, config,
 /// layers), checking everything.
-pub async fn pull_image(c: &reqwest::Client, st: &Stowage, name: &str, reference: &str, img: &Image) {
-    check_manifest(c, st, name, reference, &img.manifest, img.media_type.as_str()).await;
+pub async fn pull_image(
+    c: &reqwest::Client,
+    st: &Stowage,
+    name: &str,
+    reference: &str,
+    img: &Image,
+) {
+    check_manifest(
+        c,
+        st,
+        name,
+        reference,
+        &img.manifest,
+        img.media_type.as_str(),
+    )
+    .await;
     for b in img.blobs() {
         check_blob(c, st, name, b).await;
     }
