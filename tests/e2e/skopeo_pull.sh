@@ -117,10 +117,10 @@ manifest_digest() {
 }
 
 # ---------------------------------------------------------------- ports
-read -r UPORT SPORT < <(python3 - <<'EOF'
+read -r UPORT SPORT APORT < <(python3 - <<'EOF'
 import socket
 socks = []
-for _ in range(2):
+for _ in range(3):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     socks.append(s)
@@ -229,8 +229,13 @@ done
 pass "upstream docker-registry started and seeded with library/e2etest:1.0 and team/app:v1"
 
 # ---------------------------------------------------------------- stowage
-"$STOWAGE_BIN" --listen "$STOWAGE" --upstream "http://$UPSTREAM" --cache-dir "$TMP/cache" \
-    >"$TMP/stowage.log" 2>&1 </dev/null &
+STOWAGE_ARGS=(--listen "$STOWAGE" --upstream "http://$UPSTREAM" --cache-dir "$TMP/cache")
+# The admin listener (metrics/health) defaults to a fixed port that may be
+# busy; move it to a free one when this stowage has the flag.
+if "$STOWAGE_BIN" --help 2>/dev/null | grep -q -- '--admin-listen'; then
+    STOWAGE_ARGS+=(--admin-listen "127.0.0.1:$APORT")
+fi
+NO_COLOR=1 "$STOWAGE_BIN" "${STOWAGE_ARGS[@]}" >"$TMP/stowage.log" 2>&1 </dev/null &
 PIDS+=("$!")
 STOWAGE_PID=$!
 if ! wait_http "http://$STOWAGE/v2/" "$STOWAGE_PID" 30; then
@@ -241,7 +246,7 @@ if ! wait_http "http://$STOWAGE/v2/" "$STOWAGE_PID" 30; then
         why="exited with status $rc before answering on http://$STOWAGE/v2/"
     fi
     [[ -s "$TMP/stowage.log" ]] || why+=" (its log is empty)"
-    die "stowage $why; command: $STOWAGE_BIN --listen $STOWAGE --upstream http://$UPSTREAM --cache-dir $TMP/cache"
+    die "stowage $why; command: $STOWAGE_BIN ${STOWAGE_ARGS[*]}"
 fi
 pass "stowage answers GET /v2/ (pid $STOWAGE_PID)"
 
