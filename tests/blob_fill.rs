@@ -271,6 +271,28 @@ fn assert_corrupt_fill_failed(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn truncated_upstream_blob_fails_and_is_not_cached() {
+    let (up, st, blobs) = setup(&[2 * MIB]).await;
+    let b = blobs[0].clone();
+    up.truncate(&b.digest);
+    let url = st.blob_url("library/cut", &b.digest);
+    for round in 0..2 {
+        let r = client().get(&url).send().await.unwrap();
+        let status = r.status();
+        assert_corrupt_fill_failed(round, status, read_all(r).await, &b);
+        assert_eq!(
+            up.blob_gets(&b.digest),
+            round + 1,
+            "truncated blob was cached"
+        );
+    }
+    up.untruncate(&b.digest);
+    let c = client();
+    check_blob(&c, &st, "library/cut", &b).await;
+    assert_eq!(up.blob_gets(&b.digest), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn client_disconnect_does_not_abort_fill() {
     let (up, st, blobs) = setup(&[4 * MIB]).await;
     let b = blobs[0].clone();

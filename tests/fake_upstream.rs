@@ -380,6 +380,13 @@ async fn hold_corrupt_chunked_and_failures() {
     assert_ne!(sha256_digest(&body), b.digest);
     up.uncorrupt(&b.digest);
 
+    // truncated: the transfer fails on the client
+    up.truncate(&b.digest);
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(header(&r, "content-length"), Some((1 << 20).to_string()));
+    assert!(r.bytes().await.is_err(), "truncated body must fail");
+    up.untruncate(&b.digest);
+
     // chunked
     up.set_chunked(true);
     let r = c.get(&url).send().await.unwrap();

@@ -187,6 +187,7 @@ struct Inner {
     down: AtomicBool,
     chunked: AtomicBool,
     corrupt: Mutex<HashSet<String>>,
+    truncate: Mutex<HashSet<String>>,
     holds: Mutex<HashMap<String, Arc<HoldState>>>,
     auth: Mutex<AuthConfig>,
     tokens: Mutex<HashMap<String, Token>>,
@@ -214,6 +215,7 @@ impl FakeUpstream {
             down: AtomicBool::new(false),
             chunked: AtomicBool::new(false),
             corrupt: Mutex::default(),
+            truncate: Mutex::default(),
             holds: Mutex::default(),
             auth: Mutex::new(AuthConfig {
                 enabled: false,
@@ -387,6 +389,20 @@ impl FakeUpstream {
             .lock()
             .unwrap()
             .insert(digest.to_string());
+    }
+
+    /// Blob `digest` is sent with its full Content-Length but the
+    /// connection breaks after half the body.
+    pub fn truncate(&self, digest: &str) {
+        self.inner
+            .truncate
+            .lock()
+            .unwrap()
+            .insert(digest.to_string());
+    }
+
+    pub fn untruncate(&self, digest: &str) {
+        self.inner.truncate.lock().unwrap().remove(digest);
     }
 
     pub fn uncorrupt(&self, digest: &str) {
@@ -991,6 +1007,9 @@ impl Inner {
         } else {
             builder.header("content-length", len.to_string())
         };
+        if self.truncate.lock().unwrap().contains(digest) {
+            return builder.body(truncated_body(data)).unwrap();
+        }
         if let Some(hold) = hold {
             return builder.body(held_body(data, hold)).unwrap();
         }
@@ -1002,6 +1021,16 @@ impl Inner {
 }
 
 /// The body in 64 KiB frames, with no known length.
+/// The first half, then a transport error (hyper aborts the connection).
+fn truncated_body(data: Bytes) -> Body {
+    let half = data.slice(..data.len() / 2);
+    let frames: Vec<Result<Frame<Bytes>, std::io::Error>> = vec![
+        Ok(Frame::data(half)),
+        Err(std::io::Error::other("fake upstream: truncated on purpose")),
+    ];
+    http_body_util::BodyExt::boxed_unsync(StreamBody::new(futures_util::stream::iter(frames)))
+}
+
 fn chunked_body(data: Bytes) -> Body {
     let chunks: Vec<Result<Frame<Bytes>, std::io::Error>> = (0..data.len())
         .step_by(64 * 1024)
