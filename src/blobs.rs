@@ -24,6 +24,20 @@
 //!
 //! States of a fill, in order: `Connecting` (upstream request sent) ->
 //! `Streaming` (headers received, bytes arriving) -> `Verified` or `Failed`.
+//!
+//! ## Budget
+//! The [`BlobIndex`] accounts for every stored blob and reserves room for
+//! each fill of known size when it starts; passing the high watermark wakes
+//! the evictor. A blob larger than the whole budget is streamed but not
+//! cached.
+//!
+//! ## When the disk fails
+//! If the temporary file cannot be created or a write fails (disk full), the
+//! fill keeps going without the disk: bytes past what reached the file are
+//! handed to the readers already attached through a bounded broadcast queue
+//! (the slowest reader paces the fill in this mode, so memory stays bounded),
+//! the digest is still verified, and nothing is cached. Requests arriving
+//! after that get a private stream of their own from upstream.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -38,10 +52,12 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, broadcast, mpsc, watch};
 
 use crate::body::{self, Body};
 use crate::error::{RegistryError, UpstreamKind};
+use crate::index::{BlobIndex, blob_path};
+use crate::metrics::{CacheKind, FillResult, Metrics};
 use crate::range::{self, ByteRange};
 use crate::reference::{Digest, Hasher, RepoName};
 use crate::upstream::Upstream;
@@ -54,6 +70,9 @@ const CHUNK: usize = 256 * 1024;
 /// on HTTP/1 reads, larger on h2).
 const WRITE_QUEUE: usize = 64;
 
+/// Chunks queued for readers when the disk has failed (see module docs).
+const SPILL_QUEUE: usize = 64;
+
 /// How a request for a blob was answered, for logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -63,7 +82,8 @@ pub enum Outcome {
     Miss,
     /// Attached to a fill already running.
     Join,
-    /// Answered from upstream without caching (HEAD on an uncached blob).
+    /// Answered from upstream without caching (HEAD on an uncached blob, or
+    /// a private stream while the disk is failing).
     Upstream,
 }
 
@@ -86,7 +106,8 @@ enum Phase {
     Connecting,
     /// Upstream answered 200; bytes are being written.
     Streaming,
-    /// All bytes written, size and digest checked, file in the store.
+    /// All bytes received, size and digest checked (and, when cacheable and
+    /// the disk held up, the file is in the store).
     Verified,
     /// Upstream error, mismatch or local failure. The temporary file is gone.
     Failed(RegistryError),
@@ -96,20 +117,46 @@ enum Phase {
 #[derive(Debug, Clone)]
 struct Progress {
     phase: Phase,
-    /// Size announced by upstream (`Content-Length`), if any.
+    /// Size announced by upstream (`Content-Length`), if any; set to the
+    /// actual size on verification.
     total: Option<u64>,
     /// Bytes written to the temporary file so far; readable with `pread`.
     written: u64,
+    /// Set when the disk failed (or was never used): bytes at and past this
+    /// offset come through the spill queue instead of the file.
+    disk_end: Option<u64>,
 }
+
+/// A chunk of a blob at an offset, for readers when the disk has failed.
+type SpillChunk = (u64, Bytes);
 
 /// One upstream download of one digest, shared by all its readers.
 struct Fill {
-    /// The temporary file, set before `Streaming` is published. Readers use
-    /// positional reads on this descriptor, which stays valid after the
-    /// file is renamed into the store or unlinked.
+    /// The temporary file, set before `Streaming` is published (unless the
+    /// fill runs without the disk). Readers use positional reads on this
+    /// descriptor, which stays valid after the file is renamed or unlinked.
     file: OnceLock<Arc<File>>,
     /// Progress, watched by every reader.
     progress: watch::Sender<Progress>,
+    /// Bytes past `disk_end`, once the disk is out of the picture.
+    spill: broadcast::Sender<SpillChunk>,
+}
+
+impl Fill {
+    fn new() -> Arc<Fill> {
+        let (progress, _) = watch::channel(Progress {
+            phase: Phase::Connecting,
+            total: None,
+            written: 0,
+            disk_end: None,
+        });
+        let (spill, _) = broadcast::channel(SPILL_QUEUE);
+        Arc::new(Fill {
+            file: OnceLock::new(),
+            progress,
+            spill,
+        })
+    }
 }
 
 /// The blob cache. Cheap to share: wrap in an `Arc`.
@@ -118,6 +165,8 @@ pub struct BlobStore {
     root: PathBuf,
     /// `<cache>/tmp`: files of fills in progress.
     tmp: PathBuf,
+    /// Sizes, recency, budget, pins.
+    index: Arc<BlobIndex>,
     /// Fills running now, by digest. Locked only on the miss path, never
     /// across an await.
     fills: Mutex<HashMap<Digest, Arc<Fill>>>,
@@ -125,6 +174,12 @@ pub struct BlobStore {
     next_tmp: AtomicU64,
     /// Longest wait for the next upstream body chunk before a fill gives up.
     idle_timeout: Duration,
+    /// Wakes the evictor.
+    evict: Arc<Notify>,
+    /// Test hook: fail disk writes once a fill has written this many bytes.
+    write_fault: AtomicU64,
+    /// Fills in flight, fill results, digest mismatches.
+    metrics: Arc<Metrics>,
 }
 
 /// The blob part of a response before the handler adds common headers.
@@ -137,50 +192,128 @@ pub struct BlobResponse {
 
 impl BlobStore {
     /// Opens (creating) the store under `cache_dir` and removes leftovers of
-    /// fills interrupted by a crash.
-    pub fn open(cache_dir: &Path, idle_timeout: Duration) -> io::Result<BlobStore> {
+    /// fills interrupted by a crash. The index is loaded separately (see
+    /// [`BlobStore::spawn_background`]).
+    pub fn open(
+        cache_dir: &Path,
+        index: Arc<BlobIndex>,
+        idle_timeout: Duration,
+    ) -> io::Result<BlobStore> {
         let root = cache_dir.join("blobs");
         let tmp = cache_dir.join("tmp");
         std::fs::create_dir_all(&root)?;
         std::fs::create_dir_all(&tmp)?;
         for entry in std::fs::read_dir(&tmp)? {
             let entry = entry?;
-            if entry.file_type()?.is_file() {
+            tracing::info!(file = %entry.path().display(), "removing leftover of an interrupted fill");
+            if entry.file_type()?.is_dir() {
+                std::fs::remove_dir_all(entry.path())?;
+            } else {
                 std::fs::remove_file(entry.path())?;
             }
         }
         Ok(BlobStore {
             root,
             tmp,
+            index,
             fills: Mutex::new(HashMap::new()),
             next_tmp: AtomicU64::new(0),
             idle_timeout,
+            evict: Arc::new(Notify::new()),
+            write_fault: AtomicU64::new(u64::MAX),
+            metrics: Arc::new(Metrics::new()),
         })
     }
 
-    /// Where a verified blob lives. Only built from a validated [`Digest`].
-    fn path_of(&self, digest: &Digest) -> PathBuf {
-        self.root
-            .join(digest.algorithm().as_str())
-            .join(&digest.hex()[..2])
-            .join(digest.hex())
+    /// Reports to `metrics` (a fresh, unexported set until this is called).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> BlobStore {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The metrics this store reports to.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The index.
+    pub fn index(&self) -> &Arc<BlobIndex> {
+        &self.index
+    }
+
+    /// Starts the background work: loading the index from disk, the
+    /// evictor, and the access-time flusher. Must run inside a tokio
+    /// runtime.
+    pub fn spawn_background(self: &Arc<Self>) {
+        let index = self.index.clone();
+        let evict = self.evict.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let loader = index.clone();
+            match tokio::task::spawn_blocking(move || loader.load()).await {
+                Ok(Ok(n)) => tracing::info!(
+                    blobs = n,
+                    bytes = index.used(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "blob index loaded"
+                ),
+                Ok(Err(e)) => tracing::error!(error = %e, "loading the blob index failed"),
+                Err(e) => tracing::error!(error = %e, "blob index loader panicked"),
+            }
+            evict.notify_one();
+        });
+        let index = self.index.clone();
+        let evict = self.evict.clone();
+        tokio::spawn(async move {
+            loop {
+                evict.notified().await;
+                if !index.is_loaded() {
+                    continue;
+                }
+                let i = index.clone();
+                let _ = tokio::task::spawn_blocking(move || i.evict_if_needed()).await;
+            }
+        });
+        let index = self.index.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(crate::index::FLUSH_INTERVAL);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let i = index.clone();
+                let _ = tokio::task::spawn_blocking(move || i.flush_atimes()).await;
+            }
+        });
+    }
+
+    /// Test hook: make disk writes of fills fail (as on a full disk) past
+    /// `after` bytes of a blob; `None` turns it off.
+    #[doc(hidden)]
+    pub fn inject_write_failure(&self, after: Option<u64>) {
+        self.write_fault
+            .store(after.unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     /// Opens a stored blob, returning it with its size, or `None` on a miss.
+    /// Records the access.
     fn open_stored(&self, digest: &Digest) -> io::Result<Option<(File, u64)>> {
-        match File::open(self.path_of(digest)) {
+        match File::open(blob_path(&self.root, digest)) {
             Ok(f) => {
                 let len = f.metadata()?.len();
+                self.index.touch(digest, len);
                 Ok(Some((f, len)))
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.index.forget(digest);
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }
 
     /// Whether the store holds `digest` (verified, complete).
     pub fn contains(&self, digest: &Digest) -> bool {
-        self.path_of(digest).is_file()
+        blob_path(&self.root, digest).is_file()
     }
 
     /// Answers `GET` (or `HEAD` when `head_only`) for a blob: from the store,
@@ -198,20 +331,34 @@ impl BlobStore {
         if let Some((file, size)) = self.open_stored(digest).map_err(local_error)? {
             return Ok(BlobResponse {
                 outcome: Outcome::Hit,
-                response: file_response(digest, Arc::new(file), size, range, head_only, None)?,
+                response: file_response(
+                    digest,
+                    Some(Arc::new(file)),
+                    size,
+                    range,
+                    head_only,
+                    None,
+                )?,
             });
         }
         if head_only {
             return self.head_miss(upstream, repo, digest).await;
         }
-        let (fill, outcome) = match self.join_or_start(upstream, repo, digest)? {
+        let (fill, outcome, spill) = match self.join_or_start(upstream, repo, digest)? {
             Lookup::Stored(file, size) => {
                 return Ok(BlobResponse {
                     outcome: Outcome::Hit,
-                    response: file_response(digest, Arc::new(file), size, range, false, None)?,
+                    response: file_response(
+                        digest,
+                        Some(Arc::new(file)),
+                        size,
+                        range,
+                        false,
+                        None,
+                    )?,
                 });
             }
-            Lookup::Fill(fill, outcome) => (fill, outcome),
+            Lookup::Fill(fill, outcome, spill) => (fill, outcome, spill),
         };
         let mut rx = fill.progress.subscribe();
         let progress = rx
@@ -222,20 +369,34 @@ impl BlobStore {
         if let Phase::Failed(e) = progress.phase {
             return Err(e);
         }
-        let file = fill
-            .file
-            .get()
-            .cloned()
-            .ok_or_else(|| RegistryError::internal("blob fill has no file"))?;
-        Ok(BlobResponse {
-            outcome,
-            response: fill_response(digest, file, progress.total, range, rx)?,
-        })
+        let file = fill.file.get().cloned();
+        let feed = Feed {
+            progress: rx,
+            spill: Some(spill),
+        };
+        let response = match progress.total {
+            Some(size) => file_response(digest, file, size, range, false, Some(feed))?,
+            None => {
+                // Upstream gave no length: stream the whole blob chunked (a
+                // range cannot be resolved without the size, so it is
+                // ignored).
+                let mut response = Response::new(file_body(file, 0, None, Some(feed)));
+                set_blob_headers(response.headers_mut(), digest);
+                response
+            }
+        };
+        Ok(BlobResponse { outcome, response })
     }
 
     /// Finds a running fill for `digest` or starts one. Checks the store
     /// again under the lock: a fill removes itself from the map only after
     /// its rename, so "no fill and no file" means nobody has it.
+    ///
+    /// The reader's spill subscription is taken while holding the fill's
+    /// progress, which is only ever changed to "off the disk" or to
+    /// `Streaming` before any chunk is spilled; so a reader that joins sees
+    /// every spilled chunk. A fill already streaming off the disk cannot be
+    /// joined from the start of the blob; such requests get a private fill.
     fn join_or_start(
         self: &Arc<Self>,
         upstream: &Arc<Upstream>,
@@ -247,60 +408,85 @@ impl BlobStore {
             .lock()
             .map_err(|_| RegistryError::internal("fill table poisoned"))?;
         if let Some(fill) = fills.get(digest) {
-            return Ok(Lookup::Fill(fill.clone(), Outcome::Join));
+            let progress = fill.progress.borrow();
+            if progress.disk_end.is_none() || matches!(progress.phase, Phase::Connecting) {
+                let spill = fill.spill.subscribe();
+                drop(progress);
+                return Ok(Lookup::Fill(fill.clone(), Outcome::Join, spill));
+            }
+            drop(progress);
+            drop(fills);
+            let fill = Fill::new();
+            let spill = fill.spill.subscribe();
+            self.spawn_fill(fill.clone(), upstream, repo, digest, false);
+            return Ok(Lookup::Fill(fill, Outcome::Upstream, spill));
         }
         if let Some((file, size)) = self.open_stored(digest).map_err(local_error)? {
             return Ok(Lookup::Stored(file, size));
         }
-        let (progress, _) = watch::channel(Progress {
-            phase: Phase::Connecting,
-            total: None,
-            written: 0,
-        });
-        let fill = Arc::new(Fill {
-            file: OnceLock::new(),
-            progress,
-        });
+        let fill = Fill::new();
+        let spill = fill.spill.subscribe();
         fills.insert(digest.clone(), fill.clone());
         drop(fills);
+        self.spawn_fill(fill.clone(), upstream, repo, digest, true);
+        Ok(Lookup::Fill(fill, Outcome::Miss, spill))
+    }
 
+    /// Runs a fill in a task of its own. `shared` fills are in the fill
+    /// table and try to cache; private ones stream without the disk.
+    fn spawn_fill(
+        self: &Arc<Self>,
+        fill: Arc<Fill>,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        digest: &Digest,
+        shared: bool,
+    ) {
         let store = self.clone();
         let upstream = upstream.clone();
         let repo = repo.clone();
         let digest = digest.clone();
-        let task_fill = fill.clone();
         tokio::spawn(async move {
-            let result = store.run_fill(&task_fill, &upstream, &repo, &digest).await;
+            let guard = store.metrics.fill_started();
+            let result = store
+                .run_fill(&fill, &upstream, &repo, &digest, shared)
+                .await;
+            guard.finish(match &result {
+                Ok((size, true)) => FillResult::Stored(*size),
+                Ok((_, false)) => FillResult::Uncached,
+                Err(_) => FillResult::Failed,
+            });
             match &result {
-                Ok(size) => {
-                    tracing::info!(%digest, size, repo = %repo, "blob cached");
-                    task_fill
-                        .progress
-                        .send_modify(|p| p.phase = Phase::Verified);
+                Ok((size, true)) => tracing::info!(%digest, size, repo = %repo, "blob cached"),
+                Ok((size, false)) => {
+                    tracing::info!(%digest, size, repo = %repo, "blob served without caching")
                 }
-                Err(e) => {
-                    tracing::warn!(%digest, repo = %repo, error = %e, "blob fill failed");
-                    task_fill
-                        .progress
-                        .send_modify(|p| p.phase = Phase::Failed(e.clone()));
-                }
+                Err(e) => tracing::warn!(%digest, repo = %repo, error = %e, "blob fill failed"),
             }
-            if let Ok(mut fills) = store.fills.lock() {
+            fill.progress.send_modify(|p| match result {
+                Ok((size, _)) => {
+                    p.total = Some(size);
+                    p.phase = Phase::Verified;
+                }
+                Err(e) => p.phase = Phase::Failed(e),
+            });
+            if shared && let Ok(mut fills) = store.fills.lock() {
                 fills.remove(&digest);
             }
         });
-        Ok(Lookup::Fill(fill, Outcome::Miss))
     }
 
     /// The fill task: fetch, write and hash, verify, commit. Returns the
-    /// size on success. On any error the temporary file is removed.
+    /// size and whether the blob was cached. On any error the temporary
+    /// file is removed.
     async fn run_fill(
         &self,
         fill: &Fill,
         upstream: &Upstream,
         repo: &RepoName,
         digest: &Digest,
-    ) -> Result<u64, RegistryError> {
+        shared: bool,
+    ) -> Result<(u64, bool), RegistryError> {
         let resp = upstream
             .send(
                 Method::GET,
@@ -323,7 +509,86 @@ impl BlobStore {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
 
-        let tmp_path = self.tmp.join(format!(
+        // Without a known size the disk is required: readers cannot tell
+        // the last byte of a spilled stream.
+        let use_disk = shared && total.is_none_or(|t| self.index.cacheable(t));
+        if shared && !use_disk {
+            tracing::info!(%digest, size = total, max = self.index.budget().max_size,
+                "blob larger than the cache budget: streaming without caching");
+        }
+        let file = if use_disk {
+            match self.create_tmp(digest) {
+                Ok(f) => Some(f),
+                Err(e) if total.is_some() => {
+                    tracing::error!(%digest, error = %e, "cannot create a temporary file: streaming without caching");
+                    None
+                }
+                Err(e) => return Err(local_error(e)),
+            }
+        } else if total.is_some() {
+            None
+        } else {
+            return Err(RegistryError::unavailable(format!(
+                "cannot stream {digest} without the disk: upstream sent no Content-Length"
+            )));
+        };
+
+        let reservation = match (&file, total) {
+            (Some(_), Some(t)) => {
+                if self.index.reserve(t) {
+                    self.evict.notify_one();
+                }
+                t
+            }
+            _ => 0,
+        };
+        let tmp_path = file.as_ref().map(|(p, _)| p.clone());
+        if let Some((_, f)) = &file {
+            let _ = fill.file.set(f.clone());
+        }
+        fill.progress.send_modify(|p| {
+            p.phase = Phase::Streaming;
+            p.total = total;
+            if file.is_none() {
+                p.disk_end = Some(0);
+            }
+        });
+
+        let result = self
+            .stream(fill, resp.into_body(), file.map(|(_, f)| f), total, digest)
+            .await;
+        let outcome = match (result, tmp_path) {
+            (Ok((size, true)), Some(tmp)) => match self.commit(&tmp, digest, size).await {
+                Ok(()) => Ok((size, true)),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    tracing::error!(%digest, error = %e, "cannot commit blob to the store");
+                    // The readers already have verified bytes; only caching failed.
+                    Ok((size, false))
+                }
+            },
+            (Ok((size, _)), tmp) => {
+                if let Some(tmp) = tmp {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+                Ok((size, false))
+            }
+            (Err(e), tmp) => {
+                if let Some(tmp) = tmp {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+                Err(e)
+            }
+        };
+        self.index.release(reservation);
+        if matches!(outcome, Ok((_, true))) {
+            self.evict.notify_one();
+        }
+        outcome
+    }
+
+    fn create_tmp(&self, digest: &Digest) -> io::Result<(PathBuf, Arc<File>)> {
+        let path = self.tmp.join(format!(
             "{}-{}-{}",
             digest.hex(),
             std::process::id(),
@@ -333,59 +598,33 @@ impl BlobStore {
             .read(true)
             .write(true)
             .create_new(true)
-            .open(&tmp_path)
-            .map_err(local_error)?;
-        let file = Arc::new(file);
-        // Set once, by this task only.
-        let _ = fill.file.set(file.clone());
-        fill.progress.send_modify(|p| {
-            p.phase = Phase::Streaming;
-            p.total = total;
-        });
-
-        let result = self
-            .stream_to_disk(fill, resp.into_body(), file, total, digest)
-            .await;
-        match result {
-            Ok(size) => match self.commit(&tmp_path, digest).await {
-                Ok(()) => Ok(size),
-                Err(e) => {
-                    let _ = std::fs::remove_file(&tmp_path);
-                    Err(local_error(e))
-                }
-            },
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp_path);
-                Err(e)
-            }
-        }
+            .open(&path)?;
+        Ok((path, Arc::new(file)))
     }
 
     /// Pumps the upstream body to a blocking writer thread that writes,
-    /// hashes and publishes progress, then checks size and digest.
-    async fn stream_to_disk(
+    /// hashes and publishes progress (or spills to readers once the disk
+    /// fails), then checks size and digest. Returns the size and whether
+    /// the whole blob reached the file.
+    async fn stream(
         &self,
         fill: &Fill,
         mut body: hyper::body::Incoming,
-        file: Arc<File>,
+        file: Option<Arc<File>>,
         total: Option<u64>,
         digest: &Digest,
-    ) -> Result<u64, RegistryError> {
-        let (tx, mut rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
-        let progress = fill.progress.clone();
+    ) -> Result<(u64, bool), RegistryError> {
+        let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let writer = Writer {
+            file,
+            progress: fill.progress.clone(),
+            spill: fill.spill.clone(),
+            fault: self.write_fault.load(Ordering::Relaxed),
+            can_spill: total.is_some(),
+            stall_limit: self.idle_timeout,
+        };
         let algorithm = digest.algorithm();
-        let writer = tokio::task::spawn_blocking(move || -> io::Result<(Digest, u64)> {
-            let mut hasher = Hasher::new(algorithm);
-            let mut written = 0u64;
-            let mut out: &File = &file;
-            while let Some(chunk) = rx.blocking_recv() {
-                out.write_all(&chunk)?;
-                hasher.update(&chunk);
-                written += chunk.len() as u64;
-                progress.send_modify(|p| p.written = written);
-            }
-            Ok((hasher.finish(), written))
-        });
+        let writer = tokio::task::spawn_blocking(move || writer.run(rx, algorithm));
 
         let mut received = 0u64;
         let pump: Result<(), RegistryError> = async {
@@ -424,10 +663,9 @@ impl BlobStore {
         drop(tx);
         let written = writer
             .await
-            .map_err(|e| RegistryError::internal(format!("blob writer panicked: {e}")))?
-            .map_err(local_error);
+            .map_err(|e| RegistryError::internal(format!("blob writer panicked: {e}")))?;
         pump?;
-        let (actual, size) = written?;
+        let (actual, size, on_disk) = written.map_err(local_error)?;
         if let Some(t) = total
             && size != t
         {
@@ -436,26 +674,35 @@ impl BlobStore {
             )));
         }
         if &actual != digest {
+            self.metrics.digest_mismatch(CacheKind::Blob);
             return Err(RegistryError::bad_gateway(format!(
                 "digest mismatch: upstream sent {actual} for {digest}"
             )));
         }
-        Ok(size)
+        Ok((size, on_disk))
     }
 
-    /// fsyncs the file and moves it into the store atomically, then fsyncs
-    /// the directory so the rename survives a crash.
-    async fn commit(&self, tmp_path: &Path, digest: &Digest) -> io::Result<()> {
+    /// fsyncs the file, records it in the journal, moves it into the store
+    /// atomically, then fsyncs the directory so the rename survives a crash.
+    async fn commit(&self, tmp_path: &Path, digest: &Digest, size: u64) -> io::Result<()> {
         let tmp_path = tmp_path.to_path_buf();
-        let dest = self.path_of(digest);
+        let dest = blob_path(&self.root, digest);
+        let index = self.index.clone();
+        let digest = digest.clone();
         tokio::task::spawn_blocking(move || {
             File::open(&tmp_path)?.sync_all()?;
             let dir = dest
                 .parent()
                 .ok_or_else(|| io::Error::other("store path has no parent"))?;
             std::fs::create_dir_all(dir)?;
+            index.record(&digest, size)?;
+            // Make room first, so committed bytes stay within the budget
+            // (this fill's bytes are already counted as reserved).
+            index.evict_if_needed();
             std::fs::rename(&tmp_path, &dest)?;
-            File::open(dir)?.sync_all()
+            File::open(dir)?.sync_all()?;
+            index.committed(&digest, size);
+            Ok(())
         })
         .await
         .map_err(io::Error::other)?
@@ -515,12 +762,88 @@ impl BlobStore {
     }
 }
 
+/// The blocking half of a fill: writes chunks to the file, hashes them and
+/// publishes progress; once the disk fails, spills chunks to the readers.
+struct Writer {
+    file: Option<Arc<File>>,
+    progress: watch::Sender<Progress>,
+    spill: broadcast::Sender<SpillChunk>,
+    /// Test hook: fail writes past this many bytes.
+    fault: u64,
+    /// Whether spilling is possible (the size is known).
+    can_spill: bool,
+    /// Longest wait for the slowest reader when spilling.
+    stall_limit: Duration,
+}
+
+impl Writer {
+    /// Returns the digest, the size and whether every byte reached the file.
+    fn run(
+        self,
+        mut rx: mpsc::Receiver<Bytes>,
+        algorithm: crate::reference::Algorithm,
+    ) -> io::Result<(Digest, u64, bool)> {
+        let mut hasher = Hasher::new(algorithm);
+        let mut offset = 0u64;
+        let mut on_disk = self.file.is_some();
+        while let Some(chunk) = rx.blocking_recv() {
+            if on_disk && let Some(file) = &self.file {
+                let result = if offset + chunk.len() as u64 > self.fault {
+                    Err(io::Error::new(
+                        io::ErrorKind::StorageFull,
+                        "injected write failure",
+                    ))
+                } else {
+                    let mut out: &File = file;
+                    out.write_all(&chunk)
+                };
+                match result {
+                    Ok(()) => {
+                        let written = offset + chunk.len() as u64;
+                        self.progress.send_modify(|p| p.written = written);
+                    }
+                    Err(e) if self.can_spill => {
+                        tracing::error!(error = %e, at = offset,
+                            "writing a blob to the cache failed: streaming the rest without caching");
+                        on_disk = false;
+                        self.progress.send_modify(|p| p.disk_end = Some(offset));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if !on_disk {
+                // Pace the fill by the slowest attached reader so memory
+                // stays bounded (a reader stuck for longer than the idle
+                // timeout is dropped: it lags and its body fails); with no
+                // reader left there is no point.
+                let waiting = std::time::Instant::now();
+                while self.spill.len() + 1 >= SPILL_QUEUE
+                    && self.spill.receiver_count() > 0
+                    && waiting.elapsed() < self.stall_limit
+                {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                if self.spill.receiver_count() == 0 {
+                    return Err(io::Error::other(
+                        "no readers left for a blob that cannot be cached",
+                    ));
+                }
+                let _ = self.spill.send((offset, chunk.clone()));
+            }
+            hasher.update(&chunk);
+            offset += chunk.len() as u64;
+        }
+        Ok((hasher.finish(), offset, on_disk))
+    }
+}
+
 /// Result of looking for a blob under the fill lock.
 enum Lookup {
     /// Stored after all (a fill finished just now).
     Stored(File, u64),
-    /// A fill to read from, started or joined.
-    Fill(Arc<Fill>, Outcome),
+    /// A fill to read from, started or joined, with the reader's
+    /// subscription to its spill queue.
+    Fill(Arc<Fill>, Outcome, broadcast::Receiver<SpillChunk>),
 }
 
 fn local_error(e: io::Error) -> RegistryError {
@@ -534,22 +857,28 @@ fn set_blob_headers(h: &mut HeaderMap, digest: &Digest) {
     );
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     if let Ok(v) = HeaderValue::from_str(&digest.to_string()) {
-        h.insert("docker-content-digest", v.clone());
+        h.insert("docker-content-digest", v);
         if let Ok(etag) = HeaderValue::from_str(&format!("\"{digest}\"")) {
             h.insert(header::ETAG, etag);
         }
     }
 }
 
+/// What a reader of a fill listens to.
+struct Feed {
+    progress: watch::Receiver<Progress>,
+    spill: Option<broadcast::Receiver<SpillChunk>>,
+}
+
 /// Builds a 200/206/416 response for a blob of known `size` whose bytes come
-/// from `file`, either complete (`fill` is `None`) or still being written.
+/// from `file`, either complete (`feed` is `None`) or from a fill.
 fn file_response(
     digest: &Digest,
-    file: Arc<File>,
+    file: Option<Arc<File>>,
     size: u64,
     range: Option<ByteRange>,
     head_only: bool,
-    fill: Option<watch::Receiver<Progress>>,
+    feed: Option<Feed>,
 ) -> Result<Response<Body>, RegistryError> {
     let (start, end, status) = match range {
         None => (0, size, StatusCode::OK),
@@ -567,7 +896,7 @@ fn file_response(
     let body = if head_only {
         body::empty()
     } else {
-        file_body(file, start, Some(end), fill)
+        file_body(file, start, Some(end), feed)
     };
     let mut response = Response::new(body);
     *response.status_mut() = status;
@@ -582,107 +911,188 @@ fn file_response(
     Ok(response)
 }
 
-/// A response reading from a fill in progress.
-fn fill_response(
-    digest: &Digest,
-    file: Arc<File>,
-    total: Option<u64>,
-    range: Option<ByteRange>,
-    rx: watch::Receiver<Progress>,
-) -> Result<Response<Body>, RegistryError> {
-    match total {
-        Some(size) => file_response(digest, file, size, range, false, Some(rx)),
-        None => {
-            // Upstream gave no length: stream the whole blob chunked (a
-            // range cannot be resolved without the size, so it is ignored).
-            let mut response = Response::new(file_body(file, 0, None, Some(rx)));
-            set_blob_headers(response.headers_mut(), digest);
-            Ok(response)
-        }
-    }
-}
-
 /// Reader state for one response body.
 struct Reader {
-    file: Arc<File>,
+    file: Option<Arc<File>>,
     /// Next offset to send.
     pos: u64,
-    /// End of the span to send (exclusive); `None` = to the end of the blob,
-    /// size not yet known.
+    /// End of the span to send (exclusive); `None` = to the end of a blob
+    /// whose size is not known yet.
     end: Option<u64>,
-    /// Progress of the fill being read, or `None` for a stored blob.
-    fill: Option<watch::Receiver<Progress>>,
+    /// The fill being read, or `None` for a stored blob.
+    feed: Option<Feed>,
+    /// The final byte of the response, received from the spill queue and
+    /// held until the fill is verified.
+    held: Option<Bytes>,
 }
 
-/// A body that streams `[start, end)` of `file` in bounded chunks. When
-/// reading a fill, it waits for bytes to be written, never sends its final
-/// byte before the fill is verified, and fails if the fill fails.
-fn file_body(
-    file: Arc<File>,
-    start: u64,
-    end: Option<u64>,
-    fill: Option<watch::Receiver<Progress>>,
-) -> Body {
+/// What to do next.
+enum Step {
+    /// Read `[pos, limit)` from the file.
+    Disk(u64),
+    /// Send these bytes.
+    Send(Bytes),
+    /// The response is complete.
+    Done,
+}
+
+/// A body that streams `[start, end)` of a blob in bounded chunks. When
+/// reading a fill, it waits for bytes to arrive, never sends its final byte
+/// before the fill is verified, and fails if the fill fails.
+fn file_body(file: Option<Arc<File>>, start: u64, end: Option<u64>, feed: Option<Feed>) -> Body {
     let reader = Reader {
         file,
         pos: start,
         end,
-        fill,
+        feed,
+        held: None,
     };
     let stream = futures_util::stream::try_unfold(reader, |mut r| async move {
-        let Some(limit) = r.readable_limit().await? else {
-            return Ok(None);
+        let chunk = match r.next_step().await? {
+            Step::Done => return Ok(None),
+            Step::Send(bytes) => bytes,
+            Step::Disk(limit) => {
+                let want = (limit - r.pos).min(CHUNK as u64) as usize;
+                let file = r
+                    .file
+                    .clone()
+                    .ok_or_else(|| io::Error::other("blob has no file to read"))?;
+                let pos = r.pos;
+                let chunk = tokio::task::spawn_blocking(move || read_exact_at(&file, pos, want))
+                    .await
+                    .map_err(io::Error::other)??;
+                r.pos += chunk.len() as u64;
+                chunk
+            }
         };
-        let want = (limit - r.pos).min(CHUNK as u64) as usize;
-        let file = r.file.clone();
-        let pos = r.pos;
-        let chunk = tokio::task::spawn_blocking(move || read_exact_at(&file, pos, want))
-            .await
-            .map_err(io::Error::other)??;
-        r.pos += chunk.len() as u64;
         Ok(Some((Frame::data(chunk), r)))
     });
     BodyExt::boxed(StreamBody::new(stream))
 }
 
 impl Reader {
-    /// Waits until there is something to send and returns the offset up to
-    /// which bytes may be sent now (`> pos`), or `None` at the end.
-    async fn readable_limit(&mut self) -> io::Result<Option<u64>> {
+    /// Waits until there is something to send.
+    async fn next_step(&mut self) -> io::Result<Step> {
         loop {
-            let Some(rx) = self.fill.as_mut() else {
+            let Some(feed) = self.feed.as_mut() else {
                 let end = self.end.unwrap_or(self.pos);
-                return Ok((self.pos < end).then_some(end));
+                return Ok(if self.pos < end {
+                    Step::Disk(end)
+                } else {
+                    Step::Done
+                });
             };
-            let p = rx.borrow_and_update().clone();
-            match p.phase {
+            let p = feed.progress.borrow_and_update().clone();
+            let verified = match p.phase {
                 Phase::Failed(e) => {
                     return Err(io::Error::other(format!("blob fill failed: {}", e.message)));
                 }
-                Phase::Verified => {
-                    let end = self.end.unwrap_or(p.written).min(p.written);
-                    if self.pos < end {
-                        return Ok(Some(end));
-                    }
-                    return Ok(None);
+                Phase::Verified => true,
+                Phase::Connecting | Phase::Streaming => false,
+            };
+            // The end of this response, when known.
+            let end = self.end.or(if verified { p.total } else { None });
+            // A reader that will never need spilled bytes lets go of the
+            // queue, so it cannot hold up a fill that lost its disk.
+            let needs_spill = match (p.disk_end, end) {
+                (Some(d), Some(e)) => e > d,
+                (None, _) => !verified,
+                (Some(_), None) => true,
+            };
+            if !needs_spill {
+                feed.spill = None;
+            }
+            if verified && let Some(h) = self.held.take() {
+                return Ok(Step::Send(h));
+            }
+            let finished = end.is_some_and(|e| self.pos >= e) && self.held.is_none();
+            if finished && verified {
+                return Ok(Step::Done);
+            }
+            if !finished && self.held.is_none() {
+                // Never send the final byte before verification: hold back
+                // the last byte of the response, or, size unknown, the last
+                // byte written so far.
+                let max_send = match (verified, end) {
+                    (true, Some(e)) => e,
+                    (false, Some(e)) => e - 1,
+                    (_, None) => p.written.saturating_sub(1),
+                };
+                let on_disk = p.disk_end.unwrap_or(p.written);
+                let limit = on_disk.min(max_send);
+                if self.pos < limit {
+                    return Ok(Step::Disk(limit));
                 }
-                Phase::Connecting | Phase::Streaming => {
-                    // Hold back the final byte of this response until the
-                    // digest is verified.
-                    let limit = self
-                        .end
-                        .unwrap_or(u64::MAX)
-                        .min(p.written)
-                        .saturating_sub(1);
-                    if self.pos < limit {
-                        return Ok(Some(limit));
+                if let (Some(d), Some(e)) = (p.disk_end, end)
+                    && self.pos >= d
+                {
+                    // Past the disk: take bytes from the spill queue.
+                    let spill = feed
+                        .spill
+                        .as_mut()
+                        .ok_or_else(|| io::Error::other("uncached blob stream unavailable"))?;
+                    tokio::select! {
+                        chunk = spill.recv() => match chunk {
+                            Ok((off, bytes)) => {
+                                if let Some(step) = self.take_spilled(off, bytes, e, verified)? {
+                                    return Ok(step);
+                                }
+                            }
+                            Err(broadcast::error::RecvError::Lagged(_)) => {
+                                return Err(io::Error::other("reader fell behind an uncached blob stream"));
+                            }
+                            Err(broadcast::error::RecvError::Closed) => {
+                                if verified {
+                                    return Err(io::Error::other("uncached blob stream ended early"));
+                                }
+                                wait_change(&mut feed.progress).await?;
+                            }
+                        },
+                        changed = wait_change(&mut feed.progress), if !verified => changed?,
                     }
+                    continue;
                 }
             }
-            if rx.changed().await.is_err() {
-                return Err(io::Error::other("blob fill vanished"));
-            }
+            wait_change(&mut feed.progress).await?;
         }
+    }
+
+    /// Takes what this reader needs from a spilled chunk at `off`, holding
+    /// back the response's final byte until verification.
+    fn take_spilled(
+        &mut self,
+        off: u64,
+        bytes: Bytes,
+        end: u64,
+        verified: bool,
+    ) -> io::Result<Option<Step>> {
+        let chunk_end = off + bytes.len() as u64;
+        if chunk_end <= self.pos {
+            return Ok(None);
+        }
+        if off > self.pos {
+            return Err(io::Error::other("missed part of an uncached blob stream"));
+        }
+        let from = (self.pos - off) as usize;
+        let to = (end.min(chunk_end) - off) as usize;
+        let mut slice = bytes.slice(from..to);
+        self.pos += slice.len() as u64;
+        if self.pos == end && !verified && !slice.is_empty() {
+            self.held = Some(slice.split_off(slice.len() - 1));
+        }
+        Ok((!slice.is_empty()).then_some(Step::Send(slice)))
+    }
+}
+
+/// Waits for the fill's progress to change. When the fill is gone its final
+/// state is already published; anything else is an error.
+async fn wait_change(progress: &mut watch::Receiver<Progress>) -> io::Result<()> {
+    if progress.changed().await.is_ok() {
+        return Ok(());
+    }
+    match progress.borrow().phase {
+        Phase::Verified | Phase::Failed(_) => Ok(()),
+        _ => Err(io::Error::other("blob fill vanished")),
     }
 }
 

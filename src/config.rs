@@ -18,6 +18,14 @@ pub struct Config {
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
 
+    /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`),
+    /// plain HTTP; `"off"` disables it. Loopback by default.
+    #[serde(
+        default = "default_admin_listen",
+        deserialize_with = "deserialize_admin_listen"
+    )]
+    pub admin_listen: Option<SocketAddr>,
+
     /// Directory holding the blob store, manifests, tags and temporary files.
     #[serde(default = "default_cache_dir")]
     pub cache_dir: PathBuf,
@@ -31,10 +39,182 @@ pub struct Config {
     #[serde(default)]
     pub log: LogConfig,
 
+    /// Blob budget, eviction and pinning.
+    #[serde(default)]
+    pub cache: CacheConfig,
+
     /// The registries this mirror fronts. The first is the default upstream:
     /// requests that name no registry host go there.
     #[serde(default = "default_upstreams", rename = "upstream")]
     pub upstreams: Vec<UpstreamConfig>,
+
+    /// TLS termination on the registry listener; plain HTTP when absent.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+
+    /// Client authentication for the mirror itself; open when absent.
+    #[serde(default)]
+    pub access: Option<AccessConfig>,
+
+    /// Connection limits and timeouts of the registry listener.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// TLS termination (`[tls]`). Certificate, key and client CA are re-read on
+/// SIGHUP and when their contents change.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) matching the leaf.
+    pub key: PathBuf,
+
+    /// PEM CA bundle: when set, clients must present a certificate issued by
+    /// one of these CAs (mTLS).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+
+    /// How often the files are checked for changes; `0s` turns polling off
+    /// (SIGHUP still reloads).
+    #[serde(default = "default_tls_reload_interval", with = "humantime_serde")]
+    pub reload_interval: Duration,
+
+    /// A client that has not completed the TLS handshake after this long is
+    /// disconnected.
+    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+impl TlsConfig {
+    /// TLS from a certificate and key file with every other key at its
+    /// default (what `--tls-cert`/`--tls-key` give).
+    pub fn new(cert: PathBuf, key: PathBuf) -> TlsConfig {
+        TlsConfig {
+            cert,
+            key,
+            client_ca: None,
+            reload_interval: default_tls_reload_interval(),
+            handshake_timeout: default_handshake_timeout(),
+        }
+    }
+}
+
+/// Client authentication (`[access]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessConfig {
+    /// htpasswd file with bcrypt entries (`htpasswd -B`); every request,
+    /// `/v2/` included, then needs HTTP Basic credentials from it. Re-read on
+    /// SIGHUP and when it changes.
+    pub htpasswd: PathBuf,
+
+    /// The realm named in the `WWW-Authenticate: Basic` challenge.
+    #[serde(default = "default_realm")]
+    pub realm: String,
+
+    /// How often the file is checked for changes; `0s` turns polling off
+    /// (SIGHUP still reloads).
+    #[serde(default = "default_tls_reload_interval", with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+/// Connection limits (`[limits]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Connections served at once; further ones wait in the listen backlog.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+
+    /// Time a client has to send a complete HTTP/1 request head (and, on a
+    /// new connection, its first byte): slow clients are dropped.
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+
+    /// A connection on which nothing is read or written for this long is
+    /// closed.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: default_max_connections(),
+            header_read_timeout: default_header_read_timeout(),
+            idle_timeout: default_idle_timeout(),
+        }
+    }
+}
+
+/// The blob cache's budget and what it must keep.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Most bytes of blobs kept on disk (`"50GiB"`, `"500 MB"` or a number
+    /// of bytes). Fills in flight count against it.
+    #[serde(default = "default_max_size")]
+    pub max_size: bytesize::ByteSize,
+
+    /// Fraction of `max_size` above which least-recently-used blobs are
+    /// evicted.
+    #[serde(default = "default_high_watermark")]
+    pub high_watermark: f64,
+
+    /// Fraction of `max_size` that eviction brings usage down to.
+    #[serde(default = "default_low_watermark")]
+    pub low_watermark: f64,
+
+    /// Most manifests kept on disk (they are small and outside the blob
+    /// budget); the least recently written are removed beyond this.
+    #[serde(default = "default_max_manifests")]
+    pub max_manifests: usize,
+
+    /// Images whose blobs are never evicted, as `host/repo:tag` or
+    /// `host/repo@digest` (`docker.io/library/postgres:16`). A name without
+    /// a host means the default upstream.
+    #[serde(default)]
+    pub pin: Vec<String>,
+
+    /// How often pinned tags are resolved again.
+    #[serde(default = "default_pin_refresh", with = "humantime_serde")]
+    pub pin_refresh: Duration,
+}
+
+fn default_max_size() -> bytesize::ByteSize {
+    bytesize::ByteSize::gib(20)
+}
+
+fn default_high_watermark() -> f64 {
+    0.95
+}
+
+fn default_low_watermark() -> f64 {
+    0.85
+}
+
+fn default_max_manifests() -> usize {
+    100_000
+}
+
+fn default_pin_refresh() -> Duration {
+    Duration::from_secs(600)
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_size: default_max_size(),
+            high_watermark: default_high_watermark(),
+            low_watermark: default_low_watermark(),
+            max_manifests: default_max_manifests(),
+            pin: Vec::new(),
+            pin_refresh: default_pin_refresh(),
+        }
+    }
 }
 
 /// Logging.
@@ -110,6 +290,30 @@ fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 5000))
 }
 
+fn default_admin_listen() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], 9090)))
+}
+
+/// Parses an `admin_listen` value: a socket address, or `off` / `none` /
+/// `""` for no admin listener.
+pub fn parse_admin_listen(value: &str) -> Result<Option<SocketAddr>, String> {
+    match value.trim() {
+        "" | "off" | "none" | "disabled" => Ok(None),
+        v => v
+            .parse()
+            .map(Some)
+            .map_err(|e| format!("{v:?} is not an address like 127.0.0.1:9090 (or \"off\"): {e}")),
+    }
+}
+
+fn deserialize_admin_listen<'de, D>(d: D) -> Result<Option<SocketAddr>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let text = String::deserialize(d)?;
+    parse_admin_listen(&text).map_err(serde::de::Error::custom)
+}
+
 fn default_cache_dir() -> PathBuf {
     PathBuf::from("./data")
 }
@@ -124,6 +328,30 @@ fn default_tag_ttl() -> Duration {
 
 fn default_upstream_timeout() -> Duration {
     Duration::from_secs(30)
+}
+
+fn default_tls_reload_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_realm() -> String {
+    "stowage".into()
+}
+
+fn default_max_connections() -> usize {
+    1024
+}
+
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(90)
 }
 
 /// Docker Hub, as a user who runs stowage with no configuration expects.
@@ -150,10 +378,15 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: default_listen(),
+            admin_listen: default_admin_listen(),
             cache_dir: default_cache_dir(),
             shutdown_timeout: default_shutdown_timeout(),
             log: LogConfig::default(),
+            cache: CacheConfig::default(),
             upstreams: default_upstreams(),
+            tls: None,
+            access: None,
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -255,6 +488,51 @@ impl Config {
 
     /// Checks values that parse but make no sense.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.admin_listen == Some(self.listen) && self.listen.port() != 0 {
+            return Err(invalid(
+                "admin_listen",
+                format!("{} is also `listen`", self.listen),
+            ));
+        }
+        if let Some(level) = &self.log.level
+            && let Err(e) = tracing_subscriber::EnvFilter::try_new(level)
+        {
+            return Err(invalid("log.level", format!("{level:?}: {e}")));
+        }
+        let c = &self.cache;
+        if c.max_size.as_u64() == 0 {
+            return Err(invalid("cache.max_size", "must be more than zero"));
+        }
+        if !(c.high_watermark > 0.0 && c.high_watermark <= 1.0) {
+            return Err(invalid("cache.high_watermark", "must be in (0, 1]"));
+        }
+        if !(c.low_watermark > 0.0 && c.low_watermark <= c.high_watermark) {
+            return Err(invalid(
+                "cache.low_watermark",
+                "must be more than 0 and at most cache.high_watermark",
+            ));
+        }
+        if c.max_manifests == 0 {
+            return Err(invalid("cache.max_manifests", "must be more than zero"));
+        }
+        if c.pin_refresh.is_zero() {
+            return Err(invalid("cache.pin_refresh", "must be more than zero"));
+        }
+        for (i, image) in c.pin.iter().enumerate() {
+            match crate::reference::ImageRef::parse(image) {
+                Err(e) => return Err(invalid(format!("cache.pin[{i}]"), e.message)),
+                Ok(r) => {
+                    if let Some(h) = &r.host
+                        && !self.upstreams.iter().any(|u| &u.host == h)
+                    {
+                        return Err(invalid(
+                            format!("cache.pin[{i}]"),
+                            format!("no upstream is configured for registry host {h:?}"),
+                        ));
+                    }
+                }
+            }
+        }
         if self.upstreams.is_empty() {
             return Err(invalid("upstream", "at least one upstream is required"));
         }
@@ -320,7 +598,79 @@ impl Config {
                 return Err(invalid(key("timeout"), "must be more than zero"));
             }
         }
+        self.validate_front()?;
         Ok(())
+    }
+
+    /// Checks `[tls]`, `[access]` and `[limits]`.
+    fn validate_front(&self) -> Result<(), ConfigError> {
+        if let Some(tls) = &self.tls {
+            for (k, p) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+                if p.as_os_str().is_empty() {
+                    return Err(invalid(k, "must name a file"));
+                }
+            }
+            if tls.handshake_timeout.is_zero() {
+                return Err(invalid("tls.handshake_timeout", "must be more than zero"));
+            }
+        }
+        if let Some(access) = &self.access {
+            if access.htpasswd.as_os_str().is_empty() {
+                return Err(invalid("access.htpasswd", "must name a file"));
+            }
+            if access.realm.is_empty()
+                || !access
+                    .realm
+                    .chars()
+                    .all(|c| c == ' ' || c.is_ascii_graphic())
+                || access.realm.contains(['"', '\\'])
+            {
+                return Err(invalid(
+                    "access.realm",
+                    "must be printable ASCII without quotes or backslashes",
+                ));
+            }
+        }
+        let l = &self.limits;
+        if l.max_connections == 0 {
+            return Err(invalid("limits.max_connections", "must be at least 1"));
+        }
+        if l.header_read_timeout.is_zero() {
+            return Err(invalid(
+                "limits.header_read_timeout",
+                "must be more than zero",
+            ));
+        }
+        if l.idle_timeout.is_zero() {
+            return Err(invalid("limits.idle_timeout", "must be more than zero"));
+        }
+        Ok(())
+    }
+
+    /// Applies `--tls-cert FILE --tls-key FILE` (given together): TLS with
+    /// these files, keeping any other `[tls]` settings from the file.
+    pub fn apply_tls_flags(
+        &mut self,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+    ) -> Result<(), ConfigError> {
+        match (cert, key) {
+            (None, None) => Ok(()),
+            (Some(cert), Some(key)) => {
+                match &mut self.tls {
+                    Some(tls) => {
+                        tls.cert = cert;
+                        tls.key = key;
+                    }
+                    None => self.tls = Some(TlsConfig::new(cert, key)),
+                }
+                self.validate()
+            }
+            _ => Err(invalid(
+                "tls",
+                "--tls-cert and --tls-key must be given together",
+            )),
+        }
     }
 }
 
@@ -387,6 +737,23 @@ mod tests {
     }
 
     #[test]
+    fn cache_settings() {
+        let c = Config::from_toml_str(
+            "[cache]\nmax_size = \"2GiB\"\nhigh_watermark = 0.9\nlow_watermark = 0.8\npin = [\"docker.io/library/postgres:16\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.cache.max_size.as_u64(), 2 << 30);
+        let e = Config::from_toml_str("[cache]\nmax_size = \"lots\"\n").unwrap_err();
+        assert!(e.to_string().contains("max_size"), "{e}");
+        let e = Config::from_toml_str("[cache]\nlow_watermark = 0.99\n").unwrap_err();
+        assert!(e.to_string().contains("cache.low_watermark"), "{e}");
+        let e = Config::from_toml_str("[cache]\npin = [\"Bad Name\"]\n").unwrap_err();
+        assert!(e.to_string().contains("cache.pin[0]"), "{e}");
+        let e = Config::from_toml_str("[cache]\nmax_sise = 1\n").unwrap_err();
+        assert!(e.to_string().contains("max_sise"), "{e}");
+    }
+
+    #[test]
     fn shipped_example_parses() {
         let c = Config::from_toml_str(include_str!("../config/stowage.toml")).unwrap();
         assert_eq!(c.upstreams[0].url, "https://registry-1.docker.io");
@@ -412,5 +779,26 @@ mod tests {
         assert_eq!(c.upstreams[1].url, "http://x");
         assert!(c.upstreams[1].library_prefix);
         assert_eq!(c.upstreams.len(), 2);
+    }
+
+    #[test]
+    fn admin_listen_and_log_level() {
+        let c = Config::from_toml_str("").unwrap();
+        assert_eq!(c.admin_listen, Some("127.0.0.1:9090".parse().unwrap()));
+        let c = Config::from_toml_str("admin_listen = \"0.0.0.0:9100\"\n").unwrap();
+        assert_eq!(c.admin_listen, Some("0.0.0.0:9100".parse().unwrap()));
+        let c = Config::from_toml_str("admin_listen = \"off\"\n").unwrap();
+        assert_eq!(c.admin_listen, None);
+        let e = Config::from_toml_str("admin_listen = \"nine\"\n").unwrap_err();
+        assert!(e.to_string().contains("admin_listen"), "{e}");
+        let e = Config::from_toml_str(
+            "listen = \"127.0.0.1:5000\"\nadmin_listen = \"127.0.0.1:5000\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("admin_listen"), "{e}");
+        let e = Config::from_toml_str("[log]\nlevel = \"stowage=loud\"\n").unwrap_err();
+        assert!(e.to_string().contains("log.level"), "{e}");
+        Config::from_toml_str("[log]\nformat = \"json\"\nlevel = \"stowage=debug,info\"\n")
+            .unwrap();
     }
 }

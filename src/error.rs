@@ -19,6 +19,9 @@ pub struct RegistryError {
     pub message: String,
     /// `Retry-After` passed on from upstream (429, 503).
     pub retry_after: Option<HeaderValue>,
+    /// `WWW-Authenticate` challenge of a 401 from the mirror's own access
+    /// control.
+    pub challenge: Option<Box<HeaderValue>>,
 }
 
 impl RegistryError {
@@ -29,7 +32,16 @@ impl RegistryError {
             code,
             message: message.into(),
             retry_after: None,
+            challenge: None,
         }
+    }
+
+    /// 401 UNAUTHORIZED with a `WWW-Authenticate` challenge: the client must
+    /// authenticate to the mirror itself.
+    pub fn unauthorized(message: impl Into<String>, challenge: HeaderValue) -> Self {
+        let mut e = Self::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", message);
+        e.challenge = Some(Box::new(challenge));
+        e
     }
 
     /// 400 NAME_INVALID.
@@ -169,6 +181,9 @@ impl RegistryError {
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
         if let Some(r) = self.retry_after {
             h.insert(header::RETRY_AFTER, r);
+        }
+        if let Some(c) = self.challenge {
+            h.insert(header::WWW_AUTHENTICATE, *c);
         }
         resp
     }

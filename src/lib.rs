@@ -3,14 +3,22 @@
 //! See ARCHITECTURE.md for the bird's-eye view, the code map and the
 //! invariants.
 
+pub mod access;
+pub mod admin;
 pub mod auth;
 pub mod blobs;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod front;
+pub mod index;
 pub mod manifests;
+pub mod metrics;
+pub mod pins;
 pub mod range;
 pub mod reference;
+pub mod request_id;
 pub mod routing;
 pub mod server;
+pub mod tls;
 pub mod upstream;

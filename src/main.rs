@@ -29,6 +29,19 @@ struct Cli {
     #[arg(long)]
     cache_dir: Option<PathBuf>,
 
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// Admin listener for /metrics, /healthz and /readyz (plain HTTP), or
+    /// "off" (default 127.0.0.1:9090).
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<String>,
+
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -99,7 +112,16 @@ fn load(cli: &Cli) -> Result<Config, stowage::config::ConfigError> {
     if let Some(dir) = &cli.cache_dir {
         config.cache_dir = dir.clone();
     }
+    if let Some(admin) = &cli.admin_listen {
+        config.admin_listen = stowage::config::parse_admin_listen(admin).map_err(|message| {
+            stowage::config::ConfigError::Invalid {
+                key: "--admin-listen".into(),
+                message,
+            }
+        })?;
+    }
     config.apply_upstream_flags(&cli.upstream)?;
+    config.apply_tls_flags(cli.tls_cert.clone(), cli.tls_key.clone())?;
     Ok(config)
 }
 
@@ -110,16 +132,54 @@ fn init_logging(config: &Config) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colours only on a terminal, never in files or the journal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match config.log.format {
-        LogFormat::Json => builder.json().init(),
+        // Fields at the top level of each object, next to the span list that
+        // carries the request id.
+        LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Human => builder.init(),
     }
 }
 
 async fn run(config: Config) -> Result<(), stowage::server::ServerError> {
     let server = Server::bind(config).await?;
+    reload_on_sighup(server.reloader());
     server.run(shutdown_signal()).await
+}
+
+/// SIGHUP re-reads the TLS certificate, key, client CA and htpasswd file
+/// (a rejected file is logged and the old one kept); it never stops the
+/// process.
+fn reload_on_sighup(reloader: stowage::front::Reloader) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        if !reloader.has_files() {
+                            tracing::info!("SIGHUP received: nothing to reload");
+                            continue;
+                        }
+                        tracing::info!("SIGHUP received: reloading TLS and htpasswd files");
+                        if reloader.reload_now().await {
+                            tracing::info!("reload complete");
+                        } else {
+                            tracing::warn!("reload incomplete: a file was rejected, see above");
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot handle SIGHUP; reload by file change only")
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = reloader;
 }
 
 /// Completes on SIGTERM or SIGINT.

@@ -187,7 +187,11 @@ impl ManifestStore {
             .await
             .map_err(|e: Arc<RegistryError>| (*e).clone())?;
         let (m, _) = self.by_digest(upstream, repo, &entry.digest).await?;
-        let outcome = if loaded { entry.outcome } else { Outcome::Hit };
+        // A tag being served stale stays `Stale` until upstream answers again.
+        let outcome = match (loaded, entry.outcome) {
+            (true, o) | (false, o @ Outcome::Stale) => o,
+            (false, _) => Outcome::Hit,
+        };
         Ok((m, outcome))
     }
 
@@ -449,6 +453,9 @@ async fn fetch(
         && want != &digest
     {
         tracing::warn!(manifest = %what, expected = %want, got = %digest, "manifest digest mismatch");
+        upstream
+            .metrics()
+            .digest_mismatch(crate::metrics::CacheKind::Manifest);
         return Err(RegistryError::bad_gateway(format!(
             "upstream manifest {what} does not match digest {want} (got {digest})"
         )));

@@ -272,6 +272,56 @@ impl fmt::Display for Reference {
     }
 }
 
+/// An image reference as users write it: `[host/]repo[:tag|@digest]`
+/// (`docker.io/library/postgres:16`, `alpine`, `ghcr.io/org/app@sha256:…`).
+/// The first component is a host when it contains `.` or `:` or is
+/// `localhost` (Docker's rule). No tag means `latest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    /// Registry host, if one was given.
+    pub host: Option<String>,
+    /// Repository within that registry.
+    pub repo: RepoName,
+    /// Tag or digest.
+    pub reference: Reference,
+}
+
+impl ImageRef {
+    /// Parses an image reference.
+    pub fn parse(s: &str) -> Result<ImageRef, RegistryError> {
+        let (rest, reference) = match s.split_once('@') {
+            Some((r, d)) => (r, Reference::Digest(Digest::parse(d)?)),
+            None => match s.rsplit_once(':') {
+                Some((r, t)) if !t.contains('/') => (r, Reference::Tag(Tag::parse(t)?)),
+                _ => (s, Reference::Tag(Tag::parse("latest")?)),
+            },
+        };
+        let (host, repo) = match rest.split_once('/') {
+            Some((h, r)) if h.contains('.') || h.contains(':') || h == "localhost" => {
+                (Some(h.to_string()), r)
+            }
+            _ => (None, rest),
+        };
+        Ok(ImageRef {
+            host,
+            repo: RepoName::parse(repo)?,
+            reference,
+        })
+    }
+}
+
+impl fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(h) = &self.host {
+            write!(f, "{h}/")?;
+        }
+        match &self.reference {
+            Reference::Tag(t) => write!(f, "{}:{t}", self.repo),
+            Reference::Digest(d) => write!(f, "{}@{d}", self.repo),
+        }
+    }
+}
+
 /// An API route with its validated parts. The repository name is still the
 /// raw path name; routing to an upstream (which may strip a host prefix)
 /// happens in [`crate::routing`].
@@ -437,6 +487,24 @@ mod tests {
         for bad in ["", ".", "..", ".a", "-a", "a/b", "a:b", &"a".repeat(129)] {
             assert!(Tag::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn image_refs() {
+        let r = ImageRef::parse("docker.io/library/postgres:16").unwrap();
+        assert_eq!(r.host.as_deref(), Some("docker.io"));
+        assert_eq!(r.repo.as_str(), "library/postgres");
+        assert_eq!(r.reference, Reference::Tag(Tag::parse("16").unwrap()));
+        let r = ImageRef::parse("alpine").unwrap();
+        assert_eq!((r.host, r.repo.as_str()), (None, "alpine"));
+        assert_eq!(r.reference.to_string(), "latest");
+        let r = ImageRef::parse("localhost:5000/a/b").unwrap();
+        assert_eq!(r.host.as_deref(), Some("localhost:5000"));
+        assert_eq!(r.repo.as_str(), "a/b");
+        let r = ImageRef::parse(&format!("ghcr.io/o/app@sha256:{H}")).unwrap();
+        assert!(matches!(r.reference, Reference::Digest(_)));
+        assert!(ImageRef::parse("Bad Name").is_err());
+        assert!(ImageRef::parse("a:b:c").is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -17,13 +18,20 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tracing::Instrument;
 
+use crate::admin::{self, AdminState};
 use crate::blobs::BlobStore;
 use crate::body::{self, Body};
 use crate::config::Config;
 use crate::error::{RegistryError, UpstreamKind};
+use crate::front::{Front, Reloader};
+use crate::index::{BlobIndex, Budget};
 use crate::manifests::{Manifest, ManifestStore};
+use crate::metrics::{Metrics, RouteKind, source_of};
+use crate::reference::ImageRef;
 use crate::reference::{Reference, Route, parse_route};
+use crate::request_id::{self, RequestIds};
 use crate::routing::{Router, ns_param};
 use crate::upstream::Upstream;
 
@@ -33,6 +41,9 @@ pub enum ServerError {
     /// Configuration refused (bad upstream credentials file, ...).
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// TLS material or htpasswd file unusable.
+    #[error(transparent)]
+    Front(#[from] crate::front::FrontError),
     /// Could not bind, or the cache directory is unusable.
     #[error("{context}: {source}")]
     Io {
@@ -51,6 +62,12 @@ pub struct AppState {
     pub blobs: Arc<BlobStore>,
     /// The manifest cache.
     pub manifests: ManifestStore,
+    /// Client authentication (open unless `[access]` is configured).
+    pub access: Arc<crate::access::Access>,
+    /// This server's metrics and health flags.
+    pub metrics: Arc<Metrics>,
+    /// Request id generator.
+    pub request_ids: RequestIds,
 }
 
 /// A bound, ready-to-run mirror.
@@ -58,16 +75,22 @@ pub struct Server {
     listener: TcpListener,
     state: Arc<AppState>,
     shutdown_timeout: Duration,
+    front: Arc<Front>,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`), if enabled.
+    admin: Option<TcpListener>,
+    /// Where the caches live (checked by `/readyz`).
+    cache_dir: PathBuf,
 }
 
 impl Server {
     /// Opens the caches, builds the upstream clients and binds the listener.
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
         let io = |context: String| move |source| ServerError::Io { context, source };
+        let metrics = Arc::new(Metrics::new());
         let upstreams = config
             .upstreams
             .iter()
-            .map(|u| Upstream::new(u).map(Arc::new))
+            .map(|u| Upstream::new(u).map(|u| Arc::new(u.with_metrics(metrics.clone()))))
             .collect::<Result<Vec<_>, _>>()?;
         let idle = config
             .upstreams
@@ -75,26 +98,77 @@ impl Server {
             .map(|u| u.timeout)
             .max()
             .unwrap_or(Duration::from_secs(30));
-        let blobs = BlobStore::open(&config.cache_dir, idle).map_err(io(format!(
+        let budget = Budget::new(
+            config.cache.max_size.as_u64(),
+            config.cache.high_watermark,
+            config.cache.low_watermark,
+        );
+        let index = Arc::new(BlobIndex::new(&config.cache_dir, budget));
+        let blobs = BlobStore::open(&config.cache_dir, index, idle).map_err(io(format!(
             "opening blob cache in {}",
             config.cache_dir.display()
         )))?;
+        let blobs = Arc::new(blobs.with_metrics(metrics.clone()));
+        blobs.spawn_background();
         let manifests = ManifestStore::open(&config.cache_dir).map_err(io(format!(
             "opening manifest cache in {}",
             config.cache_dir.display()
         )))?;
+        let front = Arc::new(Front::new(&config)?);
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(io(format!("binding {}", config.listen)))?;
+        let admin = match config.admin_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(io(format!("binding the admin listener {addr}")))?,
+            ),
+            None => None,
+        };
+        let state = Arc::new(AppState {
+            router: Router::new(upstreams),
+            blobs,
+            manifests,
+            access: front.access(),
+            metrics,
+            request_ids: RequestIds::new(),
+        });
+        let pins = config
+            .cache
+            .pin
+            .iter()
+            .filter_map(|p| ImageRef::parse(p).ok())
+            .collect();
+        crate::pins::spawn(state.clone(), pins, config.cache.pin_refresh);
         Ok(Server {
             listener,
-            state: Arc::new(AppState {
-                router: Router::new(upstreams),
-                blobs: Arc::new(blobs),
-                manifests,
-            }),
+            state,
             shutdown_timeout: config.shutdown_timeout,
+            front,
+            admin,
+            cache_dir: config.cache_dir.clone(),
         })
+    }
+
+    /// The shared state (caches, upstreams), for tests and tools.
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Reloads the TLS certificate and htpasswd file (SIGHUP).
+    pub fn reloader(&self) -> Reloader {
+        self.front.reloader()
+    }
+
+    /// The address the admin listener bound, or `None` when it is off.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// This server's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.state.metrics
     }
 
     /// The address actually bound (useful with port 0).
@@ -107,18 +181,30 @@ impl Server {
     /// Serves until `shutdown` completes, then stops accepting and lets
     /// in-flight responses finish for up to the shutdown timeout.
     pub async fn run(
-        self,
+        mut self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let graceful = GracefulShutdown::new();
-        let builder = auto::Builder::new(TokioExecutor::new());
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        self.front.configure(&mut builder);
+        let watch = self.front.reloader().spawn_watch();
         tokio::pin!(shutdown);
-        tracing::info!(addr = %self.local_addr(), "stowage listening");
+        let admin = self.admin.take().map(|listener| {
+            let blobs = self.state.blobs.clone();
+            let state = AdminState::new(self.state.metrics.clone(), self.cache_dir.clone())
+                .with_index_check(move || blobs.index().is_loaded());
+            admin::spawn(listener, Arc::new(state))
+        });
+        self.state.metrics.set_listening(true);
+        tracing::info!(addr = %self.local_addr(), tls = self.front.tls().is_some(), "stowage listening");
         loop {
-            let (stream, peer) = tokio::select! {
-                accepted = self.listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
+            let (permit, stream, peer) = tokio::select! {
+                accepted = async {
+                    let permit = self.front.slot().await;
+                    (permit, self.listener.accept().await)
+                } => match accepted {
+                    (permit, Ok((stream, peer))) => (permit, stream, peer),
+                    (_, Err(e)) => {
                         // EMFILE and friends: back off instead of spinning.
                         tracing::warn!(error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -133,21 +219,35 @@ impl Server {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(state, req, peer).await) }
             });
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            let conn = graceful.watch(conn.into_owned());
+            let (front, builder, watcher) =
+                (self.front.clone(), builder.clone(), graceful.watcher());
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
+                let _permit = permit;
+                let Some(io) = front.handshake(stream, peer).await else {
+                    return;
+                };
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+                if let Err(e) = watcher.watch(conn.into_owned()).await {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                 }
             });
         }
+        watch.stop();
         drop(self.listener);
+        // /readyz answers 503 from now on, while requests drain.
+        self.state.metrics.set_listening(false);
         tracing::info!("shutting down: waiting for in-flight requests");
         tokio::select! {
             () = graceful.shutdown() => tracing::info!("all connections closed"),
             () = tokio::time::sleep(self.shutdown_timeout) => {
                 tracing::warn!(timeout = ?self.shutdown_timeout, "shutdown timeout reached, dropping connections");
             }
+        }
+        // Persist recency so LRU order survives the restart.
+        let index = self.state.blobs.index().clone();
+        let _ = tokio::task::spawn_blocking(move || index.flush_atimes()).await;
+        if let Some(admin) = admin {
+            admin.stop().await;
         }
         Ok(())
     }
@@ -163,7 +263,10 @@ pub async fn handle(
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let (mut response, outcome) = match dispatch(&state, &req).await {
+    let request_id = state.request_ids.for_request(req.headers());
+    let route = RouteKind::of_path(&path);
+    let span = tracing::info_span!("request", request_id = %request_id);
+    let (mut response, outcome) = match dispatch(&state, &req).instrument(span).await {
         Ok(r) => r,
         Err(e) => (e.into_response(method == Method::HEAD, body::full), "-"),
     };
@@ -171,7 +274,16 @@ pub async fn handle(
         "docker-distribution-api-version",
         HeaderValue::from_static("registry/2.0"),
     );
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(request_id::HEADER, v);
+    }
     let status = response.status();
+    state.metrics.request_started(route, &method, status);
+    if let Some(kind) = route.cache()
+        && outcome != "-"
+    {
+        state.metrics.cache_outcome(kind, outcome);
+    }
     let (parts, inner) = response.into_parts();
     let logged = LoggedBody {
         inner,
@@ -184,6 +296,9 @@ pub async fn handle(
             outcome,
             peer,
             started,
+            request_id,
+            route,
+            metrics: state.metrics.clone(),
         }),
     };
     Response::from_parts(parts, BodyExt::boxed(logged))
@@ -195,6 +310,7 @@ async fn dispatch(
     state: &AppState,
     req: &Request<Incoming>,
 ) -> Result<(Response<Body>, &'static str), RegistryError> {
+    state.access.check(req.headers()).await?;
     let route = parse_route(req.uri().path())?;
     let method = req.method();
     let read_only = method == Method::GET || method == Method::HEAD;
@@ -351,6 +467,9 @@ struct LogLine {
     outcome: &'static str,
     peer: SocketAddr,
     started: Instant,
+    request_id: String,
+    route: RouteKind,
+    metrics: Arc<Metrics>,
 }
 
 /// A body that counts what it sends and logs the request when it is done,
@@ -365,12 +484,16 @@ struct LoggedBody {
 impl LoggedBody {
     fn finish(&mut self, complete: bool) {
         if let Some(l) = self.log.take() {
+            let elapsed = l.started.elapsed();
+            l.metrics
+                .response_finished(l.route, source_of(l.outcome), self.bytes, elapsed);
             tracing::info!(
+                request_id = %l.request_id,
                 method = %l.method,
                 path = %l.path,
                 status = l.status.as_u16(),
                 bytes = self.bytes,
-                ms = l.started.elapsed().as_millis() as u64,
+                ms = elapsed.as_millis() as u64,
                 cache = l.outcome,
                 peer = %l.peer,
                 complete = complete && !self.failed,

@@ -23,6 +23,7 @@ use crate::auth::{
     Challenge, Token, TokenCache, TokenKey, parse_challenges, pull_scope, token_url,
 };
 use crate::config::{ConfigError, UpstreamConfig};
+use crate::metrics::Metrics;
 
 /// Redirects followed for one request before giving up.
 const MAX_REDIRECTS: usize = 5;
@@ -99,6 +100,8 @@ pub struct Upstream {
     tokens: TokenCache,
     /// How the upstream last asked us to authenticate.
     challenge: Mutex<Option<Remembered>>,
+    /// Where exchanges, latencies and rate limits are counted.
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -379,7 +382,21 @@ impl Upstream {
             client,
             tokens: TokenCache::new(),
             challenge: Mutex::new(None),
+            metrics: Arc::new(Metrics::new()),
         })
+    }
+
+    /// Counts this upstream's requests in `metrics` (a fresh, unexported
+    /// set is used until this is called).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Upstream {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The metrics this upstream reports to (also used by the caches for
+    /// what they verify of its answers).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The registry host clients name this upstream by (`cfg.host`).
@@ -430,6 +447,7 @@ impl Upstream {
             headers.remove(name);
         }
         let default_scope = pull_scope(&upstream_repo);
+        let kind = request_kind(tail);
 
         // Authenticate up front when we know how.
         let remembered = self.remembered();
@@ -449,7 +467,9 @@ impl Upstream {
             None => None,
         };
 
-        let resp = self.follow(&method, &uri, &headers, auth.as_ref()).await?;
+        let resp = self
+            .follow(kind, &method, &uri, &headers, auth.as_ref())
+            .await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
         }
@@ -492,7 +512,7 @@ impl Upstream {
         drop(resp);
 
         let resp = self
-            .follow(&method, &uri, &headers, Some(&retry_auth))
+            .follow(kind, &method, &uri, &headers, Some(&retry_auth))
             .await?;
         if resp.status() == StatusCode::UNAUTHORIZED {
             tracing::warn!(upstream = %self.host, url = %uri, "upstream still answers 401 after authenticating");
@@ -541,7 +561,7 @@ impl Upstream {
             UpstreamError::Auth(message)
         };
         let resp = match self
-            .follow(&Method::GET, &uri, &headers, self.basic.as_ref())
+            .follow("token", &Method::GET, &uri, &headers, self.basic.as_ref())
             .await
         {
             Ok(resp) => resp,
@@ -571,9 +591,10 @@ impl Upstream {
     }
 
     /// Sends a request and follows redirects (at most [`MAX_REDIRECTS`]).
-    /// `auth` goes to the first hop only.
+    /// `auth` goes to the first hop only. `kind` labels the metrics.
     async fn follow(
         &self,
+        kind: &'static str,
         method: &Method,
         uri: &Uri,
         headers: &HeaderMap,
@@ -582,7 +603,9 @@ impl Upstream {
         let mut uri = uri.clone();
         for hop in 0..=MAX_REDIRECTS {
             let auth = if hop == 0 { auth } else { None };
-            let resp = self.exchange(method, &uri, headers, auth, hop == 0).await?;
+            let resp = self
+                .exchange(kind, method, &uri, headers, auth, hop == 0)
+                .await?;
             if !is_redirect(resp.status()) {
                 return Ok(resp);
             }
@@ -599,9 +622,11 @@ impl Upstream {
         )))
     }
 
-    /// One HTTP exchange, bounded by the timeout up to the response headers.
+    /// One HTTP exchange, bounded by the timeout up to the response headers,
+    /// counted in the metrics as `kind`.
     async fn exchange(
         &self,
+        kind: &'static str,
         method: &Method,
         uri: &Uri,
         headers: &HeaderMap,
@@ -626,8 +651,15 @@ impl Upstream {
         let url = loggable(uri, first_hop);
         let result = tokio::time::timeout(self.timeout, self.client.request(req)).await;
         let elapsed = started.elapsed();
+        let status = match &result {
+            Ok(Ok(resp)) => Some(resp.status()),
+            _ => None,
+        };
+        self.metrics
+            .upstream_exchange(&self.host, kind, status, elapsed);
         match result {
             Ok(Ok(resp)) => {
+                self.metrics.upstream_ratelimit(&self.host, resp.headers());
                 tracing::debug!(
                     upstream = %self.host,
                     %method,
@@ -652,6 +684,18 @@ impl Upstream {
                 Err(UpstreamError::Unreachable(message))
             }
         }
+    }
+}
+
+/// The metrics `kind` of a registry API request, from its path tail
+/// (`manifests/…`, `blobs/…`, `tags/list…`, `referrers/…`).
+fn request_kind(tail: &str) -> &'static str {
+    match tail.split('/').next() {
+        Some("manifests") => "manifest",
+        Some("blobs") => "blob",
+        Some("tags") => "tags",
+        Some("referrers") => "referrers",
+        _ => "other",
     }
 }
 
@@ -1335,5 +1379,62 @@ mod tests {
             HeaderValue::from_static("Bearer realm=\"https://t\""),
         );
         assert!(matches!(pick_challenge(&h), Some(Ok(Challenge::Bearer(_)))));
+    }
+
+    #[tokio::test]
+    async fn metrics_count_exchanges_and_rate_limits() {
+        let (addr, _) = serve(|_| {
+            |req: &Request<Incoming>| match req.uri().path() {
+                "/v2/a/b/manifests/1" => {
+                    let r = with_header(
+                        reply(200, "m"),
+                        header::HeaderName::from_static("ratelimit-limit"),
+                        "100;w=21600",
+                    );
+                    with_header(
+                        r,
+                        header::HeaderName::from_static("ratelimit-remaining"),
+                        "97;w=21600",
+                    )
+                }
+                "/v2/a/b/blobs/sha256:x" => {
+                    with_header(reply(307, ""), header::LOCATION, "/storage/x")
+                }
+                "/storage/x" => reply(200, "blob"),
+                _ => reply(404, ""),
+            }
+        })
+        .await;
+        let metrics = Arc::new(Metrics::new());
+        let up = Upstream::new(&config(format!("http://{addr}")))
+            .unwrap()
+            .with_metrics(metrics.clone());
+        assert!(Arc::ptr_eq(up.metrics(), &metrics));
+        assert_eq!(get(&up, "a/b", "manifests/1").await.0, 200);
+        assert_eq!(get(&up, "a/b", "blobs/sha256:x").await.0, 200);
+        assert_eq!(get(&up, "a/b", "tags/list").await.0, 404);
+        let dead = Upstream::new(&config("http://127.0.0.1:9".into()))
+            .unwrap()
+            .with_metrics(metrics.clone());
+        assert!(
+            dead.send(Method::GET, "a/b", "referrers/sha256:x", HeaderMap::new())
+                .await
+                .is_err()
+        );
+        let text = String::from_utf8(metrics.encode().unwrap()).unwrap();
+        for line in [
+            r#"stowage_upstream_requests_total{kind="manifest",status="200",upstream="test.local"} 1"#,
+            r#"stowage_upstream_requests_total{kind="blob",status="307",upstream="test.local"} 1"#,
+            r#"stowage_upstream_requests_total{kind="blob",status="200",upstream="test.local"} 1"#,
+            r#"stowage_upstream_requests_total{kind="tags",status="404",upstream="test.local"} 1"#,
+            r#"stowage_upstream_requests_total{kind="referrers",status="error",upstream="test.local"} 1"#,
+            r#"stowage_upstream_request_duration_seconds_count{kind="blob",upstream="test.local"} 2"#,
+            r#"stowage_upstream_ratelimit_remaining{upstream="test.local"} 97"#,
+            r#"stowage_upstream_ratelimit_limit{upstream="test.local"} 100"#,
+        ] {
+            assert!(text.contains(line), "missing {line}:\n{text}");
+        }
+        assert_eq!(request_kind("tags/list?n=1"), "tags");
+        assert_eq!(request_kind("whatever"), "other");
     }
 }

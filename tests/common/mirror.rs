@@ -11,6 +11,10 @@ use tokio::task::JoinHandle;
 /// is removed when `dir` is dropped).
 pub struct Stowage {
     pub addr: SocketAddr,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`), if enabled.
+    pub admin: Option<SocketAddr>,
+    /// The server's shared state (caches), for white-box checks and hooks.
+    pub state: std::sync::Arc<stowage::server::AppState>,
     pub dir: TempDir,
     pub handle: JoinHandle<()>,
     shutdown: Option<oneshot::Sender<()>>,
@@ -25,6 +29,14 @@ impl Stowage {
     /// `http://127.0.0.1:PORT/v2/<rest>`
     pub fn v2(&self, rest: &str) -> String {
         format!("http://{}/v2/{}", self.addr, rest)
+    }
+
+    /// `http://<admin addr><path>`; panics when the admin listener is off.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!(
+            "http://{}{path}",
+            self.admin.expect("admin listener is off")
+        )
     }
 
     pub fn manifest_url(&self, name: &str, reference: &str) -> String {
@@ -63,7 +75,7 @@ impl Drop for Stowage {
 /// inside that `[[upstream]]` table (e.g. `tag_ttl = "1s"`).
 pub fn config_toml(cache_dir: &Path, upstream_url: &str, upstream_extra: &str) -> String {
     format!(
-        "listen = \"127.0.0.1:0\"\ncache_dir = {dir:?}\nshutdown_timeout = \"2s\"\n\
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ncache_dir = {dir:?}\nshutdown_timeout = \"2s\"\n\
          [[upstream]]\nhost = \"docker.io\"\nurl = \"{upstream_url}\"\nlibrary_prefix = true\n{upstream_extra}\n",
         dir = cache_dir.to_str().unwrap(),
     )
@@ -89,6 +101,8 @@ pub async fn start_stowage_toml(dir: TempDir, toml: &str) -> Stowage {
         .await
         .unwrap_or_else(|e| panic!("stowage did not start: {e}"));
     let addr = server.local_addr();
+    let admin = server.admin_addr();
+    let state = server.state().clone();
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(async move {
         server
@@ -100,6 +114,8 @@ pub async fn start_stowage_toml(dir: TempDir, toml: &str) -> Stowage {
     });
     Stowage {
         addr,
+        admin,
+        state,
         dir,
         handle,
         shutdown: Some(tx),

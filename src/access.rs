@@ -1,0 +1,355 @@
+//! Client authentication for the mirror itself: HTTP Basic credentials
+//! checked against an htpasswd file of bcrypt entries.
+//!
+//! When enabled every request needs credentials, `/v2/` included: that is
+//! where Docker, containerd and podman learn that a registry wants a login
+//! (`401` with `WWW-Authenticate: Basic realm="..."`), after which they send
+//! `Authorization: Basic ...` on every request.
+//!
+//! bcrypt is slow on purpose (tens of milliseconds), so a verified
+//! `Authorization` value is remembered for a while (keyed by a SHA-256 of the
+//! value and the htpasswd generation, so a reload forgets everything), and
+//! verifications run on the blocking pool, a few at a time.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use base64::Engine as _;
+use http::{HeaderMap, HeaderValue, header};
+use sha2::{Digest as _, Sha256};
+
+use crate::config::AccessConfig;
+use crate::error::RegistryError;
+
+/// How long a verified `Authorization` value is trusted without running
+/// bcrypt again.
+const VERIFIED_TTL: Duration = Duration::from_secs(600);
+/// How many verified values are remembered.
+const VERIFIED_CAPACITY: u64 = 10_000;
+
+/// Why an htpasswd file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// A line is not a `user:bcrypt-hash` entry.
+    #[error("{path}:{line}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number (0: the file as a whole).
+        line: usize,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// Users and their bcrypt hashes, as read from one version of the file.
+#[derive(Debug)]
+pub struct Htpasswd {
+    users: HashMap<String, String>,
+    /// A hash of an unguessable password, checked for unknown users so that
+    /// they take as long as known ones.
+    dummy: String,
+}
+
+impl Htpasswd {
+    /// Parses htpasswd text: `user:hash` lines, `#` comments and blank lines
+    /// allowed; only bcrypt hashes (`$2y$`, `$2b$`, `$2a$`, `$2x$`).
+    pub fn parse(path: &Path, text: &str) -> Result<Htpasswd, AccessError> {
+        let bad = |line: usize, message: String| AccessError::Invalid {
+            path: path.to_path_buf(),
+            line,
+            message,
+        };
+        let mut users = HashMap::new();
+        let mut max_cost = 4;
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let Some((user, hash)) = line.split_once(':') else {
+                return Err(bad(i + 1, "expected user:hash".into()));
+            };
+            if user.is_empty() {
+                return Err(bad(i + 1, "empty user name".into()));
+            }
+            let parts = bcrypt::HashParts::from_str(hash).map_err(|_| {
+                bad(
+                    i + 1,
+                    format!(
+                        "the entry for {user:?} is not a bcrypt hash; only bcrypt is \
+                         supported (create it with `htpasswd -B`)"
+                    ),
+                )
+            })?;
+            max_cost = max_cost.max(parts.get_cost());
+            if users.insert(user.to_string(), hash.to_string()).is_some() {
+                return Err(bad(i + 1, format!("user {user:?} appears twice")));
+            }
+        }
+        if users.is_empty() {
+            return Err(bad(0, "no users in the file".into()));
+        }
+        // Its password never matters: unknown users are refused anyway.
+        let dummy = bcrypt::hash("stowage: no such user", max_cost)
+            .map_err(|e| bad(0, format!("cannot compute a bcrypt hash: {e}")))?;
+        Ok(Htpasswd { users, dummy })
+    }
+
+    /// Reads and parses a file.
+    pub fn read(path: &Path) -> Result<Htpasswd, AccessError> {
+        let text = std::fs::read_to_string(path).map_err(|source| AccessError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Htpasswd::parse(path, &text)
+    }
+
+    /// Number of users.
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Whether there are no users (never true for a parsed file).
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+
+    /// Checks a password (slow: bcrypt). Unknown users take as long as known
+    /// ones.
+    pub fn verify(&self, user: &str, password: &str) -> bool {
+        match self.users.get(user) {
+            Some(hash) => bcrypt::verify(password, hash).unwrap_or(false),
+            None => {
+                let _ = bcrypt::verify(password, &self.dummy);
+                false
+            }
+        }
+    }
+}
+
+/// The mirror's access control: open, or htpasswd-protected.
+pub struct Access {
+    inner: Option<Protected>,
+}
+
+struct Protected {
+    path: PathBuf,
+    reload_interval: Duration,
+    challenge: HeaderValue,
+    users: ArcSwap<Htpasswd>,
+    /// Bumped at every reload; part of the verified-cache key.
+    generation: AtomicU64,
+    /// SHA-256 of the file contents last tried (loaded or rejected).
+    seen: ArcSwap<[u8; 32]>,
+    verified: moka::sync::Cache<[u8; 32], ()>,
+    bcrypt_slots: tokio::sync::Semaphore,
+}
+
+impl Access {
+    /// No authentication: every request is let through.
+    pub fn open() -> Access {
+        Access { inner: None }
+    }
+
+    /// From the `[access]` configuration (open when `None`); reads the
+    /// htpasswd file.
+    pub fn new(config: Option<&AccessConfig>) -> Result<Access, AccessError> {
+        let Some(config) = config else {
+            return Ok(Access::open());
+        };
+        let bytes = std::fs::read(&config.htpasswd).map_err(|source| AccessError::Read {
+            path: config.htpasswd.clone(),
+            source,
+        })?;
+        let users = Htpasswd::parse(&config.htpasswd, &String::from_utf8_lossy(&bytes))?;
+        tracing::info!(
+            htpasswd = %config.htpasswd.display(),
+            users = users.len(),
+            "client authentication enabled"
+        );
+        let challenge = HeaderValue::from_str(&format!("Basic realm=\"{}\"", config.realm))
+            .unwrap_or_else(|_| HeaderValue::from_static("Basic realm=\"stowage\""));
+        let slots = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        Ok(Access {
+            inner: Some(Protected {
+                path: config.htpasswd.clone(),
+                reload_interval: config.reload_interval,
+                challenge,
+                users: ArcSwap::from_pointee(users),
+                generation: AtomicU64::new(0),
+                seen: ArcSwap::from_pointee(Sha256::digest(&bytes).into()),
+                verified: moka::sync::Cache::builder()
+                    .max_capacity(VERIFIED_CAPACITY)
+                    .time_to_live(VERIFIED_TTL)
+                    .build(),
+                bcrypt_slots: tokio::sync::Semaphore::new(slots),
+            }),
+        })
+    }
+
+    /// Whether requests need credentials.
+    pub fn enabled(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// How often the htpasswd file should be polled (`None`: no file).
+    pub fn reload_interval(&self) -> Option<Duration> {
+        self.inner.as_ref().map(|p| p.reload_interval)
+    }
+
+    /// Lets the request through, or answers 401 UNAUTHORIZED with the Basic
+    /// challenge.
+    pub async fn check(&self, headers: &HeaderMap) -> Result<(), RegistryError> {
+        let Some(p) = &self.inner else {
+            return Ok(());
+        };
+        let deny = |message: &str| RegistryError::unauthorized(message, p.challenge.clone());
+        let Some(value) = headers.get(header::AUTHORIZATION) else {
+            return Err(deny("authentication required"));
+        };
+        let Some((user, password)) = parse_basic(value) else {
+            return Err(deny(
+                "authentication required: HTTP Basic credentials expected",
+            ));
+        };
+        let generation = p.generation.load(Ordering::Acquire);
+        let key: [u8; 32] = {
+            let mut h = Sha256::new();
+            h.update(generation.to_le_bytes());
+            h.update(value.as_bytes());
+            h.finalize().into()
+        };
+        if p.verified.contains_key(&key) {
+            return Ok(());
+        }
+        let users = p.users.load_full();
+        let ok = {
+            let _slot = p.bcrypt_slots.acquire().await;
+            let check_user = user.clone();
+            tokio::task::spawn_blocking(move || users.verify(&check_user, &password))
+                .await
+                .unwrap_or(false)
+        };
+        if ok {
+            p.verified.insert(key, ());
+            Ok(())
+        } else {
+            tracing::warn!(user = %user, "client authentication failed");
+            Err(deny("invalid username or password"))
+        }
+    }
+
+    /// Re-reads the htpasswd file. With `force` false nothing happens unless
+    /// its contents changed since the last attempt. A file that does not
+    /// parse is logged and the previous users stay. Returns whether new users
+    /// are in effect.
+    pub fn reload(&self, force: bool) -> Result<bool, AccessError> {
+        let Some(p) = &self.inner else {
+            return Ok(false);
+        };
+        let bytes = match std::fs::read(&p.path) {
+            Ok(b) => b,
+            Err(source) => {
+                let digest: [u8; 32] =
+                    Sha256::digest(format!("unreadable: {:?}", source.kind())).into();
+                let report = force || **p.seen.load() != digest;
+                p.seen.store(Arc::new(digest));
+                let e = AccessError::Read {
+                    path: p.path.clone(),
+                    source,
+                };
+                if report {
+                    tracing::error!(error = %e, "htpasswd reload rejected; keeping the previous users");
+                    return Err(e);
+                }
+                return Ok(false);
+            }
+        };
+        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        if !force && **p.seen.load() == digest {
+            return Ok(false);
+        }
+        p.seen.store(Arc::new(digest));
+        match Htpasswd::parse(&p.path, &String::from_utf8_lossy(&bytes)) {
+            Ok(users) => {
+                tracing::info!(htpasswd = %p.path.display(), users = users.len(), "htpasswd reloaded");
+                p.users.store(Arc::new(users));
+                p.generation.fetch_add(1, Ordering::AcqRel);
+                p.verified.invalidate_all();
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "htpasswd reload rejected; keeping the previous users");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// `Basic base64(user:password)` → (user, password).
+fn parse_basic(value: &HeaderValue) -> Option<(String, String)> {
+    let text = value.to_str().ok()?.trim();
+    let (scheme, rest) = text.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(rest.trim())
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (user, password) = decoded.split_once(':')?;
+    Some((user.to_string(), password.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> Result<Htpasswd, AccessError> {
+        Htpasswd::parse(Path::new("htpasswd"), text)
+    }
+
+    #[test]
+    fn parses_bcrypt_and_refuses_the_rest() {
+        let hash = bcrypt::hash("secret", 4).unwrap();
+        let h = file(&format!("# users\n\nalice:{hash}\n")).unwrap();
+        assert_eq!(h.len(), 1);
+        assert!(h.verify("alice", "secret"));
+        assert!(!h.verify("alice", "Secret"));
+        assert!(!h.verify("bob", "secret"));
+
+        let e = file("bob:$apr1$abc$def\n").unwrap_err();
+        assert!(e.to_string().contains("htpasswd:1"), "{e}");
+        assert!(e.to_string().contains("bcrypt"), "{e}");
+        let e = file(&format!("a:{hash}\na:{hash}\n")).unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+        assert!(file("# nobody\n").is_err());
+        assert!(file("no colon\n").is_err());
+    }
+
+    #[test]
+    fn basic_header() {
+        let v = HeaderValue::from_static("Basic YWxpY2U6czNjcjp0");
+        assert_eq!(parse_basic(&v), Some(("alice".into(), "s3cr:t".into())));
+        let v = HeaderValue::from_static("basic   YWxpY2U6czNjcjp0");
+        assert!(parse_basic(&v).is_some());
+        assert!(parse_basic(&HeaderValue::from_static("Bearer abc")).is_none());
+        assert!(parse_basic(&HeaderValue::from_static("Basic !!!")).is_none());
+    }
+}

@@ -1,0 +1,665 @@
+//! The blob index: what the store holds, how big it is, when each blob was
+//! last used, and which blobs are pinned. It keeps the store inside its byte
+//! budget by evicting least-recently-used blobs.
+//!
+//! * Entries live in a sharded concurrent map; a hit stores the current time
+//!   in an atomic, so the hot path takes no global lock.
+//! * Usage = committed bytes + bytes reserved by fills in flight. When it
+//!   passes the high watermark, one evictor (serialised by a mutex that only
+//!   fills and commits touch) unlinks the oldest unpinned blobs until usage
+//!   is under the low watermark. A reader with the file open keeps streaming
+//!   after the unlink.
+//! * Recency survives restarts without a write per hit: a flusher copies the
+//!   access times that changed into the files' mtimes every
+//!   [`FLUSH_INTERVAL`] (and at shutdown); start-up reads them back.
+//! * Sizes survive restarts in an append-only journal (`index.log`, one
+//!   `+<digest> <size>` line fsynced before each commit's rename, `-<digest>`
+//!   on removal), compacted at start-up. A file whose size disagrees with its
+//!   record is dropped; a file with no record (cache written by hand or an
+//!   older version) is verified by hashing before it is indexed.
+//!
+//! Why not moka here (moka does back the manifest and token caches): its
+//! capacity is fixed when the cache is built, but the room for blobs shrinks
+//! and grows with pinned blobs and fills in flight; it cannot exempt pinned
+//! entries from eviction; its weigher is a `u32` (blobs pass 4 GiB); it has no
+//! high/low watermarks; and its eviction listener runs after the entry has
+//! left the map, racing a refill of the same digest for the file name.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+
+use crate::reference::{Algorithm, Digest, Hasher};
+
+/// How often changed access times are written to the files' mtimes.
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The byte budget of the blob store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Hard limit for committed blobs plus fills in flight.
+    pub max_size: u64,
+    /// Eviction starts when usage passes this.
+    pub high: u64,
+    /// Eviction stops when usage is under this.
+    pub low: u64,
+}
+
+impl Budget {
+    /// A budget of `max_size` with watermarks given as fractions of it.
+    pub fn new(max_size: u64, high: f64, low: f64) -> Budget {
+        let frac = |f: f64| ((max_size as f64) * f.clamp(0.0, 1.0)) as u64;
+        let high = frac(high).min(max_size);
+        Budget {
+            max_size,
+            high,
+            low: frac(low).min(high),
+        }
+    }
+}
+
+/// What the index knows of one stored blob.
+#[derive(Debug)]
+struct Meta {
+    /// Size in bytes.
+    size: u64,
+    /// Last access, microseconds since the epoch.
+    atime: AtomicU64,
+    /// The access time last written to the file's mtime.
+    flushed: AtomicU64,
+}
+
+/// One row of [`BlobIndex::snapshot`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryInfo {
+    /// The blob.
+    pub digest: Digest,
+    /// Its size.
+    pub size: u64,
+    /// Last access, microseconds since the epoch.
+    pub atime: u64,
+    /// Whether a pinned image uses it.
+    pub pinned: bool,
+}
+
+/// Counters the index reports, for logs and metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Evicted {
+    /// Blobs removed.
+    pub blobs: u64,
+    /// Bytes freed.
+    pub bytes: u64,
+}
+
+/// The blob index. Shared by the store, the fills and background tasks.
+pub struct BlobIndex {
+    /// `<cache>/blobs`.
+    root: PathBuf,
+    /// `<cache>/index.log`.
+    journal_path: PathBuf,
+    /// Append handle of the journal.
+    journal: Mutex<Option<File>>,
+    /// Stored blobs.
+    entries: DashMap<Digest, Meta>,
+    /// Bytes of stored blobs.
+    used: AtomicU64,
+    /// Bytes reserved by fills in flight.
+    reserved: AtomicU64,
+    /// The budget.
+    budget: Budget,
+    /// Blobs of pinned images; never evicted.
+    pinned: RwLock<HashSet<Digest>>,
+    /// Set once the start-up scan has finished.
+    loaded: AtomicBool,
+    /// Serialises evictions (not taken on the hit path).
+    evicting: Mutex<()>,
+    /// Totals evicted since start.
+    evicted_blobs: AtomicU64,
+    /// Bytes evicted since start.
+    evicted_bytes: AtomicU64,
+}
+
+/// Microseconds since the epoch, now: the unit of access times.
+pub fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Where a blob lives under `root` (`<root>/<alg>/<hex[..2]>/<hex>`).
+pub fn blob_path(root: &Path, digest: &Digest) -> PathBuf {
+    root.join(digest.algorithm().as_str())
+        .join(&digest.hex()[..2])
+        .join(digest.hex())
+}
+
+impl BlobIndex {
+    /// An empty index over the store at `root` (`<cache>/blobs`); call
+    /// [`BlobIndex::load`] to fill it from disk.
+    pub fn new(cache_dir: &Path, budget: Budget) -> BlobIndex {
+        BlobIndex {
+            root: cache_dir.join("blobs"),
+            journal_path: cache_dir.join("index.log"),
+            journal: Mutex::new(None),
+            entries: DashMap::new(),
+            used: AtomicU64::new(0),
+            reserved: AtomicU64::new(0),
+            budget,
+            pinned: RwLock::new(HashSet::new()),
+            loaded: AtomicBool::new(false),
+            evicting: Mutex::new(()),
+            evicted_blobs: AtomicU64::new(0),
+            evicted_bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// The budget.
+    pub fn budget(&self) -> Budget {
+        self.budget
+    }
+
+    /// Bytes of stored blobs.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Bytes reserved by fills in flight.
+    pub fn reserved(&self) -> u64 {
+        self.reserved.load(Ordering::Relaxed)
+    }
+
+    /// Number of stored blobs indexed.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the index is empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Whether the start-up scan has finished.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
+    }
+
+    /// Blobs and bytes evicted since start.
+    pub fn evicted(&self) -> Evicted {
+        Evicted {
+            blobs: self.evicted_blobs.load(Ordering::Relaxed),
+            bytes: self.evicted_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Records a hit: the blob was just used. `size` is the file's size,
+    /// used to index a blob the start-up scan has not reached yet.
+    pub fn touch(&self, digest: &Digest, size: u64) {
+        let now = now_micros();
+        if let Some(m) = self.entries.get(digest) {
+            m.atime.store(now, Ordering::Relaxed);
+            return;
+        }
+        self.insert(digest, size, now, 0);
+    }
+
+    /// Adds an entry unless present; returns whether it was added.
+    fn insert(&self, digest: &Digest, size: u64, atime: u64, flushed: u64) -> bool {
+        use dashmap::mapref::entry::Entry;
+        match self.entries.entry(digest.clone()) {
+            Entry::Occupied(_) => false,
+            Entry::Vacant(v) => {
+                v.insert(Meta {
+                    size,
+                    atime: AtomicU64::new(atime),
+                    flushed: AtomicU64::new(flushed),
+                });
+                self.used.fetch_add(size, Ordering::Relaxed);
+                true
+            }
+        }
+    }
+
+    /// Forgets a blob whose file turned out to be missing (purged by an
+    /// operator command, or lost).
+    pub fn forget(&self, digest: &Digest) {
+        if let Some((_, m)) = self.entries.remove(digest) {
+            self.used.fetch_sub(m.size, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a blob of `size` bytes can be cached at all: it must fit in
+    /// the budget next to the pinned blobs.
+    pub fn cacheable(&self, size: u64) -> bool {
+        size <= self.budget.max_size
+    }
+
+    /// Reserves room for a fill of `size` bytes. Returns whether eviction is
+    /// needed now (usage passed the high watermark).
+    pub fn reserve(&self, size: u64) -> bool {
+        self.reserved.fetch_add(size, Ordering::Relaxed);
+        self.over_high()
+    }
+
+    /// Gives back a reservation (fill failed or committed).
+    pub fn release(&self, size: u64) {
+        let _ = self
+            .reserved
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                Some(r.saturating_sub(size))
+            });
+    }
+
+    fn over_high(&self) -> bool {
+        self.used() + self.reserved() > self.budget.high
+    }
+
+    /// Appends the record of a blob about to be committed and fsyncs it.
+    /// Called before the rename, so every stored file has a record.
+    pub fn record(&self, digest: &Digest, size: u64) -> io::Result<()> {
+        self.append(&format!("+{digest} {size}\n"), true)
+    }
+
+    fn append(&self, line: &str, sync: bool) -> io::Result<()> {
+        let mut guard = self
+            .journal
+            .lock()
+            .map_err(|_| io::Error::other("journal lock poisoned"))?;
+        if guard.is_none() {
+            *guard = Some(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.journal_path)?,
+            );
+        }
+        if let Some(f) = guard.as_mut() {
+            f.write_all(line.as_bytes())?;
+            if sync {
+                f.sync_data()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Indexes a blob just committed to the store.
+    pub fn committed(&self, digest: &Digest, size: u64) {
+        self.insert(digest, size, now_micros(), now_micros());
+    }
+
+    /// Replaces the set of pinned blobs.
+    pub fn set_pinned(&self, pinned: HashSet<Digest>) {
+        if let Ok(mut p) = self.pinned.write() {
+            *p = pinned;
+        }
+    }
+
+    /// Whether `digest` is pinned.
+    pub fn is_pinned(&self, digest: &Digest) -> bool {
+        self.pinned
+            .read()
+            .map(|p| p.contains(digest))
+            .unwrap_or(false)
+    }
+
+    /// Evicts least-recently-used unpinned blobs until usage is under the
+    /// low watermark, if it is over the high one. Blocking (unlinks files):
+    /// run it on a blocking thread. Returns what was evicted.
+    pub fn evict_if_needed(&self) -> Evicted {
+        let Ok(_guard) = self.evicting.lock() else {
+            return Evicted::default();
+        };
+        if !self.over_high() {
+            return Evicted::default();
+        }
+        let pinned = self.pinned.read().map(|p| p.clone()).unwrap_or_default();
+        let mut candidates: Vec<(u64, Digest)> = self
+            .entries
+            .iter()
+            .filter(|e| !pinned.contains(e.key()))
+            .map(|e| (e.value().atime.load(Ordering::Relaxed), e.key().clone()))
+            .collect();
+        candidates.sort_unstable();
+        let mut done = Evicted::default();
+        for (_, digest) in candidates {
+            if self.used() + self.reserved() <= self.budget.low {
+                break;
+            }
+            let Some((_, meta)) = self.entries.remove(&digest) else {
+                continue;
+            };
+            match std::fs::remove_file(blob_path(&self.root, &digest)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(%digest, error = %e, "cannot evict blob");
+                    self.entries.insert(digest, meta);
+                    continue;
+                }
+            }
+            let _ = self.append(&format!("-{digest}\n"), false);
+            self.used.fetch_sub(meta.size, Ordering::Relaxed);
+            done.blobs += 1;
+            done.bytes += meta.size;
+        }
+        self.evicted_blobs.fetch_add(done.blobs, Ordering::Relaxed);
+        self.evicted_bytes.fetch_add(done.bytes, Ordering::Relaxed);
+        if done.blobs > 0 {
+            tracing::info!(
+                blobs = done.blobs,
+                bytes = done.bytes,
+                used = self.used(),
+                reserved = self.reserved(),
+                "evicted least recently used blobs"
+            );
+        }
+        if self.used() + self.reserved() > self.budget.high {
+            tracing::warn!(
+                used = self.used(),
+                reserved = self.reserved(),
+                max = self.budget.max_size,
+                "cache over its high watermark after eviction (pinned blobs or fills in flight)"
+            );
+        }
+        done
+    }
+
+    /// Writes access times that changed since the last flush into the
+    /// files' mtimes. Blocking.
+    pub fn flush_atimes(&self) -> usize {
+        let mut n = 0;
+        for e in self.entries.iter() {
+            let atime = e.atime.load(Ordering::Relaxed);
+            if atime != e.flushed.load(Ordering::Relaxed) {
+                let t = filetime::FileTime::from_unix_time(
+                    (atime / 1_000_000) as i64,
+                    ((atime % 1_000_000) * 1000) as u32,
+                );
+                if filetime::set_file_mtime(blob_path(&self.root, e.key()), t).is_ok() {
+                    e.flushed.store(atime, Ordering::Relaxed);
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// Rebuilds the index from disk. Blocking; run it in the background
+    /// while the server already serves (misses meanwhile are correct, just
+    /// slower). Drops files that are not valid digests or whose size
+    /// disagrees with the journal; verifies unrecorded files by hashing;
+    /// compacts the journal. Returns the number of blobs indexed.
+    pub fn load(&self) -> io::Result<usize> {
+        let records = read_journal(&self.journal_path)?;
+        let mut kept: Vec<(Digest, u64)> = Vec::new();
+        for alg in [Algorithm::Sha256, Algorithm::Sha512] {
+            let alg_dir = self.root.join(alg.as_str());
+            let Ok(prefixes) = std::fs::read_dir(&alg_dir) else {
+                continue;
+            };
+            for prefix in prefixes.flatten() {
+                let prefix_path = prefix.path();
+                let prefix_name = prefix.file_name().to_string_lossy().into_owned();
+                if !prefix.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    drop_file(&prefix_path, "not a blob directory");
+                    continue;
+                }
+                let Ok(files) = std::fs::read_dir(&prefix_path) else {
+                    continue;
+                };
+                for file in files.flatten() {
+                    let path = file.path();
+                    let name = file.file_name().to_string_lossy().into_owned();
+                    let digest = match Digest::parse(&format!("{}:{name}", alg.as_str())) {
+                        Ok(d) if name.starts_with(&prefix_name) && prefix_name.len() == 2 => d,
+                        _ => {
+                            drop_file(&path, "name is not a valid digest");
+                            continue;
+                        }
+                    };
+                    let Ok(meta) = file.metadata() else { continue };
+                    if !meta.is_file() {
+                        drop_file(&path, "not a regular file");
+                        continue;
+                    }
+                    let size = meta.len();
+                    match records.get(&digest) {
+                        Some(&recorded) if recorded == size => {}
+                        Some(&recorded) => {
+                            tracing::warn!(%digest, size, recorded, "blob size does not match its record");
+                            drop_file(&path, "size does not match its record");
+                            continue;
+                        }
+                        None => {
+                            if !verify_file(&path, &digest) {
+                                drop_file(&path, "unrecorded and does not hash to its name");
+                                continue;
+                            }
+                        }
+                    }
+                    let mtime = meta
+                        .modified()
+                        .ok()
+                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                        .map(|d| d.as_micros() as u64)
+                        .unwrap_or(0);
+                    self.insert(&digest, size, mtime, mtime);
+                    kept.push((digest, size));
+                }
+            }
+        }
+        // Entries added by hits or commits during the scan are on disk and
+        // recorded already; write the compacted journal with everything.
+        let mut text = String::new();
+        for e in self.entries.iter() {
+            text.push_str(&format!("+{} {}\n", e.key(), e.size));
+        }
+        {
+            let mut guard = self
+                .journal
+                .lock()
+                .map_err(|_| io::Error::other("journal lock poisoned"))?;
+            let tmp = self.journal_path.with_extension("log.tmp");
+            std::fs::write(&tmp, text.as_bytes())?;
+            File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &self.journal_path)?;
+            *guard = None;
+        }
+        self.loaded.store(true, Ordering::Release);
+        Ok(kept.len())
+    }
+
+    /// All entries, for operator commands and tests.
+    pub fn snapshot(&self) -> Vec<EntryInfo> {
+        let pinned = self.pinned.read().map(|p| p.clone()).unwrap_or_default();
+        self.entries
+            .iter()
+            .map(|e| EntryInfo {
+                digest: e.key().clone(),
+                size: e.size,
+                atime: e.atime.load(Ordering::Relaxed),
+                pinned: pinned.contains(e.key()),
+            })
+            .collect()
+    }
+}
+
+/// Reads `+digest size` / `-digest` lines; later lines win. Unparseable
+/// lines (a torn last line after a crash) are skipped.
+fn read_journal(path: &Path) -> io::Result<std::collections::HashMap<Digest, u64>> {
+    let mut map = std::collections::HashMap::new();
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(map),
+        Err(e) => return Err(e),
+    };
+    for line in io::BufReader::new(file).lines() {
+        let Ok(line) = line else { break };
+        if let Some(rest) = line.strip_prefix('+') {
+            if let Some((d, s)) = rest.split_once(' ')
+                && let (Ok(d), Ok(s)) = (Digest::parse(d), s.parse::<u64>())
+            {
+                map.insert(d, s);
+            }
+        } else if let Some(rest) = line.strip_prefix('-')
+            && let Ok(d) = Digest::parse(rest)
+        {
+            map.remove(&d);
+        }
+    }
+    Ok(map)
+}
+
+fn drop_file(path: &Path, why: &str) {
+    tracing::warn!(path = %path.display(), reason = why, "dropping file from the blob store");
+    let _ = if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+}
+
+/// Whether the file at `path` hashes to `digest`.
+fn verify_file(path: &Path, digest: &Digest) -> bool {
+    let Ok(mut f) = File::open(path) else {
+        return false;
+    };
+    let mut h = Hasher::new(digest.algorithm());
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match io::Read::read(&mut f, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => h.update(&buf[..n]),
+            Err(_) => return false,
+        }
+    }
+    &h.finish() == digest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest(n: u8) -> Digest {
+        Digest::of(Algorithm::Sha256, &[n])
+    }
+
+    fn store(index: &BlobIndex, n: u8, size: usize) -> Digest {
+        let d = digest(n);
+        let p = blob_path(&index.root, &d);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, vec![n; size]).unwrap();
+        index.record(&d, size as u64).unwrap();
+        index.committed(&d, size as u64);
+        d
+    }
+
+    #[test]
+    fn budget_watermarks() {
+        let b = Budget::new(1000, 0.9, 0.8);
+        assert_eq!((b.max_size, b.high, b.low), (1000, 900, 800));
+        let b = Budget::new(1000, 0.5, 0.9);
+        assert_eq!((b.high, b.low), (500, 500));
+    }
+
+    #[test]
+    fn evicts_least_recently_used_unpinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = BlobIndex::new(dir.path(), Budget::new(1000, 0.9, 0.6));
+        let a = store(&index, 1, 300);
+        let b = store(&index, 2, 300);
+        let c = store(&index, 3, 300);
+        // Make a the oldest, b the newest; pin c.
+        index
+            .entries
+            .get(&a)
+            .unwrap()
+            .atime
+            .store(10, Ordering::Relaxed);
+        index
+            .entries
+            .get(&b)
+            .unwrap()
+            .atime
+            .store(30, Ordering::Relaxed);
+        index
+            .entries
+            .get(&c)
+            .unwrap()
+            .atime
+            .store(5, Ordering::Relaxed);
+        index.set_pinned([c.clone()].into_iter().collect());
+        assert_eq!(index.evict_if_needed(), Evicted::default());
+        let d = store(&index, 4, 300);
+        index
+            .entries
+            .get(&d)
+            .unwrap()
+            .atime
+            .store(40, Ordering::Relaxed);
+        let e = index.evict_if_needed();
+        assert_eq!(
+            e,
+            Evicted {
+                blobs: 2,
+                bytes: 600
+            }
+        );
+        assert!(!blob_path(&index.root, &a).exists());
+        assert!(!blob_path(&index.root, &b).exists());
+        assert!(blob_path(&index.root, &c).exists());
+        assert!(blob_path(&index.root, &d).exists());
+        assert_eq!(index.used(), 600);
+    }
+
+    #[test]
+    fn reload_drops_bad_files_and_keeps_recency() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = BlobIndex::new(dir.path(), Budget::new(1 << 20, 0.9, 0.8));
+        let a = store(&index, 1, 100);
+        let b = store(&index, 2, 100);
+        index
+            .entries
+            .get(&a)
+            .unwrap()
+            .atime
+            .store(1_000_000, Ordering::Relaxed);
+        assert_eq!(index.flush_atimes(), 1);
+        // A truncated file, a junk name, an unrecorded but valid file.
+        std::fs::write(blob_path(&index.root, &b), b"short").unwrap();
+        std::fs::write(
+            index.root.join("sha256").join(&a.hex()[..2]).join("junk"),
+            b"x",
+        )
+        .unwrap();
+        let data = b"unrecorded";
+        let u = Digest::of(Algorithm::Sha256, data);
+        let up = blob_path(&index.root, &u);
+        std::fs::create_dir_all(up.parent().unwrap()).unwrap();
+        std::fs::write(&up, data).unwrap();
+        let bad = Digest::of(Algorithm::Sha256, b"other");
+        let bp = blob_path(&index.root, &bad);
+        std::fs::create_dir_all(bp.parent().unwrap()).unwrap();
+        std::fs::write(&bp, b"not other").unwrap();
+
+        let again = BlobIndex::new(dir.path(), Budget::new(1 << 20, 0.9, 0.8));
+        assert_eq!(again.load().unwrap(), 2);
+        let snap = again.snapshot();
+        let atime_of = |d: &Digest| snap.iter().find(|e| &e.digest == d).map(|e| e.atime);
+        assert_eq!(atime_of(&a), Some(1_000_000));
+        assert!(atime_of(&u).is_some());
+        assert!(atime_of(&b).is_none());
+        assert!(!blob_path(&again.root, &b).exists());
+        assert!(!bp.exists());
+        assert_eq!(again.used(), 100 + data.len() as u64);
+        // The journal was compacted to exactly the kept entries.
+        let journal = std::fs::read_to_string(dir.path().join("index.log")).unwrap();
+        assert_eq!(journal.lines().count(), 2);
+    }
+}

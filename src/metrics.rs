@@ -1,0 +1,849 @@
+//! Prometheus metrics and the health state behind `/readyz`.
+//!
+//! One [`Metrics`] per server instance, with its own
+//! [`prometheus::Registry`] (never the process-global default registry:
+//! several servers may run in one process, as the tests do). The server
+//! creates it in `Server::bind` and hands clones of the `Arc` to the
+//! upstream clients and the blob store; the admin listener encodes it at
+//! `/metrics`.
+//!
+//! Every label value is bounded: route kinds, methods, outcomes and sources
+//! are `&'static str` chosen by code, statuses are HTTP status codes, and
+//! upstreams are the configured host names. No repository name, tag or
+//! digest is ever a label.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `stowage_http_requests_total` | counter | `route`, `method`, `status` |
+//! | `stowage_http_requests_in_flight` | gauge | |
+//! | `stowage_http_request_duration_seconds` | histogram | `route` |
+//! | `stowage_served_bytes_total` | counter | `source` (`cache`, `upstream`, `local`) |
+//! | `stowage_cache_requests_total` | counter | `kind` (`manifest`, `blob`), `outcome` (`hit`, `miss`, `join`, `stale`, `upstream`) |
+//! | `stowage_manifest_stale_served_total` | counter | |
+//! | `stowage_upstream_requests_total` | counter | `upstream`, `kind`, `status` (code or `error`) |
+//! | `stowage_upstream_request_duration_seconds` | histogram | `upstream`, `kind` |
+//! | `stowage_upstream_ratelimit_remaining` | gauge | `upstream` |
+//! | `stowage_upstream_ratelimit_limit` | gauge | `upstream` |
+//! | `stowage_blob_fills_in_flight` | gauge | |
+//! | `stowage_blob_fills_total` | counter | `result` (`ok`, `uncached`, `failed`) |
+//! | `stowage_blob_fill_bytes_total` | counter | |
+//! | `stowage_digest_mismatches_total` | counter | `kind` (`manifest`, `blob`) |
+//! | `stowage_cache_evictions_total` | counter | |
+//! | `stowage_cache_evicted_bytes_total` | counter | |
+//! | `stowage_cache_size_bytes` | gauge | |
+//! | `stowage_cache_budget_bytes` | gauge | |
+//! | `stowage_build_info` | gauge | `version` |
+//! | `process_*` | (Linux) | CPU, memory, file descriptors, threads, start time |
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use http::{HeaderMap, Method, StatusCode};
+use prometheus::core::Collector;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::reference::Route;
+
+/// Buckets of the client request duration histogram (seconds). Blob
+/// responses of large layers take minutes, so the range is wide.
+const HTTP_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+/// Buckets of the upstream latency histogram (seconds, up to the response
+/// headers).
+const UPSTREAM_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// `Content-Type` of the Prometheus text exposition format.
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// What a client request asked for: the `route` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteKind {
+    /// `/v2/`.
+    Base,
+    /// `/v2/<name>/manifests/<reference>`.
+    Manifest,
+    /// `/v2/<name>/blobs/<digest>`.
+    Blob,
+    /// `/v2/<name>/tags/list`.
+    Tags,
+    /// `/v2/<name>/referrers/<digest>`.
+    Referrers,
+    /// Anything else: writes, unknown or invalid paths.
+    Other,
+}
+
+impl RouteKind {
+    /// Classifies a request path (parsing it the way the handler does).
+    pub fn of_path(path: &str) -> RouteKind {
+        match crate::reference::parse_route(path) {
+            Ok(route) => RouteKind::of(&route),
+            Err(_) => RouteKind::Other,
+        }
+    }
+
+    /// The kind of a parsed route.
+    pub fn of(route: &Route) -> RouteKind {
+        match route {
+            Route::Base => RouteKind::Base,
+            Route::Manifest { .. } => RouteKind::Manifest,
+            Route::Blob { .. } => RouteKind::Blob,
+            Route::TagsList { .. } => RouteKind::Tags,
+            Route::Referrers { .. } => RouteKind::Referrers,
+            Route::Write => RouteKind::Other,
+        }
+    }
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteKind::Base => "base",
+            RouteKind::Manifest => "manifest",
+            RouteKind::Blob => "blob",
+            RouteKind::Tags => "tags",
+            RouteKind::Referrers => "referrers",
+            RouteKind::Other => "other",
+        }
+    }
+
+    /// The cache the route is answered from, if any.
+    pub fn cache(self) -> Option<CacheKind> {
+        match self {
+            RouteKind::Manifest => Some(CacheKind::Manifest),
+            RouteKind::Blob => Some(CacheKind::Blob),
+            _ => None,
+        }
+    }
+}
+
+/// Which cache: the `kind` label of cache and digest metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheKind {
+    /// The manifest cache.
+    Manifest,
+    /// The blob store.
+    Blob,
+}
+
+impl CacheKind {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheKind::Manifest => "manifest",
+            CacheKind::Blob => "blob",
+        }
+    }
+}
+
+/// The `source` label of served bytes for a request answered with
+/// `outcome` (`hit`, `miss`, ... as the request log says): `cache` for
+/// hits and stale manifests, `upstream` for what was fetched (misses, fill
+/// joins, pass-through), `local` for everything else (`/v2/`, errors).
+pub fn source_of(outcome: &str) -> &'static str {
+    match outcome {
+        "hit" | "stale" => "cache",
+        "miss" | "join" | "upstream" => "upstream",
+        _ => "local",
+    }
+}
+
+/// The `method` label: the method if it is a standard one, else `other`
+/// (methods are arbitrary tokens; labels must stay bounded).
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// Parses a Docker Hub rate-limit header value such as `100;w=21600`.
+pub fn parse_ratelimit(value: &str) -> Option<i64> {
+    value.split(';').next()?.trim().parse::<i64>().ok()
+}
+
+fn gauge_value(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// One series name a scrape can contain, with its label names (for checks
+/// that dashboards and alerts query only what exists).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeriesName {
+    /// The full metric name (`stowage_http_requests_total`,
+    /// `stowage_upstream_request_duration_seconds_bucket`, ...).
+    pub name: String,
+    /// Its label names (`le` included for histogram buckets).
+    pub labels: Vec<String>,
+}
+
+/// Collects registrations and remembers what they export.
+struct Builder {
+    registry: Registry,
+    series: Vec<SeriesName>,
+}
+
+impl Builder {
+    fn add<C: Collector + Clone + 'static>(&mut self, c: C, histogram: bool) -> C {
+        for desc in c.desc() {
+            let labels = desc.variable_labels.clone();
+            if histogram {
+                for suffix in ["_sum", "_count"] {
+                    self.series.push(SeriesName {
+                        name: format!("{}{suffix}", desc.fq_name),
+                        labels: labels.clone(),
+                    });
+                }
+                let mut with_le = labels.clone();
+                with_le.push("le".to_string());
+                self.series.push(SeriesName {
+                    name: format!("{}_bucket", desc.fq_name),
+                    labels: with_le,
+                });
+            } else {
+                self.series.push(SeriesName {
+                    name: desc.fq_name.clone(),
+                    labels,
+                });
+            }
+        }
+        // A fresh registry and distinct constant names: cannot collide.
+        if let Err(e) = self.registry.register(Box::new(c.clone())) {
+            tracing::error!(error = %e, "metric registration failed");
+        }
+        c
+    }
+
+    fn counter(&mut self, name: &str, help: &str) -> IntCounter {
+        let c = IntCounter::with_opts(Opts::new(name, help)).expect("valid metric name");
+        self.add(c, false)
+    }
+
+    fn counter_vec(&mut self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric name");
+        self.add(c, false)
+    }
+
+    fn gauge(&mut self, name: &str, help: &str) -> IntGauge {
+        let g = IntGauge::with_opts(Opts::new(name, help)).expect("valid metric name");
+        self.add(g, false)
+    }
+
+    fn gauge_vec(&mut self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric name");
+        self.add(g, false)
+    }
+
+    fn histogram_vec(
+        &mut self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+        buckets: &[f64],
+    ) -> HistogramVec {
+        let h = HistogramVec::new(
+            HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+            labels,
+        )
+        .expect("valid metric name");
+        self.add(h, true)
+    }
+}
+
+/// The metrics of one server instance, and the health state `/readyz`
+/// reports. Share it as `Arc<Metrics>`; every method takes `&self`.
+pub struct Metrics {
+    registry: Registry,
+    series: Vec<SeriesName>,
+
+    http_requests: IntCounterVec,
+    http_in_flight: IntGauge,
+    http_duration: HistogramVec,
+    served_bytes: IntCounterVec,
+    cache_requests: IntCounterVec,
+    stale_served: IntCounter,
+    upstream_requests: IntCounterVec,
+    upstream_duration: HistogramVec,
+    ratelimit_remaining: IntGaugeVec,
+    ratelimit_limit: IntGaugeVec,
+    fills_in_flight: IntGauge,
+    fills: IntCounterVec,
+    fill_bytes: IntCounter,
+    digest_mismatches: IntCounterVec,
+    evictions: IntCounter,
+    evicted_bytes: IntCounter,
+    cache_size: IntGauge,
+    cache_budget: IntGauge,
+
+    /// The blob index is loaded (see [`Metrics::set_index_loaded`]).
+    index_loaded: AtomicBool,
+    /// The registry listener(s) accept connections.
+    listening: AtomicBool,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics")
+            .field("series", &self.series.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh set of metrics in its own registry, with the process
+    /// collector on Linux.
+    ///
+    /// # Panics
+    /// Only if a metric name written in this file were invalid, which the
+    /// unit tests rule out; never at request time.
+    pub fn new() -> Metrics {
+        let mut b = Builder {
+            registry: Registry::new(),
+            series: Vec::new(),
+        };
+        let http_requests = b.counter_vec(
+            "stowage_http_requests_total",
+            "Client requests by route kind, method and response status (counted when the response headers are sent).",
+            &["route", "method", "status"],
+        );
+        let http_in_flight = b.gauge(
+            "stowage_http_requests_in_flight",
+            "Client responses being sent now.",
+        );
+        let http_duration = b.histogram_vec(
+            "stowage_http_request_duration_seconds",
+            "Time from receiving a client request to the end of its response body.",
+            &["route"],
+            HTTP_BUCKETS,
+        );
+        let served_bytes = b.counter_vec(
+            "stowage_served_bytes_total",
+            "Response body bytes sent to clients, by source: cache (hits, stale manifests), upstream (misses, fill joins, pass-through), local (errors, /v2/).",
+            &["source"],
+        );
+        let cache_requests = b.counter_vec(
+            "stowage_cache_requests_total",
+            "Manifest and blob requests by how they were answered: hit, miss, join (attached to a running blob fill), stale (manifest served stale, upstream failing), upstream (HEAD of an uncached blob, asked upstream).",
+            &["kind", "outcome"],
+        );
+        let stale_served = b.counter(
+            "stowage_manifest_stale_served_total",
+            "Manifest responses served from cache past their tag TTL because upstream was unreachable, 5xx or 429.",
+        );
+        let upstream_requests = b.counter_vec(
+            "stowage_upstream_requests_total",
+            "HTTP exchanges with upstream registries (each redirect hop and token request counts) by upstream host, kind (manifest, blob, tags, referrers, token, other) and status (HTTP code, or error when no response arrived).",
+            &["upstream", "kind", "status"],
+        );
+        let upstream_duration = b.histogram_vec(
+            "stowage_upstream_request_duration_seconds",
+            "Time from sending an upstream request to its response headers (or failure).",
+            &["upstream", "kind"],
+            UPSTREAM_BUCKETS,
+        );
+        let ratelimit_remaining = b.gauge_vec(
+            "stowage_upstream_ratelimit_remaining",
+            "Pulls left in the upstream's rate-limit window, from its last RateLimit-Remaining header (Docker Hub).",
+            &["upstream"],
+        );
+        let ratelimit_limit = b.gauge_vec(
+            "stowage_upstream_ratelimit_limit",
+            "Pulls allowed per rate-limit window, from the upstream's last RateLimit-Limit header (Docker Hub).",
+            &["upstream"],
+        );
+        let fills_in_flight = b.gauge(
+            "stowage_blob_fills_in_flight",
+            "Blob downloads from upstream into the cache running now.",
+        );
+        let fills = b.counter_vec(
+            "stowage_blob_fills_total",
+            "Finished blob fills by result: ok (verified and stored), uncached (verified and served, not stored) or failed.",
+            &["result"],
+        );
+        let fill_bytes = b.counter(
+            "stowage_blob_fill_bytes_total",
+            "Bytes of blobs downloaded from upstream, verified and stored.",
+        );
+        let digest_mismatches = b.counter_vec(
+            "stowage_digest_mismatches_total",
+            "Upstream content that did not hash to its digest (and was refused), by kind.",
+            &["kind"],
+        );
+        let evictions = b.counter(
+            "stowage_cache_evictions_total",
+            "Blobs evicted from the cache to stay within its budget.",
+        );
+        let evicted_bytes = b.counter(
+            "stowage_cache_evicted_bytes_total",
+            "Bytes of blobs evicted from the cache.",
+        );
+        let cache_size = b.gauge(
+            "stowage_cache_size_bytes",
+            "Bytes of blobs in the cache (fills in flight included).",
+        );
+        let cache_budget = b.gauge(
+            "stowage_cache_budget_bytes",
+            "The blob cache's configured budget in bytes (0 = not reported).",
+        );
+        let build_info = b.gauge_vec(
+            "stowage_build_info",
+            "Always 1; the version label says which stowage is running.",
+            &["version"],
+        );
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        #[cfg(target_os = "linux")]
+        {
+            let process = prometheus::process_collector::ProcessCollector::for_self();
+            b.add(ProcessCollectorHandle(Arc::new(process)), false);
+        }
+        let Builder { registry, series } = b;
+        Metrics {
+            registry,
+            series,
+            http_requests,
+            http_in_flight,
+            http_duration,
+            served_bytes,
+            cache_requests,
+            stale_served,
+            upstream_requests,
+            upstream_duration,
+            ratelimit_remaining,
+            ratelimit_limit,
+            fills_in_flight,
+            fills,
+            fill_bytes,
+            digest_mismatches,
+            evictions,
+            evicted_bytes,
+            cache_size,
+            cache_budget,
+            index_loaded: AtomicBool::new(true),
+            listening: AtomicBool::new(false),
+        }
+    }
+
+    /// This instance's registry.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Every series name a scrape of this registry can contain (whether or
+    /// not it has a value yet), with its label names.
+    pub fn series_names(&self) -> &[SeriesName] {
+        &self.series
+    }
+
+    /// The registry in the Prometheus text exposition format
+    /// ([`TEXT_CONTENT_TYPE`]).
+    pub fn encode(&self) -> Result<Vec<u8>, prometheus::Error> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
+        Ok(out)
+    }
+
+    // ---------------------------------------------------------- client side
+
+    /// A client request's response headers are being sent: counts it and
+    /// marks it in flight until [`Metrics::response_finished`].
+    pub fn request_started(&self, route: RouteKind, method: &Method, status: StatusCode) {
+        self.http_requests
+            .with_label_values(&[route.as_str(), method_label(method), status.as_str()])
+            .inc();
+        self.http_in_flight.inc();
+    }
+
+    /// A response body ended (completely, with an error, or because the
+    /// client went away) after `bytes` were sent.
+    pub fn response_finished(
+        &self,
+        route: RouteKind,
+        source: &'static str,
+        bytes: u64,
+        elapsed: Duration,
+    ) {
+        self.http_in_flight.dec();
+        self.http_duration
+            .with_label_values(&[route.as_str()])
+            .observe(elapsed.as_secs_f64());
+        if bytes > 0 {
+            self.served_bytes.with_label_values(&[source]).inc_by(bytes);
+        }
+    }
+
+    /// How a manifest or blob request was answered (`hit`, `miss`, `join`,
+    /// `stale`, `upstream`).
+    pub fn cache_outcome(&self, kind: CacheKind, outcome: &'static str) {
+        self.cache_requests
+            .with_label_values(&[kind.as_str(), outcome])
+            .inc();
+        if kind == CacheKind::Manifest && outcome == "stale" {
+            self.stale_served.inc();
+        }
+    }
+
+    // -------------------------------------------------------- upstream side
+
+    /// One HTTP exchange with `upstream` ended: with a response (`status`)
+    /// or without (`None`: unreachable, timed out).
+    pub fn upstream_exchange(
+        &self,
+        upstream: &str,
+        kind: &'static str,
+        status: Option<StatusCode>,
+        elapsed: Duration,
+    ) {
+        let status = status.as_ref().map_or("error", StatusCode::as_str);
+        self.upstream_requests
+            .with_label_values(&[upstream, kind, status])
+            .inc();
+        self.upstream_duration
+            .with_label_values(&[upstream, kind])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Records Docker Hub's `RateLimit-Remaining` / `RateLimit-Limit`
+    /// response headers (`100;w=21600`) when present.
+    pub fn upstream_ratelimit(&self, upstream: &str, headers: &HeaderMap) {
+        let value = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_ratelimit)
+        };
+        if let Some(remaining) = value("ratelimit-remaining") {
+            self.ratelimit_remaining
+                .with_label_values(&[upstream])
+                .set(remaining);
+        }
+        if let Some(limit) = value("ratelimit-limit") {
+            self.ratelimit_limit
+                .with_label_values(&[upstream])
+                .set(limit);
+        }
+    }
+
+    // ---------------------------------------------------------- cache side
+
+    /// A blob fill starts: counted in flight until the guard is finished or
+    /// dropped (a dropped guard counts as failed).
+    pub fn fill_started(self: &Arc<Self>) -> FillGuard {
+        self.fills_in_flight.inc();
+        FillGuard {
+            metrics: self.clone(),
+            done: false,
+        }
+    }
+
+    /// Content from upstream did not hash to its digest.
+    pub fn digest_mismatch(&self, kind: CacheKind) {
+        self.digest_mismatches
+            .with_label_values(&[kind.as_str()])
+            .inc();
+    }
+
+    /// One blob of `bytes` was evicted.
+    pub fn record_eviction(&self, bytes: u64) {
+        self.record_evictions(1, bytes);
+    }
+
+    /// `count` blobs totalling `bytes` were evicted.
+    pub fn record_evictions(&self, count: u64, bytes: u64) {
+        self.evictions.inc_by(count);
+        self.evicted_bytes.inc_by(bytes);
+    }
+
+    /// The blob cache now holds `bytes`.
+    pub fn set_cache_size(&self, bytes: u64) {
+        self.cache_size.set(gauge_value(bytes));
+    }
+
+    /// The blob cache's budget is `bytes`.
+    pub fn set_cache_budget(&self, bytes: u64) {
+        self.cache_budget.set(gauge_value(bytes));
+    }
+
+    // -------------------------------------------------------------- health
+
+    /// Whether the blob index is loaded. Starts `true` (nothing to wait
+    /// for); a cache that loads its index in the background sets `false`
+    /// before starting and `true` when done, and `/readyz` answers 503 in
+    /// between.
+    pub fn set_index_loaded(&self, loaded: bool) {
+        self.index_loaded.store(loaded, Ordering::SeqCst);
+    }
+
+    /// See [`Metrics::set_index_loaded`].
+    pub fn index_loaded(&self) -> bool {
+        self.index_loaded.load(Ordering::SeqCst)
+    }
+
+    /// Whether the registry listener accepts connections; set by the
+    /// server when its accept loop starts and when it stops for shutdown.
+    pub fn set_listening(&self, up: bool) {
+        self.listening.store(up, Ordering::SeqCst);
+    }
+
+    /// See [`Metrics::set_listening`].
+    pub fn listening(&self) -> bool {
+        self.listening.load(Ordering::SeqCst)
+    }
+}
+
+/// How a blob fill ended; see [`FillGuard::finish`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FillResult {
+    /// Verified and stored in the cache: its size in bytes.
+    Stored(u64),
+    /// Verified and served, but not cached (disk failing, blob over budget).
+    Uncached,
+    /// Upstream error, digest mismatch or local failure.
+    Failed,
+}
+
+impl FillResult {
+    fn label(self) -> &'static str {
+        match self {
+            FillResult::Stored(_) => "ok",
+            FillResult::Uncached => "uncached",
+            FillResult::Failed => "failed",
+        }
+    }
+}
+
+/// Keeps a blob fill counted in flight; see [`Metrics::fill_started`].
+#[must_use = "the fill stays counted in flight until the guard is finished or dropped"]
+pub struct FillGuard {
+    metrics: Arc<Metrics>,
+    done: bool,
+}
+
+impl FillGuard {
+    /// The fill ended with `result`.
+    pub fn finish(mut self, result: FillResult) {
+        self.done = true;
+        self.metrics.fills_in_flight.dec();
+        self.metrics
+            .fills
+            .with_label_values(&[result.label()])
+            .inc();
+        if let FillResult::Stored(size) = result {
+            self.metrics.fill_bytes.inc_by(size);
+        }
+    }
+}
+
+impl Drop for FillGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            self.metrics.fills_in_flight.dec();
+            self.metrics
+                .fills
+                .with_label_values(&[FillResult::Failed.label()])
+                .inc();
+        }
+    }
+}
+
+/// The process collector is not `Clone`; registration goes through this.
+#[cfg(target_os = "linux")]
+#[derive(Clone)]
+struct ProcessCollectorHandle(Arc<prometheus::process_collector::ProcessCollector>);
+
+#[cfg(target_os = "linux")]
+impl Collector for ProcessCollectorHandle {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.0.collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scrape(m: &Metrics) -> String {
+        String::from_utf8(m.encode().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn registries_are_independent() {
+        let a = Metrics::new();
+        let b = Metrics::new();
+        a.cache_outcome(CacheKind::Blob, "hit");
+        assert!(
+            scrape(&a).contains(r#"stowage_cache_requests_total{kind="blob",outcome="hit"} 1"#)
+        );
+        assert!(!scrape(&b).contains("stowage_cache_requests_total"));
+        // Nothing leaks into the process-global registry.
+        assert!(
+            prometheus::gather()
+                .iter()
+                .all(|f| !f.get_name().starts_with("stowage_"))
+        );
+    }
+
+    #[test]
+    fn names_follow_conventions() {
+        let m = Metrics::new();
+        let names: Vec<&str> = m.series_names().iter().map(|s| s.name.as_str()).collect();
+        assert!(names.contains(&"stowage_http_requests_total"));
+        assert!(names.contains(&"stowage_upstream_request_duration_seconds_bucket"));
+        assert!(names.contains(&"stowage_blob_fills_in_flight"));
+        #[cfg(target_os = "linux")]
+        assert!(names.contains(&"process_resident_memory_bytes"));
+        for s in m.series_names() {
+            let n = &s.name;
+            assert!(
+                n.starts_with("stowage_") || n.starts_with("process_"),
+                "{n}: prefix"
+            );
+            assert!(
+                n.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+                "{n}: characters"
+            );
+            for l in &s.labels {
+                assert!(
+                    !matches!(
+                        l.as_str(),
+                        "repo" | "repository" | "digest" | "tag" | "name"
+                    ),
+                    "{n}: unbounded label {l}"
+                );
+            }
+        }
+        // Process metrics are exported on a scrape.
+        #[cfg(target_os = "linux")]
+        assert!(scrape(&m).contains("process_open_fds "));
+        assert!(scrape(&m).contains(&format!(
+            "stowage_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )));
+    }
+
+    #[test]
+    fn labels_are_bounded() {
+        let m = Metrics::new();
+        let odd = Method::from_bytes(b"BREW").unwrap();
+        m.request_started(RouteKind::Other, &odd, StatusCode::METHOD_NOT_ALLOWED);
+        m.response_finished(RouteKind::Other, "local", 10, Duration::from_millis(3));
+        let text = scrape(&m);
+        assert!(
+            text.contains(
+                r#"stowage_http_requests_total{method="other",route="other",status="405"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"stowage_served_bytes_total{source="local"} 10"#));
+        assert!(text.contains("stowage_http_requests_in_flight 0"));
+        assert_eq!(RouteKind::of_path("/v2/"), RouteKind::Base);
+        assert_eq!(
+            RouteKind::of_path("/v2/library/alpine/manifests/3"),
+            RouteKind::Manifest
+        );
+        assert_eq!(RouteKind::of_path("/v2/a/b/tags/list"), RouteKind::Tags);
+        assert_eq!(RouteKind::of_path("/v2/a/blobs/uploads/"), RouteKind::Other);
+        assert_eq!(RouteKind::of_path("/nope"), RouteKind::Other);
+        assert_eq!(source_of("hit"), "cache");
+        assert_eq!(source_of("join"), "upstream");
+        assert_eq!(source_of("-"), "local");
+    }
+
+    #[test]
+    fn upstream_and_ratelimit() {
+        let m = Metrics::new();
+        m.upstream_exchange(
+            "docker.io",
+            "blob",
+            Some(StatusCode::OK),
+            Duration::from_millis(20),
+        );
+        m.upstream_exchange("docker.io", "token", None, Duration::from_secs(1));
+        let mut h = HeaderMap::new();
+        h.insert("ratelimit-remaining", "97;w=21600".parse().unwrap());
+        h.insert("ratelimit-limit", "100;w=21600".parse().unwrap());
+        m.upstream_ratelimit("docker.io", &h);
+        m.upstream_ratelimit("docker.io", &HeaderMap::new());
+        let text = scrape(&m);
+        for line in [
+            r#"stowage_upstream_requests_total{kind="blob",status="200",upstream="docker.io"} 1"#,
+            r#"stowage_upstream_requests_total{kind="token",status="error",upstream="docker.io"} 1"#,
+            r#"stowage_upstream_request_duration_seconds_count{kind="blob",upstream="docker.io"} 1"#,
+            r#"stowage_upstream_ratelimit_remaining{upstream="docker.io"} 97"#,
+            r#"stowage_upstream_ratelimit_limit{upstream="docker.io"} 100"#,
+        ] {
+            assert!(text.contains(line), "missing {line}:\n{text}");
+        }
+        assert_eq!(parse_ratelimit("100;w=21600"), Some(100));
+        assert_eq!(parse_ratelimit(" 5 "), Some(5));
+        assert_eq!(parse_ratelimit("lots"), None);
+    }
+
+    #[test]
+    fn fills_evictions_gauges() {
+        let m = Arc::new(Metrics::new());
+        let a = m.fill_started();
+        let b = m.fill_started();
+        assert!(scrape(&m).contains("stowage_blob_fills_in_flight 2"));
+        a.finish(FillResult::Stored(1000));
+        drop(b);
+        m.fill_started().finish(FillResult::Uncached);
+        m.digest_mismatch(CacheKind::Blob);
+        m.record_eviction(10);
+        m.record_evictions(2, 30);
+        m.set_cache_size(500);
+        m.set_cache_budget(u64::MAX);
+        m.cache_outcome(CacheKind::Manifest, "stale");
+        let text = scrape(&m);
+        for line in [
+            "stowage_blob_fills_in_flight 0",
+            r#"stowage_blob_fills_total{result="ok"} 1"#,
+            r#"stowage_blob_fills_total{result="failed"} 1"#,
+            r#"stowage_blob_fills_total{result="uncached"} 1"#,
+            "stowage_blob_fill_bytes_total 1000",
+            r#"stowage_digest_mismatches_total{kind="blob"} 1"#,
+            "stowage_cache_evictions_total 3",
+            "stowage_cache_evicted_bytes_total 40",
+            "stowage_cache_size_bytes 500",
+            &format!("stowage_cache_budget_bytes {}", i64::MAX),
+            "stowage_manifest_stale_served_total 1",
+        ] {
+            assert!(text.contains(line), "missing {line}:\n{text}");
+        }
+    }
+
+    #[test]
+    fn health_flags() {
+        let m = Metrics::new();
+        assert!(m.index_loaded());
+        assert!(!m.listening());
+        m.set_index_loaded(false);
+        m.set_listening(true);
+        assert!(!m.index_loaded());
+        assert!(m.listening());
+    }
+}

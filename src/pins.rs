@@ -1,0 +1,131 @@
+//! Pinned images: their blobs are never evicted.
+//!
+//! A background task resolves every configured image (`cache.pin`) through
+//! the manifest cache, at start and then every `cache.pin_refresh`, follows
+//! indexes to every platform's manifest, and hands the set of config and
+//! layer digests to the blob index. A pin that cannot be resolved keeps its
+//! previous blobs pinned.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::manifests::Manifest;
+use crate::reference::{Digest, ImageRef, Reference};
+use crate::server::AppState;
+
+/// The digests a manifest refers to: child manifests (of an index) and
+/// blobs (config and layers).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Refs {
+    /// Manifests listed by an index or manifest list.
+    pub manifests: Vec<Digest>,
+    /// Config and layer blobs of an image manifest.
+    pub blobs: Vec<Digest>,
+}
+
+/// Reads the digests out of a manifest body (Docker v2 / OCI, image or
+/// index). Entries that are not valid digests are skipped.
+pub fn refs_of(body: &[u8]) -> Refs {
+    #[derive(serde::Deserialize)]
+    struct Descriptor {
+        digest: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Any {
+        #[serde(default)]
+        manifests: Vec<Descriptor>,
+        config: Option<Descriptor>,
+        #[serde(default)]
+        layers: Vec<Descriptor>,
+    }
+    let Ok(any) = serde_json::from_slice::<Any>(body) else {
+        return Refs::default();
+    };
+    let parse = |d: &Descriptor| d.digest.as_deref().and_then(|s| Digest::parse(s).ok());
+    Refs {
+        manifests: any.manifests.iter().filter_map(parse).collect(),
+        blobs: any
+            .config
+            .iter()
+            .chain(any.layers.iter())
+            .filter_map(parse)
+            .collect(),
+    }
+}
+
+/// Resolves one pinned image to the blobs of its current manifests.
+async fn resolve(state: &AppState, image: &ImageRef) -> Result<HashSet<Digest>, String> {
+    let name = image.repo.as_str();
+    let (upstream, repo) = state
+        .router
+        .route(name, image.host.as_deref())
+        .map_err(|e| e.message)?;
+    let top: Arc<Manifest> = match &image.reference {
+        Reference::Tag(t) => state.manifests.by_tag(&upstream, &repo, t).await,
+        Reference::Digest(d) => state.manifests.by_digest(&upstream, &repo, d).await,
+    }
+    .map_err(|e| e.message)?
+    .0;
+    let mut blobs = HashSet::new();
+    let refs = refs_of(&top.body);
+    blobs.extend(refs.blobs);
+    for child in refs.manifests {
+        let (m, _) = state
+            .manifests
+            .by_digest(&upstream, &repo, &child)
+            .await
+            .map_err(|e| e.message)?;
+        blobs.extend(refs_of(&m.body).blobs);
+    }
+    Ok(blobs)
+}
+
+/// Keeps the pinned set current until the process ends.
+pub fn spawn(state: Arc<AppState>, pins: Vec<ImageRef>, every: Duration) {
+    if pins.is_empty() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut last: HashMap<String, HashSet<Digest>> = HashMap::new();
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            for image in &pins {
+                let key = image.to_string();
+                match resolve(&state, image).await {
+                    Ok(blobs) => {
+                        tracing::debug!(image = %key, blobs = blobs.len(), "pinned image resolved");
+                        last.insert(key, blobs);
+                    }
+                    Err(e) => {
+                        tracing::warn!(image = %key, error = %e, "cannot resolve pinned image; keeping its previous blobs")
+                    }
+                }
+            }
+            let all: HashSet<Digest> = last.values().flatten().cloned().collect();
+            state.blobs.index().set_pinned(all);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_image_and_index_refs() {
+        let a = format!("sha256:{}", "a".repeat(64));
+        let b = format!("sha256:{}", "b".repeat(64));
+        let image = format!(
+            r#"{{"schemaVersion":2,"config":{{"digest":"{a}"}},"layers":[{{"digest":"{b}"}},{{"digest":"junk"}}]}}"#
+        );
+        let r = refs_of(image.as_bytes());
+        assert_eq!(r.blobs.len(), 2);
+        assert!(r.manifests.is_empty());
+        let index = format!(r#"{{"manifests":[{{"digest":"{a}","platform":{{}}}}]}}"#);
+        let r = refs_of(index.as_bytes());
+        assert_eq!(r.manifests, vec![Digest::parse(&a).unwrap()]);
+        assert_eq!(refs_of(b"not json"), Refs::default());
+    }
+}

@@ -1,0 +1,369 @@
+//! TLS termination with rustls (ring provider): certificate chain and key
+//! from PEM files, ALPN `h2` and `http/1.1`, TLS 1.2 and 1.3, optional client
+//! certificate verification (mTLS), and hot reload.
+//!
+//! The certificate is served by [`ReloadableCert`], a `ResolvesServerCert`
+//! whose `CertifiedKey` sits behind an `ArcSwap`: a reload swaps it, every
+//! handshake after that uses the new one, and established connections keep
+//! the session they negotiated. A client CA bundle is part of the rustls
+//! `ServerConfig` itself, so when it changes a new `ServerConfig` (sharing
+//! the resolver and the session cache) is swapped in the same way.
+//!
+//! A reload reads every file first and swaps nothing unless all of them
+//! parse and the key matches the certificate: a bad new file is logged and
+//! the old certificate stays.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, StoresServerSessions, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use sha2::{Digest as _, Sha256};
+
+use crate::config::TlsConfig;
+
+/// Why certificate material could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// A file's contents are not what was expected.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// rustls refused the configuration.
+    #[error("TLS configuration refused: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+fn invalid(path: &Path, message: impl Into<String>) -> TlsError {
+    TlsError::Invalid {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+/// The ring crypto provider, the only one stowage builds with.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Serves whatever certificate was loaded last.
+#[derive(Debug)]
+pub struct ReloadableCert {
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl ReloadableCert {
+    /// A resolver serving `key` until [`ReloadableCert::set`] is called.
+    pub fn new(key: Arc<CertifiedKey>) -> ReloadableCert {
+        ReloadableCert {
+            current: ArcSwap::new(key),
+        }
+    }
+
+    /// Serves `key` to every handshake from now on.
+    pub fn set(&self, key: Arc<CertifiedKey>) {
+        self.current.store(key);
+    }
+
+    /// The certificate served now.
+    pub fn get(&self) -> Arc<CertifiedKey> {
+        self.current.load_full()
+    }
+}
+
+impl ResolvesServerCert for ReloadableCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+/// Everything read from the files at one moment.
+struct Material {
+    key: Arc<CertifiedKey>,
+    client_roots: Option<Arc<RootCertStore>>,
+    /// SHA-256 over all the file contents, to notice changes.
+    files_digest: [u8; 32],
+    /// SHA-256 of the client CA file alone (zero without one).
+    ca_digest: [u8; 32],
+}
+
+/// What [`Tls::reload`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reloaded {
+    /// New material is in use.
+    Changed,
+    /// The files are the ones already loaded (or already rejected).
+    Unchanged,
+}
+
+/// TLS termination state of one listener: the current `ServerConfig` and
+/// the files it came from.
+pub struct Tls {
+    files: TlsConfig,
+    provider: Arc<CryptoProvider>,
+    resolver: Arc<ReloadableCert>,
+    sessions: Arc<dyn StoresServerSessions>,
+    config: ArcSwap<rustls::ServerConfig>,
+    /// Digest of the files last tried (loaded or rejected) and of the CA
+    /// bundle in use.
+    seen: Mutex<Seen>,
+}
+
+#[derive(Clone, Copy)]
+struct Seen {
+    files: [u8; 32],
+    ca: [u8; 32],
+}
+
+impl Tls {
+    /// Loads the certificate, key and client CA named in `files`.
+    pub fn load(files: &TlsConfig) -> Result<Tls, TlsError> {
+        let provider = provider();
+        let m = read_material(files, &provider)?;
+        let resolver = Arc::new(ReloadableCert::new(m.key.clone()));
+        let sessions: Arc<dyn StoresServerSessions> =
+            rustls::server::ServerSessionMemoryCache::new(1024);
+        let config = build_config(&provider, &resolver, &sessions, m.client_roots.clone())?;
+        log_loaded(files, &m, "TLS certificate loaded");
+        Ok(Tls {
+            files: files.clone(),
+            provider,
+            resolver,
+            sessions,
+            config: ArcSwap::new(Arc::new(config)),
+            seen: Mutex::new(Seen {
+                files: m.files_digest,
+                ca: m.ca_digest,
+            }),
+        })
+    }
+
+    /// An acceptor for one new connection, using the current configuration.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.config.load_full())
+    }
+
+    /// The certificate served to new handshakes.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.resolver.get()
+    }
+
+    /// Whether clients must present a certificate.
+    pub fn requires_client_cert(&self) -> bool {
+        self.files.client_ca.is_some()
+    }
+
+    /// How often the files should be polled (zero: never).
+    pub fn reload_interval(&self) -> std::time::Duration {
+        self.files.reload_interval
+    }
+
+    /// The TLS handshake timeout.
+    pub fn handshake_timeout(&self) -> std::time::Duration {
+        self.files.handshake_timeout
+    }
+
+    /// Re-reads the files. With `force` false nothing happens unless their
+    /// contents differ from the last attempt (so a rejected file is reported
+    /// once, not at every poll). On error the old material stays in use.
+    pub fn reload(&self, force: bool) -> Result<Reloaded, TlsError> {
+        if !force {
+            if self.seen().files == files_digest(&self.files) {
+                return Ok(Reloaded::Unchanged);
+            }
+        }
+        let result = self.swap_in(force);
+        if let Err(e) = &result {
+            // Remember what was rejected, to report it once.
+            let digest = files_digest(&self.files);
+            self.set_seen(|s| s.files = digest);
+            tracing::error!(error = %e, "TLS reload rejected; still serving the previous certificate");
+        }
+        result
+    }
+
+    fn swap_in(&self, force: bool) -> Result<Reloaded, TlsError> {
+        let m = read_material(&self.files, &self.provider)?;
+        let seen = self.seen();
+        if !force && m.files_digest == seen.files {
+            return Ok(Reloaded::Unchanged);
+        }
+        if m.ca_digest != seen.ca {
+            let config = build_config(
+                &self.provider,
+                &self.resolver,
+                &self.sessions,
+                m.client_roots.clone(),
+            )?;
+            self.config.store(Arc::new(config));
+        }
+        self.resolver.set(m.key.clone());
+        self.set_seen(|s| {
+            s.files = m.files_digest;
+            s.ca = m.ca_digest;
+        });
+        log_loaded(&self.files, &m, "TLS certificate reloaded");
+        Ok(Reloaded::Changed)
+    }
+
+    fn seen(&self) -> Seen {
+        match self.seen.lock() {
+            Ok(g) => *g,
+            Err(p) => *p.into_inner(),
+        }
+    }
+
+    fn set_seen(&self, f: impl FnOnce(&mut Seen)) {
+        match self.seen.lock() {
+            Ok(mut g) => f(&mut g),
+            Err(p) => f(&mut p.into_inner()),
+        }
+    }
+}
+
+fn log_loaded(files: &TlsConfig, m: &Material, what: &str) {
+    let leaf = m
+        .key
+        .cert
+        .first()
+        .map(|c| hex::encode(Sha256::digest(c.as_ref())))
+        .unwrap_or_default();
+    tracing::info!(
+        cert = %files.cert.display(),
+        chain = m.key.cert.len(),
+        leaf_sha256 = %leaf,
+        mtls = m.client_roots.is_some(),
+        "{what}"
+    );
+}
+
+fn build_config(
+    provider: &Arc<CryptoProvider>,
+    resolver: &Arc<ReloadableCert>,
+    sessions: &Arc<dyn StoresServerSessions>,
+    client_roots: Option<Arc<RootCertStore>>,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+    let builder = match client_roots {
+        Some(roots) => {
+            let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+                .build()
+                .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(resolver.clone());
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.session_storage = sessions.clone();
+    Ok(config)
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Digest of the files as they are now; an unreadable file counts by its
+/// error kind, so a missing file is reported once rather than at every poll.
+fn files_digest(files: &TlsConfig) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for path in [
+        Some(&files.cert),
+        Some(&files.key),
+        files.client_ca.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                h.update((bytes.len() as u64).to_le_bytes());
+                h.update(&bytes);
+            }
+            Err(e) => h.update(format!("unreadable: {:?}", e.kind())),
+        }
+    }
+    h.finalize().into()
+}
+
+fn read_material(files: &TlsConfig, provider: &CryptoProvider) -> Result<Material, TlsError> {
+    let cert_pem = read(&files.cert)?;
+    let key_pem = read(&files.key)?;
+    let ca_pem = files.client_ca.as_deref().map(read).transpose()?;
+
+    let mut all = Sha256::new();
+    for bytes in [Some(&cert_pem), Some(&key_pem), ca_pem.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        all.update((bytes.len() as u64).to_le_bytes());
+        all.update(bytes);
+    }
+
+    let chain = parse_certs(&files.cert, &cert_pem)?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+        invalid(
+            &files.key,
+            format!("no usable PEM private key (PKCS#8, PKCS#1 or SEC1): {e}"),
+        )
+    })?;
+    let key = CertifiedKey::from_der(chain, key, provider).map_err(|e| {
+        invalid(
+            &files.key,
+            format!(
+                "does not go with the certificate in {}: {e}",
+                files.cert.display()
+            ),
+        )
+    })?;
+
+    let (client_roots, ca_digest) = match (&files.client_ca, &ca_pem) {
+        (Some(path), Some(pem)) => {
+            let mut roots = RootCertStore::empty();
+            for cert in parse_certs(path, pem)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| invalid(path, format!("not a usable CA certificate: {e}")))?;
+            }
+            (Some(Arc::new(roots)), Sha256::digest(pem).into())
+        }
+        _ => (None, [0; 32]),
+    };
+    Ok(Material {
+        key: Arc::new(key),
+        client_roots,
+        files_digest: all.finalize().into(),
+        ca_digest,
+    })
+}
+
+fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(path, format!("bad PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(invalid(path, "no PEM certificate in the file"));
+    }
+    Ok(certs)
+}

@@ -1,0 +1,460 @@
+//! The bounded blob cache: byte budget with LRU eviction, restarts, crashes
+//! (kill -9 of the real binary), disk failures, oversize blobs and pinning.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use tempfile::TempDir;
+
+const KIB: usize = 1024;
+const MIB: usize = 1 << 20;
+
+/// Where stowage keeps a verified blob.
+fn blob_file(cache: &Path, digest: &str) -> PathBuf {
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    cache.join("blobs").join("sha256").join(&hex[..2]).join(hex)
+}
+
+/// Total bytes of files in the blob store.
+fn store_bytes(cache: &Path) -> u64 {
+    fn walk(p: &Path) -> u64 {
+        let Ok(rd) = std::fs::read_dir(p) else {
+            return 0;
+        };
+        rd.flatten()
+            .map(|e| {
+                let m = e.metadata().unwrap();
+                if m.is_dir() { walk(&e.path()) } else { m.len() }
+            })
+            .sum()
+    }
+    walk(&cache.join("blobs"))
+}
+
+fn tmp_files(cache: &Path) -> usize {
+    std::fs::read_dir(cache.join("tmp"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+async fn fetch(st: &Stowage, b: &Blob) {
+    let r = client()
+        .get(st.blob_url("library/x", &b.digest))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.bytes().await.expect("body");
+    assert_eq!(
+        sha256_digest(&body),
+        b.digest,
+        "served bytes hash to the digest"
+    );
+}
+
+fn cache_toml(dir: &Path, upstream: &str, cache: &str) -> String {
+    format!(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"off\"\ncache_dir = {dir:?}\nshutdown_timeout = \"2s\"\n\
+         [cache]\n{cache}\n\
+         [[upstream]]\nhost = \"docker.io\"\nurl = \"{upstream}\"\nlibrary_prefix = true\n",
+        dir = dir.to_str().unwrap()
+    )
+}
+
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    within(10, what, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
+
+/// xorshift: a reproducible workload without a rand dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_holds_and_keeps_most_recently_used() {
+    let up = FakeUpstream::start().await;
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    let blobs: Vec<Blob> = (0..24)
+        .map(|_| Blob::random(64 * KIB + rng.below(320 * KIB as u64) as usize))
+        .collect();
+    for b in &blobs {
+        up.add_blob(b.data.clone());
+    }
+    let max = 2 * MIB as u64;
+    let dir = TempDir::new().unwrap();
+    let toml = cache_toml(
+        dir.path(),
+        &up.url(),
+        "max_size = \"2MiB\"\nhigh_watermark = 0.9\nlow_watermark = 0.6",
+    );
+    let st = start_stowage_toml(dir, &toml).await;
+    let cache = st.dir.path().to_path_buf();
+
+    let mut last_use: HashMap<usize, usize> = HashMap::new();
+    let mut upstream_gets = 0;
+    for step in 0..150 {
+        let i = rng.below(blobs.len() as u64) as usize;
+        let cached_before = blob_file(&cache, &blobs[i].digest).exists();
+        fetch(&st, &blobs[i]).await;
+        last_use.insert(i, step);
+        if !cached_before {
+            upstream_gets += 1;
+        }
+        let used = store_bytes(&cache);
+        assert!(
+            used <= max,
+            "step {step}: store holds {used} bytes, budget {max}"
+        );
+        assert_eq!(
+            tmp_files(&cache),
+            0,
+            "step {step}: no temporary files after the fill"
+        );
+        // Every cached blob was used more recently than every evicted one.
+        let (mut cached, mut evicted) = (Vec::new(), Vec::new());
+        for (&b, &t) in &last_use {
+            if blob_file(&cache, &blobs[b].digest).exists() {
+                cached.push(t);
+            } else {
+                evicted.push(t);
+            }
+        }
+        if let (Some(oldest_cached), Some(newest_evicted)) =
+            (cached.iter().min(), evicted.iter().max())
+        {
+            assert!(
+                oldest_cached > newest_evicted,
+                "step {step}: a blob used at step {newest_evicted} was evicted while one \
+                 last used at step {oldest_cached} was kept"
+            );
+        }
+    }
+    assert_eq!(
+        up.all_blob_gets(),
+        upstream_gets,
+        "a hit never goes upstream"
+    );
+    let index = st.state.blobs.index();
+    assert!(
+        index.evicted().blobs > 0,
+        "the workload exceeded the budget, so it evicted"
+    );
+    assert_eq!(
+        index.used(),
+        store_bytes(&cache),
+        "index usage matches the disk"
+    );
+    assert_eq!(index.reserved(), 0, "no reservation left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_serves_from_cache_and_keeps_recency() {
+    let up = FakeUpstream::start().await;
+    let (a, b, c) = (
+        Blob::random(300 * KIB),
+        Blob::random(300 * KIB),
+        Blob::random(300 * KIB),
+    );
+    for x in [&a, &b, &c] {
+        up.add_blob(x.data.clone());
+    }
+    let dir = TempDir::new().unwrap();
+    let roomy = cache_toml(dir.path(), &up.url(), "max_size = \"10MiB\"");
+    let st = start_stowage_toml(dir, &roomy).await;
+    // Inserted A, B, C; then A used again: LRU order B < C < A (FIFO: A < B < C).
+    for x in [&a, &b, &c, &a] {
+        fetch(&st, x).await;
+    }
+    assert_eq!(up.all_blob_gets(), 3);
+    let dir = st.stop().await;
+
+    // Same budget: everything is served from the cache, in LRU order B, C, A.
+    let st = start_stowage_toml(dir, &roomy).await;
+    for x in [&b, &c, &a] {
+        fetch(&st, x).await;
+    }
+    assert_eq!(
+        up.all_blob_gets(),
+        3,
+        "no upstream blob request after a restart"
+    );
+    let dir = st.stop().await;
+
+    // Restart with room for two: the least recently used (B) goes, not the
+    // first inserted (A).
+    let path = dir.path().to_path_buf();
+    let tight = cache_toml(
+        &path,
+        &up.url(),
+        "max_size = \"700KiB\"\nhigh_watermark = 1.0\nlow_watermark = 0.9",
+    );
+    let st = start_stowage_toml(dir, &tight).await;
+    let index = st.state.blobs.index().clone();
+    wait_until("index loaded", || index.is_loaded()).await;
+    wait_until("B evicted", || !blob_file(&path, &b.digest).exists()).await;
+    assert!(
+        blob_file(&path, &a.digest).exists(),
+        "A was used last and stays"
+    );
+    assert!(blob_file(&path, &c.digest).exists(), "C stays");
+    for x in [&a, &c] {
+        fetch(&st, x).await;
+    }
+    assert_eq!(up.all_blob_gets(), 3, "A and C still cached");
+    fetch(&st, &b).await;
+    assert_eq!(
+        up.blob_gets(&b.digest),
+        2,
+        "B was evicted and fetched again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_write_failure_still_serves_every_client() {
+    let up = FakeUpstream::start().await;
+    let b = Blob::random(6 * MIB);
+    up.add_blob(b.data.clone());
+    let st = start_stowage(&up.url(), "").await;
+    st.state.blobs.inject_write_failure(Some(MIB as u64));
+
+    let url = st.blob_url("library/x", &b.digest);
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let (url, b) = (url.clone(), b.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = client().get(&url).send().await.unwrap();
+            assert_eq!(r.status(), 200, "client {i}");
+            let body = r
+                .bytes()
+                .await
+                .unwrap_or_else(|e| panic!("client {i}: {e}"));
+            assert_eq!(
+                sha256_digest(&body),
+                b.digest,
+                "client {i} got the whole blob"
+            );
+        }));
+    }
+    for t in tasks {
+        within(30, "clients during a disk failure", t)
+            .await
+            .unwrap();
+    }
+    let cache = st.dir.path();
+    assert!(!blob_file(cache, &b.digest).exists(), "nothing cached");
+    wait_until("temporary file removed", || tmp_files(cache) == 0).await;
+    assert_eq!(st.state.blobs.index().reserved(), 0);
+
+    // The disk recovers: the next request fetches again and caches.
+    st.state.blobs.inject_write_failure(None);
+    let before = up.blob_gets(&b.digest);
+    fetch(&st, &b).await;
+    assert_eq!(up.blob_gets(&b.digest), before + 1);
+    assert!(
+        blob_file(cache, &b.digest).exists(),
+        "cached once the disk works"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_larger_than_budget_is_streamed_not_cached() {
+    let up = FakeUpstream::start().await;
+    let big = Blob::random(3 * MIB);
+    up.add_blob(big.data.clone());
+    let dir = TempDir::new().unwrap();
+    let toml = cache_toml(dir.path(), &up.url(), "max_size = \"1MiB\"");
+    let st = start_stowage_toml(dir, &toml).await;
+    fetch(&st, &big).await;
+    assert!(!blob_file(st.dir.path(), &big.digest).exists());
+    assert_eq!(store_bytes(st.dir.path()), 0);
+    assert_eq!(
+        tmp_files(st.dir.path()),
+        0,
+        "an oversize blob never touches the disk"
+    );
+    fetch(&st, &big).await;
+    assert_eq!(up.blob_gets(&big.digest), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_images_survive_eviction() {
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[200 * KIB, 200 * KIB]);
+    up.push_image("library/pinned", "1", &img);
+    let others: Vec<Blob> = (0..12).map(|_| Blob::random(200 * KIB)).collect();
+    for b in &others {
+        up.add_blob(b.data.clone());
+    }
+    let dir = TempDir::new().unwrap();
+    let toml = cache_toml(
+        dir.path(),
+        &up.url(),
+        "max_size = \"1MiB\"\nhigh_watermark = 0.9\nlow_watermark = 0.5\npin = [\"docker.io/library/pinned:1\"]",
+    );
+    let st = start_stowage_toml(dir, &toml).await;
+    let index = st.state.blobs.index().clone();
+    let layer = img.layers[0].digest.clone();
+    let layer = stowage::reference::Digest::parse(&layer).unwrap();
+    wait_until("pins resolved", || index.is_pinned(&layer)).await;
+    for b in img.blobs() {
+        fetch(&st, b).await;
+    }
+    // Far more than the budget, all more recent than the pinned blobs.
+    for b in &others {
+        fetch(&st, b).await;
+    }
+    assert!(index.evicted().blobs > 0);
+    for b in img.blobs() {
+        assert!(
+            blob_file(st.dir.path(), &b.digest).exists(),
+            "pinned blob kept"
+        );
+        fetch(&st, b).await;
+        assert_eq!(up.blob_gets(&b.digest), 1, "pinned blob never refetched");
+    }
+    assert!(store_bytes(st.dir.path()) <= MIB as u64);
+}
+
+/// Picks a free loopback port (tiny race with other processes; fine here).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The real binary, so that kill -9 is a real crash.
+struct Child {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Child {
+    async fn start(config: &Path, port: u16) -> Child {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
+            .arg("--config")
+            .arg(config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start stowage");
+        let url = format!("http://127.0.0.1:{port}");
+        let c = client();
+        within(20, "stowage binary answers /v2/", async {
+            loop {
+                if let Ok(r) = c.get(format!("{url}/v2/")).send().await
+                    && r.status() == 200
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        Child { child, url }
+    }
+
+    fn kill9(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_fill_leaves_only_verified_blobs() {
+    let up = FakeUpstream::start().await;
+    let done = Blob::random(512 * KIB);
+    let interrupted = Blob::random(4 * MIB);
+    up.add_blob(done.data.clone());
+    up.add_blob(interrupted.data.clone());
+    let dir = TempDir::new().unwrap();
+    let port = free_port();
+    let config = dir.path().join("stowage.toml");
+    let cache = dir.path().join("cache");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"off\"\ncache_dir = {cache:?}\n\
+             [[upstream]]\nhost = \"docker.io\"\nurl = \"{}\"\nlibrary_prefix = true\n",
+            up.url()
+        ),
+    )
+    .unwrap();
+    let mut child = Child::start(&config, port).await;
+    let c = client();
+    let get = |d: &str| {
+        c.get(format!("{}/v2/library/x/blobs/{d}", child.url))
+            .send()
+    };
+    let body = get(&done.digest).await.unwrap().bytes().await.unwrap();
+    assert_eq!(sha256_digest(&body), done.digest);
+
+    let hold = up.hold(&interrupted.digest);
+    let resp = get(&interrupted.digest).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    hold.wait_half_sent(1).await;
+    wait_until("partial fill on disk", || tmp_files(&cache) == 1).await;
+    child.kill9();
+    drop(resp);
+    up.unhold(&interrupted.digest);
+    assert!(
+        !blob_file(&cache, &interrupted.digest).exists(),
+        "a partial blob is never in the store"
+    );
+
+    let child = Child::start(&config, port).await;
+    assert_eq!(
+        tmp_files(&cache),
+        0,
+        "leftovers of the interrupted fill are removed at start"
+    );
+    let get = |d: &str| {
+        c.get(format!("{}/v2/library/x/blobs/{d}", child.url))
+            .send()
+    };
+    let body = get(&done.digest).await.unwrap().bytes().await.unwrap();
+    assert_eq!(sha256_digest(&body), done.digest);
+    assert_eq!(
+        up.blob_gets(&done.digest),
+        1,
+        "the committed blob survived the crash"
+    );
+    let body = get(&interrupted.digest)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(sha256_digest(&body), interrupted.digest);
+    assert_eq!(
+        up.blob_gets(&interrupted.digest),
+        2,
+        "the interrupted blob is fetched again"
+    );
+}
