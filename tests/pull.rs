@@ -192,3 +192,90 @@ async fn cache_survives_restart() {
     pull_image(&c, &st, "redis", &img.digest, &img).await;
     assert_eq!(up.total(), before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn head_first_on_uncached_manifest() {
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[10]);
+    up.push_image("library/headfirst", "1", &img);
+    let st = start_stowage(&up.url(), "").await;
+    let c = client();
+    for reference in ["1".to_string(), img.digest.clone()] {
+        let url = st.manifest_url("headfirst", &reference);
+        let r = c.head(&url).send().await.unwrap();
+        assert_eq!(r.status(), 200, "HEAD {url}");
+        assert_eq!(
+            header(&r, "content-type").as_deref(),
+            Some(OCI_MANIFEST),
+            "HEAD {url}"
+        );
+        assert_eq!(
+            header(&r, "content-length"),
+            Some(img.manifest.len().to_string()),
+            "HEAD {url}"
+        );
+        assert_eq!(
+            header(&r, "docker-content-digest"),
+            Some(img.digest.clone()),
+            "HEAD {url}"
+        );
+        assert!(r.bytes().await.unwrap().is_empty(), "HEAD {url} has a body");
+    }
+    check_manifest(&c, &st, "headfirst", "1", &img.manifest, OCI_MANIFEST).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn registry_host_in_path_or_ns_selects_the_upstream() {
+    let hub = FakeUpstream::start().await;
+    let ghcr = FakeUpstream::start().await;
+    let hub_img = make_image(Format::Oci, &[100]);
+    let ghcr_img = make_image(Format::Oci, &[200]);
+    hub.push_image("library/alpine", "1", &hub_img);
+    ghcr.push_image("org/app", "1", &ghcr_img);
+    let dir = tempfile::TempDir::new().unwrap();
+    let toml = format!(
+        "{}\n[[upstream]]\nhost = \"ghcr.io\"\nurl = \"{}\"\n",
+        config_toml(dir.path(), &hub.url(), ""),
+        ghcr.url()
+    );
+    let st = start_stowage_toml(dir, &toml).await;
+    let c = client();
+
+    // Default upstream, with and without its host in the path.
+    pull_image(&c, &st, "alpine", "1", &hub_img).await;
+    pull_image(&c, &st, "docker.io/library/alpine", "1", &hub_img).await;
+    pull_image(&c, &st, "docker.io/alpine", "1", &hub_img).await;
+    // Second upstream by path prefix (no library/ prefix there).
+    pull_image(&c, &st, "ghcr.io/org/app", "1", &ghcr_img).await;
+    assert!(ghcr.manifest_gets("org/app", "1") + ghcr.manifest_heads("org/app", "1") >= 1);
+    assert_eq!(ghcr.count_where(|r| r.path.contains("library/")), 0);
+    assert_eq!(
+        hub.count_where(|r| r.path.contains("org/app")),
+        0,
+        "ghcr.io request went to the default upstream"
+    );
+
+    // containerd's ?ns= names the registry.
+    let (_, body) = get_ok(
+        &c,
+        &format!("{}?ns=ghcr.io", st.manifest_url("org/app", "1")),
+    )
+    .await;
+    assert_eq!(body, ghcr_img.manifest);
+    let (_, body) = get_ok(
+        &c,
+        &format!(
+            "{}?ns=ghcr.io",
+            st.blob_url("org/app", &ghcr_img.config.digest)
+        ),
+    )
+    .await;
+    assert_eq!(body, ghcr_img.config.data);
+    // A registry this mirror does not front is refused, never proxied.
+    let r = c
+        .get(format!("{}?ns=quay.io", st.manifest_url("org/app", "1")))
+        .send()
+        .await
+        .unwrap();
+    assert_oci_error(r, 404, &["NAME_UNKNOWN"], "unknown ns").await;
+}
