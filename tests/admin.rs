@@ -1,0 +1,296 @@
+//! The admin listener: `/healthz`, `/readyz` (cache directory writable,
+//! listener up, draining at shutdown), switching it off, and the request
+//! log line in both log formats from the real binary.
+
+mod common;
+
+use std::io::BufRead as _;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use tempfile::TempDir;
+
+async fn get(url: &str) -> (u16, String) {
+    let r = within(10, url, client().get(url).send())
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = r.status().as_u16();
+    (status, r.text().await.unwrap())
+}
+
+/// Polls `/readyz` until 200 (the server becomes ready once its accept
+/// loop runs and the blob index is loaded); fails after 10 s.
+async fn wait_ready(url: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = get(url).await;
+        if status == 200 {
+            return;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not ready after 10 s: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_readyz_and_not_found() {
+    let up = FakeUpstream::start().await;
+    let st = start_stowage(&up.url(), "").await;
+    assert_ne!(st.admin, Some(st.addr));
+
+    assert_eq!(get(&st.admin_url("/healthz")).await, (200, "ok\n".into()));
+    wait_ready(&st.admin_url("/readyz")).await;
+    assert_eq!(get(&st.admin_url("/readyz")).await, (200, "ready\n".into()));
+    assert_eq!(get(&st.admin_url("/nope")).await.0, 404);
+    let r = client()
+        .post(st.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    let r = client()
+        .head(st.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().await.unwrap().is_empty());
+    // The registry port does not serve the admin endpoints.
+    assert_ne!(get(&format!("{}/metrics", st.url())).await.0, 200);
+
+    // The readiness probe leaves nothing behind in the cache.
+    let tmp = st.dir.path().join("tmp");
+    let leftovers: Vec<_> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with(".readyz"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // A cache directory that cannot be written to: 503 with the reason,
+    // while /healthz stays 200. (Tests run as root, for whom permission
+    // bits do not block writes: replace the directory by a file instead.)
+    let aside = st.dir.path().join("tmp.aside");
+    std::fs::rename(&tmp, &aside).unwrap();
+    std::fs::write(&tmp, b"not a directory").unwrap();
+    let (status, body) = get(&st.admin_url("/readyz")).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("not writable"), "{body}");
+    assert!(body.contains(&tmp.display().to_string()), "{body}");
+    assert_eq!(get(&st.admin_url("/healthz")).await.0, 200);
+
+    // Repaired: ready again.
+    std::fs::remove_file(&tmp).unwrap();
+    std::fs::rename(&aside, &tmp).unwrap();
+    assert_eq!(get(&st.admin_url("/readyz")).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_listener_can_be_off() {
+    let up = FakeUpstream::start().await;
+    let dir = TempDir::new().unwrap();
+    let toml = config_toml(dir.path(), &up.url(), "")
+        .replace("admin_listen = \"127.0.0.1:0\"", "admin_listen = \"off\"");
+    let st = start_stowage_toml(dir, &toml).await;
+    assert_eq!(st.admin, None);
+    get_ok(&client(), &st.v2("")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readyz_fails_while_draining_then_admin_stops() {
+    let up = FakeUpstream::start().await;
+    let blob = Blob::random(1 << 20);
+    up.add_blob(blob.data.clone());
+    let hold = up.hold(&blob.digest);
+    let dir = TempDir::new().unwrap();
+    let toml = config_toml(dir.path(), &up.url(), "").replace("\"2s\"", "\"20s\"");
+    let cfg = stowage::config::Config::from_toml_str(&toml).unwrap();
+    let server = stowage::server::Server::bind(cfg).await.unwrap();
+    let addr = server.local_addr();
+    let admin = server.admin_addr().expect("admin listener");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+    let admin_url = |p: &str| format!("http://{admin}{p}");
+    wait_ready(&admin_url("/readyz")).await;
+
+    // A response in flight, held upstream.
+    let url = format!("http://{addr}/v2/library/x/blobs/{}", blob.digest);
+    let resp = within(10, "held GET", client().get(&url).send())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    stop.send(()).unwrap();
+
+    // Draining: not ready (listener closed), still alive, metrics served.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = get(&admin_url("/readyz")).await;
+        if status == 503 {
+            assert!(body.contains("listener"), "{body}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readyz stayed {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(get(&admin_url("/healthz")).await.0, 200);
+    assert_eq!(get(&admin_url("/metrics")).await.0, 200);
+
+    hold.release();
+    let body = within(20, "held body", resp.bytes()).await.unwrap();
+    assert_eq!(sha256_digest(&body), blob.digest);
+    within(20, "server shutdown", run).await.unwrap().unwrap();
+    // The admin listener is closed too.
+    assert!(tokio::net::TcpStream::connect(admin).await.is_err());
+}
+
+/// Starts the real binary with `config`, returns it with a channel of its
+/// stderr lines.
+fn spawn_binary(
+    config: &std::path::Path,
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .arg("--config")
+        .arg(config)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start stowage");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// Kills the child when dropped (also when an assertion fails).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Reads lines until `pick` returns something; fails after 20 s.
+fn wait_line<T>(
+    rx: &std::sync::mpsc::Receiver<String>,
+    seen: &mut Vec<String>,
+    mut pick: impl FnMut(&str) -> Option<T>,
+) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let found = pick(&line);
+                seen.push(line);
+                if let Some(v) = found {
+                    return v;
+                }
+            }
+            Err(_) => panic!(
+                "expected log line not seen; log so far:\n{}",
+                seen.join("\n")
+            ),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_request_ids() {
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[10]);
+    up.push_image("library/hello", "1", &img);
+    let dir = TempDir::new().unwrap();
+    let config = dir.path().join("stowage.toml");
+    let toml = config_toml(&dir.path().join("cache"), &up.url(), "")
+        + "\n[log]\nformat = \"json\"\nlevel = \"info\"\n";
+    std::fs::write(&config, &toml).unwrap();
+    let (child, rx) = spawn_binary(&config);
+    let _child = KillOnDrop(child);
+    let mut seen = Vec::new();
+
+    let parse = |line: &str| -> serde_json::Value {
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    };
+    let addr: String = wait_line(&rx, &mut seen, |l| {
+        let v = parse(l);
+        (v["message"] == "stowage listening").then(|| v["addr"].as_str().unwrap().to_string())
+    });
+    let url = format!("http://{addr}/v2/hello/manifests/1");
+    let r = client()
+        .get(&url)
+        .header("x-request-id", "json-test-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-request-id").as_deref(), Some("json-test-1"));
+    r.bytes().await.unwrap();
+
+    let line = wait_line(&rx, &mut seen, |l| {
+        let v = parse(l);
+        (v["message"] == "request" && v["request_id"] == "json-test-1").then_some(v)
+    });
+    assert_eq!(line["method"], "GET");
+    assert_eq!(line["path"], "/v2/hello/manifests/1");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["cache"], "miss");
+    assert_eq!(line["level"], "INFO");
+    for l in &seen {
+        parse(l);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn human_logs_carry_request_ids() {
+    let up = FakeUpstream::start().await;
+    let dir = TempDir::new().unwrap();
+    let config = dir.path().join("stowage.toml");
+    std::fs::write(
+        &config,
+        config_toml(&dir.path().join("cache"), &up.url(), ""),
+    )
+    .unwrap();
+    let (child, rx) = spawn_binary(&config);
+    let _child = KillOnDrop(child);
+    let mut seen = Vec::new();
+    let addr: String = wait_line(&rx, &mut seen, |l| {
+        l.contains("stowage listening").then(|| {
+            let at = l.find("addr=").unwrap() + 5;
+            l[at..].split_whitespace().next().unwrap().to_string()
+        })
+    });
+    let r = client()
+        .get(format!("http://{addr}/v2/"))
+        .send()
+        .await
+        .unwrap();
+    let id = header(&r, "x-request-id").unwrap();
+    r.bytes().await.unwrap();
+    let line = wait_line(&rx, &mut seen, |l| {
+        l.contains(&format!("request_id={id}"))
+            .then(|| l.to_string())
+    });
+    assert!(line.contains("status=200"), "{line}");
+    assert!(line.contains("path=/v2/"), "{line}");
+}
