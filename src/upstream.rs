@@ -177,6 +177,21 @@ fn tls_config(cfg: &UpstreamConfig) -> Result<rustls::ClientConfig, ConfigError>
         .with_no_client_auth())
 }
 
+/// Logs Docker Hub's pull rate limit when a response carries it
+/// (`ratelimit-limit: 100;w=21600`, `ratelimit-remaining: 76;w=21600`, on
+/// manifest responses), and every 429 with its `Retry-After`.
+fn log_rate_limit(host: &str, method: &Method, url: &str, resp: &Response<Incoming>) {
+    let get = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok());
+    if let Some(remaining) = get("ratelimit-remaining") {
+        let limit = get("ratelimit-limit").unwrap_or("-");
+        tracing::info!(upstream = %host, %method, %url, limit, remaining, "upstream rate limit");
+    }
+    if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+        let retry_after = get(header::RETRY_AFTER.as_str()).unwrap_or("-");
+        tracing::warn!(upstream = %host, %method, %url, retry_after, "upstream rate limit exceeded (429)");
+    }
+}
+
 /// Renders an error with its chain of causes (`client error (Connect): tcp
 /// connect error: Connection refused`).
 fn error_chain(err: &dyn std::error::Error) -> String {
@@ -660,6 +675,7 @@ impl Upstream {
         match result {
             Ok(Ok(resp)) => {
                 self.metrics.upstream_ratelimit(&self.host, resp.headers());
+                log_rate_limit(&self.host, method, &url, &resp);
                 tracing::debug!(
                     upstream = %self.host,
                     %method,
@@ -1436,5 +1452,66 @@ mod tests {
         }
         assert_eq!(request_kind("tags/list?n=1"), "tags");
         assert_eq!(request_kind("whatever"), "other");
+    }
+
+    #[derive(Clone, Default)]
+    struct LogCapture(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for LogCapture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn rate_limit_headers_and_429_are_logged() {
+        let (addr, _) = serve(|_| {
+            |req: &Request<Incoming>| match req.uri().path() {
+                "/v2/a/b/manifests/1" => {
+                    let r = with_header(
+                        reply(200, "m"),
+                        header::HeaderName::from_static("ratelimit-limit"),
+                        "100;w=21600",
+                    );
+                    with_header(
+                        r,
+                        header::HeaderName::from_static("ratelimit-remaining"),
+                        "76;w=21600",
+                    )
+                }
+                "/v2/a/b/manifests/2" => {
+                    with_header(reply(429, "slow down"), header::RETRY_AFTER, "30")
+                }
+                _ => reply(200, ""),
+            }
+        })
+        .await;
+        let capture = LogCapture::default();
+        let writer = capture.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let up = Upstream::new(&config(format!("http://{addr}"))).unwrap();
+        assert_eq!(get(&up, "a/b", "manifests/3").await.0, 200);
+        let quiet = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        assert!(!quiet.contains("rate limit"), "{quiet}");
+        assert_eq!(get(&up, "a/b", "manifests/1").await.0, 200);
+        assert_eq!(get(&up, "a/b", "manifests/2").await.0, 429);
+        let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        assert!(text.contains("upstream rate limit"), "{text}");
+        assert!(text.contains(r#"limit="100;w=21600""#), "{text}");
+        assert!(text.contains(r#"remaining="76;w=21600""#), "{text}");
+        assert!(
+            text.contains("upstream rate limit exceeded (429)"),
+            "{text}"
+        );
+        assert!(text.contains(r#"retry_after="30""#), "{text}");
     }
 }
