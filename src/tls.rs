@@ -184,10 +184,8 @@ impl Tls {
     /// contents differ from the last attempt (so a rejected file is reported
     /// once, not at every poll). On error the old material stays in use.
     pub fn reload(&self, force: bool) -> Result<Reloaded, TlsError> {
-        if !force {
-            if self.seen().files == files_digest(&self.files) {
-                return Ok(Reloaded::Unchanged);
-            }
+        if !force && self.seen().files == files_digest(&self.files) {
+            return Ok(Reloaded::Unchanged);
         }
         let result = self.swap_in(force);
         if let Err(e) = &result {

@@ -5,6 +5,7 @@
 pub mod fake;
 pub mod image;
 pub mod mirror;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
