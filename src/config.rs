@@ -754,6 +754,46 @@ mod tests {
     }
 
     #[test]
+    fn tls_access_and_limits() {
+        let c = Config::from_toml_str("").unwrap();
+        assert!(c.tls.is_none() && c.access.is_none());
+        assert_eq!(c.limits.max_connections, 1024);
+        let c = Config::from_toml_str(
+            "[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nclient_ca = \"ca.pem\"\n\
+             [access]\nhtpasswd = \"h\"\n[limits]\nidle_timeout = \"5s\"\n",
+        )
+        .unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.client_ca, Some(PathBuf::from("ca.pem")));
+        assert_eq!(tls.reload_interval, Duration::from_secs(5));
+        assert_eq!(c.access.unwrap().realm, "stowage");
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(5));
+        for (toml, key) in [
+            ("[tls]\ncert = \"c\"\n", "key"),
+            ("[tls]\ncert = \"c\"\nkey = \"k\"\nkye = 1\n", "kye"),
+            ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
+            (
+                "[limits]\nheader_read_timeout = \"0s\"\n",
+                "limits.header_read_timeout",
+            ),
+            (
+                "[access]\nhtpasswd = \"h\"\nrealm = \"a\\\"b\"\n",
+                "access.realm",
+            ),
+        ] {
+            let e = Config::from_toml_str(toml).unwrap_err();
+            assert!(e.to_string().contains(key), "{toml}: {e}");
+        }
+
+        let mut c = Config::default();
+        c.apply_tls_flags(Some("c.pem".into()), Some("k.pem".into()))
+            .unwrap();
+        assert_eq!(c.tls.unwrap().key, PathBuf::from("k.pem"));
+        let mut c = Config::default();
+        assert!(c.apply_tls_flags(Some("c.pem".into()), None).is_err());
+    }
+
+    #[test]
     fn shipped_example_parses() {
         let c = Config::from_toml_str(include_str!("../config/stowage.toml")).unwrap();
         assert_eq!(c.upstreams[0].url, "https://registry-1.docker.io");
