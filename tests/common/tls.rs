@@ -21,19 +21,25 @@ use tokio_rustls::client::TlsStream;
 /// A certificate and its key, as PEM and as the leaf's DER.
 #[derive(Clone)]
 pub struct Issued {
+    /// The certificate, PEM.
     pub cert_pem: String,
+    /// Its private key, PEM (PKCS#8).
     pub key_pem: String,
+    /// The certificate, DER (what a TLS peer sees).
     pub der: CertificateDer<'static>,
 }
 
 /// A test CA.
 pub struct Ca {
+    /// The CA certificate, PEM.
     pub cert_pem: String,
+    /// The CA certificate, DER.
     pub der: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
 }
 
 impl Ca {
+    /// A self-signed CA with this common name.
     pub fn new(name: &str) -> Ca {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -185,7 +191,9 @@ pub fn alpn(s: &TlsStream<TcpStream>) -> Option<String> {
 
 /// An HTTP client on one established connection (HTTP/1.1 or h2).
 pub enum Conn {
+    /// HTTP/1.1.
     H1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    /// HTTP/2.
     H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
 }
 
