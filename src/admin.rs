@@ -44,6 +44,8 @@ pub struct AdminState {
     probes: AtomicU64,
     /// Extra "is the index loaded" check (the blob index's own flag).
     index_loaded: Option<Box<dyn Fn() -> bool + Send + Sync>>,
+    /// Runs before each `/metrics` encoding (to copy gauges kept elsewhere).
+    before_scrape: Option<Box<dyn Fn(&Metrics) + Send + Sync>>,
 }
 
 impl AdminState {
@@ -54,7 +56,15 @@ impl AdminState {
             cache_dir,
             probes: AtomicU64::new(0),
             index_loaded: None,
+            before_scrape: None,
         }
+    }
+
+    /// Runs `refresh` before every `/metrics` answer, e.g. to copy the blob
+    /// index's size and eviction totals into the metrics.
+    pub fn with_scrape_hook(mut self, refresh: impl Fn(&Metrics) + Send + Sync + 'static) -> Self {
+        self.before_scrape = Some(Box::new(refresh));
+        self
     }
 
     /// Also asks `loaded` whether the blob index is loaded (on top of
@@ -197,7 +207,12 @@ pub async fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Ful
         return r;
     }
     let mut response = match req.uri().path() {
-        "/metrics" => match state.metrics.encode() {
+        "/metrics" => match {
+            if let Some(refresh) = &state.before_scrape {
+                refresh(&state.metrics);
+            }
+            state.metrics.encode()
+        } {
             Ok(body) => text(StatusCode::OK, TEXT_CONTENT_TYPE, body),
             Err(e) => {
                 tracing::error!(error = %e, "encoding metrics failed");

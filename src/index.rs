@@ -290,7 +290,8 @@ impl BlobIndex {
 
     /// Indexes a blob just committed to the store.
     pub fn committed(&self, digest: &Digest, size: u64) {
-        self.insert(digest, size, now_micros(), now_micros());
+        let now = now_micros();
+        self.insert(digest, size, now, now);
     }
 
     /// Replaces the set of pinned blobs.

@@ -26,8 +26,12 @@ struct Cli {
     upstream: Vec<String>,
 
     /// Cache directory.
-    #[arg(long)]
+    #[arg(long, global = true)]
     cache_dir: Option<PathBuf>,
+
+    /// Most bytes of blobs to keep, e.g. 50GiB.
+    #[arg(long, global = true, value_name = "SIZE")]
+    max_size: Option<bytesize::ByteSize>,
 
     /// Serve HTTPS with this PEM certificate chain (with --tls-key).
     #[arg(long, value_name = "FILE", requires = "tls_key")]
@@ -53,6 +57,64 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// Pull images through a running stowage so that their blobs are cached.
+    Warm {
+        /// Images as `[host/]repository[:tag|@digest]`.
+        #[arg(required = true)]
+        images: Vec<String>,
+        /// URL of the mirror.
+        #[arg(long, default_value = "http://127.0.0.1:5000")]
+        mirror: String,
+        /// Only this platform of multi-platform images (`os/arch[/variant]`);
+        /// may be repeated. Default: all platforms.
+        #[arg(long)]
+        platform: Vec<String>,
+        /// Extra PEM CA certificates for an HTTPS mirror.
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
+        /// Username for a mirror that requires client authentication.
+        #[arg(long, env = "STOWAGE_USERNAME")]
+        username: Option<String>,
+        /// Password for --username.
+        #[arg(long, env = "STOWAGE_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
+        /// Blobs downloaded at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+    },
+    /// Inspect or trim the cache directory of a running or stopped instance.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CacheCommand {
+    /// Usage, budget, entries and access times.
+    Stats,
+    /// The largest or least recently used blobs.
+    Ls {
+        /// Order: `size` (largest first) or `age` (least recently used first).
+        #[arg(long, value_enum, default_value_t = SortKey::Size)]
+        sort: SortKey,
+        /// How many to show.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Remove blobs by digest, or everything cached for a repository or tag.
+    Purge {
+        /// Digests (`sha256:...`) or repositories (`docker.io/library/alpine`,
+        /// `alpine:3.19`).
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum SortKey {
+    Size,
+    Age,
 }
 
 fn main() -> ExitCode {
@@ -83,6 +145,30 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    match cli.command {
+        Some(Command::Cache { command }) => return cache_command(&config, command),
+        Some(Command::Warm {
+            images,
+            mirror,
+            platform,
+            ca_file,
+            username,
+            password,
+            concurrency,
+        }) => {
+            let opts = stowage::warm::WarmOptions {
+                mirror,
+                platforms: platform,
+                ca_file,
+                username,
+                password,
+                concurrency,
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            return warm(&opts, &images);
+        }
+        _ => {}
+    }
     init_logging(&config);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -112,6 +198,9 @@ fn load(cli: &Cli) -> Result<Config, stowage::config::ConfigError> {
     if let Some(dir) = &cli.cache_dir {
         config.cache_dir = dir.clone();
     }
+    if let Some(size) = cli.max_size {
+        config.cache.max_size = size;
+    }
     if let Some(admin) = &cli.admin_listen {
         config.admin_listen = stowage::config::parse_admin_listen(admin).map_err(|message| {
             stowage::config::ConfigError::Invalid {
@@ -123,6 +212,70 @@ fn load(cli: &Cli) -> Result<Config, stowage::config::ConfigError> {
     config.apply_upstream_flags(&cli.upstream)?;
     config.apply_tls_flags(cli.tls_cert.clone(), cli.tls_key.clone())?;
     Ok(config)
+}
+
+fn warm(opts: &stowage::warm::WarmOptions, images: &[String]) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("stowage: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(stowage::warm::warm(opts, images)) {
+        Ok(summary) => {
+            println!("warmed: {summary}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("stowage warm: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cache_command(config: &Config, command: CacheCommand) -> ExitCode {
+    use stowage::ops;
+    let dir = &config.cache_dir;
+    let result = match command {
+        CacheCommand::Stats => ops::stats(dir, Some(config.cache.max_size.as_u64())).map(|s| {
+            println!("cache:           {}", dir.display());
+            println!("{s}");
+        }),
+        CacheCommand::Ls { sort, limit } => ops::list_blobs(dir).map(|mut blobs| {
+            match sort {
+                SortKey::Size => blobs.sort_by(|a, b| b.size.cmp(&a.size)),
+                SortKey::Age => blobs.sort_by_key(|b| b.last_access),
+            }
+            println!("{:<72} {:>12}  LAST ACCESS", "DIGEST", "SIZE");
+            for b in blobs.iter().take(limit) {
+                println!(
+                    "{:<72} {:>12}  {}",
+                    b.digest.to_string(),
+                    ops::human_bytes(b.size),
+                    ops::ago(b.last_access)
+                );
+            }
+        }),
+        CacheCommand::Purge { targets } => targets.iter().try_for_each(|t| {
+            let p = ops::purge(config, t)?;
+            println!(
+                "{t}: removed {} blobs ({}), {} manifests, {} tags",
+                p.blobs,
+                ops::human_bytes(p.bytes),
+                p.manifests,
+                p.tags
+            );
+            Ok(())
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stowage cache: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_logging(config: &Config) {

@@ -136,6 +136,37 @@ impl ManifestStore {
         })
     }
 
+    /// Keeps at most `max` manifests on disk, removing the least recently
+    /// written beyond that. Blocking. Returns how many were removed.
+    pub fn prune(&self, max: usize) -> io::Result<usize> {
+        let mut files = Vec::new();
+        for alg in std::fs::read_dir(&self.dir)?.flatten() {
+            let Ok(rd) = std::fs::read_dir(alg.path()) else {
+                continue;
+            };
+            for f in rd.flatten() {
+                let mtime = f
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH);
+                files.push((mtime, f.path()));
+            }
+        }
+        if files.len() <= max {
+            return Ok(0);
+        }
+        files.sort();
+        let excess = files.len() - max;
+        let mut removed = 0;
+        for (_, path) in files.into_iter().take(excess) {
+            if std::fs::remove_file(&path).is_ok() {
+                removed += 1;
+            }
+        }
+        tracing::info!(removed, max, "pruned least recently written manifests");
+        Ok(removed)
+    }
+
     /// The manifest with `digest`, from memory, disk or upstream. A body
     /// fetched from upstream must hash to `digest`.
     pub async fn by_digest(
@@ -478,4 +509,29 @@ fn media_type_in(body: &[u8]) -> Option<String> {
         media_type: Option<String>,
     }
     serde_json::from_slice::<Probe>(body).ok()?.media_type
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prune_keeps_the_most_recently_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ManifestStore::open(dir.path()).unwrap();
+        let mut paths = Vec::new();
+        for i in 0..5u8 {
+            let d = Digest::of(crate::reference::Algorithm::Sha256, &[i]);
+            let p = store.path_of(&d);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, [b'x', b'\n', i]).unwrap();
+            filetime::set_file_mtime(&p, filetime::FileTime::from_unix_time(1000 + i as i64, 0))
+                .unwrap();
+            paths.push(p);
+        }
+        assert_eq!(store.prune(10).unwrap(), 0);
+        assert_eq!(store.prune(3).unwrap(), 2);
+        let kept: Vec<bool> = paths.iter().map(|p| p.exists()).collect();
+        assert_eq!(kept, vec![false, false, true, true, true]);
+    }
 }

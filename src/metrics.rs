@@ -291,6 +291,8 @@ pub struct Metrics {
     index_loaded: AtomicBool,
     /// The registry listener(s) accept connections.
     listening: AtomicBool,
+    /// Serialises [`Metrics::sync_evictions`].
+    sync_lock: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -440,6 +442,7 @@ impl Metrics {
             cache_budget,
             index_loaded: AtomicBool::new(true),
             listening: AtomicBool::new(false),
+            sync_lock: std::sync::Mutex::new(()),
         }
     }
 
@@ -569,6 +572,20 @@ impl Metrics {
 
     /// `count` blobs totalling `bytes` were evicted.
     pub fn record_evictions(&self, count: u64, bytes: u64) {
+        self.evictions.inc_by(count);
+        self.evicted_bytes.inc_by(bytes);
+    }
+
+    /// Raises the eviction counters to totals kept elsewhere (the blob
+    /// index counts its own evictions); never lowers them, so it can be
+    /// called on every scrape and alongside [`Metrics::record_evictions`].
+    pub fn sync_evictions(&self, total_count: u64, total_bytes: u64) {
+        let _serialised = self
+            .sync_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = total_count.saturating_sub(self.evictions.get());
+        let bytes = total_bytes.saturating_sub(self.evicted_bytes.get());
         self.evictions.inc_by(count);
         self.evicted_bytes.inc_by(bytes);
     }
@@ -815,6 +832,8 @@ mod tests {
         m.digest_mismatch(CacheKind::Blob);
         m.record_eviction(10);
         m.record_evictions(2, 30);
+        m.sync_evictions(2, 20);
+        m.sync_evictions(3, 40);
         m.set_cache_size(500);
         m.set_cache_budget(1 << 40);
         m.cache_outcome(CacheKind::Manifest, "stale");

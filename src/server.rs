@@ -141,6 +141,7 @@ impl Server {
             .filter_map(|p| ImageRef::parse(p).ok())
             .collect();
         crate::pins::spawn(state.clone(), pins, config.cache.pin_refresh);
+        spawn_manifest_pruner(state.clone(), config.cache.max_manifests);
         Ok(Server {
             listener,
             state,
@@ -191,8 +192,15 @@ impl Server {
         tokio::pin!(shutdown);
         let admin = self.admin.take().map(|listener| {
             let blobs = self.state.blobs.clone();
+            let index = self.state.blobs.index().clone();
             let state = AdminState::new(self.state.metrics.clone(), self.cache_dir.clone())
-                .with_index_check(move || blobs.index().is_loaded());
+                .with_index_check(move || blobs.index().is_loaded())
+                .with_scrape_hook(move |metrics| {
+                    metrics.set_cache_size(index.used().saturating_add(index.reserved()));
+                    metrics.set_cache_budget(index.budget().max_size);
+                    let evicted = index.evicted();
+                    metrics.sync_evictions(evicted.blobs, evicted.bytes);
+                });
             admin::spawn(listener, Arc::new(state))
         });
         self.state.metrics.set_listening(true);
@@ -277,6 +285,13 @@ pub async fn handle(
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(request_id::HEADER, v);
     }
+    if outcome != "-" {
+        // How the mirror answered (hit, miss, join, stale, upstream): for
+        // operators, `stowage warm` and debugging.
+        response
+            .headers_mut()
+            .insert(CACHE_HEADER, HeaderValue::from_static(outcome));
+    }
     let status = response.status();
     state.metrics.request_started(route, &method, status);
     if let Some(kind) = route.cache()
@@ -285,9 +300,16 @@ pub async fn handle(
         state.metrics.cache_outcome(kind, outcome);
     }
     let (parts, inner) = response.into_parts();
+    let expected = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .or_else(|| hyper::body::Body::size_hint(&inner).exact());
     let logged = LoggedBody {
         inner,
         bytes: 0,
+        expected,
         failed: false,
         log: Some(LogLine {
             method,
@@ -303,6 +325,27 @@ pub async fn handle(
     };
     Response::from_parts(parts, BodyExt::boxed(logged))
 }
+
+/// Keeps the manifest files on disk within `max`, at start and every ten
+/// minutes.
+fn spawn_manifest_pruner(state: Arc<AppState>, max: usize) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(600));
+        loop {
+            tick.tick().await;
+            let s = state.clone();
+            match tokio::task::spawn_blocking(move || s.manifests.prune(max)).await {
+                Ok(Err(e)) => tracing::warn!(error = %e, "pruning manifests failed"),
+                Err(e) => tracing::warn!(error = %e, "manifest pruner panicked"),
+                Ok(Ok(_)) => {}
+            }
+        }
+    });
+}
+
+/// Response header saying how the mirror answered a blob or manifest
+/// request: `hit`, `miss`, `join`, `stale` or `upstream`.
+pub const CACHE_HEADER: &str = "x-stowage-cache";
 
 /// Routes a request. Returns the response and how it was answered
 /// (`hit`, `miss`, `join`, ... or `-`).
@@ -477,6 +520,9 @@ struct LogLine {
 struct LoggedBody {
     inner: Body,
     bytes: u64,
+    /// The body's exact length when known: hyper stops polling a body once
+    /// that many bytes are sent, so reaching it means complete.
+    expected: Option<u64>,
     failed: bool,
     log: Option<LogLine>,
 }
@@ -540,7 +586,8 @@ impl hyper::body::Body for LoggedBody {
 
 impl Drop for LoggedBody {
     fn drop(&mut self) {
-        let complete = hyper::body::Body::is_end_stream(&self.inner);
+        let complete = hyper::body::Body::is_end_stream(&self.inner)
+            || self.expected.is_some_and(|n| n == self.bytes);
         self.finish(complete);
     }
 }

@@ -1,0 +1,368 @@
+//! Operator commands on a cache directory: `stowage cache stats|ls|purge`.
+//!
+//! They work on the directory of a running or a stopped instance without
+//! corrupting it: they only read, or remove whole files (a running instance
+//! notices a missing blob on its next request and fetches it again) and
+//! append removal records to the journal with `O_APPEND`.
+//! A running instance keeps serving manifests and tags it holds in memory
+//! until their TTL; access times on disk lag memory by at most the flush
+//! interval.
+
+use std::collections::HashSet;
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::config::Config;
+use crate::index::blob_path;
+use crate::pins::refs_of;
+use crate::reference::{Algorithm, Digest, ImageRef, Reference};
+
+/// One stored blob as seen on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobFile {
+    /// Its digest.
+    pub digest: Digest,
+    /// Size in bytes.
+    pub size: u64,
+    /// Last access as persisted (the file's mtime).
+    pub last_access: SystemTime,
+}
+
+/// Lists every blob in the store of `cache_dir`.
+pub fn list_blobs(cache_dir: &Path) -> io::Result<Vec<BlobFile>> {
+    let mut out = Vec::new();
+    for alg in [Algorithm::Sha256, Algorithm::Sha512] {
+        let dir = cache_dir.join("blobs").join(alg.as_str());
+        let Ok(prefixes) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for prefix in prefixes.flatten() {
+            let Ok(files) = std::fs::read_dir(prefix.path()) else {
+                continue;
+            };
+            for f in files.flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                let Ok(digest) = Digest::parse(&format!("{}:{name}", alg.as_str())) else {
+                    continue;
+                };
+                let Ok(meta) = f.metadata() else { continue };
+                out.push(BlobFile {
+                    digest,
+                    size: meta.len(),
+                    last_access: meta.modified().unwrap_or(UNIX_EPOCH),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Summary of a cache directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stats {
+    /// Blobs stored.
+    pub blobs: usize,
+    /// Their total size.
+    pub bytes: u64,
+    /// The configured budget, if known.
+    pub budget: Option<u64>,
+    /// Oldest last access among the blobs.
+    pub oldest_access: Option<SystemTime>,
+    /// Newest last access among the blobs.
+    pub newest_access: Option<SystemTime>,
+    /// Fills in progress (temporary files).
+    pub fills_in_progress: usize,
+    /// Manifests stored.
+    pub manifests: usize,
+    /// Tags recorded.
+    pub tags: usize,
+}
+
+/// Computes [`Stats`] for `cache_dir`.
+pub fn stats(cache_dir: &Path, budget: Option<u64>) -> io::Result<Stats> {
+    if !cache_dir.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{} is not a cache directory", cache_dir.display()),
+        ));
+    }
+    let blobs = list_blobs(cache_dir)?;
+    Ok(Stats {
+        blobs: blobs.len(),
+        bytes: blobs.iter().map(|b| b.size).sum(),
+        budget,
+        oldest_access: blobs.iter().map(|b| b.last_access).min(),
+        newest_access: blobs.iter().map(|b| b.last_access).max(),
+        fills_in_progress: count_files(&cache_dir.join("tmp")),
+        manifests: count_files(&cache_dir.join("manifests")),
+        tags: count_tags(&cache_dir.join("tags")),
+    })
+}
+
+fn count_files(dir: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => count_files(&e.path()),
+            Ok(_) => 1,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn count_tags(dir: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| {
+            if e.file_name() == "_tags" {
+                count_files(&e.path())
+            } else if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                count_tags(&e.path())
+            } else {
+                0
+            }
+        })
+        .sum()
+}
+
+/// Bytes in binary units, for people.
+pub fn human_bytes(n: u64) -> String {
+    bytesize::ByteSize::b(n).display().iec().to_string()
+}
+
+/// How long ago `t` was, for people.
+pub fn ago(t: SystemTime) -> String {
+    let secs = SystemTime::now()
+        .duration_since(t)
+        .unwrap_or(Duration::ZERO)
+        .as_secs();
+    humantime::format_duration(Duration::from_secs(secs)).to_string() + " ago"
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "blobs:           {}", self.blobs)?;
+        match self.budget {
+            Some(b) if b > 0 => writeln!(
+                f,
+                "usage:           {} of {} ({:.1}%)",
+                human_bytes(self.bytes),
+                human_bytes(b),
+                self.bytes as f64 * 100.0 / b as f64
+            )?,
+            _ => writeln!(f, "usage:           {}", human_bytes(self.bytes))?,
+        }
+        if let Some(t) = self.oldest_access {
+            writeln!(f, "oldest access:   {}", ago(t))?;
+        }
+        if let Some(t) = self.newest_access {
+            writeln!(f, "newest access:   {}", ago(t))?;
+        }
+        writeln!(f, "fills running:   {}", self.fills_in_progress)?;
+        writeln!(f, "manifests:       {}", self.manifests)?;
+        write!(f, "tags:            {}", self.tags)
+    }
+}
+
+/// What `purge` removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Purged {
+    /// Blobs removed.
+    pub blobs: usize,
+    /// Bytes freed.
+    pub bytes: u64,
+    /// Manifests removed.
+    pub manifests: usize,
+    /// Tags removed.
+    pub tags: usize,
+}
+
+/// Removes a blob (or manifest) by digest, or everything cached for a
+/// repository: its tags, the manifests they point at (and, for indexes,
+/// their platform manifests) and those manifests' blobs. A repository
+/// without a host is the default upstream's; upstreams with
+/// `library_prefix` get `library/` added to one-component names, as when
+/// serving.
+pub fn purge(config: &Config, target: &str) -> io::Result<Purged> {
+    let cache_dir = config.cache_dir.as_path();
+    let mut purged = Purged::default();
+    if let Ok(digest) = Digest::parse(target) {
+        remove_blob(cache_dir, &digest, &mut purged)?;
+        remove_manifest(cache_dir, &digest, &mut purged)?;
+        return Ok(purged);
+    }
+    let image = ImageRef::parse(target)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.message))?;
+    let upstream = match &image.host {
+        Some(h) => config.upstreams.iter().find(|u| &u.host == h),
+        None => config.upstreams.first(),
+    }
+    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no upstream for that host"))?;
+    let mut repo_dir = cache_dir.join("tags").join(&upstream.host);
+    if upstream.library_prefix && !image.repo.as_str().contains('/') {
+        repo_dir.push("library");
+    }
+    for c in image.repo.components() {
+        repo_dir.push(c);
+    }
+    let tags_dir = repo_dir.join("_tags");
+    // A bare repository purges all its tags; `repo:tag` only that tag.
+    let explicit_tag = target
+        .rsplit_once(':')
+        .is_some_and(|(_, t)| !t.contains('/'));
+    let tag_files: Vec<PathBuf> = match (&image.reference, explicit_tag) {
+        (Reference::Tag(t), true) => vec![tags_dir.join(t.as_str())],
+        _ => std::fs::read_dir(&tags_dir)
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default(),
+    };
+    let mut roots: Vec<Digest> = Vec::new();
+    if let Reference::Digest(d) = &image.reference {
+        roots.push(d.clone());
+    }
+    for f in tag_files {
+        if let Ok(text) = std::fs::read_to_string(&f) {
+            if let Ok(d) = Digest::parse(text.trim()) {
+                roots.push(d);
+            }
+            std::fs::remove_file(&f)?;
+            purged.tags += 1;
+        }
+    }
+    let mut seen = HashSet::new();
+    while let Some(m) = roots.pop() {
+        if !seen.insert(m.clone()) {
+            continue;
+        }
+        if let Some(body) = read_manifest_body(cache_dir, &m) {
+            let refs = refs_of(&body);
+            roots.extend(refs.manifests);
+            for b in refs.blobs {
+                remove_blob(cache_dir, &b, &mut purged)?;
+            }
+        }
+        remove_manifest(cache_dir, &m, &mut purged)?;
+    }
+    Ok(purged)
+}
+
+fn read_manifest_body(cache_dir: &Path, digest: &Digest) -> Option<Vec<u8>> {
+    let data = std::fs::read(manifest_path(cache_dir, digest)).ok()?;
+    let nl = data.iter().position(|b| *b == b'\n')?;
+    Some(data[nl + 1..].to_vec())
+}
+
+fn manifest_path(cache_dir: &Path, digest: &Digest) -> PathBuf {
+    cache_dir
+        .join("manifests")
+        .join(digest.algorithm().as_str())
+        .join(digest.hex())
+}
+
+fn remove_manifest(cache_dir: &Path, digest: &Digest, purged: &mut Purged) -> io::Result<()> {
+    match std::fs::remove_file(manifest_path(cache_dir, digest)) {
+        Ok(()) => {
+            purged.manifests += 1;
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn remove_blob(cache_dir: &Path, digest: &Digest, purged: &mut Purged) -> io::Result<()> {
+    let path = blob_path(&cache_dir.join("blobs"), digest);
+    let size = match std::fs::metadata(&path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    std::fs::remove_file(&path)?;
+    // O_APPEND writes of one short line do not interleave with the running
+    // instance's own appends.
+    if let Ok(mut journal) = OpenOptions::new()
+        .append(true)
+        .open(cache_dir.join("index.log"))
+    {
+        let _ = journal.write_all(format!("-{digest}\n").as_bytes());
+    }
+    purged.blobs += 1;
+    purged.bytes += size;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put_blob(cache: &Path, data: &[u8]) -> Digest {
+        let d = Digest::of(Algorithm::Sha256, data);
+        let p = blob_path(&cache.join("blobs"), &d);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, data).unwrap();
+        d
+    }
+
+    fn put_manifest(cache: &Path, body: &str) -> Digest {
+        let d = Digest::of(Algorithm::Sha256, body.as_bytes());
+        let p = manifest_path(cache, &d);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(
+            p,
+            format!("application/vnd.oci.image.manifest.v1+json\n{body}"),
+        )
+        .unwrap();
+        d
+    }
+
+    #[test]
+    fn stats_and_purge_by_digest_and_repository() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path();
+        let config = put_blob(cache, b"config");
+        let layer = put_blob(cache, b"layer-bytes");
+        let other = put_blob(cache, b"unrelated");
+        let manifest = put_manifest(
+            cache,
+            &format!(r#"{{"config":{{"digest":"{config}"}},"layers":[{{"digest":"{layer}"}}]}}"#),
+        );
+        let tag = cache.join("tags/docker.io/library/app/_tags/1.0");
+        std::fs::create_dir_all(tag.parent().unwrap()).unwrap();
+        std::fs::write(&tag, format!("{manifest}\n")).unwrap();
+
+        let s = stats(cache, Some(1000)).unwrap();
+        assert_eq!(
+            (s.blobs, s.bytes, s.manifests, s.tags),
+            (3, 6 + 11 + 9, 1, 1)
+        );
+        assert!(s.to_string().contains("of 1000 B"), "{s}");
+
+        let config = Config {
+            cache_dir: cache.to_path_buf(),
+            ..Config::default()
+        };
+        let p = purge(&config, &other.to_string()).unwrap();
+        assert_eq!((p.blobs, p.bytes), (1, 9));
+        let p = purge(&config, "docker.io/library/nothing").unwrap();
+        assert_eq!(p, Purged::default());
+        // "app" on Docker Hub is library/app.
+        let p = purge(&config, "app").unwrap();
+        assert_eq!(
+            p,
+            Purged {
+                blobs: 2,
+                bytes: 17,
+                manifests: 1,
+                tags: 1
+            }
+        );
+        assert_eq!(list_blobs(cache).unwrap(), vec![]);
+        assert!(stats(&cache.join("nope"), None).is_err());
+    }
+}

@@ -1,0 +1,295 @@
+//! `stowage warm IMAGE...`: pulls images through a running stowage so that
+//! their blobs are cached before anyone needs them.
+//!
+//! It talks to the mirror like any client (through [`Upstream`], so TLS, a
+//! custom CA and the mirror's own credentials work), resolves tags and
+//! indexes (all platforms, or the ones asked for), then downloads every
+//! blob, verifying its digest, with a progress bar per blob. The mirror's
+//! `x-stowage-cache` header tells what was already cached.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use http::{HeaderMap, Method, StatusCode};
+use http_body_util::BodyExt;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+use crate::config::{UpstreamConfig, docker_hub};
+use crate::manifests::accept_headers;
+use crate::pins::refs_of;
+use crate::reference::{Digest, Hasher, ImageRef};
+use crate::server::CACHE_HEADER;
+use crate::upstream::Upstream;
+
+/// What to warm and how.
+#[derive(Debug, Clone)]
+pub struct WarmOptions {
+    /// Base URL of the mirror (`http://127.0.0.1:5000`).
+    pub mirror: String,
+    /// Only these platforms of an index (`linux/amd64`, `linux/arm64/v8`);
+    /// empty means all.
+    pub platforms: Vec<String>,
+    /// Extra CA certificates to trust for an HTTPS mirror.
+    pub ca_file: Option<PathBuf>,
+    /// Credentials for a mirror with client authentication.
+    pub username: Option<String>,
+    /// Password for `username`.
+    pub password: Option<String>,
+    /// Blobs downloaded at once.
+    pub concurrency: usize,
+    /// Draw progress bars (when stderr is a terminal).
+    pub progress: bool,
+}
+
+/// The outcome of a warm run.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct WarmSummary {
+    /// Manifests resolved.
+    pub manifests: usize,
+    /// Distinct blobs.
+    pub blobs: usize,
+    /// Blobs the mirror already had.
+    pub blobs_cached: usize,
+    /// Bytes the mirror had to fetch from upstream.
+    pub bytes_fetched: u64,
+    /// Bytes the mirror already had.
+    pub bytes_cached: u64,
+}
+
+impl std::fmt::Display for WarmSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} manifests, {} blobs: {} fetched from upstream ({}), {} already cached ({})",
+            self.manifests,
+            self.blobs,
+            self.blobs - self.blobs_cached,
+            crate::ops::human_bytes(self.bytes_fetched),
+            self.blobs_cached,
+            crate::ops::human_bytes(self.bytes_cached),
+        )
+    }
+}
+
+/// Pulls `images` through the mirror. Fails on the first image or blob
+/// that cannot be fetched or does not verify.
+pub async fn warm(opts: &WarmOptions, images: &[String]) -> Result<WarmSummary, String> {
+    let mirror = Upstream::new(&UpstreamConfig {
+        host: "mirror".into(),
+        url: opts.mirror.trim_end_matches('/').to_string(),
+        library_prefix: false,
+        username: opts.username.clone(),
+        password: opts.password.clone(),
+        ca_file: opts.ca_file.clone(),
+        timeout: Duration::from_secs(60),
+        ..docker_hub()
+    })
+    .map_err(|e| format!("mirror {}: {e}", opts.mirror))?;
+    let mirror = Arc::new(mirror);
+    let mut summary = WarmSummary::default();
+    let mut blobs: BTreeSet<(String, Digest)> = BTreeSet::new();
+    for image in images {
+        let r = ImageRef::parse(image).map_err(|e| format!("{image}: {}", e.message))?;
+        let name = match &r.host {
+            Some(h) => format!("{h}/{}", r.repo),
+            None => r.repo.to_string(),
+        };
+        let top = get_manifest(&mirror, &name, &r.reference.to_string()).await?;
+        summary.manifests += 1;
+        let refs = refs_of(&top);
+        for b in refs.blobs {
+            blobs.insert((name.clone(), b));
+        }
+        let children = select_platforms(&top, &opts.platforms);
+        if !refs.manifests.is_empty() && children.is_empty() {
+            return Err(format!(
+                "{image}: no manifest for platform {:?}",
+                opts.platforms
+            ));
+        }
+        for child in children {
+            let body = get_manifest(&mirror, &name, &child.to_string()).await?;
+            summary.manifests += 1;
+            for b in refs_of(&body).blobs {
+                blobs.insert((name.clone(), b));
+            }
+        }
+    }
+    summary.blobs = blobs.len();
+    let bars = MultiProgress::new();
+    if !opts.progress {
+        bars.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let results: Vec<Result<(bool, u64), String>> = futures_util::stream::iter(blobs)
+        .map(|(name, digest)| {
+            let mirror = mirror.clone();
+            let bars = bars.clone();
+            async move { fetch_blob(&mirror, &name, &digest, &bars).await }
+        })
+        .buffer_unordered(opts.concurrency.max(1))
+        .collect()
+        .await;
+    for r in results {
+        let (cached, bytes) = r?;
+        if cached {
+            summary.blobs_cached += 1;
+            summary.bytes_cached += bytes;
+        } else {
+            summary.bytes_fetched += bytes;
+        }
+    }
+    Ok(summary)
+}
+
+async fn get_manifest(mirror: &Upstream, name: &str, reference: &str) -> Result<Vec<u8>, String> {
+    let what = format!("{name}:{reference}");
+    let resp = mirror
+        .send(
+            Method::GET,
+            name,
+            &format!("manifests/{reference}"),
+            accept_headers(),
+        )
+        .await
+        .map_err(|e| format!("{what}: {e}"))?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("{what}: {e}"))?
+        .to_bytes();
+    if status != StatusCode::OK {
+        return Err(format!(
+            "{what}: mirror answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        ));
+    }
+    Ok(body.to_vec())
+}
+
+/// The child manifests of an index that match `platforms` (all when empty).
+fn select_platforms(index: &[u8], platforms: &[String]) -> Vec<Digest> {
+    #[derive(serde::Deserialize)]
+    struct Platform {
+        os: Option<String>,
+        architecture: Option<String>,
+        variant: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        digest: String,
+        platform: Option<Platform>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Index {
+        #[serde(default)]
+        manifests: Vec<Entry>,
+    }
+    let Ok(index) = serde_json::from_slice::<Index>(index) else {
+        return Vec::new();
+    };
+    index
+        .manifests
+        .into_iter()
+        .filter(|m| {
+            platforms.is_empty()
+                || m.platform.as_ref().is_some_and(|p| {
+                    let os = p.os.as_deref().unwrap_or("");
+                    let arch = p.architecture.as_deref().unwrap_or("");
+                    let name = match &p.variant {
+                        Some(v) => format!("{os}/{arch}/{v}"),
+                        None => format!("{os}/{arch}"),
+                    };
+                    platforms
+                        .iter()
+                        .any(|want| *want == name || *want == format!("{os}/{arch}"))
+                })
+        })
+        .filter_map(|m| Digest::parse(&m.digest).ok())
+        .collect()
+}
+
+/// Downloads one blob through the mirror, verifying it. Returns whether the
+/// mirror had it cached, and its size.
+async fn fetch_blob(
+    mirror: &Upstream,
+    name: &str,
+    digest: &Digest,
+    bars: &MultiProgress,
+) -> Result<(bool, u64), String> {
+    let what = format!("{name}@{digest}");
+    let resp = mirror
+        .send(
+            Method::GET,
+            name,
+            &format!("blobs/{digest}"),
+            HeaderMap::new(),
+        )
+        .await
+        .map_err(|e| format!("{what}: {e}"))?;
+    if resp.status() != StatusCode::OK {
+        return Err(format!("{what}: mirror answered {}", resp.status()));
+    }
+    let cached = resp
+        .headers()
+        .get(CACHE_HEADER)
+        .is_some_and(|v| v.as_bytes() == b"hit");
+    let len = resp
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let bar = bars.add(match len {
+        Some(n) => ProgressBar::new(n),
+        None => ProgressBar::no_length(),
+    });
+    if let Ok(style) = ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(format!("{:.19}", digest.to_string()));
+    let mut body = resp.into_body();
+    let mut hasher = Hasher::new(digest.algorithm());
+    let mut n = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("{what}: transfer failed: {e}"))?;
+        if let Ok(data) = frame.into_data() {
+            hasher.update(&data);
+            n += data.len() as u64;
+            bar.inc(data.len() as u64);
+        }
+    }
+    if &hasher.finish() != digest {
+        bar.abandon_with_message("digest mismatch");
+        return Err(format!("{what}: downloaded bytes do not match the digest"));
+    }
+    bar.finish_with_message(if cached { "cached" } else { "fetched" });
+    Ok((cached, n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn platform_selection() {
+        let a = format!("sha256:{}", "a".repeat(64));
+        let b = format!("sha256:{}", "b".repeat(64));
+        let index = format!(
+            r#"{{"manifests":[
+              {{"digest":"{a}","platform":{{"os":"linux","architecture":"amd64"}}}},
+              {{"digest":"{b}","platform":{{"os":"linux","architecture":"arm64","variant":"v8"}}}}]}}"#
+        );
+        assert_eq!(select_platforms(index.as_bytes(), &[]).len(), 2);
+        let one = select_platforms(index.as_bytes(), &["linux/arm64".into()]);
+        assert_eq!(one, vec![Digest::parse(&b).unwrap()]);
+        let one = select_platforms(index.as_bytes(), &["linux/arm64/v8".into()]);
+        assert_eq!(one.len(), 1);
+        assert!(select_platforms(index.as_bytes(), &["windows/amd64".into()]).is_empty());
+    }
+}

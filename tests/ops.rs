@@ -1,0 +1,127 @@
+//! Operator commands of the real binary: `stowage warm` against a running
+//! mirror, and `stowage cache stats|ls|purge` on its cache directory.
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use common::*;
+
+async fn stowage(args: Vec<String>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
+            .args(&args)
+            .output()
+            .expect("run stowage")
+    })
+    .await
+    .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn cache_args(dir: &Path, rest: &[&str]) -> Vec<String> {
+    let mut v = vec!["cache".to_string()];
+    v.extend(rest.iter().map(|s| s.to_string()));
+    v.push("--cache-dir".into());
+    v.push(dir.to_str().unwrap().into());
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_then_inspect_and_purge_the_cache() {
+    let up = FakeUpstream::start().await;
+    let amd = make_image_for(Format::Oci, &[100_000, 50_000], "amd64");
+    let arm = make_image_for(Format::Oci, &[70_000], "arm64");
+    let index = make_index(
+        Format::Oci,
+        vec![(amd.clone(), "amd64"), (arm.clone(), "arm64")],
+    );
+    up.push_index("library/multi", "1", &index);
+    let st = start_stowage(&up.url(), "").await;
+
+    // One platform only.
+    let o = stowage(vec![
+        "warm".into(),
+        "--mirror".into(),
+        st.url(),
+        "--platform".into(),
+        "linux/arm64".into(),
+        "multi:1".into(),
+    ])
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("2 blobs: 2 fetched"), "{}", text(&o));
+    for b in arm.blobs() {
+        assert_eq!(up.blob_gets(&b.digest), 1, "arm64 blob warmed");
+    }
+    for b in amd.layers.iter() {
+        assert_eq!(up.blob_gets(&b.digest), 0, "amd64 layer not warmed");
+    }
+
+    // All platforms: the arm64 blobs are reported as already cached.
+    let o = stowage(vec![
+        "warm".into(),
+        "--mirror".into(),
+        st.url(),
+        "docker.io/library/multi:1".into(),
+    ])
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("5 blobs: 3 fetched"), "{}", text(&o));
+    assert!(text(&o).contains("2 already cached"), "{}", text(&o));
+    assert_eq!(up.all_blob_gets(), 5, "each blob fetched upstream once");
+
+    // Unknown image: a clear failure.
+    let o = stowage(vec![
+        "warm".into(),
+        "--mirror".into(),
+        st.url(),
+        "nothere:1".into(),
+    ])
+    .await;
+    assert!(!o.status.success());
+    assert!(text(&o).contains("404"), "{}", text(&o));
+
+    let dir = st.dir.path();
+    let o = stowage(cache_args(dir, &["stats"])).await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("blobs:           5"), "{}", text(&o));
+
+    let o = stowage(cache_args(dir, &["ls", "--sort", "size", "-n", "1"])).await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains(&amd.layers[0].digest),
+        "largest blob first: {}",
+        text(&o)
+    );
+    assert_eq!(text(&o).lines().count(), 2, "header and one row");
+
+    // Purge one blob by digest while the mirror runs: it is fetched again.
+    let o = stowage(cache_args(dir, &["purge", &amd.layers[1].digest])).await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("removed 1 blobs"), "{}", text(&o));
+    let r = client()
+        .get(st.blob_url("library/multi", &amd.layers[1].digest))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.bytes().await.unwrap();
+    assert_eq!(sha256_digest(&body), amd.layers[1].digest);
+    assert_eq!(up.blob_gets(&amd.layers[1].digest), 2);
+
+    // Purge the repository: its tag, manifests and blobs go.
+    let o = stowage(cache_args(dir, &["purge", "multi"])).await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("3 manifests, 1 tags"), "{}", text(&o));
+    let o = stowage(cache_args(dir, &["stats"])).await;
+    assert!(text(&o).contains("blobs:           0"), "{}", text(&o));
+}
