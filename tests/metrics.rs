@@ -522,3 +522,44 @@ async fn request_ids() {
     let id = header(&r, "x-request-id").unwrap();
     assert!(!id.contains(' '), "{id}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cache_size_budget_and_evictions() {
+    let up = FakeUpstream::start().await;
+    let blobs: Vec<Blob> = (0..3).map(|_| Blob::random(400 * 1024)).collect();
+    for b in &blobs {
+        up.add_blob(b.data.clone());
+    }
+    let dir = tempfile::TempDir::new().unwrap();
+    let toml = config_toml(dir.path(), &up.url(), "") + "\n[cache]\nmax_size = \"1MiB\"\n";
+    let st = start_stowage_toml(dir, &toml).await;
+    let c = client();
+
+    get_ok(&c, &st.blob_url("library/a", &blobs[0].digest)).await;
+    let s = scrape_when(&st, "stowage_cache_size_bytes", &[], blobs[0].len() as u64).await;
+    assert_eq!(
+        s.get("stowage_cache_budget_bytes", &[]),
+        1 << 20,
+        "{}",
+        s.text
+    );
+    assert_eq!(s.get("stowage_cache_evictions_total", &[]), 0);
+
+    // Past the high watermark: the least recently used blob goes.
+    for b in &blobs[1..] {
+        get_ok(&c, &st.blob_url("library/a", &b.digest)).await;
+    }
+    let s = scrape_when(&st, "stowage_cache_evictions_total", &[], 1).await;
+    assert_eq!(
+        s.get("stowage_cache_evicted_bytes_total", &[]),
+        blobs[0].len() as u64,
+        "{}",
+        s.text
+    );
+    assert_eq!(
+        s.get("stowage_cache_size_bytes", &[]),
+        2 * blobs[0].len() as u64,
+        "{}",
+        s.text
+    );
+}
