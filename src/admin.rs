@@ -34,6 +34,9 @@ const ADMIN_DRAIN: Duration = Duration::from_secs(2);
 /// counts as a failure (a hung disk).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A function run before each scrape; see [`AdminState::with_scrape_hook`].
+type ScrapeHook = Box<dyn Fn(&Metrics) + Send + Sync>;
+
 /// What the admin handler needs.
 pub struct AdminState {
     /// The server's metrics and health flags.
@@ -45,7 +48,7 @@ pub struct AdminState {
     /// Extra "is the index loaded" check (the blob index's own flag).
     index_loaded: Option<Box<dyn Fn() -> bool + Send + Sync>>,
     /// Runs before each `/metrics` encoding (to copy gauges kept elsewhere).
-    before_scrape: Option<Box<dyn Fn(&Metrics) + Send + Sync>>,
+    before_scrape: Option<ScrapeHook>,
 }
 
 impl AdminState {
@@ -196,6 +199,14 @@ fn text(
     r
 }
 
+/// Refreshes and encodes the metrics.
+fn scrape(state: &AdminState) -> Result<Vec<u8>, prometheus::Error> {
+    if let Some(refresh) = &state.before_scrape {
+        refresh(&state.metrics);
+    }
+    state.metrics.encode()
+}
+
 /// Answers one admin request.
 pub async fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
@@ -207,12 +218,7 @@ pub async fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Ful
         return r;
     }
     let mut response = match req.uri().path() {
-        "/metrics" => match {
-            if let Some(refresh) = &state.before_scrape {
-                refresh(&state.metrics);
-            }
-            state.metrics.encode()
-        } {
+        "/metrics" => match scrape(state) {
             Ok(body) => text(StatusCode::OK, TEXT_CONTENT_TYPE, body),
             Err(e) => {
                 tracing::error!(error = %e, "encoding metrics failed");
