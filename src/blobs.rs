@@ -407,6 +407,14 @@ impl BlobStore {
             .fills
             .lock()
             .map_err(|_| RegistryError::internal("fill table poisoned"))?;
+        // A fill that just failed is still in the table for a moment: start
+        // afresh rather than hand its error to a new request.
+        let failed = fills
+            .get(digest)
+            .is_some_and(|f| matches!(f.progress.borrow().phase, Phase::Failed(_)));
+        if failed {
+            fills.remove(digest);
+        }
         if let Some(fill) = fills.get(digest) {
             let progress = fill.progress.borrow();
             if progress.disk_end.is_none() || matches!(progress.phase, Phase::Connecting) {
@@ -446,6 +454,11 @@ impl BlobStore {
         let upstream = upstream.clone();
         let repo = repo.clone();
         let digest = digest.clone();
+        let mut cleanup = FillCleanup {
+            store: Some(self.clone()),
+            fill: fill.clone(),
+            digest: digest.clone(),
+        };
         tokio::spawn(async move {
             let guard = store.metrics.fill_started();
             let result = store
@@ -471,8 +484,13 @@ impl BlobStore {
                 Err(e) => p.phase = Phase::Failed(e),
             });
             if shared && let Ok(mut fills) = store.fills.lock() {
-                fills.remove(&digest);
+                // Only this fill's own entry: a newer fill may have replaced
+                // it after it failed.
+                if fills.get(&digest).is_some_and(|f| Arc::ptr_eq(f, &fill)) {
+                    fills.remove(&digest);
+                }
             }
+            cleanup.disarm();
         });
     }
 
@@ -834,6 +852,41 @@ impl Writer {
             offset += chunk.len() as u64;
         }
         Ok((hasher.finish(), offset, on_disk))
+    }
+}
+
+/// Makes sure a fill task that dies without finishing (a panic, or its
+/// runtime shutting down) fails its readers and leaves the fill table,
+/// instead of leaving them waiting forever.
+struct FillCleanup {
+    store: Option<Arc<BlobStore>>,
+    fill: Arc<Fill>,
+    digest: Digest,
+}
+
+impl FillCleanup {
+    fn disarm(&mut self) {
+        self.store = None;
+    }
+}
+
+impl Drop for FillCleanup {
+    fn drop(&mut self) {
+        let Some(store) = self.store.take() else {
+            return;
+        };
+        self.fill.progress.send_modify(|p| {
+            if !matches!(p.phase, Phase::Verified | Phase::Failed(_)) {
+                p.phase = Phase::Failed(RegistryError::internal("blob fill stopped"));
+            }
+        });
+        if let Ok(mut fills) = store.fills.lock()
+            && fills
+                .get(&self.digest)
+                .is_some_and(|f| Arc::ptr_eq(f, &self.fill))
+        {
+            fills.remove(&self.digest);
+        }
     }
 }
 

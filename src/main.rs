@@ -244,7 +244,7 @@ fn cache_command(config: &Config, command: CacheCommand) -> ExitCode {
         }),
         CacheCommand::Ls { sort, limit } => ops::list_blobs(dir).map(|mut blobs| {
             match sort {
-                SortKey::Size => blobs.sort_by(|a, b| b.size.cmp(&a.size)),
+                SortKey::Size => blobs.sort_by_key(|b| std::cmp::Reverse(b.size)),
                 SortKey::Age => blobs.sort_by_key(|b| b.last_access),
             }
             println!("{:<72} {:>12}  LAST ACCESS", "DIGEST", "SIZE");
