@@ -505,27 +505,7 @@ impl BlobStore {
         digest: &Digest,
         shared: bool,
     ) -> Result<(u64, bool), RegistryError> {
-        let resp = upstream
-            .send(
-                Method::GET,
-                repo.as_str(),
-                &format!("blobs/{digest}"),
-                HeaderMap::new(),
-            )
-            .await?;
-        if resp.status() != StatusCode::OK {
-            return Err(RegistryError::from_upstream(
-                resp.status(),
-                UpstreamKind::Blob,
-                resp.headers().get(header::RETRY_AFTER),
-                &digest.to_string(),
-            ));
-        }
-        let total = resp
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let (resp, total) = ask_upstream(upstream, Method::GET, repo, digest).await?;
 
         // Without a known size the disk is required: readers cannot tell
         // the last byte of a spilled stream.
@@ -743,28 +723,7 @@ impl BlobStore {
             .flatten();
         let size = match known {
             Some(size) => Some(size),
-            None => {
-                let resp = upstream
-                    .send(
-                        Method::HEAD,
-                        repo.as_str(),
-                        &format!("blobs/{digest}"),
-                        HeaderMap::new(),
-                    )
-                    .await?;
-                if resp.status() != StatusCode::OK {
-                    return Err(RegistryError::from_upstream(
-                        resp.status(),
-                        UpstreamKind::Blob,
-                        resp.headers().get(header::RETRY_AFTER),
-                        &digest.to_string(),
-                    ));
-                }
-                resp.headers()
-                    .get(header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<u64>().ok())
-            }
+            None => ask_upstream(upstream, Method::HEAD, repo, digest).await?.1,
         };
         let mut response = Response::new(body::empty());
         set_blob_headers(response.headers_mut(), digest);
@@ -853,6 +812,38 @@ impl Writer {
         }
         Ok((hasher.finish(), offset, on_disk))
     }
+}
+
+/// Sends `method` for a blob upstream; anything but 200 becomes the OCI
+/// error for the client. Returns the response and its `Content-Length`.
+async fn ask_upstream(
+    upstream: &Upstream,
+    method: Method,
+    repo: &RepoName,
+    digest: &Digest,
+) -> Result<(Response<hyper::body::Incoming>, Option<u64>), RegistryError> {
+    let resp = upstream
+        .send(
+            method,
+            repo.as_str(),
+            &format!("blobs/{digest}"),
+            HeaderMap::new(),
+        )
+        .await?;
+    if resp.status() != StatusCode::OK {
+        return Err(RegistryError::from_upstream(
+            resp.status(),
+            UpstreamKind::Blob,
+            resp.headers().get(header::RETRY_AFTER),
+            &digest.to_string(),
+        ));
+    }
+    let len = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    Ok((resp, len))
 }
 
 /// Makes sure a fill task that dies without finishing (a panic, or its
