@@ -61,9 +61,15 @@ use crate::metrics::{CacheKind, FillResult, Metrics};
 use crate::range::{self, ByteRange};
 use crate::reference::{Digest, Hasher, RepoName};
 use crate::upstream::Upstream;
+use crate::zerocopy::Regions;
 
 /// Bytes read from disk per body frame.
 const CHUNK: usize = 256 * 1024;
+
+/// Largest frame of mapped file bytes handed to hyper on a zero-copy
+/// connection (see [`crate::zerocopy`]). The mapping is never touched, so
+/// its size costs address space only.
+const ZERO_COPY_CHUNK: u64 = 16 * 1024 * 1024;
 
 /// Upstream body chunks queued between the network task and the disk writer.
 /// Bounds fill memory to about this many chunks (hyper's frames are <= 16 KiB
@@ -326,6 +332,7 @@ impl BlobStore {
         digest: &Digest,
         range: Option<&str>,
         head_only: bool,
+        zero_copy: Option<Arc<Regions>>,
     ) -> Result<BlobResponse, RegistryError> {
         let range = range.and_then(range::parse);
         if let Some((file, size)) = self.open_stored(digest).map_err(local_error)? {
@@ -338,6 +345,7 @@ impl BlobStore {
                     range,
                     head_only,
                     None,
+                    zero_copy,
                 )?,
             });
         }
@@ -355,6 +363,7 @@ impl BlobStore {
                         range,
                         false,
                         None,
+                        zero_copy,
                     )?,
                 });
             }
@@ -375,12 +384,12 @@ impl BlobStore {
             spill: Some(spill),
         };
         let response = match progress.total {
-            Some(size) => file_response(digest, file, size, range, false, Some(feed))?,
+            Some(size) => file_response(digest, file, size, range, false, Some(feed), zero_copy)?,
             None => {
                 // Upstream gave no length: stream the whole blob chunked (a
                 // range cannot be resolved without the size, so it is
                 // ignored).
-                let mut response = Response::new(file_body(file, 0, None, Some(feed)));
+                let mut response = Response::new(file_body(file, 0, None, Some(feed), zero_copy));
                 set_blob_headers(response.headers_mut(), digest);
                 response
             }
@@ -923,6 +932,7 @@ fn file_response(
     range: Option<ByteRange>,
     head_only: bool,
     feed: Option<Feed>,
+    zero_copy: Option<Arc<Regions>>,
 ) -> Result<Response<Body>, RegistryError> {
     let (start, end, status) = match range {
         None => (0, size, StatusCode::OK),
@@ -940,7 +950,7 @@ fn file_response(
     let body = if head_only {
         body::empty()
     } else {
-        file_body(file, start, Some(end), feed)
+        file_body(file, start, Some(end), feed, zero_copy)
     };
     let mut response = Response::new(body);
     *response.status_mut() = status;
@@ -968,6 +978,8 @@ struct Reader {
     /// The final byte of the response, received from the spill queue and
     /// held until the fill is verified.
     held: Option<Bytes>,
+    /// Set on plain HTTP/1 connections: send file bytes with `sendfile`.
+    zero_copy: Option<Arc<Regions>>,
 }
 
 /// What to do next.
@@ -983,28 +995,45 @@ enum Step {
 /// A body that streams `[start, end)` of a blob in bounded chunks. When
 /// reading a fill, it waits for bytes to arrive, never sends its final byte
 /// before the fill is verified, and fails if the fill fails.
-fn file_body(file: Option<Arc<File>>, start: u64, end: Option<u64>, feed: Option<Feed>) -> Body {
+fn file_body(
+    file: Option<Arc<File>>,
+    start: u64,
+    end: Option<u64>,
+    feed: Option<Feed>,
+    zero_copy: Option<Arc<Regions>>,
+) -> Body {
     let reader = Reader {
         file,
         pos: start,
         end,
         feed,
         held: None,
+        zero_copy,
     };
     let stream = futures_util::stream::try_unfold(reader, |mut r| async move {
         let chunk = match r.next_step().await? {
             Step::Done => return Ok(None),
             Step::Send(bytes) => bytes,
             Step::Disk(limit) => {
-                let want = (limit - r.pos).min(CHUNK as u64) as usize;
                 let file = r
                     .file
                     .clone()
                     .ok_or_else(|| io::Error::other("blob has no file to read"))?;
                 let pos = r.pos;
-                let chunk = tokio::task::spawn_blocking(move || read_exact_at(&file, pos, want))
-                    .await
-                    .map_err(io::Error::other)??;
+                let chunk = match &r.zero_copy {
+                    // Mapped, never touched: the connection sends it with
+                    // sendfile, so a large frame costs no memory.
+                    Some(regions) => {
+                        let want = (limit - pos).min(ZERO_COPY_CHUNK) as usize;
+                        regions.chunk(&file, pos, want)?
+                    }
+                    None => {
+                        let want = (limit - pos).min(CHUNK as u64) as usize;
+                        tokio::task::spawn_blocking(move || read_exact_at(&file, pos, want))
+                            .await
+                            .map_err(io::Error::other)??
+                    }
+                };
                 r.pos += chunk.len() as u64;
                 chunk
             }

@@ -18,6 +18,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::zerocopy::{Regions, ZeroCopyStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
@@ -120,7 +122,7 @@ impl Front {
         // A client that sends nothing at all is both idle and slow with its
         // headers: whichever limit is shorter applies.
         let io = IdleIo::new(
-            stream,
+            ZeroCopyStream::new(stream, self.tls.is_none()),
             self.limits.idle_timeout,
             self.limits
                 .header_read_timeout
@@ -384,12 +386,21 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
 /// An accepted connection after the front door: plain or TLS.
 pub enum FrontIo {
     /// Plain TCP.
-    Plain(IdleIo<TcpStream>),
+    Plain(IdleIo<ZeroCopyStream>),
     /// TLS over TCP.
-    Tls(Box<tokio_rustls::server::TlsStream<IdleIo<TcpStream>>>),
+    Tls(Box<tokio_rustls::server::TlsStream<IdleIo<ZeroCopyStream>>>),
 }
 
 impl FrontIo {
+    /// Where bodies register mapped blob regions for `sendfile`: plain
+    /// connections only (TLS must encrypt in user space).
+    pub fn regions(&self) -> Option<Arc<Regions>> {
+        match self {
+            FrontIo::Plain(s) => s.get_ref().regions().cloned(),
+            FrontIo::Tls(_) => None,
+        }
+    }
+
     /// The ALPN protocol negotiated in the TLS handshake, if any.
     pub fn alpn(&self) -> Option<&[u8]> {
         match self {

@@ -24,3 +24,4 @@ pub mod server;
 pub mod tls;
 pub mod upstream;
 pub mod warm;
+pub mod zerocopy;

@@ -223,10 +223,6 @@ impl Server {
             };
             let _ = stream.set_nodelay(true);
             let state = self.state.clone();
-            let service = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(state, req, peer).await) }
-            });
             let (front, builder, watcher) =
                 (self.front.clone(), builder.clone(), graceful.watcher());
             tokio::spawn(async move {
@@ -234,6 +230,14 @@ impl Server {
                 let Some(io) = front.handshake(stream, peer).await else {
                     return;
                 };
+                let regions = io.regions();
+                let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                    if let Some(r) = &regions {
+                        req.extensions_mut().insert(r.clone());
+                    }
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(handle(state, req, peer).await) }
+                });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
                 if let Err(e) = watcher.watch(conn.into_owned()).await {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -386,9 +390,18 @@ async fn dispatch(
                 .headers()
                 .get(header::RANGE)
                 .and_then(|v| v.to_str().ok());
+            // Zero-copy sends need a plain connection speaking HTTP/1 (h2
+            // copies data into its own frames).
+            let zero_copy = if req.version() <= http::Version::HTTP_11 {
+                req.extensions()
+                    .get::<Arc<crate::zerocopy::Regions>>()
+                    .cloned()
+            } else {
+                None
+            };
             let r = state
                 .blobs
-                .serve(&upstream, &repo, &digest, range, head)
+                .serve(&upstream, &repo, &digest, range, head, zero_copy)
                 .await?;
             Ok((r.response, r.outcome.as_str()))
         }
