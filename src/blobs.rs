@@ -72,9 +72,9 @@ const CHUNK: usize = 256 * 1024;
 const ZERO_COPY_CHUNK: u64 = 16 * 1024 * 1024;
 
 /// Upstream body chunks queued between the network task and the disk writer.
-/// Bounds fill memory to about this many chunks (hyper's frames are <= 16 KiB
-/// on HTTP/1 reads, larger on h2).
-const WRITE_QUEUE: usize = 64;
+/// Bounds fill memory to this many frames (hyper's HTTP/1 client frames
+/// grow with its adaptive read buffer, up to a few hundred KiB each).
+const WRITE_QUEUE: usize = 8;
 
 /// Chunks queued for readers when the disk has failed (see module docs).
 const SPILL_QUEUE: usize = 64;
@@ -240,6 +240,11 @@ impl BlobStore {
     /// The metrics this store reports to.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Fills running now (including verified ones still being committed).
+    pub fn fills_in_flight(&self) -> usize {
+        self.fills.lock().map(|f| f.len()).unwrap_or(0)
     }
 
     /// The index.
@@ -564,6 +569,16 @@ impl BlobStore {
         let result = self
             .stream(fill, resp.into_body(), file.map(|(_, f)| f), total, digest)
             .await;
+        if let Ok((size, _)) = &result {
+            // Verified: readers may finish now. Making the file durable and
+            // moving it into the store (fsyncs, rename) need not hold up
+            // their last byte; the fill stays in the table until then, so
+            // new requests join it instead of missing.
+            fill.progress.send_modify(|p| {
+                p.total = Some(*size);
+                p.phase = Phase::Verified;
+            });
+        }
         let outcome = match (result, tmp_path) {
             (Ok((size, true)), Some(tmp)) => match self.commit(&tmp, digest, size).await {
                 Ok(()) => Ok((size, true)),

@@ -255,6 +255,12 @@ impl Server {
                 tracing::warn!(timeout = ?self.shutdown_timeout, "shutdown timeout reached, dropping connections");
             }
         }
+        // Let fills finish committing (their clients may be done already:
+        // readers finish at verification, before the fsyncs and rename).
+        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+        while self.state.blobs.fills_in_flight() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         // Persist recency so LRU order survives the restart.
         let index = self.state.blobs.index().clone();
         let _ = tokio::task::spawn_blocking(move || index.flush_atimes()).await;

@@ -41,6 +41,9 @@ fn tmp_files(cache: &Path) -> usize {
         .unwrap_or(0)
 }
 
+/// GETs a blob through stowage, checks the bytes, and waits until the fill
+/// (if any) has been committed: clients finish at verification, before the
+/// fsyncs and the rename.
 async fn fetch(st: &Stowage, b: &Blob) {
     let r = client()
         .get(st.blob_url("library/x", &b.digest))
@@ -54,6 +57,8 @@ async fn fetch(st: &Stowage, b: &Blob) {
         b.digest,
         "served bytes hash to the digest"
     );
+    let blobs = st.state.blobs.clone();
+    wait_until("fill committed", || blobs.fills_in_flight() == 0).await;
 }
 
 fn cache_toml(dir: &Path, upstream: &str, cache: &str) -> String {
@@ -415,6 +420,10 @@ async fn kill_9_mid_fill_leaves_only_verified_blobs() {
     let body = get(&done.digest).await.unwrap().bytes().await.unwrap();
     assert_eq!(sha256_digest(&body), done.digest);
 
+    wait_until("first blob committed", || {
+        blob_file(&cache, &done.digest).exists()
+    })
+    .await;
     let hold = up.hold(&interrupted.digest);
     let resp = get(&interrupted.digest).await.unwrap();
     assert_eq!(resp.status(), 200);
