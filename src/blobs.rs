@@ -186,6 +186,8 @@ pub struct BlobStore {
     write_fault: AtomicU64,
     /// Fills in flight, fill results, digest mismatches.
     metrics: Arc<Metrics>,
+    /// Set when the server stops, ending the background tasks.
+    stopped: watch::Sender<bool>,
 }
 
 /// The blob part of a response before the handler adds common headers.
@@ -227,6 +229,7 @@ impl BlobStore {
             idle_timeout,
             evict: Arc::new(Notify::new()),
             write_fault: AtomicU64::new(u64::MAX),
+            stopped: watch::channel(false).0,
             metrics: Arc::new(Metrics::new()),
         })
     }
@@ -275,9 +278,13 @@ impl BlobStore {
         });
         let index = self.index.clone();
         let evict = self.evict.clone();
+        let mut stop = self.stop_signal();
         tokio::spawn(async move {
             loop {
-                evict.notified().await;
+                tokio::select! {
+                    () = evict.notified() => {}
+                    _ = stop.changed() => return,
+                }
                 if !index.is_loaded() {
                     continue;
                 }
@@ -286,15 +293,31 @@ impl BlobStore {
             }
         });
         let index = self.index.clone();
+        let mut stop = self.stop_signal();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(crate::index::FLUSH_INTERVAL);
             tick.tick().await;
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.changed() => return,
+                }
                 let i = index.clone();
                 let _ = tokio::task::spawn_blocking(move || i.flush_atimes()).await;
             }
         });
+    }
+
+    /// Completes-on-change receiver for background work tied to this store:
+    /// it changes once, when the server stops.
+    pub fn stop_signal(&self) -> watch::Receiver<bool> {
+        self.stopped.subscribe()
+    }
+
+    /// Stops the background work (evictor, flusher, and whatever else
+    /// watches [`BlobStore::stop_signal`]).
+    pub fn stop_background(&self) {
+        self.stopped.send_replace(true);
     }
 
     /// Test hook: make disk writes of fills fail (as on a full disk) past
@@ -432,9 +455,16 @@ impl BlobStore {
         if let Some(fill) = fills.get(digest) {
             let progress = fill.progress.borrow();
             if progress.disk_end.is_none() || matches!(progress.phase, Phase::Connecting) {
+                // A verified fill still committing serves a complete,
+                // verified file: for the client that is a hit.
+                let outcome = if matches!(progress.phase, Phase::Verified) {
+                    Outcome::Hit
+                } else {
+                    Outcome::Join
+                };
                 let spill = fill.spill.subscribe();
                 drop(progress);
-                return Ok(Lookup::Fill(fill.clone(), Outcome::Join, spill));
+                return Ok(Lookup::Fill(fill.clone(), outcome, spill));
             }
             drop(progress);
             drop(fills);
@@ -580,15 +610,17 @@ impl BlobStore {
             });
         }
         let outcome = match (result, tmp_path) {
-            (Ok((size, true)), Some(tmp)) => match self.commit(&tmp, digest, size).await {
-                Ok(()) => Ok((size, true)),
-                Err(e) => {
-                    let _ = std::fs::remove_file(&tmp);
-                    tracing::error!(%digest, error = %e, "cannot commit blob to the store");
-                    // The readers already have verified bytes; only caching failed.
-                    Ok((size, false))
+            (Ok((size, true)), Some(tmp)) => {
+                match self.commit(&tmp, digest, size, reservation).await {
+                    Ok(()) => Ok((size, true)),
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&tmp);
+                        tracing::error!(%digest, error = %e, "cannot commit blob to the store");
+                        // The readers already have verified bytes; only caching failed.
+                        Ok((size, false))
+                    }
                 }
-            },
+            }
             (Ok((size, _)), tmp) => {
                 if let Some(tmp) = tmp {
                     let _ = std::fs::remove_file(&tmp);
@@ -602,9 +634,11 @@ impl BlobStore {
                 Err(e)
             }
         };
-        self.index.release(reservation);
         if matches!(outcome, Ok((_, true))) {
+            // The commit turned the reservation into a stored blob.
             self.evict.notify_one();
+        } else {
+            self.index.release(reservation);
         }
         outcome
     }
@@ -706,7 +740,15 @@ impl BlobStore {
 
     /// fsyncs the file, records it in the journal, moves it into the store
     /// atomically, then fsyncs the directory so the rename survives a crash.
-    async fn commit(&self, tmp_path: &Path, digest: &Digest, size: u64) -> io::Result<()> {
+    /// Once renamed, the blob is indexed in place of its `reservation`; an
+    /// error means nothing was stored.
+    async fn commit(
+        &self,
+        tmp_path: &Path,
+        digest: &Digest,
+        size: u64,
+        reservation: u64,
+    ) -> io::Result<()> {
         let tmp_path = tmp_path.to_path_buf();
         let dest = blob_path(&self.root, digest);
         let index = self.index.clone();
@@ -722,8 +764,12 @@ impl BlobStore {
             // (this fill's bytes are already counted as reserved).
             index.evict_if_needed();
             std::fs::rename(&tmp_path, &dest)?;
-            File::open(dir)?.sync_all()?;
-            index.committed(&digest, size);
+            index.committed(&digest, size, reservation);
+            if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+                // Stored and served; only durability across a power cut is
+                // in doubt (the next start re-verifies via the journal).
+                tracing::warn!(%digest, error = %e, "cannot fsync the blob directory");
+            }
             Ok(())
         })
         .await
@@ -739,15 +785,21 @@ impl BlobStore {
         repo: &RepoName,
         digest: &Digest,
     ) -> Result<BlobResponse, RegistryError> {
-        let known = self
-            .fills
-            .lock()
-            .ok()
-            .and_then(|f| f.get(digest).map(|f| f.progress.borrow().total))
-            .flatten();
-        let size = match known {
-            Some(size) => Some(size),
-            None => ask_upstream(upstream, Method::HEAD, repo, digest).await?.1,
+        let known = self.fills.lock().ok().and_then(|f| {
+            let p = f.get(digest)?.progress.borrow().clone();
+            let outcome = match p.phase {
+                Phase::Verified => Outcome::Hit,
+                Phase::Streaming => Outcome::Join,
+                Phase::Connecting | Phase::Failed(_) => return None,
+            };
+            Some((p.total?, outcome))
+        });
+        let (size, outcome) = match known {
+            Some((size, outcome)) => (Some(size), outcome),
+            None => (
+                ask_upstream(upstream, Method::HEAD, repo, digest).await?.1,
+                Outcome::Upstream,
+            ),
         };
         let mut response = Response::new(body::empty());
         set_blob_headers(response.headers_mut(), digest);
@@ -756,10 +808,7 @@ impl BlobStore {
                 .headers_mut()
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
         }
-        Ok(BlobResponse {
-            outcome: Outcome::Upstream,
-            response,
-        })
+        Ok(BlobResponse { outcome, response })
     }
 }
 

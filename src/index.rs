@@ -288,8 +288,12 @@ impl BlobIndex {
         Ok(())
     }
 
-    /// Indexes a blob just committed to the store.
-    pub fn committed(&self, digest: &Digest, size: u64) {
+    /// Indexes a blob just committed to the store in place of the fill's
+    /// `reservation`. Done under the eviction lock, so an eviction never
+    /// sees the blob counted twice (stored and reserved).
+    pub fn committed(&self, digest: &Digest, size: u64, reservation: u64) {
+        let _guard = self.evicting.lock();
+        self.release(reservation);
         let now = now_micros();
         self.insert(digest, size, now, now);
     }
@@ -461,19 +465,32 @@ impl BlobIndex {
         for e in self.entries.iter() {
             text.push_str(&format!("+{} {}\n", e.key(), e.size));
         }
-        {
-            let mut guard = self
-                .journal
-                .lock()
-                .map_err(|_| io::Error::other("journal lock poisoned"))?;
-            let tmp = self.journal_path.with_extension("log.tmp");
-            std::fs::write(&tmp, text.as_bytes())?;
-            File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, &self.journal_path)?;
-            *guard = None;
-        }
+        // The index is complete either way; a journal that cannot be
+        // compacted just stays longer.
         self.loaded.store(true, Ordering::Release);
+        if let Err(e) = self.compact_journal(&text) {
+            tracing::warn!(error = %e, "cannot compact the blob journal");
+        }
         Ok(kept.len())
+    }
+
+    /// Replaces the journal with `text` (via a uniquely named temporary
+    /// file and a rename).
+    fn compact_journal(&self, text: &str) -> io::Result<()> {
+        let mut guard = self
+            .journal
+            .lock()
+            .map_err(|_| io::Error::other("journal lock poisoned"))?;
+        let dir = self
+            .journal_path
+            .parent()
+            .ok_or_else(|| io::Error::other("journal has no directory"))?;
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        tmp.write_all(text.as_bytes())?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(&self.journal_path).map_err(|e| e.error)?;
+        *guard = None;
+        Ok(())
     }
 
     /// All entries, for operator commands and tests.
@@ -557,7 +574,7 @@ mod tests {
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(&p, vec![n; size]).unwrap();
         index.record(&d, size as u64).unwrap();
-        index.committed(&d, size as u64);
+        index.committed(&d, size as u64, 0);
         d
     }
 

@@ -54,6 +54,31 @@ pub struct Manifest {
     pub media_type: String,
     /// The exact bytes upstream served.
     pub body: Bytes,
+    /// Response headers, built once: `Content-Type`,
+    /// `Docker-Content-Digest` and `ETag`.
+    pub headers: HeaderMap,
+}
+
+impl Manifest {
+    /// A manifest and its response headers.
+    pub fn new(digest: Digest, media_type: String, body: Bytes) -> Manifest {
+        let mut headers = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_str(&media_type) {
+            headers.insert(header::CONTENT_TYPE, v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&digest.to_string()) {
+            headers.insert("docker-content-digest", v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&format!("\"{digest}\"")) {
+            headers.insert(header::ETAG, v);
+        }
+        Manifest {
+            digest,
+            media_type,
+            body,
+            headers,
+        }
+    }
 }
 
 /// How a manifest request was answered, for logs and metrics.
@@ -79,7 +104,9 @@ impl Outcome {
 }
 
 /// Key of a tag: upstream host, repository (as upstream names it), tag.
-type TagKey = (String, String, String);
+/// `host/repo:tag` (unambiguous: hosts have no `/`, repositories and tags
+/// no `:`).
+type TagKey = String;
 
 /// A tag's current digest and how long it may be trusted.
 #[derive(Debug, Clone)]
@@ -203,11 +230,21 @@ impl ManifestStore {
         repo: &RepoName,
         tag: &Tag,
     ) -> Result<(Arc<Manifest>, Outcome), RegistryError> {
-        let key: TagKey = (
-            upstream.host().to_string(),
-            upstream.upstream_repo(repo.as_str()).into_owned(),
-            tag.as_str().to_string(),
+        let key: TagKey = format!(
+            "{}/{}:{}",
+            upstream.host(),
+            upstream.upstream_repo(repo.as_str()),
+            tag
         );
+        // Fast path: a fresh tag, no loader future built.
+        if let Some(entry) = self.tags.get(&key).await {
+            let (m, _) = self.by_digest(upstream, repo, &entry.digest).await?;
+            let outcome = match entry.outcome {
+                Outcome::Stale => Outcome::Stale,
+                _ => Outcome::Hit,
+            };
+            return Ok((m, outcome));
+        }
         let mut loaded = false;
         let entry = self
             .tags
@@ -360,11 +397,7 @@ impl ManifestStore {
             let _ = tokio::fs::remove_file(self.path_of(digest)).await;
             return Ok(None);
         }
-        Ok(Some(Manifest {
-            digest: digest.clone(),
-            media_type,
-            body,
-        }))
+        Ok(Some(Manifest::new(digest.clone(), media_type, body)))
     }
 
     async fn write_disk(&self, m: &Manifest) -> io::Result<()> {
@@ -494,11 +527,7 @@ async fn fetch(
     let media_type = content_type
         .or_else(|| media_type_in(&body))
         .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".to_string());
-    Ok(Manifest {
-        digest,
-        media_type,
-        body,
-    })
+    Ok(Manifest::new(digest, media_type, body))
 }
 
 /// The `mediaType` field of a manifest body, if it has one.

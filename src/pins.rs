@@ -86,11 +86,15 @@ pub fn spawn(state: Arc<AppState>, pins: Vec<ImageRef>, every: Duration) {
     if pins.is_empty() {
         return;
     }
+    let mut stop = state.blobs.stop_signal();
     tokio::spawn(async move {
         let mut last: HashMap<String, HashSet<Digest>> = HashMap::new();
         let mut tick = tokio::time::interval(every);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
             for image in &pins {
                 let key = image.to_string();
                 match resolve(&state, image).await {

@@ -264,6 +264,7 @@ impl Server {
         // Persist recency so LRU order survives the restart.
         let index = self.state.blobs.index().clone();
         let _ = tokio::task::spawn_blocking(move || index.flush_atimes()).await;
+        self.state.blobs.stop_background();
         if let Some(admin) = admin {
             admin.stop().await;
         }
@@ -339,10 +340,14 @@ pub async fn handle(
 /// Keeps the manifest files on disk within `max`, at start and every ten
 /// minutes.
 fn spawn_manifest_pruner(state: Arc<AppState>, max: usize) {
+    let mut stop = state.blobs.stop_signal();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(600));
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
             let s = state.clone();
             match tokio::task::spawn_blocking(move || s.manifests.prune(max)).await {
                 Ok(Err(e)) => tracing::warn!(error = %e, "pruning manifests failed"),
@@ -469,16 +474,8 @@ fn manifest_response(m: &Manifest, head: bool) -> Response<Body> {
         body::full(m.body.clone())
     });
     let h = r.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&m.media_type) {
-        h.insert(header::CONTENT_TYPE, v);
-    }
+    h.clone_from(&m.headers);
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(m.body.len()));
-    if let Ok(v) = HeaderValue::from_str(&m.digest.to_string()) {
-        h.insert("docker-content-digest", v);
-        if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", m.digest)) {
-            h.insert(header::ETAG, etag);
-        }
-    }
     r
 }
 
