@@ -66,6 +66,10 @@ use crate::zerocopy::Regions;
 /// Bytes read from disk per body frame.
 const CHUNK: usize = 256 * 1024;
 
+/// Reads up to this size are done in place on the runtime thread (they
+/// come from the page cache in microseconds).
+const INLINE_READ: u64 = 64 * 1024;
+
 /// Largest frame of mapped file bytes handed to hyper on a zero-copy
 /// connection (see [`crate::zerocopy`]). The mapping is never touched, so
 /// its size costs address space only.
@@ -1085,6 +1089,11 @@ fn file_body(
                     .ok_or_else(|| io::Error::other("blob has no file to read"))?;
                 let pos = r.pos;
                 let chunk = match &r.zero_copy {
+                    // A few KiB from the page cache: cheaper to copy in
+                    // place than to map, or to hop to a blocking thread.
+                    _ if limit - pos <= INLINE_READ => {
+                        read_exact_at(&file, pos, (limit - pos) as usize)?
+                    }
                     // Mapped, never touched: the connection sends it with
                     // sendfile, so a large frame costs no memory.
                     Some(regions) => {
