@@ -80,6 +80,10 @@ const ZERO_COPY_CHUNK: u64 = 16 * 1024 * 1024;
 /// grow with its adaptive read buffer, up to a few hundred KiB each).
 const WRITE_QUEUE: usize = 8;
 
+/// While frames keep arriving, readers are woken at least every this many
+/// written bytes (and whenever the queue runs dry).
+const PUBLISH_EVERY: u64 = 1024 * 1024;
+
 /// Chunks queued for readers when the disk has failed (see module docs).
 const SPILL_QUEUE: usize = 64;
 
@@ -839,6 +843,7 @@ impl Writer {
     ) -> io::Result<(Digest, u64, bool)> {
         let mut hasher = Hasher::new(algorithm);
         let mut offset = 0u64;
+        let mut published = 0u64;
         let mut on_disk = self.file.is_some();
         while let Some(chunk) = rx.blocking_recv() {
             if on_disk && let Some(file) = &self.file {
@@ -853,14 +858,22 @@ impl Writer {
                 };
                 match result {
                     Ok(()) => {
+                        // Wake readers once per burst, not per frame: when
+                        // nothing more is queued, or every PUBLISH_EVERY.
                         let written = offset + chunk.len() as u64;
-                        self.progress.send_modify(|p| p.written = written);
+                        if rx.is_empty() || written - published >= PUBLISH_EVERY {
+                            self.progress.send_modify(|p| p.written = written);
+                            published = written;
+                        }
                     }
                     Err(e) if self.can_spill => {
                         tracing::error!(error = %e, at = offset,
                             "writing a blob to the cache failed: streaming the rest without caching");
                         on_disk = false;
-                        self.progress.send_modify(|p| p.disk_end = Some(offset));
+                        self.progress.send_modify(|p| {
+                            p.written = offset;
+                            p.disk_end = Some(offset);
+                        });
                     }
                     Err(e) => return Err(e),
                 }
@@ -886,6 +899,9 @@ impl Writer {
             }
             hasher.update(&chunk);
             offset += chunk.len() as u64;
+        }
+        if on_disk && published != offset {
+            self.progress.send_modify(|p| p.written = offset);
         }
         Ok((hasher.finish(), offset, on_disk))
     }
