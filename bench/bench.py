@@ -499,6 +499,9 @@ def run_mirror(b, kind, run_dir, direct_gbps):
     finally:
         m.stop()
         shutil.rmtree(dir, ignore_errors=True)
+        # Write back what this mirror left dirty now, so that the next one
+        # does not share the disk with that writeback.
+        os.sync()
 
 
 # ------------------------------------------------------------------ setup
@@ -710,6 +713,9 @@ def versions(stowage_bin):
     # The commit of the tree the stowage binary was built in.
     tree = os.path.dirname(os.path.abspath(stowage_bin))
     try:
+        if os.environ.get("STOWAGE_COMMIT"):  # a binary built outside this tree
+            v["stowage_commit"] = os.environ["STOWAGE_COMMIT"]
+            return v | versions_tools()
         v["stowage_commit"] = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], stdout=subprocess.PIPE,
                                              stderr=subprocess.DEVNULL).stdout.decode().strip()
         top = subprocess.run(["git", "-C", tree, "rev-parse", "--show-toplevel"], stdout=subprocess.PIPE,
@@ -719,6 +725,11 @@ def versions(stowage_bin):
         v["stowage_src_modified"] = bool(dirty)
     except OSError:
         pass
+    return v | versions_tools()
+
+
+def versions_tools():
+    v = {}
     for name, argv in (("docker-registry", ["docker-registry", "--version"]), ("nginx", ["nginx", "-v"]),
                        ("skopeo", ["skopeo", "--version"]), ("wrk", ["wrk", "-v"])):
         try:
@@ -761,6 +772,7 @@ def main():
     try:
         up = Upstream(work)
         images = seed(work, up, args.scale)
+        os.sync()
         b = Bench(args, work, images, up)
         b.tls = make_tls(work)
         mid = images["large"]["layers"][2]

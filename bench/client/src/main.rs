@@ -10,7 +10,9 @@
 //!   response head (`ttfb_head_ms`) and to the first byte of the body
 //!   (`ttfb_ms`, what the tables report).
 //! * `--sync`: every worker connects (and handshakes) first, then all send
-//!   their first request at the same instant (a barrier): the "storm".
+//!   their first request at the same instant (all wait on one read-write
+//!   lock, released at once; `start_ms` in the results shows how close
+//!   together they went): the "storm".
 //! * Every body is verified. `--expect FILE` is the expected body; with
 //!   `--digest sha256:HEX` the file itself is hashed once at start-up and must
 //!   match. `--verify cmp` (default) then compares each body byte for byte
@@ -21,7 +23,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -443,18 +445,24 @@ fn main() {
     let next = Arc::new(AtomicUsize::new(0));
     let records = Arc::new(Mutex::new(vec![Record::default(); o.requests]));
     let workers = o.concurrency.min(o.requests);
-    let barrier = Arc::new(Barrier::new(workers + 1));
-    let go = Arc::new(Barrier::new(workers + 1));
-    let t0 = Arc::new(Mutex::new(None::<Instant>));
+    // The start gate: the main thread holds the write lock, every worker
+    // blocks on a read lock, and releasing the write lock wakes them all with
+    // one futex wake (readers share the lock: no hand-over from thread to
+    // thread). A Barrier's mutex hands over one thread at a time, which on two
+    // busy cores spread the "simultaneous" starts over up to a second.
+    let ready = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(RwLock::new(()));
+    let closed = gate.write().unwrap();
+    let t0 = Arc::new(OnceLock::<Instant>::new());
     let mut handles = Vec::new();
     for _ in 0..workers {
-        let (o, t, next, records, barrier, go, t0) = (
+        let (o, t, next, records, ready, gate, t0) = (
             o.clone(),
             t.clone(),
             next.clone(),
             records.clone(),
-            barrier.clone(),
-            go.clone(),
+            ready.clone(),
+            gate.clone(),
             t0.clone(),
         );
         handles.push(std::thread::spawn(move || {
@@ -463,9 +471,9 @@ fn main() {
             } else {
                 None
             };
-            barrier.wait();
-            go.wait();
-            let start = t0.lock().unwrap().unwrap();
+            ready.fetch_add(1, Ordering::SeqCst);
+            drop(gate.read().unwrap());
+            let start = *t0.get().expect("t0 is set before go");
             loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 if i >= o.requests {
@@ -487,14 +495,18 @@ fn main() {
             }
         }));
     }
-    // Every worker has connected (with --sync): start the clock, release them.
-    barrier.wait();
-    *t0.lock().unwrap() = Some(Instant::now());
-    go.wait();
+    // Every worker has connected (with --sync) and waits at the gate: start
+    // the clock and open it.
+    while ready.load(Ordering::SeqCst) < workers {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(20)); // let the last ones block on the gate
+    t0.set(Instant::now()).expect("t0 set once");
+    drop(closed);
     for h in handles {
         h.join().expect("worker thread panicked");
     }
-    let wall = t0.lock().unwrap().unwrap().elapsed().as_secs_f64();
+    let wall = t0.get().unwrap().elapsed().as_secs_f64();
     let recs = records.lock().unwrap().clone();
     let ok = recs.iter().filter(|r| r.ok).count();
     let bytes: u64 = recs.iter().map(|r| r.bytes).sum();
