@@ -661,6 +661,8 @@ def num(v):
         return "-"
     if isinstance(v, str):
         return v
+    if v == int(v) and abs(v) < 1e6:
+        return "%d" % v
     a = abs(v)
     return "%.0f" % v if a >= 100 else "%.2f" % v if a >= 1 else "%.3f" % v
 
