@@ -13,8 +13,8 @@
 //!   access times that changed into the files' mtimes every
 //!   [`FLUSH_INTERVAL`] (and at shutdown); start-up reads them back.
 //! * Sizes survive restarts in an append-only journal (`index.log`, one
-//!   `+<digest> <size>` line fsynced before each commit's rename, `-<digest>`
-//!   on removal), compacted at start-up. A file whose size disagrees with its
+//!   `+<digest> <size>` line before each commit's rename, `-<digest>` on
+//!   removal), compacted at start-up. A file whose size disagrees with its
 //!   record is dropped; a file with no record (cache written by hand or an
 //!   older version) is verified by hashing before it is indexed.
 //!
@@ -260,13 +260,14 @@ impl BlobIndex {
         self.used() + self.reserved() > self.budget.high
     }
 
-    /// Appends the record of a blob about to be committed and fsyncs it.
-    /// Called before the rename, so every stored file has a record.
+    /// Appends the record of a blob about to be committed. Called before
+    /// the rename. Not fsynced: a record lost in a crash only means the
+    /// next start hashes that file before indexing it.
     pub fn record(&self, digest: &Digest, size: u64) -> io::Result<()> {
-        self.append(&format!("+{digest} {size}\n"), true)
+        self.append(&format!("+{digest} {size}\n"))
     }
 
-    fn append(&self, line: &str, sync: bool) -> io::Result<()> {
+    fn append(&self, line: &str) -> io::Result<()> {
         let mut guard = self
             .journal
             .lock()
@@ -281,9 +282,6 @@ impl BlobIndex {
         }
         if let Some(f) = guard.as_mut() {
             f.write_all(line.as_bytes())?;
-            if sync {
-                f.sync_data()?;
-            }
         }
         Ok(())
     }
@@ -348,7 +346,7 @@ impl BlobIndex {
                     continue;
                 }
             }
-            let _ = self.append(&format!("-{digest}\n"), false);
+            let _ = self.append(&format!("-{digest}\n"));
             self.used.fetch_sub(meta.size, Ordering::Relaxed);
             done.blobs += 1;
             done.bytes += meta.size;

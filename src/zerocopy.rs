@@ -24,6 +24,9 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
+/// Most bytes one `sendfile` call may send.
+const SENDFILE_MAX_CHUNK: usize = 2 * 1024 * 1024;
+
 /// A mapped file region handed to hyper as `Bytes`.
 struct Region {
     map: memmap2::Mmap,
@@ -152,6 +155,10 @@ impl ZeroCopyStream {
         offset: u64,
         len: usize,
     ) -> Poll<io::Result<usize>> {
+        // Like nginx's sendfile_max_chunk: one call never copies more than
+        // this, so a fast connection cannot hold its worker thread for long
+        // while others wait for their first bytes.
+        let len = len.min(SENDFILE_MAX_CHUNK);
         loop {
             ready!(self.stream.poll_write_ready(cx))?;
             let sent = self.stream.try_io(Interest::WRITABLE, || {
