@@ -169,7 +169,7 @@ fn main() -> ExitCode {
         }
         _ => {}
     }
-    let _log_guard = init_logging(&config);
+    init_logging(&config);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -278,21 +278,14 @@ fn cache_command(config: &Config, command: CacheCommand) -> ExitCode {
     }
 }
 
-/// Sets up logging. Lines are written by a background thread (bounded
-/// queue, nothing dropped: a full queue makes the logger wait), so a request
-/// never waits for a `write(2)`. Keep the guard until exit: dropping it
-/// flushes what is queued.
-fn init_logging(config: &Config) -> tracing_appender::non_blocking::WorkerGuard {
+fn init_logging(config: &Config) {
     use tracing_subscriber::EnvFilter;
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .finish(std::io::stderr());
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(config.log.level.as_deref().unwrap_or("info")))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer)
+        .with_writer(std::io::stderr)
         // Colours only on a terminal, never in files or the journal.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match config.log.format {
@@ -301,7 +294,6 @@ fn init_logging(config: &Config) -> tracing_appender::non_blocking::WorkerGuard 
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Human => builder.init(),
     }
-    guard
 }
 
 async fn run(config: Config) -> Result<(), stowage::server::ServerError> {
