@@ -371,8 +371,9 @@ impl BlobStore {
         zero_copy: Option<Arc<Regions>>,
     ) -> Result<BlobResponse, RegistryError> {
         let range = range.and_then(range::parse);
-        if let Some((file, size)) = self.open_stored(digest).map_err(local_error)? {
-            return Ok(BlobResponse {
+        // A stored blob: complete and verified.
+        let hit = |file: File, size: u64, zero_copy| {
+            Ok(BlobResponse {
                 outcome: Outcome::Hit,
                 response: file_response(
                     digest,
@@ -383,26 +384,16 @@ impl BlobStore {
                     None,
                     zero_copy,
                 )?,
-            });
+            })
+        };
+        if let Some((file, size)) = self.open_stored(digest).map_err(local_error)? {
+            return hit(file, size, zero_copy);
         }
         if head_only {
             return self.head_miss(upstream, repo, digest).await;
         }
         let (fill, outcome, spill) = match self.join_or_start(upstream, repo, digest)? {
-            Lookup::Stored(file, size) => {
-                return Ok(BlobResponse {
-                    outcome: Outcome::Hit,
-                    response: file_response(
-                        digest,
-                        Some(Arc::new(file)),
-                        size,
-                        range,
-                        false,
-                        None,
-                        zero_copy,
-                    )?,
-                });
-            }
+            Lookup::Stored(file, size) => return hit(file, size, zero_copy),
             Lookup::Fill(fill, outcome, spill) => (fill, outcome, spill),
         };
         let mut rx = fill.progress.subscribe();
