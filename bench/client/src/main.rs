@@ -19,7 +19,12 @@
 //!   with the file (cheap: the client must not compete with the server for
 //!   the two cores), `--verify sha256` hashes each body instead, `--verify
 //!   none` only counts bytes (`--expect-size`).
-//! * `--cacert PEM` for https URLs (rustls, ring, ALPN http/1.1).
+//! * `--cacert PEM` for https URLs (rustls, ring, ALPN http/1.1). The
+//!   negotiated protocol version and cipher suite are in the summary (`tls`),
+//!   so that two servers are known to have been compared on the same cipher.
+//! * `--url` may be given several times (the same path on several servers,
+//!   e.g. the nodes of a cluster): request `i` goes to URL `i % n`, and each
+//!   result names its `target` (the index of its URL).
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -38,7 +43,7 @@ enum Verify {
 }
 
 struct Opts {
-    url: String,
+    urls: Vec<String>,
     requests: usize,
     concurrency: usize,
     expect: Option<Arc<Vec<u8>>>,
@@ -71,11 +76,15 @@ struct Record {
     bytes: u64,
     ok: bool,
     error: String,
+    /// Index of the URL (with several `--url`).
+    target: usize,
+    /// Negotiated TLS version and cipher suite, for https.
+    tls: String,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: bench-client --url URL [--requests N] [--concurrency C] [--sync]\n\
+        "usage: bench-client --url URL [--url URL]... [--requests N] [--concurrency C] [--sync]\n\
          \x20      [--expect FILE [--digest sha256:HEX]] [--expect-size BYTES]\n\
          \x20      [--verify cmp|sha256|none] [--cacert PEM] [--header 'K: V']... [--timeout SECS]"
     );
@@ -84,7 +93,7 @@ fn usage() -> ! {
 
 fn parse_args() -> Opts {
     let mut o = Opts {
-        url: String::new(),
+        urls: Vec::new(),
         requests: 0,
         concurrency: 1,
         expect: None,
@@ -101,7 +110,7 @@ fn parse_args() -> Opts {
     while let Some(a) = it.next() {
         let mut val = || it.next().unwrap_or_else(|| usage());
         match a.as_str() {
-            "--url" => o.url = val(),
+            "--url" => o.urls.push(val()),
             "--requests" => o.requests = val().parse().unwrap_or_else(|_| usage()),
             "--concurrency" => o.concurrency = val().parse().unwrap_or_else(|_| usage()),
             "--expect" => expect_path = Some(val()),
@@ -124,7 +133,7 @@ fn parse_args() -> Opts {
             _ => usage(),
         }
     }
-    if o.url.is_empty() || o.concurrency == 0 {
+    if o.urls.is_empty() || o.concurrency == 0 {
         usage();
     }
     if o.requests == 0 {
@@ -160,10 +169,10 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn target(o: &Opts) -> Target {
-    let (tls, rest) = if let Some(r) = o.url.strip_prefix("http://") {
+fn target(o: &Opts, url: &str) -> Target {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("http://") {
         (false, r)
-    } else if let Some(r) = o.url.strip_prefix("https://") {
+    } else if let Some(r) = url.strip_prefix("https://") {
         (true, r)
     } else {
         usage()
@@ -210,14 +219,14 @@ type Conn = Box<dyn ReadWrite + Send>;
 trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
 
-fn connect(t: &Target, timeout: Duration) -> Result<Conn, String> {
+fn connect(t: &Target, timeout: Duration) -> Result<(Conn, String), String> {
     let sock =
         TcpStream::connect((t.host.as_str(), t.port)).map_err(|e| format!("connect: {e}"))?;
     sock.set_nodelay(true).ok();
     sock.set_read_timeout(Some(timeout)).ok();
     sock.set_write_timeout(Some(timeout)).ok();
     match &t.tls {
-        None => Ok(Box::new(sock)),
+        None => Ok((Box::new(sock), String::new())),
         Some(cfg) => {
             let name = rustls::pki_types::ServerName::try_from(t.host.clone())
                 .map_err(|e| format!("server name: {e}"))?;
@@ -228,7 +237,16 @@ fn connect(t: &Target, timeout: Duration) -> Result<Conn, String> {
                 conn.complete_io(&mut sock)
                     .map_err(|e| format!("tls handshake: {e}"))?;
             }
-            Ok(Box::new(rustls::StreamOwned::new(conn, sock)))
+            let tls = format!(
+                "{}/{}",
+                conn.protocol_version()
+                    .map(|v| format!("{v:?}"))
+                    .unwrap_or_default(),
+                conn.negotiated_cipher_suite()
+                    .map(|c| format!("{:?}", c.suite()))
+                    .unwrap_or_default()
+            );
+            Ok((Box::new(rustls::StreamOwned::new(conn, sock)), tls))
         }
     }
 }
@@ -441,10 +459,12 @@ fn json_str(s: &str) -> String {
 
 fn main() {
     let o = Arc::new(parse_args());
-    let t = Arc::new(target(&o));
-    let next = Arc::new(AtomicUsize::new(0));
-    let records = Arc::new(Mutex::new(vec![Record::default(); o.requests]));
+    let targets: Arc<Vec<Target>> = Arc::new(o.urls.iter().map(|u| target(&o, u)).collect());
     let workers = o.concurrency.min(o.requests);
+    // With --sync, worker w takes request w first (it connected ahead to
+    // that request's target); later requests come from the counter.
+    let next = Arc::new(AtomicUsize::new(if o.sync { workers } else { 0 }));
+    let records = Arc::new(Mutex::new(vec![Record::default(); o.requests]));
     // The start gate: the main thread holds the write lock, every worker
     // blocks on a read lock, and releasing the write lock wakes them all with
     // one futex wake (readers share the lock: no hand-over from thread to
@@ -455,10 +475,10 @@ fn main() {
     let closed = gate.write().unwrap();
     let t0 = Arc::new(OnceLock::<Instant>::new());
     let mut handles = Vec::new();
-    for _ in 0..workers {
-        let (o, t, next, records, ready, gate, t0) = (
+    for w in 0..workers {
+        let (o, targets, next, records, ready, gate, t0) = (
             o.clone(),
-            t.clone(),
+            targets.clone(),
             next.clone(),
             records.clone(),
             ready.clone(),
@@ -466,22 +486,32 @@ fn main() {
             t0.clone(),
         );
         handles.push(std::thread::spawn(move || {
-            let mut pre = if o.sync {
-                Some(connect(&t, o.timeout))
-            } else {
-                None
-            };
+            // With --sync, each worker connects ahead to the target of its
+            // first request, request w.
+            let mut first = o.sync.then_some(w);
+            let mut pre = first.map(|i| connect(&targets[i % targets.len()], o.timeout));
             ready.fetch_add(1, Ordering::SeqCst);
             drop(gate.read().unwrap());
             let start = *t0.get().expect("t0 is set before go");
             loop {
-                let i = next.fetch_add(1, Ordering::SeqCst);
+                let i = match first.take() {
+                    Some(i) => i,
+                    None => next.fetch_add(1, Ordering::SeqCst),
+                };
                 if i >= o.requests {
                     break;
                 }
-                let mut rec = Record::default();
-                let res = match pre.take().unwrap_or_else(|| connect(&t, o.timeout)) {
-                    Ok(conn) => one(&o, &t, conn, &mut rec, start),
+                let ti = i % targets.len();
+                let t = &targets[ti];
+                let mut rec = Record {
+                    target: ti,
+                    ..Record::default()
+                };
+                let res = match pre.take().unwrap_or_else(|| connect(t, o.timeout)) {
+                    Ok((conn, tls)) => {
+                        rec.tls = tls;
+                        one(&o, t, conn, &mut rec, start)
+                    }
                     Err(e) => Err(e),
                 };
                 match res {
@@ -514,6 +544,11 @@ fn main() {
     ttfb.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let mut total: Vec<f64> = recs.iter().filter(|r| r.ok).map(|r| r.total_ms).collect();
     total.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let tls = recs
+        .iter()
+        .find(|r| !r.tls.is_empty())
+        .map(|r| r.tls.clone())
+        .unwrap_or_default();
     let first_error = recs
         .iter()
         .find(|r| !r.ok)
@@ -522,8 +557,8 @@ fn main() {
     let mut out = String::new();
     out.push_str(&format!(
         "{{\"url\":{},\"requests\":{},\"concurrency\":{},\"ok\":{},\"failed\":{},\"bytes\":{},\"wall_s\":{},\"gbps\":{},\
-         \"ttfb_p50_ms\":{},\"ttfb_max_ms\":{},\"total_p50_ms\":{},\"total_max_ms\":{},\"first_error\":{},\"results\":[",
-        json_str(&o.url),
+         \"ttfb_p50_ms\":{},\"ttfb_max_ms\":{},\"total_p50_ms\":{},\"total_max_ms\":{},\"tls\":{},\"first_error\":{},\"results\":[",
+        json_str(&o.urls.join(" ")),
         o.requests,
         workers,
         ok,
@@ -535,6 +570,7 @@ fn main() {
         num(ttfb.last().copied().unwrap_or(f64::NAN)),
         num(pct(&total, 0.5)),
         num(total.last().copied().unwrap_or(f64::NAN)),
+        json_str(&tls),
         json_str(&first_error),
     ));
     for (i, r) in recs.iter().enumerate() {
@@ -542,7 +578,7 @@ fn main() {
             out.push(',');
         }
         out.push_str(&format!(
-            "{{\"ok\":{},\"status\":{},\"bytes\":{},\"start_ms\":{},\"ttfb_head_ms\":{},\"ttfb_ms\":{},\"total_ms\":{},\"last_read_ms\":{},\"error\":{}}}",
+            "{{\"ok\":{},\"status\":{},\"bytes\":{},\"start_ms\":{},\"ttfb_head_ms\":{},\"ttfb_ms\":{},\"total_ms\":{},\"last_read_ms\":{},\"target\":{},\"error\":{}}}",
             r.ok,
             r.status,
             r.bytes,
@@ -551,6 +587,7 @@ fn main() {
             num(r.ttfb_ms),
             num(r.total_ms),
             num(r.last_read_ms),
+            r.target,
             json_str(&r.error)
         ));
     }
