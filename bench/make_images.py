@@ -10,7 +10,10 @@ Makes one OCI layout per image under OUT_DIR/<name>/, tag "v1":
   small  config + one small layer (the manifest scenarios)
   many   config + 40 small layers (the whole-image scenario)
   huge   config + one 1 GiB layer (the memory scenario)
---scale N divides the big layer sizes by N (smoke runs: --scale 64).
+  procs  config + one 256 MiB layer (the storm of separate curl processes)
+  dist   config + 16 layers of 2 MiB (the distant-upstream pulls)
+--scale N divides the big layer sizes by N (smoke runs: --scale 64; the
+2 MiB layers of `dist` become 32 KiB).
 Big layers are a tar holding one random file, gzip'd at level 0 (stored
 blocks: valid gzip, no time wasted compressing random bytes).
 Content is random on every run.
@@ -178,6 +181,8 @@ def main():
         "small": image(out, "small", [64 * 1024]),
         "many": image(out, "many", [16 * 1024 + 97 * n for n in range(40)]),
         "huge": image(out, "huge", [big(1024)]),
+        "procs": image(out, "procs", [big(256)]),
+        "dist": image(out, "dist", [max(16 * 1024, 2 * MiB // scale)] * 16),
     }
     json.dump({"images": images}, sys.stdout, indent=1)
     print()
