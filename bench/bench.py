@@ -417,6 +417,14 @@ class Dockerd:
         self.dockerd = None
         self.driver = None
         self.services = [self.containerd]
+        try:
+            self._start()
+        except BaseException:
+            self.stop()  # containerd, and anything mounted
+            raise
+
+    def _start(self):
+        d = self.dir
         end = time.time() + 30
         while not os.path.exists(self.ctr_sock):
             if self.containerd.p.poll() is not None or time.time() > end:
@@ -1090,13 +1098,14 @@ HEAD = {"stowage": "stowage", "stowage-tls": "stowage TLS", "distribution": "dis
 # in the same run, then the median over runs (paired, so a noisy run moves
 # both sides).
 PEER = {"stowage": "nginx", "stowage-tls": "nginx-tls", "distribution": "nginx"}
-RATIO_TO_PEER = ["cold_gbps", "warm_cpu_s_per_gib", "manifest_digest_rps", "manifest_tag_rps",
-                 "skopeo_cold_s", "skopeo_warm_s"]
+RATIO_TO_PEER = ["ttfb_p50_ms", "cold_gbps", "warm_cpu_s_per_gib", "manifest_digest_rps", "manifest_tag_rps",
+                 "skopeo_cold_s", "skopeo_warm_s", "pstorm_ttfb_p50_ms"]
 RATIO_TO_DIRECT = ["distant_skopeo_s", "distant_docker_s"]
 ROWS = [
     # key, label, format
     ("upstream_gets", "1 storm: upstream GETs", "{:.0f}"),
     ("ttfb_p50_ms", "1 storm: TTFB p50 (ms)", "{:.1f}"),
+    ("ttfb_p50_ms_vs_peer", "1 storm: TTFB p50, ratio to nginx*", "{:.3f}"),
     ("ttfb_max_ms", "1 storm: TTFB max (ms)", "{:.1f}"),
     ("wall_s", "1 storm: wall time (s)", "{:.2f}"),
     ("verified", "1 storm: bodies verified", "{}"),
@@ -1130,6 +1139,7 @@ ROWS = [
     ("peak_rss_mib", "6 peak RSS, whole run (MiB)", "{:.1f}"),
     ("pstorm_upstream_gets", "8 storm of curl processes: upstream GETs", "{:.0f}"),
     ("pstorm_ttfb_p50_ms", "8 curl storm: TTFB p50 (ms)", "{:.1f}"),
+    ("pstorm_ttfb_p50_ms_vs_peer", "8 curl storm: TTFB p50, ratio to nginx*", "{:.3f}"),
     ("pstorm_ttfb_max_ms", "8 curl storm: TTFB max (ms)", "{:.1f}"),
     ("pstorm_wall_s", "8 curl storm: wall time (s)", "{:.2f}"),
     ("pstorm_verified", "8 curl storm: bodies verified", "{}"),
@@ -1279,7 +1289,7 @@ def targets13(med):
         "nginx TLS %s" % num(nt.get("warm_cpu_s_per_gib")), r,
         None if nt.get("warm_cpu_s_per_gib") is None else r is not None and r <= 0.7)
     add("2 TLS storm: TTFB p50 / max (ms)", "p50 <= 10 ms", both(t, "ttfb_p50_ms", "ttfb_max_ms"),
-        "nginx TLS %s" % tv(both(nt, "ttfb_p50_ms", "ttfb_max_ms")), None,
+        "nginx TLS %s" % tv(both(nt, "ttfb_p50_ms", "ttfb_max_ms")), t.get("ttfb_p50_ms_vs_peer"),
         t.get("ttfb_p50_ms") is not None and t["ttfb_p50_ms"] <= 10)
     r = s.get("cold_gbps_vs_peer")
     add("3 cold 128 MiB blob: GB/s", ">= 1 x nginx", s.get("cold_gbps"), "nginx %s" % num(n.get("cold_gbps")), r,
@@ -1297,7 +1307,7 @@ def targets13(med):
     add("4 access log lines per request (digest / tag)", ">= 0.99, both servers", ls, "nginx %s" % tv(ln), None,
         None if None in ln else None not in ls and min(ls) >= 0.99 and min(ln) >= 0.99)
     add("5 storm of curl processes: TTFB p50 / max (ms)", "<= 10 / 50 ms", both(s, "pstorm_ttfb_p50_ms", "pstorm_ttfb_max_ms"),
-        "nginx %s" % tv(both(n, "pstorm_ttfb_p50_ms", "pstorm_ttfb_max_ms")), None,
+        "nginx %s" % tv(both(n, "pstorm_ttfb_p50_ms", "pstorm_ttfb_max_ms")), s.get("pstorm_ttfb_p50_ms_vs_peer"),
         None if s.get("pstorm_ttfb_p50_ms") is None and n.get("pstorm_ttfb_p50_ms") is None else
         s.get("pstorm_ttfb_p50_ms") is not None and s["pstorm_ttfb_p50_ms"] <= 10
         and s.get("pstorm_ttfb_max_ms") is not None and s["pstorm_ttfb_max_ms"] <= 50)
@@ -1417,6 +1427,51 @@ def versions_tools():
     return v
 
 
+def load_line(whole, runs):
+    return ("machine load: other processes (other engineers' builds, ...) used %.2f of %s cores on average "
+            "(runs: %s), steal %.2f cores; 1-min load average %s at the start, %s at the end" % (
+                whole["other_cores"], os.cpu_count(), ", ".join("%.2f" % r["load"]["other_cores"] for r in runs),
+                whole["steal_cores"], whole["loadavg_1m"][0], whole["loadavg_1m"][1]))
+
+
+def report(result, runs):
+    """Ratios, medians, targets and tables from the runs' figures, into
+    `result`; returns the text table, targets text and load line."""
+    for run in runs:
+        add_ratios(run)
+    med = summarize(runs)
+    tg, tg13 = targets(med), targets13(med)
+    text, md, ttext, tmd = tables(med, tg, tg13)
+    result.update(median=med, targets=tg, targets_issue13=tg13, runs=runs, table_markdown=md, targets_markdown=tmd)
+    return text, ttext, load_line(result["load"], runs)
+
+
+def write_results(result, out, loadline):
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    with open(out[:-5] + ".md" if out.endswith(".json") else out + ".md", "w") as f:
+        f.write("%s, %d run(s), stowage %s, machine: %s\n\n%s\n\n%s\n\n%s\n%s" % (
+            result["finished"], len(result["runs"]), result["versions"].get("stowage_commit"),
+            json.dumps(result["machine"]), loadline, result["table_markdown"], result["targets_markdown"],
+            "".join("\nnote: %s\n" % n for n in result.get("notes", []))))
+
+
+def render(path):
+    """--render: the tables and targets of a results file again, from its
+    runs' figures (after a change to the rows, ratios or targets); the
+    measured figures are not touched. Rewrites the file and its .md."""
+    with open(path) as f:
+        result = json.load(f)
+    text, ttext, loadline = report(result, result["runs"])
+    print(loadline)
+    print(text)
+    print()
+    print(ttext)
+    write_results(result, path, loadline)
+    print("\nrewrote " + path)
+    return 0
+
+
 def merge(run, col, res):
     r = run.setdefault(col, {})
     for k, v in res.items():
@@ -1433,8 +1488,11 @@ KINDS = ["stowage", "stowage-tls", "stowage-1g", "distribution", "nginx", "nginx
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stowage", required=True, help="stowage binary")
-    ap.add_argument("--client", required=True, help="bench-client binary")
+    ap.add_argument("--stowage", help="stowage binary (required unless --render)")
+    ap.add_argument("--client", help="bench-client binary (required unless --render)")
+    ap.add_argument("--render", metavar="RESULTS_JSON",
+                    help="only rebuild the tables and targets of a results file from its runs' figures "
+                         "(rewrites it and its .md)")
     ap.add_argument("--shaper", help="bench-shaper binary (default: next to --client)")
     ap.add_argument("--runs", type=int, default=3, help="runs (each mirror from a cold cache every run); medians reported")
     ap.add_argument("--mirrors", help="comma-separated subset of %s (default: all; with --smoke all but cluster)"
@@ -1460,6 +1518,10 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="check that everything works, no results file; "
                     "exit 1 if any body failed verification or a scenario failed")
     args = ap.parse_args()
+    if args.render:
+        return render(args.render)
+    if not args.stowage or not args.client:
+        ap.error("--stowage and --client are required")
     if not args.shaper:
         args.shaper = os.path.join(os.path.dirname(os.path.abspath(args.client)), "bench-shaper")
     if args.mirrors:
@@ -1536,20 +1598,29 @@ def main():
                 except Exception as e:
                     log("%s FAILED: %s" % (k, e))
                     merge(run, k, {"errors": [str(e)[:500]]})
-            add_ratios(run)
             run["load"] = MachineLoad.delta(s0, load.snap())
             log("run %d: other processes used %.2f cores on average (1-min load average %s)" % (
                 i + 1, run["load"]["other_cores"], run["load"]["loadavg_1m"]))
             runs.append(run)
         whole = MachineLoad.delta(snap0, load.snap())
-        med = summarize(runs)
-        tg, tg13 = targets(med), targets13(med)
-        text, md, ttext, tmd = tables(med, tg, tg13)
         finished = datetime.datetime.now(datetime.timezone.utc)
-        loadline = ("machine load: other processes (other engineers' builds, ...) used %.2f of %s cores on average "
-                    "(runs: %s), steal %.2f cores; 1-min load average %s at the start, %s at the end" % (
-                        whole["other_cores"], os.cpu_count(), ", ".join("%.2f" % r["load"]["other_cores"] for r in runs),
-                        whole["steal_cores"], whole["loadavg_1m"][0], whole["loadavg_1m"][1]))
+        vers = versions(args.stowage)
+        result = {
+            "date": finished.strftime("%Y-%m-%d"),
+            "started": started.isoformat(timespec="seconds"),
+            "finished": finished.isoformat(timespec="seconds"),
+            "machine": machine(),
+            "load": whole,
+            "versions": vers | ({"dockerd_storage_driver": b.dockerd.driver} if b.dockerd else {}),
+            "settings": {k: v for k, v in vars(args).items()
+                         if k not in ("stowage", "client", "shaper", "workdir", "out", "render")},
+            "sizes": {n: [l["size"] for l in img["layers"]] for n, img in images.items()},
+            "direct_gbps_samples": direct,
+            "direct_storm": dstorm,
+            "notes": notes,
+        }
+        text, ttext, loadline = report(result, runs)  # adds medians, targets, tables, runs
+        med = result["median"]
         print()
         print("stowage benchmarks, %s, %d run(s), %s" % (finished.strftime("%Y-%m-%d %H:%M UTC"), len(runs),
                                                         "%(cores)s cores, %(memory_gib)s GiB" % machine()))
@@ -1563,41 +1634,16 @@ def main():
             print("note: " + n)
         errors = ["run %d, %s: %s" % (i + 1, k, e) for i, r in enumerate(runs) for k, v in r.items()
                   for e in (v.get("errors") or [])]
+        result["errors"] = errors
         failed_bodies = any(isinstance(v, str) and re.fullmatch(r"\d+/\d+", v) and v.split("/")[0] != v.split("/")[1]
                             for m in med.values() for k, v in m.items() if "verified" in k)
         if errors:
             print("\nscenario errors:\n  " + "\n  ".join(errors))
-        vers = versions(args.stowage)
-        result = {
-            "date": finished.strftime("%Y-%m-%d"),
-            "started": started.isoformat(timespec="seconds"),
-            "finished": finished.isoformat(timespec="seconds"),
-            "machine": machine(),
-            "load": whole,
-            "versions": vers | ({"dockerd_storage_driver": b.dockerd.driver} if b.dockerd else {}),
-            "settings": {k: v for k, v in vars(args).items() if k not in ("stowage", "client", "shaper", "workdir", "out")},
-            "sizes": {n: [l["size"] for l in img["layers"]] for n, img in images.items()},
-            "direct_gbps_samples": direct,
-            "direct_storm": dstorm,
-            "notes": notes,
-            "median": med,
-            "targets": tg,
-            "targets_issue13": tg13,
-            "errors": errors,
-            "runs": runs,
-            "table_markdown": md,
-            "targets_markdown": tmd,
-        }
         if not args.smoke:
             name = finished.strftime("%Y-%m-%d") + ("-" + vers["stowage_commit"] if vers.get("stowage_commit") else "")
             out = args.out or os.path.join(HERE, "results", name + ".json")
             os.makedirs(os.path.dirname(out), exist_ok=True)
-            with open(out, "w") as f:
-                json.dump(result, f, indent=1)
-            with open(out[:-5] + ".md" if out.endswith(".json") else out + ".md", "w") as f:
-                f.write("%s, %d run(s), stowage %s, machine: %s\n\n%s\n\n%s\n\n%s\n%s" % (
-                    result["finished"], len(runs), vers.get("stowage_commit"), json.dumps(result["machine"]),
-                    loadline, md, tmd, "".join("\nnote: %s\n" % n for n in notes)))
+            write_results(result, out, loadline)
             print("\nwrote " + out)
         if args.smoke:
             ok = not errors and not failed_bodies
