@@ -224,7 +224,9 @@ async fn pipe(
             buf.truncate(n);
             if slow_start {
                 let mut now = Instant::now();
-                if inflight.is_empty() && last_send.is_some_and(|t| now - t > sh.idle_restart) {
+                if inflight.is_empty()
+                    && last_send.is_some_and(|t| now.saturating_duration_since(t) > sh.idle_restart)
+                {
                     cwnd = sh.init_cwnd;
                 }
                 loop {
