@@ -46,137 +46,15 @@
 # non-zero if any check failed.
 set -euo pipefail
 
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-ROOT="$(cd "$HERE/../.." && pwd)"
+# shellcheck source=tests/e2e/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 CONFIG="$ROOT/config"
 
-PASSED=0
-FAILED=0
-TMP=""
-# name=pid, in start order; stopped in reverse order.
-SERVICES=()
-DOCKER=/usr/bin/docker        # Debian's client, matching its dockerd
-PY=/usr/bin/python3           # Debian's Python, which has python3-jwt
-
-log() { printf '[e2e +%ss] %s\n' "$SECONDS" "$*"; }
-pass() { PASSED=$((PASSED + 1)); printf 'PASS: %s\n' "$*"; }
-fail() { FAILED=$((FAILED + 1)); printf 'FAIL: %s\n' "$*"; }
-
-show_log() { # FILE TITLE LINES
-    if [[ -s "$1" ]]; then
-        printf -- '----- %s (last %s lines of %s) -----\n' "$2" "$3" "$1"
-        tail -n "$3" "$1" | cut -c1-400
-        printf -- '----- end of %s -----\n' "$2"
-    fi
-}
-
-show_logs() {
-    [[ -n "$TMP" && -d "$TMP" ]] || return 0
-    show_log "$TMP/stowage.log" "stowage log" 60
-    show_log "$TMP/hub/access.log" "docker.io upstream access log" 30
-    show_log "$TMP/hub/registry.log" "docker.io upstream registry log" 10
-    show_log "$TMP/ghcr/access.log" "ghcr.io upstream access log" 20
-    show_log "$TMP/ghcr/registry.log" "ghcr.io upstream registry log" 10
-    show_log "$TMP/token/requests.log" "token server requests" 20
-    show_log "$TMP/token/server.log" "token server output" 10
-    show_log "$TMP/dockerd.log" "dockerd log" 30
-    show_log "$TMP/containerd.log" "containerd log" 15
-}
-
-# A setup step failed: no point going on.
-die() {
-    fail "$*"
-    show_logs
-    exit 1
-}
-
-# Runs a command with a time limit, its output in FILE; on failure prints it.
-run_logged() { # SECONDS FILE COMMAND...
-    local secs=$1 out=$2 rc=0
-    shift 2
-    timeout --kill-after=10 "$secs" "$@" >"$out" 2>&1 || rc=$?
-    if [[ $rc -ne 0 ]]; then
-        printf '    $ %s\n' "$*"
-        [[ $rc -eq 124 || $rc -eq 137 ]] && printf '    (timed out after %ss)\n' "$secs"
-        tail -n 15 "$out" | cut -c1-300 | sed 's/^/    | /'
-    fi
-    return "$rc"
-}
-
-stop_pid() { # NAME PID SECONDS
-    local name=$1 pid=$2 secs=$3 i
-    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < secs * 10; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        log "$name (pid $pid) did not stop in ${secs}s; killing it"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local rc=$? i entry name pid pids m cmd
-    set +e
-    for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do
-        entry=${SERVICES[$i]}
-        name=${entry%%=*}
-        pid=${entry#*=}
-        case $name in
-            dockerd) stop_pid "$name" "$pid" 20 ;;
-            containerd) stop_pid "$name" "$pid" 10 ;;
-            *) stop_pid "$name" "$pid" 5 ;;
-        esac
-    done
-    if [[ -n "$TMP" && -d "$TMP" ]]; then
-        # Container shims started by our containerd outlive it; they name our
-        # socket under $TMP on their command line.
-        pids=$(grep -lsF -- "$TMP/" /proc/[0-9]*/cmdline 2>/dev/null | cut -d/ -f3 | grep -vx "$$" || true)
-        for pid in $pids; do
-            cmd=$(tr '\0' ' ' 2>/dev/null </proc/"$pid"/cmdline) || continue # gone (the grep itself)
-            [[ $cmd == *"$TMP/"* ]] || continue
-            log "killing leftover process $pid: $(cut -c1-160 <<<"$cmd")"
-            kill -KILL "$pid" 2>/dev/null
-        done
-        # Mounts left under $TMP (netns bind mounts, snapshots), deepest first.
-        awk -v t="$TMP/" 'index($2, t) == 1 { print $2 }' /proc/self/mounts | sort -r |
-            while read -r m; do umount -l "$m" 2>/dev/null; done
-        if [[ "${KEEP_TMP:-0}" == 1 ]]; then
-            log "kept temp dir $TMP"
-        else
-            rm -rf "$TMP"
-        fi
-    fi
-    if [[ $rc -ne 0 && $FAILED -eq 0 ]]; then
-        FAILED=1
-        printf 'FAIL: script aborted (exit %s)\n' "$rc"
-    fi
-    printf 'e2e: %d passed, %d failed\n' "$PASSED" "$FAILED"
-    if [[ $FAILED -ne 0 && $rc -eq 0 ]]; then
-        rc=1
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
 # ================================================================ preflight
-[[ $(id -u) -eq 0 ]] || die "must run as root: it starts dockerd and containerd (run via .ci/run, or sudo)"
-missing=()
-for tool in dockerd containerd ctr runc containerd-shim-runc-v2 skopeo podman docker-registry htpasswd jq curl sha256sum timeout python3; do
-    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
-done
-[[ -x $DOCKER ]] || missing+=("$DOCKER")
-[[ -x $PY ]] || missing+=("$PY")
-if [[ ${#missing[@]} -gt 0 ]]; then
-    die "required programs not found: ${missing[*]} (apt-get install docker.io containerd runc skopeo podman docker-registry apache2-utils jq curl python3-jwt python3-cryptography busybox-static)"
-fi
-"$PY" -c 'import jwt, cryptography' 2>/dev/null ||
-    die "$PY cannot import jwt and cryptography (apt-get install python3-jwt python3-cryptography)"
+e2e_init clients
+need_root "it starts dockerd and containerd"
+need_tools dockerd containerd ctr runc containerd-shim-runc-v2 skopeo podman docker-registry htpasswd jq curl \
+    sha256sum timeout python3 "$DOCKER" "$PY"
 BUSYBOX=/bin/busybox
 [[ -x $BUSYBOX ]] || die "$BUSYBOX not found (apt-get install busybox-static)"
 if ldd "$BUSYBOX" >/dev/null 2>&1; then
@@ -194,101 +72,34 @@ for f in docker/daemon.json containerd/certs.d/docker.io/hosts.toml containerd/c
     [[ -f "$CONFIG/$f" ]] || die "example config/$f is missing"
 done
 
-TMP="$(mktemp -d "${TMPDIR:-/tmp}/stowage-clients.XXXXXX")"
-chmod 755 "$TMP"
-mkdir -p "$TMP/hub/data" "$TMP/ghcr/data" "$TMP/token" "$TMP/secrets" "$TMP/cache" "$TMP/tmp" \
-    "$TMP/out" "$TMP/layouts" "$TMP/docker-client"
-export TMPDIR="$TMP/tmp"          # skopeo's big temporary files
-export DOCKER_CONFIG="$TMP/docker-client"
-unset DOCKER_HOST DOCKER_CONTEXT CONTAINERD_ADDRESS CONTAINERD_NAMESPACE
+mkdir -p "$TMP/secrets" "$TMP/cache" "$TMP/out"
+unset CONTAINERD_ADDRESS CONTAINERD_NAMESPACE
 
-read -r P_TOKEN P_HUB P_GHCR P_STOWAGE P_ADMIN < <("$PY" - <<'EOF'
-import socket
-socks = []
-for _ in range(5):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(*[s.getsockname()[1] for s in socks])
-EOF
-)
-TOKEN="127.0.0.1:$P_TOKEN"
-HUB="127.0.0.1:$P_HUB"
-GHCR="127.0.0.1:$P_GHCR"
-STOWAGE="127.0.0.1:$P_STOWAGE"
-ADMIN="127.0.0.1:$P_ADMIN"         # stowage's /metrics, /healthz
-log "temp dir $TMP; token server $TOKEN, docker.io upstream $HUB, ghcr.io upstream $GHCR, stowage $STOWAGE"
-
-secret() { od -An -N12 -tx1 /dev/urandom | tr -d ' \n'; }
-PUSH_PW=$(secret)
-MIRROR_PW=$(secret)
-GHCR_PUSH_PW=$(secret)
-GHCR_MIRROR_PW=$(secret)
-
-# Waits until URL answers with any HTTP status (401 included).
-wait_http() { # URL PID SECONDS
-    local url=$1 pid=$2 secs=$3 i code
-    for ((i = 0; i < secs * 10; i++)); do
-        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$url" 2>/dev/null || true)
-        [[ -n "$code" && "$code" != 000 ]] && return 0
-        kill -0 "$pid" 2>/dev/null || return 1
-        sleep 0.1
-    done
-    return 1
-}
+PUSH_PW=$(random_hex 12)
+MIRROR_PW=$(random_hex 12)
+GHCR_PUSH_PW=$(random_hex 12)
+GHCR_MIRROR_PW=$(random_hex 12)
 
 # ================================================================ upstreams
-"$PY" "$HERE/token_server.py" gen-cert "$TMP/token" || die "token_server.py gen-cert failed"
+mkdir -p "$TMP/token" "$TMP/ghcr"
 cat >"$TMP/token/users.json" <<EOF
 {"pusher": {"password": "$PUSH_PW", "push": true},
  "stowage-mirror": {"password": "$MIRROR_PW"}}
 EOF
-"$PY" "$HERE/token_server.py" serve --listen "$TOKEN" --dir "$TMP/token" \
-    --issuer stowage-e2e-auth --service stowage-e2e-hub --users "$TMP/token/users.json" \
-    --private acme/ --log "$TMP/token/requests.log" >"$TMP/token/server.log" 2>&1 </dev/null &
-SERVICES+=("token-server=$!")
-wait_http "http://$TOKEN/token" "$!" 15 || die "token server did not start on $TOKEN"
+start_token_server token stowage-e2e-auth stowage-e2e-hub "$TMP/token/users.json" --private acme/
+TOKEN=${TOKEN_ADDR[token]}
 
 htpasswd -Bbc "$TMP/ghcr/htpasswd" pusher "$GHCR_PUSH_PW" 2>/dev/null || die "htpasswd failed"
 htpasswd -Bb "$TMP/ghcr/htpasswd" stowage-mirror "$GHCR_MIRROR_PW" 2>/dev/null || die "htpasswd failed"
 
-registry_config() { # DIR ADDR AUTH-YAML
-    cat >"$1/config.yml" <<EOF
-version: 0.1
-log:
-  level: info
-  accesslog:
-    disabled: false
-storage:
-  filesystem:
-    rootdirectory: $1/data
-  delete:
-    enabled: true
-http:
-  addr: $2
-  secret: stowage-e2e-not-a-secret
-$3
-EOF
-}
-registry_config "$TMP/hub" "$HUB" "auth:
-  token:
-    realm: http://$TOKEN/token
-    service: stowage-e2e-hub
-    issuer: stowage-e2e-auth
-    rootcertbundle: $TMP/token/cert.pem"
-registry_config "$TMP/ghcr" "$GHCR" "auth:
-  htpasswd:
-    realm: stowage-e2e-ghcr
-    path: $TMP/ghcr/htpasswd"
-
-# distribution writes its access log to stdout, its own log to stderr.
-for r in hub ghcr; do
-    docker-registry serve "$TMP/$r/config.yml" >"$TMP/$r/access.log" 2>"$TMP/$r/registry.log" </dev/null &
-    SERVICES+=("registry-$r=$!")
-    addr=$HUB
-    [[ $r == ghcr ]] && addr=$GHCR
-    wait_http "http://$addr/v2/" "$!" 15 || die "docker-registry ($r) did not answer on http://$addr/v2/"
-done
+start_registry hub token "http://$TOKEN/token" stowage-e2e-hub stowage-e2e-auth "$TMP/token/cert.pem"
+start_registry ghcr htpasswd "$TMP/ghcr/htpasswd" stowage-e2e-ghcr
+HUB=${REG_ADDR[hub]}
+GHCR=${REG_ADDR[ghcr]}
+stowage_config stowage
+STOWAGE=${STOWAGE_ADDR[stowage]}
+ADMIN=${STOWAGE_ADMIN[stowage]} # stowage's /metrics, /healthz
+log "temp dir $TMP; token server $TOKEN, docker.io upstream $HUB, ghcr.io upstream $GHCR, stowage $STOWAGE"
 code=$(curl -s -o /dev/null -w '%{http_code}' "http://$HUB/v2/")
 chal=$(curl -s -D - -o /dev/null "http://$HUB/v2/" | grep -i '^www-authenticate:' | tr -d '\r' || true)
 if [[ $code == 401 && $chal == *"Bearer realm=\"http://$TOKEN/token\""* ]]; then
@@ -298,86 +109,25 @@ else
 fi
 
 # ================================================================ containerd + dockerd
-cat >"$TMP/containerd.toml" <<EOF
-version = 2
-root = "$TMP/containerd/root"
-state = "$TMP/containerd/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "$TMP/containerd/containerd.sock"
-EOF
-CTR_SOCK="$TMP/containerd/containerd.sock"
-containerd --config "$TMP/containerd.toml" >"$TMP/containerd.log" 2>&1 </dev/null &
-SERVICES+=("containerd=$!")
-CONTAINERD_PID=$!
-for ((i = 0; i < 150; i++)); do
-    ctr -a "$CTR_SOCK" version >/dev/null 2>&1 && break
-    kill -0 "$CONTAINERD_PID" 2>/dev/null || break
-    sleep 0.1
-done
-ctr -a "$CTR_SOCK" version >/dev/null 2>&1 || die "containerd did not start (socket $CTR_SOCK)"
+start_containerd
 CTR=(ctr -a "$CTR_SOCK" -n stowage-e2e)
-
-# The daemon.json keys the test needs on this machine; the registry-mirrors
-# key comes from config/docker/daemon.json later.
-BASE_DAEMON='{"storage-driver": "vfs", "iptables": false, "ip-masq": false, "bridge": "none",
-  "deprecated-key-path": "'"$TMP/docker-key.json"'"}'
-echo "$BASE_DAEMON" >"$TMP/daemon.json"
-DOCKER_SOCK="$TMP/docker.sock"
-dockerd --config-file "$TMP/daemon.json" --data-root "$TMP/docker" --exec-root "$TMP/docker-exec" \
-    --pidfile "$TMP/docker.pid" -H "unix://$DOCKER_SOCK" --containerd "$CTR_SOCK" \
-    >"$TMP/dockerd.log" 2>&1 </dev/null &
-SERVICES+=("dockerd=$!")
-DOCKERD_PID=$!
-export DOCKER_HOST="unix://$DOCKER_SOCK"
-for ((i = 0; i < 300; i++)); do
-    "$DOCKER" version >/dev/null 2>&1 && break
-    kill -0 "$DOCKERD_PID" 2>/dev/null || break
-    sleep 0.1
-done
-if ! "$DOCKER" version >/dev/null 2>&1; then
-    die "dockerd did not start (daemon.json: $BASE_DAEMON); see its log"
-fi
+# The daemon.json keys the test needs on this machine (DOCKERD_BASE_JSON);
+# the registry-mirrors key comes from config/docker/daemon.json later.
+start_dockerd "{}"
+DOCKERD_PID=${E2E_PID[dockerd]}
 pass "containerd $(containerd --version | awk '{print $3}') and dockerd $("$DOCKER" version --format '{{.Server.Version}}') started"
 
 # ================================================================ seed images
-# Upstream manifest digest and blob lists, by "<upstream>/<repo>:<tag>".
-declare -A MANIFEST BLOBS CONFIG_OF
+# Upstream manifest digest and blob lists (lib.sh's MANIFEST, BLOBS and
+# CONFIG_OF), by "<upstream>/<repo>:<tag>".
 skopeo_up() { skopeo --insecure-policy "$@"; }
-
-# Raw manifest digest at a docker:// reference, or "error: ...".
-raw_digest() { # REF [skopeo inspect options...]
-    local ref=$1
-    shift
-    if skopeo_up inspect --raw --tls-verify=false "$@" "$ref" >"$TMP/raw" 2>"$TMP/raw.err"; then
-        printf 'sha256:%s\n' "$(sha256sum <"$TMP/raw" | cut -d' ' -f1)"
-    else
-        printf 'error: %s\n' "$(tr '\n' ' ' <"$TMP/raw.err" | cut -c1-300)"
-    fi
-}
+raw_digest() { skopeo_digest "$@"; } # REF [skopeo inspect options...]
 
 seed_layout() { # UPSTREAM(hub|ghcr) REPO TAG BIG_BYTES [make_oci_layout options]
-    local up=$1 repo=$2 tag=$3 big=$4 addr creds layout key d
-    shift 4
-    addr=$HUB creds="pusher:$PUSH_PW"
+    local up=$1 repo=$2 tag=$3 addr=$HUB creds="pusher:$PUSH_PW"
+    shift 3
     [[ $up == ghcr ]] && addr=$GHCR creds="pusher:$GHCR_PUSH_PW"
-    key="$up/$repo:$tag"
-    layout="$TMP/layouts/${up}_${repo//\//_}"
-    python3 "$HERE/make_oci_layout.py" "$layout" "$tag" "$big" "$@" >"$layout.json" ||
-        die "make_oci_layout.py failed for $key"
-    run_logged 120 "$TMP/push.log" skopeo --insecure-policy copy --all --quiet --dest-tls-verify=false --dest-creds "$creds" \
-        "oci:$layout:$tag" "docker://$addr/$repo:$tag" || die "pushing $key with skopeo"
-    d=$(raw_digest "docker://$addr/$repo:$tag" --creds "$creds")
-    [[ $d == sha256:* ]] || die "skopeo inspect of $key on the upstream: $d"
-    [[ $d == "$(jq -r .manifest "$layout.json")" ]] || log "note: upstream rewrote $key: $d"
-    MANIFEST[$key]=$d
-    BLOBS[$key]=$(jq -r '.blobs[]' "$layout.json" | tr '\n' ' ')
-    for p in $(jq -r '.platforms | keys[]' "$layout.json"); do
-        MANIFEST[$key@$p]=$(jq -r --arg p "$p" '.platforms[$p].manifest' "$layout.json")
-        BLOBS[$key@$p]=$(jq -r --arg p "$p" '.platforms[$p] | [.config] + .layers | .[]' "$layout.json" | tr '\n' ' ')
-        CONFIG_OF[$key@$p]=$(jq -r --arg p "$p" '.platforms[$p].config' "$layout.json")
-    done
-    log "seeded $key = $d"
+    seed_image "$up/$repo:$tag" "$addr" "$repo" "$tag" --creds "$creds" "$@"
 }
 
 # busybox: a rootfs from busybox-static, docker import, docker push.
@@ -385,7 +135,7 @@ ROOTFS="$TMP/busybox-rootfs"
 mkdir -p "$ROOTFS/bin" "$ROOTFS/etc/e2e" "$ROOTFS/tmp"
 cp "$BUSYBOX" "$ROOTFS/bin/busybox"
 for applet in sh echo cat ls uname true; do ln -s busybox "$ROOTFS/bin/$applet"; done
-BUSYBOX_NONCE=$(secret)
+BUSYBOX_NONCE=$(random_hex 12)
 echo "hello from busybox via stowage $BUSYBOX_NONCE" >"$ROOTFS/etc/e2e/motd"
 tar -C "$ROOTFS" -cf "$TMP/busybox-rootfs.tar" . || die "tar of the busybox rootfs failed"
 run_logged 60 "$TMP/import.log" "$DOCKER" import -c 'CMD ["/bin/sh"]' "$TMP/busybox-rootfs.tar" "$HUB/library/busybox:latest" ||
@@ -454,12 +204,7 @@ else
 fi
 
 # ================================================================ stowage
-if [[ -z "${STOWAGE_BIN:-}" ]]; then
-    STOWAGE_BIN="$ROOT/target/debug/stowage"
-    log "building stowage (cargo build --bin stowage)"
-    (cd "$ROOT" && cargo build --quiet --bin stowage) || die "cargo build --bin stowage failed"
-fi
-[[ -x "$STOWAGE_BIN" ]] || die "stowage binary $STOWAGE_BIN not found"
+stowage_bin
 log "stowage binary: $STOWAGE_BIN"
 
 printf '%s\n' "$MIRROR_PW" >"$TMP/secrets/docker.io-password"
@@ -564,11 +309,10 @@ else
     fail "checking the README examples failed: $out"
 fi
 
-"$STOWAGE_BIN" --config "$TMP/stowage.toml" >"$TMP/stowage.log" 2>&1 </dev/null &
-SERVICES+=("stowage=$!")
-STOWAGE_PID=$!
-wait_http "http://$STOWAGE/v2/" "$STOWAGE_PID" 30 ||
-    die "stowage did not answer on http://$STOWAGE/v2/ (config $TMP/stowage.toml: $(tr '\n' ' ' <"$TMP/stowage.toml" | cut -c1-300))"
+STOWAGE_CONFIG[stowage]="$TMP/stowage.toml"
+STOWAGE_LOG[stowage]="$TMP/stowage.log"
+start_stowage stowage ||
+    die "$E2E_WHY (config $TMP/stowage.toml: $(tr '\n' ' ' <"$TMP/stowage.toml" | cut -c1-300))"
 pass "stowage is up with two upstreams (docker.io token auth + ghcr.io basic auth)"
 
 # Routing refuses hosts it has no upstream for.
@@ -592,59 +336,14 @@ fi
 # ================================================================ helpers for the checks
 # Upstream access logs, one line per finished request, e.g.
 #   127.0.0.1 - - [27/Nov/2026:10:14:57 +0000] "GET /v2/library/x/blobs/sha256:00..00 HTTP/1.1" 200 157 "" "stowage/0.1.0"
-acc() { [[ $1 == ghcr ]] && echo "$TMP/ghcr/access.log" || echo "$TMP/hub/access.log"; }
-mark() { wc -l <"$(acc "$1")"; }
-since() { tail -n +"$(($2 + 1))" "$(acc "$1")"; } # UPSTREAM MARK
-# Blob GETs since MARK, optionally of one repository and digest.
-blob_gets() { # UPSTREAM MARK [REPO] [DIGEST]
-    local repo='[^ ]+' digest='sha256:[0-9a-f]{64}'
-    [[ $# -ge 3 ]] && repo=$3
-    [[ $# -ge 4 ]] && digest=$4
-    since "$1" "$2" | grep -cE "\"GET /v2/${repo}/blobs/${digest} HTTP/" || true
-}
-manifest_reqs() { # UPSTREAM MARK [REPO]
-    local repo='[^ ]+'
-    [[ $# -ge 3 ]] && repo=$3
-    since "$1" "$2" | grep -cE "\"(GET|HEAD) /v2/${repo}/manifests/" || true
-}
-# Wait until the access logs stop growing (a line is written when a response
-# has been sent; stowage may still be finishing a fill).
-settle() {
-    local prev cur i
-    prev="$(mark hub) $(mark ghcr)"
-    for ((i = 0; i < 20; i++)); do
-        sleep 0.5
-        cur="$(mark hub) $(mark ghcr)"
-        [[ "$cur" == "$prev" ]] && return 0
-        prev=$cur
-    done
-}
-# Every upstream request since MARK came from stowage, none from a client
-# that went around the mirror.
-check_only_stowage() { # WHAT UPSTREAM MARK
-    local others
-    others=$(since "$2" "$3" | grep -vE '"stowage/[^"]*"$' || true)
-    if [[ -z "$others" ]]; then
-        pass "$1: every request the $2 upstream saw came from stowage"
-    else
-        fail "$1: the $2 upstream saw requests not from stowage:"
-        sed 's/^/    /' <<<"$others" | head -n 10
-    fi
-}
-# Each of BLOBS was fetched from the upstream exactly once since MARK.
-check_fetched_once() { # WHAT UPSTREAM MARK REPO BLOBS...
-    local what=$1 up=$2 m=$3 repo=$4 d n bad=""
-    shift 4
-    for d in "$@"; do
-        n=$(blob_gets "$up" "$m" "$repo" "$d")
-        [[ $n -eq 1 ]] || bad+=" ${d:7:12}…=$n"
-    done
-    if [[ -z "$bad" ]]; then
-        pass "$what: each of its $# blobs was fetched from the $up upstream exactly once"
-    else
-        fail "$what: upstream GETs per blob should be 1:$bad"
-    fi
-}
+# (lib.sh: reg_mark, reg_since, reg_blob_gets, reg_manifest_reqs,
+# check_only_stowage, check_fetched_once; the upstreams are "hub" and "ghcr".)
+acc() { reg_log "$1"; }
+mark() { reg_mark "$1"; }
+since() { reg_since "$@"; }                 # UPSTREAM MARK
+blob_gets() { reg_blob_gets "$@"; }         # UPSTREAM MARK [REPO] [DIGEST]
+manifest_reqs() { reg_manifest_reqs "$@"; } # UPSTREAM MARK [REPO]
+settle() { reg_settle hub ghcr; }
 # stowage request log lines (JSON) since a byte offset.
 stowage_paths() { # OFFSET
     tail -c +"$(($1 + 1))" "$TMP/stowage.log" |
@@ -656,7 +355,7 @@ stowage_mark() { stat -c %s "$TMP/stowage.log"; }
 log "dockerd checks"
 # daemon.json: the shipped example's registry-mirrors, pointed at this
 # stowage, on top of the keys this machine needs; applied with SIGHUP.
-jq -s '.[0] * .[1]' <(echo "$BASE_DAEMON") <(sed "s#mirror.example:5000#$STOWAGE#g" "$CONFIG/docker/daemon.json") \
+jq -s '.[0] * .[1]' <(echo "$DOCKERD_BASE_JSON") <(sed "s#mirror.example:5000#$STOWAGE#g" "$CONFIG/docker/daemon.json") \
     >"$TMP/daemon.json.new" || die "cannot build daemon.json from config/docker/daemon.json"
 mv "$TMP/daemon.json.new" "$TMP/daemon.json"
 kill -HUP "$DOCKERD_PID"
@@ -935,32 +634,8 @@ log "skopeo checks"
 sed "s#mirror.example:5000#$STOWAGE#g" "$CONFIG/containers/registries.conf" >"$TMP/registries.conf"
 SKOPEO_M=(skopeo --registries-conf "$TMP/registries.conf" --insecure-policy)
 echo '{}' >"$TMP/empty-auth.json"
-# Checks a pulled OCI layout: tagged digest, every blob hashes to its name,
-# the expected blobs are all there.
-check_layout() { # WHAT OUT TAG KEY BLOBS...
-    local what=$1 out=$2 tag=$3 key=$4 idx f sum bad="" absent=""
-    shift 4
-    idx=$(jq -r --arg t "$tag" '.manifests[] | select(.annotations["org.opencontainers.image.ref.name"] == $t) | .digest' \
-        "$out/index.json" 2>/dev/null || true)
-    if [[ $idx == "${MANIFEST[$key]}" ]]; then
-        pass "$what: copied manifest digest equals the upstream's ($idx)"
-    else
-        fail "$what: copied manifest digest is '$idx', the upstream's is ${MANIFEST[$key]}"
-    fi
-    for f in "$out"/blobs/sha256/*; do
-        [[ -f $f ]] || continue
-        sum=$(sha256sum "$f" | cut -d' ' -f1)
-        [[ $sum == "$(basename "$f")" ]] || bad+=" $(basename "$f")"
-    done
-    for d in "$@"; do
-        [[ -f "$out/blobs/sha256/${d#sha256:}" ]] || absent+=" $d"
-    done
-    if [[ -z "$bad$absent" ]]; then
-        pass "$what: all $# image blobs present, every file hashes to its name"
-    else
-        fail "$what: blobs not hashing to their names:${bad:- none}; missing:${absent:- none}"
-    fi
-}
+# check_layout (lib.sh) checks a pulled OCI layout: tagged digest, every
+# blob hashes to its name, exactly the expected blobs are there.
 
 settle
 M_HUB=$(mark hub)
@@ -1164,6 +839,3 @@ else
     fail "stowage fetched $tokens tokens for $scopes scopes over $hub_reqs upstream requests"
 fi
 
-if [[ $FAILED -ne 0 ]]; then
-    show_logs
-fi

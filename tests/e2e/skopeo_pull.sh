@@ -21,185 +21,25 @@
 # Prints PASS/FAIL lines and a closing "e2e: N passed, M failed" line; exits
 # non-zero if any check failed.
 set -euo pipefail
+# shellcheck source=tests/e2e/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+e2e_init e2e
 
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-ROOT="$(cd "$HERE/../.." && pwd)"
-
-PASSED=0
-FAILED=0
-PIDS=()
-TMP=""
-
-log() { printf '[e2e] %s\n' "$*"; }
-pass() { PASSED=$((PASSED + 1)); printf 'PASS: %s\n' "$*"; }
-fail() { FAILED=$((FAILED + 1)); printf 'FAIL: %s\n' "$*"; }
-
-show_log() { # FILE TITLE LINES
-    if [[ -s "$1" ]]; then
-        printf -- '----- %s (last %s lines of %s) -----\n' "$2" "$3" "$1"
-        tail -n "$3" "$1" | cut -c1-400
-        printf -- '----- end of %s -----\n' "$2"
-    fi
-}
-
-show_logs() {
-    [[ -n "$TMP" ]] || return 0
-    show_log "$TMP/stowage.log" "stowage log" 80
-    show_log "$TMP/registry/access.log" "upstream access log" 40
-    show_log "$TMP/registry/registry.log" "upstream registry log" 10
-}
-
-# A setup step failed: no point going on.
-die() {
-    fail "$*"
-    show_logs
-    exit 1
-}
-
-cleanup() {
-    local rc=$?
-    set +e
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null
-    done
-    for pid in "${PIDS[@]}"; do
-        # Give it a moment, then insist.
-        for _ in 1 2 3 4 5 6 7 8 9 10; do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.2
-        done
-        kill -9 "$pid" 2>/dev/null
-        wait "$pid" 2>/dev/null
-    done
-    if [[ -n "$TMP" && -d "$TMP" ]]; then
-        if [[ "${KEEP_TMP:-0}" == 1 ]]; then
-            log "kept temp dir $TMP"
-        else
-            rm -rf "$TMP"
-        fi
-    fi
-    if [[ $rc -ne 0 && $FAILED -eq 0 ]]; then
-        FAILED=1
-        printf 'FAIL: script aborted (exit %s)\n' "$rc"
-    fi
-    printf 'e2e: %d passed, %d failed\n' "$PASSED" "$FAILED"
-    if [[ $FAILED -ne 0 && $rc -eq 0 ]]; then
-        rc=1
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-for tool in docker-registry skopeo jq curl python3 sha256sum; do
-    command -v "$tool" >/dev/null 2>&1 || die "required tool '$tool' not found (install: apt-get install docker-registry skopeo jq curl)"
-done
-
-TMP="$(mktemp -d "${TMPDIR:-/tmp}/stowage-e2e.XXXXXX")"
-mkdir -p "$TMP/registry/data" "$TMP/skopeo-tmp" "$TMP/cache"
-
-# skopeo keeps big temporary files under TMPDIR (/var/tmp by default).
-export TMPDIR="$TMP/skopeo-tmp"
+need_tools docker-registry skopeo jq curl python3 sha256sum
+stowage_bin
+mkdir -p "$TMP/cache"
 
 # skopeo with a policy that accepts anything and no credentials from the host.
-echo '{}' >"$TMP/auth.json"
 SKOPEO=(skopeo --insecure-policy)
-skopeo_copy() { "${SKOPEO[@]}" copy --quiet --authfile "$TMP/auth.json" "$@"; }
-skopeo_inspect_raw() { "${SKOPEO[@]}" inspect --raw --tls-verify=false --authfile "$TMP/auth.json" "$1"; }
-# sha256 digest of the raw manifest at a docker:// reference, or "error: ...".
-manifest_digest() {
-    if skopeo_inspect_raw "$1" >"$TMP/raw-manifest" 2>"$TMP/raw-manifest.err"; then
-        printf 'sha256:%s\n' "$(sha256sum <"$TMP/raw-manifest" | cut -d' ' -f1)"
-    else
-        printf 'error: %s\n' "$(tr '\n' ' ' <"$TMP/raw-manifest.err" | cut -c1-300)"
-    fi
-}
-
-# ---------------------------------------------------------------- ports
-read -r UPORT SPORT APORT < <(python3 - <<'EOF'
-import socket
-socks = []
-for _ in range(3):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(*[s.getsockname()[1] for s in socks])
-EOF
-)
-UPSTREAM="127.0.0.1:$UPORT"
-STOWAGE="127.0.0.1:$SPORT"
-log "temp dir $TMP; upstream on $UPSTREAM, stowage on $STOWAGE"
-
-# ---------------------------------------------------------------- stowage binary
-if [[ -z "${STOWAGE_BIN:-}" ]]; then
-    STOWAGE_BIN="$ROOT/target/debug/stowage"
-    log "building stowage (cargo build --bin stowage)"
-    (cd "$ROOT" && cargo build --quiet --bin stowage) || die "cargo build --bin stowage failed"
-fi
-[[ -x "$STOWAGE_BIN" ]] || die "stowage binary $STOWAGE_BIN not found"
+skopeo_copy() { "${SKOPEO[@]}" copy --quiet --authfile "$TMP/empty-auth.json" "$@"; }
+manifest_digest() { skopeo_digest "$1" --authfile "$TMP/empty-auth.json"; }
 
 # ---------------------------------------------------------------- upstream registry
-cat >"$TMP/registry/config.yml" <<EOF
-version: 0.1
-log:
-  level: info
-  accesslog:
-    disabled: false
-storage:
-  filesystem:
-    rootdirectory: $TMP/registry/data
-  delete:
-    enabled: true
-http:
-  addr: $UPSTREAM
-  secret: stowage-e2e-not-a-secret
-EOF
-
-# distribution writes its combined-format access log to stdout and its own
-# logrus log to stderr.
-docker-registry serve "$TMP/registry/config.yml" \
-    >"$TMP/registry/access.log" 2>"$TMP/registry/registry.log" </dev/null &
-PIDS+=("$!")
-REGISTRY_PID=$!
-
-wait_http() { # URL PID SECONDS
-    local url=$1 pid=$2 secs=$3 i
-    for ((i = 0; i < secs * 10; i++)); do
-        if curl -fsS -o /dev/null --max-time 2 "$url" 2>/dev/null; then
-            return 0
-        fi
-        kill -0 "$pid" 2>/dev/null || return 1
-        sleep 0.1
-    done
-    return 1
-}
-
-wait_http "http://$UPSTREAM/v2/" "$REGISTRY_PID" 15 || die "upstream docker-registry did not answer on http://$UPSTREAM/v2/"
-log "upstream registry is up (pid $REGISTRY_PID)"
-
-# Upstream blob GETs in the access log, e.g.
-#   127.0.0.1 - - [27/Nov/2026:10:14:57 +0000] "GET /v2/library/x/blobs/sha256:00..00 HTTP/1.1" 200 157 "" "curl/7.88.1"
-# With a repository argument only that repository's are counted.
-count_blob_gets() { # [REPO] [DIGEST]
-    local repo='[^ ]+' digest='sha256:[0-9a-f]{64}'
-    [[ $# -ge 1 ]] && repo=$1
-    [[ $# -ge 2 ]] && digest=$2
-    grep -cE "\"GET /v2/${repo}/blobs/${digest} HTTP/" "$TMP/registry/access.log" || true
-}
-
-# Wait until the access log stops growing (the registry writes a line when a
-# response has been fully sent; stowage may also still be finishing a fill).
-settle_access_log() {
-    local prev cur i
-    prev=$(wc -l <"$TMP/registry/access.log")
-    for ((i = 0; i < 20; i++)); do
-        sleep 0.5
-        cur=$(wc -l <"$TMP/registry/access.log")
-        [[ "$cur" == "$prev" ]] && return 0
-        prev=$cur
-    done
-}
+start_registry up
+UPSTREAM=${REG_ADDR[up]}
+# Upstream blob GETs in the access log, optionally of one repository (and digest).
+count_blob_gets() { reg_blob_gets up 0 "$@"; }
+settle_access_log() { reg_settle up; }
 
 # ---------------------------------------------------------------- seed images
 # name via stowage | upstream repository | tag
@@ -207,81 +47,29 @@ IMAGES=(
     "e2etest library/e2etest 1.0"
     "team/app team/app v1"
 )
-
-declare -A MANIFEST BLOBS
 for spec in "${IMAGES[@]}"; do
     read -r name repo tag <<<"$spec"
-    layout="$TMP/src-${repo//\//_}"
-    python3 "$HERE/make_oci_layout.py" "$layout" "$tag" >"$layout.json" || die "make_oci_layout.py failed for $repo:$tag"
-    MANIFEST[$repo]=$(jq -r .manifest "$layout.json")
-    BLOBS[$repo]=$(jq -r '.blobs[]' "$layout.json" | tr '\n' ' ')
-    skopeo_copy --dest-tls-verify=false "oci:$layout:$tag" "docker://$UPSTREAM/$repo:$tag" \
-        || die "pushing $repo:$tag to the upstream registry"
-    up_digest=$(manifest_digest "docker://$UPSTREAM/$repo:$tag")
-    [[ "$up_digest" == sha256:* ]] || die "skopeo inspect of $repo:$tag on the upstream: $up_digest"
-    if [[ "$up_digest" != "${MANIFEST[$repo]}" ]]; then
-        # skopeo rewrote the manifest while pushing; the upstream's is the truth.
-        log "note: upstream manifest of $repo:$tag is $up_digest (layout had ${MANIFEST[$repo]})"
-        MANIFEST[$repo]=$up_digest
-    fi
-    log "seeded upstream $repo:$tag = ${MANIFEST[$repo]}"
+    seed_image "$repo" "$UPSTREAM" "$repo" "$tag"
 done
 pass "upstream docker-registry started and seeded with library/e2etest:1.0 and team/app:v1"
 
 # ---------------------------------------------------------------- stowage
-STOWAGE_ARGS=(--listen "$STOWAGE" --upstream "http://$UPSTREAM" --cache-dir "$TMP/cache")
-# The admin listener (metrics/health) defaults to a fixed port that may be
-# busy; move it to a free one when this stowage has the flag.
-if "$STOWAGE_BIN" --help 2>/dev/null | grep -q -- '--admin-listen'; then
-    STOWAGE_ARGS+=(--admin-listen "127.0.0.1:$APORT")
-fi
-NO_COLOR=1 "$STOWAGE_BIN" "${STOWAGE_ARGS[@]}" >"$TMP/stowage.log" 2>&1 </dev/null &
-PIDS+=("$!")
-STOWAGE_PID=$!
-if ! wait_http "http://$STOWAGE/v2/" "$STOWAGE_PID" 30; then
-    why="did not answer on http://$STOWAGE/v2/ within 30s"
-    if ! kill -0 "$STOWAGE_PID" 2>/dev/null; then
-        rc=0
-        wait "$STOWAGE_PID" || rc=$?
-        why="exited with status $rc before answering on http://$STOWAGE/v2/"
-    fi
-    [[ -s "$TMP/stowage.log" ]] || why+=" (its log is empty)"
-    die "stowage $why; command: $STOWAGE_BIN ${STOWAGE_ARGS[*]}"
-fi
-pass "stowage answers GET /v2/ (pid $STOWAGE_PID)"
+# From flags, not a config file: the command-line path is what this suite
+# covers (stowage_config only picks the ports here).
+stowage_config stowage
+STOWAGE=${STOWAGE_ADDR[stowage]}
+log "temp dir $TMP; upstream on $UPSTREAM, stowage on $STOWAGE"
+STOWAGE_ARGS=(--listen "$STOWAGE" --upstream "http://$UPSTREAM" --cache-dir "$TMP/cache"
+    --admin-listen "${STOWAGE_ADMIN[stowage]}")
+start_stowage stowage "${STOWAGE_ARGS[@]}" || die "$E2E_WHY"
+code=$(http_code "http://$STOWAGE/v2/")
+[[ $code == 200 ]] || die "stowage answered GET /v2/ with $code (want 200)"
+pass "stowage answers GET /v2/ (pid ${E2E_PID[stowage]})"
 
-# Checks one pulled OCI layout against the upstream image.
-check_layout() { # OUT NAME REPO TAG WHAT
-    local out=$1 name=$2 repo=$3 tag=$4 what=$5
-    local idx_digest bad=0 f sum got want
-    idx_digest=$(jq -r --arg t "$tag" \
-        '.manifests[] | select(.annotations["org.opencontainers.image.ref.name"] == $t) | .digest' \
-        "$out/index.json" 2>/dev/null || true)
-    if [[ "$idx_digest" == "${MANIFEST[$repo]}" ]]; then
-        pass "$what: manifest digest in OUT/index.json equals upstream's ($idx_digest)"
-    else
-        fail "$what: manifest digest in OUT/index.json is '$idx_digest', upstream's is ${MANIFEST[$repo]}"
-    fi
-    if [[ ! -d "$out/blobs/sha256" ]]; then
-        fail "$what: no blobs/sha256 directory in $out"
-        return 0
-    fi
-    for f in "$out"/blobs/sha256/*; do
-        sum=$(sha256sum "$f" | cut -d' ' -f1) || sum="(unreadable)"
-        if [[ "$sum" != "$(basename "$f")" ]]; then
-            fail "$what: blob $(basename "$f") hashes to $sum"
-            bad=1
-        fi
-    done
-    got=$(cd "$out/blobs/sha256" && ls | sort | tr '\n' ' ')
-    want=$(for d in ${MANIFEST[$repo]} ${BLOBS[$repo]}; do echo "${d#sha256:}"; done | sort | tr '\n' ' ')
-    if [[ "$got" != "$want" ]]; then
-        fail "$what: blobs in OUT are [$got], expected [$want]"
-        bad=1
-    fi
-    if [[ $bad -eq 0 ]]; then
-        pass "$what: all $(wc -w <<<"$got") blobs hash to their names and match the pushed image"
-    fi
+# Checks one pulled OCI layout against the upstream image (lib's
+# check_layout: tagged manifest digest; the blobs, exactly).
+check_pulled() { # OUT REPO TAG WHAT
+    check_layout "$4" "$1" "$3" "$2"
 }
 
 # ---------------------------------------------------------------- first pull
@@ -301,7 +89,7 @@ for spec in "${IMAGES[@]}"; do
     else
         fail "$what: manifest via stowage has digest $raw_digest, upstream's is ${MANIFEST[$repo]}"
     fi
-    check_layout "$out" "$name" "$repo" "$tag" "$what"
+    check_pulled "$out" "$repo" "$tag" "$what"
 
     # Every blob of the image must have come from the upstream once.
     missing=""
@@ -316,7 +104,7 @@ for spec in "${IMAGES[@]}"; do
 done
 
 # A few more endpoints, with the image now cached.
-tags=$("${SKOPEO[@]}" list-tags --tls-verify=false --authfile "$TMP/auth.json" "docker://$STOWAGE/e2etest" 2>&1 || true)
+tags=$("${SKOPEO[@]}" list-tags --tls-verify=false --authfile "$TMP/empty-auth.json" "docker://$STOWAGE/e2etest" 2>&1 || true)
 if jq -e '.Tags | index("1.0")' >/dev/null 2>&1 <<<"$tags"; then
     pass "tags/list via stowage lists e2etest:1.0"
 else
@@ -354,7 +142,7 @@ for spec in "${IMAGES[@]}"; do
         continue
     fi
     pass "$what: skopeo copy through stowage succeeded"
-    check_layout "$out" "$name" "$repo" "$tag" "$what"
+    check_pulled "$out" "$repo" "$tag" "$what"
 done
 settle_access_log
 after=$(count_blob_gets)
@@ -362,9 +150,6 @@ if [[ "$after" -eq "$before" ]]; then
     pass "second pulls caused no upstream blob GETs ($before before, $after after)"
 else
     fail "second pulls caused $((after - before)) upstream blob GETs (expected 0):"
-    grep -E '"GET /v2/[^ ]+/blobs/' "$TMP/registry/access.log" | tail -n +"$((before + 1))" | sed 's/^/    /'
+    grep -E '"GET /v2/[^ ]+/blobs/' "$(reg_log up)" | tail -n +"$((before + 1))" | sed 's/^/    /'
 fi
 
-if [[ $FAILED -ne 0 ]]; then
-    show_logs
-fi
