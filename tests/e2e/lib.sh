@@ -6,7 +6,7 @@
 #     e2e_init NAME            # temp dir, traps, closing summary line
 #
 # and then uses what is below. Sections:
-#   checks     log, pass, fail, die, run_logged; the closing
+#   checks     log, pass, fail, check, check_eq, die, run_logged; the closing
 #              "e2e: N passed, M failed" line that .ci/run adds up
 #   processes  spawn (own process group), stop_service, wait_http, free_ports;
 #              the EXIT trap stops every service (process group and all), kills
@@ -17,6 +17,8 @@
 #              check_layout
 #   stowage    stowage_bin, stowage_config, start_stowage, metric
 #   docker     start_containerd, start_dockerd (vfs, no bridge, no iptables)
+#   garage     in garage.sh (sourced from here): start_garage, stop_garage,
+#              a small S3 client (curl --aws-sigv4)
 #
 # Conventions: helpers that set up a fixture (registry, dockerd, Garage) die
 # when it cannot start, since nothing after them could pass; start_stowage
@@ -69,6 +71,16 @@ check() {
     local what=$1
     shift
     if "$@"; then pass "$what"; else fail "$what"; fi
+}
+
+# check_eq WHAT GOT WANT [DETAIL]: pass "WHAT: GOT" when GOT is WANT, else
+# fail saying both (and DETAIL).
+check_eq() {
+    if [[ $2 == "$3" ]]; then
+        pass "$1: $2"
+    else
+        fail "$1: got '$2', want '$3'${4:+ ($4)}"
+    fi
 }
 
 # A setup step failed: no point going on.
@@ -686,3 +698,7 @@ start_dockerd() {
     done
     die "dockerd did not start (daemon.json: $(tr '\n' ' ' <"$DOCKERD_JSON")); see its log"
 }
+
+# ================================================================ garage
+# shellcheck source=tests/e2e/garage.sh
+source "$E2E_DIR/garage.sh"
