@@ -804,19 +804,7 @@ if curl -sf --max-time 5 "http://$ADMIN/metrics" >"$TMP/metrics.txt"; then
         host=docker.io
         [[ $up == ghcr ]] && host=ghcr.io
         logged=$(grep -cE '"GET /v2/[^ ]+/blobs/sha256:[0-9a-f]{64} HTTP/[0-9.]+" 200 .*"stowage/[^"]*"$' "$(acc $up)" || true)
-        counted=$("$PY" - "$TMP/metrics.txt" "$host" <<'EOF'
-import re, sys
-total = 0
-for line in open(sys.argv[1]):
-    m = re.match(r'stowage_upstream_requests_total\{([^}]*)\} (\S+)$', line.strip())
-    if not m:
-        continue
-    labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
-    if labels.get("upstream") == sys.argv[2] and labels.get("kind") == "blob" and labels.get("status") == "200":
-        total += float(m.group(2))
-print(int(total))
-EOF
-)
+        counted=$(metric_in "$TMP/metrics.txt" stowage_upstream_requests_total upstream="$host" kind=blob status=200)
         if [[ $counted == "$logged" && $logged -gt 0 ]]; then
             pass "metrics: stowage_upstream_requests_total{upstream=\"$host\",kind=\"blob\",status=\"200\"} = $counted, the $up upstream logged $logged"
         else
