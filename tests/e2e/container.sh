@@ -218,10 +218,11 @@ else
     fail "blobs on the volume $mp:$bad"
 fi
 
-if "$DOCKER" logs "$NAME" 2>&1 | head -n 5 | jq -es 'length > 0 and all(.[]; has("level"))' >/dev/null 2>&1; then
+"$DOCKER" logs "$NAME" >"$TMP/container.log" 2>&1 || true
+if head -n 5 "$TMP/container.log" | jq -es 'length > 0 and all(.[]; has("level"))' >/dev/null 2>&1; then
     pass "the container logs JSON lines ([log] format = \"json\" of the baked config)"
 else
-    fail "the container's first log lines are not JSON: $("$DOCKER" logs "$NAME" 2>&1 | head -n 2 | cut -c1-200 | tr '\n' '|')"
+    fail "the container's first log lines are not JSON: $(head -n 2 "$TMP/container.log" | cut -c1-200 | tr '\n' '|')"
 fi
 
 # ---------------------------------------------------------------- stop, start
