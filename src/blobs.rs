@@ -59,7 +59,7 @@ use crate::error::{RegistryError, UpstreamKind};
 use crate::index::{BlobIndex, blob_path};
 use crate::metrics::{CacheKind, FillResult, Metrics};
 use crate::range::{self, ByteRange};
-use crate::reference::{Digest, Hasher, RepoName};
+use crate::oci::{Digest, Hasher, RepoName};
 use crate::upstream::Upstream;
 use crate::zerocopy::Regions;
 
@@ -830,7 +830,7 @@ impl Writer {
     fn run(
         self,
         mut rx: mpsc::Receiver<Bytes>,
-        algorithm: crate::reference::Algorithm,
+        algorithm: crate::oci::Algorithm,
     ) -> io::Result<(Digest, u64, bool)> {
         let mut hasher = Hasher::new(algorithm);
         let mut offset = 0u64;

@@ -519,7 +519,7 @@ impl Config {
             return Err(invalid("cache.pin_refresh", "must be more than zero"));
         }
         for (i, image) in c.pin.iter().enumerate() {
-            match crate::reference::ImageRef::parse(image) {
+            match crate::oci::ImageRef::parse(image) {
                 Err(e) => return Err(invalid(format!("cache.pin[{i}]"), e.message)),
                 Ok(r) => {
                     if let Some(h) = &r.host

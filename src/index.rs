@@ -35,7 +35,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 
-use crate::reference::{Algorithm, Digest, Hasher};
+use crate::oci::{Algorithm, Digest, Hasher};
 
 /// How often changed access times are written to the files' mtimes.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(30);

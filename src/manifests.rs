@@ -27,7 +27,7 @@ use http_body_util::{BodyExt, Limited};
 use moka::Expiry;
 
 use crate::error::{RegistryError, UpstreamKind};
-use crate::reference::{Digest, RepoName, Tag};
+use crate::oci::{Digest, RepoName, Tag};
 use crate::upstream::Upstream;
 
 /// Media types asked for on every manifest request.
@@ -511,7 +511,7 @@ async fn fetch(
     let check = expected.or(header_digest.as_ref());
     let algorithm = check
         .map(|d| d.algorithm())
-        .unwrap_or(crate::reference::Algorithm::Sha256);
+        .unwrap_or(crate::oci::Algorithm::Sha256);
     let digest = Digest::of(algorithm, &body);
     if let Some(want) = check
         && want != &digest
@@ -550,7 +550,7 @@ mod tests {
         let store = ManifestStore::open(dir.path()).unwrap();
         let mut paths = Vec::new();
         for i in 0..5u8 {
-            let d = Digest::of(crate::reference::Algorithm::Sha256, &[i]);
+            let d = Digest::of(crate::oci::Algorithm::Sha256, &[i]);
             let p = store.path_of(&d);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(&p, [b'x', b'\n', i]).unwrap();

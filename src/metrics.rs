@@ -46,7 +46,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::reference::Route;
+use crate::oci::Route;
 
 /// Buckets of the client request duration histogram (seconds). Blob
 /// responses of large layers take minutes, so the range is wide.
@@ -83,7 +83,7 @@ pub enum RouteKind {
 impl RouteKind {
     /// Classifies a request path (parsing it the way the handler does).
     pub fn of_path(path: &str) -> RouteKind {
-        match crate::reference::parse_route(path) {
+        match crate::oci::parse_route(path) {
             Ok(route) => RouteKind::of(&route),
             Err(_) => RouteKind::Other,
         }

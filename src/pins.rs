@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::manifests::Manifest;
-use crate::reference::{Digest, ImageRef, Reference};
+use crate::oci::{Digest, ImageRef, Reference};
 use crate::server::AppState;
 
 /// The digests a manifest refers to: child manifests (of an index) and

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use crate::error::RegistryError;
-use crate::reference::RepoName;
+use crate::oci::RepoName;
 use crate::upstream::Upstream;
 
 /// The configured upstreams, the first being the default.

@@ -29,8 +29,8 @@ use crate::front::{Front, Reloader};
 use crate::index::{BlobIndex, Budget};
 use crate::manifests::{Manifest, ManifestStore};
 use crate::metrics::{Metrics, RouteKind, source_of};
-use crate::reference::ImageRef;
-use crate::reference::{Reference, Route, parse_route};
+use crate::oci::ImageRef;
+use crate::oci::{Reference, Route, parse_route};
 use crate::request_id::{self, RequestIds};
 use crate::routing::{Router, ns_param};
 use crate::upstream::Upstream;
@@ -484,7 +484,7 @@ fn manifest_response(m: &Manifest, head: bool) -> Response<Body> {
 async fn passthrough(
     upstream: &Upstream,
     method: &Method,
-    repo: &crate::reference::RepoName,
+    repo: &crate::oci::RepoName,
     tail: &str,
     headers: HeaderMap,
 ) -> Result<(Response<Body>, &'static str), RegistryError> {

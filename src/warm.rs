@@ -20,7 +20,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use crate::config::{UpstreamConfig, docker_hub};
 use crate::manifests::accept_headers;
 use crate::pins::refs_of;
-use crate::reference::{Digest, Hasher, ImageRef};
+use crate::oci::{Digest, Hasher, ImageRef};
 use crate::server::CACHE_HEADER;
 use crate::upstream::Upstream;
 

@@ -317,7 +317,7 @@ async fn pinned_images_survive_eviction() {
     let st = start_stowage_toml(dir, &toml).await;
     let index = st.state.blobs.index().clone();
     let layer = img.layers[0].digest.clone();
-    let layer = stowage::reference::Digest::parse(&layer).unwrap();
+    let layer = stowage::oci::Digest::parse(&layer).unwrap();
     wait_until("pins resolved", || index.is_pinned(&layer)).await;
     for b in img.blobs() {
         fetch(&st, b).await;
