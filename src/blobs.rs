@@ -58,8 +58,8 @@ use crate::body::{self, Body};
 use crate::error::{RegistryError, UpstreamKind};
 use crate::index::{BlobIndex, blob_path};
 use crate::metrics::{CacheKind, FillResult, Metrics};
-use crate::range::{self, ByteRange};
 use crate::oci::{Digest, Hasher, RepoName};
+use crate::range::{self, ByteRange};
 use crate::upstream::Upstream;
 use crate::zerocopy::Regions;
 

@@ -19,8 +19,8 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::config::{UpstreamConfig, docker_hub};
 use crate::manifests::accept_headers;
-use crate::pins::refs_of;
 use crate::oci::{Digest, Hasher, ImageRef};
+use crate::pins::refs_of;
 use crate::server::CACHE_HEADER;
 use crate::upstream::Upstream;
 

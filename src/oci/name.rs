@@ -1,147 +1,21 @@
-//! Validated names from request paths: repository names, tags, digests, and
-//! the route a path asks for.
+//! Validated names: repository names, tags, references (tag or digest) and
+//! image references as users write them.
 //!
-//! Every type here is a proof of validation: a [`Digest`] can only be built
-//! by [`Digest::parse`], so code that builds file paths from one never sees
-//! `..`, `/` or anything but lowercase hex.
+//! Every type here is a proof of validation: a [`RepoName`] or [`Tag`] can
+//! only be built by its `parse`, so code that builds file paths from one
+//! never sees `..`, an empty component or anything outside the grammar.
 
 use std::fmt;
 
+use super::digest::Digest;
+use super::truncate;
 use crate::error::RegistryError;
 
 /// Longest repository name accepted (distribution's limit).
-const MAX_NAME_LEN: usize = 255;
+pub(super) const MAX_NAME_LEN: usize = 255;
 
 /// Longest tag accepted (OCI distribution spec).
 const MAX_TAG_LEN: usize = 128;
-
-/// A digest algorithm stowage can verify.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Algorithm {
-    /// SHA-256, 64 hex characters.
-    Sha256,
-    /// SHA-512, 128 hex characters.
-    Sha512,
-}
-
-impl Algorithm {
-    /// The name used in digest strings and store directories.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Algorithm::Sha256 => "sha256",
-            Algorithm::Sha512 => "sha512",
-        }
-    }
-
-    fn hex_len(self) -> usize {
-        match self {
-            Algorithm::Sha256 => 64,
-            Algorithm::Sha512 => 128,
-        }
-    }
-}
-
-/// A content digest such as `sha256:e3b0…`: a known algorithm and lowercase
-/// hex of the right length.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Digest {
-    algorithm: Algorithm,
-    hex: String,
-}
-
-impl Digest {
-    /// Parses `algorithm:hex`, accepting only sha256 and sha512 in canonical
-    /// lowercase form.
-    pub fn parse(s: &str) -> Result<Digest, RegistryError> {
-        let bad = || RegistryError::digest_invalid(format!("invalid digest {:?}", truncate(s)));
-        let (alg, hex) = s.split_once(':').ok_or_else(bad)?;
-        let algorithm = match alg {
-            "sha256" => Algorithm::Sha256,
-            "sha512" => Algorithm::Sha512,
-            _ => {
-                return Err(RegistryError::digest_invalid(format!(
-                    "unsupported digest algorithm {:?}",
-                    truncate(alg)
-                )));
-            }
-        };
-        if hex.len() != algorithm.hex_len()
-            || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        {
-            return Err(bad());
-        }
-        Ok(Digest {
-            algorithm,
-            hex: hex.to_string(),
-        })
-    }
-
-    /// The digest of `data` under `algorithm`.
-    pub fn of(algorithm: Algorithm, data: &[u8]) -> Digest {
-        let mut h = Hasher::new(algorithm);
-        h.update(data);
-        h.finish()
-    }
-
-    /// The algorithm.
-    pub fn algorithm(&self) -> Algorithm {
-        self.algorithm
-    }
-
-    /// The hex part: safe to use as a file name.
-    pub fn hex(&self) -> &str {
-        &self.hex
-    }
-}
-
-impl fmt::Display for Digest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.algorithm.as_str(), self.hex)
-    }
-}
-
-/// Incremental hashing for either algorithm.
-pub enum Hasher {
-    /// SHA-256 state.
-    Sha256(sha2::Sha256),
-    /// SHA-512 state.
-    Sha512(sha2::Sha512),
-}
-
-impl Hasher {
-    /// A fresh hasher.
-    pub fn new(algorithm: Algorithm) -> Hasher {
-        use sha2::Digest as _;
-        match algorithm {
-            Algorithm::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
-            Algorithm::Sha512 => Hasher::Sha512(sha2::Sha512::new()),
-        }
-    }
-
-    /// Feeds bytes.
-    pub fn update(&mut self, data: &[u8]) {
-        use sha2::Digest as _;
-        match self {
-            Hasher::Sha256(h) => h.update(data),
-            Hasher::Sha512(h) => h.update(data),
-        }
-    }
-
-    /// The digest of everything fed.
-    pub fn finish(self) -> Digest {
-        use sha2::Digest as _;
-        match self {
-            Hasher::Sha256(h) => Digest {
-                algorithm: Algorithm::Sha256,
-                hex: hex::encode(h.finalize()),
-            },
-            Hasher::Sha512(h) => Digest {
-                algorithm: Algorithm::Sha512,
-                hex: hex::encode(h.finalize()),
-            },
-        }
-    }
-}
 
 /// A repository name such as `library/alpine`: `/`-separated components of
 /// lowercase alphanumerics joined by single separators (`.`, `_`, `__`, `-`).
@@ -322,148 +196,11 @@ impl fmt::Display for ImageRef {
     }
 }
 
-/// An API route with its validated parts. The repository name is still the
-/// raw path name; routing to an upstream (which may strip a host prefix)
-/// happens in [`crate::routing`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Route {
-    /// `/v2/`: the API version check.
-    Base,
-    /// `/v2/<name>/manifests/<reference>`.
-    Manifest {
-        /// Repository path as requested.
-        name: String,
-        /// Tag or digest.
-        reference: Reference,
-    },
-    /// `/v2/<name>/blobs/<digest>`.
-    Blob {
-        /// Repository path as requested.
-        name: String,
-        /// The blob digest.
-        digest: Digest,
-    },
-    /// `/v2/<name>/tags/list`.
-    TagsList {
-        /// Repository path as requested.
-        name: String,
-    },
-    /// `/v2/<name>/referrers/<digest>`.
-    Referrers {
-        /// Repository path as requested.
-        name: String,
-        /// Subject digest.
-        digest: Digest,
-    },
-    /// A push or other write route (`blobs/uploads/...`): never served.
-    Write,
-}
-
-/// Parses a request path. Does not look at the method; the caller refuses
-/// anything but GET/HEAD. Names are checked for characters that could escape
-/// a path (`%`, `..`, empty components) here; the full name grammar is
-/// applied once the upstream prefix is known.
-pub fn parse_route(path: &str) -> Result<Route, RegistryError> {
-    let rest = match path.strip_prefix("/v2") {
-        Some("") | Some("/") => return Ok(Route::Base),
-        Some(r) => r.strip_prefix('/').ok_or_else(unsupported_path)?,
-        None => return Err(unsupported_path()),
-    };
-    let segs: Vec<&str> = rest.split('/').collect();
-    let n = segs.len();
-    if n >= 3 && segs[n - 2] == "tags" && segs[n - 1] == "list" {
-        return Ok(Route::TagsList {
-            name: name_from(&segs[..n - 2])?,
-        });
-    }
-    if n >= 3 && segs[n - 2] == "manifests" {
-        return Ok(Route::Manifest {
-            name: name_from(&segs[..n - 2])?,
-            reference: Reference::parse(segs[n - 1])?,
-        });
-    }
-    if n >= 3 && segs[n - 2] == "blobs" && segs[n - 1] == "uploads" {
-        return Ok(Route::Write);
-    }
-    if n >= 3 && segs[n - 2] == "blobs" {
-        return Ok(Route::Blob {
-            name: name_from(&segs[..n - 2])?,
-            digest: Digest::parse(segs[n - 1])?,
-        });
-    }
-    if n >= 3 && segs[n - 2] == "referrers" {
-        return Ok(Route::Referrers {
-            name: name_from(&segs[..n - 2])?,
-            digest: Digest::parse(segs[n - 1])?,
-        });
-    }
-    if let Some(i) = segs.iter().position(|s| *s == "blobs")
-        && segs.get(i + 1) == Some(&"uploads")
-        && i >= 1
-    {
-        return Ok(Route::Write);
-    }
-    Err(unsupported_path())
-}
-
-fn unsupported_path() -> RegistryError {
-    RegistryError::unsupported("this mirror serves only the registry pull API")
-}
-
-/// Joins name segments, rejecting anything that is not a plausible name:
-/// empty segments, `.`/`..`, or characters outside `[a-z0-9._:-]`. The `:`
-/// is allowed only so a registry host with a port can prefix the name.
-fn name_from(segs: &[&str]) -> Result<String, RegistryError> {
-    let name = segs.join("/");
-    let ok = !segs.is_empty()
-        && name.len() <= MAX_NAME_LEN + 256
-        && segs.iter().all(|s| {
-            !s.is_empty()
-                && *s != "."
-                && *s != ".."
-                && s.bytes().all(|b| {
-                    b.is_ascii_lowercase()
-                        || b.is_ascii_digit()
-                        || matches!(b, b'.' | b'_' | b'-' | b':')
-                })
-        });
-    if ok {
-        Ok(name)
-    } else {
-        Err(RegistryError::name_invalid(format!(
-            "invalid repository name {:?}",
-            truncate(&name)
-        )))
-    }
-}
-
-/// Keeps hostile input out of error messages and logs at a bounded size.
-fn truncate(s: &str) -> &str {
-    match s.char_indices().nth(100) {
-        Some((i, _)) => &s[..i],
-        None => s,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const H: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
-
-    #[test]
-    fn digests() {
-        let d = Digest::parse(&format!("sha256:{H}")).unwrap();
-        assert_eq!(d.to_string(), format!("sha256:{H}"));
-        assert_eq!(Digest::of(Algorithm::Sha256, b""), d);
-        assert!(Digest::parse("sha256:abc").is_err());
-        assert!(Digest::parse(&format!("sha256:{}", H.to_uppercase())).is_err());
-        assert!(Digest::parse(&format!("md5:{H}")).is_err());
-        assert!(Digest::parse(&format!("sha512:{H}")).is_err());
-        assert!(Digest::parse(&format!("sha512:{H}{H}")).is_ok());
-        assert!(Digest::parse(H).is_err());
-        assert!(Digest::parse(&format!("sha256:../{}", &H[3..])).is_err());
-    }
 
     #[test]
     fn names() {
@@ -505,46 +242,5 @@ mod tests {
         assert!(matches!(r.reference, Reference::Digest(_)));
         assert!(ImageRef::parse("Bad Name").is_err());
         assert!(ImageRef::parse("a:b:c").is_err());
-    }
-
-    #[test]
-    fn routes() {
-        assert_eq!(parse_route("/v2/").unwrap(), Route::Base);
-        assert_eq!(parse_route("/v2").unwrap(), Route::Base);
-        assert_eq!(
-            parse_route("/v2/library/alpine/manifests/3.19").unwrap(),
-            Route::Manifest {
-                name: "library/alpine".into(),
-                reference: Reference::Tag(Tag::parse("3.19").unwrap())
-            }
-        );
-        assert!(matches!(
-            parse_route(&format!("/v2/a/b/blobs/sha256:{H}")).unwrap(),
-            Route::Blob { name, .. } if name == "a/b"
-        ));
-        // A repository may itself be called "manifests" or "blobs".
-        assert!(matches!(
-            parse_route(&format!("/v2/blobs/blobs/sha256:{H}")).unwrap(),
-            Route::Blob { name, .. } if name == "blobs"
-        ));
-        assert!(matches!(
-            parse_route("/v2/ghcr.io/a/tags/list").unwrap(),
-            Route::TagsList { name } if name == "ghcr.io/a"
-        ));
-        assert_eq!(parse_route("/v2/a/blobs/uploads/").unwrap(), Route::Write);
-        assert_eq!(
-            parse_route("/v2/a/blobs/uploads/abc").unwrap(),
-            Route::Write
-        );
-        assert_eq!(parse_route("/v2/a/blobs/uploads").unwrap(), Route::Write);
-        assert!(parse_route("/v2/a/../b/manifests/x").is_err());
-        assert!(parse_route("/v2/a%2f/manifests/x").is_err());
-        assert!(parse_route("/v2/Upper/manifests/x").is_err());
-        assert!(parse_route("/v2/a/manifests/sha256:abc").is_err());
-        assert!(parse_route("/v2/a/manifests/..").is_err());
-        assert!(parse_route("/v2/a/blobs/latest").is_err());
-        assert!(parse_route("/v2/_catalog").is_err());
-        assert!(parse_route("/etc/passwd").is_err());
-        assert!(parse_route("/v2/manifests/x").is_err());
     }
 }

@@ -1,0 +1,161 @@
+//! Content digests: the algorithms stowage verifies and incremental hashing.
+//!
+//! A [`Digest`] can only be built by [`Digest::parse`] or by hashing, so code
+//! that builds file paths from one never sees `..`, `/` or anything but
+//! lowercase hex.
+
+use std::fmt;
+
+use super::truncate;
+use crate::error::RegistryError;
+
+/// A digest algorithm stowage can verify.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Algorithm {
+    /// SHA-256, 64 hex characters.
+    Sha256,
+    /// SHA-512, 128 hex characters.
+    Sha512,
+}
+
+impl Algorithm {
+    /// The name used in digest strings and store directories.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::Sha256 => "sha256",
+            Algorithm::Sha512 => "sha512",
+        }
+    }
+
+    fn hex_len(self) -> usize {
+        match self {
+            Algorithm::Sha256 => 64,
+            Algorithm::Sha512 => 128,
+        }
+    }
+}
+
+/// A content digest such as `sha256:e3b0…`: a known algorithm and lowercase
+/// hex of the right length.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest {
+    algorithm: Algorithm,
+    hex: String,
+}
+
+impl Digest {
+    /// Parses `algorithm:hex`, accepting only sha256 and sha512 in canonical
+    /// lowercase form.
+    pub fn parse(s: &str) -> Result<Digest, RegistryError> {
+        let bad = || RegistryError::digest_invalid(format!("invalid digest {:?}", truncate(s)));
+        let (alg, hex) = s.split_once(':').ok_or_else(bad)?;
+        let algorithm = match alg {
+            "sha256" => Algorithm::Sha256,
+            "sha512" => Algorithm::Sha512,
+            _ => {
+                return Err(RegistryError::digest_invalid(format!(
+                    "unsupported digest algorithm {:?}",
+                    truncate(alg)
+                )));
+            }
+        };
+        if hex.len() != algorithm.hex_len()
+            || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return Err(bad());
+        }
+        Ok(Digest {
+            algorithm,
+            hex: hex.to_string(),
+        })
+    }
+
+    /// The digest of `data` under `algorithm`.
+    pub fn of(algorithm: Algorithm, data: &[u8]) -> Digest {
+        let mut h = Hasher::new(algorithm);
+        h.update(data);
+        h.finish()
+    }
+
+    /// The algorithm.
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    /// The hex part: safe to use as a file name.
+    pub fn hex(&self) -> &str {
+        &self.hex
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.algorithm.as_str(), self.hex)
+    }
+}
+
+/// Incremental hashing for either algorithm.
+pub enum Hasher {
+    /// SHA-256 state.
+    Sha256(sha2::Sha256),
+    /// SHA-512 state.
+    Sha512(sha2::Sha512),
+}
+
+impl Hasher {
+    /// A fresh hasher.
+    pub fn new(algorithm: Algorithm) -> Hasher {
+        use sha2::Digest as _;
+        match algorithm {
+            Algorithm::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
+            Algorithm::Sha512 => Hasher::Sha512(sha2::Sha512::new()),
+        }
+    }
+
+    /// Feeds bytes.
+    pub fn update(&mut self, data: &[u8]) {
+        use sha2::Digest as _;
+        match self {
+            Hasher::Sha256(h) => h.update(data),
+            Hasher::Sha512(h) => h.update(data),
+        }
+    }
+
+    /// The digest of everything fed.
+    pub fn finish(self) -> Digest {
+        use sha2::Digest as _;
+        match self {
+            Hasher::Sha256(h) => Digest {
+                algorithm: Algorithm::Sha256,
+                hex: hex::encode(h.finalize()),
+            },
+            Hasher::Sha512(h) => Digest {
+                algorithm: Algorithm::Sha512,
+                hex: hex::encode(h.finalize()),
+            },
+        }
+    }
+}
+
+/// A repository name such as `library/alpine`: `/`-separated components of
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn digests() {
+        let d = Digest::parse(&format!("sha256:{H}")).unwrap();
+        assert_eq!(d.to_string(), format!("sha256:{H}"));
+        assert_eq!(Digest::of(Algorithm::Sha256, b""), d);
+        assert!(Digest::parse("sha256:abc").is_err());
+        assert!(Digest::parse(&format!("sha256:{}", H.to_uppercase())).is_err());
+        assert!(Digest::parse(&format!("md5:{H}")).is_err());
+        assert!(Digest::parse(&format!("sha512:{H}")).is_err());
+        assert!(Digest::parse(&format!("sha512:{H}{H}")).is_ok());
+        assert!(Digest::parse(H).is_err());
+        assert!(Digest::parse(&format!("sha256:../{}", &H[3..])).is_err());
+    }
+}
