@@ -5,7 +5,6 @@
 
 pub mod access;
 pub mod admin;
-pub mod auth;
 pub mod blobs;
 pub mod body;
 pub mod config;

@@ -19,7 +19,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::auth::{
+use crate::upstream::auth::{
     Challenge, Token, TokenCache, TokenKey, parse_challenges, pull_scope, token_url,
 };
 use crate::config::{ConfigError, UpstreamConfig};
@@ -602,7 +602,7 @@ impl Upstream {
         })?
         .map_err(|e| fail(format!("reading token endpoint {realm}: {e}")))?
         .to_bytes();
-        crate::auth::parse_token_response(&body).map_err(|e| fail(format!("{realm}: {e}")))
+        crate::upstream::auth::parse_token_response(&body).map_err(|e| fail(format!("{realm}: {e}")))
     }
 
     /// Sends a request and follows redirects (at most [`MAX_REDIRECTS`]).

@@ -1,0 +1,7 @@
+//! Requests to upstream registries: the pooled client, authentication
+//! (challenges, tokens), redirects and errors.
+
+pub mod auth;
+mod client;
+
+pub use client::*;
