@@ -56,12 +56,12 @@ use tokio::sync::{Notify, broadcast, mpsc, watch};
 
 use crate::body::{self, Body};
 use crate::error::{RegistryError, UpstreamKind};
+use crate::front::zerocopy::Regions;
 use crate::index::{BlobIndex, blob_path};
 use crate::metrics::{CacheKind, FillResult, Metrics};
 use crate::oci::{Digest, Hasher, RepoName};
 use crate::range::{self, ByteRange};
 use crate::upstream::Upstream;
-use crate::zerocopy::Regions;
 
 /// Bytes read from disk per body frame.
 const CHUNK: usize = 256 * 1024;
@@ -71,7 +71,7 @@ const CHUNK: usize = 256 * 1024;
 const INLINE_READ: u64 = 64 * 1024;
 
 /// Largest frame of mapped file bytes handed to hyper on a zero-copy
-/// connection (see [`crate::zerocopy`]). The mapping is never touched, so
+/// connection (see [`crate::front::zerocopy`]). The mapping is never touched, so
 /// its size costs address space only.
 const ZERO_COPY_CHUNK: u64 = 16 * 1024 * 1024;
 

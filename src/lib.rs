@@ -3,7 +3,6 @@
 //! See ARCHITECTURE.md for the bird's-eye view, the code map and the
 //! invariants.
 
-pub mod access;
 pub mod admin;
 pub mod blobs;
 pub mod body;
@@ -20,7 +19,5 @@ pub mod range;
 pub mod request_id;
 pub mod routing;
 pub mod server;
-pub mod tls;
 pub mod upstream;
 pub mod warm;
-pub mod zerocopy;

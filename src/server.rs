@@ -63,7 +63,7 @@ pub struct AppState {
     /// The manifest cache.
     pub manifests: ManifestStore,
     /// Client authentication (open unless `[access]` is configured).
-    pub access: Arc<crate::access::Access>,
+    pub access: Arc<crate::front::access::Access>,
     /// This server's metrics and health flags.
     pub metrics: Arc<Metrics>,
     /// Request id generator.
@@ -405,7 +405,7 @@ async fn dispatch(
             // copies data into its own frames).
             let zero_copy = if req.version() <= http::Version::HTTP_11 {
                 req.extensions()
-                    .get::<Arc<crate::zerocopy::Regions>>()
+                    .get::<Arc<crate::front::zerocopy::Regions>>()
                     .cloned()
             } else {
                 None

@@ -19,11 +19,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use crate::config::{ConfigError, UpstreamConfig};
+use crate::metrics::Metrics;
 use crate::upstream::auth::{
     Challenge, Token, TokenCache, TokenKey, parse_challenges, pull_scope, token_url,
 };
-use crate::config::{ConfigError, UpstreamConfig};
-use crate::metrics::Metrics;
 
 /// Redirects followed for one request before giving up.
 const MAX_REDIRECTS: usize = 5;
@@ -602,7 +602,8 @@ impl Upstream {
         })?
         .map_err(|e| fail(format!("reading token endpoint {realm}: {e}")))?
         .to_bytes();
-        crate::upstream::auth::parse_token_response(&body).map_err(|e| fail(format!("{realm}: {e}")))
+        crate::upstream::auth::parse_token_response(&body)
+            .map_err(|e| fail(format!("{realm}: {e}")))
     }
 
     /// Sends a request and follows redirects (at most [`MAX_REDIRECTS`]).

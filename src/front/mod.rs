@@ -19,13 +19,18 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::zerocopy::{Regions, ZeroCopyStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
-use crate::access::{Access, AccessError};
 use crate::config::{Config, LimitsConfig};
-use crate::tls::{Tls, TlsError};
+
+pub mod access;
+pub mod tls;
+pub mod zerocopy;
+
+use access::{Access, AccessError};
+use tls::{Tls, TlsError};
+use zerocopy::{Regions, ZeroCopyStream};
 
 /// Why the front door could not be set up.
 #[derive(Debug, thiserror::Error)]
