@@ -1,7 +1,9 @@
 //! The front door of the registry listener: the connection limit, the TLS
 //! handshake (with a timeout), the idle and first-byte timeouts on the
-//! socket, the HTTP/1 header read timeout, client authentication, and the
-//! reloading of the files behind TLS and authentication.
+//! socket, the HTTP/1 header read timeout ([`limits`]), TLS termination
+//! ([`tls`]), client authentication ([`access`]), the reloading of the
+//! files behind TLS and authentication ([`reload`]) and zero-copy sends
+//! ([`zerocopy`]).
 //!
 //! `server.rs` keeps the accept loop and hands every accepted socket to
 //! [`Front::handshake`], which returns the stream hyper serves ([`FrontIo`]:
@@ -10,23 +12,27 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::{Instant, Sleep};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::config::{Config, LimitsConfig};
 
 pub mod access;
+pub mod limits;
+pub mod reload;
 pub mod tls;
 pub mod zerocopy;
+
+pub use limits::IdleIo;
+use limits::Slots;
+pub use reload::{Reloader, Watch};
 
 use access::{Access, AccessError};
 use tls::{Tls, TlsError};
@@ -48,8 +54,7 @@ pub struct Front {
     tls: Option<Arc<Tls>>,
     access: Arc<Access>,
     limits: LimitsConfig,
-    slots: Arc<Semaphore>,
-    last_full_warning: Mutex<Option<Instant>>,
+    slots: Slots,
 }
 
 impl Front {
@@ -66,8 +71,7 @@ impl Front {
             tls,
             access,
             limits: config.limits.clone(),
-            slots: Arc::new(Semaphore::new(config.limits.max_connections)),
-            last_full_warning: Mutex::new(None),
+            slots: Slots::new(config.limits.max_connections),
         })
     }
 
@@ -84,40 +88,12 @@ impl Front {
     /// Applies the HTTP-level limits to hyper's connection builder: a timer
     /// and the HTTP/1 header read timeout.
     pub fn configure(&self, builder: &mut auto::Builder<TokioExecutor>) {
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.limits.header_read_timeout);
-        builder.http2().timer(TokioTimer::new());
+        limits::configure(builder, self.limits.header_read_timeout);
     }
 
-    /// Waits for a free connection slot; the connection holds the permit
-    /// until it ends. While all slots are taken, new connections wait in the
-    /// kernel's listen backlog.
+    /// Waits for a free connection slot; see [`Slots::acquire`].
     pub async fn slot(&self) -> OwnedSemaphorePermit {
-        if self.slots.available_permits() == 0 {
-            self.warn_full();
-        }
-        match self.slots.clone().acquire_owned().await {
-            Ok(p) => p,
-            // The semaphore is never closed.
-            Err(_) => std::future::pending().await,
-        }
-    }
-
-    fn warn_full(&self) {
-        let now = Instant::now();
-        let mut last = match self.last_full_warning.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10)) {
-            *last = Some(now);
-            tracing::warn!(
-                max_connections = self.limits.max_connections,
-                "connection limit reached; new connections wait"
-            );
-        }
+        self.slots.acquire().await
     }
 
     /// Wraps an accepted socket with the idle timeout and, on a TLS
@@ -151,240 +127,7 @@ impl Front {
 
     /// A handle that reloads the certificate and htpasswd files.
     pub fn reloader(&self) -> Reloader {
-        Reloader {
-            tls: self.tls.clone(),
-            access: self.access.clone(),
-        }
-    }
-}
-
-/// Reloads TLS material and the htpasswd file (SIGHUP, file changes).
-#[derive(Clone)]
-pub struct Reloader {
-    tls: Option<Arc<Tls>>,
-    access: Arc<Access>,
-}
-
-impl Reloader {
-    /// Re-reads every file now (blocking file IO and possibly bcrypt: call
-    /// it off the async threads, or use [`Reloader::reload_now`]). With
-    /// `force` false only files whose contents changed are taken up. Returns
-    /// false if something was rejected (and logged; the old one stays).
-    pub fn reload(&self, force: bool) -> bool {
-        let mut ok = true;
-        if let Some(tls) = &self.tls {
-            ok &= tls.reload(force).is_ok();
-        }
-        ok &= self.access.reload(force).is_ok();
-        ok
-    }
-
-    /// [`Reloader::reload`] with `force` on the blocking pool (SIGHUP).
-    pub async fn reload_now(&self) -> bool {
-        let me = self.clone();
-        tokio::task::spawn_blocking(move || me.reload(true))
-            .await
-            .unwrap_or(false)
-    }
-
-    /// Whether there is anything to reload.
-    pub fn has_files(&self) -> bool {
-        self.tls.is_some() || self.access.enabled()
-    }
-
-    /// Starts polling the files for changes (every `[tls] reload_interval`
-    /// and `[access] reload_interval`; a zero interval means never).
-    pub fn spawn_watch(&self) -> Watch {
-        let mut tasks = Vec::new();
-        if let Some(tls) = &self.tls {
-            let tls = tls.clone();
-            tasks.extend(every(tls.reload_interval(), move || {
-                let _ = tls.reload(false);
-            }));
-        }
-        if let Some(interval) = self.access.reload_interval() {
-            let access = self.access.clone();
-            tasks.extend(every(interval, move || {
-                let _ = access.reload(false);
-            }));
-        }
-        Watch(tasks)
-    }
-}
-
-/// Runs `f` on the blocking pool every `interval` (never when zero).
-fn every(
-    interval: Duration,
-    f: impl Fn() + Clone + Send + Sync + 'static,
-) -> Option<tokio::task::JoinHandle<()>> {
-    if interval.is_zero() {
-        return None;
-    }
-    Some(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            let _ = tokio::task::spawn_blocking(f.clone()).await;
-        }
-    }))
-}
-
-/// The file-polling tasks; stopped when dropped.
-pub struct Watch(Vec<tokio::task::JoinHandle<()>>);
-
-impl Watch {
-    /// Stops polling.
-    pub fn stop(self) {}
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        for t in &self.0 {
-            t.abort();
-        }
-    }
-}
-
-/// A socket that fails with `TimedOut` once nothing has been read or
-/// written for the idle timeout, or when the first byte does not arrive
-/// within the first-byte timeout.
-pub struct IdleIo<T> {
-    inner: T,
-    idle: Duration,
-    first_byte: Duration,
-    got_first_byte: bool,
-    last_activity: Instant,
-    timer: Pin<Box<Sleep>>,
-}
-
-impl<T> IdleIo<T> {
-    /// Wraps `inner`.
-    pub fn new(inner: T, idle: Duration, first_byte: Duration) -> IdleIo<T> {
-        let now = Instant::now();
-        IdleIo {
-            inner,
-            idle,
-            first_byte,
-            got_first_byte: false,
-            last_activity: now,
-            timer: Box::pin(tokio::time::sleep_until(now + first_byte)),
-        }
-    }
-
-    /// The wrapped stream.
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
-
-    fn deadline(&self) -> Instant {
-        let allowed = if self.got_first_byte {
-            self.idle
-        } else {
-            self.first_byte
-        };
-        self.last_activity + allowed
-    }
-
-    /// Ready with an error once the deadline has passed; registers the
-    /// waker otherwise. The timer is moved only when it fires early, so
-    /// activity costs a clock read, not a timer update (the timer is never
-    /// later than the deadline: activity only moves the deadline later).
-    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        loop {
-            if self.timer.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
-            let deadline = self.deadline();
-            if Instant::now() >= deadline {
-                let what = if self.got_first_byte {
-                    "connection idle timeout"
-                } else {
-                    "no request received in time"
-                };
-                return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, what));
-            }
-            self.timer.as_mut().reset(deadline);
-        }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        let before = buf.filled().len();
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before {
-                    this.last_activity = Instant::now();
-                    if !this.got_first_byte {
-                        // The allowance changes from first-byte to idle:
-                        // the timer must not be later than the deadline.
-                        this.got_first_byte = true;
-                        let deadline = this.deadline();
-                        this.timer.as_mut().reset(deadline);
-                    }
-                }
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => this.poll_expired(cx).map(Err),
-        }
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_write(cx, data) {
-            Poll::Ready(Ok(n)) => {
-                if n > 0 {
-                    this.last_activity = Instant::now();
-                }
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => this.poll_expired(cx).map(Err),
-        }
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
-            Poll::Ready(Ok(n)) => {
-                if n > 0 {
-                    this.last_activity = Instant::now();
-                }
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => this.poll_expired(cx).map(Err),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        Reloader::new(self.tls.clone(), self.access.clone())
     }
 }
 

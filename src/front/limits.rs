@@ -1,0 +1,214 @@
+//! Connection limits: the connection slots of a listener, the idle and
+//! first-byte timeouts on each socket ([`IdleIo`]) and hyper's HTTP/1
+//! header read timeout.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
+
+/// At most `max` connections at once; further ones wait in the kernel's
+/// listen backlog.
+pub struct Slots {
+    max: usize,
+    slots: Arc<Semaphore>,
+    last_full_warning: Mutex<Option<Instant>>,
+}
+
+impl Slots {
+    /// `max` connection slots.
+    pub fn new(max: usize) -> Slots {
+        Slots {
+            max,
+            slots: Arc::new(Semaphore::new(max)),
+            last_full_warning: Mutex::new(None),
+        }
+    }
+
+    /// Waits for a free connection slot; the connection holds the permit
+    /// until it ends. While all slots are taken, new connections wait in the
+    /// kernel's listen backlog.
+    pub async fn acquire(&self) -> OwnedSemaphorePermit {
+        if self.slots.available_permits() == 0 {
+            self.warn_full();
+        }
+        match self.slots.clone().acquire_owned().await {
+            Ok(p) => p,
+            // The semaphore is never closed.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    fn warn_full(&self) {
+        let now = Instant::now();
+        let mut last = match self.last_full_warning.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10)) {
+            *last = Some(now);
+            tracing::warn!(
+                max_connections = self.max,
+                "connection limit reached; new connections wait"
+            );
+        }
+    }
+}
+
+/// Applies the HTTP-level limits to hyper's connection builder: a timer and
+/// the HTTP/1 header read timeout.
+pub fn configure(builder: &mut auto::Builder<TokioExecutor>, header_read_timeout: Duration) {
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
+}
+
+/// A socket that fails with `TimedOut` once nothing has been read or
+/// written for the idle timeout, or when the first byte does not arrive
+/// within the first-byte timeout.
+pub struct IdleIo<T> {
+    inner: T,
+    idle: Duration,
+    first_byte: Duration,
+    got_first_byte: bool,
+    last_activity: Instant,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl<T> IdleIo<T> {
+    /// Wraps `inner`.
+    pub fn new(inner: T, idle: Duration, first_byte: Duration) -> IdleIo<T> {
+        let now = Instant::now();
+        IdleIo {
+            inner,
+            idle,
+            first_byte,
+            got_first_byte: false,
+            last_activity: now,
+            timer: Box::pin(tokio::time::sleep_until(now + first_byte)),
+        }
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    fn deadline(&self) -> Instant {
+        let allowed = if self.got_first_byte {
+            self.idle
+        } else {
+            self.first_byte
+        };
+        self.last_activity + allowed
+    }
+
+    /// Ready with an error once the deadline has passed; registers the
+    /// waker otherwise. The timer is moved only when it fires early, so
+    /// activity costs a clock read, not a timer update (the timer is never
+    /// later than the deadline: activity only moves the deadline later).
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        loop {
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let deadline = self.deadline();
+            if Instant::now() >= deadline {
+                let what = if self.got_first_byte {
+                    "connection idle timeout"
+                } else {
+                    "no request received in time"
+                };
+                return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, what));
+            }
+            self.timer.as_mut().reset(deadline);
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.last_activity = Instant::now();
+                    if !this.got_first_byte {
+                        // The allowance changes from first-byte to idle:
+                        // the timer must not be later than the deadline.
+                        this.got_first_byte = true;
+                        let deadline = this.deadline();
+                        this.timer.as_mut().reset(deadline);
+                    }
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => this.poll_expired(cx).map(Err),
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_write(cx, data) {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    this.last_activity = Instant::now();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => this.poll_expired(cx).map(Err),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    this.last_activity = Instant::now();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => this.poll_expired(cx).map(Err),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

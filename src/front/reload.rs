@@ -1,0 +1,103 @@
+//! Reloading the files behind TLS and client authentication: on SIGHUP
+//! ([`Reloader::reload_now`]) and by polling them for changes
+//! ([`Reloader::spawn_watch`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::access::Access;
+use super::tls::Tls;
+
+/// Reloads TLS material and the htpasswd file (SIGHUP, file changes).
+#[derive(Clone)]
+pub struct Reloader {
+    tls: Option<Arc<Tls>>,
+    access: Arc<Access>,
+}
+
+impl Reloader {
+    /// Reloads `tls` (when the listener terminates TLS) and `access`.
+    pub fn new(tls: Option<Arc<Tls>>, access: Arc<Access>) -> Reloader {
+        Reloader { tls, access }
+    }
+
+    /// Re-reads every file now (blocking file IO and possibly bcrypt: call
+    /// it off the async threads, or use [`Reloader::reload_now`]). With
+    /// `force` false only files whose contents changed are taken up. Returns
+    /// false if something was rejected (and logged; the old one stays).
+    pub fn reload(&self, force: bool) -> bool {
+        let mut ok = true;
+        if let Some(tls) = &self.tls {
+            ok &= tls.reload(force).is_ok();
+        }
+        ok &= self.access.reload(force).is_ok();
+        ok
+    }
+
+    /// [`Reloader::reload`] with `force` on the blocking pool (SIGHUP).
+    pub async fn reload_now(&self) -> bool {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.reload(true))
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Whether there is anything to reload.
+    pub fn has_files(&self) -> bool {
+        self.tls.is_some() || self.access.enabled()
+    }
+
+    /// Starts polling the files for changes (every `[tls] reload_interval`
+    /// and `[access] reload_interval`; a zero interval means never).
+    pub fn spawn_watch(&self) -> Watch {
+        let mut tasks = Vec::new();
+        if let Some(tls) = &self.tls {
+            let tls = tls.clone();
+            tasks.extend(every(tls.reload_interval(), move || {
+                let _ = tls.reload(false);
+            }));
+        }
+        if let Some(interval) = self.access.reload_interval() {
+            let access = self.access.clone();
+            tasks.extend(every(interval, move || {
+                let _ = access.reload(false);
+            }));
+        }
+        Watch(tasks)
+    }
+}
+
+/// Runs `f` on the blocking pool every `interval` (never when zero).
+fn every(
+    interval: Duration,
+    f: impl Fn() + Clone + Send + Sync + 'static,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if interval.is_zero() {
+        return None;
+    }
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let _ = tokio::task::spawn_blocking(f.clone()).await;
+        }
+    }))
+}
+
+/// The file-polling tasks; stopped when dropped.
+pub struct Watch(Vec<tokio::task::JoinHandle<()>>);
+
+impl Watch {
+    /// Stops polling.
+    pub fn stop(self) {}
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
