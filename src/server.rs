@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use crate::admin::{self, AdminState};
 use crate::blobs::BlobStore;
-use crate::body::{self, Body};
+use crate::http::body::{self, Body};
 use crate::config::Config;
 use crate::error::{RegistryError, UpstreamKind};
 use crate::front::{Front, Reloader};
@@ -31,8 +31,8 @@ use crate::manifests::{Manifest, ManifestStore};
 use crate::metrics::{Metrics, RouteKind, source_of};
 use crate::oci::ImageRef;
 use crate::oci::{Reference, Route, parse_route};
-use crate::request_id::{self, RequestIds};
-use crate::routing::{Router, ns_param};
+use crate::http::request_id::{self, RequestIds};
+use crate::http::routing::{Router, ns_param};
 use crate::upstream::Upstream;
 
 /// Why the server could not start or run.

@@ -7,7 +7,7 @@ use crate::error::RegistryError;
 
 /// An API route with its validated parts. The repository name is still the
 /// raw path name; routing to an upstream (which may strip a host prefix)
-/// happens in [`crate::routing`].
+/// happens in [`crate::http::routing`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     /// `/v2/`: the API version check.
