@@ -54,13 +54,13 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use tokio::sync::{Notify, broadcast, mpsc, watch};
 
-use crate::http::body::{self, Body};
 use crate::error::{RegistryError, UpstreamKind};
 use crate::front::zerocopy::Regions;
+use crate::http::body::{self, Body};
+use crate::http::range::{self, ByteRange};
 use crate::index::{BlobIndex, blob_path};
 use crate::metrics::{CacheKind, FillResult, Metrics};
 use crate::oci::{Digest, Hasher, RepoName};
-use crate::http::range::{self, ByteRange};
 use crate::upstream::Upstream;
 
 /// Bytes read from disk per body frame.

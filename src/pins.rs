@@ -10,9 +10,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::http::AppState;
 use crate::manifests::Manifest;
 use crate::oci::{Digest, ImageRef, Reference};
-use crate::server::AppState;
 
 /// The digests a manifest refers to: child manifests (of an index) and
 /// blobs (config and layers).

@@ -18,10 +18,10 @@ use http_body_util::BodyExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::config::{UpstreamConfig, docker_hub};
+use crate::http::CACHE_HEADER;
 use crate::manifests::accept_headers;
 use crate::oci::{Digest, Hasher, ImageRef};
 use crate::pins::refs_of;
-use crate::server::CACHE_HEADER;
 use crate::upstream::Upstream;
 
 /// What to warm and how.

@@ -14,7 +14,7 @@ pub struct Stowage {
     /// The admin listener (`/metrics`, `/healthz`, `/readyz`), if enabled.
     pub admin: Option<SocketAddr>,
     /// The server's shared state (caches), for white-box checks and hooks.
-    pub state: std::sync::Arc<stowage::server::AppState>,
+    pub state: std::sync::Arc<stowage::http::AppState>,
     pub dir: TempDir,
     pub handle: JoinHandle<()>,
     shutdown: Option<oneshot::Sender<()>>,

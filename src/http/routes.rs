@@ -1,0 +1,245 @@
+//! The registry API's routes: one function per route, and [`handle`], where
+//! every request enters.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tracing::Instrument;
+
+use super::AppState;
+use super::access_log::{LogLine, LoggedBody};
+use super::body::{self, Body};
+use super::request_id;
+use super::routing::ns_param;
+use crate::error::{RegistryError, UpstreamKind};
+use crate::manifests::Manifest;
+use crate::metrics::RouteKind;
+use crate::oci::{Reference, Route, parse_route};
+use crate::upstream::Upstream;
+
+/// Handles one request and wraps its body so that one log line is written
+/// when the response is finished (or abandoned).
+pub async fn handle(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let request_id = state.request_ids.for_request(req.headers());
+    let route = RouteKind::of_path(&path);
+    let span = tracing::info_span!("request", request_id = %request_id);
+    let (mut response, outcome) = match dispatch(&state, &req).instrument(span).await {
+        Ok(r) => r,
+        Err(e) => (e.into_response(method == Method::HEAD, body::full), "-"),
+    };
+    response.headers_mut().insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(request_id::HEADER, v);
+    }
+    if outcome != "-" {
+        // How the mirror answered (hit, miss, join, stale, upstream): for
+        // operators, `stowage warm` and debugging.
+        response
+            .headers_mut()
+            .insert(CACHE_HEADER, HeaderValue::from_static(outcome));
+    }
+    let status = response.status();
+    state.metrics.request_started(route, &method, status);
+    if let Some(kind) = route.cache()
+        && outcome != "-"
+    {
+        state.metrics.cache_outcome(kind, outcome);
+    }
+    let (parts, inner) = response.into_parts();
+    let expected = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .or_else(|| hyper::body::Body::size_hint(&inner).exact());
+    let logged = LoggedBody::new(
+        inner,
+        expected,
+        LogLine {
+            method,
+            path,
+            status,
+            outcome,
+            peer,
+            started,
+            request_id,
+            route,
+            metrics: state.metrics.clone(),
+        },
+    );
+    Response::from_parts(parts, BodyExt::boxed(logged))
+}
+
+/// Response header saying how the mirror answered a blob or manifest
+/// request: `hit`, `miss`, `join`, `stale` or `upstream`.
+pub const CACHE_HEADER: &str = "x-stowage-cache";
+
+/// Routes a request. Returns the response and how it was answered
+/// (`hit`, `miss`, `join`, ... or `-`).
+async fn dispatch(
+    state: &AppState,
+    req: &Request<Incoming>,
+) -> Result<(Response<Body>, &'static str), RegistryError> {
+    state.access.check(req.headers()).await?;
+    let route = parse_route(req.uri().path())?;
+    let method = req.method();
+    let read_only = method == Method::GET || method == Method::HEAD;
+    if !read_only || route == Route::Write {
+        return Err(RegistryError::unsupported(format!(
+            "{method} is not supported: this is a read-only pull-through mirror"
+        )));
+    }
+    let head = method == Method::HEAD;
+    let ns = ns_param(req.uri().query());
+    match route {
+        Route::Base => {
+            let mut r = Response::new(if head {
+                body::empty()
+            } else {
+                body::full("{}")
+            });
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            r.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
+            Ok((r, "-"))
+        }
+        Route::Write => Err(RegistryError::unsupported("pushing is not supported")),
+        Route::Blob { name, digest } => {
+            let (upstream, repo) = state.router.route(&name, ns.as_deref())?;
+            let range = req
+                .headers()
+                .get(header::RANGE)
+                .and_then(|v| v.to_str().ok());
+            // Zero-copy sends need a plain connection speaking HTTP/1 (h2
+            // copies data into its own frames).
+            let zero_copy = if req.version() <= http::Version::HTTP_11 {
+                req.extensions()
+                    .get::<Arc<crate::front::zerocopy::Regions>>()
+                    .cloned()
+            } else {
+                None
+            };
+            let r = state
+                .blobs
+                .serve(&upstream, &repo, &digest, range, head, zero_copy)
+                .await?;
+            Ok((r.response, r.outcome.as_str()))
+        }
+        Route::Manifest { name, reference } => {
+            let (upstream, repo) = state.router.route(&name, ns.as_deref())?;
+            let (m, outcome) = match &reference {
+                Reference::Digest(d) => state.manifests.by_digest(&upstream, &repo, d).await?,
+                Reference::Tag(t) => state.manifests.by_tag(&upstream, &repo, t).await?,
+            };
+            Ok((manifest_response(&m, head), outcome.as_str()))
+        }
+        Route::TagsList { name } => {
+            let (upstream, repo) = state.router.route(&name, ns.as_deref())?;
+            let query = req
+                .uri()
+                .query()
+                .map(|q| {
+                    form_urlencoded::Serializer::new(String::new())
+                        .extend_pairs(
+                            form_urlencoded::parse(q.as_bytes())
+                                .filter(|(k, _)| k == "n" || k == "last"),
+                        )
+                        .finish()
+                })
+                .filter(|q| !q.is_empty());
+            let tail = match query {
+                Some(q) => format!("tags/list?{q}"),
+                None => "tags/list".to_string(),
+            };
+            passthrough(&upstream, method, &repo, &tail, HeaderMap::new()).await
+        }
+        Route::Referrers { name, digest } => {
+            let (upstream, repo) = state.router.route(&name, ns.as_deref())?;
+            let mut tail = format!("referrers/{digest}");
+            if let Some(at) = req.uri().query().and_then(|q| {
+                form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "artifactType")
+            }) {
+                tail.push('?');
+                tail.push_str(
+                    &form_urlencoded::Serializer::new(String::new())
+                        .append_pair("artifactType", &at.1)
+                        .finish(),
+                );
+            }
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                header::ACCEPT,
+                HeaderValue::from_static("application/vnd.oci.image.index.v1+json"),
+            );
+            passthrough(&upstream, method, &repo, &tail, headers).await
+        }
+    }
+}
+
+fn manifest_response(m: &Manifest, head: bool) -> Response<Body> {
+    let mut r = Response::new(if head {
+        body::empty()
+    } else {
+        body::full(m.body.clone())
+    });
+    let h = r.headers_mut();
+    h.clone_from(&m.headers);
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(m.body.len()));
+    r
+}
+
+/// Forwards a small read-only request (tags list, referrers) upstream and
+/// streams the answer back, keeping the headers that matter.
+async fn passthrough(
+    upstream: &Upstream,
+    method: &Method,
+    repo: &crate::oci::RepoName,
+    tail: &str,
+    headers: HeaderMap,
+) -> Result<(Response<Body>, &'static str), RegistryError> {
+    let resp = upstream
+        .send(method.clone(), repo.as_str(), tail, headers)
+        .await?;
+    let status = resp.status();
+    if !status.is_success() {
+        return Err(RegistryError::from_upstream(
+            status,
+            UpstreamKind::Repository,
+            resp.headers().get(header::RETRY_AFTER),
+            repo.as_str(),
+        ));
+    }
+    let (parts, incoming) = resp.into_parts();
+    let mut r = Response::new(if *method == Method::HEAD {
+        body::empty()
+    } else {
+        BodyExt::boxed(incoming.map_err(std::io::Error::other))
+    });
+    *r.status_mut() = status;
+    for name in [header::CONTENT_TYPE, header::CONTENT_LENGTH, header::LINK] {
+        if let Some(v) = parts.headers.get(&name) {
+            r.headers_mut().insert(name, v.clone());
+        }
+    }
+    if let Some(v) = parts.headers.get("oci-filters-applied") {
+        r.headers_mut().insert("oci-filters-applied", v.clone());
+    }
+    Ok((r, "upstream"))
+}
