@@ -4,17 +4,14 @@
 //! invariants.
 
 pub mod admin;
-pub mod blobs;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod front;
 pub mod http;
-pub mod index;
-pub mod manifests;
 pub mod metrics;
 pub mod oci;
 pub mod ops;
-pub mod pins;
 pub mod server;
 pub mod upstream;
 pub mod warm;

@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
-use crate::index::blob_path;
+use crate::cache::index::blob_path;
 use crate::oci::{Algorithm, Digest, ImageRef, Reference};
-use crate::pins::refs_of;
+use crate::cache::pins::refs_of;
 
 /// One stored blob as seen on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -17,14 +17,14 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::admin::{self, AdminState};
-use crate::blobs::BlobStore;
+use crate::cache::blob::BlobStore;
 use crate::config::Config;
 use crate::front::{Front, Reloader};
 use crate::http::request_id::RequestIds;
 use crate::http::routing::Router;
 use crate::http::{AppState, handle};
-use crate::index::{BlobIndex, Budget};
-use crate::manifests::ManifestStore;
+use crate::cache::index::{BlobIndex, Budget};
+use crate::cache::manifests::ManifestStore;
 use crate::metrics::Metrics;
 use crate::oci::ImageRef;
 use crate::upstream::Upstream;
@@ -118,7 +118,7 @@ impl Server {
             .iter()
             .filter_map(|p| ImageRef::parse(p).ok())
             .collect();
-        crate::pins::spawn(state.clone(), pins, config.cache.pin_refresh);
+        crate::cache::pins::spawn(state.clone(), pins, config.cache.pin_refresh);
         spawn_manifest_pruner(state.clone(), config.cache.max_manifests);
         Ok(Server {
             listener,

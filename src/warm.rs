@@ -19,9 +19,9 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::config::{UpstreamConfig, docker_hub};
 use crate::http::CACHE_HEADER;
-use crate::manifests::accept_headers;
+use crate::cache::manifests::accept_headers;
 use crate::oci::{Digest, Hasher, ImageRef};
-use crate::pins::refs_of;
+use crate::cache::pins::refs_of;
 use crate::upstream::Upstream;
 
 /// What to warm and how.

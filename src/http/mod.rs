@@ -13,9 +13,9 @@ pub mod routing;
 
 pub use routes::{CACHE_HEADER, handle};
 
-use crate::blobs::BlobStore;
+use crate::cache::blob::BlobStore;
 use crate::front::access::Access;
-use crate::manifests::ManifestStore;
+use crate::cache::manifests::ManifestStore;
 use crate::metrics::Metrics;
 use request_id::RequestIds;
 use routing::Router;

@@ -16,7 +16,7 @@ use super::body::{self, Body};
 use super::request_id;
 use super::routing::ns_param;
 use crate::error::{RegistryError, UpstreamKind};
-use crate::manifests::Manifest;
+use crate::cache::manifests::Manifest;
 use crate::metrics::RouteKind;
 use crate::oci::{Reference, Route, parse_route};
 use crate::upstream::Upstream;

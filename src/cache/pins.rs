@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::http::AppState;
-use crate::manifests::Manifest;
+use crate::cache::manifests::Manifest;
 use crate::oci::{Digest, ImageRef, Reference};
 
 /// The digests a manifest refers to: child manifests (of an index) and

@@ -58,7 +58,7 @@ use crate::error::{RegistryError, UpstreamKind};
 use crate::front::zerocopy::Regions;
 use crate::http::body::{self, Body};
 use crate::http::range::{self, ByteRange};
-use crate::index::{BlobIndex, blob_path};
+use crate::cache::index::{BlobIndex, blob_path};
 use crate::metrics::{CacheKind, FillResult, Metrics};
 use crate::oci::{Digest, Hasher, RepoName};
 use crate::upstream::Upstream;
@@ -303,7 +303,7 @@ impl BlobStore {
         let index = self.index.clone();
         let mut stop = self.stop_signal();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(crate::index::FLUSH_INTERVAL);
+            let mut tick = tokio::time::interval(crate::cache::index::FLUSH_INTERVAL);
             tick.tick().await;
             loop {
                 tokio::select! {

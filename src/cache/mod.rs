@@ -1,0 +1,7 @@
+//! The cache: blobs on disk under a byte budget ([`blob`], [`index`]),
+//! manifests and tags ([`manifests`]), pinned images ([`pins`]).
+
+pub mod blob;
+pub mod index;
+pub mod manifests;
+pub mod pins;
