@@ -5,13 +5,12 @@
 
 pub mod admin;
 pub mod cache;
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod front;
 pub mod http;
 pub mod metrics;
 pub mod oci;
-pub mod ops;
 pub mod server;
 pub mod upstream;
-pub mod warm;

@@ -156,7 +156,7 @@ fn main() -> ExitCode {
             password,
             concurrency,
         }) => {
-            let opts = stowage::warm::WarmOptions {
+            let opts = stowage::cli::warm::WarmOptions {
                 mirror,
                 platforms: platform,
                 ca_file,
@@ -214,7 +214,7 @@ fn load(cli: &Cli) -> Result<Config, stowage::config::ConfigError> {
     Ok(config)
 }
 
-fn warm(opts: &stowage::warm::WarmOptions, images: &[String]) -> ExitCode {
+fn warm(opts: &stowage::cli::warm::WarmOptions, images: &[String]) -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -222,7 +222,7 @@ fn warm(opts: &stowage::warm::WarmOptions, images: &[String]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(stowage::warm::warm(opts, images)) {
+    match runtime.block_on(stowage::cli::warm::warm(opts, images)) {
         Ok(summary) => {
             println!("warmed: {summary}");
             ExitCode::SUCCESS
@@ -235,7 +235,7 @@ fn warm(opts: &stowage::warm::WarmOptions, images: &[String]) -> ExitCode {
 }
 
 fn cache_command(config: &Config, command: CacheCommand) -> ExitCode {
-    use stowage::ops;
+    use stowage::cli::ops;
     let dir = &config.cache_dir;
     let result = match command {
         CacheCommand::Stats => ops::stats(dir, Some(config.cache.max_size.as_u64())).map(|s| {

@@ -67,9 +67,9 @@ impl std::fmt::Display for WarmSummary {
             self.manifests,
             self.blobs,
             self.blobs - self.blobs_cached,
-            crate::ops::human_bytes(self.bytes_fetched),
+            crate::cli::ops::human_bytes(self.bytes_fetched),
             self.blobs_cached,
-            crate::ops::human_bytes(self.bytes_cached),
+            crate::cli::ops::human_bytes(self.bytes_cached),
         )
     }
 }
