@@ -200,6 +200,18 @@ pub enum UpstreamKind {
     Repository,
 }
 
+impl From<crate::oci::ParseError> for RegistryError {
+    fn from(e: crate::oci::ParseError) -> Self {
+        use crate::oci::Invalid;
+        match e.invalid {
+            Invalid::Name => Self::name_invalid(e.message),
+            Invalid::Tag => Self::tag_invalid(e.message),
+            Invalid::Digest => Self::digest_invalid(e.message),
+            Invalid::Path => Self::unsupported(e.message),
+        }
+    }
+}
+
 impl From<crate::upstream::UpstreamError> for RegistryError {
     fn from(e: crate::upstream::UpstreamError) -> Self {
         use crate::upstream::UpstreamError as U;

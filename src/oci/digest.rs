@@ -6,8 +6,7 @@
 
 use std::fmt;
 
-use super::truncate;
-use crate::error::RegistryError;
+use super::{ParseError, truncate};
 
 /// A digest algorithm stowage can verify.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -46,14 +45,14 @@ pub struct Digest {
 impl Digest {
     /// Parses `algorithm:hex`, accepting only sha256 and sha512 in canonical
     /// lowercase form.
-    pub fn parse(s: &str) -> Result<Digest, RegistryError> {
-        let bad = || RegistryError::digest_invalid(format!("invalid digest {:?}", truncate(s)));
+    pub fn parse(s: &str) -> Result<Digest, ParseError> {
+        let bad = || ParseError::digest(format!("invalid digest {:?}", truncate(s)));
         let (alg, hex) = s.split_once(':').ok_or_else(bad)?;
         let algorithm = match alg {
             "sha256" => Algorithm::Sha256,
             "sha512" => Algorithm::Sha512,
             _ => {
-                return Err(RegistryError::digest_invalid(format!(
+                return Err(ParseError::digest(format!(
                     "unsupported digest algorithm {:?}",
                     truncate(alg)
                 )));

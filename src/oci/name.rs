@@ -8,8 +8,7 @@
 use std::fmt;
 
 use super::digest::Digest;
-use super::truncate;
-use crate::error::RegistryError;
+use super::{ParseError, truncate};
 
 /// Longest repository name accepted (distribution's limit).
 pub(super) const MAX_NAME_LEN: usize = 255;
@@ -24,9 +23,9 @@ pub struct RepoName(String);
 
 impl RepoName {
     /// Validates a repository name against the distribution grammar.
-    pub fn parse(s: &str) -> Result<RepoName, RegistryError> {
+    pub fn parse(s: &str) -> Result<RepoName, ParseError> {
         let bad =
-            || RegistryError::name_invalid(format!("invalid repository name {:?}", truncate(s)));
+            || ParseError::name(format!("invalid repository name {:?}", truncate(s)));
         if s.is_empty() || s.len() > MAX_NAME_LEN {
             return Err(bad());
         }
@@ -87,7 +86,7 @@ pub struct Tag(String);
 
 impl Tag {
     /// Validates a tag.
-    pub fn parse(s: &str) -> Result<Tag, RegistryError> {
+    pub fn parse(s: &str) -> Result<Tag, ParseError> {
         let b = s.as_bytes();
         let ok = !b.is_empty()
             && b.len() <= MAX_TAG_LEN
@@ -98,7 +97,7 @@ impl Tag {
         if ok {
             Ok(Tag(s.to_string()))
         } else {
-            Err(RegistryError::tag_invalid(format!(
+            Err(ParseError::tag(format!(
                 "invalid tag {:?}",
                 truncate(s)
             )))
@@ -128,7 +127,7 @@ pub enum Reference {
 
 impl Reference {
     /// A reference containing `:` is a digest, anything else a tag.
-    pub fn parse(s: &str) -> Result<Reference, RegistryError> {
+    pub fn parse(s: &str) -> Result<Reference, ParseError> {
         if s.contains(':') {
             Digest::parse(s).map(Reference::Digest)
         } else {
@@ -162,7 +161,7 @@ pub struct ImageRef {
 
 impl ImageRef {
     /// Parses an image reference.
-    pub fn parse(s: &str) -> Result<ImageRef, RegistryError> {
+    pub fn parse(s: &str) -> Result<ImageRef, ParseError> {
         let (rest, reference) = match s.split_once('@') {
             Some((r, d)) => (r, Reference::Digest(Digest::parse(d)?)),
             None => match s.rsplit_once(':') {

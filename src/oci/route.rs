@@ -2,8 +2,7 @@
 
 use super::digest::Digest;
 use super::name::{MAX_NAME_LEN, Reference};
-use super::truncate;
-use crate::error::RegistryError;
+use super::{ParseError, truncate};
 
 /// An API route with its validated parts. The repository name is still the
 /// raw path name; routing to an upstream (which may strip a host prefix)
@@ -46,7 +45,7 @@ pub enum Route {
 /// anything but GET/HEAD. Names are checked for characters that could escape
 /// a path (`%`, `..`, empty components) here; the full name grammar is
 /// applied once the upstream prefix is known.
-pub fn parse_route(path: &str) -> Result<Route, RegistryError> {
+pub fn parse_route(path: &str) -> Result<Route, ParseError> {
     let rest = match path.strip_prefix("/v2") {
         Some("") | Some("/") => return Ok(Route::Base),
         Some(r) => r.strip_prefix('/').ok_or_else(unsupported_path)?,
@@ -89,14 +88,14 @@ pub fn parse_route(path: &str) -> Result<Route, RegistryError> {
     Err(unsupported_path())
 }
 
-fn unsupported_path() -> RegistryError {
-    RegistryError::unsupported("this mirror serves only the registry pull API")
+fn unsupported_path() -> ParseError {
+    ParseError::path("this mirror serves only the registry pull API")
 }
 
 /// Joins name segments, rejecting anything that is not a plausible name:
 /// empty segments, `.`/`..`, or characters outside `[a-z0-9._:-]`. The `:`
 /// is allowed only so a registry host with a port can prefix the name.
-fn name_from(segs: &[&str]) -> Result<String, RegistryError> {
+fn name_from(segs: &[&str]) -> Result<String, ParseError> {
     let name = segs.join("/");
     let ok = !segs.is_empty()
         && name.len() <= MAX_NAME_LEN + 256
@@ -113,7 +112,7 @@ fn name_from(segs: &[&str]) -> Result<String, RegistryError> {
     if ok {
         Ok(name)
     } else {
-        Err(RegistryError::name_invalid(format!(
+        Err(ParseError::name(format!(
             "invalid repository name {:?}",
             truncate(&name)
         )))
