@@ -18,13 +18,13 @@ use tokio::net::TcpListener;
 
 use crate::admin::{self, AdminState};
 use crate::cache::blob::BlobStore;
+use crate::cache::index::{BlobIndex, Budget};
+use crate::cache::manifests::ManifestStore;
 use crate::config::Config;
 use crate::front::{Front, Reloader};
 use crate::http::request_id::RequestIds;
 use crate::http::routing::Router;
 use crate::http::{AppState, handle};
-use crate::cache::index::{BlobIndex, Budget};
-use crate::cache::manifests::ManifestStore;
 use crate::metrics::Metrics;
 use crate::oci::ImageRef;
 use crate::upstream::Upstream;

@@ -27,14 +27,10 @@ use http_body_util::{BodyExt, Limited};
 use moka::Expiry;
 
 use crate::error::{RegistryError, UpstreamKind};
+use crate::oci::headers::DOCKER_CONTENT_DIGEST;
+use crate::oci::manifest;
 use crate::oci::{Digest, RepoName, Tag};
 use crate::upstream::Upstream;
-
-/// Media types asked for on every manifest request.
-pub const ACCEPT: &str = "application/vnd.docker.distribution.manifest.v2+json, \
-application/vnd.docker.distribution.manifest.list.v2+json, \
-application/vnd.oci.image.manifest.v1+json, \
-application/vnd.oci.image.index.v1+json";
 
 /// Largest manifest accepted from upstream (distribution's own limit).
 const MAX_MANIFEST: usize = 4 * 1024 * 1024;
@@ -67,7 +63,7 @@ impl Manifest {
             headers.insert(header::CONTENT_TYPE, v);
         }
         if let Ok(v) = HeaderValue::from_str(&digest.to_string()) {
-            headers.insert("docker-content-digest", v);
+            headers.insert(DOCKER_CONTENT_DIGEST, v);
         }
         if let Ok(v) = HeaderValue::from_str(&format!("\"{digest}\"")) {
             headers.insert(header::ETAG, v);
@@ -283,7 +279,7 @@ impl ManifestStore {
                     Method::HEAD,
                     repo.as_str(),
                     &format!("manifests/{tag}"),
-                    accept_headers(),
+                    manifest::accept_headers(),
                 )
                 .await;
             let serve_stale = |reason: String| {
@@ -303,7 +299,7 @@ impl ManifestStore {
                 Ok(r) if r.status() == StatusCode::OK => {
                     let current = r
                         .headers()
-                        .get("docker-content-digest")
+                        .get(DOCKER_CONTENT_DIGEST)
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| Digest::parse(v).ok());
                     if current.as_ref() == Some(&stale) {
@@ -457,13 +453,6 @@ fn local_error(e: io::Error) -> RegistryError {
     RegistryError::internal(format!("manifest cache storage error: {e}"))
 }
 
-/// Request headers for a manifest request.
-pub fn accept_headers() -> HeaderMap {
-    let mut h = HeaderMap::new();
-    h.insert(header::ACCEPT, HeaderValue::from_static(ACCEPT));
-    h
-}
-
 /// GETs a manifest by tag or digest and verifies it: against `expected`
 /// when fetched by digest, against upstream's `Docker-Content-Digest` when
 /// fetched by tag.
@@ -479,7 +468,7 @@ async fn fetch(
             Method::GET,
             repo.as_str(),
             &format!("manifests/{reference}"),
-            accept_headers(),
+            manifest::accept_headers(),
         )
         .await?;
     if resp.status() != StatusCode::OK {
@@ -492,15 +481,14 @@ async fn fetch(
     }
     let header_digest = resp
         .headers()
-        .get("docker-content-digest")
+        .get(DOCKER_CONTENT_DIGEST)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| Digest::parse(v).ok());
     let content_type = resp
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or(v).trim().to_string())
-        .filter(|v| !v.is_empty() && v != "application/json" && v != "text/plain");
+        .map(str::to_string);
     let body = Limited::new(resp.into_body(), MAX_MANIFEST)
         .collect()
         .await
@@ -524,20 +512,8 @@ async fn fetch(
             "upstream manifest {what} does not match digest {want} (got {digest})"
         )));
     }
-    let media_type = content_type
-        .or_else(|| media_type_in(&body))
-        .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".to_string());
+    let media_type = manifest::media_type(content_type.as_deref(), &body);
     Ok(Manifest::new(digest, media_type, body))
-}
-
-/// The `mediaType` field of a manifest body, if it has one.
-fn media_type_in(body: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Probe {
-        #[serde(rename = "mediaType")]
-        media_type: Option<String>,
-    }
-    serde_json::from_slice::<Probe>(body).ok()?.media_type
 }
 
 #[cfg(test)]

@@ -10,49 +10,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::http::AppState;
 use crate::cache::manifests::Manifest;
+use crate::http::AppState;
+use crate::oci::manifest::refs_of;
 use crate::oci::{Digest, ImageRef, Reference};
-
-/// The digests a manifest refers to: child manifests (of an index) and
-/// blobs (config and layers).
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Refs {
-    /// Manifests listed by an index or manifest list.
-    pub manifests: Vec<Digest>,
-    /// Config and layer blobs of an image manifest.
-    pub blobs: Vec<Digest>,
-}
-
-/// Reads the digests out of a manifest body (Docker v2 / OCI, image or
-/// index). Entries that are not valid digests are skipped.
-pub fn refs_of(body: &[u8]) -> Refs {
-    #[derive(serde::Deserialize)]
-    struct Descriptor {
-        digest: Option<String>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Any {
-        #[serde(default)]
-        manifests: Vec<Descriptor>,
-        config: Option<Descriptor>,
-        #[serde(default)]
-        layers: Vec<Descriptor>,
-    }
-    let Ok(any) = serde_json::from_slice::<Any>(body) else {
-        return Refs::default();
-    };
-    let parse = |d: &Descriptor| d.digest.as_deref().and_then(|s| Digest::parse(s).ok());
-    Refs {
-        manifests: any.manifests.iter().filter_map(parse).collect(),
-        blobs: any
-            .config
-            .iter()
-            .chain(any.layers.iter())
-            .filter_map(parse)
-            .collect(),
-    }
-}
 
 /// Resolves one pinned image to the blobs of its current manifests.
 async fn resolve(state: &AppState, image: &ImageRef) -> Result<HashSet<Digest>, String> {
@@ -111,25 +72,4 @@ pub fn spawn(state: Arc<AppState>, pins: Vec<ImageRef>, every: Duration) {
             state.blobs.index().set_pinned(all);
         }
     });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_image_and_index_refs() {
-        let a = format!("sha256:{}", "a".repeat(64));
-        let b = format!("sha256:{}", "b".repeat(64));
-        let image = format!(
-            r#"{{"schemaVersion":2,"config":{{"digest":"{a}"}},"layers":[{{"digest":"{b}"}},{{"digest":"junk"}}]}}"#
-        );
-        let r = refs_of(image.as_bytes());
-        assert_eq!(r.blobs.len(), 2);
-        assert!(r.manifests.is_empty());
-        let index = format!(r#"{{"manifests":[{{"digest":"{a}","platform":{{}}}}]}}"#);
-        let r = refs_of(index.as_bytes());
-        assert_eq!(r.manifests, vec![Digest::parse(&a).unwrap()]);
-        assert_eq!(refs_of(b"not json"), Refs::default());
-    }
 }

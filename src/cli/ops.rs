@@ -14,10 +14,10 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::config::Config;
 use crate::cache::index::blob_path;
+use crate::config::Config;
+use crate::oci::manifest::refs_of;
 use crate::oci::{Algorithm, Digest, ImageRef, Reference};
-use crate::cache::pins::refs_of;
 
 /// One stored blob as seen on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -18,10 +18,9 @@ use http_body_util::BodyExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::config::{UpstreamConfig, docker_hub};
-use crate::http::CACHE_HEADER;
-use crate::cache::manifests::accept_headers;
+use crate::oci::headers::X_STOWAGE_CACHE;
+use crate::oci::manifest::{accept_headers, refs_of};
 use crate::oci::{Digest, Hasher, ImageRef};
-use crate::cache::pins::refs_of;
 use crate::upstream::Upstream;
 
 /// What to warm and how.
@@ -236,7 +235,7 @@ async fn fetch_blob(
     }
     let cached = resp
         .headers()
-        .get(CACHE_HEADER)
+        .get(X_STOWAGE_CACHE)
         .is_some_and(|v| v.as_bytes() == b"hit");
     let len = resp
         .headers()

@@ -11,11 +11,11 @@ pub mod request_id;
 pub mod routes;
 pub mod routing;
 
-pub use routes::{CACHE_HEADER, handle};
+pub use routes::handle;
 
 use crate::cache::blob::BlobStore;
-use crate::front::access::Access;
 use crate::cache::manifests::ManifestStore;
+use crate::front::access::Access;
 use crate::metrics::Metrics;
 use request_id::RequestIds;
 use routing::Router;

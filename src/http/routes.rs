@@ -15,9 +15,10 @@ use super::access_log::{LogLine, LoggedBody};
 use super::body::{self, Body};
 use super::request_id;
 use super::routing::ns_param;
-use crate::error::{RegistryError, UpstreamKind};
 use crate::cache::manifests::Manifest;
+use crate::error::{RegistryError, UpstreamKind};
 use crate::metrics::RouteKind;
+use crate::oci::headers::{DOCKER_API_VERSION, OCI_FILTERS_APPLIED, X_STOWAGE_CACHE};
 use crate::oci::{Reference, Route, parse_route};
 use crate::upstream::Upstream;
 
@@ -38,10 +39,9 @@ pub async fn handle(
         Ok(r) => r,
         Err(e) => (e.into_response(method == Method::HEAD, body::full), "-"),
     };
-    response.headers_mut().insert(
-        "docker-distribution-api-version",
-        HeaderValue::from_static("registry/2.0"),
-    );
+    response
+        .headers_mut()
+        .insert(DOCKER_API_VERSION, HeaderValue::from_static("registry/2.0"));
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(request_id::HEADER, v);
     }
@@ -50,7 +50,7 @@ pub async fn handle(
         // operators, `stowage warm` and debugging.
         response
             .headers_mut()
-            .insert(CACHE_HEADER, HeaderValue::from_static(outcome));
+            .insert(X_STOWAGE_CACHE, HeaderValue::from_static(outcome));
     }
     let status = response.status();
     state.metrics.request_started(route, &method, status);
@@ -83,10 +83,6 @@ pub async fn handle(
     );
     Response::from_parts(parts, BodyExt::boxed(logged))
 }
-
-/// Response header saying how the mirror answered a blob or manifest
-/// request: `hit`, `miss`, `join`, `stale` or `upstream`.
-pub const CACHE_HEADER: &str = "x-stowage-cache";
 
 /// Routes a request. Returns the response and how it was answered
 /// (`hit`, `miss`, `join`, ... or `-`).
@@ -238,8 +234,8 @@ async fn passthrough(
             r.headers_mut().insert(name, v.clone());
         }
     }
-    if let Some(v) = parts.headers.get("oci-filters-applied") {
-        r.headers_mut().insert("oci-filters-applied", v.clone());
+    if let Some(v) = parts.headers.get(OCI_FILTERS_APPLIED) {
+        r.headers_mut().insert(OCI_FILTERS_APPLIED, v.clone());
     }
     Ok((r, "upstream"))
 }

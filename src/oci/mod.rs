@@ -1,7 +1,10 @@
-//! The OCI distribution vocabulary: validated names, digests and routes.
-//! No I/O and no HTTP statuses live here.
+//! The OCI distribution vocabulary: validated names, digests, routes,
+//! manifest media types and header names. No I/O and no HTTP statuses live
+//! here.
 
 mod digest;
+pub mod headers;
+pub mod manifest;
 mod name;
 mod route;
 

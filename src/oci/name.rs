@@ -24,8 +24,7 @@ pub struct RepoName(String);
 impl RepoName {
     /// Validates a repository name against the distribution grammar.
     pub fn parse(s: &str) -> Result<RepoName, ParseError> {
-        let bad =
-            || ParseError::name(format!("invalid repository name {:?}", truncate(s)));
+        let bad = || ParseError::name(format!("invalid repository name {:?}", truncate(s)));
         if s.is_empty() || s.len() > MAX_NAME_LEN {
             return Err(bad());
         }
@@ -97,10 +96,7 @@ impl Tag {
         if ok {
             Ok(Tag(s.to_string()))
         } else {
-            Err(ParseError::tag(format!(
-                "invalid tag {:?}",
-                truncate(s)
-            )))
+            Err(ParseError::tag(format!("invalid tag {:?}", truncate(s))))
         }
     }
 

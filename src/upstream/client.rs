@@ -21,6 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::{ConfigError, UpstreamConfig};
 use crate::metrics::Metrics;
+use crate::oci::headers::{RATELIMIT_LIMIT, RATELIMIT_REMAINING};
 use crate::upstream::auth::{
     Challenge, Token, TokenCache, TokenKey, parse_challenges, pull_scope, token_url,
 };
@@ -182,8 +183,8 @@ fn tls_config(cfg: &UpstreamConfig) -> Result<rustls::ClientConfig, ConfigError>
 /// manifest responses), and every 429 with its `Retry-After`.
 fn log_rate_limit(host: &str, method: &Method, url: &str, resp: &Response<Incoming>) {
     let get = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok());
-    if let Some(remaining) = get("ratelimit-remaining") {
-        let limit = get("ratelimit-limit").unwrap_or("-");
+    if let Some(remaining) = get(RATELIMIT_REMAINING.as_str()) {
+        let limit = get(RATELIMIT_LIMIT.as_str()).unwrap_or("-");
         tracing::info!(upstream = %host, %method, %url, limit, remaining, "upstream rate limit");
     }
     if resp.status() == StatusCode::TOO_MANY_REQUESTS {

@@ -54,12 +54,13 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use tokio::sync::{Notify, broadcast, mpsc, watch};
 
+use crate::cache::index::{BlobIndex, blob_path};
 use crate::error::{RegistryError, UpstreamKind};
 use crate::front::zerocopy::Regions;
 use crate::http::body::{self, Body};
 use crate::http::range::{self, ByteRange};
-use crate::cache::index::{BlobIndex, blob_path};
 use crate::metrics::{CacheKind, FillResult, Metrics};
+use crate::oci::headers::DOCKER_CONTENT_DIGEST;
 use crate::oci::{Digest, Hasher, RepoName};
 use crate::upstream::Upstream;
 
@@ -985,7 +986,7 @@ fn set_blob_headers(h: &mut HeaderMap, digest: &Digest) {
     );
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     if let Ok(v) = HeaderValue::from_str(&digest.to_string()) {
-        h.insert("docker-content-digest", v);
+        h.insert(DOCKER_CONTENT_DIGEST, v);
         if let Ok(etag) = HeaderValue::from_str(&format!("\"{digest}\"")) {
             h.insert(header::ETAG, etag);
         }
