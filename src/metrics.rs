@@ -7,10 +7,13 @@
 //! upstream clients and the blob store; the admin listener encodes it at
 //! `/metrics`.
 //!
-//! Every label value is bounded: route kinds, methods, outcomes and sources
-//! are `&'static str` chosen by code, statuses are HTTP status codes, and
-//! upstreams are the configured host names. No repository name, tag or
-//! digest is ever a label.
+//! Every label value is bounded: route kinds, cache kinds, outcomes and
+//! sources are enums defined here (the label vocabulary), methods are mapped
+//! to a fixed set, statuses are HTTP status codes, and upstreams are the
+//! configured host names. No repository name, tag or digest is ever a label.
+//!
+//! This module is a leaf: it uses nothing else of the crate, so every other
+//! module may report to it.
 //!
 //! | metric | type | labels |
 //! |---|---|---|
@@ -46,8 +49,6 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::oci::Route;
-
 /// Buckets of the client request duration histogram (seconds). Blob
 /// responses of large layers take minutes, so the range is wide.
 const HTTP_BUCKETS: &[f64] = &[
@@ -81,26 +82,6 @@ pub enum RouteKind {
 }
 
 impl RouteKind {
-    /// Classifies a request path (parsing it the way the handler does).
-    pub fn of_path(path: &str) -> RouteKind {
-        match crate::oci::parse_route(path) {
-            Ok(route) => RouteKind::of(&route),
-            Err(_) => RouteKind::Other,
-        }
-    }
-
-    /// The kind of a parsed route.
-    pub fn of(route: &Route) -> RouteKind {
-        match route {
-            Route::Base => RouteKind::Base,
-            Route::Manifest { .. } => RouteKind::Manifest,
-            Route::Blob { .. } => RouteKind::Blob,
-            Route::TagsList { .. } => RouteKind::Tags,
-            Route::Referrers { .. } => RouteKind::Referrers,
-            Route::Write => RouteKind::Other,
-        }
-    }
-
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -142,15 +123,69 @@ impl CacheKind {
     }
 }
 
-/// The `source` label of served bytes for a request answered with
-/// `outcome` (`hit`, `miss`, ... as the request log says): `cache` for
-/// hits and stale manifests, `upstream` for what was fetched (misses, fill
-/// joins, pass-through), `local` for everything else (`/v2/`, errors).
-pub fn source_of(outcome: &str) -> &'static str {
-    match outcome {
-        "hit" | "stale" => "cache",
-        "miss" | "join" | "upstream" => "upstream",
-        _ => "local",
+/// How a manifest or blob request was answered: the `outcome` label of
+/// `stowage_cache_requests_total`, the `cache` field of the request log and
+/// the `x-stowage-cache` response header. The caches produce it; requests
+/// that no cache answered (`/v2/`, errors) have none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// From the cache, fresh (a blob in the store, or a fill that is already
+    /// verified).
+    Hit,
+    /// Fetched (or revalidated) upstream; for blobs, this request started
+    /// the fill.
+    Miss,
+    /// Attached to a blob fill already running.
+    Join,
+    /// A manifest served stale because upstream failed.
+    Stale,
+    /// Answered from upstream without caching (HEAD on an uncached blob, a
+    /// private stream while the disk is failing, tags lists, referrers).
+    Upstream,
+}
+
+impl Outcome {
+    /// The label value (and header value, log field).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Miss => "miss",
+            Outcome::Join => "join",
+            Outcome::Stale => "stale",
+            Outcome::Upstream => "upstream",
+        }
+    }
+}
+
+/// Where served bytes came from: the `source` label of
+/// `stowage_served_bytes_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Hits and stale manifests.
+    Cache,
+    /// What was fetched: misses, fill joins, pass-through.
+    Upstream,
+    /// Everything else (`/v2/`, errors).
+    Local,
+}
+
+impl Source {
+    /// The source of a request answered with `outcome`.
+    pub fn of(outcome: Option<Outcome>) -> Source {
+        match outcome {
+            Some(Outcome::Hit | Outcome::Stale) => Source::Cache,
+            Some(Outcome::Miss | Outcome::Join | Outcome::Upstream) => Source::Upstream,
+            None => Source::Local,
+        }
+    }
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Cache => "cache",
+            Source::Upstream => "upstream",
+            Source::Local => "local",
+        }
     }
 }
 
@@ -481,7 +516,7 @@ impl Metrics {
     pub fn response_finished(
         &self,
         route: RouteKind,
-        source: &'static str,
+        source: Source,
         bytes: u64,
         elapsed: Duration,
     ) {
@@ -490,17 +525,18 @@ impl Metrics {
             .with_label_values(&[route.as_str()])
             .observe(elapsed.as_secs_f64());
         if bytes > 0 {
-            self.served_bytes.with_label_values(&[source]).inc_by(bytes);
+            self.served_bytes
+                .with_label_values(&[source.as_str()])
+                .inc_by(bytes);
         }
     }
 
-    /// How a manifest or blob request was answered (`hit`, `miss`, `join`,
-    /// `stale`, `upstream`).
-    pub fn cache_outcome(&self, kind: CacheKind, outcome: &'static str) {
+    /// How a manifest or blob request was answered.
+    pub fn cache_outcome(&self, kind: CacheKind, outcome: Outcome) {
         self.cache_requests
-            .with_label_values(&[kind.as_str(), outcome])
+            .with_label_values(&[kind.as_str(), outcome.as_str()])
             .inc();
-        if kind == CacheKind::Manifest && outcome == "stale" {
+        if kind == CacheKind::Manifest && outcome == Outcome::Stale {
             self.stale_served.inc();
         }
     }
@@ -710,7 +746,7 @@ mod tests {
     fn registries_are_independent() {
         let a = Metrics::new();
         let b = Metrics::new();
-        a.cache_outcome(CacheKind::Blob, "hit");
+        a.cache_outcome(CacheKind::Blob, Outcome::Hit);
         assert!(
             scrape(&a).contains(r#"stowage_cache_requests_total{kind="blob",outcome="hit"} 1"#)
         );
@@ -767,7 +803,12 @@ mod tests {
         let m = Metrics::new();
         let odd = Method::from_bytes(b"BREW").unwrap();
         m.request_started(RouteKind::Other, &odd, StatusCode::METHOD_NOT_ALLOWED);
-        m.response_finished(RouteKind::Other, "local", 10, Duration::from_millis(3));
+        m.response_finished(
+            RouteKind::Other,
+            Source::Local,
+            10,
+            Duration::from_millis(3),
+        );
         let text = scrape(&m);
         assert!(
             text.contains(
@@ -777,17 +818,9 @@ mod tests {
         );
         assert!(text.contains(r#"stowage_served_bytes_total{source="local"} 10"#));
         assert!(text.contains("stowage_http_requests_in_flight 0"));
-        assert_eq!(RouteKind::of_path("/v2/"), RouteKind::Base);
-        assert_eq!(
-            RouteKind::of_path("/v2/library/alpine/manifests/3"),
-            RouteKind::Manifest
-        );
-        assert_eq!(RouteKind::of_path("/v2/a/b/tags/list"), RouteKind::Tags);
-        assert_eq!(RouteKind::of_path("/v2/a/blobs/uploads/"), RouteKind::Other);
-        assert_eq!(RouteKind::of_path("/nope"), RouteKind::Other);
-        assert_eq!(source_of("hit"), "cache");
-        assert_eq!(source_of("join"), "upstream");
-        assert_eq!(source_of("-"), "local");
+        assert_eq!(Source::of(Some(Outcome::Hit)).as_str(), "cache");
+        assert_eq!(Source::of(Some(Outcome::Join)).as_str(), "upstream");
+        assert_eq!(Source::of(None).as_str(), "local");
     }
 
     #[test]
@@ -836,7 +869,7 @@ mod tests {
         m.sync_evictions(3, 40);
         m.set_cache_size(500);
         m.set_cache_budget(1 << 40);
-        m.cache_outcome(CacheKind::Manifest, "stale");
+        m.cache_outcome(CacheKind::Manifest, Outcome::Stale);
         let text = scrape(&m);
         for line in [
             "stowage_blob_fills_in_flight 0",

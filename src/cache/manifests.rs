@@ -27,6 +27,7 @@ use http_body_util::{BodyExt, Limited};
 use moka::Expiry;
 
 use crate::error::{RegistryError, UpstreamKind};
+use crate::metrics::Outcome;
 use crate::oci::headers::DOCKER_CONTENT_DIGEST;
 use crate::oci::manifest;
 use crate::oci::{Digest, RepoName, Tag};
@@ -73,28 +74,6 @@ impl Manifest {
             media_type,
             body,
             headers,
-        }
-    }
-}
-
-/// How a manifest request was answered, for logs and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// From the cache, fresh.
-    Hit,
-    /// Fetched or revalidated upstream.
-    Miss,
-    /// Served stale because upstream failed.
-    Stale,
-}
-
-impl Outcome {
-    /// Lowercase name for logs and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Hit => "hit",
-            Outcome::Miss => "miss",
-            Outcome::Stale => "stale",
         }
     }
 }

@@ -13,14 +13,14 @@ use http::{Method, StatusCode};
 use hyper::body::{Frame, SizeHint};
 
 use super::body::Body;
-use crate::metrics::{Metrics, RouteKind, source_of};
+use crate::metrics::{Metrics, Outcome, RouteKind, Source};
 
 /// What the request log line says, written once the body ends.
 pub(super) struct LogLine {
     pub(super) method: Method,
     pub(super) path: String,
     pub(super) status: StatusCode,
-    pub(super) outcome: &'static str,
+    pub(super) outcome: Option<Outcome>,
     pub(super) peer: SocketAddr,
     pub(super) started: Instant,
     pub(super) request_id: String,
@@ -57,7 +57,7 @@ impl LoggedBody {
         if let Some(l) = self.log.take() {
             let elapsed = l.started.elapsed();
             l.metrics
-                .response_finished(l.route, source_of(l.outcome), self.bytes, elapsed);
+                .response_finished(l.route, Source::of(l.outcome), self.bytes, elapsed);
             tracing::info!(
                 request_id = %l.request_id,
                 method = %l.method,
@@ -65,7 +65,7 @@ impl LoggedBody {
                 status = l.status.as_u16(),
                 bytes = self.bytes,
                 ms = elapsed.as_millis() as u64,
-                cache = l.outcome,
+                cache = l.outcome.map_or("-", Outcome::as_str),
                 peer = %l.peer,
                 complete = complete && !self.failed,
                 "request"

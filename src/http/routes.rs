@@ -14,16 +14,18 @@ use super::AppState;
 use super::access_log::{LogLine, LoggedBody};
 use super::body::{self, Body};
 use super::request_id;
-use super::routing::ns_param;
+use super::routing::{ns_param, route_kind};
 use crate::cache::manifests::Manifest;
 use crate::error::{RegistryError, UpstreamKind};
-use crate::metrics::RouteKind;
+use crate::front::zerocopy::Regions;
+use crate::metrics::Outcome;
 use crate::oci::headers::{DOCKER_API_VERSION, OCI_FILTERS_APPLIED, X_STOWAGE_CACHE};
-use crate::oci::{Reference, Route, parse_route};
+use crate::oci::manifest::OCI_INDEX;
+use crate::oci::{Digest, ParseError, Reference, Route, parse_route};
 use crate::upstream::Upstream;
 
 /// Handles one request and wraps its body so that one log line is written
-/// when the response is finished (or abandoned).
+/// when the response is finished (or abandoned). Every request enters here.
 pub async fn handle(
     state: Arc<AppState>,
     req: Request<Incoming>,
@@ -33,11 +35,13 @@ pub async fn handle(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let request_id = state.request_ids.for_request(req.headers());
-    let route = RouteKind::of_path(&path);
+    // Parsed once: the route decides the metrics label and the handler.
+    let parsed = parse_route(&path);
+    let route = route_kind(&parsed);
     let span = tracing::info_span!("request", request_id = %request_id);
-    let (mut response, outcome) = match dispatch(&state, &req).instrument(span).await {
+    let (mut response, outcome) = match dispatch(&state, &req, parsed).instrument(span).await {
         Ok(r) => r,
-        Err(e) => (e.into_response(method == Method::HEAD, body::full), "-"),
+        Err(e) => (e.into_response(method == Method::HEAD, body::full), None),
     };
     response
         .headers_mut()
@@ -45,18 +49,16 @@ pub async fn handle(
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(request_id::HEADER, v);
     }
-    if outcome != "-" {
+    if let Some(outcome) = outcome {
         // How the mirror answered (hit, miss, join, stale, upstream): for
         // operators, `stowage warm` and debugging.
         response
             .headers_mut()
-            .insert(X_STOWAGE_CACHE, HeaderValue::from_static(outcome));
+            .insert(X_STOWAGE_CACHE, HeaderValue::from_static(outcome.as_str()));
     }
     let status = response.status();
     state.metrics.request_started(route, &method, status);
-    if let Some(kind) = route.cache()
-        && outcome != "-"
-    {
+    if let (Some(kind), Some(outcome)) = (route.cache(), outcome) {
         state.metrics.cache_outcome(kind, outcome);
     }
     let (parts, inner) = response.into_parts();
@@ -84,14 +86,20 @@ pub async fn handle(
     Response::from_parts(parts, BodyExt::boxed(logged))
 }
 
-/// Routes a request. Returns the response and how it was answered
-/// (`hit`, `miss`, `join`, ... or `-`).
+/// A response and how the mirror answered it (`None` when no cache was
+/// involved: `/v2/`, errors).
+type Answer = (Response<Body>, Option<Outcome>);
+
+/// Checks access and the method, then hands the request to its route.
 async fn dispatch(
     state: &AppState,
     req: &Request<Incoming>,
-) -> Result<(Response<Body>, &'static str), RegistryError> {
+    route: Result<Route, ParseError>,
+) -> Result<Answer, RegistryError> {
+    // Credentials first: an unauthenticated client learns nothing, not even
+    // whether its path was valid.
     state.access.check(req.headers()).await?;
-    let route = parse_route(req.uri().path())?;
+    let route = route?;
     let method = req.method();
     let read_only = method == Method::GET || method == Method::HEAD;
     if !read_only || route == Route::Write {
@@ -99,94 +107,130 @@ async fn dispatch(
             "{method} is not supported: this is a read-only pull-through mirror"
         )));
     }
-    let head = method == Method::HEAD;
     let ns = ns_param(req.uri().query());
+    let ns = ns.as_deref();
     match route {
-        Route::Base => {
-            let mut r = Response::new(if head {
-                body::empty()
-            } else {
-                body::full("{}")
-            });
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            r.headers_mut()
-                .insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
-            Ok((r, "-"))
-        }
+        Route::Base => Ok(base(method)),
         Route::Write => Err(RegistryError::unsupported("pushing is not supported")),
-        Route::Blob { name, digest } => {
-            let (upstream, repo) = state.router.route(&name, ns.as_deref())?;
-            let range = req
-                .headers()
-                .get(header::RANGE)
-                .and_then(|v| v.to_str().ok());
-            // Zero-copy sends need a plain connection speaking HTTP/1 (h2
-            // copies data into its own frames).
-            let zero_copy = if req.version() <= http::Version::HTTP_11 {
-                req.extensions()
-                    .get::<Arc<crate::front::zerocopy::Regions>>()
-                    .cloned()
-            } else {
-                None
-            };
-            let r = state
-                .blobs
-                .serve(&upstream, &repo, &digest, range, head, zero_copy)
-                .await?;
-            Ok((r.response, r.outcome.as_str()))
-        }
-        Route::Manifest { name, reference } => {
-            let (upstream, repo) = state.router.route(&name, ns.as_deref())?;
-            let (m, outcome) = match &reference {
-                Reference::Digest(d) => state.manifests.by_digest(&upstream, &repo, d).await?,
-                Reference::Tag(t) => state.manifests.by_tag(&upstream, &repo, t).await?,
-            };
-            Ok((manifest_response(&m, head), outcome.as_str()))
-        }
-        Route::TagsList { name } => {
-            let (upstream, repo) = state.router.route(&name, ns.as_deref())?;
-            let query = req
-                .uri()
-                .query()
-                .map(|q| {
-                    form_urlencoded::Serializer::new(String::new())
-                        .extend_pairs(
-                            form_urlencoded::parse(q.as_bytes())
-                                .filter(|(k, _)| k == "n" || k == "last"),
-                        )
-                        .finish()
-                })
-                .filter(|q| !q.is_empty());
-            let tail = match query {
-                Some(q) => format!("tags/list?{q}"),
-                None => "tags/list".to_string(),
-            };
-            passthrough(&upstream, method, &repo, &tail, HeaderMap::new()).await
-        }
-        Route::Referrers { name, digest } => {
-            let (upstream, repo) = state.router.route(&name, ns.as_deref())?;
-            let mut tail = format!("referrers/{digest}");
-            if let Some(at) = req.uri().query().and_then(|q| {
-                form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "artifactType")
-            }) {
-                tail.push('?');
-                tail.push_str(
-                    &form_urlencoded::Serializer::new(String::new())
-                        .append_pair("artifactType", &at.1)
-                        .finish(),
-                );
-            }
-            let mut headers = HeaderMap::new();
-            headers.insert(
-                header::ACCEPT,
-                HeaderValue::from_static("application/vnd.oci.image.index.v1+json"),
-            );
-            passthrough(&upstream, method, &repo, &tail, headers).await
-        }
+        Route::Blob { name, digest } => blob(state, req, &name, ns, &digest).await,
+        Route::Manifest { name, reference } => manifest(state, method, &name, ns, &reference).await,
+        Route::TagsList { name } => tags_list(state, req, &name, ns).await,
+        Route::Referrers { name, digest } => referrers(state, req, &name, ns, &digest).await,
     }
+}
+
+/// `/v2/`: the API version check.
+fn base(method: &Method) -> Answer {
+    let mut r = Response::new(if method == Method::HEAD {
+        body::empty()
+    } else {
+        body::full("{}")
+    });
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
+    (r, None)
+}
+
+/// `/v2/<name>/blobs/<digest>`: from the blob cache.
+async fn blob(
+    state: &AppState,
+    req: &Request<Incoming>,
+    name: &str,
+    ns: Option<&str>,
+    digest: &Digest,
+) -> Result<Answer, RegistryError> {
+    let (upstream, repo) = state.router.route(name, ns)?;
+    let range = req
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok());
+    // Zero-copy sends need a plain connection speaking HTTP/1 (h2 copies
+    // data into its own frames).
+    let zero_copy = if req.version() <= http::Version::HTTP_11 {
+        req.extensions().get::<Arc<Regions>>().cloned()
+    } else {
+        None
+    };
+    let head = req.method() == Method::HEAD;
+    let r = state
+        .blobs
+        .serve(&upstream, &repo, digest, range, head, zero_copy)
+        .await?;
+    Ok((r.response, Some(r.outcome)))
+}
+
+/// `/v2/<name>/manifests/<reference>`: from the manifest cache.
+async fn manifest(
+    state: &AppState,
+    method: &Method,
+    name: &str,
+    ns: Option<&str>,
+    reference: &Reference,
+) -> Result<Answer, RegistryError> {
+    let (upstream, repo) = state.router.route(name, ns)?;
+    let (m, outcome) = match reference {
+        Reference::Digest(d) => state.manifests.by_digest(&upstream, &repo, d).await?,
+        Reference::Tag(t) => state.manifests.by_tag(&upstream, &repo, t).await?,
+    };
+    Ok((manifest_response(&m, method == Method::HEAD), Some(outcome)))
+}
+
+/// `/v2/<name>/tags/list`: passed through (only `n` and `last` are kept).
+async fn tags_list(
+    state: &AppState,
+    req: &Request<Incoming>,
+    name: &str,
+    ns: Option<&str>,
+) -> Result<Answer, RegistryError> {
+    let (upstream, repo) = state.router.route(name, ns)?;
+    let query = req
+        .uri()
+        .query()
+        .map(|q| {
+            form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(
+                    form_urlencoded::parse(q.as_bytes()).filter(|(k, _)| k == "n" || k == "last"),
+                )
+                .finish()
+        })
+        .filter(|q| !q.is_empty());
+    let tail = match query {
+        Some(q) => format!("tags/list?{q}"),
+        None => "tags/list".to_string(),
+    };
+    passthrough(&upstream, req.method(), &repo, &tail, HeaderMap::new()).await
+}
+
+/// `/v2/<name>/referrers/<digest>`: passed through (only `artifactType` is
+/// kept).
+async fn referrers(
+    state: &AppState,
+    req: &Request<Incoming>,
+    name: &str,
+    ns: Option<&str>,
+    digest: &Digest,
+) -> Result<Answer, RegistryError> {
+    let (upstream, repo) = state.router.route(name, ns)?;
+    let mut tail = format!("referrers/{digest}");
+    if let Some(at) = req
+        .uri()
+        .query()
+        .and_then(|q| form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "artifactType"))
+    {
+        tail.push('?');
+        tail.push_str(
+            &form_urlencoded::Serializer::new(String::new())
+                .append_pair("artifactType", &at.1)
+                .finish(),
+        );
+    }
+    let mut headers = HeaderMap::new();
+    headers.insert(header::ACCEPT, HeaderValue::from_static(OCI_INDEX));
+    passthrough(&upstream, req.method(), &repo, &tail, headers).await
 }
 
 fn manifest_response(m: &Manifest, head: bool) -> Response<Body> {
@@ -209,7 +253,7 @@ async fn passthrough(
     repo: &crate::oci::RepoName,
     tail: &str,
     headers: HeaderMap,
-) -> Result<(Response<Body>, &'static str), RegistryError> {
+) -> Result<Answer, RegistryError> {
     let resp = upstream
         .send(method.clone(), repo.as_str(), tail, headers)
         .await?;
@@ -237,5 +281,5 @@ async fn passthrough(
     if let Some(v) = parts.headers.get(OCI_FILTERS_APPLIED) {
         r.headers_mut().insert(OCI_FILTERS_APPLIED, v.clone());
     }
-    Ok((r, "upstream"))
+    Ok((r, Some(Outcome::Upstream)))
 }

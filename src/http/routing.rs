@@ -13,7 +13,8 @@
 use std::sync::Arc;
 
 use crate::error::RegistryError;
-use crate::oci::RepoName;
+use crate::metrics::RouteKind;
+use crate::oci::{ParseError, RepoName, Route};
 use crate::upstream::Upstream;
 
 /// The configured upstreams, the first being the default.
@@ -87,4 +88,32 @@ pub fn ns_param(query: Option<&str>) -> Option<String> {
         .find(|(k, _)| k == "ns")
         .map(|(_, v)| v.into_owned())
         .filter(|v| !v.is_empty())
+}
+
+/// The `route` metrics label of a request path as parsed.
+pub fn route_kind(route: &Result<Route, ParseError>) -> RouteKind {
+    match route {
+        Ok(Route::Base) => RouteKind::Base,
+        Ok(Route::Manifest { .. }) => RouteKind::Manifest,
+        Ok(Route::Blob { .. }) => RouteKind::Blob,
+        Ok(Route::TagsList { .. }) => RouteKind::Tags,
+        Ok(Route::Referrers { .. }) => RouteKind::Referrers,
+        Ok(Route::Write) | Err(_) => RouteKind::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::parse_route;
+
+    #[test]
+    fn route_kinds() {
+        let kind = |p: &str| route_kind(&parse_route(p));
+        assert_eq!(kind("/v2/"), RouteKind::Base);
+        assert_eq!(kind("/v2/library/alpine/manifests/3"), RouteKind::Manifest);
+        assert_eq!(kind("/v2/a/b/tags/list"), RouteKind::Tags);
+        assert_eq!(kind("/v2/a/blobs/uploads/"), RouteKind::Other);
+        assert_eq!(kind("/nope"), RouteKind::Other);
+    }
 }

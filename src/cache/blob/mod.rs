@@ -59,7 +59,7 @@ use crate::error::{RegistryError, UpstreamKind};
 use crate::front::zerocopy::Regions;
 use crate::http::body::{self, Body};
 use crate::http::range::{self, ByteRange};
-use crate::metrics::{CacheKind, FillResult, Metrics};
+use crate::metrics::{CacheKind, FillResult, Metrics, Outcome};
 use crate::oci::headers::DOCKER_CONTENT_DIGEST;
 use crate::oci::{Digest, Hasher, RepoName};
 use crate::upstream::Upstream;
@@ -87,32 +87,6 @@ const PUBLISH_EVERY: u64 = 1024 * 1024;
 
 /// Chunks queued for readers when the disk has failed (see module docs).
 const SPILL_QUEUE: usize = 64;
-
-/// How a request for a blob was answered, for logs and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Served from the store.
-    Hit,
-    /// Started a fill.
-    Miss,
-    /// Attached to a fill already running.
-    Join,
-    /// Answered from upstream without caching (HEAD on an uncached blob, or
-    /// a private stream while the disk is failing).
-    Upstream,
-}
-
-impl Outcome {
-    /// Lowercase name for logs and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Hit => "hit",
-            Outcome::Miss => "miss",
-            Outcome::Join => "join",
-            Outcome::Upstream => "upstream",
-        }
-    }
-}
 
 /// Where a fill is.
 #[derive(Debug, Clone)]
