@@ -1,197 +1,37 @@
-//! OCI error responses, built in one place.
+//! The internal error, as pingora models it: a typed [`ErrorKind`] (the
+//! condition), an [`ErrorSource`] (who caused it: the client, an upstream,
+//! or stowage itself) and an optional cause kept for logs.
 //!
-//! Every failure a client sees is a [`RegistryError`]: an HTTP status, an OCI
-//! error code and a message, rendered as
-//! `{"errors":[{"code":..,"message":..,"detail":null}]}`.
+//! Decisions match on the kind and the source, never on message text: for
+//! instance [`Error::is_upstream_outage`] is what lets a stale tag be
+//! served. The client-visible rendering (HTTP status, OCI error code, JSON
+//! body) happens at the HTTP edge only, in `http/error.rs`.
 
-use bytes::Bytes;
-use http::{HeaderValue, StatusCode, header};
+use std::sync::Arc;
 
-/// An error as the registry API reports it.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{code}: {message}")]
-pub struct RegistryError {
-    /// HTTP status of the response.
-    pub status: StatusCode,
-    /// OCI error code (`BLOB_UNKNOWN`, `NAME_INVALID`, ...).
-    pub code: &'static str,
-    /// Human-readable explanation.
-    pub message: String,
-    /// `Retry-After` passed on from upstream (429, 503).
-    pub retry_after: Option<HeaderValue>,
-    /// `WWW-Authenticate` challenge of a 401 from the mirror's own access
-    /// control.
-    pub challenge: Option<Box<HeaderValue>>,
-}
+use http::{HeaderValue, StatusCode};
 
-impl RegistryError {
-    /// An error with the given status, code and message.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        RegistryError {
-            status,
-            code,
-            message: message.into(),
-            retry_after: None,
-            challenge: None,
-        }
-    }
+use crate::oci::{Invalid, ParseError};
 
-    /// 401 UNAUTHORIZED with a `WWW-Authenticate` challenge: the client must
-    /// authenticate to the mirror itself.
-    pub fn unauthorized(message: impl Into<String>, challenge: HeaderValue) -> Self {
-        let mut e = Self::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", message);
-        e.challenge = Some(Box::new(challenge));
-        e
-    }
+/// The underlying error of an [`Error`], for logs. Shared (`Arc`) so that
+/// one failure can be handed to every reader of a blob fill and to every
+/// caller coalesced onto one cache load.
+pub type Cause = Arc<dyn std::error::Error + Send + Sync>;
 
-    /// 400 NAME_INVALID.
-    pub fn name_invalid(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "NAME_INVALID", message)
-    }
-
-    /// 404 NAME_UNKNOWN.
-    pub fn name_unknown(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "NAME_UNKNOWN", message)
-    }
-
-    /// 400 DIGEST_INVALID.
-    pub fn digest_invalid(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "DIGEST_INVALID", message)
-    }
-
-    /// 400 TAG_INVALID.
-    pub fn tag_invalid(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "TAG_INVALID", message)
-    }
-
-    /// 405 UNSUPPORTED: the mirror is read-only.
-    pub fn unsupported(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED", message)
-    }
-
-    /// 404 BLOB_UNKNOWN.
-    pub fn blob_unknown(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", message)
-    }
-
-    /// 404 MANIFEST_UNKNOWN.
-    pub fn manifest_unknown(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", message)
-    }
-
-    /// 416 with the blob size, for an unsatisfiable range.
-    pub fn range_invalid(size: u64) -> Self {
-        Self::new(
-            StatusCode::RANGE_NOT_SATISFIABLE,
-            "RANGE_INVALID",
-            format!("requested range not satisfiable for a blob of {size} bytes"),
-        )
-    }
-
-    /// 502 UNAVAILABLE: upstream failed and nothing is cached.
-    pub fn bad_gateway(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_GATEWAY, "UNAVAILABLE", message)
-    }
-
-    /// 503 UNAVAILABLE: upstream unreachable and nothing is cached.
-    pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", message)
-    }
-
-    /// 500: a local failure (disk). Never used for upstream conditions.
-    pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", message)
-    }
-
-    /// Maps a non-success upstream status to what the client should see.
-    /// `kind` is what was asked for, so a 404 becomes `BLOB_UNKNOWN` or
-    /// `MANIFEST_UNKNOWN` (never a 500).
-    pub fn from_upstream(
-        status: StatusCode,
-        kind: UpstreamKind,
-        retry_after: Option<&HeaderValue>,
-        what: &str,
-    ) -> Self {
-        let mut e = match status.as_u16() {
-            404 => match kind {
-                UpstreamKind::Blob => {
-                    Self::blob_unknown(format!("blob unknown to upstream: {what}"))
-                }
-                UpstreamKind::Manifest => {
-                    Self::manifest_unknown(format!("manifest unknown to upstream: {what}"))
-                }
-                UpstreamKind::Repository => {
-                    Self::name_unknown(format!("repository unknown to upstream: {what}"))
-                }
-            },
-            401 => Self::new(
-                StatusCode::UNAUTHORIZED,
-                "UNAUTHORIZED",
-                format!("upstream refused the mirror's credentials for {what}"),
-            ),
-            403 => Self::new(
-                StatusCode::FORBIDDEN,
-                "DENIED",
-                format!("upstream denied access to {what}"),
-            ),
-            429 => Self::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "TOOMANYREQUESTS",
-                format!("upstream rate limit reached fetching {what}"),
-            ),
-            400..=499 => Self::new(
-                StatusCode::BAD_GATEWAY,
-                "UNAVAILABLE",
-                format!("upstream answered {status} for {what}"),
-            ),
-            _ => Self::bad_gateway(format!("upstream answered {status} for {what}")),
-        };
-        if matches!(status.as_u16(), 429 | 503) {
-            e.retry_after = retry_after.cloned();
-        }
-        e
-    }
-
-    /// The JSON body.
-    pub fn body(&self) -> Bytes {
-        let v = serde_json::json!({
-            "errors": [{"code": self.code, "message": self.message, "detail": null}]
-        });
-        Bytes::from(v.to_string())
-    }
-
-    /// Headers and body as an HTTP response.
-    pub fn into_response<B>(
-        self,
-        head_only: bool,
-        body: impl FnOnce(Bytes) -> B,
-    ) -> http::Response<B> {
-        let bytes = self.body();
-        let mut resp = http::Response::new(body(if head_only {
-            Bytes::new()
-        } else {
-            bytes.clone()
-        }));
-        *resp.status_mut() = self.status;
-        let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-        if let Some(r) = self.retry_after {
-            h.insert(header::RETRY_AFTER, r);
-        }
-        if let Some(c) = self.challenge {
-            h.insert(header::WWW_AUTHENTICATE, *c);
-        }
-        resp
-    }
-}
-
-/// What an upstream request was for, to pick the right "unknown" code.
+/// Who caused an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamKind {
+pub enum ErrorSource {
+    /// The request itself (bad name, bad range, no credentials, ...).
+    Client,
+    /// An upstream registry (unreachable, refused, sent bad content).
+    Upstream,
+    /// stowage or its machine (disk failure, a task that died).
+    Local,
+}
+
+/// What an upstream request was for, to pick the right "unknown" kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Asked {
     /// A blob.
     Blob,
     /// A manifest.
@@ -200,27 +40,296 @@ pub enum UpstreamKind {
     Repository,
 }
 
-impl From<crate::oci::ParseError> for RegistryError {
-    fn from(e: crate::oci::ParseError) -> Self {
-        use crate::oci::Invalid;
-        match e.invalid {
-            Invalid::Name => Self::name_invalid(e.message),
-            Invalid::Tag => Self::tag_invalid(e.message),
-            Invalid::Digest => Self::digest_invalid(e.message),
-            Invalid::Path => Self::unsupported(e.message),
+/// The condition an [`Error`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A repository name outside the grammar.
+    NameInvalid,
+    /// A tag outside the grammar.
+    TagInvalid,
+    /// A malformed digest, or an algorithm stowage cannot verify.
+    DigestInvalid,
+    /// A write, or a path outside the pull API: the mirror is read-only.
+    Unsupported,
+    /// The client must authenticate to the mirror itself.
+    Unauthorized {
+        /// The `WWW-Authenticate` challenge to answer with.
+        challenge: HeaderValue,
+    },
+    /// A `Range` that selects nothing of a blob of `size` bytes.
+    RangeInvalid {
+        /// The blob's size.
+        size: u64,
+    },
+    /// No such repository (or no upstream for the registry host asked for).
+    NameUnknown,
+    /// Upstream does not have the blob.
+    BlobUnknown,
+    /// Upstream does not have the manifest.
+    ManifestUnknown,
+    /// Upstream answered 401 although the mirror authenticated.
+    UpstreamUnauthorized,
+    /// Upstream answered 403.
+    Denied,
+    /// Upstream answered 429.
+    TooManyRequests {
+        /// Its `Retry-After`, passed on.
+        retry_after: Option<HeaderValue>,
+    },
+    /// Upstream answered another 4xx or a 5xx.
+    UpstreamStatus {
+        /// What it answered.
+        status: StatusCode,
+        /// Its `Retry-After` (kept for 503), passed on.
+        retry_after: Option<HeaderValue>,
+    },
+    /// No response from upstream: connection, TLS or DNS failure, or no
+    /// response headers within the timeout.
+    Unreachable,
+    /// Upstream's token endpoint refused the mirror or answered garbage.
+    UpstreamAuth {
+        /// The token endpoint's status, when it answered one.
+        status: Option<StatusCode>,
+    },
+    /// Upstream broke the protocol: a bad redirect or challenge, a body
+    /// longer or shorter than announced, a manifest over the size limit.
+    UpstreamProtocol,
+    /// Upstream's body stalled or broke off mid-transfer.
+    BodyBroken,
+    /// Upstream's content did not hash to its digest.
+    DigestMismatch,
+    /// stowage cannot serve this now (no disk and no length to stream by).
+    Unavailable,
+    /// A local failure (disk, a task that died).
+    Internal,
+}
+
+/// An error on the request path: condition, who caused it, a message for
+/// the client, and the cause for logs.
+#[derive(Debug, Clone)]
+pub struct Error {
+    kind: ErrorKind,
+    source: ErrorSource,
+    message: String,
+    cause: Option<Cause>,
+}
+
+impl Error {
+    /// An error of `kind` caused by `source`.
+    pub fn new(kind: ErrorKind, source: ErrorSource, message: impl Into<String>) -> Error {
+        Error {
+            kind,
+            source,
+            message: message.into(),
+            cause: None,
         }
+    }
+
+    /// Keeps `cause` (for logs; the message stays what the client sees).
+    pub fn with_cause(
+        mut self,
+        cause: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Error {
+        self.cause = Some(Arc::from(cause.into()));
+        self
+    }
+
+    /// The condition.
+    pub fn kind(&self) -> &ErrorKind {
+        &self.kind
+    }
+
+    /// Who caused it.
+    pub fn esource(&self) -> ErrorSource {
+        self.source
+    }
+
+    /// The client-visible explanation.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Whether this is an upstream outage: upstream unreachable or timed
+    /// out (before or during a body), answering 5xx or 429, or its token
+    /// endpoint doing so. Only an outage lets a cached tag be served stale;
+    /// a refusal (4xx), bad content (digest mismatch) or a protocol error
+    /// does not.
+    pub fn is_upstream_outage(&self) -> bool {
+        let outage_status =
+            |s: StatusCode| s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS;
+        match &self.kind {
+            ErrorKind::Unreachable | ErrorKind::BodyBroken | ErrorKind::TooManyRequests { .. } => {
+                true
+            }
+            ErrorKind::UpstreamStatus { status, .. } => outage_status(*status),
+            ErrorKind::UpstreamAuth { status: Some(s) } => outage_status(*s),
+            _ => false,
+        }
+    }
+
+    /// The message followed by the chain of causes, for logs.
+    pub fn report(&self) -> String {
+        match &self.cause {
+            Some(c) => {
+                let chain = chain(c.as_ref());
+                if self.message.contains(&chain) {
+                    self.message.clone()
+                } else {
+                    format!("{}: {chain}", self.message)
+                }
+            }
+            None => self.message.clone(),
+        }
+    }
+
+    /// 400 NAME_INVALID.
+    pub fn name_invalid(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::NameInvalid, ErrorSource::Client, message)
+    }
+
+    /// 404 NAME_UNKNOWN: the client asked for a registry host the mirror
+    /// has no upstream for.
+    pub fn name_unknown(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::NameUnknown, ErrorSource::Client, message)
+    }
+
+    /// 405 UNSUPPORTED: the mirror is read-only.
+    pub fn unsupported(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::Unsupported, ErrorSource::Client, message)
+    }
+
+    /// 401 UNAUTHORIZED with a challenge: the client must authenticate to
+    /// the mirror itself.
+    pub fn unauthorized(message: impl Into<String>, challenge: HeaderValue) -> Error {
+        Error::new(
+            ErrorKind::Unauthorized { challenge },
+            ErrorSource::Client,
+            message,
+        )
+    }
+
+    /// 416: the range selects nothing of a blob of `size` bytes.
+    pub fn range_invalid(size: u64) -> Error {
+        Error::new(
+            ErrorKind::RangeInvalid { size },
+            ErrorSource::Client,
+            format!("requested range not satisfiable for a blob of {size} bytes"),
+        )
+    }
+
+    /// A local failure with no further cause.
+    pub fn internal(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::Internal, ErrorSource::Local, message)
+    }
+
+    /// A local I/O failure: `context: cause`, the cause kept.
+    pub fn local(context: &str, cause: std::io::Error) -> Error {
+        Error::internal(format!("{context}: {cause}")).with_cause(cause)
+    }
+
+    /// The mirror cannot serve this now, for a local reason.
+    pub fn unavailable(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::Unavailable, ErrorSource::Local, message)
+    }
+
+    /// An upstream failure of `kind` (unreachable, protocol, broken body,
+    /// digest mismatch, ...).
+    pub fn upstream(kind: ErrorKind, message: impl Into<String>) -> Error {
+        Error::new(kind, ErrorSource::Upstream, message)
+    }
+
+    /// What a non-success upstream status means for the client. `asked` is
+    /// what was asked for, so a 404 becomes `BlobUnknown`,
+    /// `ManifestUnknown` or `NameUnknown` (never a 500); `what` names it in
+    /// the message.
+    pub fn upstream_status(
+        status: StatusCode,
+        asked: Asked,
+        retry_after: Option<&HeaderValue>,
+        what: &str,
+    ) -> Error {
+        let (kind, message) = match status.as_u16() {
+            404 => match asked {
+                Asked::Blob => (
+                    ErrorKind::BlobUnknown,
+                    format!("blob unknown to upstream: {what}"),
+                ),
+                Asked::Manifest => (
+                    ErrorKind::ManifestUnknown,
+                    format!("manifest unknown to upstream: {what}"),
+                ),
+                Asked::Repository => (
+                    ErrorKind::NameUnknown,
+                    format!("repository unknown to upstream: {what}"),
+                ),
+            },
+            401 => (
+                ErrorKind::UpstreamUnauthorized,
+                format!("upstream refused the mirror's credentials for {what}"),
+            ),
+            403 => (
+                ErrorKind::Denied,
+                format!("upstream denied access to {what}"),
+            ),
+            429 => (
+                ErrorKind::TooManyRequests {
+                    retry_after: retry_after.cloned(),
+                },
+                format!("upstream rate limit reached fetching {what}"),
+            ),
+            _ => (
+                ErrorKind::UpstreamStatus {
+                    status,
+                    retry_after: retry_after.filter(|_| status.as_u16() == 503).cloned(),
+                },
+                format!("upstream answered {status} for {what}"),
+            ),
+        };
+        Error::upstream(kind, message)
     }
 }
 
-impl From<crate::upstream::UpstreamError> for RegistryError {
-    fn from(e: crate::upstream::UpstreamError) -> Self {
-        use crate::upstream::UpstreamError as U;
-        match e {
-            U::Unreachable(m) => Self::unavailable(format!("upstream unreachable: {m}")),
-            U::Auth(m) => Self::bad_gateway(format!("upstream authentication failed: {m}")),
-            U::Protocol(m) => Self::bad_gateway(format!("upstream protocol error: {m}")),
-        }
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
     }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause
+            .as_deref()
+            .map(|c| c as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl From<ParseError> for Error {
+    fn from(e: ParseError) -> Error {
+        let kind = match e.invalid {
+            Invalid::Name => ErrorKind::NameInvalid,
+            Invalid::Tag => ErrorKind::TagInvalid,
+            Invalid::Digest => ErrorKind::DigestInvalid,
+            Invalid::Path => ErrorKind::Unsupported,
+        };
+        Error::new(kind, ErrorSource::Client, e.message)
+    }
+}
+
+/// Renders an error with its chain of causes (`client error (Connect): tcp
+/// connect error: Connection refused`), skipping causes whose text the
+/// rendering already holds.
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 #[cfg(test)]
@@ -228,37 +337,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn upstream_statuses_map_to_oci_codes() {
-        let e = RegistryError::from_upstream(StatusCode::NOT_FOUND, UpstreamKind::Blob, None, "x");
-        assert_eq!((e.status.as_u16(), e.code), (404, "BLOB_UNKNOWN"));
-        let e =
-            RegistryError::from_upstream(StatusCode::NOT_FOUND, UpstreamKind::Manifest, None, "x");
-        assert_eq!((e.status.as_u16(), e.code), (404, "MANIFEST_UNKNOWN"));
-        let ra = HeaderValue::from_static("30");
-        let e = RegistryError::from_upstream(
-            StatusCode::TOO_MANY_REQUESTS,
-            UpstreamKind::Manifest,
-            Some(&ra),
-            "x",
-        );
-        assert_eq!((e.status.as_u16(), e.code), (429, "TOOMANYREQUESTS"));
-        assert_eq!(e.retry_after, Some(ra));
-        let e = RegistryError::from_upstream(StatusCode::FORBIDDEN, UpstreamKind::Blob, None, "x");
-        assert_eq!((e.status.as_u16(), e.code), (403, "DENIED"));
-        let e = RegistryError::from_upstream(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            UpstreamKind::Blob,
-            None,
-            "x",
-        );
-        assert_eq!(e.status.as_u16(), 502);
+    fn outages_are_exactly_unreachable_5xx_and_429() {
+        let status = |s: u16| {
+            Error::upstream_status(StatusCode::from_u16(s).unwrap(), Asked::Manifest, None, "x")
+        };
+        for s in [500, 502, 503, 504, 429] {
+            assert!(status(s).is_upstream_outage(), "{s}");
+        }
+        for s in [400, 401, 403, 404, 410] {
+            assert!(!status(s).is_upstream_outage(), "{s}");
+        }
+        assert!(Error::upstream(ErrorKind::Unreachable, "x").is_upstream_outage());
+        assert!(Error::upstream(ErrorKind::BodyBroken, "x").is_upstream_outage());
+        assert!(!Error::upstream(ErrorKind::DigestMismatch, "x").is_upstream_outage());
+        assert!(!Error::upstream(ErrorKind::UpstreamProtocol, "x").is_upstream_outage());
+        let auth = |status| Error::upstream(ErrorKind::UpstreamAuth { status }, "x");
+        assert!(auth(Some(StatusCode::SERVICE_UNAVAILABLE)).is_upstream_outage());
+        assert!(!auth(Some(StatusCode::FORBIDDEN)).is_upstream_outage());
+        assert!(!auth(None).is_upstream_outage());
+        assert!(!Error::internal("disk").is_upstream_outage());
     }
 
     #[test]
-    fn body_is_oci_json() {
-        let e = RegistryError::name_invalid("bad");
-        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
-        assert_eq!(v["errors"][0]["code"], "NAME_INVALID");
-        assert_eq!(v["errors"][0]["message"], "bad");
+    fn causes_are_kept_for_logs() {
+        let io = std::io::Error::other("disk on fire");
+        let e = Error::local("cache storage error", io);
+        assert_eq!(e.esource(), ErrorSource::Local);
+        assert_eq!(e.message(), "cache storage error: disk on fire");
+        assert!(std::error::Error::source(&e).is_some());
+        assert_eq!(e.report(), "cache storage error: disk on fire");
+        let e = Error::upstream(ErrorKind::BodyBroken, "broke off")
+            .with_cause(std::io::Error::other("reset"));
+        assert_eq!(e.report(), "broke off: reset");
+        assert_eq!(e.to_string(), "broke off");
     }
 }

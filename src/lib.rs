@@ -4,6 +4,7 @@
 //! invariants.
 
 pub mod admin;
+pub mod body;
 pub mod cache;
 pub mod cli;
 pub mod config;

@@ -26,7 +26,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use moka::Expiry;
 
-use crate::error::{RegistryError, UpstreamKind};
+use crate::error::{Asked, Error, ErrorKind, ErrorSource};
 use crate::metrics::Outcome;
 use crate::oci::headers::DOCKER_CONTENT_DIGEST;
 use crate::oci::manifest;
@@ -176,7 +176,7 @@ impl ManifestStore {
         upstream: &Upstream,
         repo: &RepoName,
         digest: &Digest,
-    ) -> Result<(Arc<Manifest>, Outcome), RegistryError> {
+    ) -> Result<(Arc<Manifest>, Outcome), Error> {
         if let Some(m) = self.by_digest.get(digest).await {
             return Ok((m, Outcome::Hit));
         }
@@ -193,7 +193,7 @@ impl ManifestStore {
                 Ok(Arc::new(m))
             })
             .await
-            .map_err(|e: Arc<RegistryError>| (*e).clone())?;
+            .map_err(|e: Arc<Error>| (*e).clone())?;
         Ok((m, if fetched { Outcome::Miss } else { Outcome::Hit }))
     }
 
@@ -204,7 +204,7 @@ impl ManifestStore {
         upstream: &Upstream,
         repo: &RepoName,
         tag: &Tag,
-    ) -> Result<(Arc<Manifest>, Outcome), RegistryError> {
+    ) -> Result<(Arc<Manifest>, Outcome), Error> {
         let key: TagKey = format!(
             "{}/{}:{}",
             upstream.host(),
@@ -228,7 +228,7 @@ impl ManifestStore {
                 self.revalidate(upstream, repo, tag).await
             })
             .await
-            .map_err(|e: Arc<RegistryError>| (*e).clone())?;
+            .map_err(|e: Arc<Error>| (*e).clone())?;
         let (m, _) = self.by_digest(upstream, repo, &entry.digest).await?;
         // A tag being served stale stays `Stale` until upstream answers again.
         let outcome = match (loaded, entry.outcome) {
@@ -245,7 +245,7 @@ impl ManifestStore {
         upstream: &Upstream,
         repo: &RepoName,
         tag: &Tag,
-    ) -> Result<TagEntry, RegistryError> {
+    ) -> Result<TagEntry, Error> {
         let ttl = upstream.tag_ttl();
         let stale = match self.read_tag(upstream, repo, tag).await {
             Some(d) if self.has(&d).await => Some(d),
@@ -290,9 +290,9 @@ impl ManifestStore {
                     }
                 }
                 Ok(r) => {
-                    return Err(RegistryError::from_upstream(
+                    return Err(Error::upstream_status(
                         r.status(),
-                        UpstreamKind::Manifest,
+                        Asked::Manifest,
                         r.headers().get(header::RETRY_AFTER),
                         &what,
                     ));
@@ -301,7 +301,20 @@ impl ManifestStore {
             // Moved (or HEAD gave no digest): fetch the tag.
             return match fetch(upstream, repo, tag.as_str(), None).await {
                 Ok(m) => self.adopt(upstream, repo, tag, m, ttl).await,
-                Err(e) if is_outage(e.status) || e.code == "UNAVAILABLE" => serve_stale(e.message),
+                // Any upstream failure but "unknown", 401 and 403.
+                Err(e)
+                    if e.esource() == ErrorSource::Upstream
+                        && !matches!(
+                            e.kind(),
+                            ErrorKind::BlobUnknown
+                                | ErrorKind::ManifestUnknown
+                                | ErrorKind::NameUnknown
+                                | ErrorKind::Denied
+                                | ErrorKind::UpstreamUnauthorized
+                        ) =>
+                {
+                    serve_stale(e.message().to_string())
+                }
                 Err(e) => Err(e),
             };
         }
@@ -317,7 +330,7 @@ impl ManifestStore {
         tag: &Tag,
         m: Manifest,
         ttl: Duration,
-    ) -> Result<TagEntry, RegistryError> {
+    ) -> Result<TagEntry, Error> {
         self.write_disk(&m).await.map_err(local_error)?;
         self.write_tag(upstream, repo, tag, &m.digest)
             .await
@@ -428,8 +441,8 @@ fn is_outage(status: StatusCode) -> bool {
     status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS
 }
 
-fn local_error(e: io::Error) -> RegistryError {
-    RegistryError::internal(format!("manifest cache storage error: {e}"))
+fn local_error(e: io::Error) -> Error {
+    Error::local("manifest cache storage error", e)
 }
 
 /// GETs a manifest by tag or digest and verifies it: against `expected`
@@ -440,7 +453,7 @@ async fn fetch(
     repo: &RepoName,
     reference: &str,
     expected: Option<&Digest>,
-) -> Result<Manifest, RegistryError> {
+) -> Result<Manifest, Error> {
     let what = format!("{repo}@{reference}");
     let resp = upstream
         .send(
@@ -451,9 +464,9 @@ async fn fetch(
         )
         .await?;
     if resp.status() != StatusCode::OK {
-        return Err(RegistryError::from_upstream(
+        return Err(Error::upstream_status(
             resp.status(),
-            UpstreamKind::Manifest,
+            Asked::Manifest,
             resp.headers().get(header::RETRY_AFTER),
             &what,
         ));
@@ -472,7 +485,15 @@ async fn fetch(
         .collect()
         .await
         .map_err(|e| {
-            RegistryError::bad_gateway(format!("reading manifest {what} from upstream: {e}"))
+            // Over the size limit: upstream broke the protocol; anything
+            // else is the transfer failing.
+            let kind = if e.is::<http_body_util::LengthLimitError>() {
+                ErrorKind::UpstreamProtocol
+            } else {
+                ErrorKind::BodyBroken
+            };
+            Error::upstream(kind, format!("reading manifest {what} from upstream: {e}"))
+                .with_cause(e)
         })?
         .to_bytes();
     let check = expected.or(header_digest.as_ref());
@@ -487,9 +508,10 @@ async fn fetch(
         upstream
             .metrics()
             .digest_mismatch(crate::metrics::CacheKind::Manifest);
-        return Err(RegistryError::bad_gateway(format!(
-            "upstream manifest {what} does not match digest {want} (got {digest})"
-        )));
+        return Err(Error::upstream(
+            ErrorKind::DigestMismatch,
+            format!("upstream manifest {what} does not match digest {want} (got {digest})"),
+        ));
     }
     let media_type = manifest::media_type(content_type.as_deref(), &body);
     Ok(Manifest::new(digest, media_type, body))

@@ -21,12 +21,12 @@ async fn resolve(state: &AppState, image: &ImageRef) -> Result<HashSet<Digest>, 
     let (upstream, repo) = state
         .router
         .route(name, image.host.as_deref())
-        .map_err(|e| e.message)?;
+        .map_err(|e| e.to_string())?;
     let top: Arc<Manifest> = match &image.reference {
         Reference::Tag(t) => state.manifests.by_tag(&upstream, &repo, t).await,
         Reference::Digest(d) => state.manifests.by_digest(&upstream, &repo, d).await,
     }
-    .map_err(|e| e.message)?
+    .map_err(|e| e.to_string())?
     .0;
     let mut blobs = HashSet::new();
     let refs = refs_of(&top.body);
@@ -36,7 +36,7 @@ async fn resolve(state: &AppState, image: &ImageRef) -> Result<HashSet<Digest>, 
             .manifests
             .by_digest(&upstream, &repo, &child)
             .await
-            .map_err(|e| e.message)?;
+            .map_err(|e| e.to_string())?;
         blobs.extend(refs_of(&m.body).blobs);
     }
     Ok(blobs)

@@ -24,7 +24,7 @@ use http::{HeaderMap, HeaderValue, header};
 use sha2::{Digest as _, Sha256};
 
 use crate::config::AccessConfig;
-use crate::error::RegistryError;
+use crate::error::Error;
 
 /// How long a verified `Authorization` value is trusted without running
 /// bcrypt again.
@@ -215,11 +215,11 @@ impl Access {
 
     /// Lets the request through, or answers 401 UNAUTHORIZED with the Basic
     /// challenge.
-    pub async fn check(&self, headers: &HeaderMap) -> Result<(), RegistryError> {
+    pub async fn check(&self, headers: &HeaderMap) -> Result<(), Error> {
         let Some(p) = &self.inner else {
             return Ok(());
         };
-        let deny = |message: &str| RegistryError::unauthorized(message, p.challenge.clone());
+        let deny = |message: &str| Error::unauthorized(message, p.challenge.clone());
         let Some(value) = headers.get(header::AUTHORIZATION) else {
             return Err(deny("authentication required"));
         };

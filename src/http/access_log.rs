@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use hyper::body::{Frame, SizeHint};
 
-use super::body::Body;
+use crate::body::Body;
 use crate::metrics::{Metrics, Outcome, RouteKind, Source};
 
 /// What the request log line says, written once the body ends.

@@ -5,8 +5,7 @@
 use std::sync::Arc;
 
 pub mod access_log;
-pub mod body;
-pub mod range;
+pub mod error;
 pub mod request_id;
 pub mod routes;
 pub mod routing;

@@ -12,11 +12,12 @@ use tracing::Instrument;
 
 use super::AppState;
 use super::access_log::{LogLine, LoggedBody};
-use super::body::{self, Body};
+use super::error;
 use super::request_id;
 use super::routing::{ns_param, route_kind};
+use crate::body::{self, Body};
 use crate::cache::manifests::Manifest;
-use crate::error::{RegistryError, UpstreamKind};
+use crate::error::{Asked, Error};
 use crate::front::zerocopy::Regions;
 use crate::metrics::Outcome;
 use crate::oci::headers::{DOCKER_API_VERSION, OCI_FILTERS_APPLIED, X_STOWAGE_CACHE};
@@ -39,10 +40,11 @@ pub async fn handle(
     let parsed = parse_route(&path);
     let route = route_kind(&parsed);
     let span = tracing::info_span!("request", request_id = %request_id);
-    let (mut response, outcome) = match dispatch(&state, &req, parsed).instrument(span).await {
-        Ok(r) => r,
-        Err(e) => (e.into_response(method == Method::HEAD, body::full), None),
+    let (response, outcome) = match dispatch(&state, &req, parsed).instrument(span).await {
+        Ok(answer) => answer,
+        Err(e) => (Err(e), None),
     };
+    let mut response = response.unwrap_or_else(|e| error::response(&e, method == Method::HEAD));
     response
         .headers_mut()
         .insert(DOCKER_API_VERSION, HeaderValue::from_static("registry/2.0"));
@@ -86,16 +88,16 @@ pub async fn handle(
     Response::from_parts(parts, BodyExt::boxed(logged))
 }
 
-/// A response and how the mirror answered it (`None` when no cache was
-/// involved: `/v2/`, errors).
-type Answer = (Response<Body>, Option<Outcome>);
+/// A response (or the error to answer with) and how the mirror answered it
+/// (`None` when no cache was involved: `/v2/`, most errors).
+type Answer = (Result<Response<Body>, Error>, Option<Outcome>);
 
 /// Checks access and the method, then hands the request to its route.
 async fn dispatch(
     state: &AppState,
     req: &Request<Incoming>,
     route: Result<Route, ParseError>,
-) -> Result<Answer, RegistryError> {
+) -> Result<Answer, Error> {
     // Credentials first: an unauthenticated client learns nothing, not even
     // whether its path was valid.
     state.access.check(req.headers()).await?;
@@ -103,7 +105,7 @@ async fn dispatch(
     let method = req.method();
     let read_only = method == Method::GET || method == Method::HEAD;
     if !read_only || route == Route::Write {
-        return Err(RegistryError::unsupported(format!(
+        return Err(Error::unsupported(format!(
             "{method} is not supported: this is a read-only pull-through mirror"
         )));
     }
@@ -111,7 +113,7 @@ async fn dispatch(
     let ns = ns.as_deref();
     match route {
         Route::Base => Ok(base(method)),
-        Route::Write => Err(RegistryError::unsupported("pushing is not supported")),
+        Route::Write => Err(Error::unsupported("pushing is not supported")),
         Route::Blob { name, digest } => blob(state, req, &name, ns, &digest).await,
         Route::Manifest { name, reference } => manifest(state, method, &name, ns, &reference).await,
         Route::TagsList { name } => tags_list(state, req, &name, ns).await,
@@ -132,7 +134,7 @@ fn base(method: &Method) -> Answer {
     );
     r.headers_mut()
         .insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
-    (r, None)
+    (Ok(r), None)
 }
 
 /// `/v2/<name>/blobs/<digest>`: from the blob cache.
@@ -142,7 +144,7 @@ async fn blob(
     name: &str,
     ns: Option<&str>,
     digest: &Digest,
-) -> Result<Answer, RegistryError> {
+) -> Result<Answer, Error> {
     let (upstream, repo) = state.router.route(name, ns)?;
     let range = req
         .headers()
@@ -170,13 +172,16 @@ async fn manifest(
     name: &str,
     ns: Option<&str>,
     reference: &Reference,
-) -> Result<Answer, RegistryError> {
+) -> Result<Answer, Error> {
     let (upstream, repo) = state.router.route(name, ns)?;
     let (m, outcome) = match reference {
         Reference::Digest(d) => state.manifests.by_digest(&upstream, &repo, d).await?,
         Reference::Tag(t) => state.manifests.by_tag(&upstream, &repo, t).await?,
     };
-    Ok((manifest_response(&m, method == Method::HEAD), Some(outcome)))
+    Ok((
+        Ok(manifest_response(&m, method == Method::HEAD)),
+        Some(outcome),
+    ))
 }
 
 /// `/v2/<name>/tags/list`: passed through (only `n` and `last` are kept).
@@ -185,7 +190,7 @@ async fn tags_list(
     req: &Request<Incoming>,
     name: &str,
     ns: Option<&str>,
-) -> Result<Answer, RegistryError> {
+) -> Result<Answer, Error> {
     let (upstream, repo) = state.router.route(name, ns)?;
     let query = req
         .uri()
@@ -213,7 +218,7 @@ async fn referrers(
     name: &str,
     ns: Option<&str>,
     digest: &Digest,
-) -> Result<Answer, RegistryError> {
+) -> Result<Answer, Error> {
     let (upstream, repo) = state.router.route(name, ns)?;
     let mut tail = format!("referrers/{digest}");
     if let Some(at) = req
@@ -253,15 +258,15 @@ async fn passthrough(
     repo: &crate::oci::RepoName,
     tail: &str,
     headers: HeaderMap,
-) -> Result<Answer, RegistryError> {
+) -> Result<Answer, Error> {
     let resp = upstream
         .send(method.clone(), repo.as_str(), tail, headers)
         .await?;
     let status = resp.status();
     if !status.is_success() {
-        return Err(RegistryError::from_upstream(
+        return Err(Error::upstream_status(
             status,
-            UpstreamKind::Repository,
+            Asked::Repository,
             resp.headers().get(header::RETRY_AFTER),
             repo.as_str(),
         ));
@@ -281,5 +286,5 @@ async fn passthrough(
     if let Some(v) = parts.headers.get(OCI_FILTERS_APPLIED) {
         r.headers_mut().insert(OCI_FILTERS_APPLIED, v.clone());
     }
-    Ok((r, Some(Outcome::Upstream)))
+    Ok((Ok(r), Some(Outcome::Upstream)))
 }

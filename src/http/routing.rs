@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use crate::error::RegistryError;
+use crate::error::Error;
 use crate::metrics::RouteKind;
 use crate::oci::{ParseError, RepoName, Route};
 use crate::upstream::Upstream;
@@ -43,14 +43,10 @@ impl Router {
 
     /// Picks the upstream for `name` (the repository path as requested) and
     /// validates the repository name within it.
-    pub fn route(
-        &self,
-        name: &str,
-        ns: Option<&str>,
-    ) -> Result<(Arc<Upstream>, RepoName), RegistryError> {
+    pub fn route(&self, name: &str, ns: Option<&str>) -> Result<(Arc<Upstream>, RepoName), Error> {
         if let Some(ns) = ns {
             let upstream = self.find(ns).ok_or_else(|| {
-                RegistryError::name_unknown(format!(
+                Error::name_unknown(format!(
                     "this mirror has no upstream for registry host {ns:?}"
                 ))
             })?;
@@ -69,7 +65,7 @@ impl Router {
         let default = self
             .upstreams
             .first()
-            .ok_or_else(|| RegistryError::internal("no upstream configured"))?;
+            .ok_or_else(|| Error::internal("no upstream configured"))?;
         Ok((default.clone(), RepoName::parse(name)?))
     }
 }

@@ -19,6 +19,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::error::UpstreamError;
 use crate::config::{ConfigError, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::oci::headers::{RATELIMIT_LIMIT, RATELIMIT_REMAINING};
@@ -46,20 +47,6 @@ const STRIPPED_HEADERS: &[header::HeaderName] = &[
     header::CONTENT_LENGTH,
     header::USER_AGENT,
 ];
-
-/// Why a request to an upstream produced no response.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum UpstreamError {
-    /// Could not connect / TLS / DNS / timed out waiting for response headers.
-    #[error("upstream unreachable: {0}")]
-    Unreachable(String),
-    /// Token endpoint refused or returned garbage.
-    #[error("upstream authentication failed: {0}")]
-    Auth(String),
-    /// Bad redirect, too many redirects, malformed challenge etc.
-    #[error("upstream protocol error: {0}")]
-    Protocol(String),
-}
 
 /// How this upstream last asked us to authenticate, so later requests can
 /// authenticate up front instead of collecting a 401 first.
@@ -191,22 +178,6 @@ fn log_rate_limit(host: &str, method: &Method, url: &str, resp: &Response<Incomi
         let retry_after = get(header::RETRY_AFTER.as_str()).unwrap_or("-");
         tracing::warn!(upstream = %host, %method, %url, retry_after, "upstream rate limit exceeded (429)");
     }
-}
-
-/// Renders an error with its chain of causes (`client error (Connect): tcp
-/// connect error: Connection refused`).
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 /// A URL for logs: the query of redirect targets (pre-signed URLs carry
@@ -572,24 +543,30 @@ impl Upstream {
         }
         let mut headers = HeaderMap::new();
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
-        let fail = |message: String| {
+        let fail = |message: String, status: Option<StatusCode>| {
             tracing::warn!(upstream = %self.host, realm = %realm, scope = %key.scope, "token request failed: {message}");
-            UpstreamError::Auth(message)
+            UpstreamError::Auth { message, status }
         };
         let resp = match self
             .follow("token", &Method::GET, &uri, &headers, self.basic.as_ref())
             .await
         {
             Ok(resp) => resp,
-            Err(UpstreamError::Unreachable(e)) => {
-                tracing::warn!(upstream = %self.host, realm = %realm, "token endpoint unreachable: {e}");
-                return Err(UpstreamError::Unreachable(format!("token endpoint: {e}")));
+            Err(UpstreamError::Unreachable { message, cause }) => {
+                tracing::warn!(upstream = %self.host, realm = %realm, "token endpoint unreachable: {message}");
+                return Err(UpstreamError::Unreachable {
+                    message: format!("token endpoint: {message}"),
+                    cause,
+                });
             }
-            Err(e) => return Err(fail(e.to_string())),
+            Err(e) => return Err(fail(e.to_string(), None)),
         };
         let status = resp.status();
         if !status.is_success() {
-            return Err(fail(format!("token endpoint {realm} answered {status}")));
+            return Err(fail(
+                format!("token endpoint {realm} answered {status}"),
+                Some(status),
+            ));
         }
         let body = tokio::time::timeout(
             self.timeout,
@@ -597,14 +574,15 @@ impl Upstream {
         )
         .await
         .map_err(|_| {
-            fail(format!(
-                "token endpoint {realm} timed out sending its answer"
-            ))
+            fail(
+                format!("token endpoint {realm} timed out sending its answer"),
+                None,
+            )
         })?
-        .map_err(|e| fail(format!("reading token endpoint {realm}: {e}")))?
+        .map_err(|e| fail(format!("reading token endpoint {realm}: {e}"), None))?
         .to_bytes();
         crate::upstream::auth::parse_token_response(&body)
-            .map_err(|e| fail(format!("{realm}: {e}")))
+            .map_err(|e| fail(format!("{realm}: {e}"), None))
     }
 
     /// Sends a request and follows redirects (at most [`MAX_REDIRECTS`]).
@@ -689,9 +667,9 @@ impl Upstream {
                 Ok(resp)
             }
             Ok(Err(e)) => {
-                let message = format!("{method} {url}: {}", error_chain(&e));
+                let message = format!("{method} {url}: {}", crate::error::chain(&e));
                 tracing::debug!(upstream = %self.host, elapsed_ms = elapsed.as_millis() as u64, "upstream request failed: {message}");
-                Err(UpstreamError::Unreachable(message))
+                Err(UpstreamError::unreachable(message, e))
             }
             Err(_) => {
                 let message = format!(
@@ -699,7 +677,10 @@ impl Upstream {
                     humantime::format_duration(self.timeout)
                 );
                 tracing::debug!(upstream = %self.host, "upstream request timed out: {message}");
-                Err(UpstreamError::Unreachable(message))
+                Err(UpstreamError::Unreachable {
+                    message,
+                    cause: None,
+                })
             }
         }
     }
@@ -1031,7 +1012,7 @@ mod tests {
                 .send(Method::GET, "a/b", "manifests/x", HeaderMap::new())
                 .await
                 .unwrap_err();
-            assert!(matches!(err, UpstreamError::Auth(_)), "{err}");
+            assert!(matches!(err, UpstreamError::Auth { .. }), "{err}");
         }
     }
 
@@ -1290,7 +1271,7 @@ mod tests {
             .send(Method::GET, "a/b", "manifests/x", HeaderMap::new())
             .await
             .unwrap_err();
-        assert!(matches!(err, UpstreamError::Unreachable(_)), "{err}");
+        assert!(matches!(err, UpstreamError::Unreachable { .. }), "{err}");
 
         // Accepts connections but never answers.
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1309,7 +1290,7 @@ mod tests {
             .send(Method::GET, "a/b", "manifests/x", HeaderMap::new())
             .await
             .unwrap_err();
-        assert!(matches!(err, UpstreamError::Unreachable(_)), "{err}");
+        assert!(matches!(err, UpstreamError::Unreachable { .. }), "{err}");
         assert!(started.elapsed() < Duration::from_secs(1));
         hold.abort();
 
@@ -1320,7 +1301,7 @@ mod tests {
             .send(Method::GET, "a/b", "manifests/x", HeaderMap::new())
             .await
             .unwrap_err();
-        assert!(matches!(err, UpstreamError::Unreachable(_)), "{err}");
+        assert!(matches!(err, UpstreamError::Unreachable { .. }), "{err}");
     }
 
     #[test]

@@ -3,5 +3,7 @@
 
 pub mod auth;
 mod client;
+mod error;
 
 pub use client::*;
+pub use error::UpstreamError;

@@ -54,11 +54,15 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use tokio::sync::{Notify, broadcast, mpsc, watch};
 
+pub mod range;
+
+use range::ByteRange;
+
+use crate::body::{self, Body};
 use crate::cache::index::{BlobIndex, blob_path};
-use crate::error::{RegistryError, UpstreamKind};
+use crate::error::{Asked, Error, ErrorKind};
 use crate::front::zerocopy::Regions;
-use crate::http::body::{self, Body};
-use crate::http::range::{self, ByteRange};
+
 use crate::metrics::{CacheKind, FillResult, Metrics, Outcome};
 use crate::oci::headers::DOCKER_CONTENT_DIGEST;
 use crate::oci::{Digest, Hasher, RepoName};
@@ -99,7 +103,7 @@ enum Phase {
     /// the disk held up, the file is in the store).
     Verified,
     /// Upstream error, mismatch or local failure. The temporary file is gone.
-    Failed(RegistryError),
+    Failed(Error),
 }
 
 /// What readers of a fill can see, published by the fill on every write.
@@ -177,8 +181,9 @@ pub struct BlobStore {
 pub struct BlobResponse {
     /// How it was answered.
     pub outcome: Outcome,
-    /// The HTTP response.
-    pub response: Response<Body>,
+    /// The HTTP response, or the error to answer with (an unsatisfiable
+    /// range of a stored blob is still a hit).
+    pub response: Result<Response<Body>, Error>,
 }
 
 impl BlobStore {
@@ -344,7 +349,7 @@ impl BlobStore {
         range: Option<&str>,
         head_only: bool,
         zero_copy: Option<Arc<Regions>>,
-    ) -> Result<BlobResponse, RegistryError> {
+    ) -> Result<BlobResponse, Error> {
         let range = range.and_then(range::parse);
         // A stored blob: complete and verified.
         let hit = |file: File, size: u64, zero_copy| {
@@ -358,7 +363,7 @@ impl BlobStore {
                     head_only,
                     None,
                     zero_copy,
-                )?,
+                ),
             })
         };
         if let Some((file, size)) = self.open_stored(digest).map_err(local_error)? {
@@ -375,7 +380,7 @@ impl BlobStore {
         let progress = rx
             .wait_for(|p| !matches!(p.phase, Phase::Connecting))
             .await
-            .map_err(|_| RegistryError::internal("blob fill ended without a result"))?
+            .map_err(|_| Error::internal("blob fill ended without a result"))?
             .clone();
         if let Phase::Failed(e) = progress.phase {
             return Err(e);
@@ -386,14 +391,14 @@ impl BlobStore {
             spill: Some(spill),
         };
         let response = match progress.total {
-            Some(size) => file_response(digest, file, size, range, false, Some(feed), zero_copy)?,
+            Some(size) => file_response(digest, file, size, range, false, Some(feed), zero_copy),
             None => {
                 // Upstream gave no length: stream the whole blob chunked (a
                 // range cannot be resolved without the size, so it is
                 // ignored).
                 let mut response = Response::new(file_body(file, 0, None, Some(feed), zero_copy));
                 set_blob_headers(response.headers_mut(), digest);
-                response
+                Ok(response)
             }
         };
         Ok(BlobResponse { outcome, response })
@@ -413,11 +418,11 @@ impl BlobStore {
         upstream: &Arc<Upstream>,
         repo: &RepoName,
         digest: &Digest,
-    ) -> Result<Lookup, RegistryError> {
+    ) -> Result<Lookup, Error> {
         let mut fills = self
             .fills
             .lock()
-            .map_err(|_| RegistryError::internal("fill table poisoned"))?;
+            .map_err(|_| Error::internal("fill table poisoned"))?;
         // A fill that just failed is still in the table for a moment: start
         // afresh rather than hand its error to a new request.
         let failed = fills
@@ -492,7 +497,7 @@ impl BlobStore {
                 Ok((size, false)) => {
                     tracing::info!(%digest, size, repo = %repo, "blob served without caching")
                 }
-                Err(e) => tracing::warn!(%digest, repo = %repo, error = %e, "blob fill failed"),
+                Err(e) => tracing::warn!(%digest, repo = %repo, error = %e.report(), "blob fill failed"),
             }
             fill.progress.send_modify(|p| match result {
                 Ok((size, _)) => {
@@ -522,7 +527,7 @@ impl BlobStore {
         repo: &RepoName,
         digest: &Digest,
         shared: bool,
-    ) -> Result<(u64, bool), RegistryError> {
+    ) -> Result<(u64, bool), Error> {
         let (resp, total) = ask_upstream(upstream, Method::GET, repo, digest).await?;
 
         // Without a known size the disk is required: readers cannot tell
@@ -544,7 +549,7 @@ impl BlobStore {
         } else if total.is_some() {
             None
         } else {
-            return Err(RegistryError::unavailable(format!(
+            return Err(Error::unavailable(format!(
                 "cannot stream {digest} without the disk: upstream sent no Content-Length"
             )));
         };
@@ -643,7 +648,7 @@ impl BlobStore {
         file: Option<Arc<File>>,
         total: Option<u64>,
         digest: &Digest,
-    ) -> Result<(u64, bool), RegistryError> {
+    ) -> Result<(u64, bool), Error> {
         let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
         let writer = Writer {
             file,
@@ -657,20 +662,25 @@ impl BlobStore {
         let writer = tokio::task::spawn_blocking(move || writer.run(rx, algorithm));
 
         let mut received = 0u64;
-        let pump: Result<(), RegistryError> = async {
+        let pump: Result<(), Error> = async {
             loop {
                 let frame = match tokio::time::timeout(self.idle_timeout, body.frame()).await {
                     Err(_) => {
-                        return Err(RegistryError::bad_gateway(format!(
-                            "upstream stalled for {:?} sending {digest}",
-                            self.idle_timeout
-                        )));
+                        return Err(Error::upstream(
+                            ErrorKind::BodyBroken,
+                            format!(
+                                "upstream stalled for {:?} sending {digest}",
+                                self.idle_timeout
+                            ),
+                        ));
                     }
                     Ok(None) => return Ok(()),
                     Ok(Some(Err(e))) => {
-                        return Err(RegistryError::bad_gateway(format!(
-                            "upstream body of {digest} broke off: {e}"
-                        )));
+                        return Err(Error::upstream(
+                            ErrorKind::BodyBroken,
+                            format!("upstream body of {digest} broke off: {e}"),
+                        )
+                        .with_cause(e));
                     }
                     Ok(Some(Ok(frame))) => frame,
                 };
@@ -679,9 +689,10 @@ impl BlobStore {
                 };
                 received += data.len() as u64;
                 if total.is_some_and(|t| received > t) {
-                    return Err(RegistryError::bad_gateway(format!(
-                        "upstream sent more than its Content-Length for {digest}"
-                    )));
+                    return Err(Error::upstream(
+                        ErrorKind::UpstreamProtocol,
+                        format!("upstream sent more than its Content-Length for {digest}"),
+                    ));
                 }
                 if tx.send(data).await.is_err() {
                     // The writer stopped: its error is reported below.
@@ -693,21 +704,23 @@ impl BlobStore {
         drop(tx);
         let written = writer
             .await
-            .map_err(|e| RegistryError::internal(format!("blob writer panicked: {e}")))?;
+            .map_err(|e| Error::internal(format!("blob writer panicked: {e}")))?;
         pump?;
         let (actual, size, on_disk) = written.map_err(local_error)?;
         if let Some(t) = total
             && size != t
         {
-            return Err(RegistryError::bad_gateway(format!(
-                "upstream sent {size} of {t} bytes for {digest}"
-            )));
+            return Err(Error::upstream(
+                ErrorKind::UpstreamProtocol,
+                format!("upstream sent {size} of {t} bytes for {digest}"),
+            ));
         }
         if &actual != digest {
             self.metrics.digest_mismatch(CacheKind::Blob);
-            return Err(RegistryError::bad_gateway(format!(
-                "digest mismatch: upstream sent {actual} for {digest}"
-            )));
+            return Err(Error::upstream(
+                ErrorKind::DigestMismatch,
+                format!("digest mismatch: upstream sent {actual} for {digest}"),
+            ));
         }
         Ok((size, on_disk))
     }
@@ -758,7 +771,7 @@ impl BlobStore {
         upstream: &Upstream,
         repo: &RepoName,
         digest: &Digest,
-    ) -> Result<BlobResponse, RegistryError> {
+    ) -> Result<BlobResponse, Error> {
         let known = self.fills.lock().ok().and_then(|f| {
             let p = f.get(digest)?.progress.borrow().clone();
             let outcome = match p.phase {
@@ -782,7 +795,10 @@ impl BlobStore {
                 .headers_mut()
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
         }
-        Ok(BlobResponse { outcome, response })
+        Ok(BlobResponse {
+            outcome,
+            response: Ok(response),
+        })
     }
 }
 
@@ -880,7 +896,7 @@ async fn ask_upstream(
     method: Method,
     repo: &RepoName,
     digest: &Digest,
-) -> Result<(Response<hyper::body::Incoming>, Option<u64>), RegistryError> {
+) -> Result<(Response<hyper::body::Incoming>, Option<u64>), Error> {
     let resp = upstream
         .send(
             method,
@@ -890,9 +906,9 @@ async fn ask_upstream(
         )
         .await?;
     if resp.status() != StatusCode::OK {
-        return Err(RegistryError::from_upstream(
+        return Err(Error::upstream_status(
             resp.status(),
-            UpstreamKind::Blob,
+            Asked::Blob,
             resp.headers().get(header::RETRY_AFTER),
             &digest.to_string(),
         ));
@@ -927,7 +943,7 @@ impl Drop for FillCleanup {
         };
         self.fill.progress.send_modify(|p| {
             if !matches!(p.phase, Phase::Verified | Phase::Failed(_)) {
-                p.phase = Phase::Failed(RegistryError::internal("blob fill stopped"));
+                p.phase = Phase::Failed(Error::internal("blob fill stopped"));
             }
         });
         if let Ok(mut fills) = store.fills.lock()
@@ -949,8 +965,8 @@ enum Lookup {
     Fill(Arc<Fill>, Outcome, broadcast::Receiver<SpillChunk>),
 }
 
-fn local_error(e: io::Error) -> RegistryError {
-    RegistryError::internal(format!("cache storage error: {e}"))
+fn local_error(e: io::Error) -> Error {
+    Error::local("cache storage error", e)
 }
 
 fn set_blob_headers(h: &mut HeaderMap, digest: &Digest) {
@@ -983,18 +999,12 @@ fn file_response(
     head_only: bool,
     feed: Option<Feed>,
     zero_copy: Option<Arc<Regions>>,
-) -> Result<Response<Body>, RegistryError> {
+) -> Result<Response<Body>, Error> {
     let (start, end, status) = match range {
         None => (0, size, StatusCode::OK),
         Some(r) => match r.resolve(size) {
             Some((s, e)) => (s, e, StatusCode::PARTIAL_CONTENT),
-            None => {
-                let mut e = RegistryError::range_invalid(size).into_response(head_only, body::full);
-                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
-                    e.headers_mut().insert(header::CONTENT_RANGE, v);
-                }
-                return Ok(e);
-            }
+            None => return Err(Error::range_invalid(size)),
         },
     };
     let body = if head_only {
@@ -1113,7 +1123,10 @@ impl Reader {
             let p = feed.progress.borrow_and_update().clone();
             let verified = match p.phase {
                 Phase::Failed(e) => {
-                    return Err(io::Error::other(format!("blob fill failed: {}", e.message)));
+                    return Err(io::Error::other(format!(
+                        "blob fill failed: {}",
+                        e.message()
+                    )));
                 }
                 Phase::Verified => true,
                 Phase::Connecting | Phase::Streaming => false,

@@ -1,0 +1,56 @@
+//! Why a request to an upstream produced no response, and what that means
+//! for the request that needed it.
+
+use http::StatusCode;
+
+use crate::error::{Cause, Error, ErrorKind};
+
+/// Why a request to an upstream produced no response.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    /// Could not connect / TLS / DNS / timed out waiting for response headers.
+    #[error("upstream unreachable: {message}")]
+    Unreachable {
+        /// What was tried and what happened.
+        message: String,
+        /// The transport error, if there was one (not for timeouts).
+        #[source]
+        cause: Option<Cause>,
+    },
+    /// Token endpoint refused or returned garbage.
+    #[error("upstream authentication failed: {message}")]
+    Auth {
+        /// What went wrong.
+        message: String,
+        /// The token endpoint's status, when it answered with a failure.
+        status: Option<StatusCode>,
+    },
+    /// Bad redirect, too many redirects, malformed challenge etc.
+    #[error("upstream protocol error: {0}")]
+    Protocol(String),
+}
+
+impl UpstreamError {
+    /// Unreachable, with the transport error as the cause.
+    pub fn unreachable(
+        message: String,
+        cause: impl std::error::Error + Send + Sync + 'static,
+    ) -> UpstreamError {
+        UpstreamError::Unreachable {
+            message,
+            cause: Some(std::sync::Arc::new(cause)),
+        }
+    }
+}
+
+impl From<UpstreamError> for Error {
+    fn from(e: UpstreamError) -> Error {
+        let kind = match &e {
+            UpstreamError::Unreachable { .. } => ErrorKind::Unreachable,
+            UpstreamError::Auth { status, .. } => ErrorKind::UpstreamAuth { status: *status },
+            UpstreamError::Protocol(_) => ErrorKind::UpstreamProtocol,
+        };
+        let message = e.to_string();
+        Error::upstream(kind, message).with_cause(e)
+    }
+}
