@@ -180,6 +180,40 @@ async fn stale_tag_is_served_when_upstream_rate_limits() {
     );
 }
 
+/// Stale serving is for upstream outages only (unreachable, 5xx, 429): a
+/// moved tag whose new manifest does not verify, or that upstream refuses,
+/// is an error, not a reason to keep serving the old manifest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stale_tag_is_not_served_when_upstream_content_is_bad_or_refused() {
+    let up = FakeUpstream::start().await;
+    let img1 = make_image(Format::Oci, &[10]);
+    let img2 = make_image(Format::Oci, &[20]);
+    up.push_image("library/ruby", "3", &img1);
+    let st = start_stowage(&up.url(), &short_ttl()).await;
+    let c = client();
+    check_manifest(&c, &st, "ruby", "3", &img1.manifest, OCI_MANIFEST).await;
+
+    // The tag moved, and the new manifest arrives corrupted.
+    up.push_image("library/ruby", "3", &img2);
+    up.corrupt(&img2.digest);
+    past_ttl().await;
+    let r = c.get(st.manifest_url("ruby", "3")).send().await.unwrap();
+    assert_oci_error(r, 502, &["UNAVAILABLE"], "moved tag, corrupt manifest").await;
+    assert!(
+        up.manifest_gets("library/ruby", "3") >= 2,
+        "the new manifest was fetched"
+    );
+
+    // Upstream now refuses the tag outright (403 on HEAD): no stale either.
+    up.uncorrupt(&img2.digest);
+    up.set_private("library/ruby");
+    up.enable_auth(300);
+    past_ttl().await;
+    let r = c.get(st.manifest_url("ruby", "3")).send().await.unwrap();
+    let status = r.status().as_u16();
+    assert_ne!(status, 200, "a refused tag was served stale");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_revalidations_make_one_upstream_request() {
     let up = FakeUpstream::start().await;

@@ -10,8 +10,10 @@
 //!   be a repository component, so tag files never collide with
 //!   repositories). When the in-memory entry has expired the tag is
 //!   revalidated with a `HEAD` upstream; the manifest is fetched again only
-//!   if the digest changed. If upstream is unreachable, 5xx or 429, the
-//!   cached manifest is served stale.
+//!   if the digest changed. If upstream is out (unreachable, timing out,
+//!   5xx or 429: [`Error::is_upstream_outage`]), the cached manifest is
+//!   served stale; a refusal (4xx) or bad content (digest mismatch) is an
+//!   error, never a reason to serve stale.
 //!
 //! Concurrent loads of one digest, and concurrent revalidations of one tag,
 //! are coalesced by moka into one upstream request.
@@ -26,7 +28,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use moka::Expiry;
 
-use crate::error::{Asked, Error, ErrorKind, ErrorSource};
+use crate::error::{Asked, Error, ErrorKind};
 use crate::metrics::Outcome;
 use crate::oci::headers::DOCKER_CONTENT_DIGEST;
 use crate::oci::manifest;
@@ -270,8 +272,9 @@ impl ManifestStore {
                     outcome: Outcome::Stale,
                 })
             };
-            match head {
-                Err(e) => return serve_stale(e.to_string()),
+            match head.map_err(Error::from) {
+                Err(e) if e.is_upstream_outage() => return serve_stale(e.report()),
+                Err(e) => return Err(e),
                 Ok(r) if is_outage(r.status()) => {
                     return serve_stale(format!("HEAD answered {}", r.status()));
                 }
@@ -301,20 +304,7 @@ impl ManifestStore {
             // Moved (or HEAD gave no digest): fetch the tag.
             return match fetch(upstream, repo, tag.as_str(), None).await {
                 Ok(m) => self.adopt(upstream, repo, tag, m, ttl).await,
-                // Any upstream failure but "unknown", 401 and 403.
-                Err(e)
-                    if e.esource() == ErrorSource::Upstream
-                        && !matches!(
-                            e.kind(),
-                            ErrorKind::BlobUnknown
-                                | ErrorKind::ManifestUnknown
-                                | ErrorKind::NameUnknown
-                                | ErrorKind::Denied
-                                | ErrorKind::UpstreamUnauthorized
-                        ) =>
-                {
-                    serve_stale(e.message().to_string())
-                }
+                Err(e) if e.is_upstream_outage() => serve_stale(e.report()),
                 Err(e) => Err(e),
             };
         }
@@ -436,7 +426,8 @@ async fn write_atomic(path: PathBuf, data: Vec<u8>) -> io::Result<()> {
     .map_err(io::Error::other)?
 }
 
-/// Upstream conditions under which a cached manifest is served stale.
+/// Upstream answers under which a cached manifest is served stale (the same
+/// statuses [`Error::is_upstream_outage`] calls an outage).
 fn is_outage(status: StatusCode) -> bool {
     status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS
 }

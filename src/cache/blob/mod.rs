@@ -497,7 +497,9 @@ impl BlobStore {
                 Ok((size, false)) => {
                     tracing::info!(%digest, size, repo = %repo, "blob served without caching")
                 }
-                Err(e) => tracing::warn!(%digest, repo = %repo, error = %e.report(), "blob fill failed"),
+                Err(e) => {
+                    tracing::warn!(%digest, repo = %repo, error = %e.report(), "blob fill failed")
+                }
             }
             fill.progress.send_modify(|p| match result {
                 Ok((size, _)) => {
