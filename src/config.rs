@@ -1,5 +1,9 @@
-//! Typed configuration: one struct per subsystem, parsed from TOML with
-//! unknown keys rejected, merged with command-line overrides, then validated.
+//! The configuration as a whole: the server-level settings, and each
+//! subsystem's section, which owns its type, defaults and validation
+//! (`[[upstream]]` in `upstream/config.rs`, `[cache]` in `cache/config.rs`,
+//! `[tls]`, `[access]` and `[limits]` in `front/config.rs`, `[log]` in
+//! `logging.rs`). This module parses the TOML (unknown keys rejected),
+//! merges command-line overrides and runs every part's validation.
 //!
 //! The embedded default (no file, no flags) is a Docker Hub mirror on
 //! `0.0.0.0:5000` caching under `./data`.
@@ -9,6 +13,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+pub use crate::cache::config::CacheConfig;
+pub use crate::error::ConfigError;
+pub use crate::front::config::{AccessConfig, LimitsConfig, TlsConfig};
+pub use crate::logging::{LogConfig, LogFormat};
+pub use crate::upstream::config::{UpstreamConfig, docker_hub};
 
 /// Everything stowage needs to run.
 #[derive(Debug, Clone, Deserialize)]
@@ -61,229 +71,23 @@ pub struct Config {
     pub limits: LimitsConfig,
 }
 
-/// TLS termination (`[tls]`). Certificate, key and client CA are re-read on
-/// SIGHUP and when their contents change.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// PEM certificate chain, leaf first.
-    pub cert: PathBuf,
-
-    /// PEM private key (PKCS#8, PKCS#1 or SEC1) matching the leaf.
-    pub key: PathBuf,
-
-    /// PEM CA bundle: when set, clients must present a certificate issued by
-    /// one of these CAs (mTLS).
-    #[serde(default)]
-    pub client_ca: Option<PathBuf>,
-
-    /// How often the files are checked for changes; `0s` turns polling off
-    /// (SIGHUP still reloads).
-    #[serde(default = "default_tls_reload_interval", with = "humantime_serde")]
-    pub reload_interval: Duration,
-
-    /// A client that has not completed the TLS handshake after this long is
-    /// disconnected.
-    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
-    pub handshake_timeout: Duration,
-}
-
-impl TlsConfig {
-    /// TLS from a certificate and key file with every other key at its
-    /// default (what `--tls-cert`/`--tls-key` give).
-    pub fn new(cert: PathBuf, key: PathBuf) -> TlsConfig {
-        TlsConfig {
-            cert,
-            key,
-            client_ca: None,
-            reload_interval: default_tls_reload_interval(),
-            handshake_timeout: default_handshake_timeout(),
-        }
-    }
-}
-
-/// Client authentication (`[access]`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AccessConfig {
-    /// htpasswd file with bcrypt entries (`htpasswd -B`); every request,
-    /// `/v2/` included, then needs HTTP Basic credentials from it. Re-read on
-    /// SIGHUP and when it changes.
-    pub htpasswd: PathBuf,
-
-    /// The realm named in the `WWW-Authenticate: Basic` challenge.
-    #[serde(default = "default_realm")]
-    pub realm: String,
-
-    /// How often the file is checked for changes; `0s` turns polling off
-    /// (SIGHUP still reloads).
-    #[serde(default = "default_tls_reload_interval", with = "humantime_serde")]
-    pub reload_interval: Duration,
-}
-
-/// Connection limits (`[limits]`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitsConfig {
-    /// Connections served at once; further ones wait in the listen backlog.
-    #[serde(default = "default_max_connections")]
-    pub max_connections: usize,
-
-    /// Time a client has to send a complete HTTP/1 request head (and, on a
-    /// new connection, its first byte): slow clients are dropped.
-    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
-    pub header_read_timeout: Duration,
-
-    /// A connection on which nothing is read or written for this long is
-    /// closed.
-    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
-    pub idle_timeout: Duration,
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        LimitsConfig {
-            max_connections: default_max_connections(),
-            header_read_timeout: default_header_read_timeout(),
-            idle_timeout: default_idle_timeout(),
-        }
-    }
-}
-
-/// The blob cache's budget and what it must keep.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CacheConfig {
-    /// Most bytes of blobs kept on disk (`"50GiB"`, `"500 MB"` or a number
-    /// of bytes). Fills in flight count against it.
-    #[serde(default = "default_max_size")]
-    pub max_size: bytesize::ByteSize,
-
-    /// Fraction of `max_size` above which least-recently-used blobs are
-    /// evicted.
-    #[serde(default = "default_high_watermark")]
-    pub high_watermark: f64,
-
-    /// Fraction of `max_size` that eviction brings usage down to.
-    #[serde(default = "default_low_watermark")]
-    pub low_watermark: f64,
-
-    /// Most manifests kept on disk (they are small and outside the blob
-    /// budget); the least recently written are removed beyond this.
-    #[serde(default = "default_max_manifests")]
-    pub max_manifests: usize,
-
-    /// Images whose blobs are never evicted, as `host/repo:tag` or
-    /// `host/repo@digest` (`docker.io/library/postgres:16`). A name without
-    /// a host means the default upstream.
-    #[serde(default)]
-    pub pin: Vec<String>,
-
-    /// How often pinned tags are resolved again.
-    #[serde(default = "default_pin_refresh", with = "humantime_serde")]
-    pub pin_refresh: Duration,
-}
-
-fn default_max_size() -> bytesize::ByteSize {
-    bytesize::ByteSize::gib(20)
-}
-
-fn default_high_watermark() -> f64 {
-    0.95
-}
-
-fn default_low_watermark() -> f64 {
-    0.85
-}
-
-fn default_max_manifests() -> usize {
-    100_000
-}
-
-fn default_pin_refresh() -> Duration {
-    Duration::from_secs(600)
-}
-
-impl Default for CacheConfig {
-    fn default() -> Self {
-        CacheConfig {
-            max_size: default_max_size(),
-            high_watermark: default_high_watermark(),
-            low_watermark: default_low_watermark(),
-            max_manifests: default_max_manifests(),
-            pin: Vec::new(),
-            pin_refresh: default_pin_refresh(),
-        }
-    }
-}
-
-/// Logging.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct LogConfig {
-    /// `human` (default) or `json`.
-    #[serde(default)]
-    pub format: LogFormat,
-    /// A `tracing` filter such as `info` or `stowage=debug`; `RUST_LOG` wins
-    /// when set.
-    #[serde(default)]
-    pub level: Option<String>,
-}
-
-/// Output format of log lines.
-#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Readable single lines.
-    #[default]
-    Human,
-    /// One JSON object per line.
-    Json,
-}
-
-/// One upstream registry.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpstreamConfig {
-    /// The registry host this upstream mirrors, as clients name it
-    /// (`docker.io`, `ghcr.io`, `registry.internal:5000`).
-    pub host: String,
-
-    /// Base URL requests are sent to (`https://registry-1.docker.io`).
-    pub url: String,
-
-    /// How long a tag's manifest is served without asking upstream again.
-    #[serde(default = "default_tag_ttl", with = "humantime_serde")]
-    pub tag_ttl: Duration,
-
-    /// Add `library/` to one-component repository names (Docker Hub).
-    #[serde(default)]
-    pub library_prefix: bool,
-
-    /// Username for token or basic auth; anonymous when absent.
-    #[serde(default)]
-    pub username: Option<String>,
-
-    /// Password given inline. Prefer `password_file` or `password_env`.
-    #[serde(default)]
-    pub password: Option<String>,
-
-    /// File whose contents (trailing newline trimmed) are the password.
-    #[serde(default)]
-    pub password_file: Option<PathBuf>,
-
-    /// Environment variable holding the password.
-    #[serde(default)]
-    pub password_env: Option<String>,
-
-    /// Extra PEM CA certificates trusted for this upstream, on top of the
-    /// system roots (for registries behind an internal CA).
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-
-    /// Timeout for connecting and for receiving response headers.
-    #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
-    pub timeout: Duration,
+/// Command-line values that override the file (all optional).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--listen`.
+    pub listen: Option<SocketAddr>,
+    /// `--upstream`, repeated: see [`Config::apply_upstream_flags`].
+    pub upstream: Vec<String>,
+    /// `--cache-dir`.
+    pub cache_dir: Option<PathBuf>,
+    /// `--max-size`.
+    pub max_size: Option<bytesize::ByteSize>,
+    /// `--tls-cert` (with `--tls-key`).
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key` (with `--tls-cert`).
+    pub tls_key: Option<PathBuf>,
+    /// `--admin-listen`: an address or `off`.
+    pub admin_listen: Option<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -322,54 +126,6 @@ fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(30)
 }
 
-fn default_tag_ttl() -> Duration {
-    Duration::from_secs(300)
-}
-
-fn default_upstream_timeout() -> Duration {
-    Duration::from_secs(30)
-}
-
-fn default_tls_reload_interval() -> Duration {
-    Duration::from_secs(5)
-}
-
-fn default_handshake_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-
-fn default_realm() -> String {
-    "stowage".into()
-}
-
-fn default_max_connections() -> usize {
-    1024
-}
-
-fn default_header_read_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-
-fn default_idle_timeout() -> Duration {
-    Duration::from_secs(90)
-}
-
-/// Docker Hub, as a user who runs stowage with no configuration expects.
-pub fn docker_hub() -> UpstreamConfig {
-    UpstreamConfig {
-        host: "docker.io".into(),
-        url: "https://registry-1.docker.io".into(),
-        tag_ttl: default_tag_ttl(),
-        library_prefix: true,
-        username: None,
-        password: None,
-        password_file: None,
-        password_env: None,
-        ca_file: None,
-        timeout: default_upstream_timeout(),
-    }
-}
-
 fn default_upstreams() -> Vec<UpstreamConfig> {
     vec![docker_hub()]
 }
@@ -391,38 +147,6 @@ impl Default for Config {
     }
 }
 
-/// Why a configuration was refused. Messages name the offending key.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// What went wrong.
-        source: std::io::Error,
-    },
-    /// TOML syntax error, unknown key or wrong type; toml's message names the
-    /// key and shows the line.
-    #[error("{0}")]
-    Parse(String),
-    /// Parsed, but a value is not acceptable.
-    #[error("invalid value for `{key}`: {message}")]
-    Invalid {
-        /// Dotted path of the key (`upstream[0].url`).
-        key: String,
-        /// What is wrong with it.
-        message: String,
-    },
-}
-
-fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.into(),
-        message: message.into(),
-    }
-}
-
 impl Config {
     /// Parses and validates a TOML document.
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
@@ -441,6 +165,31 @@ impl Config {
             ConfigError::Parse(m) => ConfigError::Parse(format!("{}: {m}", path.display())),
             other => other,
         })
+    }
+
+    /// The file at `path` (or the embedded default without one) with the
+    /// command-line `overrides` applied, validated.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut config = match path {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(listen) = overrides.listen {
+            config.listen = listen;
+        }
+        if let Some(dir) = &overrides.cache_dir {
+            config.cache_dir = dir.clone();
+        }
+        if let Some(size) = overrides.max_size {
+            config.cache.max_size = size;
+        }
+        if let Some(admin) = &overrides.admin_listen {
+            config.admin_listen = parse_admin_listen(admin)
+                .map_err(|message| ConfigError::invalid("--admin-listen", message))?;
+        }
+        config.apply_upstream_flags(&overrides.upstream)?;
+        config.apply_tls_flags(overrides.tls_cert.clone(), overrides.tls_key.clone())?;
+        Ok(config)
     }
 
     /// Applies `--upstream` values: `HOST=URL` entries, or a bare URL that
@@ -466,10 +215,9 @@ impl Config {
                     named.push(up);
                 }
                 None => {
-                    let default = self
-                        .upstreams
-                        .first_mut()
-                        .ok_or_else(|| invalid("upstream", "no upstream to apply --upstream to"))?;
+                    let default = self.upstreams.first_mut().ok_or_else(|| {
+                        ConfigError::invalid("upstream", "no upstream to apply --upstream to")
+                    })?;
                     default.url = flag.clone();
                 }
             }
@@ -484,167 +232,6 @@ impl Config {
             self.upstreams = named;
         }
         self.validate()
-    }
-
-    /// Checks values that parse but make no sense.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.admin_listen == Some(self.listen) && self.listen.port() != 0 {
-            return Err(invalid(
-                "admin_listen",
-                format!("{} is also `listen`", self.listen),
-            ));
-        }
-        if let Some(level) = &self.log.level
-            && let Err(e) = tracing_subscriber::EnvFilter::try_new(level)
-        {
-            return Err(invalid("log.level", format!("{level:?}: {e}")));
-        }
-        let c = &self.cache;
-        if c.max_size.as_u64() == 0 {
-            return Err(invalid("cache.max_size", "must be more than zero"));
-        }
-        if !(c.high_watermark > 0.0 && c.high_watermark <= 1.0) {
-            return Err(invalid("cache.high_watermark", "must be in (0, 1]"));
-        }
-        if !(c.low_watermark > 0.0 && c.low_watermark <= c.high_watermark) {
-            return Err(invalid(
-                "cache.low_watermark",
-                "must be more than 0 and at most cache.high_watermark",
-            ));
-        }
-        if c.max_manifests == 0 {
-            return Err(invalid("cache.max_manifests", "must be more than zero"));
-        }
-        if c.pin_refresh.is_zero() {
-            return Err(invalid("cache.pin_refresh", "must be more than zero"));
-        }
-        for (i, image) in c.pin.iter().enumerate() {
-            match crate::oci::ImageRef::parse(image) {
-                Err(e) => return Err(invalid(format!("cache.pin[{i}]"), e.message)),
-                Ok(r) => {
-                    if let Some(h) = &r.host
-                        && !self.upstreams.iter().any(|u| &u.host == h)
-                    {
-                        return Err(invalid(
-                            format!("cache.pin[{i}]"),
-                            format!("no upstream is configured for registry host {h:?}"),
-                        ));
-                    }
-                }
-            }
-        }
-        if self.upstreams.is_empty() {
-            return Err(invalid("upstream", "at least one upstream is required"));
-        }
-        for (i, up) in self.upstreams.iter().enumerate() {
-            let key = |k: &str| format!("upstream[{i}].{k}");
-            if !up.host.starts_with(|c: char| c.is_ascii_alphanumeric())
-                || !up
-                    .host
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_'))
-            {
-                return Err(invalid(
-                    key("host"),
-                    format!("{:?} is not a registry host name", up.host),
-                ));
-            }
-            if self.upstreams[..i].iter().any(|u| u.host == up.host) {
-                return Err(invalid(
-                    key("host"),
-                    format!("{:?} is configured twice", up.host),
-                ));
-            }
-            let uri: http::Uri = up
-                .url
-                .parse()
-                .map_err(|e| invalid(key("url"), format!("{:?}: {e}", up.url)))?;
-            match uri.scheme_str() {
-                Some("http") | Some("https") => {}
-                _ => {
-                    return Err(invalid(
-                        key("url"),
-                        format!("{:?} must start with http:// or https://", up.url),
-                    ));
-                }
-            }
-            if uri.host().is_none() {
-                return Err(invalid(key("url"), format!("{:?} has no host", up.url)));
-            }
-            if uri.query().is_some() {
-                return Err(invalid(
-                    key("url"),
-                    format!("{:?} must not have a query", up.url),
-                ));
-            }
-            let secrets = [
-                up.password.is_some(),
-                up.password_file.is_some(),
-                up.password_env.is_some(),
-            ]
-            .iter()
-            .filter(|s| **s)
-            .count();
-            if secrets > 1 {
-                return Err(invalid(
-                    key("password"),
-                    "give only one of password, password_file, password_env",
-                ));
-            }
-            if secrets == 1 && up.username.is_none() {
-                return Err(invalid(key("username"), "a password needs a username"));
-            }
-            if up.timeout.is_zero() {
-                return Err(invalid(key("timeout"), "must be more than zero"));
-            }
-        }
-        self.validate_front()?;
-        Ok(())
-    }
-
-    /// Checks `[tls]`, `[access]` and `[limits]`.
-    fn validate_front(&self) -> Result<(), ConfigError> {
-        if let Some(tls) = &self.tls {
-            for (k, p) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
-                if p.as_os_str().is_empty() {
-                    return Err(invalid(k, "must name a file"));
-                }
-            }
-            if tls.handshake_timeout.is_zero() {
-                return Err(invalid("tls.handshake_timeout", "must be more than zero"));
-            }
-        }
-        if let Some(access) = &self.access {
-            if access.htpasswd.as_os_str().is_empty() {
-                return Err(invalid("access.htpasswd", "must name a file"));
-            }
-            if access.realm.is_empty()
-                || !access
-                    .realm
-                    .chars()
-                    .all(|c| c == ' ' || c.is_ascii_graphic())
-                || access.realm.contains(['"', '\\'])
-            {
-                return Err(invalid(
-                    "access.realm",
-                    "must be printable ASCII without quotes or backslashes",
-                ));
-            }
-        }
-        let l = &self.limits;
-        if l.max_connections == 0 {
-            return Err(invalid("limits.max_connections", "must be at least 1"));
-        }
-        if l.header_read_timeout.is_zero() {
-            return Err(invalid(
-                "limits.header_read_timeout",
-                "must be more than zero",
-            ));
-        }
-        if l.idle_timeout.is_zero() {
-            return Err(invalid("limits.idle_timeout", "must be more than zero"));
-        }
-        Ok(())
     }
 
     /// Applies `--tls-cert FILE --tls-key FILE` (given together): TLS with
@@ -666,36 +253,44 @@ impl Config {
                 }
                 self.validate()
             }
-            _ => Err(invalid(
+            _ => Err(ConfigError::invalid(
                 "tls",
                 "--tls-cert and --tls-key must be given together",
             )),
         }
     }
-}
 
-impl UpstreamConfig {
-    /// Resolves the configured password from whichever source holds it.
-    pub fn resolve_password(&self) -> Result<Option<String>, ConfigError> {
-        if let Some(p) = &self.password {
-            return Ok(Some(p.clone()));
+    /// Checks values that parse but make no sense: the server-level ones
+    /// here, then each section's own validation.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.admin_listen == Some(self.listen) && self.listen.port() != 0 {
+            return Err(ConfigError::invalid(
+                "admin_listen",
+                format!("{} is also `listen`", self.listen),
+            ));
         }
-        if let Some(path) = &self.password_file {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.clone(),
-                source,
-            })?;
-            return Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()));
+        self.log.validate()?;
+        self.cache.validate()?;
+        for (i, image) in self.cache.pin.iter().enumerate() {
+            let pin = crate::cache::config::parse_pin(i, image)?;
+            // A pin naming a registry host needs an upstream for it.
+            if let Some(h) = &pin.host
+                && !self.upstreams.iter().any(|u| &u.host == h)
+            {
+                return Err(ConfigError::invalid(
+                    format!("cache.pin[{i}]"),
+                    format!("no upstream is configured for registry host {h:?}"),
+                ));
+            }
         }
-        if let Some(var) = &self.password_env {
-            return std::env::var(var).map(Some).map_err(|_| {
-                invalid(
-                    format!("upstream.{}.password_env", self.host),
-                    format!("environment variable {var} is not set"),
-                )
-            });
+        crate::upstream::config::validate_all(&self.upstreams)?;
+        if let Some(tls) = &self.tls {
+            tls.validate()?;
         }
-        Ok(None)
+        if let Some(access) = &self.access {
+            access.validate()?;
+        }
+        self.limits.validate()
     }
 }
 

@@ -1,3 +1,6 @@
+//! Errors shared across subsystems: [`ConfigError`] for start-up, and the
+//! request path's [`Error`].
+//!
 //! The internal error, as pingora models it: a typed [`ErrorKind`] (the
 //! condition), an [`ErrorSource`] (who caused it: the client, an upstream,
 //! or stowage itself) and an optional cause kept for logs.
@@ -312,6 +315,42 @@ impl From<ParseError> for Error {
             Invalid::Path => ErrorKind::Unsupported,
         };
         Error::new(kind, ErrorSource::Client, e.message)
+    }
+}
+
+/// Why a configuration was refused. Messages name the offending key. Each
+/// subsystem's configuration validates itself and reports with this type.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// TOML syntax error, unknown key or wrong type; toml's message names the
+    /// key and shows the line.
+    #[error("{0}")]
+    Parse(String),
+    /// Parsed, but a value is not acceptable.
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid {
+        /// Dotted path of the key (`upstream[0].url`).
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// The value of `key` is not acceptable.
+    pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
     }
 }
 

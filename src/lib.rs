@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod front;
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod oci;
 pub mod server;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use stowage::config::{Config, LogFormat};
+use stowage::config::{Config, Overrides};
 use stowage::server::Server;
 
 /// A pull-through caching mirror for container registries.
@@ -169,7 +169,7 @@ fn main() -> ExitCode {
         }
         _ => {}
     }
-    init_logging(&config);
+    stowage::logging::init(&config.log);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -188,30 +188,16 @@ fn main() -> ExitCode {
 }
 
 fn load(cli: &Cli) -> Result<Config, stowage::config::ConfigError> {
-    let mut config = match &cli.config {
-        Some(path) => Config::from_file(path)?,
-        None => Config::default(),
+    let overrides = Overrides {
+        listen: cli.listen,
+        upstream: cli.upstream.clone(),
+        cache_dir: cli.cache_dir.clone(),
+        max_size: cli.max_size,
+        tls_cert: cli.tls_cert.clone(),
+        tls_key: cli.tls_key.clone(),
+        admin_listen: cli.admin_listen.clone(),
     };
-    if let Some(listen) = cli.listen {
-        config.listen = listen;
-    }
-    if let Some(dir) = &cli.cache_dir {
-        config.cache_dir = dir.clone();
-    }
-    if let Some(size) = cli.max_size {
-        config.cache.max_size = size;
-    }
-    if let Some(admin) = &cli.admin_listen {
-        config.admin_listen = stowage::config::parse_admin_listen(admin).map_err(|message| {
-            stowage::config::ConfigError::Invalid {
-                key: "--admin-listen".into(),
-                message,
-            }
-        })?;
-    }
-    config.apply_upstream_flags(&cli.upstream)?;
-    config.apply_tls_flags(cli.tls_cert.clone(), cli.tls_key.clone())?;
-    Ok(config)
+    Config::load(cli.config.as_deref(), &overrides)
 }
 
 fn warm(opts: &stowage::cli::warm::WarmOptions, images: &[String]) -> ExitCode {
@@ -275,24 +261,6 @@ fn cache_command(config: &Config, command: CacheCommand) -> ExitCode {
             eprintln!("stowage cache: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_logging(config: &Config) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(config.log.level.as_deref().unwrap_or("info")))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal, never in files or the journal.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match config.log.format {
-        // Fields at the top level of each object, next to the span list that
-        // carries the request id.
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Human => builder.init(),
     }
 }
 

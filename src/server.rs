@@ -92,7 +92,11 @@ impl Server {
             "opening manifest cache in {}",
             config.cache_dir.display()
         )))?;
-        let front = Arc::new(Front::new(&config)?);
+        let front = Arc::new(Front::new(
+            config.tls.as_ref(),
+            config.access.as_ref(),
+            &config.limits,
+        )?);
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(io(format!("binding {}", config.listen)))?;

@@ -2,6 +2,7 @@
 //! manifests and tags ([`manifests`]), pinned images ([`pins`]).
 
 pub mod blob;
+pub mod config;
 pub mod index;
 pub mod manifests;
 pub mod pins;

@@ -17,11 +17,11 @@ use http::{HeaderMap, Method, StatusCode};
 use http_body_util::BodyExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
-use crate::config::{UpstreamConfig, docker_hub};
 use crate::oci::headers::X_STOWAGE_CACHE;
 use crate::oci::manifest::{accept_headers, refs_of};
 use crate::oci::{Digest, Hasher, ImageRef};
 use crate::upstream::Upstream;
+use crate::upstream::config::{UpstreamConfig, docker_hub};
 
 /// What to warm and how.
 #[derive(Debug, Clone)]

@@ -23,7 +23,7 @@ use base64::Engine as _;
 use http::{HeaderMap, HeaderValue, header};
 use sha2::{Digest as _, Sha256};
 
-use crate::config::AccessConfig;
+use super::config::AccessConfig;
 use crate::error::Error;
 
 /// How long a verified `Authorization` value is trusted without running

@@ -22,9 +22,10 @@ use tokio::net::TcpStream;
 
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::config::{Config, LimitsConfig};
+use config::{AccessConfig, LimitsConfig, TlsConfig};
 
 pub mod access;
+pub mod config;
 pub mod limits;
 pub mod reload;
 pub mod tls;
@@ -58,20 +59,20 @@ pub struct Front {
 }
 
 impl Front {
-    /// Loads the TLS material and the htpasswd file named in `config`.
-    pub fn new(config: &Config) -> Result<Front, FrontError> {
-        let tls = config
-            .tls
-            .as_ref()
-            .map(Tls::load)
-            .transpose()?
-            .map(Arc::new);
-        let access = Arc::new(Access::new(config.access.as_ref())?);
+    /// Loads the TLS material and the htpasswd file named in the `[tls]`
+    /// and `[access]` sections, with the `[limits]`.
+    pub fn new(
+        tls: Option<&TlsConfig>,
+        access: Option<&AccessConfig>,
+        limits: &LimitsConfig,
+    ) -> Result<Front, FrontError> {
+        let tls = tls.map(Tls::load).transpose()?.map(Arc::new);
+        let access = Arc::new(Access::new(access)?);
         Ok(Front {
             tls,
             access,
-            limits: config.limits.clone(),
-            slots: Slots::new(config.limits.max_connections),
+            limits: limits.clone(),
+            slots: Slots::new(limits.max_connections),
         })
     }
 

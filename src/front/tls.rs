@@ -25,7 +25,7 @@ use rustls::server::{ClientHello, ResolvesServerCert, StoresServerSessions, WebP
 use rustls::sign::CertifiedKey;
 use sha2::{Digest as _, Sha256};
 
-use crate::config::TlsConfig;
+use super::config::TlsConfig;
 
 /// Why certificate material could not be loaded.
 #[derive(Debug, thiserror::Error)]

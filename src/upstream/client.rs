@@ -19,8 +19,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::config::UpstreamConfig;
 use super::error::UpstreamError;
-use crate::config::{ConfigError, UpstreamConfig};
+use crate::error::ConfigError;
 use crate::metrics::Metrics;
 use crate::oci::headers::{RATELIMIT_LIMIT, RATELIMIT_REMAINING};
 use crate::upstream::auth::{
@@ -798,7 +799,7 @@ mod tests {
             url,
             library_prefix: false,
             timeout: Duration::from_secs(2),
-            ..crate::config::docker_hub()
+            ..crate::upstream::config::docker_hub()
         }
     }
 

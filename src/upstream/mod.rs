@@ -3,6 +3,7 @@
 
 pub mod auth;
 mod client;
+pub mod config;
 mod error;
 
 pub use client::*;

@@ -1,0 +1,130 @@
+//! The blob cache's configuration (`[cache]`): budget, watermarks, the
+//! manifest limit and pinned images, with defaults and validation.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+use crate::oci::ImageRef;
+
+/// The blob cache's budget and what it must keep.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Most bytes of blobs kept on disk (`"50GiB"`, `"500 MB"` or a number
+    /// of bytes). Fills in flight count against it.
+    #[serde(default = "default_max_size")]
+    pub max_size: bytesize::ByteSize,
+
+    /// Fraction of `max_size` above which least-recently-used blobs are
+    /// evicted.
+    #[serde(default = "default_high_watermark")]
+    pub high_watermark: f64,
+
+    /// Fraction of `max_size` that eviction brings usage down to.
+    #[serde(default = "default_low_watermark")]
+    pub low_watermark: f64,
+
+    /// Most manifests kept on disk (they are small and outside the blob
+    /// budget); the least recently written are removed beyond this.
+    #[serde(default = "default_max_manifests")]
+    pub max_manifests: usize,
+
+    /// Images whose blobs are never evicted, as `host/repo:tag` or
+    /// `host/repo@digest` (`docker.io/library/postgres:16`). A name without
+    /// a host means the default upstream.
+    #[serde(default)]
+    pub pin: Vec<String>,
+
+    /// How often pinned tags are resolved again.
+    #[serde(default = "default_pin_refresh", with = "humantime_serde")]
+    pub pin_refresh: Duration,
+}
+
+fn default_max_size() -> bytesize::ByteSize {
+    bytesize::ByteSize::gib(20)
+}
+
+fn default_high_watermark() -> f64 {
+    0.95
+}
+
+fn default_low_watermark() -> f64 {
+    0.85
+}
+
+fn default_max_manifests() -> usize {
+    100_000
+}
+
+fn default_pin_refresh() -> Duration {
+    Duration::from_secs(600)
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_size: default_max_size(),
+            high_watermark: default_high_watermark(),
+            low_watermark: default_low_watermark(),
+            max_manifests: default_max_manifests(),
+            pin: Vec::new(),
+            pin_refresh: default_pin_refresh(),
+        }
+    }
+}
+
+impl CacheConfig {
+    /// Checks the budget, watermarks and limits (the pinned images are
+    /// checked by [`parse_pin`], as the whole configuration knows which
+    /// registry hosts exist).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_size.as_u64() == 0 {
+            return Err(ConfigError::invalid(
+                "cache.max_size",
+                "must be more than zero",
+            ));
+        }
+        if !(self.high_watermark > 0.0 && self.high_watermark <= 1.0) {
+            return Err(ConfigError::invalid(
+                "cache.high_watermark",
+                "must be in (0, 1]",
+            ));
+        }
+        if !(self.low_watermark > 0.0 && self.low_watermark <= self.high_watermark) {
+            return Err(ConfigError::invalid(
+                "cache.low_watermark",
+                "must be more than 0 and at most cache.high_watermark",
+            ));
+        }
+        if self.max_manifests == 0 {
+            return Err(ConfigError::invalid(
+                "cache.max_manifests",
+                "must be more than zero",
+            ));
+        }
+        if self.pin_refresh.is_zero() {
+            return Err(ConfigError::invalid(
+                "cache.pin_refresh",
+                "must be more than zero",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The pinned images, parsed.
+    pub fn pins(&self) -> Result<Vec<ImageRef>, ConfigError> {
+        self.pin
+            .iter()
+            .enumerate()
+            .map(|(i, image)| parse_pin(i, image))
+            .collect()
+    }
+}
+
+/// Parses `cache.pin[i]`.
+pub fn parse_pin(i: usize, image: &str) -> Result<ImageRef, ConfigError> {
+    ImageRef::parse(image)
+        .map_err(|e| ConfigError::invalid(format!("cache.pin[{i}]"), e.to_string()))
+}

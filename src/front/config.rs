@@ -1,0 +1,184 @@
+//! The front door's configuration: `[tls]`, `[access]` and `[limits]`, with
+//! their defaults and validation.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+
+/// TLS termination (`[tls]`). Certificate, key and client CA are re-read on
+/// SIGHUP and when their contents change.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) matching the leaf.
+    pub key: PathBuf,
+
+    /// PEM CA bundle: when set, clients must present a certificate issued by
+    /// one of these CAs (mTLS).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+
+    /// How often the files are checked for changes; `0s` turns polling off
+    /// (SIGHUP still reloads).
+    #[serde(default = "default_tls_reload_interval", with = "humantime_serde")]
+    pub reload_interval: Duration,
+
+    /// A client that has not completed the TLS handshake after this long is
+    /// disconnected.
+    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+impl TlsConfig {
+    /// TLS from a certificate and key file with every other key at its
+    /// default (what `--tls-cert`/`--tls-key` give).
+    pub fn new(cert: PathBuf, key: PathBuf) -> TlsConfig {
+        TlsConfig {
+            cert,
+            key,
+            client_ca: None,
+            reload_interval: default_tls_reload_interval(),
+            handshake_timeout: default_handshake_timeout(),
+        }
+    }
+}
+
+/// Client authentication (`[access]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessConfig {
+    /// htpasswd file with bcrypt entries (`htpasswd -B`); every request,
+    /// `/v2/` included, then needs HTTP Basic credentials from it. Re-read on
+    /// SIGHUP and when it changes.
+    pub htpasswd: PathBuf,
+
+    /// The realm named in the `WWW-Authenticate: Basic` challenge.
+    #[serde(default = "default_realm")]
+    pub realm: String,
+
+    /// How often the file is checked for changes; `0s` turns polling off
+    /// (SIGHUP still reloads).
+    #[serde(default = "default_tls_reload_interval", with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+/// Connection limits (`[limits]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Connections served at once; further ones wait in the listen backlog.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+
+    /// Time a client has to send a complete HTTP/1 request head (and, on a
+    /// new connection, its first byte): slow clients are dropped.
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+
+    /// A connection on which nothing is read or written for this long is
+    /// closed.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: default_max_connections(),
+            header_read_timeout: default_header_read_timeout(),
+            idle_timeout: default_idle_timeout(),
+        }
+    }
+}
+
+fn default_tls_reload_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_realm() -> String {
+    "stowage".into()
+}
+
+fn default_max_connections() -> usize {
+    1024
+}
+
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(90)
+}
+
+impl TlsConfig {
+    /// Checks `[tls]`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (k, p) in [("tls.cert", &self.cert), ("tls.key", &self.key)] {
+            if p.as_os_str().is_empty() {
+                return Err(ConfigError::invalid(k, "must name a file"));
+            }
+        }
+        if self.handshake_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "tls.handshake_timeout",
+                "must be more than zero",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl AccessConfig {
+    /// Checks `[access]`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.htpasswd.as_os_str().is_empty() {
+            return Err(ConfigError::invalid("access.htpasswd", "must name a file"));
+        }
+        if self.realm.is_empty()
+            || !self.realm.chars().all(|c| c == ' ' || c.is_ascii_graphic())
+            || self.realm.contains(['"', '\\'])
+        {
+            return Err(ConfigError::invalid(
+                "access.realm",
+                "must be printable ASCII without quotes or backslashes",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl LimitsConfig {
+    /// Checks `[limits]`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_connections == 0 {
+            return Err(ConfigError::invalid(
+                "limits.max_connections",
+                "must be at least 1",
+            ));
+        }
+        if self.header_read_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "limits.header_read_timeout",
+                "must be more than zero",
+            ));
+        }
+        if self.idle_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "limits.idle_timeout",
+                "must be more than zero",
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,184 @@
+//! The configuration of one upstream registry (`[[upstream]]`), with its
+//! defaults, validation and credentials.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+
+/// One upstream registry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// The registry host this upstream mirrors, as clients name it
+    /// (`docker.io`, `ghcr.io`, `registry.internal:5000`).
+    pub host: String,
+
+    /// Base URL requests are sent to (`https://registry-1.docker.io`).
+    pub url: String,
+
+    /// How long a tag's manifest is served without asking upstream again.
+    #[serde(default = "default_tag_ttl", with = "humantime_serde")]
+    pub tag_ttl: Duration,
+
+    /// Add `library/` to one-component repository names (Docker Hub).
+    #[serde(default)]
+    pub library_prefix: bool,
+
+    /// Username for token or basic auth; anonymous when absent.
+    #[serde(default)]
+    pub username: Option<String>,
+
+    /// Password given inline. Prefer `password_file` or `password_env`.
+    #[serde(default)]
+    pub password: Option<String>,
+
+    /// File whose contents (trailing newline trimmed) are the password.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+
+    /// Environment variable holding the password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+
+    /// Extra PEM CA certificates trusted for this upstream, on top of the
+    /// system roots (for registries behind an internal CA).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+
+    /// Timeout for connecting and for receiving response headers.
+    #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_tag_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_upstream_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// Docker Hub, as a user who runs stowage with no configuration expects.
+pub fn docker_hub() -> UpstreamConfig {
+    UpstreamConfig {
+        host: "docker.io".into(),
+        url: "https://registry-1.docker.io".into(),
+        tag_ttl: default_tag_ttl(),
+        library_prefix: true,
+        username: None,
+        password: None,
+        password_file: None,
+        password_env: None,
+        ca_file: None,
+        timeout: default_upstream_timeout(),
+    }
+}
+
+/// Checks the list of upstreams: at least one, hosts unique, each valid.
+pub fn validate_all(upstreams: &[UpstreamConfig]) -> Result<(), ConfigError> {
+    if upstreams.is_empty() {
+        return Err(ConfigError::invalid(
+            "upstream",
+            "at least one upstream is required",
+        ));
+    }
+    for (i, up) in upstreams.iter().enumerate() {
+        up.validate(i, &upstreams[..i])?;
+    }
+    Ok(())
+}
+
+impl UpstreamConfig {
+    /// Checks this upstream, the `i`th in the file (for key names), after
+    /// `earlier` ones.
+    pub fn validate(&self, i: usize, earlier: &[UpstreamConfig]) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("upstream[{i}].{k}");
+        let invalid = |k: &str, message: String| ConfigError::invalid(key(k), message);
+        if !self.host.starts_with(|c: char| c.is_ascii_alphanumeric())
+            || !self
+                .host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_'))
+        {
+            return Err(invalid(
+                "host",
+                format!("{:?} is not a registry host name", self.host),
+            ));
+        }
+        if earlier.iter().any(|u| u.host == self.host) {
+            return Err(invalid(
+                "host",
+                format!("{:?} is configured twice", self.host),
+            ));
+        }
+        self.validate_url(&key("url"))?;
+        let secrets = [
+            self.password.is_some(),
+            self.password_file.is_some(),
+            self.password_env.is_some(),
+        ]
+        .iter()
+        .filter(|s| **s)
+        .count();
+        if secrets > 1 {
+            return Err(invalid(
+                "password",
+                "give only one of password, password_file, password_env".into(),
+            ));
+        }
+        if secrets == 1 && self.username.is_none() {
+            return Err(invalid("username", "a password needs a username".into()));
+        }
+        if self.timeout.is_zero() {
+            return Err(invalid("timeout", "must be more than zero".into()));
+        }
+        Ok(())
+    }
+
+    fn validate_url(&self, key: &str) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::invalid(key, message);
+        let uri: http::Uri = self
+            .url
+            .parse()
+            .map_err(|e| invalid(format!("{:?}: {e}", self.url)))?;
+        if !matches!(uri.scheme_str(), Some("http") | Some("https")) {
+            return Err(invalid(format!(
+                "{:?} must start with http:// or https://",
+                self.url
+            )));
+        }
+        if uri.host().is_none() {
+            return Err(invalid(format!("{:?} has no host", self.url)));
+        }
+        if uri.query().is_some() {
+            return Err(invalid(format!("{:?} must not have a query", self.url)));
+        }
+        Ok(())
+    }
+
+    /// Resolves the configured password from whichever source holds it.
+    pub fn resolve_password(&self) -> Result<Option<String>, ConfigError> {
+        if let Some(p) = &self.password {
+            return Ok(Some(p.clone()));
+        }
+        if let Some(path) = &self.password_file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            return Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()));
+        }
+        if let Some(var) = &self.password_env {
+            return std::env::var(var).map(Some).map_err(|_| {
+                ConfigError::invalid(
+                    format!("upstream.{}.password_env", self.host),
+                    format!("environment variable {var} is not set"),
+                )
+            });
+        }
+        Ok(None)
+    }
+}
