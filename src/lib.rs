@@ -16,3 +16,11 @@ pub mod metrics;
 pub mod oci;
 pub mod server;
 pub mod upstream;
+
+pub use metrics::Metrics;
+
+/// White-box access for the integration tests (the `test-hooks` feature).
+#[cfg(feature = "test-hooks")]
+pub mod test_hooks {
+    pub use crate::upstream::{Upstream, UpstreamError};
+}

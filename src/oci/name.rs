@@ -5,6 +5,7 @@
 //! only be built by its `parse`, so code that builds file paths from one
 //! never sees `..`, an empty component or anything outside the grammar.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use super::digest::Digest;
@@ -48,6 +49,17 @@ impl RepoName {
 impl fmt::Display for RepoName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// A repository name as Docker Hub knows it: `library/` + `repo` for a
+/// one-component name when `on` (Docker Hub's official images), else
+/// `repo` unchanged.
+pub fn library_prefixed(repo: &str, on: bool) -> Cow<'_, str> {
+    if on && !repo.contains('/') {
+        Cow::Owned(format!("library/{repo}"))
+    } else {
+        Cow::Borrowed(repo)
     }
 }
 

@@ -1,291 +1,47 @@
-//! Upstream authentication: `WWW-Authenticate` challenges and a token cache.
+//! Authenticating to an upstream: the Docker token specification (token
+//! URLs, token responses, a cache of tokens per realm, service and scope)
+//! and HTTP Basic credentials, and how an [`Upstream`] answers a challenge
+//! and remembers it so later requests authenticate up front.
 //!
-//! Registries following the Docker token specification answer an
-//! unauthenticated request with `401` and a challenge such as
-//!
-//! ```text
-//! WWW-Authenticate: Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull"
-//! ```
-//!
-//! [`parse_challenges`] turns such a header value into [`Challenge`]s,
-//! [`token_url`] builds the token endpoint request, [`parse_token_response`]
-//! reads its answer and [`TokenCache`] keeps tokens until shortly before they
-//! expire.
+//! This is where credentials reach upstream requests: the mirror's own,
+//! from `UpstreamConfig` (a client's `Authorization` never goes upstream;
+//! see `STRIPPED_HEADERS` in `client.rs`).
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::HeaderValue;
+use base64::Engine as _;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
 use serde::Deserialize;
 
-/// One authentication challenge from a `WWW-Authenticate` header.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Challenge {
-    /// `Bearer`: fetch a token from `realm` and present it.
-    Bearer(BearerChallenge),
-    /// `Basic`: present username and password.
-    Basic {
-        /// The protection space named by the server, if any.
-        realm: Option<String>,
-    },
-    /// Any other scheme (`Negotiate`, `Digest`, …), which stowage does not
-    /// speak. Holds the scheme name in lower case.
-    Other(String),
-}
+use super::challenge::{self, Challenge};
+use super::client::Upstream;
+use super::config::UpstreamConfig;
+use super::error::UpstreamError;
+use crate::error::ConfigError;
 
-/// The parameters of a `Bearer` challenge.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct BearerChallenge {
-    /// URL of the token endpoint.
-    pub realm: String,
-    /// The `service` parameter to pass to the token endpoint, if given.
-    pub service: Option<String>,
-    /// The `scope` the server asked for, if given
-    /// (`repository:library/alpine:pull`).
-    pub scope: Option<String>,
-}
+/// Largest token endpoint answer accepted.
+const MAX_TOKEN_BODY: usize = 1024 * 1024;
 
-/// Why a `WWW-Authenticate` header value could not be understood.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ChallengeError {
-    /// The header value holds no challenge at all.
-    #[error("empty challenge")]
-    Empty,
-    /// Something other than a token where a scheme or parameter name belongs.
-    #[error("expected a token at byte {0}")]
-    ExpectedToken(usize),
-    /// A parameter name not followed by `=`.
-    #[error("expected '=' after parameter {0:?}")]
-    ExpectedEquals(String),
-    /// A quoted string that never ends.
-    #[error("unterminated quoted string")]
-    UnterminatedQuote,
-    /// Text after a parameter value that is neither `,` nor the end.
-    #[error("unexpected character at byte {0}")]
-    Unexpected(usize),
-    /// A `Bearer` challenge without `realm`.
-    #[error("bearer challenge has no realm")]
-    MissingRealm,
-}
-
-/// Characters allowed in an HTTP `token` (RFC 9110 `tchar`).
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
-
-/// A small cursor over the header value.
-struct Lexer<'a> {
-    /// The whole header value.
-    s: &'a [u8],
-    /// Index of the next unread byte.
-    pos: usize,
-}
-
-impl<'a> Lexer<'a> {
-    fn skip_ws(&mut self) {
-        while self.pos < self.s.len() && matches!(self.s[self.pos], b' ' | b'\t') {
-            self.pos += 1;
+/// The token endpoint URL for a challenge: `realm?service=…&scope=…`,
+/// values form-encoded and appended to any query the realm already has.
+pub fn token_url(
+    realm: &str,
+    service: Option<&str>,
+    scope: &str,
+) -> Result<url::Url, url::ParseError> {
+    let mut url = url::Url::parse(realm)?;
+    {
+        let mut query = url.query_pairs_mut();
+        if let Some(service) = service {
+            query.append_pair("service", service);
         }
+        query.append_pair("scope", scope);
     }
-
-    /// Skips whitespace and commas (empty list elements are allowed).
-    fn skip_ws_commas(&mut self) {
-        while self.pos < self.s.len() && matches!(self.s[self.pos], b' ' | b'\t' | b',') {
-            self.pos += 1;
-        }
-    }
-
-    fn peek(&self) -> Option<u8> {
-        self.s.get(self.pos).copied()
-    }
-
-    fn at_end(&self) -> bool {
-        self.pos >= self.s.len()
-    }
-
-    fn token(&mut self) -> Option<&'a str> {
-        let start = self.pos;
-        while self.pos < self.s.len() && is_tchar(self.s[self.pos]) {
-            self.pos += 1;
-        }
-        if self.pos == start {
-            return None;
-        }
-        std::str::from_utf8(&self.s[start..self.pos]).ok()
-    }
-
-    /// Reads a quoted string (opening quote already current), handling
-    /// backslash escapes.
-    fn quoted(&mut self) -> Result<String, ChallengeError> {
-        self.pos += 1; // opening quote
-        let mut out = Vec::new();
-        while let Some(b) = self.peek() {
-            self.pos += 1;
-            match b {
-                b'"' => return Ok(String::from_utf8_lossy(&out).into_owned()),
-                b'\\' => match self.peek() {
-                    Some(escaped) => {
-                        out.push(escaped);
-                        self.pos += 1;
-                    }
-                    None => return Err(ChallengeError::UnterminatedQuote),
-                },
-                other => out.push(other),
-            }
-        }
-        Err(ChallengeError::UnterminatedQuote)
-    }
-
-    /// Looks ahead: is the next element `name =` (a parameter), rather than
-    /// the scheme of a new challenge? Does not move the cursor.
-    fn next_is_param(&self) -> bool {
-        let mut probe = Lexer {
-            s: self.s,
-            pos: self.pos,
-        };
-        if probe.token().is_none() {
-            return false;
-        }
-        probe.skip_ws();
-        probe.peek() == Some(b'=')
-    }
-
-    /// Consumes a `token68` (`abc+/==`) if one follows, up to (not
-    /// including) the next comma or the end. Leaves the cursor alone and
-    /// returns false otherwise.
-    fn token68(&mut self) -> bool {
-        let mut probe = Lexer {
-            s: self.s,
-            pos: self.pos,
-        };
-        let start = probe.pos;
-        while probe
-            .peek()
-            .is_some_and(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b))
-        {
-            probe.pos += 1;
-        }
-        if probe.pos == start {
-            return false;
-        }
-        while probe.peek() == Some(b'=') {
-            probe.pos += 1;
-        }
-        probe.skip_ws();
-        if probe.at_end() || probe.peek() == Some(b',') {
-            self.pos = probe.pos;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-/// Parses one `WWW-Authenticate` header value into its challenges.
-///
-/// Scheme and parameter names are case-insensitive; parameter values may be
-/// tokens or quoted strings (which may contain commas and escaped quotes).
-/// Several challenges may share one header value
-/// (`Basic realm="a", Bearer realm="b"`). A `Bearer` challenge must carry a
-/// `realm`.
-pub fn parse_challenges(value: &str) -> Result<Vec<Challenge>, ChallengeError> {
-    let mut lx = Lexer {
-        s: value.as_bytes(),
-        pos: 0,
-    };
-    let mut out = Vec::new();
-    lx.skip_ws_commas();
-    while !lx.at_end() {
-        let scheme = lx
-            .token()
-            .ok_or(ChallengeError::ExpectedToken(lx.pos))?
-            .to_ascii_lowercase();
-        let mut params: Vec<(String, String)> = Vec::new();
-        lx.skip_ws();
-        // token68 form (`Negotiate abc==`), recognised only as the first
-        // element after the scheme.
-        if !lx.token68() {
-            loop {
-                lx.skip_ws_commas();
-                if lx.at_end() || !lx.next_is_param() {
-                    break;
-                }
-                let name = lx
-                    .token()
-                    .ok_or(ChallengeError::ExpectedToken(lx.pos))?
-                    .to_ascii_lowercase();
-                lx.skip_ws();
-                if lx.peek() != Some(b'=') {
-                    return Err(ChallengeError::ExpectedEquals(name));
-                }
-                lx.pos += 1;
-                lx.skip_ws();
-                let val = if lx.peek() == Some(b'"') {
-                    lx.quoted()?
-                } else {
-                    lx.token()
-                        .ok_or(ChallengeError::ExpectedToken(lx.pos))?
-                        .to_string()
-                };
-                params.push((name, val));
-                lx.skip_ws();
-                if !lx.at_end() && lx.peek() != Some(b',') {
-                    return Err(ChallengeError::Unexpected(lx.pos));
-                }
-            }
-        }
-        let param = |n: &str| params.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
-        out.push(match scheme.as_str() {
-            "bearer" => Challenge::Bearer(BearerChallenge {
-                realm: param("realm")
-                    .filter(|r| !r.is_empty())
-                    .ok_or(ChallengeError::MissingRealm)?,
-                service: param("service"),
-                scope: param("scope"),
-            }),
-            "basic" => Challenge::Basic {
-                realm: param("realm"),
-            },
-            _ => Challenge::Other(scheme),
-        });
-        lx.skip_ws_commas();
-    }
-    if out.is_empty() {
-        return Err(ChallengeError::Empty);
-    }
-    Ok(out)
-}
-
-/// Percent-encodes a query component: everything but RFC 3986 unreserved
-/// characters is escaped.
-pub fn percent_encode_query(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// The token endpoint URL for a challenge: `realm?service=…&scope=…`, with
-/// values percent-encoded and `&` used if the realm already has a query.
-pub fn token_url(realm: &str, service: Option<&str>, scope: &str) -> String {
-    let mut url = realm.to_string();
-    let mut sep = if realm.contains('?') { '&' } else { '?' };
-    if let Some(service) = service {
-        url.push(sep);
-        url.push_str("service=");
-        url.push_str(&percent_encode_query(service));
-        sep = '&';
-    }
-    url.push(sep);
-    url.push_str("scope=");
-    url.push_str(&percent_encode_query(scope));
-    url
+    Ok(url)
 }
 
 /// The default scope for pulling a repository.
@@ -432,136 +188,271 @@ impl TokenCache {
     }
 }
 
+/// How an upstream last asked us to authenticate, so later requests can
+/// authenticate up front instead of collecting a 401 first.
+#[derive(Debug, Clone)]
+enum Remembered {
+    /// Bearer tokens from this realm and service.
+    Bearer {
+        /// Token endpoint URL.
+        realm: String,
+        /// `service` parameter for the token endpoint.
+        service: Option<String>,
+    },
+    /// Basic credentials.
+    Basic,
+}
+
+/// One upstream's credentials and what it asked for last.
+pub(super) struct Credentials {
+    /// `Authorization: Basic …` when a username is configured.
+    basic: Option<HeaderValue>,
+    /// Bearer tokens by realm, service and scope.
+    tokens: TokenCache,
+    /// How the upstream last asked us to authenticate.
+    challenge: std::sync::Mutex<Option<Remembered>>,
+}
+
+impl Credentials {
+    /// The configured credentials (the password resolved from wherever it
+    /// is kept).
+    pub(super) fn new(cfg: &UpstreamConfig) -> Result<Credentials, ConfigError> {
+        let password = cfg.resolve_password()?;
+        let basic = match &cfg.username {
+            Some(user) => {
+                let raw = format!("{user}:{}", password.as_deref().unwrap_or(""));
+                let encoded = base64::engine::general_purpose::STANDARD.encode(raw);
+                let mut value =
+                    HeaderValue::from_str(&format!("Basic {encoded}")).map_err(|_| {
+                        ConfigError::invalid(
+                            format!("upstream.{}.username", cfg.host),
+                            "cannot be sent in a header",
+                        )
+                    })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+            None => None,
+        };
+        Ok(Credentials {
+            basic,
+            tokens: TokenCache::new(),
+            challenge: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// Whether a username is configured.
+    pub(super) fn configured(&self) -> bool {
+        self.basic.is_some()
+    }
+
+    fn remembered(&self) -> Option<Remembered> {
+        self.challenge
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    fn remember(&self, how: Remembered) {
+        *self
+            .challenge
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(how);
+    }
+}
+
+/// The `Authorization` sent with a request before any challenge.
+#[derive(Default)]
+pub(super) struct UpFront {
+    /// The header value, if the upstream's way of authenticating is known.
+    header: Option<HeaderValue>,
+    /// The cached token it came from, to forget it if it is refused.
+    token: Option<(TokenKey, HeaderValue)>,
+}
+
+impl UpFront {
+    /// The header to send.
+    pub(super) fn header(&self) -> Option<&HeaderValue> {
+        self.header.as_ref()
+    }
+}
+
+impl Upstream {
+    /// Authenticates up front when the upstream's challenge is known:
+    /// a token for `scope`, or the Basic credentials.
+    pub(super) async fn authenticate_up_front(
+        &self,
+        scope: &str,
+    ) -> Result<UpFront, UpstreamError> {
+        Ok(match self.credentials.remembered() {
+            Some(Remembered::Bearer { realm, service }) => {
+                let key = TokenKey {
+                    realm,
+                    service,
+                    scope: scope.to_string(),
+                };
+                let token = self.token(key.clone()).await?;
+                UpFront {
+                    header: Some(token.header.clone()),
+                    token: Some((key, token.header)),
+                }
+            }
+            Some(Remembered::Basic) => UpFront {
+                header: self.credentials.basic.clone(),
+                token: None,
+            },
+            None => UpFront::default(),
+        })
+    }
+
+    /// Answers a 401's challenge: the `Authorization` to retry with, or
+    /// `None` when the 401 should be returned as-is (no usable challenge,
+    /// no credentials, or the credentials just sent were refused). The
+    /// challenge is remembered for later requests.
+    pub(super) async fn answer_challenge(
+        &self,
+        headers: &HeaderMap,
+        scope: &str,
+        sent: &UpFront,
+    ) -> Result<Option<HeaderValue>, UpstreamError> {
+        match challenge::pick(headers) {
+            None | Some(Ok(Challenge::Other(_))) => Ok(None),
+            Some(Err(e)) => {
+                tracing::warn!(upstream = %self.host(), error = %e, "cannot understand upstream's challenge");
+                Err(e)
+            }
+            Some(Ok(Challenge::Bearer(challenge))) => {
+                if let Some((key, header)) = &sent.token {
+                    self.credentials.tokens.invalidate_if(key, header).await;
+                }
+                self.credentials.remember(Remembered::Bearer {
+                    realm: challenge.realm.clone(),
+                    service: challenge.service.clone(),
+                });
+                let key = TokenKey {
+                    realm: challenge.realm,
+                    service: challenge.service,
+                    scope: challenge.scope.unwrap_or_else(|| scope.to_string()),
+                };
+                Ok(Some(self.token(key).await?.header))
+            }
+            Some(Ok(Challenge::Basic { .. })) => {
+                let Some(basic) = &self.credentials.basic else {
+                    tracing::warn!(upstream = %self.host(), "upstream wants basic auth but no credentials are configured");
+                    return Ok(None);
+                };
+                if sent.header.as_ref() == Some(basic) {
+                    tracing::warn!(upstream = %self.host(), "upstream rejected the configured credentials");
+                    return Ok(None);
+                }
+                self.credentials.remember(Remembered::Basic);
+                Ok(Some(basic.clone()))
+            }
+        }
+    }
+
+    /// A token for `key`, cached or freshly fetched (one fetch per key at a
+    /// time).
+    async fn token(&self, key: TokenKey) -> Result<Token, UpstreamError> {
+        self.credentials
+            .tokens
+            .get_or_fetch(key.clone(), self.fetch_token(key))
+            .await
+            .map_err(|e| (*e).clone())
+    }
+
+    /// Asks the token endpoint of `key.realm` for a token (with the Basic
+    /// credentials, when configured).
+    async fn fetch_token(&self, key: TokenKey) -> Result<Token, UpstreamError> {
+        let realm = &key.realm;
+        let url = token_url(realm, key.service.as_deref(), &key.scope).map_err(|_| {
+            UpstreamError::Protocol(format!("token realm {realm:?} is not a valid URL"))
+        })?;
+        let uri: Uri = match url.scheme() {
+            "http" | "https" if url.host_str().is_some_and(|h| !h.is_empty()) => {
+                url.as_str().parse().map_err(|_| {
+                    UpstreamError::Protocol(format!("token realm {realm:?} is not a valid URL"))
+                })?
+            }
+            _ => {
+                return Err(UpstreamError::Protocol(format!(
+                    "token realm {realm:?} is not an http(s) URL"
+                )));
+            }
+        };
+        let fail = |message: String, status: Option<StatusCode>| {
+            tracing::warn!(upstream = %self.host(), realm = %realm, scope = %key.scope, "token request failed: {message}");
+            UpstreamError::Auth { message, status }
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        let resp = match self
+            .follow(
+                "token",
+                &Method::GET,
+                &uri,
+                &headers,
+                self.credentials.basic.as_ref(),
+            )
+            .await
+        {
+            Ok(resp) => resp,
+            Err(UpstreamError::Unreachable { message, cause }) => {
+                tracing::warn!(upstream = %self.host(), realm = %realm, "token endpoint unreachable: {message}");
+                return Err(UpstreamError::Unreachable {
+                    message: format!("token endpoint: {message}"),
+                    cause,
+                });
+            }
+            Err(e) => return Err(fail(e.to_string(), None)),
+        };
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(fail(
+                format!("token endpoint {realm} answered {status}"),
+                Some(status),
+            ));
+        }
+        let body = self
+            .read_token_body(resp, realm)
+            .await
+            .map_err(|m| fail(m, None))?;
+        parse_token_response(&body).map_err(|e| fail(format!("{realm}: {e}"), None))
+    }
+
+    /// The token endpoint's answer, bounded in size and time.
+    async fn read_token_body(
+        &self,
+        resp: http::Response<Incoming>,
+        realm: &str,
+    ) -> Result<bytes::Bytes, String> {
+        let collected = tokio::time::timeout(
+            self.timeout(),
+            Limited::new(resp.into_body(), MAX_TOKEN_BODY).collect(),
+        )
+        .await
+        .map_err(|_| format!("token endpoint {realm} timed out sending its answer"))?
+        .map_err(|e| format!("reading token endpoint {realm}: {e}"))?;
+        Ok(collected.to_bytes())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn bearer(realm: &str, service: Option<&str>, scope: Option<&str>) -> Challenge {
-        Challenge::Bearer(BearerChallenge {
-            realm: realm.into(),
-            service: service.map(Into::into),
-            scope: scope.map(Into::into),
-        })
-    }
-
-    #[test]
-    fn docker_hub_challenge() {
-        let c = parse_challenges(
-            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull""#,
-        )
-        .unwrap();
-        assert_eq!(
-            c,
-            vec![bearer(
-                "https://auth.docker.io/token",
-                Some("registry.docker.io"),
-                Some("repository:library/alpine:pull")
-            )]
-        );
-    }
-
-    #[test]
-    fn quoted_values_may_hold_commas_and_escapes() {
-        let c = parse_challenges(
-            r#"Bearer realm="https://a/token",scope="repository:a/b:pull,push",service="x\"y""#,
-        )
-        .unwrap();
-        assert_eq!(
-            c,
-            vec![bearer(
-                "https://a/token",
-                Some("x\"y"),
-                Some("repository:a/b:pull,push")
-            )]
-        );
-    }
-
-    #[test]
-    fn unquoted_values_whitespace_and_case() {
-        let c = parse_challenges("bEaReR  Realm = tok , SERVICE=reg ,scope=\"s\"").unwrap();
-        assert_eq!(c, vec![bearer("tok", Some("reg"), Some("s"))]);
-        let c = parse_challenges("BASIC realm=\"Registry Realm\"").unwrap();
-        assert_eq!(
-            c,
-            vec![Challenge::Basic {
-                realm: Some("Registry Realm".into())
-            }]
-        );
-        assert_eq!(
-            parse_challenges("Basic").unwrap(),
-            vec![Challenge::Basic { realm: None }]
-        );
-    }
-
-    #[test]
-    fn scope_and_service_are_optional() {
-        let c = parse_challenges(r#"Bearer realm="https://a/token""#).unwrap();
-        assert_eq!(c, vec![bearer("https://a/token", None, None)]);
-    }
-
-    #[test]
-    fn several_challenges_in_one_value() {
-        let c = parse_challenges(
-            r#"Basic realm="a, b", Bearer realm="https://t",service=s, Negotiate abc==, Digest realm=x"#,
-        )
-        .unwrap();
-        assert_eq!(
-            c,
-            vec![
-                Challenge::Basic {
-                    realm: Some("a, b".into())
-                },
-                bearer("https://t", Some("s"), None),
-                Challenge::Other("negotiate".into()),
-                Challenge::Other("digest".into()),
-            ]
-        );
-    }
-
-    #[test]
-    fn errors() {
-        assert_eq!(parse_challenges(""), Err(ChallengeError::Empty));
-        assert_eq!(parse_challenges("  , "), Err(ChallengeError::Empty));
-        assert_eq!(
-            parse_challenges(r#"Bearer service="x""#),
-            Err(ChallengeError::MissingRealm)
-        );
-        assert_eq!(
-            parse_challenges(r#"Bearer realm="""#),
-            Err(ChallengeError::MissingRealm)
-        );
-        assert_eq!(
-            parse_challenges(r#"Bearer realm="https://x"#),
-            Err(ChallengeError::UnterminatedQuote)
-        );
-        assert!(matches!(
-            parse_challenges(r#"Bearer realm="a" junk"#),
-            Err(ChallengeError::Unexpected(_))
-        ));
-        assert!(matches!(
-            parse_challenges(r#"Bearer realm=x, scope="#),
-            Err(ChallengeError::ExpectedToken(_))
-        ));
-        assert_eq!(
-            parse_challenges("Bearer realm="),
-            Err(ChallengeError::MissingRealm)
-        );
-        assert!(matches!(
-            parse_challenges(r#""quoted" realm=x"#),
-            Err(ChallengeError::ExpectedToken(0))
-        ));
-    }
-
     #[test]
     fn token_urls() {
+        let url = |realm, service, scope| token_url(realm, service, scope).unwrap().to_string();
         assert_eq!(
-            token_url("https://a/token", Some("reg istry"), "repository:a/b:pull"),
-            "https://a/token?service=reg%20istry&scope=repository%3Aa%2Fb%3Apull"
+            url("https://a/token", Some("reg istry"), "repository:a/b:pull"),
+            "https://a/token?service=reg+istry&scope=repository%3Aa%2Fb%3Apull"
         );
         assert_eq!(
-            token_url("https://a/token?x=1", None, "s&t"),
+            url("https://a/token?x=1", None, "s&t"),
             "https://a/token?x=1&scope=s%26t"
         );
+        assert!(token_url("not a url", None, "s").is_err());
         assert_eq!(
             pull_scope("library/alpine"),
             "repository:library/alpine:pull"

@@ -176,6 +176,22 @@ struct AuthConfig {
     expires_in: u64,
     credentials: Option<(String, String)>,
     private: HashSet<String>,
+    /// `service` named in the bearer challenge.
+    service: String,
+    /// Whether the bearer challenge names the scope.
+    challenge_scope: bool,
+    /// Registry-level Basic auth (no tokens): these credentials.
+    basic: Option<(String, String)>,
+}
+
+/// A scripted answer for one path; see [`FakeUpstream::respond`].
+#[derive(Clone)]
+struct Canned {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Bytes,
+    /// Served only once the request passed the auth checks.
+    after_auth: bool,
 }
 
 struct Inner {
@@ -193,6 +209,8 @@ struct Inner {
     tokens: Mutex<HashMap<String, Token>>,
     token_seq: AtomicU64,
     connections: AtomicUsize,
+    /// Scripted answers by exact path.
+    canned: Mutex<HashMap<String, Canned>>,
 }
 
 /// The fake registry. Cloning gives another handle to the same server.
@@ -222,7 +240,11 @@ impl FakeUpstream {
                 expires_in: 300,
                 credentials: None,
                 private: HashSet::new(),
+                service: "fake".into(),
+                challenge_scope: true,
+                basic: None,
             }),
+            canned: Mutex::default(),
             tokens: Mutex::default(),
             token_seq: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
@@ -460,6 +482,66 @@ impl FakeUpstream {
             .insert(repo.to_string());
     }
 
+    /// The `service` the bearer challenge names (default `fake`).
+    pub fn set_service(&self, service: &str) {
+        self.inner.auth.lock().unwrap().service = service.to_string();
+    }
+
+    /// Whether the bearer challenge names the scope (default yes).
+    pub fn set_challenge_scope(&self, on: bool) {
+        self.inner.auth.lock().unwrap().challenge_scope = on;
+    }
+
+    /// Forgets every token issued: they are refused from now on.
+    pub fn revoke_tokens(&self) {
+        self.inner.tokens.lock().unwrap().clear();
+    }
+
+    /// Require HTTP Basic credentials on everything under `/v2/` (the
+    /// registry itself, no token endpoint): `401` with
+    /// `Basic realm="Registry Realm"` otherwise.
+    pub fn require_basic(&self, user: &str, password: &str) {
+        self.inner.auth.lock().unwrap().basic = Some((user.to_string(), password.to_string()));
+    }
+
+    /// Answers every request for exactly `path` (any method) with `status`,
+    /// `headers` and `body`, once the request passed the auth checks (if
+    /// auth is on). Paths outside `/v2/` (object storage, a path prefix)
+    /// work too.
+    pub fn respond(&self, path: &str, status: u16, headers: &[(&str, &str)], body: &str) {
+        self.script(path, status, headers, body, true);
+    }
+
+    /// Like [`FakeUpstream::respond`], but before any auth check (and in
+    /// place of the token endpoint when `path` is `/token`).
+    pub fn respond_open(&self, path: &str, status: u16, headers: &[(&str, &str)], body: &str) {
+        self.script(path, status, headers, body, false);
+    }
+
+    fn script(
+        &self,
+        path: &str,
+        status: u16,
+        headers: &[(&str, &str)],
+        body: &str,
+        after_auth: bool,
+    ) {
+        let canned = Canned {
+            status,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: Bytes::from(body.to_string()),
+            after_auth,
+        };
+        self.inner
+            .canned
+            .lock()
+            .unwrap()
+            .insert(path.to_string(), canned);
+    }
+
     // ----- observations --------------------------------------------------
 
     /// Requests seen for exactly (method, path); path excludes the query.
@@ -565,6 +647,21 @@ impl FakeUpstream {
     /// TCP connections accepted and served.
     pub fn connections(&self) -> usize {
         self.inner.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Canned {
+    fn reply(&self, head: bool) -> Response<Body> {
+        let mut b = Response::builder().status(self.status);
+        for (k, v) in &self.headers {
+            b = b.header(k.as_str(), v.as_str());
+        }
+        b.body(if head {
+            empty()
+        } else {
+            full(self.body.clone())
+        })
+        .unwrap()
     }
 }
 
@@ -708,8 +805,19 @@ impl Inner {
             }
         }
 
+        let canned = self.canned.lock().unwrap().get(&path).cloned();
+        if let Some(c) = &canned
+            && !c.after_auth
+        {
+            return Ok(c.reply(method == Method::HEAD));
+        }
         if path == "/token" {
             return Ok(self.token(&req, query.as_deref()));
+        }
+        if let Some(c) = &canned
+            && !path.starts_with("/v2/")
+        {
+            return Ok(c.reply(method == Method::HEAD));
         }
         if path != "/v2" && !path.starts_with("/v2/") {
             return Ok(oci_error(StatusCode::NOT_FOUND, "NOT_FOUND", "not found"));
@@ -735,6 +843,12 @@ impl Inner {
                 .unwrap());
         }
 
+        if let Some(c) = &canned {
+            if let Some(resp) = self.check_auth(&req, None) {
+                return Ok(resp);
+            }
+            return Ok(c.reply(head));
+        }
         let rest = &path["/v2/".len()..];
         if let Some(name) = rest.strip_suffix("/tags/list") {
             if let Some(resp) = self.check_auth(&req, Some(name)) {
@@ -758,11 +872,15 @@ impl Inner {
     }
 
     fn challenge(&self, name: Option<&str>) -> Response<Body> {
+        let (service, with_scope) = {
+            let a = self.auth.lock().unwrap();
+            (a.service.clone(), a.challenge_scope)
+        };
         let mut v = format!(
-            "Bearer realm=\"http://{}/token\",service=\"fake\"",
+            "Bearer realm=\"http://{}/token\",service=\"{service}\"",
             self.addr
         );
-        if let Some(name) = name {
+        if let Some(name) = name.filter(|_| with_scope) {
             v.push_str(&format!(",scope=\"repository:{name}:pull\""));
         }
         let mut r = oci_error(
@@ -777,6 +895,23 @@ impl Inner {
 
     /// `None` when the request may proceed.
     fn check_auth(&self, req: &Request<Incoming>, name: Option<&str>) -> Option<Response<Body>> {
+        let basic = self.auth.lock().unwrap().basic.clone();
+        if let Some((user, password)) = basic {
+            let want = format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+            );
+            let got = req.headers().get("authorization");
+            if got.is_some_and(|g| g.as_bytes() == want.as_bytes()) {
+                return None;
+            }
+            let mut r = oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "who are you");
+            r.headers_mut().insert(
+                "www-authenticate",
+                HeaderValue::from_static("Basic realm=\"Registry Realm\""),
+            );
+            return Some(r);
+        }
         if !self.auth.lock().unwrap().enabled {
             return None;
         }
