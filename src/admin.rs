@@ -41,8 +41,9 @@ type ScrapeHook = Box<dyn Fn(&Metrics) + Send + Sync>;
 pub struct AdminState {
     /// The server's metrics and health flags.
     pub metrics: Arc<Metrics>,
-    /// The cache directory whose writability `/readyz` checks.
-    pub cache_dir: PathBuf,
+    /// The directory in the cache whose writability `/readyz` checks (the
+    /// one fills write to).
+    pub probe_dir: PathBuf,
     /// Distinguishes probe file names.
     probes: AtomicU64,
     /// Extra "is the index loaded" check (the blob index's own flag).
@@ -52,11 +53,11 @@ pub struct AdminState {
 }
 
 impl AdminState {
-    /// State for a server with these metrics and this cache directory.
-    pub fn new(metrics: Arc<Metrics>, cache_dir: PathBuf) -> AdminState {
+    /// State for a server with these metrics, probing `probe_dir`.
+    pub fn new(metrics: Arc<Metrics>, probe_dir: PathBuf) -> AdminState {
         AdminState {
             metrics,
-            cache_dir,
+            probe_dir,
             probes: AtomicU64::new(0),
             index_loaded: None,
             before_scrape: None,
@@ -86,7 +87,7 @@ impl AdminState {
         if !self.metrics.index_loaded() || self.index_loaded.as_ref().is_some_and(|f| !f()) {
             reasons.push("blob index is still loading".to_string());
         }
-        let dir = self.cache_dir.join("tmp");
+        let dir = &self.probe_dir;
         let n = self.probes.fetch_add(1, Ordering::Relaxed);
         let probe = dir.join(format!(".readyz-{}-{n}", std::process::id()));
         let checked = tokio::time::timeout(
@@ -273,7 +274,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
         let metrics = Arc::new(Metrics::new());
-        let state = AdminState::new(metrics.clone(), dir.path().to_path_buf());
+        let state = AdminState::new(metrics.clone(), dir.path().join("tmp"));
         // Not listening yet.
         let r = state.not_ready().await;
         assert_eq!(r.len(), 1, "{r:?}");

@@ -5,7 +5,6 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +18,7 @@ use tokio::net::TcpListener;
 use crate::admin::{self, AdminState};
 use crate::cache::blob::BlobStore;
 use crate::cache::index::{BlobIndex, Budget};
+use crate::cache::layout::Layout;
 use crate::cache::manifests::ManifestStore;
 use crate::config::Config;
 use crate::front::{Front, Reloader};
@@ -57,7 +57,7 @@ pub struct Server {
     /// The admin listener (`/metrics`, `/healthz`, `/readyz`), if enabled.
     admin: Option<TcpListener>,
     /// Where the caches live (checked by `/readyz`).
-    cache_dir: PathBuf,
+    layout: Layout,
 }
 
 impl Server {
@@ -81,14 +81,15 @@ impl Server {
             config.cache.high_watermark,
             config.cache.low_watermark,
         );
-        let index = Arc::new(BlobIndex::new(&config.cache_dir, budget));
-        let blobs = BlobStore::open(&config.cache_dir, index, idle).map_err(io(format!(
+        let layout = Layout::new(&config.cache_dir);
+        let index = Arc::new(BlobIndex::new(&layout, budget));
+        let blobs = BlobStore::open(&layout, index, idle).map_err(io(format!(
             "opening blob cache in {}",
             config.cache_dir.display()
         )))?;
         let blobs = Arc::new(blobs.with_metrics(metrics.clone()));
         blobs.spawn_background();
-        let manifests = ManifestStore::open(&config.cache_dir).map_err(io(format!(
+        let manifests = ManifestStore::open(&layout).map_err(io(format!(
             "opening manifest cache in {}",
             config.cache_dir.display()
         )))?;
@@ -130,7 +131,7 @@ impl Server {
             shutdown_timeout: config.shutdown_timeout,
             front,
             admin,
-            cache_dir: config.cache_dir.clone(),
+            layout,
         })
     }
 
@@ -175,7 +176,7 @@ impl Server {
         let admin = self.admin.take().map(|listener| {
             let blobs = self.state.blobs.clone();
             let index = self.state.blobs.index().clone();
-            let state = AdminState::new(self.state.metrics.clone(), self.cache_dir.clone())
+            let state = AdminState::new(self.state.metrics.clone(), self.layout.tmp())
                 .with_index_check(move || blobs.index().is_loaded())
                 .with_scrape_hook(move |metrics| {
                     metrics.set_cache_size(index.used().saturating_add(index.reserved()));

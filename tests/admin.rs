@@ -64,7 +64,7 @@ async fn healthz_readyz_and_not_found() {
     assert_ne!(get(&format!("{}/metrics", st.url())).await.0, 200);
 
     // The readiness probe leaves nothing behind in the cache.
-    let tmp = st.dir.path().join("tmp");
+    let tmp = stowage::test_hooks::tmp_dir(st.dir.path());
     let leftovers: Vec<_> = std::fs::read_dir(&tmp)
         .unwrap()
         .map(|e| e.unwrap().file_name())

@@ -15,8 +15,7 @@ const MIB: usize = 1 << 20;
 
 /// Where stowage keeps a verified blob.
 fn blob_file(cache: &Path, digest: &str) -> PathBuf {
-    let hex = digest.strip_prefix("sha256:").unwrap();
-    cache.join("blobs").join("sha256").join(&hex[..2]).join(hex)
+    stowage::test_hooks::blob_path(cache, digest)
 }
 
 /// Total bytes of files in the blob store.
@@ -32,11 +31,11 @@ fn store_bytes(cache: &Path) -> u64 {
             })
             .sum()
     }
-    walk(&cache.join("blobs"))
+    walk(&stowage::test_hooks::blobs_dir(cache))
 }
 
 fn tmp_files(cache: &Path) -> usize {
-    std::fs::read_dir(cache.join("tmp"))
+    std::fs::read_dir(stowage::test_hooks::tmp_dir(cache))
         .map(|d| d.count())
         .unwrap_or(0)
 }

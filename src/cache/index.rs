@@ -25,17 +25,19 @@
 //! high/low watermarks; and its eviction listener runs after the entry has
 //! left the map, racing a refill of the same digest for the file name.
 
-use std::collections::HashSet;
-use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, Write};
-use std::path::{Path, PathBuf};
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 
-use crate::oci::{Algorithm, Digest, Hasher};
+use super::journal::Journal;
+use super::layout::{Layout, Record, Scanned};
+use crate::oci::{Digest, Hasher};
 
 /// How often changed access times are written to the files' mtimes.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(30);
@@ -99,12 +101,10 @@ pub struct Evicted {
 
 /// The blob index. Shared by the store, the fills and background tasks.
 pub struct BlobIndex {
-    /// `<cache>/blobs`.
-    root: PathBuf,
-    /// `<cache>/index.log`.
-    journal_path: PathBuf,
-    /// Append handle of the journal.
-    journal: Mutex<Option<File>>,
+    /// Where the blobs are.
+    layout: Layout,
+    /// `index.log`.
+    journal: Journal,
     /// Stored blobs.
     entries: DashMap<Digest, Meta>,
     /// Bytes of stored blobs.
@@ -133,21 +133,13 @@ pub fn now_micros() -> u64 {
         .unwrap_or(0)
 }
 
-/// Where a blob lives under `root` (`<root>/<alg>/<hex[..2]>/<hex>`).
-pub fn blob_path(root: &Path, digest: &Digest) -> PathBuf {
-    root.join(digest.algorithm().as_str())
-        .join(&digest.hex()[..2])
-        .join(digest.hex())
-}
-
 impl BlobIndex {
-    /// An empty index over the store at `root` (`<cache>/blobs`); call
+    /// An empty index over the store of `layout`; call
     /// [`BlobIndex::load`] to fill it from disk.
-    pub fn new(cache_dir: &Path, budget: Budget) -> BlobIndex {
+    pub fn new(layout: &Layout, budget: Budget) -> BlobIndex {
         BlobIndex {
-            root: cache_dir.join("blobs"),
-            journal_path: cache_dir.join("index.log"),
-            journal: Mutex::new(None),
+            layout: layout.clone(),
+            journal: Journal::new(layout.journal()),
             entries: DashMap::new(),
             used: AtomicU64::new(0),
             reserved: AtomicU64::new(0),
@@ -264,26 +256,7 @@ impl BlobIndex {
     /// the rename. Not fsynced: a record lost in a crash only means the
     /// next start hashes that file before indexing it.
     pub fn record(&self, digest: &Digest, size: u64) -> io::Result<()> {
-        self.append(&format!("+{digest} {size}\n"))
-    }
-
-    fn append(&self, line: &str) -> io::Result<()> {
-        let mut guard = self
-            .journal
-            .lock()
-            .map_err(|_| io::Error::other("journal lock poisoned"))?;
-        if guard.is_none() {
-            *guard = Some(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&self.journal_path)?,
-            );
-        }
-        if let Some(f) = guard.as_mut() {
-            f.write_all(line.as_bytes())?;
-        }
-        Ok(())
+        self.journal.append(&Record::Stored(digest.clone(), size))
     }
 
     /// Indexes a blob just committed to the store in place of the fill's
@@ -337,7 +310,7 @@ impl BlobIndex {
             let Some((_, meta)) = self.entries.remove(&digest) else {
                 continue;
             };
-            match std::fs::remove_file(blob_path(&self.root, &digest)) {
+            match std::fs::remove_file(self.layout.blob(&digest)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => {
@@ -346,7 +319,7 @@ impl BlobIndex {
                     continue;
                 }
             }
-            let _ = self.append(&format!("-{digest}\n"));
+            let _ = self.journal.append(&Record::Removed(digest.clone()));
             self.used.fetch_sub(meta.size, Ordering::Relaxed);
             done.blobs += 1;
             done.bytes += meta.size;
@@ -384,7 +357,7 @@ impl BlobIndex {
                     (atime / 1_000_000) as i64,
                     ((atime % 1_000_000) * 1000) as u32,
                 );
-                if filetime::set_file_mtime(blob_path(&self.root, e.key()), t).is_ok() {
+                if filetime::set_file_mtime(self.layout.blob(e.key()), t).is_ok() {
                     e.flushed.store(atime, Ordering::Relaxed);
                     n += 1;
                 }
@@ -399,96 +372,72 @@ impl BlobIndex {
     /// disagrees with the journal; verifies unrecorded files by hashing;
     /// compacts the journal. Returns the number of blobs indexed.
     pub fn load(&self) -> io::Result<usize> {
-        let records = read_journal(&self.journal_path)?;
-        let mut kept: Vec<(Digest, u64)> = Vec::new();
-        for alg in [Algorithm::Sha256, Algorithm::Sha512] {
-            let alg_dir = self.root.join(alg.as_str());
-            let Ok(prefixes) = std::fs::read_dir(&alg_dir) else {
-                continue;
-            };
-            for prefix in prefixes.flatten() {
-                let prefix_path = prefix.path();
-                let prefix_name = prefix.file_name().to_string_lossy().into_owned();
-                if !prefix.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                    drop_file(&prefix_path, "not a blob directory");
-                    continue;
-                }
-                let Ok(files) = std::fs::read_dir(&prefix_path) else {
-                    continue;
-                };
-                for file in files.flatten() {
-                    let path = file.path();
-                    let name = file.file_name().to_string_lossy().into_owned();
-                    let digest = match Digest::parse(&format!("{}:{name}", alg.as_str())) {
-                        Ok(d) if name.starts_with(&prefix_name) && prefix_name.len() == 2 => d,
-                        _ => {
-                            drop_file(&path, "name is not a valid digest");
-                            continue;
-                        }
-                    };
-                    let Ok(meta) = file.metadata() else { continue };
-                    if !meta.is_file() {
-                        drop_file(&path, "not a regular file");
-                        continue;
-                    }
-                    let size = meta.len();
-                    match records.get(&digest) {
-                        Some(&recorded) if recorded == size => {}
-                        Some(&recorded) => {
-                            tracing::warn!(%digest, size, recorded, "blob size does not match its record");
-                            drop_file(&path, "size does not match its record");
-                            continue;
-                        }
-                        None => {
-                            if !verify_file(&path, &digest) {
-                                drop_file(&path, "unrecorded and does not hash to its name");
-                                continue;
-                            }
-                        }
-                    }
-                    let mtime = meta
-                        .modified()
-                        .ok()
-                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                        .map(|d| d.as_micros() as u64)
-                        .unwrap_or(0);
-                    self.insert(&digest, size, mtime, mtime);
-                    kept.push((digest, size));
+        let records = self.journal.read()?;
+        let mut kept = 0;
+        self.layout.scan_blobs(|entry| match entry {
+            Scanned::Stray(path, why) => drop_file(&path, why),
+            Scanned::Blob(digest, file) => {
+                if self.load_one(&records, digest, &file) {
+                    kept += 1;
                 }
             }
-        }
+        });
         // Entries added by hits or commits during the scan are on disk and
         // recorded already; write the compacted journal with everything.
-        let mut text = String::new();
-        for e in self.entries.iter() {
-            text.push_str(&format!("+{} {}\n", e.key(), e.size));
-        }
+        let records: Vec<Record> = self
+            .entries
+            .iter()
+            .map(|e| Record::Stored(e.key().clone(), e.size))
+            .collect();
         // The index is complete either way; a journal that cannot be
         // compacted just stays longer.
         self.loaded.store(true, Ordering::Release);
-        if let Err(e) = self.compact_journal(&text) {
+        if let Err(e) = self.journal.compact(records.into_iter()) {
             tracing::warn!(error = %e, "cannot compact the blob journal");
         }
-        Ok(kept.len())
+        Ok(kept)
     }
 
-    /// Replaces the journal with `text` (via a uniquely named temporary
-    /// file and a rename).
-    fn compact_journal(&self, text: &str) -> io::Result<()> {
-        let mut guard = self
-            .journal
-            .lock()
-            .map_err(|_| io::Error::other("journal lock poisoned"))?;
-        let dir = self
-            .journal_path
-            .parent()
-            .ok_or_else(|| io::Error::other("journal has no directory"))?;
-        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-        tmp.write_all(text.as_bytes())?;
-        tmp.as_file().sync_all()?;
-        tmp.persist(&self.journal_path).map_err(|e| e.error)?;
-        *guard = None;
-        Ok(())
+    /// Indexes one file found by the start-up scan, if its size agrees with
+    /// its journal record or (unrecorded) it hashes to its name; drops it
+    /// otherwise. Returns whether it was kept.
+    fn load_one(
+        &self,
+        records: &HashMap<Digest, u64>,
+        digest: Digest,
+        file: &std::fs::DirEntry,
+    ) -> bool {
+        let path = file.path();
+        let Ok(meta) = file.metadata() else {
+            return false;
+        };
+        if !meta.is_file() {
+            drop_file(&path, "not a regular file");
+            return false;
+        }
+        let size = meta.len();
+        match records.get(&digest) {
+            Some(&recorded) if recorded == size => {}
+            Some(&recorded) => {
+                tracing::warn!(%digest, size, recorded, "blob size does not match its record");
+                drop_file(&path, "size does not match its record");
+                return false;
+            }
+            None => {
+                if !verify_file(&path, &digest) {
+                    drop_file(&path, "unrecorded and does not hash to its name");
+                    return false;
+                }
+            }
+        }
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        self.insert(&digest, size, mtime, mtime);
+        true
     }
 
     /// All entries, for operator commands and tests.
@@ -504,32 +453,6 @@ impl BlobIndex {
             })
             .collect()
     }
-}
-
-/// Reads `+digest size` / `-digest` lines; later lines win. Unparseable
-/// lines (a torn last line after a crash) are skipped.
-fn read_journal(path: &Path) -> io::Result<std::collections::HashMap<Digest, u64>> {
-    let mut map = std::collections::HashMap::new();
-    let file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(map),
-        Err(e) => return Err(e),
-    };
-    for line in io::BufReader::new(file).lines() {
-        let Ok(line) = line else { break };
-        if let Some(rest) = line.strip_prefix('+') {
-            if let Some((d, s)) = rest.split_once(' ')
-                && let (Ok(d), Ok(s)) = (Digest::parse(d), s.parse::<u64>())
-            {
-                map.insert(d, s);
-            }
-        } else if let Some(rest) = line.strip_prefix('-')
-            && let Ok(d) = Digest::parse(rest)
-        {
-            map.remove(&d);
-        }
-    }
-    Ok(map)
 }
 
 fn drop_file(path: &Path, why: &str) {
@@ -561,6 +484,7 @@ fn verify_file(path: &Path, digest: &Digest) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oci::Algorithm;
 
     fn digest(n: u8) -> Digest {
         Digest::of(Algorithm::Sha256, &[n])
@@ -568,7 +492,7 @@ mod tests {
 
     fn store(index: &BlobIndex, n: u8, size: usize) -> Digest {
         let d = digest(n);
-        let p = blob_path(&index.root, &d);
+        let p = index.layout.blob(&d);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(&p, vec![n; size]).unwrap();
         index.record(&d, size as u64).unwrap();
@@ -587,7 +511,7 @@ mod tests {
     #[test]
     fn evicts_least_recently_used_unpinned() {
         let dir = tempfile::tempdir().unwrap();
-        let index = BlobIndex::new(dir.path(), Budget::new(1000, 0.9, 0.6));
+        let index = BlobIndex::new(&Layout::new(dir.path()), Budget::new(1000, 0.9, 0.6));
         let a = store(&index, 1, 300);
         let b = store(&index, 2, 300);
         let c = store(&index, 3, 300);
@@ -627,17 +551,17 @@ mod tests {
                 bytes: 600
             }
         );
-        assert!(!blob_path(&index.root, &a).exists());
-        assert!(!blob_path(&index.root, &b).exists());
-        assert!(blob_path(&index.root, &c).exists());
-        assert!(blob_path(&index.root, &d).exists());
+        assert!(!index.layout.blob(&a).exists());
+        assert!(!index.layout.blob(&b).exists());
+        assert!(index.layout.blob(&c).exists());
+        assert!(index.layout.blob(&d).exists());
         assert_eq!(index.used(), 600);
     }
 
     #[test]
     fn reload_drops_bad_files_and_keeps_recency() {
         let dir = tempfile::tempdir().unwrap();
-        let index = BlobIndex::new(dir.path(), Budget::new(1 << 20, 0.9, 0.8));
+        let index = BlobIndex::new(&Layout::new(dir.path()), Budget::new(1 << 20, 0.9, 0.8));
         let a = store(&index, 1, 100);
         let b = store(&index, 2, 100);
         index
@@ -648,34 +572,39 @@ mod tests {
             .store(1_000_000, Ordering::Relaxed);
         assert_eq!(index.flush_atimes(), 1);
         // A truncated file, a junk name, an unrecorded but valid file.
-        std::fs::write(blob_path(&index.root, &b), b"short").unwrap();
+        std::fs::write(index.layout.blob(&b), b"short").unwrap();
         std::fs::write(
-            index.root.join("sha256").join(&a.hex()[..2]).join("junk"),
+            index
+                .layout
+                .blobs()
+                .join("sha256")
+                .join(&a.hex()[..2])
+                .join("junk"),
             b"x",
         )
         .unwrap();
         let data = b"unrecorded";
         let u = Digest::of(Algorithm::Sha256, data);
-        let up = blob_path(&index.root, &u);
+        let up = index.layout.blob(&u);
         std::fs::create_dir_all(up.parent().unwrap()).unwrap();
         std::fs::write(&up, data).unwrap();
         let bad = Digest::of(Algorithm::Sha256, b"other");
-        let bp = blob_path(&index.root, &bad);
+        let bp = index.layout.blob(&bad);
         std::fs::create_dir_all(bp.parent().unwrap()).unwrap();
         std::fs::write(&bp, b"not other").unwrap();
 
-        let again = BlobIndex::new(dir.path(), Budget::new(1 << 20, 0.9, 0.8));
+        let again = BlobIndex::new(&Layout::new(dir.path()), Budget::new(1 << 20, 0.9, 0.8));
         assert_eq!(again.load().unwrap(), 2);
         let snap = again.snapshot();
         let atime_of = |d: &Digest| snap.iter().find(|e| &e.digest == d).map(|e| e.atime);
         assert_eq!(atime_of(&a), Some(1_000_000));
         assert!(atime_of(&u).is_some());
         assert!(atime_of(&b).is_none());
-        assert!(!blob_path(&again.root, &b).exists());
+        assert!(!again.layout.blob(&b).exists());
         assert!(!bp.exists());
         assert_eq!(again.used(), 100 + data.len() as u64);
         // The journal was compacted to exactly the kept entries.
-        let journal = std::fs::read_to_string(dir.path().join("index.log")).unwrap();
+        let journal = std::fs::read_to_string(Layout::new(dir.path()).journal()).unwrap();
         assert_eq!(journal.lines().count(), 2);
     }
 }

@@ -19,7 +19,7 @@
 //! are coalesced by moka into one upstream request.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +28,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use moka::Expiry;
 
+use super::layout::{self, Layout};
 use crate::error::{Asked, Error, ErrorKind};
 use crate::metrics::Outcome;
 use crate::oci::headers::DOCKER_CONTENT_DIGEST;
@@ -109,10 +110,8 @@ impl Expiry<TagKey, TagEntry> for TagExpiry {
 
 /// The manifest cache. Share it in an `Arc`.
 pub struct ManifestStore {
-    /// `<cache>/manifests`.
-    dir: PathBuf,
-    /// `<cache>/tags`.
-    tags_dir: PathBuf,
+    /// Where manifest and tag files live.
+    layout: Layout,
     /// Manifests by digest, in memory.
     by_digest: moka::future::Cache<Digest, Arc<Manifest>>,
     /// Fresh tags.
@@ -120,15 +119,12 @@ pub struct ManifestStore {
 }
 
 impl ManifestStore {
-    /// Opens (creating) the manifest directories under `cache_dir`.
-    pub fn open(cache_dir: &Path) -> io::Result<ManifestStore> {
-        let dir = cache_dir.join("manifests");
-        let tags_dir = cache_dir.join("tags");
-        std::fs::create_dir_all(&dir)?;
-        std::fs::create_dir_all(&tags_dir)?;
+    /// Opens (creating) the manifest and tag directories of `layout`.
+    pub fn open(layout: &Layout) -> io::Result<ManifestStore> {
+        std::fs::create_dir_all(layout.manifests())?;
+        std::fs::create_dir_all(layout.tags())?;
         Ok(ManifestStore {
-            dir,
-            tags_dir,
+            layout: layout.clone(),
             by_digest: moka::future::Cache::builder()
                 .weigher(|_, m: &Arc<Manifest>| u32::try_from(m.body.len()).unwrap_or(u32::MAX))
                 .max_capacity(MEMORY_BUDGET)
@@ -144,7 +140,7 @@ impl ManifestStore {
     /// written beyond that. Blocking. Returns how many were removed.
     pub fn prune(&self, max: usize) -> io::Result<usize> {
         let mut files = Vec::new();
-        for alg in std::fs::read_dir(&self.dir)?.flatten() {
+        for alg in std::fs::read_dir(self.layout.manifests())?.flatten() {
             let Ok(rd) = std::fs::read_dir(alg.path()) else {
                 continue;
             };
@@ -337,60 +333,49 @@ impl ManifestStore {
     /// Whether a manifest is available locally.
     async fn has(&self, digest: &Digest) -> bool {
         self.by_digest.contains_key(digest)
-            || tokio::fs::try_exists(self.path_of(digest))
+            || tokio::fs::try_exists(self.layout.manifest(digest))
                 .await
                 .unwrap_or(false)
     }
 
-    fn path_of(&self, digest: &Digest) -> PathBuf {
-        self.dir
-            .join(digest.algorithm().as_str())
-            .join(digest.hex())
-    }
-
     fn tag_path(&self, upstream: &Upstream, repo: &RepoName, tag: &Tag) -> PathBuf {
-        let mut p = self.tags_dir.join(upstream.host());
-        for c in upstream.upstream_repo(repo.as_str()).split('/') {
-            p.push(c);
-        }
-        p.push("_tags");
-        p.push(tag.as_str());
-        p
+        self.layout.tag(
+            upstream.host(),
+            repo.as_str(),
+            upstream.library_prefix(),
+            tag,
+        )
     }
 
     async fn read_disk(&self, digest: &Digest) -> io::Result<Option<Manifest>> {
-        let data = match tokio::fs::read(self.path_of(digest)).await {
+        let path = self.layout.manifest(digest);
+        let data = match tokio::fs::read(&path).await {
             Ok(d) => Bytes::from(d),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        let Some(nl) = data.iter().position(|b| *b == b'\n') else {
+        let Some((media_type, body)) = layout::decode_manifest(data) else {
             return Ok(None);
         };
-        let media_type = String::from_utf8_lossy(&data[..nl]).into_owned();
-        let body = data.slice(nl + 1..);
         // Never serve a damaged file: it must still hash to its name.
         if &Digest::of(digest.algorithm(), &body) != digest {
             tracing::warn!(%digest, "cached manifest does not match its digest, dropping it");
-            let _ = tokio::fs::remove_file(self.path_of(digest)).await;
+            let _ = tokio::fs::remove_file(&path).await;
             return Ok(None);
         }
         Ok(Some(Manifest::new(digest.clone(), media_type, body)))
     }
 
     async fn write_disk(&self, m: &Manifest) -> io::Result<()> {
-        let mut data = Vec::with_capacity(m.media_type.len() + 1 + m.body.len());
-        data.extend_from_slice(m.media_type.as_bytes());
-        data.push(b'\n');
-        data.extend_from_slice(&m.body);
-        write_atomic(self.path_of(&m.digest), data).await
+        let data = layout::encode_manifest(&m.media_type, &m.body);
+        write_atomic(self.layout.manifest(&m.digest), data).await
     }
 
     async fn read_tag(&self, upstream: &Upstream, repo: &RepoName, tag: &Tag) -> Option<Digest> {
         let text = tokio::fs::read_to_string(self.tag_path(upstream, repo, tag))
             .await
             .ok()?;
-        Digest::parse(text.trim()).ok()
+        layout::decode_tag(&text)
     }
 
     async fn write_tag(
@@ -402,7 +387,7 @@ impl ManifestStore {
     ) -> io::Result<()> {
         write_atomic(
             self.tag_path(upstream, repo, tag),
-            format!("{digest}\n").into_bytes(),
+            layout::encode_tag(digest),
         )
         .await
     }
@@ -515,11 +500,11 @@ mod tests {
     #[test]
     fn prune_keeps_the_most_recently_written() {
         let dir = tempfile::tempdir().unwrap();
-        let store = ManifestStore::open(dir.path()).unwrap();
+        let store = ManifestStore::open(&Layout::new(dir.path())).unwrap();
         let mut paths = Vec::new();
         for i in 0..5u8 {
             let d = Digest::of(crate::oci::Algorithm::Sha256, &[i]);
-            let p = store.path_of(&d);
+            let p = store.layout.manifest(&d);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(&p, [b'x', b'\n', i]).unwrap();
             filetime::set_file_mtime(&p, filetime::FileTime::from_unix_time(1000 + i as i64, 0))

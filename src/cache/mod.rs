@@ -4,5 +4,7 @@
 pub mod blob;
 pub mod config;
 pub mod index;
+pub mod journal;
+pub mod layout;
 pub mod manifests;
 pub mod pins;

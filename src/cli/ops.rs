@@ -9,15 +9,15 @@
 //! interval.
 
 use std::collections::HashSet;
-use std::fs::OpenOptions;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::cache::index::blob_path;
+use crate::cache::journal::Journal;
+use crate::cache::layout::{self, Layout, Record, Scanned};
 use crate::config::Config;
 use crate::oci::manifest::refs_of;
-use crate::oci::{Algorithm, Digest, ImageRef, Reference};
+use crate::oci::{Digest, ImageRef, Reference};
 
 /// One stored blob as seen on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,32 +30,21 @@ pub struct BlobFile {
     pub last_access: SystemTime,
 }
 
-/// Lists every blob in the store of `cache_dir`.
+/// Lists every blob in the store of `cache_dir` (anything else found there
+/// is left alone).
 pub fn list_blobs(cache_dir: &Path) -> io::Result<Vec<BlobFile>> {
     let mut out = Vec::new();
-    for alg in [Algorithm::Sha256, Algorithm::Sha512] {
-        let dir = cache_dir.join("blobs").join(alg.as_str());
-        let Ok(prefixes) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for prefix in prefixes.flatten() {
-            let Ok(files) = std::fs::read_dir(prefix.path()) else {
-                continue;
-            };
-            for f in files.flatten() {
-                let name = f.file_name().to_string_lossy().into_owned();
-                let Ok(digest) = Digest::parse(&format!("{}:{name}", alg.as_str())) else {
-                    continue;
-                };
-                let Ok(meta) = f.metadata() else { continue };
-                out.push(BlobFile {
-                    digest,
-                    size: meta.len(),
-                    last_access: meta.modified().unwrap_or(UNIX_EPOCH),
-                });
-            }
+    Layout::new(cache_dir).scan_blobs(|entry| {
+        if let Scanned::Blob(digest, file) = entry
+            && let Ok(meta) = file.metadata()
+        {
+            out.push(BlobFile {
+                digest,
+                size: meta.len(),
+                last_access: meta.modified().unwrap_or(UNIX_EPOCH),
+            });
         }
-    }
+    });
     Ok(out)
 }
 
@@ -89,15 +78,16 @@ pub fn stats(cache_dir: &Path, budget: Option<u64>) -> io::Result<Stats> {
         ));
     }
     let blobs = list_blobs(cache_dir)?;
+    let layout = Layout::new(cache_dir);
     Ok(Stats {
         blobs: blobs.len(),
         bytes: blobs.iter().map(|b| b.size).sum(),
         budget,
         oldest_access: blobs.iter().map(|b| b.last_access).min(),
         newest_access: blobs.iter().map(|b| b.last_access).max(),
-        fills_in_progress: count_files(&cache_dir.join("tmp")),
-        manifests: count_files(&cache_dir.join("manifests")),
-        tags: count_tags(&cache_dir.join("tags")),
+        fills_in_progress: count_files(&layout.tmp()),
+        manifests: count_files(&layout.manifests()),
+        tags: count_tags(&layout.tags()),
     })
 }
 
@@ -120,7 +110,7 @@ fn count_tags(dir: &Path) -> usize {
     };
     rd.flatten()
         .map(|e| {
-            if e.file_name() == "_tags" {
+            if e.file_name() == layout::TAG_DIR {
                 count_files(&e.path())
             } else if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
                 count_tags(&e.path())
@@ -190,11 +180,11 @@ pub struct Purged {
 /// `library_prefix` get `library/` added to one-component names, as when
 /// serving.
 pub fn purge(config: &Config, target: &str) -> io::Result<Purged> {
-    let cache_dir = config.cache_dir.as_path();
+    let layout = Layout::new(&config.cache_dir);
     let mut purged = Purged::default();
     if let Ok(digest) = Digest::parse(target) {
-        remove_blob(cache_dir, &digest, &mut purged)?;
-        remove_manifest(cache_dir, &digest, &mut purged)?;
+        remove_blob(&layout, &digest, &mut purged)?;
+        remove_manifest(&layout, &digest, &mut purged)?;
         return Ok(purged);
     }
     let image = ImageRef::parse(target)
@@ -204,20 +194,18 @@ pub fn purge(config: &Config, target: &str) -> io::Result<Purged> {
         None => config.upstreams.first(),
     }
     .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no upstream for that host"))?;
-    let mut repo_dir = cache_dir.join("tags").join(&upstream.host);
-    if upstream.library_prefix && !image.repo.as_str().contains('/') {
-        repo_dir.push("library");
-    }
-    for c in image.repo.components() {
-        repo_dir.push(c);
-    }
-    let tags_dir = repo_dir.join("_tags");
+    let tags_dir = layout.tag_dir(&upstream.host, image.repo.as_str(), upstream.library_prefix);
     // A bare repository purges all its tags; `repo:tag` only that tag.
     let explicit_tag = target
         .rsplit_once(':')
         .is_some_and(|(_, t)| !t.contains('/'));
     let tag_files: Vec<PathBuf> = match (&image.reference, explicit_tag) {
-        (Reference::Tag(t), true) => vec![tags_dir.join(t.as_str())],
+        (Reference::Tag(t), true) => vec![layout.tag(
+            &upstream.host,
+            image.repo.as_str(),
+            upstream.library_prefix,
+            t,
+        )],
         _ => std::fs::read_dir(&tags_dir)
             .map(|rd| rd.flatten().map(|e| e.path()).collect())
             .unwrap_or_default(),
@@ -228,7 +216,7 @@ pub fn purge(config: &Config, target: &str) -> io::Result<Purged> {
     }
     for f in tag_files {
         if let Ok(text) = std::fs::read_to_string(&f) {
-            if let Ok(d) = Digest::parse(text.trim()) {
+            if let Some(d) = layout::decode_tag(&text) {
                 roots.push(d);
             }
             std::fs::remove_file(&f)?;
@@ -240,33 +228,25 @@ pub fn purge(config: &Config, target: &str) -> io::Result<Purged> {
         if !seen.insert(m.clone()) {
             continue;
         }
-        if let Some(body) = read_manifest_body(cache_dir, &m) {
+        if let Some(body) = read_manifest_body(&layout, &m) {
             let refs = refs_of(&body);
             roots.extend(refs.manifests);
             for b in refs.blobs {
-                remove_blob(cache_dir, &b, &mut purged)?;
+                remove_blob(&layout, &b, &mut purged)?;
             }
         }
-        remove_manifest(cache_dir, &m, &mut purged)?;
+        remove_manifest(&layout, &m, &mut purged)?;
     }
     Ok(purged)
 }
 
-fn read_manifest_body(cache_dir: &Path, digest: &Digest) -> Option<Vec<u8>> {
-    let data = std::fs::read(manifest_path(cache_dir, digest)).ok()?;
-    let nl = data.iter().position(|b| *b == b'\n')?;
-    Some(data[nl + 1..].to_vec())
+fn read_manifest_body(layout: &Layout, digest: &Digest) -> Option<bytes::Bytes> {
+    let data = std::fs::read(layout.manifest(digest)).ok()?;
+    layout::decode_manifest(data.into()).map(|(_, body)| body)
 }
 
-fn manifest_path(cache_dir: &Path, digest: &Digest) -> PathBuf {
-    cache_dir
-        .join("manifests")
-        .join(digest.algorithm().as_str())
-        .join(digest.hex())
-}
-
-fn remove_manifest(cache_dir: &Path, digest: &Digest, purged: &mut Purged) -> io::Result<()> {
-    match std::fs::remove_file(manifest_path(cache_dir, digest)) {
+fn remove_manifest(layout: &Layout, digest: &Digest, purged: &mut Purged) -> io::Result<()> {
+    match std::fs::remove_file(layout.manifest(digest)) {
         Ok(()) => {
             purged.manifests += 1;
             Ok(())
@@ -276,22 +256,16 @@ fn remove_manifest(cache_dir: &Path, digest: &Digest, purged: &mut Purged) -> io
     }
 }
 
-fn remove_blob(cache_dir: &Path, digest: &Digest, purged: &mut Purged) -> io::Result<()> {
-    let path = blob_path(&cache_dir.join("blobs"), digest);
+fn remove_blob(layout: &Layout, digest: &Digest, purged: &mut Purged) -> io::Result<()> {
+    let path = layout.blob(digest);
     let size = match std::fs::metadata(&path) {
         Ok(m) => m.len(),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
     std::fs::remove_file(&path)?;
-    // O_APPEND writes of one short line do not interleave with the running
-    // instance's own appends.
-    if let Ok(mut journal) = OpenOptions::new()
-        .append(true)
-        .open(cache_dir.join("index.log"))
-    {
-        let _ = journal.write_all(format!("-{digest}\n").as_bytes());
-    }
+    // Best effort: a running instance notices the missing file anyway.
+    let _ = Journal::append_if_exists(&layout.journal(), &Record::Removed(digest.clone()));
     purged.blobs += 1;
     purged.bytes += size;
     Ok(())
@@ -300,10 +274,11 @@ fn remove_blob(cache_dir: &Path, digest: &Digest, purged: &mut Purged) -> io::Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oci::Algorithm;
 
     fn put_blob(cache: &Path, data: &[u8]) -> Digest {
         let d = Digest::of(Algorithm::Sha256, data);
-        let p = blob_path(&cache.join("blobs"), &d);
+        let p = Layout::new(cache).blob(&d);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, data).unwrap();
         d
@@ -311,11 +286,14 @@ mod tests {
 
     fn put_manifest(cache: &Path, body: &str) -> Digest {
         let d = Digest::of(Algorithm::Sha256, body.as_bytes());
-        let p = manifest_path(cache, &d);
+        let p = Layout::new(cache).manifest(&d);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(
             p,
-            format!("application/vnd.oci.image.manifest.v1+json\n{body}"),
+            layout::encode_manifest(
+                "application/vnd.oci.image.manifest.v1+json",
+                body.as_bytes(),
+            ),
         )
         .unwrap();
         d
@@ -332,9 +310,15 @@ mod tests {
             cache,
             &format!(r#"{{"config":{{"digest":"{config}"}},"layers":[{{"digest":"{layer}"}}]}}"#),
         );
-        let tag = cache.join("tags/docker.io/library/app/_tags/1.0");
+        let tag = Layout::new(cache).tag(
+            "docker.io",
+            "app",
+            true,
+            &crate::oci::Tag::parse("1.0").unwrap(),
+        );
+        assert!(tag.ends_with("tags/docker.io/library/app/_tags/1.0"));
         std::fs::create_dir_all(tag.parent().unwrap()).unwrap();
-        std::fs::write(&tag, format!("{manifest}\n")).unwrap();
+        std::fs::write(&tag, layout::encode_tag(&manifest)).unwrap();
 
         let s = stats(cache, Some(1000)).unwrap();
         assert_eq!(

@@ -247,6 +247,11 @@ impl Upstream {
         self.timeout
     }
 
+    /// Whether one-component names get Docker Hub's `library/`.
+    pub fn library_prefix(&self) -> bool {
+        self.library_prefix
+    }
+
     /// The repository name as upstream knows it (Docker Hub's `library/`
     /// for one-component names when `library_prefix` is set).
     pub fn upstream_repo<'a>(&self, repo: &'a str) -> Cow<'a, str> {

@@ -59,7 +59,8 @@ pub mod range;
 use range::ByteRange;
 
 use crate::body::{self, Body};
-use crate::cache::index::{BlobIndex, blob_path};
+use crate::cache::index::BlobIndex;
+use crate::cache::layout::Layout;
 use crate::error::{Asked, Error, ErrorKind};
 use crate::front::zerocopy::Regions;
 
@@ -154,10 +155,8 @@ impl Fill {
 
 /// The blob cache. Cheap to share: wrap in an `Arc`.
 pub struct BlobStore {
-    /// `<cache>/blobs`: verified blobs.
-    root: PathBuf,
-    /// `<cache>/tmp`: files of fills in progress.
-    tmp: PathBuf,
+    /// Where verified blobs and the files of fills in progress live.
+    layout: Layout,
     /// Sizes, recency, budget, pins.
     index: Arc<BlobIndex>,
     /// Fills running now, by digest. Locked only on the miss path, never
@@ -187,17 +186,16 @@ pub struct BlobResponse {
 }
 
 impl BlobStore {
-    /// Opens (creating) the store under `cache_dir` and removes leftovers of
+    /// Opens (creating) the store of `layout` and removes leftovers of
     /// fills interrupted by a crash. The index is loaded separately (see
     /// [`BlobStore::spawn_background`]).
     pub fn open(
-        cache_dir: &Path,
+        layout: &Layout,
         index: Arc<BlobIndex>,
         idle_timeout: Duration,
     ) -> io::Result<BlobStore> {
-        let root = cache_dir.join("blobs");
-        let tmp = cache_dir.join("tmp");
-        std::fs::create_dir_all(&root)?;
+        let tmp = layout.tmp();
+        std::fs::create_dir_all(layout.blobs())?;
         std::fs::create_dir_all(&tmp)?;
         for entry in std::fs::read_dir(&tmp)? {
             let entry = entry?;
@@ -209,8 +207,7 @@ impl BlobStore {
             }
         }
         Ok(BlobStore {
-            root,
-            tmp,
+            layout: layout.clone(),
             index,
             fills: Mutex::new(HashMap::new()),
             next_tmp: AtomicU64::new(0),
@@ -319,7 +316,7 @@ impl BlobStore {
     /// Opens a stored blob, returning it with its size, or `None` on a miss.
     /// Records the access.
     fn open_stored(&self, digest: &Digest) -> io::Result<Option<(File, u64)>> {
-        match File::open(blob_path(&self.root, digest)) {
+        match File::open(self.layout.blob(digest)) {
             Ok(f) => {
                 let len = f.metadata()?.len();
                 self.index.touch(digest, len);
@@ -335,7 +332,7 @@ impl BlobStore {
 
     /// Whether the store holds `digest` (verified, complete).
     pub fn contains(&self, digest: &Digest) -> bool {
-        blob_path(&self.root, digest).is_file()
+        self.layout.blob(digest).is_file()
     }
 
     /// Answers `GET` (or `HEAD` when `head_only`) for a blob: from the store,
@@ -625,12 +622,9 @@ impl BlobStore {
     }
 
     fn create_tmp(&self, digest: &Digest) -> io::Result<(PathBuf, Arc<File>)> {
-        let path = self.tmp.join(format!(
-            "{}-{}-{}",
-            digest.hex(),
-            std::process::id(),
-            self.next_tmp.fetch_add(1, Ordering::Relaxed)
-        ));
+        let path = self
+            .layout
+            .tmp_file(digest, self.next_tmp.fetch_add(1, Ordering::Relaxed));
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -739,7 +733,7 @@ impl BlobStore {
         reservation: u64,
     ) -> io::Result<()> {
         let tmp_path = tmp_path.to_path_buf();
-        let dest = blob_path(&self.root, digest);
+        let dest = self.layout.blob(digest);
         let index = self.index.clone();
         let digest = digest.clone();
         tokio::task::spawn_blocking(move || {

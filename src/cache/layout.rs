@@ -1,0 +1,265 @@
+//! The on-disk layout of a cache directory: every path and every file
+//! format, in this one place. The server (`index.rs`, `blob/`,
+//! `manifests.rs`) and the operator commands (`cli/ops.rs`) both go through
+//! it, so they cannot drift apart.
+//!
+//! ```text
+//! <cache>/blobs/<alg>/<hex[..2]>/<hex>    verified blobs, content-addressed
+//! <cache>/tmp/<hex>-<pid>-<n>             fills in progress (emptied at start-up)
+//! <cache>/index.log                       journal: `+<digest> <size>`, `-<digest>`
+//! <cache>/manifests/<alg>/<hex>           first line the media type, then the exact bytes
+//! <cache>/tags/<host>/<repo>/_tags/<tag>  the digest a tag pointed at, and a newline
+//! ```
+//!
+//! Every path is built from validated types (`Digest`, `RepoName`, `Tag`,
+//! configured host names), never from raw request text. `_tags` cannot be a
+//! repository component (components start with `[a-z0-9]`), so tag files
+//! never collide with nested repositories.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+
+use crate::oci::{Algorithm, Digest, Tag, library_prefixed};
+
+/// The name of the directory holding a repository's tag files.
+pub const TAG_DIR: &str = "_tags";
+
+/// The paths of one cache directory.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    dir: PathBuf,
+}
+
+impl Layout {
+    /// The layout of the cache at `dir`.
+    pub fn new(dir: &Path) -> Layout {
+        Layout {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// The cache directory itself.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `<cache>/blobs`: verified blobs.
+    pub fn blobs(&self) -> PathBuf {
+        self.dir.join("blobs")
+    }
+
+    /// `<cache>/tmp`: files of fills in progress.
+    pub fn tmp(&self) -> PathBuf {
+        self.dir.join("tmp")
+    }
+
+    /// `<cache>/index.log`: the blob journal.
+    pub fn journal(&self) -> PathBuf {
+        self.dir.join("index.log")
+    }
+
+    /// `<cache>/manifests`.
+    pub fn manifests(&self) -> PathBuf {
+        self.dir.join("manifests")
+    }
+
+    /// `<cache>/tags`.
+    pub fn tags(&self) -> PathBuf {
+        self.dir.join("tags")
+    }
+
+    /// Where a verified blob lives: `blobs/<alg>/<hex[..2]>/<hex>`.
+    pub fn blob(&self, digest: &Digest) -> PathBuf {
+        self.blobs()
+            .join(digest.algorithm().as_str())
+            .join(&digest.hex()[..2])
+            .join(digest.hex())
+    }
+
+    /// The temporary file of a fill: `tmp/<hex>-<pid>-<n>`, unique per
+    /// process and `n`.
+    pub fn tmp_file(&self, digest: &Digest, n: u64) -> PathBuf {
+        self.tmp()
+            .join(format!("{}-{}-{n}", digest.hex(), std::process::id()))
+    }
+
+    /// Where a manifest lives: `manifests/<alg>/<hex>`.
+    pub fn manifest(&self, digest: &Digest) -> PathBuf {
+        self.manifests()
+            .join(digest.algorithm().as_str())
+            .join(digest.hex())
+    }
+
+    /// The directory of a repository's tag files:
+    /// `tags/<host>/<repo>/_tags`, with Docker Hub's `library/` added to a
+    /// one-component `repo` when the upstream has `library_prefix`.
+    pub fn tag_dir(&self, host: &str, repo: &str, library_prefix: bool) -> PathBuf {
+        let mut p = self.tags().join(host);
+        for c in library_prefixed(repo, library_prefix).split('/') {
+            p.push(c);
+        }
+        p.push(TAG_DIR);
+        p
+    }
+
+    /// The file of one tag: `tags/<host>/<repo>/_tags/<tag>`.
+    pub fn tag(&self, host: &str, repo: &str, library_prefix: bool, tag: &Tag) -> PathBuf {
+        self.tag_dir(host, repo, library_prefix).join(tag.as_str())
+    }
+
+    /// Visits every entry of the blob store: blobs with the digest their
+    /// path names, and anything else found there (a stray file or
+    /// directory, with why it does not belong).
+    pub fn scan_blobs(&self, mut visit: impl FnMut(Scanned)) {
+        for alg in [Algorithm::Sha256, Algorithm::Sha512] {
+            let Ok(prefixes) = std::fs::read_dir(self.blobs().join(alg.as_str())) else {
+                continue;
+            };
+            for prefix in prefixes.flatten() {
+                let prefix_path = prefix.path();
+                let prefix_name = prefix.file_name().to_string_lossy().into_owned();
+                if !prefix.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    visit(Scanned::Stray(prefix_path, "not a blob directory"));
+                    continue;
+                }
+                let Ok(files) = std::fs::read_dir(&prefix_path) else {
+                    continue;
+                };
+                for file in files.flatten() {
+                    let name = file.file_name().to_string_lossy().into_owned();
+                    match Digest::parse(&format!("{}:{name}", alg.as_str())) {
+                        Ok(d) if name.starts_with(&prefix_name) && prefix_name.len() == 2 => {
+                            visit(Scanned::Blob(d, file))
+                        }
+                        _ => visit(Scanned::Stray(file.path(), "name is not a valid digest")),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One entry found by [`Layout::scan_blobs`].
+#[derive(Debug)]
+pub enum Scanned {
+    /// A file (or whatever else) named like a blob.
+    Blob(Digest, std::fs::DirEntry),
+    /// Something that does not belong in the store, and why.
+    Stray(PathBuf, &'static str),
+}
+
+/// A manifest file: the media type, a newline, the exact manifest bytes.
+pub fn encode_manifest(media_type: &str, body: &[u8]) -> Vec<u8> {
+    let mut data = Vec::with_capacity(media_type.len() + 1 + body.len());
+    data.extend_from_slice(media_type.as_bytes());
+    data.push(b'\n');
+    data.extend_from_slice(body);
+    data
+}
+
+/// The media type and body of a manifest file, or `None` when it has no
+/// first line.
+pub fn decode_manifest(data: Bytes) -> Option<(String, Bytes)> {
+    let nl = data.iter().position(|b| *b == b'\n')?;
+    let media_type = String::from_utf8_lossy(&data[..nl]).into_owned();
+    Some((media_type, data.slice(nl + 1..)))
+}
+
+/// A tag file: the digest and a newline.
+pub fn encode_tag(digest: &Digest) -> Vec<u8> {
+    format!("{digest}\n").into_bytes()
+}
+
+/// The digest in a tag file.
+pub fn decode_tag(text: &str) -> Option<Digest> {
+    Digest::parse(text.trim()).ok()
+}
+
+/// One line of the blob journal (`index.log`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// `+<digest> <size>`: stored, written before the commit's rename.
+    Stored(Digest, u64),
+    /// `-<digest>`: removed.
+    Removed(Digest),
+}
+
+impl Record {
+    /// The line, newline included.
+    pub fn line(&self) -> String {
+        match self {
+            Record::Stored(d, size) => format!("+{d} {size}\n"),
+            Record::Removed(d) => format!("-{d}\n"),
+        }
+    }
+
+    /// Parses a line (without its newline); `None` for anything else (a
+    /// torn last line after a crash).
+    pub fn parse(line: &str) -> Option<Record> {
+        if let Some(rest) = line.strip_prefix('+') {
+            let (d, s) = rest.split_once(' ')?;
+            Some(Record::Stored(Digest::parse(d).ok()?, s.parse().ok()?))
+        } else {
+            Some(Record::Removed(
+                Digest::parse(line.strip_prefix('-')?).ok()?,
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() {
+        let l = Layout::new(Path::new("/c"));
+        let d = Digest::of(Algorithm::Sha256, b"");
+        let hex = d.hex();
+        assert_eq!(
+            l.blob(&d),
+            PathBuf::from(format!("/c/blobs/sha256/{}/{hex}", &hex[..2]))
+        );
+        assert_eq!(
+            l.manifest(&d),
+            PathBuf::from(format!("/c/manifests/sha256/{hex}"))
+        );
+        let t = Tag::parse("1.0").unwrap();
+        assert_eq!(
+            l.tag("docker.io", "app", true, &t),
+            PathBuf::from("/c/tags/docker.io/library/app/_tags/1.0")
+        );
+        assert_eq!(
+            l.tag("ghcr.io", "app", false, &t),
+            PathBuf::from("/c/tags/ghcr.io/app/_tags/1.0")
+        );
+        assert!(
+            l.tmp_file(&d, 7)
+                .to_string_lossy()
+                .ends_with(&format!("{hex}-{}-7", std::process::id()))
+        );
+        assert_eq!(l.journal(), PathBuf::from("/c/index.log"));
+    }
+
+    #[test]
+    fn formats() {
+        let data = encode_manifest("application/x", b"{}\n");
+        assert_eq!(
+            decode_manifest(Bytes::from(data)),
+            Some(("application/x".to_string(), Bytes::from_static(b"{}\n")))
+        );
+        assert_eq!(decode_manifest(Bytes::from_static(b"no newline")), None);
+        let d = Digest::of(Algorithm::Sha256, b"x");
+        assert_eq!(
+            decode_tag(std::str::from_utf8(&encode_tag(&d)).unwrap()),
+            Some(d.clone())
+        );
+        for r in [Record::Stored(d.clone(), 42), Record::Removed(d.clone())] {
+            assert_eq!(Record::parse(r.line().trim_end()), Some(r));
+        }
+        assert_eq!(Record::parse("+sha256:abc 1"), None);
+        assert_eq!(Record::parse(&format!("+{d} x")), None);
+        assert_eq!(Record::parse("garbage"), None);
+    }
+}
