@@ -1,0 +1,613 @@
+//! Fills: one upstream download per digest, shared by every reader.
+//!
+//! The fill table holds the fills running now, by digest. Looking a blob up
+//! in it ([`FillTable::lookup`]) returns a typed answer, as pingora-cache's
+//! lock does: the blob is [`Lookup::Stored`] after all, the request
+//! [`Lookup::Join`]s a running fill, or it [`Lookup::Lead`]s a new one and
+//! gets the [`FillPermit`] the fill task must hold. Finishing the permit
+//! publishes the result; dropping it unfinished (a panic, a runtime
+//! shutting down) fails every reader and removes the table entry.
+//!
+//! The fill task ([`BlobStore::spawn_fill`]) asks the [`Origin`] for the
+//! bytes, pumps them into a bounded channel to the blocking writer
+//! (`writer.rs`), verifies size and digest, publishes `Verified`, then
+//! commits the file to the store (fsyncs, journal record, rename) while
+//! still in the table, so a request arriving meanwhile joins rather than
+//! misses.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::sync::{broadcast, mpsc, watch};
+
+use super::store::{BlobStore, StoredBlob};
+use super::writer::{Landed, Writer};
+use crate::error::{Asked, Error, ErrorKind};
+use crate::metrics::{CacheKind, FillResult, Outcome};
+use crate::oci::{Digest, RepoName};
+use crate::upstream::Upstream;
+
+/// Upstream body chunks queued between the network task and the disk writer.
+/// Bounds fill memory to this many frames (hyper's HTTP/1 client frames
+/// grow with its adaptive read buffer, up to a few hundred KiB each).
+const WRITE_QUEUE: usize = 8;
+
+/// Chunks queued for readers when the disk has failed (see the module docs
+/// of `blob`).
+pub(super) const SPILL_QUEUE: usize = 64;
+
+/// Where a fill is.
+#[derive(Debug, Clone)]
+pub(super) enum Phase {
+    /// The upstream request is under way; no headers yet.
+    Connecting,
+    /// Upstream answered 200; bytes are being written.
+    Streaming,
+    /// All bytes received, size and digest checked (and, when cacheable and
+    /// the disk held up, the file is in the store).
+    Verified,
+    /// Upstream error, mismatch or local failure. The temporary file is gone.
+    Failed(Error),
+}
+
+/// What readers of a fill can see, published by the fill on every write.
+#[derive(Debug, Clone)]
+pub(super) struct Progress {
+    pub(super) phase: Phase,
+    /// Size announced by upstream (`Content-Length`), if any; set to the
+    /// actual size on verification.
+    pub(super) total: Option<u64>,
+    /// Bytes written to the temporary file so far; readable with `pread`.
+    pub(super) written: u64,
+    /// Set when the disk failed (or was never used): bytes at and past this
+    /// offset come through the spill queue instead of the file.
+    pub(super) disk_end: Option<u64>,
+}
+
+/// A chunk of a blob at an offset, for readers when the disk has failed.
+pub(super) type SpillChunk = (u64, Bytes);
+
+/// One upstream download of one digest, shared by all its readers.
+pub(super) struct Fill {
+    /// The temporary file, set before `Streaming` is published (unless the
+    /// fill runs without the disk). Readers use positional reads on this
+    /// descriptor, which stays valid after the file is renamed or unlinked.
+    pub(super) file: OnceLock<Arc<File>>,
+    /// Progress, watched by every reader.
+    pub(super) progress: watch::Sender<Progress>,
+    /// Bytes past `disk_end`, once the disk is out of the picture.
+    pub(super) spill: broadcast::Sender<SpillChunk>,
+}
+
+impl Fill {
+    fn new() -> Arc<Fill> {
+        let (progress, _) = watch::channel(Progress {
+            phase: Phase::Connecting,
+            total: None,
+            written: 0,
+            disk_end: None,
+        });
+        let (spill, _) = broadcast::channel(SPILL_QUEUE);
+        Arc::new(Fill {
+            file: OnceLock::new(),
+            progress,
+            spill,
+        })
+    }
+}
+
+/// A request's place at a fill: the fill, its subscription to the spill
+/// queue (taken while the fill's progress was held, so it sees every
+/// spilled chunk), and how the request is answered.
+pub(super) struct FillReader {
+    pub(super) fill: Arc<Fill>,
+    pub(super) spill: broadcast::Receiver<SpillChunk>,
+    pub(super) outcome: Outcome,
+}
+
+impl FillReader {
+    fn new(fill: Arc<Fill>, outcome: Outcome) -> FillReader {
+        let spill = fill.spill.subscribe();
+        FillReader {
+            fill,
+            spill,
+            outcome,
+        }
+    }
+}
+
+/// The right, and the duty, to run a fill. [`FillPermit::finish`]
+/// publishes the result; dropping the permit unfinished fails every reader
+/// with "blob fill stopped". A shared fill's permit also takes the fill out
+/// of the table (only its own entry: a newer fill may have replaced it).
+pub(super) struct FillPermit {
+    fill: Arc<Fill>,
+    /// The table and key of a shared fill; `None` for a private one.
+    entry: Option<(Arc<FillTable>, Digest)>,
+    done: bool,
+}
+
+impl FillPermit {
+    /// Whether the fill is in the table (and may use the disk); a private
+    /// fill streams to its own reader without the disk.
+    pub(super) fn shared(&self) -> bool {
+        self.entry.is_some()
+    }
+
+    /// The fill this permit runs.
+    pub(super) fn fill(&self) -> &Fill {
+        &self.fill
+    }
+
+    /// Publishes the fill's result and leaves the table.
+    pub(super) fn finish(mut self, result: Result<Filled, Error>) {
+        self.fill.progress.send_modify(|p| match result {
+            Ok(filled) => {
+                p.total = Some(filled.size());
+                p.phase = Phase::Verified;
+            }
+            Err(e) => p.phase = Phase::Failed(e),
+        });
+        self.leave();
+        self.done = true;
+    }
+
+    fn leave(&self) {
+        if let Some((table, digest)) = &self.entry {
+            table.remove(digest, &self.fill);
+        }
+    }
+}
+
+impl Drop for FillPermit {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        self.fill.progress.send_modify(|p| {
+            if !matches!(p.phase, Phase::Verified | Phase::Failed(_)) {
+                p.phase = Phase::Failed(Error::internal("blob fill stopped"));
+            }
+        });
+        self.leave();
+    }
+}
+
+/// Where a blob lookup under the fill lock ends up.
+pub(super) enum Lookup {
+    /// Stored after all (a fill finished just now).
+    Stored(StoredBlob),
+    /// A fill is running: read from it.
+    Join(FillReader),
+    /// Nobody has it: this request leads a new fill, which must be started
+    /// with the permit.
+    Lead(FillPermit, FillReader),
+}
+
+/// How a fill ended when it did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Filled {
+    /// Verified and stored in the cache: its size.
+    Stored(u64),
+    /// Verified and served, but not cached (disk failing, over budget, a
+    /// private fill, a failed commit): its size.
+    Uncached(u64),
+}
+
+impl Filled {
+    fn size(self) -> u64 {
+        match self {
+            Filled::Stored(n) | Filled::Uncached(n) => n,
+        }
+    }
+}
+
+/// The fills running now, by digest. Locked only on the miss path, never
+/// across an await.
+#[derive(Default)]
+pub(super) struct FillTable {
+    fills: Mutex<HashMap<Digest, Arc<Fill>>>,
+}
+
+impl FillTable {
+    /// Fills in the table (including verified ones still being committed).
+    pub(super) fn len(&self) -> usize {
+        self.fills.lock().map(|f| f.len()).unwrap_or(0)
+    }
+
+    /// Finds a running fill for `digest` or makes one. Asks `stored` again
+    /// under the lock: a fill leaves the table only after its rename, so "no
+    /// fill and not stored" means nobody has it.
+    ///
+    /// A fill already streaming off the disk cannot be joined from the start
+    /// of the blob; such requests lead a private fill of their own.
+    pub(super) fn lookup(
+        self: &Arc<Self>,
+        digest: &Digest,
+        stored: impl FnOnce() -> Result<Option<StoredBlob>, Error>,
+    ) -> Result<Lookup, Error> {
+        let mut fills = self
+            .fills
+            .lock()
+            .map_err(|_| Error::internal("fill table poisoned"))?;
+        // A fill that just failed is still in the table for a moment: start
+        // afresh rather than hand its error to a new request.
+        let failed = fills
+            .get(digest)
+            .is_some_and(|f| matches!(f.progress.borrow().phase, Phase::Failed(_)));
+        if failed {
+            fills.remove(digest);
+        }
+        if let Some(fill) = fills.get(digest) {
+            let progress = fill.progress.borrow();
+            if progress.disk_end.is_none() || matches!(progress.phase, Phase::Connecting) {
+                // A verified fill still committing serves a complete,
+                // verified file: for the client that is a hit.
+                let outcome = if matches!(progress.phase, Phase::Verified) {
+                    Outcome::Hit
+                } else {
+                    Outcome::Join
+                };
+                let reader = FillReader::new(fill.clone(), outcome);
+                drop(progress);
+                return Ok(Lookup::Join(reader));
+            }
+            drop(progress);
+            drop(fills);
+            let fill = Fill::new();
+            let reader = FillReader::new(fill.clone(), Outcome::Upstream);
+            let permit = FillPermit {
+                fill,
+                entry: None,
+                done: false,
+            };
+            return Ok(Lookup::Lead(permit, reader));
+        }
+        if let Some(blob) = stored()? {
+            return Ok(Lookup::Stored(blob));
+        }
+        let fill = Fill::new();
+        let reader = FillReader::new(fill.clone(), Outcome::Miss);
+        fills.insert(digest.clone(), fill.clone());
+        let permit = FillPermit {
+            fill,
+            entry: Some((self.clone(), digest.clone())),
+            done: false,
+        };
+        Ok(Lookup::Lead(permit, reader))
+    }
+
+    /// What `HEAD` can learn from a running fill: its size and how the
+    /// request is answered, once it is streaming.
+    pub(super) fn head(&self, digest: &Digest) -> Option<(u64, Outcome)> {
+        let fills = self.fills.lock().ok()?;
+        let p = fills.get(digest)?.progress.borrow().clone();
+        let outcome = match p.phase {
+            Phase::Verified => Outcome::Hit,
+            Phase::Streaming => Outcome::Join,
+            Phase::Connecting | Phase::Failed(_) => return None,
+        };
+        Some((p.total?, outcome))
+    }
+
+    /// Removes `fill`'s entry for `digest`, if it is still its own.
+    fn remove(&self, digest: &Digest, fill: &Arc<Fill>) {
+        if let Ok(mut fills) = self.fills.lock()
+            && fills.get(digest).is_some_and(|f| Arc::ptr_eq(f, fill))
+        {
+            fills.remove(digest);
+        }
+    }
+}
+
+/// Where a fill gets its bytes: the upstream registry the first request
+/// named, today. This is the seam for other sources (a peer node, an object
+/// store): anything that yields a body and, when it knows it, the length.
+#[derive(Clone)]
+pub(super) struct Origin {
+    pub(super) upstream: Arc<Upstream>,
+    pub(super) repo: RepoName,
+}
+
+impl Origin {
+    /// Sends `method` for the blob; anything but 200 becomes the error for
+    /// the client. Returns the response and its `Content-Length`.
+    pub(super) async fn ask(
+        &self,
+        method: Method,
+        digest: &Digest,
+    ) -> Result<(Response<Incoming>, Option<u64>), Error> {
+        let resp = self
+            .upstream
+            .send(
+                method,
+                self.repo.as_str(),
+                &format!("blobs/{digest}"),
+                HeaderMap::new(),
+            )
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(Error::upstream_status(
+                resp.status(),
+                Asked::Blob,
+                resp.headers().get(header::RETRY_AFTER),
+                &digest.to_string(),
+            ));
+        }
+        let len = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        Ok((resp, len))
+    }
+}
+
+/// A fill's temporary file.
+pub(super) struct TmpFile {
+    pub(super) path: PathBuf,
+    pub(super) file: Arc<File>,
+}
+
+impl BlobStore {
+    /// Runs the fill of `permit` in a task of its own. A shared fill tries
+    /// to cache; a private one streams without the disk.
+    pub(super) fn spawn_fill(
+        self: &Arc<Self>,
+        permit: FillPermit,
+        origin: Origin,
+        digest: &Digest,
+    ) {
+        let store = self.clone();
+        let digest = digest.clone();
+        tokio::spawn(async move {
+            let guard = store.metrics.fill_started();
+            let result = store
+                .run_fill(permit.fill(), &origin, &digest, permit.shared())
+                .await;
+            guard.finish(match &result {
+                Ok(Filled::Stored(size)) => FillResult::Stored(*size),
+                Ok(Filled::Uncached(_)) => FillResult::Uncached,
+                Err(_) => FillResult::Failed,
+            });
+            let repo = &origin.repo;
+            match &result {
+                Ok(Filled::Stored(size)) => {
+                    tracing::info!(%digest, size, repo = %repo, "blob cached")
+                }
+                Ok(Filled::Uncached(size)) => {
+                    tracing::info!(%digest, size, repo = %repo, "blob served without caching")
+                }
+                Err(e) => {
+                    tracing::warn!(%digest, repo = %repo, error = %e.report(), "blob fill failed")
+                }
+            }
+            permit.finish(result);
+        });
+    }
+
+    /// The fill task: fetch, write and hash, verify, commit. On any error
+    /// the temporary file is removed.
+    async fn run_fill(
+        &self,
+        fill: &Fill,
+        origin: &Origin,
+        digest: &Digest,
+        shared: bool,
+    ) -> Result<Filled, Error> {
+        let (resp, total) = origin.ask(Method::GET, digest).await?;
+        let tmp = self.fill_file(digest, total, shared)?;
+        let reservation = match (&tmp, total) {
+            (Some(_), Some(t)) => {
+                if self.index.reserve(t) {
+                    self.evict.notify_one();
+                }
+                t
+            }
+            _ => 0,
+        };
+        if let Some(t) = &tmp {
+            let _ = fill.file.set(t.file.clone());
+        }
+        fill.progress.send_modify(|p| {
+            p.phase = Phase::Streaming;
+            p.total = total;
+            if tmp.is_none() {
+                p.disk_end = Some(0);
+            }
+        });
+        let file = tmp.as_ref().map(|t| t.file.clone());
+        let result = self
+            .stream(fill, resp.into_body(), file, total, digest)
+            .await;
+        if let Ok(landed) = &result {
+            // Verified: readers may finish now. Making the file durable and
+            // moving it into the store (fsyncs, rename) need not hold up
+            // their last byte; the fill stays in the table until then, so
+            // new requests join it instead of missing.
+            fill.progress.send_modify(|p| {
+                p.total = Some(landed.size());
+                p.phase = Phase::Verified;
+            });
+        }
+        let filled = self.keep(result, tmp, digest, reservation).await;
+        if matches!(filled, Ok(Filled::Stored(_))) {
+            // The commit turned the reservation into a stored blob.
+            self.evict.notify_one();
+        } else {
+            self.index.release(reservation);
+        }
+        filled
+    }
+
+    /// The temporary file a fill writes to, or `None` to stream without the
+    /// disk (a private fill, a blob over the budget, or no file could be
+    /// created). Without a known size the disk is required: readers could
+    /// not tell the last byte of a spilled stream.
+    fn fill_file(
+        &self,
+        digest: &Digest,
+        total: Option<u64>,
+        shared: bool,
+    ) -> Result<Option<TmpFile>, Error> {
+        let use_disk = shared && total.is_none_or(|t| self.index.cacheable(t));
+        if shared && !use_disk {
+            tracing::info!(%digest, size = total, max = self.index.budget().max_size,
+                "blob larger than the cache budget: streaming without caching");
+        }
+        if use_disk {
+            return match self.create_tmp(digest) {
+                Ok(t) => Ok(Some(t)),
+                Err(e) if total.is_some() => {
+                    tracing::error!(%digest, error = %e, "cannot create a temporary file: streaming without caching");
+                    Ok(None)
+                }
+                Err(e) => Err(Error::local("cache storage error", e)),
+            };
+        }
+        if total.is_some() {
+            return Ok(None);
+        }
+        Err(Error::unavailable(format!(
+            "cannot stream {digest} without the disk: upstream sent no Content-Length"
+        )))
+    }
+
+    /// Commits a verified blob whose every byte reached its file; removes
+    /// the temporary file otherwise.
+    async fn keep(
+        &self,
+        result: Result<Landed, Error>,
+        tmp: Option<TmpFile>,
+        digest: &Digest,
+        reservation: u64,
+    ) -> Result<Filled, Error> {
+        match (result, tmp) {
+            (Ok(Landed::OnDisk(size)), Some(tmp)) => {
+                match self.commit(&tmp.path, digest, size, reservation).await {
+                    Ok(()) => Ok(Filled::Stored(size)),
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&tmp.path);
+                        tracing::error!(%digest, error = %e, "cannot commit blob to the store");
+                        // The readers already have verified bytes; only
+                        // caching failed.
+                        Ok(Filled::Uncached(size))
+                    }
+                }
+            }
+            (result, tmp) => {
+                if let Some(tmp) = tmp {
+                    let _ = std::fs::remove_file(&tmp.path);
+                }
+                result.map(|landed| Filled::Uncached(landed.size()))
+            }
+        }
+    }
+
+    /// Pumps the upstream body to a blocking writer thread that writes,
+    /// hashes and publishes progress (or spills to readers once the disk
+    /// fails), then checks size and digest.
+    async fn stream(
+        &self,
+        fill: &Fill,
+        body: Incoming,
+        file: Option<Arc<File>>,
+        total: Option<u64>,
+        digest: &Digest,
+    ) -> Result<Landed, Error> {
+        let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let writer = Writer {
+            file,
+            progress: fill.progress.clone(),
+            spill: fill.spill.clone(),
+            fault: self.write_fault.load(Ordering::Relaxed),
+            can_spill: total.is_some(),
+            stall_limit: self.idle_timeout,
+        };
+        let algorithm = digest.algorithm();
+        let writer = tokio::task::spawn_blocking(move || writer.run(rx, algorithm));
+        let pumped = self.pump(body, tx, total, digest).await;
+        let written = writer
+            .await
+            .map_err(|e| Error::internal(format!("blob writer panicked: {e}")))?;
+        pumped?;
+        let written = written.map_err(|e| Error::local("cache storage error", e))?;
+        let size = written.landed.size();
+        if let Some(t) = total
+            && size != t
+        {
+            return Err(Error::upstream(
+                ErrorKind::UpstreamProtocol,
+                format!("upstream sent {size} of {t} bytes for {digest}"),
+            ));
+        }
+        if written.digest != *digest {
+            self.metrics.digest_mismatch(CacheKind::Blob);
+            return Err(Error::upstream(
+                ErrorKind::DigestMismatch,
+                format!(
+                    "digest mismatch: upstream sent {} for {digest}",
+                    written.digest
+                ),
+            ));
+        }
+        Ok(written.landed)
+    }
+
+    /// Moves the upstream body's frames into the writer's queue
+    /// (backpressure: at most [`WRITE_QUEUE`] frames wait), each within the
+    /// idle timeout. Returns when the body ends or the writer stops (its
+    /// error is reported by the caller).
+    async fn pump(
+        &self,
+        mut body: Incoming,
+        tx: mpsc::Sender<Bytes>,
+        total: Option<u64>,
+        digest: &Digest,
+    ) -> Result<(), Error> {
+        let mut received = 0u64;
+        loop {
+            let frame = match tokio::time::timeout(self.idle_timeout, body.frame()).await {
+                Err(_) => {
+                    return Err(Error::upstream(
+                        ErrorKind::BodyBroken,
+                        format!(
+                            "upstream stalled for {:?} sending {digest}",
+                            self.idle_timeout
+                        ),
+                    ));
+                }
+                Ok(None) => return Ok(()),
+                Ok(Some(Err(e))) => {
+                    return Err(Error::upstream(
+                        ErrorKind::BodyBroken,
+                        format!("upstream body of {digest} broke off: {e}"),
+                    )
+                    .with_cause(e));
+                }
+                Ok(Some(Ok(frame))) => frame,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            received += data.len() as u64;
+            if total.is_some_and(|t| received > t) {
+                return Err(Error::upstream(
+                    ErrorKind::UpstreamProtocol,
+                    format!("upstream sent more than its Content-Length for {digest}"),
+                ));
+            }
+            if tx.send(data).await.is_err() {
+                // The writer stopped: its error is reported by the caller.
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! Response bodies of blobs: a [`Reader`] streams a span of a stored blob,
+//! or of a fill in progress, in bounded chunks.
+//!
+//! Reading a fill, it waits for bytes to arrive, takes the bytes past a
+//! failed disk from the fill's spill queue, never sends its final byte
+//! before the fill is verified, and fails (cutting the connection) if the
+//! fill fails.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use tokio::sync::{broadcast, watch};
+
+use super::fill::{Phase, Progress, SpillChunk};
+use crate::body::Body;
+use crate::front::zerocopy::Regions;
+
+/// Bytes read from disk per body frame.
+const CHUNK: usize = 256 * 1024;
+
+/// Reads up to this size are done in place on the runtime thread (they
+/// come from the page cache in microseconds).
+const INLINE_READ: u64 = 64 * 1024;
+
+/// Largest frame of mapped file bytes handed to hyper on a zero-copy
+/// connection (see [`crate::front::zerocopy`]). The mapping is never
+/// touched, so its size costs address space only.
+const ZERO_COPY_CHUNK: u64 = 16 * 1024 * 1024;
+
+/// What a reader of a fill listens to.
+pub(super) struct Feed {
+    /// The fill's progress.
+    pub(super) progress: watch::Receiver<Progress>,
+    /// Bytes past a failed disk; let go of once this reader cannot need them.
+    pub(super) spill: Option<broadcast::Receiver<SpillChunk>>,
+}
+
+/// Reader state for one response body.
+struct Reader {
+    file: Option<Arc<File>>,
+    /// Next offset to send.
+    pos: u64,
+    /// End of the span to send (exclusive); `None` = to the end of a blob
+    /// whose size is not known yet.
+    end: Option<u64>,
+    /// The fill being read, or `None` for a stored blob.
+    feed: Option<Feed>,
+    /// The final byte of the response, received from the spill queue and
+    /// held until the fill is verified.
+    held: Option<Bytes>,
+    /// Set on plain HTTP/1 connections: send file bytes with `sendfile`.
+    zero_copy: Option<Arc<Regions>>,
+}
+
+/// What to do next.
+enum Step {
+    /// Read `[pos, limit)` from the file.
+    Disk(u64),
+    /// Send these bytes.
+    Send(Bytes),
+    /// The response is complete.
+    Done,
+}
+
+/// A body that streams `[start, end)` of a blob in bounded chunks, from
+/// `file` (complete when `feed` is `None`, else a fill's file).
+pub(super) fn file_body(
+    file: Option<Arc<File>>,
+    start: u64,
+    end: Option<u64>,
+    feed: Option<Feed>,
+    zero_copy: Option<Arc<Regions>>,
+) -> Body {
+    let reader = Reader {
+        file,
+        pos: start,
+        end,
+        feed,
+        held: None,
+        zero_copy,
+    };
+    let stream = futures_util::stream::try_unfold(reader, |mut r| async move {
+        let chunk = match r.next_step().await? {
+            Step::Done => return Ok(None),
+            Step::Send(bytes) => bytes,
+            Step::Disk(limit) => r.read(limit).await?,
+        };
+        Ok(Some((Frame::data(chunk), r)))
+    });
+    BodyExt::boxed(StreamBody::new(stream))
+}
+
+impl Reader {
+    /// Reads the next chunk of `[pos, limit)` from the file.
+    async fn read(&mut self, limit: u64) -> io::Result<Bytes> {
+        let file = self
+            .file
+            .clone()
+            .ok_or_else(|| io::Error::other("blob has no file to read"))?;
+        let pos = self.pos;
+        let chunk = match &self.zero_copy {
+            // A few KiB from the page cache: cheaper to copy in place than
+            // to map, or to hop to a blocking thread.
+            _ if limit - pos <= INLINE_READ => read_exact_at(&file, pos, (limit - pos) as usize)?,
+            // Mapped, never touched: the connection sends it with sendfile,
+            // so a large frame costs no memory.
+            Some(regions) => {
+                let want = (limit - pos).min(ZERO_COPY_CHUNK) as usize;
+                regions.chunk(&file, pos, want)?
+            }
+            None => {
+                let want = (limit - pos).min(CHUNK as u64) as usize;
+                tokio::task::spawn_blocking(move || read_exact_at(&file, pos, want))
+                    .await
+                    .map_err(io::Error::other)??
+            }
+        };
+        self.pos += chunk.len() as u64;
+        Ok(chunk)
+    }
+
+    /// Waits until there is something to send.
+    async fn next_step(&mut self) -> io::Result<Step> {
+        loop {
+            let Some(feed) = self.feed.as_mut() else {
+                return Ok(self.stored_step());
+            };
+            let p = feed.progress.borrow_and_update().clone();
+            let verified = match &p.phase {
+                Phase::Failed(e) => {
+                    return Err(io::Error::other(format!(
+                        "blob fill failed: {}",
+                        e.message()
+                    )));
+                }
+                Phase::Verified => true,
+                Phase::Connecting | Phase::Streaming => false,
+            };
+            // The end of this response, when known.
+            let end = self.end.or(if verified { p.total } else { None });
+            feed.keep_spill_if_needed(&p, end, verified);
+            if let Some(step) = self.ready(&p, end, verified) {
+                return Ok(step);
+            }
+            if let Some(e) = self.past_disk(&p, end) {
+                if let Some(step) = self.from_spill(e, verified).await? {
+                    return Ok(step);
+                }
+                continue;
+            }
+            if let Some(feed) = self.feed.as_mut() {
+                wait_change(&mut feed.progress).await?;
+            }
+        }
+    }
+
+    /// The next step of a stored (complete) blob.
+    fn stored_step(&self) -> Step {
+        let end = self.end.unwrap_or(self.pos);
+        if self.pos < end {
+            Step::Disk(end)
+        } else {
+            Step::Done
+        }
+    }
+
+    /// Whether this reader has sent everything up to `end` (a held final
+    /// byte aside).
+    fn finished(&self, end: Option<u64>) -> bool {
+        end.is_some_and(|e| self.pos >= e) && self.held.is_none()
+    }
+
+    /// What can be sent now without waiting: the held final byte once
+    /// verified, the end, or bytes already on disk. Never the final byte of
+    /// the response before verification: the last byte of the response is
+    /// held back, or, size unknown, the last byte written so far.
+    fn ready(&mut self, p: &Progress, end: Option<u64>, verified: bool) -> Option<Step> {
+        if verified && let Some(h) = self.held.take() {
+            return Some(Step::Send(h));
+        }
+        let finished = self.finished(end);
+        if finished && verified {
+            return Some(Step::Done);
+        }
+        if finished || self.held.is_some() {
+            return None;
+        }
+        let max_send = match (verified, end) {
+            (true, Some(e)) => e,
+            (false, Some(e)) => e - 1,
+            (_, None) => p.written.saturating_sub(1),
+        };
+        let on_disk = p.disk_end.unwrap_or(p.written);
+        let limit = on_disk.min(max_send);
+        (self.pos < limit).then_some(Step::Disk(limit))
+    }
+
+    /// The end of the response when its next bytes lie past a failed disk
+    /// (they come from the spill queue).
+    fn past_disk(&self, p: &Progress, end: Option<u64>) -> Option<u64> {
+        if self.finished(end) || self.held.is_some() {
+            return None;
+        }
+        match (p.disk_end, end) {
+            (Some(d), Some(e)) if self.pos >= d => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Waits for spilled bytes (or, unverified, a change of progress).
+    /// `None`: look again.
+    async fn from_spill(&mut self, end: u64, verified: bool) -> io::Result<Option<Step>> {
+        let Some(feed) = self.feed.as_mut() else {
+            return Ok(None);
+        };
+        let spill = feed
+            .spill
+            .as_mut()
+            .ok_or_else(|| io::Error::other("uncached blob stream unavailable"))?;
+        tokio::select! {
+            chunk = spill.recv() => match chunk {
+                Ok((off, bytes)) => self.take_spilled(off, bytes, end, verified),
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    Err(io::Error::other("reader fell behind an uncached blob stream"))
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    if verified {
+                        return Err(io::Error::other("uncached blob stream ended early"));
+                    }
+                    wait_change(&mut feed.progress).await?;
+                    Ok(None)
+                }
+            },
+            changed = wait_change(&mut feed.progress), if !verified => changed.map(|()| None),
+        }
+    }
+
+    /// Takes what this reader needs from a spilled chunk at `off`, holding
+    /// back the response's final byte until verification.
+    fn take_spilled(
+        &mut self,
+        off: u64,
+        bytes: Bytes,
+        end: u64,
+        verified: bool,
+    ) -> io::Result<Option<Step>> {
+        let chunk_end = off + bytes.len() as u64;
+        if chunk_end <= self.pos {
+            return Ok(None);
+        }
+        if off > self.pos {
+            return Err(io::Error::other("missed part of an uncached blob stream"));
+        }
+        let from = (self.pos - off) as usize;
+        let to = (end.min(chunk_end) - off) as usize;
+        let mut slice = bytes.slice(from..to);
+        self.pos += slice.len() as u64;
+        if self.pos == end && !verified && !slice.is_empty() {
+            self.held = Some(slice.split_off(slice.len() - 1));
+        }
+        Ok((!slice.is_empty()).then_some(Step::Send(slice)))
+    }
+}
+
+impl Feed {
+    /// A reader that will never need spilled bytes lets go of the queue, so
+    /// it cannot hold up a fill that lost its disk.
+    fn keep_spill_if_needed(&mut self, p: &Progress, end: Option<u64>, verified: bool) {
+        let needs_spill = match (p.disk_end, end) {
+            (Some(d), Some(e)) => e > d,
+            (None, _) => !verified,
+            (Some(_), None) => true,
+        };
+        if !needs_spill {
+            self.spill = None;
+        }
+    }
+}
+
+/// Waits for the fill's progress to change. When the fill is gone its final
+/// state is already published; anything else is an error.
+async fn wait_change(progress: &mut watch::Receiver<Progress>) -> io::Result<()> {
+    if progress.changed().await.is_ok() {
+        return Ok(());
+    }
+    match progress.borrow().phase {
+        Phase::Verified | Phase::Failed(_) => Ok(()),
+        _ => Err(io::Error::other("blob fill vanished")),
+    }
+}
+
+/// Reads exactly `len` bytes at `pos` (the bytes are known to be on disk).
+fn read_exact_at(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
+    let mut buf = BytesMut::zeroed(len);
+    file.read_exact_at(&mut buf, pos)?;
+    Ok(buf.freeze())
+}

@@ -1,0 +1,242 @@
+//! The store of verified blobs: opening it (emptying `tmp/` of an
+//! interrupted run), looking a blob up, creating a fill's temporary file,
+//! and committing a verified one (fsync, journal record, rename, directory
+//! fsync). Also the background work that keeps it in budget: the start-up
+//! index scan, the evictor and the access-time flusher.
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+
+use super::fill::{FillTable, TmpFile};
+use crate::cache::index::BlobIndex;
+use crate::cache::layout::Layout;
+use crate::metrics::Metrics;
+use crate::oci::Digest;
+
+/// A blob in the store, opened: complete and verified.
+pub(super) struct StoredBlob {
+    pub(super) file: File,
+    pub(super) size: u64,
+}
+
+/// The blob cache. Cheap to share: wrap in an `Arc`.
+pub struct BlobStore {
+    /// Where verified blobs and the files of fills in progress live.
+    pub(super) layout: Layout,
+    /// Sizes, recency, budget, pins.
+    pub(super) index: Arc<BlobIndex>,
+    /// Fills running now, by digest.
+    pub(super) fills: Arc<FillTable>,
+    /// Distinguishes temporary file names.
+    next_tmp: AtomicU64,
+    /// Longest wait for the next upstream body chunk before a fill gives up.
+    pub(super) idle_timeout: Duration,
+    /// Wakes the evictor.
+    pub(super) evict: Arc<Notify>,
+    /// Test hook: fail disk writes once a fill has written this many bytes.
+    pub(super) write_fault: AtomicU64,
+    /// Fills in flight, fill results, digest mismatches.
+    pub(super) metrics: Arc<Metrics>,
+    /// Set when the server stops, ending the background tasks.
+    stopped: watch::Sender<bool>,
+}
+
+impl BlobStore {
+    /// Opens (creating) the store of `layout` and removes leftovers of
+    /// fills interrupted by a crash. The index is loaded separately (see
+    /// [`BlobStore::spawn_background`]).
+    pub fn open(
+        layout: &Layout,
+        index: Arc<BlobIndex>,
+        idle_timeout: Duration,
+    ) -> io::Result<BlobStore> {
+        let tmp = layout.tmp();
+        std::fs::create_dir_all(layout.blobs())?;
+        std::fs::create_dir_all(&tmp)?;
+        for entry in std::fs::read_dir(&tmp)? {
+            let entry = entry?;
+            tracing::info!(file = %entry.path().display(), "removing leftover of an interrupted fill");
+            if entry.file_type()?.is_dir() {
+                std::fs::remove_dir_all(entry.path())?;
+            } else {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+        Ok(BlobStore {
+            layout: layout.clone(),
+            index,
+            fills: Arc::new(FillTable::default()),
+            next_tmp: AtomicU64::new(0),
+            idle_timeout,
+            evict: Arc::new(Notify::new()),
+            write_fault: AtomicU64::new(u64::MAX),
+            stopped: watch::channel(false).0,
+            metrics: Arc::new(Metrics::new()),
+        })
+    }
+
+    /// Reports to `metrics` (a fresh, unexported set until this is called).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> BlobStore {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Fills running now (including verified ones still being committed).
+    pub fn fills_in_flight(&self) -> usize {
+        self.fills.len()
+    }
+
+    /// The index.
+    pub fn index(&self) -> &Arc<BlobIndex> {
+        &self.index
+    }
+
+    /// Starts the background work: loading the index from disk, the
+    /// evictor, and the access-time flusher. Must run inside a tokio
+    /// runtime.
+    pub fn spawn_background(self: &Arc<Self>) {
+        let index = self.index.clone();
+        let evict = self.evict.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let loader = index.clone();
+            match tokio::task::spawn_blocking(move || loader.load()).await {
+                Ok(Ok(n)) => tracing::info!(
+                    blobs = n,
+                    bytes = index.used(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "blob index loaded"
+                ),
+                Ok(Err(e)) => tracing::error!(error = %e, "loading the blob index failed"),
+                Err(e) => tracing::error!(error = %e, "blob index loader panicked"),
+            }
+            evict.notify_one();
+        });
+        let index = self.index.clone();
+        let evict = self.evict.clone();
+        let mut stop = self.stop_signal();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = evict.notified() => {}
+                    _ = stop.changed() => return,
+                }
+                if !index.is_loaded() {
+                    continue;
+                }
+                let i = index.clone();
+                let _ = tokio::task::spawn_blocking(move || i.evict_if_needed()).await;
+            }
+        });
+        let index = self.index.clone();
+        let mut stop = self.stop_signal();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(crate::cache::index::FLUSH_INTERVAL);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.changed() => return,
+                }
+                let i = index.clone();
+                let _ = tokio::task::spawn_blocking(move || i.flush_atimes()).await;
+            }
+        });
+    }
+
+    /// Completes-on-change receiver for background work tied to this store:
+    /// it changes once, when the server stops.
+    pub fn stop_signal(&self) -> watch::Receiver<bool> {
+        self.stopped.subscribe()
+    }
+
+    /// Stops the background work (evictor, flusher, and whatever else
+    /// watches [`BlobStore::stop_signal`]).
+    pub fn stop_background(&self) {
+        self.stopped.send_replace(true);
+    }
+
+    /// Test hook: make disk writes of fills fail (as on a full disk) past
+    /// `after` bytes of a blob; `None` turns it off.
+    #[doc(hidden)]
+    pub fn inject_write_failure(&self, after: Option<u64>) {
+        self.write_fault
+            .store(after.unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Opens a stored blob, or `None` on a miss. Records the access.
+    pub(super) fn lookup(&self, digest: &Digest) -> io::Result<Option<StoredBlob>> {
+        match File::open(self.layout.blob(digest)) {
+            Ok(file) => {
+                let size = file.metadata()?.len();
+                self.index.touch(digest, size);
+                Ok(Some(StoredBlob { file, size }))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.index.forget(digest);
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A new temporary file for a fill of `digest`.
+    pub(super) fn create_tmp(&self, digest: &Digest) -> io::Result<TmpFile> {
+        let path = self
+            .layout
+            .tmp_file(digest, self.next_tmp.fetch_add(1, Ordering::Relaxed));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        Ok(TmpFile {
+            path,
+            file: Arc::new(file),
+        })
+    }
+
+    /// fsyncs the file, records it in the journal, moves it into the store
+    /// atomically, then fsyncs the directory so the rename survives a crash.
+    /// Once renamed, the blob is indexed in place of its `reservation`; an
+    /// error means nothing was stored.
+    pub(super) async fn commit(
+        &self,
+        tmp_path: &Path,
+        digest: &Digest,
+        size: u64,
+        reservation: u64,
+    ) -> io::Result<()> {
+        let tmp_path = tmp_path.to_path_buf();
+        let dest = self.layout.blob(digest);
+        let index = self.index.clone();
+        let digest = digest.clone();
+        tokio::task::spawn_blocking(move || {
+            File::open(&tmp_path)?.sync_all()?;
+            let dir = dest
+                .parent()
+                .ok_or_else(|| io::Error::other("store path has no parent"))?;
+            std::fs::create_dir_all(dir)?;
+            index.record(&digest, size)?;
+            // Make room first, so committed bytes stay within the budget
+            // (this fill's bytes are already counted as reserved).
+            index.evict_if_needed();
+            std::fs::rename(&tmp_path, &dest)?;
+            index.committed(&digest, size, reservation);
+            if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+                // Stored and served; only durability across a power cut is
+                // in doubt (the next start re-verifies via the journal).
+                tracing::warn!(%digest, error = %e, "cannot fsync the blob directory");
+            }
+            Ok(())
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+}

@@ -1,0 +1,155 @@
+//! The blocking half of a fill: a thread of the blocking pool that writes
+//! the upstream's chunks to the temporary file, hashes them and publishes
+//! how far the file is written; once the disk fails, it spills the chunks
+//! to the attached readers instead, paced by the slowest.
+
+use std::fs::File;
+use std::io::{self, Write as _};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{broadcast, mpsc, watch};
+
+use super::fill::{Progress, SPILL_QUEUE, SpillChunk};
+use crate::oci::{Algorithm, Digest, Hasher};
+
+/// While frames keep arriving, readers are woken at least every this many
+/// written bytes (and whenever the queue runs dry).
+const PUBLISH_EVERY: u64 = 1024 * 1024;
+
+/// Where the bytes of a fill went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Landed {
+    /// Every byte reached the file: it can be committed. The size.
+    OnDisk(u64),
+    /// Not every byte reached the file (disk failure, or no disk used):
+    /// readers got the rest through the spill queue. The size.
+    OffDisk(u64),
+}
+
+impl Landed {
+    /// The blob's size.
+    pub(super) fn size(self) -> u64 {
+        match self {
+            Landed::OnDisk(n) | Landed::OffDisk(n) => n,
+        }
+    }
+}
+
+/// What the writer saw: the digest of every byte, and where they went.
+pub(super) struct Written {
+    pub(super) digest: Digest,
+    pub(super) landed: Landed,
+}
+
+/// The blocking half of a fill.
+pub(super) struct Writer {
+    /// The temporary file, or `None` when the fill runs without the disk.
+    pub(super) file: Option<Arc<File>>,
+    /// Where `written` (and a disk failure) is published to readers.
+    pub(super) progress: watch::Sender<Progress>,
+    /// Where chunks go once the disk is out of the picture.
+    pub(super) spill: broadcast::Sender<SpillChunk>,
+    /// Test hook: fail writes past this many bytes.
+    pub(super) fault: u64,
+    /// Whether spilling is possible (the size is known).
+    pub(super) can_spill: bool,
+    /// Longest wait for the slowest reader when spilling.
+    pub(super) stall_limit: Duration,
+}
+
+impl Writer {
+    /// Consumes the chunks of `rx` until it closes. Fails on a disk error
+    /// that cannot be spilled past, or when no reader is left to spill to.
+    pub(super) fn run(
+        self,
+        mut rx: mpsc::Receiver<Bytes>,
+        algorithm: Algorithm,
+    ) -> io::Result<Written> {
+        let mut hasher = Hasher::new(algorithm);
+        let mut offset = 0u64;
+        let mut published = 0u64;
+        let mut on_disk = self.file.is_some();
+        while let Some(chunk) = rx.blocking_recv() {
+            if on_disk {
+                on_disk = self.write(&chunk, offset)?;
+                // Wake readers once per burst, not per frame: when nothing
+                // more is queued, or every PUBLISH_EVERY.
+                let written = offset + chunk.len() as u64;
+                if on_disk && (rx.is_empty() || written - published >= PUBLISH_EVERY) {
+                    self.progress.send_modify(|p| p.written = written);
+                    published = written;
+                }
+            }
+            if !on_disk {
+                self.spill(offset, &chunk)?;
+            }
+            hasher.update(&chunk);
+            offset += chunk.len() as u64;
+        }
+        if on_disk && published != offset {
+            self.progress.send_modify(|p| p.written = offset);
+        }
+        Ok(Written {
+            digest: hasher.finish(),
+            landed: if on_disk {
+                Landed::OnDisk(offset)
+            } else {
+                Landed::OffDisk(offset)
+            },
+        })
+    }
+
+    /// Writes `chunk` at `offset` (the end of the file). Returns whether the
+    /// disk is still in use: false once a write failed and the rest can be
+    /// spilled (published as `disk_end`).
+    fn write(&self, chunk: &[u8], offset: u64) -> io::Result<bool> {
+        let Some(file) = &self.file else {
+            return Ok(false);
+        };
+        let result = if offset + chunk.len() as u64 > self.fault {
+            Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "injected write failure",
+            ))
+        } else {
+            let mut out: &File = file;
+            out.write_all(chunk)
+        };
+        match result {
+            Ok(()) => Ok(true),
+            Err(e) if self.can_spill => {
+                tracing::error!(error = %e, at = offset,
+                    "writing a blob to the cache failed: streaming the rest without caching");
+                self.progress.send_modify(|p| {
+                    p.written = offset;
+                    p.disk_end = Some(offset);
+                });
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Hands `chunk` to the readers through the spill queue, pacing the fill
+    /// by the slowest attached reader so memory stays bounded (a reader
+    /// stuck for longer than the idle timeout is dropped: it lags and its
+    /// body fails). With no reader left there is no point going on.
+    fn spill(&self, offset: u64, chunk: &Bytes) -> io::Result<()> {
+        let waiting = std::time::Instant::now();
+        while self.spill.len() + 1 >= SPILL_QUEUE
+            && self.spill.receiver_count() > 0
+            && waiting.elapsed() < self.stall_limit
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if self.spill.receiver_count() == 0 {
+            return Err(io::Error::other(
+                "no readers left for a blob that cannot be cached",
+            ));
+        }
+        let _ = self.spill.send((offset, chunk.clone()));
+        Ok(())
+    }
+}
