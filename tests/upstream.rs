@@ -536,6 +536,12 @@ async fn rate_limit_headers_and_429_are_logged() {
         .with_writer(move || writer.clone())
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
+    // With a single registered dispatcher, tracing-core computes the
+    // interest of a callsite first hit on another thread (another test
+    // reaching the same log line) from that thread's default, which is no
+    // subscriber, and caches "never". A second live dispatcher makes it ask
+    // every registered one instead.
+    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
     let up = Upstream::new(&config(reg.url())).unwrap();
     assert_eq!(get(&up, "a/b", "manifests/3").await.0, 200);
     let quiet = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
