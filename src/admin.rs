@@ -21,8 +21,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Metrics, TEXT_CONTENT_TYPE};
 
@@ -128,24 +128,25 @@ fn probe_writable(path: &Path) -> std::io::Result<()> {
 
 /// A running admin listener; see [`spawn`].
 pub struct AdminHandle {
-    stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
 impl AdminHandle {
-    /// Stops accepting, lets open admin connections finish briefly, and
-    /// waits for the listener task.
-    pub async fn stop(self) {
-        let _ = self.stop.send(true);
+    /// Waits for the listener task, which ends once its stop token is
+    /// cancelled and open admin connections had a moment to finish.
+    pub async fn stopped(self) {
         if let Err(e) = self.task.await {
             tracing::warn!(error = %e, "admin listener task failed");
         }
     }
 }
 
-/// Serves the admin endpoints on `listener` until [`AdminHandle::stop`].
-pub fn spawn(listener: TcpListener, state: Arc<AdminState>) -> AdminHandle {
-    let (stop, mut stopped) = watch::channel(false);
+/// Serves the admin endpoints on `listener` until `stop` is cancelled.
+pub fn spawn(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    stop: CancellationToken,
+) -> AdminHandle {
     let task = tokio::spawn(async move {
         let graceful = GracefulShutdown::new();
         let builder = auto::Builder::new(TokioExecutor::new());
@@ -162,7 +163,7 @@ pub fn spawn(listener: TcpListener, state: Arc<AdminState>) -> AdminHandle {
                         continue;
                     }
                 },
-                () = async { let _ = stopped.wait_for(|s| *s).await; } => break,
+                () = stop.cancelled() => break,
             };
             let state = state.clone();
             let service = hyper::service::service_fn(move |req| {
@@ -183,7 +184,7 @@ pub fn spawn(listener: TcpListener, state: Arc<AdminState>) -> AdminHandle {
         drop(listener);
         let _ = tokio::time::timeout(ADMIN_DRAIN, graceful.shutdown()).await;
     });
-    AdminHandle { stop, task }
+    AdminHandle { task }
 }
 
 fn text(

@@ -15,6 +15,7 @@ pub mod logging;
 pub mod metrics;
 pub mod oci;
 pub mod server;
+pub mod shutdown;
 pub mod upstream;
 
 pub use metrics::Metrics;

@@ -1,6 +1,12 @@
-//! The mirror as a whole: binds the listeners, opens the caches, runs the
-//! accept loop and shuts down gracefully. Requests are handled in
-//! [`crate::http`].
+//! The mirror as a whole: binds the listeners, opens the caches, starts the
+//! background work, runs the accept loop and shuts down gracefully.
+//! Requests are handled in [`crate::http`].
+//!
+//! Shutdown, in order: stop accepting (and polling TLS/htpasswd files), let
+//! in-flight responses finish for up to `shutdown_timeout`, wait (as long
+//! again at most) for blob fills still committing, write access times to
+//! disk, then stop the background tasks and the admin listener, which kept
+//! answering (`/readyz` with 503) during the drain.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -13,20 +19,23 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::DropGuard;
 
-use crate::admin::{self, AdminState};
+use crate::admin::{self, AdminHandle, AdminState};
 use crate::cache::blob::BlobStore;
 use crate::cache::index::{BlobIndex, Budget};
 use crate::cache::layout::Layout;
 use crate::cache::manifests::ManifestStore;
+use crate::cache::pins::Pins;
 use crate::config::Config;
 use crate::front::{Front, Reloader};
 use crate::http::request_id::RequestIds;
 use crate::http::routing::Router;
 use crate::http::{AppState, handle};
 use crate::metrics::Metrics;
-use crate::oci::ImageRef;
+use crate::shutdown::Shutdown;
 use crate::upstream::Upstream;
 
 /// Why the server could not start or run.
@@ -48,6 +57,10 @@ pub enum ServerError {
     },
 }
 
+fn io_error(context: String) -> impl FnOnce(std::io::Error) -> ServerError {
+    move |source| ServerError::Io { context, source }
+}
+
 /// A bound, ready-to-run mirror.
 pub struct Server {
     listener: TcpListener,
@@ -58,41 +71,25 @@ pub struct Server {
     admin: Option<TcpListener>,
     /// Where the caches live (checked by `/readyz`).
     layout: Layout,
+    /// Stops background work; fills are tracked here.
+    shutdown: Shutdown,
+    /// Ends the background work if the server is dropped without running.
+    _stop_on_drop: DropGuard,
 }
 
 impl Server {
-    /// Opens the caches, builds the upstream clients and binds the listener.
+    /// Opens the caches, builds the upstream clients, binds the listeners
+    /// and starts the background work (index loading, eviction, pins).
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
-        let io = |context: String| move |source| ServerError::Io { context, source };
         let metrics = Arc::new(Metrics::new());
+        let shutdown = Shutdown::new();
         let upstreams = config
             .upstreams
             .iter()
             .map(|u| Upstream::new(u).map(|u| Arc::new(u.with_metrics(metrics.clone()))))
             .collect::<Result<Vec<_>, _>>()?;
-        let idle = config
-            .upstreams
-            .iter()
-            .map(|u| u.timeout)
-            .max()
-            .unwrap_or(Duration::from_secs(30));
-        let budget = Budget::new(
-            config.cache.max_size.as_u64(),
-            config.cache.high_watermark,
-            config.cache.low_watermark,
-        );
         let layout = Layout::new(&config.cache_dir);
-        let index = Arc::new(BlobIndex::new(&layout, budget));
-        let blobs = BlobStore::open(&layout, index, idle).map_err(io(format!(
-            "opening blob cache in {}",
-            config.cache_dir.display()
-        )))?;
-        let blobs = Arc::new(blobs.with_metrics(metrics.clone()));
-        blobs.spawn_background();
-        let manifests = ManifestStore::open(&layout).map_err(io(format!(
-            "opening manifest cache in {}",
-            config.cache_dir.display()
-        )))?;
+        let (blobs, manifests) = open_caches(&config, &layout, &metrics, &shutdown)?;
         let front = Arc::new(Front::new(
             config.tls.as_ref(),
             config.access.as_ref(),
@@ -100,31 +97,33 @@ impl Server {
         )?);
         let listener = TcpListener::bind(config.listen)
             .await
-            .map_err(io(format!("binding {}", config.listen)))?;
+            .map_err(io_error(format!("binding {}", config.listen)))?;
         let admin = match config.admin_listen {
             Some(addr) => Some(
                 TcpListener::bind(addr)
                     .await
-                    .map_err(io(format!("binding the admin listener {addr}")))?,
+                    .map_err(io_error(format!("binding the admin listener {addr}")))?,
             ),
             None => None,
         };
+        let router = Router::new(upstreams);
+        let pins = Pins {
+            images: config.cache.pins()?,
+            every: config.cache.pin_refresh,
+            manifests: manifests.clone(),
+            index: blobs.index().clone(),
+            route: router.resolver(),
+        };
+        pins.spawn(shutdown.token());
+        spawn_manifest_pruner(&shutdown, manifests.clone(), config.cache.max_manifests);
         let state = Arc::new(AppState {
-            router: Router::new(upstreams),
+            router,
             blobs,
             manifests,
             access: front.access(),
             metrics,
             request_ids: RequestIds::new(),
         });
-        let pins = config
-            .cache
-            .pin
-            .iter()
-            .filter_map(|p| ImageRef::parse(p).ok())
-            .collect();
-        crate::cache::pins::spawn(state.clone(), pins, config.cache.pin_refresh);
-        spawn_manifest_pruner(state.clone(), config.cache.max_manifests);
         Ok(Server {
             listener,
             state,
@@ -132,6 +131,8 @@ impl Server {
             front,
             admin,
             layout,
+            _stop_on_drop: shutdown.drop_guard(),
+            shutdown,
         })
     }
 
@@ -171,23 +172,69 @@ impl Server {
         let graceful = GracefulShutdown::new();
         let mut builder = auto::Builder::new(TokioExecutor::new());
         self.front.configure(&mut builder);
-        let watch = self.front.reloader().spawn_watch();
-        tokio::pin!(shutdown);
-        let admin = self.admin.take().map(|listener| {
-            let blobs = self.state.blobs.clone();
-            let index = self.state.blobs.index().clone();
-            let state = AdminState::new(self.state.metrics.clone(), self.layout.tmp())
-                .with_index_check(move || blobs.index().is_loaded())
-                .with_scrape_hook(move |metrics| {
-                    metrics.set_cache_size(index.used().saturating_add(index.reserved()));
-                    metrics.set_cache_budget(index.budget().max_size);
-                    let evicted = index.evicted();
-                    metrics.sync_evictions(evicted.blobs, evicted.bytes);
-                });
-            admin::spawn(listener, Arc::new(state))
-        });
+        // File polling stops with the accept loop, the rest after draining.
+        let polling = self.shutdown.token().child_token();
+        self.front.reloader().spawn_watch(&polling);
+        let admin = self.start_admin();
         self.state.metrics.set_listening(true);
         tracing::info!(addr = %self.local_addr(), tls = self.front.tls().is_some(), "stowage listening");
+        self.accept_until(shutdown, &builder, &graceful).await;
+        polling.cancel();
+        drop(self.listener);
+        // /readyz answers 503 from now on, while requests drain.
+        self.state.metrics.set_listening(false);
+        tracing::info!("shutting down: waiting for in-flight requests");
+        tokio::select! {
+            () = graceful.shutdown() => tracing::info!("all connections closed"),
+            () = tokio::time::sleep(self.shutdown_timeout) => {
+                tracing::warn!(timeout = ?self.shutdown_timeout, "shutdown timeout reached, dropping connections");
+            }
+        }
+        // Let fills finish committing (their clients may be done already:
+        // readers finish at verification, before the fsyncs and rename).
+        if !self.shutdown.wait_for_fills(self.shutdown_timeout).await {
+            tracing::warn!("shutdown timeout reached with blob fills still running");
+        }
+        // Persist recency so LRU order survives the restart.
+        let index = self.state.blobs.index().clone();
+        let _ = tokio::task::spawn_blocking(move || index.flush_atimes()).await;
+        self.shutdown.cancel();
+        if let Some(admin) = admin {
+            admin.stopped().await;
+        }
+        Ok(())
+    }
+
+    /// Starts the admin listener, if enabled; it stops with the background
+    /// work.
+    fn start_admin(&mut self) -> Option<AdminHandle> {
+        let listener = self.admin.take()?;
+        let blobs = self.state.blobs.clone();
+        let index = self.state.blobs.index().clone();
+        let state = AdminState::new(self.state.metrics.clone(), self.layout.tmp())
+            .with_index_check(move || blobs.index().is_loaded())
+            .with_scrape_hook(move |metrics| {
+                metrics.set_cache_size(index.used().saturating_add(index.reserved()));
+                metrics.set_cache_budget(index.budget().max_size);
+                let evicted = index.evicted();
+                metrics.sync_evictions(evicted.blobs, evicted.bytes);
+            });
+        Some(admin::spawn(
+            listener,
+            Arc::new(state),
+            self.shutdown.token(),
+        ))
+    }
+
+    /// Accepts connections (within the connection limit) until `shutdown`
+    /// completes, serving each in a task watched by `graceful`.
+    async fn accept_until(
+        &self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        builder: &auto::Builder<TokioExecutor>,
+        graceful: &GracefulShutdown,
+    ) {
+        tokio::pin!(shutdown);
         loop {
             let (permit, stream, peer) = tokio::select! {
                 accepted = async {
@@ -202,72 +249,95 @@ impl Server {
                         continue;
                     }
                 },
-                () = &mut shutdown => break,
+                () = &mut shutdown => return,
             };
             let _ = stream.set_nodelay(true);
-            let state = self.state.clone();
-            let (front, builder, watcher) =
-                (self.front.clone(), builder.clone(), graceful.watcher());
-            tokio::spawn(async move {
-                let _permit = permit;
-                let Some(io) = front.handshake(stream, peer).await else {
-                    return;
-                };
-                let regions = io.regions();
-                let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                    if let Some(r) = &regions {
-                        req.extensions_mut().insert(r.clone());
-                    }
-                    let state = state.clone();
-                    async move { Ok::<_, Infallible>(handle(state, req, peer).await) }
-                });
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-                if let Err(e) = watcher.watch(conn.into_owned()).await {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
-                }
-            });
+            let conn = Connection {
+                state: self.state.clone(),
+                front: self.front.clone(),
+                builder: builder.clone(),
+                watcher: graceful.watcher(),
+            };
+            tokio::spawn(conn.serve(permit, stream, peer));
         }
-        watch.stop();
-        drop(self.listener);
-        // /readyz answers 503 from now on, while requests drain.
-        self.state.metrics.set_listening(false);
-        tracing::info!("shutting down: waiting for in-flight requests");
-        tokio::select! {
-            () = graceful.shutdown() => tracing::info!("all connections closed"),
-            () = tokio::time::sleep(self.shutdown_timeout) => {
-                tracing::warn!(timeout = ?self.shutdown_timeout, "shutdown timeout reached, dropping connections");
-            }
-        }
-        // Let fills finish committing (their clients may be done already:
-        // readers finish at verification, before the fsyncs and rename).
-        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
-        while self.state.blobs.fills_in_flight() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        // Persist recency so LRU order survives the restart.
-        let index = self.state.blobs.index().clone();
-        let _ = tokio::task::spawn_blocking(move || index.flush_atimes()).await;
-        self.state.blobs.stop_background();
-        if let Some(admin) = admin {
-            admin.stop().await;
-        }
-        Ok(())
     }
 }
 
+/// What serving one accepted connection needs.
+struct Connection {
+    state: Arc<AppState>,
+    front: Arc<Front>,
+    builder: auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+}
+
+impl Connection {
+    /// The front door (TLS, timeouts), then HTTP/1.1 or h2 until the client
+    /// leaves or the drain ends. The connection slot is held throughout.
+    async fn serve(self, permit: OwnedSemaphorePermit, stream: TcpStream, peer: SocketAddr) {
+        let _permit = permit;
+        let Some(io) = self.front.handshake(stream, peer).await else {
+            return;
+        };
+        let regions = io.regions();
+        let state = self.state;
+        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            if let Some(r) = &regions {
+                req.extensions_mut().insert(r.clone());
+            }
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(handle(state, req, peer).await) }
+        });
+        let conn = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service);
+        if let Err(e) = self.watcher.watch(conn.into_owned()).await {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+    }
+}
+
+/// Opens the blob store (starting its background work) and the manifest
+/// cache.
+fn open_caches(
+    config: &Config,
+    layout: &Layout,
+    metrics: &Arc<Metrics>,
+    shutdown: &Shutdown,
+) -> Result<(Arc<BlobStore>, Arc<ManifestStore>), ServerError> {
+    let idle = config
+        .upstreams
+        .iter()
+        .map(|u| u.timeout)
+        .max()
+        .unwrap_or(Duration::from_secs(30));
+    let budget = Budget::new(
+        config.cache.max_size.as_u64(),
+        config.cache.high_watermark,
+        config.cache.low_watermark,
+    );
+    let index = Arc::new(BlobIndex::new(layout, budget));
+    let blobs = BlobStore::open(layout, index, idle, shutdown.fills()).map_err(io_error(
+        format!("opening blob cache in {}", config.cache_dir.display()),
+    ))?;
+    let blobs = Arc::new(blobs.with_metrics(metrics.clone()));
+    blobs.spawn_background(&shutdown.token());
+    let manifests = ManifestStore::open(layout).map_err(io_error(format!(
+        "opening manifest cache in {}",
+        config.cache_dir.display()
+    )))?;
+    Ok((blobs, Arc::new(manifests)))
+}
+
 /// Keeps the manifest files on disk within `max`, at start and every ten
-/// minutes.
-fn spawn_manifest_pruner(state: Arc<AppState>, max: usize) {
-    let mut stop = state.blobs.stop_signal();
-    tokio::spawn(async move {
+/// minutes, until the background work stops.
+fn spawn_manifest_pruner(shutdown: &Shutdown, manifests: Arc<ManifestStore>, max: usize) {
+    shutdown.spawn_background(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(600));
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop.changed() => return,
-            }
-            let s = state.clone();
-            match tokio::task::spawn_blocking(move || s.manifests.prune(max)).await {
+            tick.tick().await;
+            let m = manifests.clone();
+            match tokio::task::spawn_blocking(move || m.prune(max)).await {
                 Ok(Err(e)) => tracing::warn!(error = %e, "pruning manifests failed"),
                 Err(e) => tracing::warn!(error = %e, "manifest pruner panicked"),
                 Ok(Ok(_)) => {}

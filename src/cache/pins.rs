@@ -10,66 +10,83 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cache::manifests::Manifest;
-use crate::http::AppState;
-use crate::oci::manifest::refs_of;
-use crate::oci::{Digest, ImageRef, Reference};
+use tokio_util::sync::CancellationToken;
 
-/// Resolves one pinned image to the blobs of its current manifests.
-async fn resolve(state: &AppState, image: &ImageRef) -> Result<HashSet<Digest>, String> {
-    let name = image.repo.as_str();
-    let (upstream, repo) = state
-        .router
-        .route(name, image.host.as_deref())
-        .map_err(|e| e.to_string())?;
-    let top: Arc<Manifest> = match &image.reference {
-        Reference::Tag(t) => state.manifests.by_tag(&upstream, &repo, t).await,
-        Reference::Digest(d) => state.manifests.by_digest(&upstream, &repo, d).await,
-    }
-    .map_err(|e| e.to_string())?
-    .0;
-    let mut blobs = HashSet::new();
-    let refs = refs_of(&top.body);
-    blobs.extend(refs.blobs);
-    for child in refs.manifests {
-        let (m, _) = state
-            .manifests
-            .by_digest(&upstream, &repo, &child)
-            .await
-            .map_err(|e| e.to_string())?;
-        blobs.extend(refs_of(&m.body).blobs);
-    }
-    Ok(blobs)
+use super::index::BlobIndex;
+use super::manifests::{Manifest, ManifestStore};
+use crate::error::Error;
+use crate::oci::manifest::refs_of;
+use crate::oci::{Digest, ImageRef, Reference, RepoName};
+use crate::upstream::Upstream;
+
+/// Picks the upstream and the repository of an image (the server's router).
+pub type Route = Box<dyn Fn(&ImageRef) -> Result<(Arc<Upstream>, RepoName), Error> + Send + Sync>;
+
+/// The pinned images and what resolving them needs.
+pub struct Pins {
+    /// `cache.pin`.
+    pub images: Vec<ImageRef>,
+    /// `cache.pin_refresh`.
+    pub every: Duration,
+    /// Where manifests are resolved.
+    pub manifests: Arc<ManifestStore>,
+    /// Where the pinned set goes.
+    pub index: Arc<BlobIndex>,
+    /// Which upstream and repository an image is.
+    pub route: Route,
 }
 
-/// Keeps the pinned set current until the process ends.
-pub fn spawn(state: Arc<AppState>, pins: Vec<ImageRef>, every: Duration) {
-    if pins.is_empty() {
-        return;
-    }
-    let mut stop = state.blobs.stop_signal();
-    tokio::spawn(async move {
-        let mut last: HashMap<String, HashSet<Digest>> = HashMap::new();
-        let mut tick = tokio::time::interval(every);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop.changed() => return,
+impl Pins {
+    /// Keeps the pinned set current until `stop` is cancelled.
+    pub fn spawn(self, stop: CancellationToken) {
+        if self.images.is_empty() {
+            return;
+        }
+        tokio::spawn(async move {
+            let mut last: HashMap<String, HashSet<Digest>> = HashMap::new();
+            let mut tick = tokio::time::interval(self.every);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = stop.cancelled() => return,
+                }
+                self.refresh(&mut last).await;
+                let all: HashSet<Digest> = last.values().flatten().cloned().collect();
+                self.index.set_pinned(all);
             }
-            for image in &pins {
-                let key = image.to_string();
-                match resolve(&state, image).await {
-                    Ok(blobs) => {
-                        tracing::debug!(image = %key, blobs = blobs.len(), "pinned image resolved");
-                        last.insert(key, blobs);
-                    }
-                    Err(e) => {
-                        tracing::warn!(image = %key, error = %e, "cannot resolve pinned image; keeping its previous blobs")
-                    }
+        });
+    }
+
+    /// Resolves every image again; one that fails keeps its previous blobs.
+    async fn refresh(&self, last: &mut HashMap<String, HashSet<Digest>>) {
+        for image in &self.images {
+            let key = image.to_string();
+            match self.resolve(image).await {
+                Ok(blobs) => {
+                    tracing::debug!(image = %key, blobs = blobs.len(), "pinned image resolved");
+                    last.insert(key, blobs);
+                }
+                Err(e) => {
+                    tracing::warn!(image = %key, error = %e, "cannot resolve pinned image; keeping its previous blobs")
                 }
             }
-            let all: HashSet<Digest> = last.values().flatten().cloned().collect();
-            state.blobs.index().set_pinned(all);
         }
-    });
+    }
+
+    /// Resolves one pinned image to the blobs of its current manifests.
+    async fn resolve(&self, image: &ImageRef) -> Result<HashSet<Digest>, Error> {
+        let (upstream, repo) = (self.route)(image)?;
+        let top: Arc<Manifest> = match &image.reference {
+            Reference::Tag(t) => self.manifests.by_tag(&upstream, &repo, t).await?.0,
+            Reference::Digest(d) => self.manifests.by_digest(&upstream, &repo, d).await?.0,
+        };
+        let mut blobs = HashSet::new();
+        let refs = refs_of(&top.body);
+        blobs.extend(refs.blobs);
+        for child in refs.manifests {
+            let (m, _) = self.manifests.by_digest(&upstream, &repo, &child).await?;
+            blobs.extend(refs_of(&m.body).blobs);
+        }
+        Ok(blobs)
+    }
 }

@@ -33,7 +33,7 @@ pub mod zerocopy;
 
 pub use limits::IdleIo;
 use limits::Slots;
-pub use reload::{Reloader, Watch};
+pub use reload::Reloader;
 
 use access::{Access, AccessError};
 use tls::{Tls, TlsError};

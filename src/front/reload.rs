@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
 use super::access::Access;
 use super::tls::Tls;
 
@@ -48,34 +50,35 @@ impl Reloader {
     }
 
     /// Starts polling the files for changes (every `[tls] reload_interval`
-    /// and `[access] reload_interval`; a zero interval means never).
-    pub fn spawn_watch(&self) -> Watch {
-        let mut tasks = Vec::new();
+    /// and `[access] reload_interval`; a zero interval means never), until
+    /// `stop` is cancelled.
+    pub fn spawn_watch(&self, stop: &CancellationToken) {
         if let Some(tls) = &self.tls {
             let tls = tls.clone();
-            tasks.extend(every(tls.reload_interval(), move || {
+            every(tls.reload_interval(), stop, move || {
                 let _ = tls.reload(false);
-            }));
+            });
         }
         if let Some(interval) = self.access.reload_interval() {
             let access = self.access.clone();
-            tasks.extend(every(interval, move || {
+            every(interval, stop, move || {
                 let _ = access.reload(false);
-            }));
+            });
         }
-        Watch(tasks)
     }
 }
 
-/// Runs `f` on the blocking pool every `interval` (never when zero).
+/// Runs `f` on the blocking pool every `interval` (never when zero) until
+/// `stop` is cancelled.
 fn every(
     interval: Duration,
+    stop: &CancellationToken,
     f: impl Fn() + Clone + Send + Sync + 'static,
-) -> Option<tokio::task::JoinHandle<()>> {
+) {
     if interval.is_zero() {
-        return None;
+        return;
     }
-    Some(tokio::spawn(async move {
+    tokio::spawn(stop.clone().run_until_cancelled_owned(async move {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
@@ -83,21 +86,5 @@ fn every(
             tick.tick().await;
             let _ = tokio::task::spawn_blocking(f.clone()).await;
         }
-    }))
-}
-
-/// The file-polling tasks; stopped when dropped.
-pub struct Watch(Vec<tokio::task::JoinHandle<()>>);
-
-impl Watch {
-    /// Stops polling.
-    pub fn stop(self) {}
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        for t in &self.0 {
-            t.abort();
-        }
-    }
+    }));
 }

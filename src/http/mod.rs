@@ -26,7 +26,7 @@ pub struct AppState {
     /// The blob cache.
     pub blobs: Arc<BlobStore>,
     /// The manifest cache.
-    pub manifests: ManifestStore,
+    pub manifests: Arc<ManifestStore>,
     /// Client authentication (open unless `[access]` is configured).
     pub access: Arc<Access>,
     /// This server's metrics and health flags.

@@ -12,12 +12,14 @@
 
 use std::sync::Arc;
 
+use crate::cache::pins::Route as Resolver;
 use crate::error::Error;
 use crate::metrics::RouteKind;
-use crate::oci::{ParseError, RepoName, Route};
+use crate::oci::{ImageRef, ParseError, RepoName, Route};
 use crate::upstream::Upstream;
 
 /// The configured upstreams, the first being the default.
+#[derive(Clone)]
 pub struct Router {
     upstreams: Vec<Arc<Upstream>>,
 }
@@ -32,6 +34,13 @@ impl Router {
     /// All upstreams.
     pub fn upstreams(&self) -> &[Arc<Upstream>] {
         &self.upstreams
+    }
+
+    /// Routing for pinned images (`host/repo` as configured): a closure
+    /// the pin refresher can hold without the rest of the server.
+    pub fn resolver(&self) -> Resolver {
+        let router = self.clone();
+        Box::new(move |image: &ImageRef| router.route(image.repo.as_str(), image.host.as_deref()))
     }
 
     fn find(&self, host: &str) -> Option<&Arc<Upstream>> {

@@ -367,7 +367,7 @@ impl BlobStore {
     ) {
         let store = self.clone();
         let digest = digest.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let guard = store.metrics.fill_started();
             let result = store
                 .run_fill(permit.fill(), &origin, &digest, permit.shared())

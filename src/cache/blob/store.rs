@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::fill::{FillTable, TmpFile};
 use crate::cache::index::BlobIndex;
@@ -43,18 +45,19 @@ pub struct BlobStore {
     pub(super) write_fault: AtomicU64,
     /// Fills in flight, fill results, digest mismatches.
     pub(super) metrics: Arc<Metrics>,
-    /// Set when the server stops, ending the background tasks.
-    stopped: watch::Sender<bool>,
+    /// Where fill tasks run, so shutdown can wait for them.
+    pub(super) tasks: TaskTracker,
 }
 
 impl BlobStore {
     /// Opens (creating) the store of `layout` and removes leftovers of
     /// fills interrupted by a crash. The index is loaded separately (see
-    /// [`BlobStore::spawn_background`]).
+    /// [`BlobStore::spawn_background`]). Fills run on `tasks`.
     pub fn open(
         layout: &Layout,
         index: Arc<BlobIndex>,
         idle_timeout: Duration,
+        tasks: TaskTracker,
     ) -> io::Result<BlobStore> {
         let tmp = layout.tmp();
         std::fs::create_dir_all(layout.blobs())?;
@@ -76,7 +79,7 @@ impl BlobStore {
             idle_timeout,
             evict: Arc::new(Notify::new()),
             write_fault: AtomicU64::new(u64::MAX),
-            stopped: watch::channel(false).0,
+            tasks,
             metrics: Arc::new(Metrics::new()),
         })
     }
@@ -97,10 +100,11 @@ impl BlobStore {
         &self.index
     }
 
-    /// Starts the background work: loading the index from disk, the
-    /// evictor, and the access-time flusher. Must run inside a tokio
-    /// runtime.
-    pub fn spawn_background(self: &Arc<Self>) {
+    /// Starts the background work: loading the index from disk (where
+    /// start-up indexing runs), the evictor (where eviction runs) and the
+    /// access-time flusher. The last two stop when `stop` is cancelled.
+    /// Must run inside a tokio runtime.
+    pub fn spawn_background(&self, stop: &CancellationToken) {
         let index = self.index.clone();
         let evict = self.evict.clone();
         tokio::spawn(async move {
@@ -120,46 +124,26 @@ impl BlobStore {
         });
         let index = self.index.clone();
         let evict = self.evict.clone();
-        let mut stop = self.stop_signal();
-        tokio::spawn(async move {
+        tokio::spawn(stop.clone().run_until_cancelled_owned(async move {
             loop {
-                tokio::select! {
-                    () = evict.notified() => {}
-                    _ = stop.changed() => return,
-                }
+                evict.notified().await;
                 if !index.is_loaded() {
                     continue;
                 }
                 let i = index.clone();
                 let _ = tokio::task::spawn_blocking(move || i.evict_if_needed()).await;
             }
-        });
+        }));
         let index = self.index.clone();
-        let mut stop = self.stop_signal();
-        tokio::spawn(async move {
+        tokio::spawn(stop.clone().run_until_cancelled_owned(async move {
             let mut tick = tokio::time::interval(crate::cache::index::FLUSH_INTERVAL);
             tick.tick().await;
             loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = stop.changed() => return,
-                }
+                tick.tick().await;
                 let i = index.clone();
                 let _ = tokio::task::spawn_blocking(move || i.flush_atimes()).await;
             }
-        });
-    }
-
-    /// Completes-on-change receiver for background work tied to this store:
-    /// it changes once, when the server stops.
-    pub fn stop_signal(&self) -> watch::Receiver<bool> {
-        self.stopped.subscribe()
-    }
-
-    /// Stops the background work (evictor, flusher, and whatever else
-    /// watches [`BlobStore::stop_signal`]).
-    pub fn stop_background(&self) {
-        self.stopped.send_replace(true);
+        }));
     }
 
     /// Test hook: make disk writes of fills fail (as on a full disk) past
