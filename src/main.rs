@@ -1,11 +1,12 @@
-//! The `stowage` command: run the mirror, or check a configuration file.
+//! The `stowage` command: argument parsing only (clap); the work is done by
+//! `stowage::cli`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use stowage::cli::{self, CacheCommand as Cache};
 use stowage::config::{Config, Overrides};
-use stowage::server::Server;
 
 /// A pull-through caching mirror for container registries.
 #[derive(Parser, Debug)]
@@ -120,23 +121,7 @@ enum SortKey {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::CheckConfig { file }) = &cli.command {
-        return match Config::from_file(file) {
-            Ok(c) => {
-                println!(
-                    "{}: ok (listen {}, cache {}, {} upstream(s), default {})",
-                    file.display(),
-                    c.listen,
-                    c.cache_dir.display(),
-                    c.upstreams.len(),
-                    c.upstreams[0].host
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(2)
-            }
-        };
+        return cli::check_config(file);
     }
     let config = match load(&cli) {
         Ok(c) => c,
@@ -146,7 +131,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(Command::Cache { command }) => return cache_command(&config, command),
+        Some(Command::Cache { command }) => cli::cache(&config, cache_command(command)),
         Some(Command::Warm {
             images,
             mirror,
@@ -156,7 +141,7 @@ fn main() -> ExitCode {
             password,
             concurrency,
         }) => {
-            let opts = stowage::cli::warm::WarmOptions {
+            let opts = cli::warm::WarmOptions {
                 mirror,
                 platforms: platform,
                 ca_file,
@@ -165,25 +150,23 @@ fn main() -> ExitCode {
                 concurrency,
                 progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             };
-            return warm(&opts, &images);
+            cli::warm(&opts, &images)
         }
-        _ => {}
+        Some(Command::CheckConfig { .. }) | None => cli::run(config),
     }
-    stowage::logging::init(&config.log);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("stowage: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "stowage stopped");
-            eprintln!("stowage: {e}");
-            ExitCode::FAILURE
-        }
+}
+
+fn cache_command(command: CacheCommand) -> Cache {
+    match command {
+        CacheCommand::Stats => Cache::Stats,
+        CacheCommand::Ls { sort, limit } => Cache::Ls {
+            sort: match sort {
+                SortKey::Size => cli::SortKey::Size,
+                SortKey::Age => cli::SortKey::Age,
+            },
+            limit,
+        },
+        CacheCommand::Purge { targets } => Cache::Purge { targets },
     }
 }
 
@@ -198,131 +181,4 @@ fn load(cli: &Cli) -> Result<Config, stowage::config::ConfigError> {
         admin_listen: cli.admin_listen.clone(),
     };
     Config::load(cli.config.as_deref(), &overrides)
-}
-
-fn warm(opts: &stowage::cli::warm::WarmOptions, images: &[String]) -> ExitCode {
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("stowage: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(stowage::cli::warm::warm(opts, images)) {
-        Ok(summary) => {
-            println!("warmed: {summary}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("stowage warm: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn cache_command(config: &Config, command: CacheCommand) -> ExitCode {
-    use stowage::cli::ops;
-    let dir = &config.cache_dir;
-    let result = match command {
-        CacheCommand::Stats => ops::stats(dir, Some(config.cache.max_size.as_u64())).map(|s| {
-            println!("cache:           {}", dir.display());
-            println!("{s}");
-        }),
-        CacheCommand::Ls { sort, limit } => ops::list_blobs(dir).map(|mut blobs| {
-            match sort {
-                SortKey::Size => blobs.sort_by_key(|b| std::cmp::Reverse(b.size)),
-                SortKey::Age => blobs.sort_by_key(|b| b.last_access),
-            }
-            println!("{:<72} {:>12}  LAST ACCESS", "DIGEST", "SIZE");
-            for b in blobs.iter().take(limit) {
-                println!(
-                    "{:<72} {:>12}  {}",
-                    b.digest.to_string(),
-                    ops::human_bytes(b.size),
-                    ops::ago(b.last_access)
-                );
-            }
-        }),
-        CacheCommand::Purge { targets } => targets.iter().try_for_each(|t| {
-            let p = ops::purge(config, t)?;
-            println!(
-                "{t}: removed {} blobs ({}), {} manifests, {} tags",
-                p.blobs,
-                ops::human_bytes(p.bytes),
-                p.manifests,
-                p.tags
-            );
-            Ok(())
-        }),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("stowage cache: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn run(config: Config) -> Result<(), stowage::server::ServerError> {
-    let server = Server::bind(config).await?;
-    reload_on_sighup(server.reloader());
-    server.run(shutdown_signal()).await
-}
-
-/// SIGHUP re-reads the TLS certificate, key, client CA and htpasswd file
-/// (a rejected file is logged and the old one kept); it never stops the
-/// process.
-fn reload_on_sighup(reloader: stowage::front::Reloader) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::hangup()) {
-            Ok(mut hup) => {
-                tokio::spawn(async move {
-                    while hup.recv().await.is_some() {
-                        if !reloader.has_files() {
-                            tracing::info!("SIGHUP received: nothing to reload");
-                            continue;
-                        }
-                        tracing::info!("SIGHUP received: reloading TLS and htpasswd files");
-                        if reloader.reload_now().await {
-                            tracing::info!("reload complete");
-                        } else {
-                            tracing::warn!("reload incomplete: a file was rejected, see above");
-                        }
-                    }
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot handle SIGHUP; reload by file change only")
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = reloader;
-}
-
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-    tracing::info!("shutdown signal received");
 }

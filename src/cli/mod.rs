@@ -1,5 +1,212 @@
-//! The command line's subcommands: `warm` and the operator commands on a
-//! cache directory.
+//! The command line's subcommands, called by `main.rs` (which only parses
+//! arguments): run the mirror, check a configuration, `warm`, and the
+//! operator commands on a cache directory (`cache stats|ls|purge`).
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::config::Config;
+use crate::server::{Server, ServerError};
 
 pub mod ops;
 pub mod warm;
+
+/// `stowage check-config FILE`: validates a configuration file and reports
+/// the first problem (exit code 2).
+pub fn check_config(file: &Path) -> ExitCode {
+    match Config::from_file(file) {
+        Ok(c) => {
+            println!(
+                "{}: ok (listen {}, cache {}, {} upstream(s), default {})",
+                file.display(),
+                c.listen,
+                c.cache_dir.display(),
+                c.upstreams.len(),
+                c.upstreams[0].host
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `stowage` with no subcommand: runs the mirror until SIGTERM or SIGINT.
+pub fn run(config: Config) -> ExitCode {
+    crate::logging::init(&config.log);
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "stowage stopped");
+            eprintln!("stowage: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `stowage warm IMAGE...`.
+pub fn warm(opts: &warm::WarmOptions, images: &[String]) -> ExitCode {
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    match runtime.block_on(warm::warm(opts, images)) {
+        Ok(summary) => {
+            println!("warmed: {summary}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("stowage warm: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The order of `stowage cache ls`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SortKey {
+    /// Largest first.
+    Size,
+    /// Least recently used first.
+    Age,
+}
+
+/// `stowage cache ...`.
+#[derive(Debug, Clone)]
+pub enum CacheCommand {
+    /// Usage, budget, entries and access times.
+    Stats,
+    /// The first `limit` blobs in `sort` order.
+    Ls {
+        /// The order.
+        sort: SortKey,
+        /// How many.
+        limit: usize,
+    },
+    /// Remove blobs by digest, or everything cached for repositories or tags.
+    Purge {
+        /// Digests or image references.
+        targets: Vec<String>,
+    },
+}
+
+/// `stowage cache stats|ls|purge` on the cache directory of `config`.
+pub fn cache(config: &Config, command: CacheCommand) -> ExitCode {
+    let dir = &config.cache_dir;
+    let result = match command {
+        CacheCommand::Stats => ops::stats(dir, Some(config.cache.max_size.as_u64())).map(|s| {
+            println!("cache:           {}", dir.display());
+            println!("{s}");
+        }),
+        CacheCommand::Ls { sort, limit } => ops::list_blobs(dir).map(|mut blobs| {
+            match sort {
+                SortKey::Size => blobs.sort_by_key(|b| std::cmp::Reverse(b.size)),
+                SortKey::Age => blobs.sort_by_key(|b| b.last_access),
+            }
+            println!("{:<72} {:>12}  LAST ACCESS", "DIGEST", "SIZE");
+            for b in blobs.iter().take(limit) {
+                println!(
+                    "{:<72} {:>12}  {}",
+                    b.digest.to_string(),
+                    ops::human_bytes(b.size),
+                    ops::ago(b.last_access)
+                );
+            }
+        }),
+        CacheCommand::Purge { targets } => targets.iter().try_for_each(|t| {
+            let p = ops::purge(config, t)?;
+            println!(
+                "{t}: removed {} blobs ({}), {} manifests, {} tags",
+                p.blobs,
+                ops::human_bytes(p.bytes),
+                p.manifests,
+                p.tags
+            );
+            Ok(())
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stowage cache: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Runtime::new() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("stowage: cannot start the runtime: {e}");
+            None
+        }
+    }
+}
+
+async fn serve(config: Config) -> Result<(), ServerError> {
+    let server = Server::bind(config).await?;
+    reload_on_sighup(server.reloader());
+    server.run(shutdown_signal()).await
+}
+
+/// SIGHUP re-reads the TLS certificate, key, client CA and htpasswd file
+/// (a rejected file is logged and the old one kept); it never stops the
+/// process.
+fn reload_on_sighup(reloader: crate::front::Reloader) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        if !reloader.has_files() {
+                            tracing::info!("SIGHUP received: nothing to reload");
+                            continue;
+                        }
+                        tracing::info!("SIGHUP received: reloading TLS and htpasswd files");
+                        if reloader.reload_now().await {
+                            tracing::info!("reload complete");
+                        } else {
+                            tracing::warn!("reload incomplete: a file was rejected, see above");
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot handle SIGHUP; reload by file change only")
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = reloader;
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutdown signal received");
+}
