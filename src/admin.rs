@@ -38,15 +38,15 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 type ScrapeHook = Box<dyn Fn(&Metrics) + Send + Sync>;
 
 /// What the admin handler needs.
-pub struct AdminState {
+pub(crate) struct AdminState {
     /// The server's metrics and health flags.
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// The directory in the cache whose writability `/readyz` checks (the
     /// one fills write to).
-    pub probe_dir: PathBuf,
+    pub(crate) probe_dir: PathBuf,
     /// Distinguishes probe file names.
     probes: AtomicU64,
-    /// Extra "is the index loaded" check (the blob index's own flag).
+    /// Whether the blob index is loaded (the index's own flag).
     index_loaded: Option<Box<dyn Fn() -> bool + Send + Sync>>,
     /// Runs before each `/metrics` encoding (to copy gauges kept elsewhere).
     before_scrape: Option<ScrapeHook>,
@@ -54,7 +54,7 @@ pub struct AdminState {
 
 impl AdminState {
     /// State for a server with these metrics, probing `probe_dir`.
-    pub fn new(metrics: Arc<Metrics>, probe_dir: PathBuf) -> AdminState {
+    pub(crate) fn new(metrics: Arc<Metrics>, probe_dir: PathBuf) -> AdminState {
         AdminState {
             metrics,
             probe_dir,
@@ -66,25 +66,31 @@ impl AdminState {
 
     /// Runs `refresh` before every `/metrics` answer, e.g. to copy the blob
     /// index's size and eviction totals into the metrics.
-    pub fn with_scrape_hook(mut self, refresh: impl Fn(&Metrics) + Send + Sync + 'static) -> Self {
+    pub(crate) fn with_scrape_hook(
+        mut self,
+        refresh: impl Fn(&Metrics) + Send + Sync + 'static,
+    ) -> Self {
         self.before_scrape = Some(Box::new(refresh));
         self
     }
 
-    /// Also asks `loaded` whether the blob index is loaded (on top of
-    /// [`Metrics::index_loaded`]).
-    pub fn with_index_check(mut self, loaded: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+    /// Asks `loaded` whether the blob index is loaded (not ready until it
+    /// is).
+    pub(crate) fn with_index_check(
+        mut self,
+        loaded: impl Fn() -> bool + Send + Sync + 'static,
+    ) -> Self {
         self.index_loaded = Some(Box::new(loaded));
         self
     }
 
     /// Why the server is not ready, or an empty list when it is.
-    pub async fn not_ready(&self) -> Vec<String> {
+    pub(crate) async fn not_ready(&self) -> Vec<String> {
         let mut reasons = Vec::new();
         if !self.metrics.listening() {
             reasons.push("registry listener is not accepting connections".to_string());
         }
-        if !self.metrics.index_loaded() || self.index_loaded.as_ref().is_some_and(|f| !f()) {
+        if self.index_loaded.as_ref().is_some_and(|f| !f()) {
             reasons.push("blob index is still loading".to_string());
         }
         let dir = &self.probe_dir;
@@ -127,14 +133,14 @@ fn probe_writable(path: &Path) -> std::io::Result<()> {
 }
 
 /// A running admin listener; see [`spawn`].
-pub struct AdminHandle {
+pub(crate) struct AdminHandle {
     task: JoinHandle<()>,
 }
 
 impl AdminHandle {
     /// Waits for the listener task, which ends once its stop token is
     /// cancelled and open admin connections had a moment to finish.
-    pub async fn stopped(self) {
+    pub(crate) async fn stopped(self) {
         if let Err(e) = self.task.await {
             tracing::warn!(error = %e, "admin listener task failed");
         }
@@ -142,7 +148,7 @@ impl AdminHandle {
 }
 
 /// Serves the admin endpoints on `listener` until `stop` is cancelled.
-pub fn spawn(
+pub(crate) fn spawn(
     listener: TcpListener,
     state: Arc<AdminState>,
     stop: CancellationToken,
@@ -210,7 +216,7 @@ fn scrape(state: &AdminState) -> Result<Vec<u8>, prometheus::Error> {
 }
 
 /// Answers one admin request.
-pub async fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+pub(crate) async fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
     let head = req.method() == Method::HEAD;
     if req.method() != Method::GET && !head {
@@ -275,7 +281,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
         let metrics = Arc::new(Metrics::new());
-        let state = AdminState::new(metrics.clone(), dir.path().join("tmp"));
+        let loaded = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let flag = loaded.clone();
+        let state = AdminState::new(metrics.clone(), dir.path().join("tmp"))
+            .with_index_check(move || flag.load(Ordering::SeqCst));
         // Not listening yet.
         let r = state.not_ready().await;
         assert_eq!(r.len(), 1, "{r:?}");
@@ -288,10 +297,10 @@ mod tests {
             0
         );
 
-        metrics.set_index_loaded(false);
+        loaded.store(false, Ordering::SeqCst);
         let r = state.not_ready().await;
         assert!(r.iter().any(|r| r.contains("index")), "{r:?}");
-        metrics.set_index_loaded(true);
+        loaded.store(true, Ordering::SeqCst);
 
         // tmp replaced by a file: not writable, even for root.
         std::fs::remove_dir(dir.path().join("tmp")).unwrap();

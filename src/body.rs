@@ -5,16 +5,16 @@ use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
 
 /// Every response body: a boxed stream of byte frames whose error aborts the
 /// response (the connection is cut, so a client never sees a clean EOF).
-pub type Body = BoxBody<Bytes, std::io::Error>;
+pub(crate) type Body = BoxBody<Bytes, std::io::Error>;
 
 /// A body holding `bytes`.
-pub fn full(bytes: impl Into<Bytes>) -> Body {
+pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed()
 }
 
 /// An empty body (HEAD responses, 304s).
-pub fn empty() -> Body {
+pub(crate) fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed()
 }

@@ -19,11 +19,11 @@ use crate::oci::{Invalid, ParseError};
 /// The underlying error of an [`Error`], for logs. Shared (`Arc`) so that
 /// one failure can be handed to every reader of a blob fill and to every
 /// caller coalesced onto one cache load.
-pub type Cause = Arc<dyn std::error::Error + Send + Sync>;
+pub(crate) type Cause = Arc<dyn std::error::Error + Send + Sync>;
 
 /// Who caused an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorSource {
+pub(crate) enum ErrorSource {
     /// The request itself (bad name, bad range, no credentials, ...).
     Client,
     /// An upstream registry (unreachable, refused, sent bad content).
@@ -34,7 +34,7 @@ pub enum ErrorSource {
 
 /// What an upstream request was for, to pick the right "unknown" kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Asked {
+pub(crate) enum Asked {
     /// A blob.
     Blob,
     /// A manifest.
@@ -45,7 +45,7 @@ pub enum Asked {
 
 /// The condition an [`Error`] reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ErrorKind {
+pub(crate) enum ErrorKind {
     /// A repository name outside the grammar.
     NameInvalid,
     /// A tag outside the grammar.
@@ -110,7 +110,7 @@ pub enum ErrorKind {
 /// An error on the request path: condition, who caused it, a message for
 /// the client, and the cause for logs.
 #[derive(Debug, Clone)]
-pub struct Error {
+pub(crate) struct Error {
     kind: ErrorKind,
     source: ErrorSource,
     message: String,
@@ -119,7 +119,7 @@ pub struct Error {
 
 impl Error {
     /// An error of `kind` caused by `source`.
-    pub fn new(kind: ErrorKind, source: ErrorSource, message: impl Into<String>) -> Error {
+    pub(crate) fn new(kind: ErrorKind, source: ErrorSource, message: impl Into<String>) -> Error {
         Error {
             kind,
             source,
@@ -129,7 +129,7 @@ impl Error {
     }
 
     /// Keeps `cause` (for logs; the message stays what the client sees).
-    pub fn with_cause(
+    pub(crate) fn with_cause(
         mut self,
         cause: impl Into<Box<dyn std::error::Error + Send + Sync>>,
     ) -> Error {
@@ -138,17 +138,17 @@ impl Error {
     }
 
     /// The condition.
-    pub fn kind(&self) -> &ErrorKind {
+    pub(crate) fn kind(&self) -> &ErrorKind {
         &self.kind
     }
 
     /// Who caused it.
-    pub fn esource(&self) -> ErrorSource {
+    pub(crate) fn esource(&self) -> ErrorSource {
         self.source
     }
 
     /// The client-visible explanation.
-    pub fn message(&self) -> &str {
+    pub(crate) fn message(&self) -> &str {
         &self.message
     }
 
@@ -157,7 +157,7 @@ impl Error {
     /// endpoint doing so. Only an outage lets a cached tag be served stale;
     /// a refusal (4xx), bad content (digest mismatch) or a protocol error
     /// does not.
-    pub fn is_upstream_outage(&self) -> bool {
+    pub(crate) fn is_upstream_outage(&self) -> bool {
         let outage_status =
             |s: StatusCode| s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS;
         match &self.kind {
@@ -171,7 +171,7 @@ impl Error {
     }
 
     /// The message followed by the chain of causes, for logs.
-    pub fn report(&self) -> String {
+    pub(crate) fn report(&self) -> String {
         match &self.cause {
             Some(c) => {
                 let chain = chain(c.as_ref());
@@ -185,25 +185,20 @@ impl Error {
         }
     }
 
-    /// 400 NAME_INVALID.
-    pub fn name_invalid(message: impl Into<String>) -> Error {
-        Error::new(ErrorKind::NameInvalid, ErrorSource::Client, message)
-    }
-
     /// 404 NAME_UNKNOWN: the client asked for a registry host the mirror
     /// has no upstream for.
-    pub fn name_unknown(message: impl Into<String>) -> Error {
+    pub(crate) fn name_unknown(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::NameUnknown, ErrorSource::Client, message)
     }
 
     /// 405 UNSUPPORTED: the mirror is read-only.
-    pub fn unsupported(message: impl Into<String>) -> Error {
+    pub(crate) fn unsupported(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::Unsupported, ErrorSource::Client, message)
     }
 
     /// 401 UNAUTHORIZED with a challenge: the client must authenticate to
     /// the mirror itself.
-    pub fn unauthorized(message: impl Into<String>, challenge: HeaderValue) -> Error {
+    pub(crate) fn unauthorized(message: impl Into<String>, challenge: HeaderValue) -> Error {
         Error::new(
             ErrorKind::Unauthorized { challenge },
             ErrorSource::Client,
@@ -212,7 +207,7 @@ impl Error {
     }
 
     /// 416: the range selects nothing of a blob of `size` bytes.
-    pub fn range_invalid(size: u64) -> Error {
+    pub(crate) fn range_invalid(size: u64) -> Error {
         Error::new(
             ErrorKind::RangeInvalid { size },
             ErrorSource::Client,
@@ -221,23 +216,23 @@ impl Error {
     }
 
     /// A local failure with no further cause.
-    pub fn internal(message: impl Into<String>) -> Error {
+    pub(crate) fn internal(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::Internal, ErrorSource::Local, message)
     }
 
     /// A local I/O failure: `context: cause`, the cause kept.
-    pub fn local(context: &str, cause: std::io::Error) -> Error {
+    pub(crate) fn local(context: &str, cause: std::io::Error) -> Error {
         Error::internal(format!("{context}: {cause}")).with_cause(cause)
     }
 
     /// The mirror cannot serve this now, for a local reason.
-    pub fn unavailable(message: impl Into<String>) -> Error {
+    pub(crate) fn unavailable(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::Unavailable, ErrorSource::Local, message)
     }
 
     /// An upstream failure of `kind` (unreachable, protocol, broken body,
     /// digest mismatch, ...).
-    pub fn upstream(kind: ErrorKind, message: impl Into<String>) -> Error {
+    pub(crate) fn upstream(kind: ErrorKind, message: impl Into<String>) -> Error {
         Error::new(kind, ErrorSource::Upstream, message)
     }
 
@@ -245,7 +240,7 @@ impl Error {
     /// what was asked for, so a 404 becomes `BlobUnknown`,
     /// `ManifestUnknown` or `NameUnknown` (never a 500); `what` names it in
     /// the message.
-    pub fn upstream_status(
+    pub(crate) fn upstream_status(
         status: StatusCode,
         asked: Asked,
         retry_after: Option<&HeaderValue>,
@@ -357,7 +352,7 @@ impl ConfigError {
 /// Renders an error with its chain of causes (`client error (Connect): tcp
 /// connect error: Connection refused`), skipping causes whose text the
 /// rendering already holds.
-pub fn chain(err: &dyn std::error::Error) -> String {
+pub(crate) fn chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();
     let mut source = err.source();
     while let Some(s) = source {

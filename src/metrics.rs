@@ -62,11 +62,11 @@ const UPSTREAM_BUCKETS: &[f64] = &[
 ];
 
 /// `Content-Type` of the Prometheus text exposition format.
-pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub(crate) const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// What a client request asked for: the `route` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RouteKind {
+pub(crate) enum RouteKind {
     /// `/v2/`.
     Base,
     /// `/v2/<name>/manifests/<reference>`.
@@ -83,7 +83,7 @@ pub enum RouteKind {
 
 impl RouteKind {
     /// The label value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             RouteKind::Base => "base",
             RouteKind::Manifest => "manifest",
@@ -95,7 +95,7 @@ impl RouteKind {
     }
 
     /// The cache the route is answered from, if any.
-    pub fn cache(self) -> Option<CacheKind> {
+    pub(crate) fn cache(self) -> Option<CacheKind> {
         match self {
             RouteKind::Manifest => Some(CacheKind::Manifest),
             RouteKind::Blob => Some(CacheKind::Blob),
@@ -106,7 +106,7 @@ impl RouteKind {
 
 /// Which cache: the `kind` label of cache and digest metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheKind {
+pub(crate) enum CacheKind {
     /// The manifest cache.
     Manifest,
     /// The blob store.
@@ -115,7 +115,7 @@ pub enum CacheKind {
 
 impl CacheKind {
     /// The label value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             CacheKind::Manifest => "manifest",
             CacheKind::Blob => "blob",
@@ -128,7 +128,7 @@ impl CacheKind {
 /// the `x-stowage-cache` response header. The caches produce it; requests
 /// that no cache answered (`/v2/`, errors) have none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// From the cache, fresh (a blob in the store, or a fill that is already
     /// verified).
     Hit,
@@ -146,7 +146,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// The label value (and header value, log field).
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Outcome::Hit => "hit",
             Outcome::Miss => "miss",
@@ -160,7 +160,7 @@ impl Outcome {
 /// Where served bytes came from: the `source` label of
 /// `stowage_served_bytes_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
+pub(crate) enum Source {
     /// Hits and stale manifests.
     Cache,
     /// What was fetched: misses, fill joins, pass-through.
@@ -171,7 +171,7 @@ pub enum Source {
 
 impl Source {
     /// The source of a request answered with `outcome`.
-    pub fn of(outcome: Option<Outcome>) -> Source {
+    pub(crate) fn of(outcome: Option<Outcome>) -> Source {
         match outcome {
             Some(Outcome::Hit | Outcome::Stale) => Source::Cache,
             Some(Outcome::Miss | Outcome::Join | Outcome::Upstream) => Source::Upstream,
@@ -180,7 +180,7 @@ impl Source {
     }
 
     /// The label value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Source::Cache => "cache",
             Source::Upstream => "upstream",
@@ -205,7 +205,7 @@ fn method_label(method: &Method) -> &'static str {
 }
 
 /// Parses a Docker Hub rate-limit header value such as `100;w=21600`.
-pub fn parse_ratelimit(value: &str) -> Option<i64> {
+pub(crate) fn parse_ratelimit(value: &str) -> Option<i64> {
     value.split(';').next()?.trim().parse::<i64>().ok()
 }
 
@@ -322,8 +322,6 @@ pub struct Metrics {
     cache_size: IntGauge,
     cache_budget: IntGauge,
 
-    /// The blob index is loaded (see [`Metrics::set_index_loaded`]).
-    index_loaded: AtomicBool,
     /// The registry listener(s) accept connections.
     listening: AtomicBool,
     /// Serialises [`Metrics::sync_evictions`].
@@ -475,15 +473,9 @@ impl Metrics {
             evicted_bytes,
             cache_size,
             cache_budget,
-            index_loaded: AtomicBool::new(true),
             listening: AtomicBool::new(false),
             sync_lock: std::sync::Mutex::new(()),
         }
-    }
-
-    /// This instance's registry.
-    pub fn registry(&self) -> &Registry {
-        &self.registry
     }
 
     /// Every series name a scrape of this registry can contain (whether or
@@ -504,7 +496,7 @@ impl Metrics {
 
     /// A client request's response headers are being sent: counts it and
     /// marks it in flight until [`Metrics::response_finished`].
-    pub fn request_started(&self, route: RouteKind, method: &Method, status: StatusCode) {
+    pub(crate) fn request_started(&self, route: RouteKind, method: &Method, status: StatusCode) {
         self.http_requests
             .with_label_values(&[route.as_str(), method_label(method), status.as_str()])
             .inc();
@@ -513,7 +505,7 @@ impl Metrics {
 
     /// A response body ended (completely, with an error, or because the
     /// client went away) after `bytes` were sent.
-    pub fn response_finished(
+    pub(crate) fn response_finished(
         &self,
         route: RouteKind,
         source: Source,
@@ -532,7 +524,7 @@ impl Metrics {
     }
 
     /// How a manifest or blob request was answered.
-    pub fn cache_outcome(&self, kind: CacheKind, outcome: Outcome) {
+    pub(crate) fn cache_outcome(&self, kind: CacheKind, outcome: Outcome) {
         self.cache_requests
             .with_label_values(&[kind.as_str(), outcome.as_str()])
             .inc();
@@ -545,7 +537,7 @@ impl Metrics {
 
     /// One HTTP exchange with `upstream` ended: with a response (`status`)
     /// or without (`None`: unreachable, timed out).
-    pub fn upstream_exchange(
+    pub(crate) fn upstream_exchange(
         &self,
         upstream: &str,
         kind: &'static str,
@@ -563,7 +555,7 @@ impl Metrics {
 
     /// Records Docker Hub's `RateLimit-Remaining` / `RateLimit-Limit`
     /// response headers (`100;w=21600`) when present.
-    pub fn upstream_ratelimit(&self, upstream: &str, headers: &HeaderMap) {
+    pub(crate) fn upstream_ratelimit(&self, upstream: &str, headers: &HeaderMap) {
         let value = |name: &str| {
             headers
                 .get(name)
@@ -586,7 +578,7 @@ impl Metrics {
 
     /// A blob fill starts: counted in flight until the guard is finished or
     /// dropped (a dropped guard counts as failed).
-    pub fn fill_started(self: &Arc<Self>) -> FillGuard {
+    pub(crate) fn fill_started(self: &Arc<Self>) -> FillGuard {
         self.fills_in_flight.inc();
         FillGuard {
             metrics: self.clone(),
@@ -595,27 +587,16 @@ impl Metrics {
     }
 
     /// Content from upstream did not hash to its digest.
-    pub fn digest_mismatch(&self, kind: CacheKind) {
+    pub(crate) fn digest_mismatch(&self, kind: CacheKind) {
         self.digest_mismatches
             .with_label_values(&[kind.as_str()])
             .inc();
     }
 
-    /// One blob of `bytes` was evicted.
-    pub fn record_eviction(&self, bytes: u64) {
-        self.record_evictions(1, bytes);
-    }
-
-    /// `count` blobs totalling `bytes` were evicted.
-    pub fn record_evictions(&self, count: u64, bytes: u64) {
-        self.evictions.inc_by(count);
-        self.evicted_bytes.inc_by(bytes);
-    }
-
     /// Raises the eviction counters to totals kept elsewhere (the blob
     /// index counts its own evictions); never lowers them, so it can be
-    /// called on every scrape and alongside [`Metrics::record_evictions`].
-    pub fn sync_evictions(&self, total_count: u64, total_bytes: u64) {
+    /// called on every scrape.
+    pub(crate) fn sync_evictions(&self, total_count: u64, total_bytes: u64) {
         let _serialised = self
             .sync_lock
             .lock()
@@ -627,45 +608,32 @@ impl Metrics {
     }
 
     /// The blob cache now holds `bytes`.
-    pub fn set_cache_size(&self, bytes: u64) {
+    pub(crate) fn set_cache_size(&self, bytes: u64) {
         self.cache_size.set(gauge_value(bytes));
     }
 
     /// The blob cache's budget is `bytes`.
-    pub fn set_cache_budget(&self, bytes: u64) {
+    pub(crate) fn set_cache_budget(&self, bytes: u64) {
         self.cache_budget.set(gauge_value(bytes));
     }
 
     // -------------------------------------------------------------- health
 
-    /// Whether the blob index is loaded. Starts `true` (nothing to wait
-    /// for); a cache that loads its index in the background sets `false`
-    /// before starting and `true` when done, and `/readyz` answers 503 in
-    /// between.
-    pub fn set_index_loaded(&self, loaded: bool) {
-        self.index_loaded.store(loaded, Ordering::SeqCst);
-    }
-
-    /// See [`Metrics::set_index_loaded`].
-    pub fn index_loaded(&self) -> bool {
-        self.index_loaded.load(Ordering::SeqCst)
-    }
-
     /// Whether the registry listener accepts connections; set by the
     /// server when its accept loop starts and when it stops for shutdown.
-    pub fn set_listening(&self, up: bool) {
+    pub(crate) fn set_listening(&self, up: bool) {
         self.listening.store(up, Ordering::SeqCst);
     }
 
     /// See [`Metrics::set_listening`].
-    pub fn listening(&self) -> bool {
+    pub(crate) fn listening(&self) -> bool {
         self.listening.load(Ordering::SeqCst)
     }
 }
 
 /// How a blob fill ended; see [`FillGuard::finish`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FillResult {
+pub(crate) enum FillResult {
     /// Verified and stored in the cache: its size in bytes.
     Stored(u64),
     /// Verified and served, but not cached (disk failing, blob over budget).
@@ -686,14 +654,14 @@ impl FillResult {
 
 /// Keeps a blob fill counted in flight; see [`Metrics::fill_started`].
 #[must_use = "the fill stays counted in flight until the guard is finished or dropped"]
-pub struct FillGuard {
+pub(crate) struct FillGuard {
     metrics: Arc<Metrics>,
     done: bool,
 }
 
 impl FillGuard {
     /// The fill ended with `result`.
-    pub fn finish(mut self, result: FillResult) {
+    pub(crate) fn finish(mut self, result: FillResult) {
         self.done = true;
         self.metrics.fills_in_flight.dec();
         self.metrics
@@ -863,10 +831,9 @@ mod tests {
         drop(b);
         m.fill_started().finish(FillResult::Uncached);
         m.digest_mismatch(CacheKind::Blob);
-        m.record_eviction(10);
-        m.record_evictions(2, 30);
-        m.sync_evictions(2, 20);
         m.sync_evictions(3, 40);
+        // Totals kept elsewhere never lower the counters.
+        m.sync_evictions(2, 20);
         m.set_cache_size(500);
         m.set_cache_budget(1 << 40);
         m.cache_outcome(CacheKind::Manifest, Outcome::Stale);
@@ -891,11 +858,8 @@ mod tests {
     #[test]
     fn health_flags() {
         let m = Metrics::new();
-        assert!(m.index_loaded());
         assert!(!m.listening());
-        m.set_index_loaded(false);
         m.set_listening(true);
-        assert!(!m.index_loaded());
         assert!(m.listening());
     }
 }

@@ -46,7 +46,7 @@ pub enum ServerError {
     Config(#[from] crate::config::ConfigError),
     /// TLS material or htpasswd file unusable.
     #[error(transparent)]
-    Front(#[from] crate::front::FrontError),
+    Front(Box<dyn std::error::Error + Send + Sync>),
     /// Could not bind, or the cache directory is unusable.
     #[error("{context}: {source}")]
     Io {
@@ -55,6 +55,12 @@ pub enum ServerError {
         /// The error.
         source: std::io::Error,
     },
+}
+
+impl From<crate::front::FrontError> for ServerError {
+    fn from(e: crate::front::FrontError) -> ServerError {
+        ServerError::Front(Box::new(e))
+    }
 }
 
 fn io_error(context: String) -> impl FnOnce(std::io::Error) -> ServerError {
@@ -136,24 +142,20 @@ impl Server {
         })
     }
 
-    /// The shared state (caches, upstreams), for tests and tools.
-    pub fn state(&self) -> &Arc<AppState> {
-        &self.state
+    /// White-box access to the blob store, for the integration tests.
+    #[cfg(feature = "test-hooks")]
+    pub fn hooks(&self) -> crate::test_hooks::Hooks {
+        crate::test_hooks::Hooks::new(self.state.blobs.clone())
     }
 
     /// Reloads the TLS certificate and htpasswd file (SIGHUP).
-    pub fn reloader(&self) -> Reloader {
+    pub(crate) fn reloader(&self) -> Reloader {
         self.front.reloader()
     }
 
     /// The address the admin listener bound, or `None` when it is off.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().and_then(|l| l.local_addr().ok())
-    }
-
-    /// This server's metrics.
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.state.metrics
     }
 
     /// The address actually bound (useful with port 0).

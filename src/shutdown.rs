@@ -15,34 +15,34 @@ use tokio_util::task::TaskTracker;
 
 /// The stop signal of one server and the tracker of its blob fills.
 #[derive(Clone, Default)]
-pub struct Shutdown {
+pub(crate) struct Shutdown {
     token: CancellationToken,
     fills: TaskTracker,
 }
 
 impl Shutdown {
     /// Nothing stopped yet.
-    pub fn new() -> Shutdown {
+    pub(crate) fn new() -> Shutdown {
         Shutdown::default()
     }
 
     /// The token background tasks stop on.
-    pub fn token(&self) -> CancellationToken {
+    pub(crate) fn token(&self) -> CancellationToken {
         self.token.clone()
     }
 
     /// The tracker blob fills run on.
-    pub fn fills(&self) -> TaskTracker {
+    pub(crate) fn fills(&self) -> TaskTracker {
         self.fills.clone()
     }
 
     /// Cancels the token when dropped (unless it is disarmed).
-    pub fn drop_guard(&self) -> DropGuard {
+    pub(crate) fn drop_guard(&self) -> DropGuard {
         self.token.clone().drop_guard()
     }
 
     /// Runs `task` until it ends or the token is cancelled.
-    pub fn spawn_background(&self, task: impl Future<Output = ()> + Send + 'static) {
+    pub(crate) fn spawn_background(&self, task: impl Future<Output = ()> + Send + 'static) {
         let token = self.token.clone();
         tokio::spawn(async move {
             tokio::select! {
@@ -54,7 +54,7 @@ impl Shutdown {
 
     /// Waits up to `timeout` for the fills running now (no new one is
     /// expected). Returns whether they all finished.
-    pub async fn wait_for_fills(&self, timeout: Duration) -> bool {
+    pub(crate) async fn wait_for_fills(&self, timeout: Duration) -> bool {
         self.fills.close();
         tokio::time::timeout(timeout, self.fills.wait())
             .await
@@ -62,7 +62,7 @@ impl Shutdown {
     }
 
     /// Stops every background task.
-    pub fn cancel(&self) {
+    pub(crate) fn cancel(&self) {
         self.token.cancel();
     }
 }

@@ -109,8 +109,8 @@ async fn readyz_fails_while_draining_then_admin_stops() {
     let hold = up.hold(&blob.digest);
     let dir = TempDir::new().unwrap();
     let toml = config_toml(dir.path(), &up.url(), "").replace("\"2s\"", "\"20s\"");
-    let cfg = stowage::config::Config::from_toml_str(&toml).unwrap();
-    let server = stowage::server::Server::bind(cfg).await.unwrap();
+    let cfg = stowage::Config::from_toml_str(&toml).unwrap();
+    let server = stowage::Server::bind(cfg).await.unwrap();
     let addr = server.local_addr();
     let admin = server.admin_addr().expect("admin listener");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -56,8 +56,8 @@ async fn fetch(st: &Stowage, b: &Blob) {
         b.digest,
         "served bytes hash to the digest"
     );
-    let blobs = st.state.blobs.clone();
-    wait_until("fill committed", || blobs.fills_in_flight() == 0).await;
+    let hooks = st.hooks.clone();
+    wait_until("fill committed", || hooks.fills_in_flight() == 0).await;
 }
 
 fn cache_toml(dir: &Path, upstream: &str, cache: &str) -> String {
@@ -156,9 +156,9 @@ async fn budget_holds_and_keeps_most_recently_used() {
         upstream_gets,
         "a hit never goes upstream"
     );
-    let index = st.state.blobs.index();
+    let index = &st.hooks;
     assert!(
-        index.evicted().blobs > 0,
+        index.evicted_blobs() > 0,
         "the workload exceeded the budget, so it evicted"
     );
     assert_eq!(
@@ -211,8 +211,8 @@ async fn restart_serves_from_cache_and_keeps_recency() {
         "max_size = \"700KiB\"\nhigh_watermark = 1.0\nlow_watermark = 0.9",
     );
     let st = start_stowage_toml(dir, &tight).await;
-    let index = st.state.blobs.index().clone();
-    wait_until("index loaded", || index.is_loaded()).await;
+    let index = st.hooks.clone();
+    wait_until("index loaded", || index.index_loaded()).await;
     wait_until("B evicted", || !blob_file(&path, &b.digest).exists()).await;
     assert!(
         blob_file(&path, &a.digest).exists(),
@@ -237,7 +237,7 @@ async fn disk_write_failure_still_serves_every_client() {
     let b = Blob::random(6 * MIB);
     up.add_blob(b.data.clone());
     let st = start_stowage(&up.url(), "").await;
-    st.state.blobs.inject_write_failure(Some(MIB as u64));
+    st.hooks.inject_write_failure(Some(MIB as u64));
 
     let url = st.blob_url("library/x", &b.digest);
     let mut tasks = Vec::new();
@@ -265,10 +265,10 @@ async fn disk_write_failure_still_serves_every_client() {
     let cache = st.dir.path();
     assert!(!blob_file(cache, &b.digest).exists(), "nothing cached");
     wait_until("temporary file removed", || tmp_files(cache) == 0).await;
-    assert_eq!(st.state.blobs.index().reserved(), 0);
+    assert_eq!(st.hooks.reserved(), 0);
 
     // The disk recovers: the next request fetches again and caches.
-    st.state.blobs.inject_write_failure(None);
+    st.hooks.inject_write_failure(None);
     let before = up.blob_gets(&b.digest);
     fetch(&st, &b).await;
     assert_eq!(up.blob_gets(&b.digest), before + 1);
@@ -314,9 +314,8 @@ async fn pinned_images_survive_eviction() {
         "max_size = \"1MiB\"\nhigh_watermark = 0.9\nlow_watermark = 0.5\npin = [\"docker.io/library/pinned:1\"]",
     );
     let st = start_stowage_toml(dir, &toml).await;
-    let index = st.state.blobs.index().clone();
+    let index = st.hooks.clone();
     let layer = img.layers[0].digest.clone();
-    let layer = stowage::oci::Digest::parse(&layer).unwrap();
     wait_until("pins resolved", || index.is_pinned(&layer)).await;
     for b in img.blobs() {
         fetch(&st, b).await;
@@ -325,7 +324,7 @@ async fn pinned_images_survive_eviction() {
     for b in &others {
         fetch(&st, b).await;
     }
-    assert!(index.evicted().blobs > 0);
+    assert!(index.evicted_blobs() > 0);
     for b in img.blobs() {
         assert!(
             blob_file(st.dir.path(), &b.digest).exists(),

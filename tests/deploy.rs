@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use stowage::metrics::Metrics;
+use stowage::Metrics;
 
 /// Labels every scraped series has besides its own.
 const TARGET_LABELS: &[&str] = &["job", "instance"];

@@ -140,9 +140,9 @@ async fn scripted_pull_exact_counters() {
     }
 
     // Clients finish at verification; let the fills commit (fsync, rename).
-    let blobs_store = st.state.blobs.clone();
+    let hooks = st.hooks.clone();
     within(10, "fills committed", async {
-        while blobs_store.fills_in_flight() > 0 {
+        while hooks.fills_in_flight() > 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })

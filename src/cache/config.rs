@@ -114,7 +114,7 @@ impl CacheConfig {
     }
 
     /// The pinned images, parsed.
-    pub fn pins(&self) -> Result<Vec<ImageRef>, ConfigError> {
+    pub(crate) fn pins(&self) -> Result<Vec<ImageRef>, ConfigError> {
         self.pin
             .iter()
             .enumerate()
@@ -124,7 +124,7 @@ impl CacheConfig {
 }
 
 /// Parses `cache.pin[i]`.
-pub fn parse_pin(i: usize, image: &str) -> Result<ImageRef, ConfigError> {
+pub(crate) fn parse_pin(i: usize, image: &str) -> Result<ImageRef, ConfigError> {
     ImageRef::parse(image)
         .map_err(|e| ConfigError::invalid(format!("cache.pin[{i}]"), e.to_string()))
 }

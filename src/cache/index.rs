@@ -40,22 +40,22 @@ use super::layout::{Layout, Record, Scanned};
 use crate::oci::{Digest, Hasher};
 
 /// How often changed access times are written to the files' mtimes.
-pub const FLUSH_INTERVAL: Duration = Duration::from_secs(30);
+pub(crate) const FLUSH_INTERVAL: Duration = Duration::from_secs(30);
 
 /// The byte budget of the blob store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Budget {
+pub(crate) struct Budget {
     /// Hard limit for committed blobs plus fills in flight.
-    pub max_size: u64,
+    pub(crate) max_size: u64,
     /// Eviction starts when usage passes this.
-    pub high: u64,
+    pub(crate) high: u64,
     /// Eviction stops when usage is under this.
-    pub low: u64,
+    pub(crate) low: u64,
 }
 
 impl Budget {
     /// A budget of `max_size` with watermarks given as fractions of it.
-    pub fn new(max_size: u64, high: f64, low: f64) -> Budget {
+    pub(crate) fn new(max_size: u64, high: f64, low: f64) -> Budget {
         let frac = |f: f64| ((max_size as f64) * f.clamp(0.0, 1.0)) as u64;
         let high = frac(high).min(max_size);
         Budget {
@@ -77,30 +77,17 @@ struct Meta {
     flushed: AtomicU64,
 }
 
-/// One row of [`BlobIndex::snapshot`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EntryInfo {
-    /// The blob.
-    pub digest: Digest,
-    /// Its size.
-    pub size: u64,
-    /// Last access, microseconds since the epoch.
-    pub atime: u64,
-    /// Whether a pinned image uses it.
-    pub pinned: bool,
-}
-
 /// Counters the index reports, for logs and metrics.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Evicted {
+pub(crate) struct Evicted {
     /// Blobs removed.
-    pub blobs: u64,
+    pub(crate) blobs: u64,
     /// Bytes freed.
-    pub bytes: u64,
+    pub(crate) bytes: u64,
 }
 
 /// The blob index. Shared by the store, the fills and background tasks.
-pub struct BlobIndex {
+pub(crate) struct BlobIndex {
     /// Where the blobs are.
     layout: Layout,
     /// `index.log`.
@@ -126,7 +113,7 @@ pub struct BlobIndex {
 }
 
 /// Microseconds since the epoch, now: the unit of access times.
-pub fn now_micros() -> u64 {
+pub(crate) fn now_micros() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
@@ -136,7 +123,7 @@ pub fn now_micros() -> u64 {
 impl BlobIndex {
     /// An empty index over the store of `layout`; call
     /// [`BlobIndex::load`] to fill it from disk.
-    pub fn new(layout: &Layout, budget: Budget) -> BlobIndex {
+    pub(crate) fn new(layout: &Layout, budget: Budget) -> BlobIndex {
         BlobIndex {
             layout: layout.clone(),
             journal: Journal::new(layout.journal()),
@@ -153,37 +140,27 @@ impl BlobIndex {
     }
 
     /// The budget.
-    pub fn budget(&self) -> Budget {
+    pub(crate) fn budget(&self) -> Budget {
         self.budget
     }
 
     /// Bytes of stored blobs.
-    pub fn used(&self) -> u64 {
+    pub(crate) fn used(&self) -> u64 {
         self.used.load(Ordering::Relaxed)
     }
 
     /// Bytes reserved by fills in flight.
-    pub fn reserved(&self) -> u64 {
+    pub(crate) fn reserved(&self) -> u64 {
         self.reserved.load(Ordering::Relaxed)
     }
 
-    /// Number of stored blobs indexed.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// Whether the index is empty.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// Whether the start-up scan has finished.
-    pub fn is_loaded(&self) -> bool {
+    pub(crate) fn is_loaded(&self) -> bool {
         self.loaded.load(Ordering::Acquire)
     }
 
     /// Blobs and bytes evicted since start.
-    pub fn evicted(&self) -> Evicted {
+    pub(crate) fn evicted(&self) -> Evicted {
         Evicted {
             blobs: self.evicted_blobs.load(Ordering::Relaxed),
             bytes: self.evicted_bytes.load(Ordering::Relaxed),
@@ -192,7 +169,7 @@ impl BlobIndex {
 
     /// Records a hit: the blob was just used. `size` is the file's size,
     /// used to index a blob the start-up scan has not reached yet.
-    pub fn touch(&self, digest: &Digest, size: u64) {
+    pub(crate) fn touch(&self, digest: &Digest, size: u64) {
         let now = now_micros();
         if let Some(m) = self.entries.get(digest) {
             m.atime.store(now, Ordering::Relaxed);
@@ -220,7 +197,7 @@ impl BlobIndex {
 
     /// Forgets a blob whose file turned out to be missing (purged by an
     /// operator command, or lost).
-    pub fn forget(&self, digest: &Digest) {
+    pub(crate) fn forget(&self, digest: &Digest) {
         if let Some((_, m)) = self.entries.remove(digest) {
             self.used.fetch_sub(m.size, Ordering::Relaxed);
         }
@@ -228,19 +205,19 @@ impl BlobIndex {
 
     /// Whether a blob of `size` bytes can be cached at all: it must fit in
     /// the budget next to the pinned blobs.
-    pub fn cacheable(&self, size: u64) -> bool {
+    pub(crate) fn cacheable(&self, size: u64) -> bool {
         size <= self.budget.max_size
     }
 
     /// Reserves room for a fill of `size` bytes. Returns whether eviction is
     /// needed now (usage passed the high watermark).
-    pub fn reserve(&self, size: u64) -> bool {
+    pub(crate) fn reserve(&self, size: u64) -> bool {
         self.reserved.fetch_add(size, Ordering::Relaxed);
         self.over_high()
     }
 
     /// Gives back a reservation (fill failed or committed).
-    pub fn release(&self, size: u64) {
+    pub(crate) fn release(&self, size: u64) {
         let _ = self
             .reserved
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
@@ -255,14 +232,14 @@ impl BlobIndex {
     /// Appends the record of a blob about to be committed. Called before
     /// the rename. Not fsynced: a record lost in a crash only means the
     /// next start hashes that file before indexing it.
-    pub fn record(&self, digest: &Digest, size: u64) -> io::Result<()> {
+    pub(crate) fn record(&self, digest: &Digest, size: u64) -> io::Result<()> {
         self.journal.append(&Record::Stored(digest.clone(), size))
     }
 
     /// Indexes a blob just committed to the store in place of the fill's
     /// `reservation`. Done under the eviction lock, so an eviction never
     /// sees the blob counted twice (stored and reserved).
-    pub fn committed(&self, digest: &Digest, size: u64, reservation: u64) {
+    pub(crate) fn committed(&self, digest: &Digest, size: u64, reservation: u64) {
         let _guard = self.evicting.lock();
         self.release(reservation);
         let now = now_micros();
@@ -270,14 +247,15 @@ impl BlobIndex {
     }
 
     /// Replaces the set of pinned blobs.
-    pub fn set_pinned(&self, pinned: HashSet<Digest>) {
+    pub(crate) fn set_pinned(&self, pinned: HashSet<Digest>) {
         if let Ok(mut p) = self.pinned.write() {
             *p = pinned;
         }
     }
 
     /// Whether `digest` is pinned.
-    pub fn is_pinned(&self, digest: &Digest) -> bool {
+    #[cfg(feature = "test-hooks")]
+    pub(crate) fn is_pinned(&self, digest: &Digest) -> bool {
         self.pinned
             .read()
             .map(|p| p.contains(digest))
@@ -287,7 +265,7 @@ impl BlobIndex {
     /// Evicts least-recently-used unpinned blobs until usage is under the
     /// low watermark, if it is over the high one. Blocking (unlinks files):
     /// run it on a blocking thread. Returns what was evicted.
-    pub fn evict_if_needed(&self) -> Evicted {
+    pub(crate) fn evict_if_needed(&self) -> Evicted {
         let Ok(_guard) = self.evicting.lock() else {
             return Evicted::default();
         };
@@ -348,7 +326,7 @@ impl BlobIndex {
 
     /// Writes access times that changed since the last flush into the
     /// files' mtimes. Blocking.
-    pub fn flush_atimes(&self) -> usize {
+    pub(crate) fn flush_atimes(&self) -> usize {
         let mut n = 0;
         for e in self.entries.iter() {
             let atime = e.atime.load(Ordering::Relaxed);
@@ -371,7 +349,7 @@ impl BlobIndex {
     /// slower). Drops files that are not valid digests or whose size
     /// disagrees with the journal; verifies unrecorded files by hashing;
     /// compacts the journal. Returns the number of blobs indexed.
-    pub fn load(&self) -> io::Result<usize> {
+    pub(crate) fn load(&self) -> io::Result<usize> {
         let records = self.journal.read()?;
         let mut kept = 0;
         self.layout.scan_blobs(|entry| match entry {
@@ -438,20 +416,6 @@ impl BlobIndex {
             .unwrap_or(0);
         self.insert(&digest, size, mtime, mtime);
         true
-    }
-
-    /// All entries, for operator commands and tests.
-    pub fn snapshot(&self) -> Vec<EntryInfo> {
-        let pinned = self.pinned.read().map(|p| p.clone()).unwrap_or_default();
-        self.entries
-            .iter()
-            .map(|e| EntryInfo {
-                digest: e.key().clone(),
-                size: e.size,
-                atime: e.atime.load(Ordering::Relaxed),
-                pinned: pinned.contains(e.key()),
-            })
-            .collect()
     }
 }
 
@@ -595,8 +559,12 @@ mod tests {
 
         let again = BlobIndex::new(&Layout::new(dir.path()), Budget::new(1 << 20, 0.9, 0.8));
         assert_eq!(again.load().unwrap(), 2);
-        let snap = again.snapshot();
-        let atime_of = |d: &Digest| snap.iter().find(|e| &e.digest == d).map(|e| e.atime);
+        let atime_of = |d: &Digest| {
+            again
+                .entries
+                .get(d)
+                .map(|m| m.atime.load(Ordering::Relaxed))
+        };
         assert_eq!(atime_of(&a), Some(1_000_000));
         assert!(atime_of(&u).is_some());
         assert!(atime_of(&b).is_none());

@@ -14,7 +14,7 @@ use super::layout::Record;
 use crate::oci::Digest;
 
 /// The journal of one cache directory.
-pub struct Journal {
+pub(crate) struct Journal {
     /// `<cache>/index.log`.
     path: PathBuf,
     /// Append handle, opened on first use and after a compaction.
@@ -23,7 +23,7 @@ pub struct Journal {
 
 impl Journal {
     /// The journal at `path` (created on the first append).
-    pub fn new(path: PathBuf) -> Journal {
+    pub(crate) fn new(path: PathBuf) -> Journal {
         Journal {
             path,
             file: Mutex::new(None),
@@ -31,7 +31,7 @@ impl Journal {
     }
 
     /// Appends one record.
-    pub fn append(&self, record: &Record) -> io::Result<()> {
+    pub(crate) fn append(&self, record: &Record) -> io::Result<()> {
         let mut guard = self
             .file
             .lock()
@@ -53,7 +53,7 @@ impl Journal {
     /// Appends one record to the journal at `path` if there is one. For the
     /// operator commands next to a running instance: `O_APPEND` writes of
     /// one short line do not interleave with the instance's own appends.
-    pub fn append_if_exists(path: &Path, record: &Record) -> io::Result<()> {
+    pub(crate) fn append_if_exists(path: &Path, record: &Record) -> io::Result<()> {
         match OpenOptions::new().append(true).open(path) {
             Ok(mut f) => f.write_all(record.line().as_bytes()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -63,7 +63,7 @@ impl Journal {
 
     /// The sizes the journal records, by digest: later lines win, removals
     /// forget, unparseable lines (a torn last line) are skipped.
-    pub fn read(&self) -> io::Result<HashMap<Digest, u64>> {
+    pub(crate) fn read(&self) -> io::Result<HashMap<Digest, u64>> {
         let mut map = HashMap::new();
         let file = match File::open(&self.path) {
             Ok(f) => f,
@@ -87,7 +87,7 @@ impl Journal {
 
     /// Replaces the journal with `records` (via a uniquely named temporary
     /// file, an fsync and a rename).
-    pub fn compact(&self, records: impl Iterator<Item = Record>) -> io::Result<()> {
+    pub(crate) fn compact(&self, records: impl Iterator<Item = Record>) -> io::Result<()> {
         let mut guard = self
             .file
             .lock()

@@ -23,54 +23,49 @@ use bytes::Bytes;
 use crate::oci::{Algorithm, Digest, Tag, library_prefixed};
 
 /// The name of the directory holding a repository's tag files.
-pub const TAG_DIR: &str = "_tags";
+pub(crate) const TAG_DIR: &str = "_tags";
 
 /// The paths of one cache directory.
 #[derive(Debug, Clone)]
-pub struct Layout {
+pub(crate) struct Layout {
     dir: PathBuf,
 }
 
 impl Layout {
     /// The layout of the cache at `dir`.
-    pub fn new(dir: &Path) -> Layout {
+    pub(crate) fn new(dir: &Path) -> Layout {
         Layout {
             dir: dir.to_path_buf(),
         }
     }
 
-    /// The cache directory itself.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// `<cache>/blobs`: verified blobs.
-    pub fn blobs(&self) -> PathBuf {
+    pub(crate) fn blobs(&self) -> PathBuf {
         self.dir.join("blobs")
     }
 
     /// `<cache>/tmp`: files of fills in progress.
-    pub fn tmp(&self) -> PathBuf {
+    pub(crate) fn tmp(&self) -> PathBuf {
         self.dir.join("tmp")
     }
 
     /// `<cache>/index.log`: the blob journal.
-    pub fn journal(&self) -> PathBuf {
+    pub(crate) fn journal(&self) -> PathBuf {
         self.dir.join("index.log")
     }
 
     /// `<cache>/manifests`.
-    pub fn manifests(&self) -> PathBuf {
+    pub(crate) fn manifests(&self) -> PathBuf {
         self.dir.join("manifests")
     }
 
     /// `<cache>/tags`.
-    pub fn tags(&self) -> PathBuf {
+    pub(crate) fn tags(&self) -> PathBuf {
         self.dir.join("tags")
     }
 
     /// Where a verified blob lives: `blobs/<alg>/<hex[..2]>/<hex>`.
-    pub fn blob(&self, digest: &Digest) -> PathBuf {
+    pub(crate) fn blob(&self, digest: &Digest) -> PathBuf {
         self.blobs()
             .join(digest.algorithm().as_str())
             .join(&digest.hex()[..2])
@@ -79,13 +74,13 @@ impl Layout {
 
     /// The temporary file of a fill: `tmp/<hex>-<pid>-<n>`, unique per
     /// process and `n`.
-    pub fn tmp_file(&self, digest: &Digest, n: u64) -> PathBuf {
+    pub(crate) fn tmp_file(&self, digest: &Digest, n: u64) -> PathBuf {
         self.tmp()
             .join(format!("{}-{}-{n}", digest.hex(), std::process::id()))
     }
 
     /// Where a manifest lives: `manifests/<alg>/<hex>`.
-    pub fn manifest(&self, digest: &Digest) -> PathBuf {
+    pub(crate) fn manifest(&self, digest: &Digest) -> PathBuf {
         self.manifests()
             .join(digest.algorithm().as_str())
             .join(digest.hex())
@@ -94,7 +89,7 @@ impl Layout {
     /// The directory of a repository's tag files:
     /// `tags/<host>/<repo>/_tags`, with Docker Hub's `library/` added to a
     /// one-component `repo` when the upstream has `library_prefix`.
-    pub fn tag_dir(&self, host: &str, repo: &str, library_prefix: bool) -> PathBuf {
+    pub(crate) fn tag_dir(&self, host: &str, repo: &str, library_prefix: bool) -> PathBuf {
         let mut p = self.tags().join(host);
         for c in library_prefixed(repo, library_prefix).split('/') {
             p.push(c);
@@ -104,14 +99,14 @@ impl Layout {
     }
 
     /// The file of one tag: `tags/<host>/<repo>/_tags/<tag>`.
-    pub fn tag(&self, host: &str, repo: &str, library_prefix: bool, tag: &Tag) -> PathBuf {
+    pub(crate) fn tag(&self, host: &str, repo: &str, library_prefix: bool, tag: &Tag) -> PathBuf {
         self.tag_dir(host, repo, library_prefix).join(tag.as_str())
     }
 
     /// Visits every entry of the blob store: blobs with the digest their
     /// path names, and anything else found there (a stray file or
     /// directory, with why it does not belong).
-    pub fn scan_blobs(&self, mut visit: impl FnMut(Scanned)) {
+    pub(crate) fn scan_blobs(&self, mut visit: impl FnMut(Scanned)) {
         for alg in [Algorithm::Sha256, Algorithm::Sha512] {
             let Ok(prefixes) = std::fs::read_dir(self.blobs().join(alg.as_str())) else {
                 continue;
@@ -142,7 +137,7 @@ impl Layout {
 
 /// One entry found by [`Layout::scan_blobs`].
 #[derive(Debug)]
-pub enum Scanned {
+pub(crate) enum Scanned {
     /// A file (or whatever else) named like a blob.
     Blob(Digest, std::fs::DirEntry),
     /// Something that does not belong in the store, and why.
@@ -150,7 +145,7 @@ pub enum Scanned {
 }
 
 /// A manifest file: the media type, a newline, the exact manifest bytes.
-pub fn encode_manifest(media_type: &str, body: &[u8]) -> Vec<u8> {
+pub(crate) fn encode_manifest(media_type: &str, body: &[u8]) -> Vec<u8> {
     let mut data = Vec::with_capacity(media_type.len() + 1 + body.len());
     data.extend_from_slice(media_type.as_bytes());
     data.push(b'\n');
@@ -160,25 +155,25 @@ pub fn encode_manifest(media_type: &str, body: &[u8]) -> Vec<u8> {
 
 /// The media type and body of a manifest file, or `None` when it has no
 /// first line.
-pub fn decode_manifest(data: Bytes) -> Option<(String, Bytes)> {
+pub(crate) fn decode_manifest(data: Bytes) -> Option<(String, Bytes)> {
     let nl = data.iter().position(|b| *b == b'\n')?;
     let media_type = String::from_utf8_lossy(&data[..nl]).into_owned();
     Some((media_type, data.slice(nl + 1..)))
 }
 
 /// A tag file: the digest and a newline.
-pub fn encode_tag(digest: &Digest) -> Vec<u8> {
+pub(crate) fn encode_tag(digest: &Digest) -> Vec<u8> {
     format!("{digest}\n").into_bytes()
 }
 
 /// The digest in a tag file.
-pub fn decode_tag(text: &str) -> Option<Digest> {
+pub(crate) fn decode_tag(text: &str) -> Option<Digest> {
     Digest::parse(text.trim()).ok()
 }
 
 /// One line of the blob journal (`index.log`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Record {
+pub(crate) enum Record {
     /// `+<digest> <size>`: stored, written before the commit's rename.
     Stored(Digest, u64),
     /// `-<digest>`: removed.
@@ -187,7 +182,7 @@ pub enum Record {
 
 impl Record {
     /// The line, newline included.
-    pub fn line(&self) -> String {
+    pub(crate) fn line(&self) -> String {
         match self {
             Record::Stored(d, size) => format!("+{d} {size}\n"),
             Record::Removed(d) => format!("-{d}\n"),
@@ -196,7 +191,7 @@ impl Record {
 
     /// Parses a line (without its newline); `None` for anything else (a
     /// torn last line after a crash).
-    pub fn parse(line: &str) -> Option<Record> {
+    pub(crate) fn parse(line: &str) -> Option<Record> {
         if let Some(rest) = line.strip_prefix('+') {
             let (d, s) = rest.split_once(' ')?;
             Some(Record::Stored(Digest::parse(d).ok()?, s.parse().ok()?))

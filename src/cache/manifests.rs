@@ -47,21 +47,21 @@ const STALE_RETRY: Duration = Duration::from_secs(30);
 
 /// A verified manifest.
 #[derive(Debug)]
-pub struct Manifest {
+pub(crate) struct Manifest {
     /// Its digest (of `body`).
-    pub digest: Digest,
+    pub(crate) digest: Digest,
     /// `Content-Type` to serve it with.
-    pub media_type: String,
+    pub(crate) media_type: String,
     /// The exact bytes upstream served.
-    pub body: Bytes,
+    pub(crate) body: Bytes,
     /// Response headers, built once: `Content-Type`,
     /// `Docker-Content-Digest` and `ETag`.
-    pub headers: HeaderMap,
+    pub(crate) headers: HeaderMap,
 }
 
 impl Manifest {
     /// A manifest and its response headers.
-    pub fn new(digest: Digest, media_type: String, body: Bytes) -> Manifest {
+    pub(crate) fn new(digest: Digest, media_type: String, body: Bytes) -> Manifest {
         let mut headers = HeaderMap::new();
         if let Ok(v) = HeaderValue::from_str(&media_type) {
             headers.insert(header::CONTENT_TYPE, v);
@@ -109,7 +109,7 @@ impl Expiry<TagKey, TagEntry> for TagExpiry {
 }
 
 /// The manifest cache. Share it in an `Arc`.
-pub struct ManifestStore {
+pub(crate) struct ManifestStore {
     /// Where manifest and tag files live.
     layout: Layout,
     /// Manifests by digest, in memory.
@@ -120,7 +120,7 @@ pub struct ManifestStore {
 
 impl ManifestStore {
     /// Opens (creating) the manifest and tag directories of `layout`.
-    pub fn open(layout: &Layout) -> io::Result<ManifestStore> {
+    pub(crate) fn open(layout: &Layout) -> io::Result<ManifestStore> {
         std::fs::create_dir_all(layout.manifests())?;
         std::fs::create_dir_all(layout.tags())?;
         Ok(ManifestStore {
@@ -138,7 +138,7 @@ impl ManifestStore {
 
     /// Keeps at most `max` manifests on disk, removing the least recently
     /// written beyond that. Blocking. Returns how many were removed.
-    pub fn prune(&self, max: usize) -> io::Result<usize> {
+    pub(crate) fn prune(&self, max: usize) -> io::Result<usize> {
         let mut files = Vec::new();
         for alg in std::fs::read_dir(self.layout.manifests())?.flatten() {
             let Ok(rd) = std::fs::read_dir(alg.path()) else {
@@ -169,7 +169,7 @@ impl ManifestStore {
 
     /// The manifest with `digest`, from memory, disk or upstream. A body
     /// fetched from upstream must hash to `digest`.
-    pub async fn by_digest(
+    pub(crate) async fn by_digest(
         &self,
         upstream: &Upstream,
         repo: &RepoName,
@@ -197,7 +197,7 @@ impl ManifestStore {
 
     /// The manifest `tag` points at, revalidated upstream once the tag's
     /// TTL has passed.
-    pub async fn by_tag(
+    pub(crate) async fn by_tag(
         &self,
         upstream: &Upstream,
         repo: &RepoName,

@@ -1,10 +1,10 @@
 //! The cache: blobs on disk under a byte budget ([`blob`], [`index`]),
 //! manifests and tags ([`manifests`]), pinned images ([`pins`]).
 
-pub mod blob;
-pub mod config;
-pub mod index;
-pub mod journal;
-pub mod layout;
-pub mod manifests;
-pub mod pins;
+pub(crate) mod blob;
+pub(crate) mod config;
+pub(crate) mod index;
+pub(crate) mod journal;
+pub(crate) mod layout;
+pub(crate) mod manifests;
+pub(crate) mod pins;

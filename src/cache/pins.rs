@@ -20,25 +20,26 @@ use crate::oci::{Digest, ImageRef, Reference, RepoName};
 use crate::upstream::Upstream;
 
 /// Picks the upstream and the repository of an image (the server's router).
-pub type Route = Box<dyn Fn(&ImageRef) -> Result<(Arc<Upstream>, RepoName), Error> + Send + Sync>;
+pub(crate) type Route =
+    Box<dyn Fn(&ImageRef) -> Result<(Arc<Upstream>, RepoName), Error> + Send + Sync>;
 
 /// The pinned images and what resolving them needs.
-pub struct Pins {
+pub(crate) struct Pins {
     /// `cache.pin`.
-    pub images: Vec<ImageRef>,
+    pub(crate) images: Vec<ImageRef>,
     /// `cache.pin_refresh`.
-    pub every: Duration,
+    pub(crate) every: Duration,
     /// Where manifests are resolved.
-    pub manifests: Arc<ManifestStore>,
+    pub(crate) manifests: Arc<ManifestStore>,
     /// Where the pinned set goes.
-    pub index: Arc<BlobIndex>,
+    pub(crate) index: Arc<BlobIndex>,
     /// Which upstream and repository an image is.
-    pub route: Route,
+    pub(crate) route: Route,
 }
 
 impl Pins {
     /// Keeps the pinned set current until `stop` is cancelled.
-    pub fn spawn(self, stop: CancellationToken) {
+    pub(crate) fn spawn(self, stop: CancellationToken) {
         if self.images.is_empty() {
             return;
         }

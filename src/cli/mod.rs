@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use crate::config::Config;
 use crate::server::{Server, ServerError};
 
-pub mod ops;
+mod ops;
 pub mod warm;
 
 /// `stowage check-config FILE`: validates a configuration file and reports

@@ -21,18 +21,18 @@ use crate::oci::{Digest, ImageRef, Reference};
 
 /// One stored blob as seen on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BlobFile {
+pub(crate) struct BlobFile {
     /// Its digest.
-    pub digest: Digest,
+    pub(crate) digest: Digest,
     /// Size in bytes.
-    pub size: u64,
+    pub(crate) size: u64,
     /// Last access as persisted (the file's mtime).
-    pub last_access: SystemTime,
+    pub(crate) last_access: SystemTime,
 }
 
 /// Lists every blob in the store of `cache_dir` (anything else found there
 /// is left alone).
-pub fn list_blobs(cache_dir: &Path) -> io::Result<Vec<BlobFile>> {
+pub(crate) fn list_blobs(cache_dir: &Path) -> io::Result<Vec<BlobFile>> {
     let mut out = Vec::new();
     Layout::new(cache_dir).scan_blobs(|entry| {
         if let Scanned::Blob(digest, file) = entry
@@ -50,27 +50,27 @@ pub fn list_blobs(cache_dir: &Path) -> io::Result<Vec<BlobFile>> {
 
 /// Summary of a cache directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stats {
+pub(crate) struct Stats {
     /// Blobs stored.
-    pub blobs: usize,
+    pub(crate) blobs: usize,
     /// Their total size.
-    pub bytes: u64,
+    pub(crate) bytes: u64,
     /// The configured budget, if known.
-    pub budget: Option<u64>,
+    pub(crate) budget: Option<u64>,
     /// Oldest last access among the blobs.
-    pub oldest_access: Option<SystemTime>,
+    pub(crate) oldest_access: Option<SystemTime>,
     /// Newest last access among the blobs.
-    pub newest_access: Option<SystemTime>,
+    pub(crate) newest_access: Option<SystemTime>,
     /// Fills in progress (temporary files).
-    pub fills_in_progress: usize,
+    pub(crate) fills_in_progress: usize,
     /// Manifests stored.
-    pub manifests: usize,
+    pub(crate) manifests: usize,
     /// Tags recorded.
-    pub tags: usize,
+    pub(crate) tags: usize,
 }
 
 /// Computes [`Stats`] for `cache_dir`.
-pub fn stats(cache_dir: &Path, budget: Option<u64>) -> io::Result<Stats> {
+pub(crate) fn stats(cache_dir: &Path, budget: Option<u64>) -> io::Result<Stats> {
     if !cache_dir.is_dir() {
         return Err(io::Error::new(
             io::ErrorKind::NotFound,
@@ -122,12 +122,12 @@ fn count_tags(dir: &Path) -> usize {
 }
 
 /// Bytes in binary units, for people.
-pub fn human_bytes(n: u64) -> String {
+pub(crate) fn human_bytes(n: u64) -> String {
     bytesize::ByteSize::b(n).display().iec().to_string()
 }
 
 /// How long ago `t` was, for people.
-pub fn ago(t: SystemTime) -> String {
+pub(crate) fn ago(t: SystemTime) -> String {
     let secs = SystemTime::now()
         .duration_since(t)
         .unwrap_or(Duration::ZERO)
@@ -162,15 +162,15 @@ impl std::fmt::Display for Stats {
 
 /// What `purge` removed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Purged {
+pub(crate) struct Purged {
     /// Blobs removed.
-    pub blobs: usize,
+    pub(crate) blobs: usize,
     /// Bytes freed.
-    pub bytes: u64,
+    pub(crate) bytes: u64,
     /// Manifests removed.
-    pub manifests: usize,
+    pub(crate) manifests: usize,
     /// Tags removed.
-    pub tags: usize,
+    pub(crate) tags: usize,
 }
 
 /// Removes a blob (or manifest) by digest, or everything cached for a
@@ -179,7 +179,7 @@ pub struct Purged {
 /// without a host is the default upstream's; upstreams with
 /// `library_prefix` get `library/` added to one-component names, as when
 /// serving.
-pub fn purge(config: &Config, target: &str) -> io::Result<Purged> {
+pub(crate) fn purge(config: &Config, target: &str) -> io::Result<Purged> {
     let layout = Layout::new(&config.cache_dir);
     let mut purged = Purged::default();
     if let Ok(digest) = Digest::parse(target) {

@@ -45,17 +45,17 @@ pub struct WarmOptions {
 
 /// The outcome of a warm run.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct WarmSummary {
+pub(crate) struct WarmSummary {
     /// Manifests resolved.
-    pub manifests: usize,
+    pub(crate) manifests: usize,
     /// Distinct blobs.
-    pub blobs: usize,
+    pub(crate) blobs: usize,
     /// Blobs the mirror already had.
-    pub blobs_cached: usize,
+    pub(crate) blobs_cached: usize,
     /// Bytes the mirror had to fetch from upstream.
-    pub bytes_fetched: u64,
+    pub(crate) bytes_fetched: u64,
     /// Bytes the mirror already had.
-    pub bytes_cached: u64,
+    pub(crate) bytes_cached: u64,
 }
 
 impl std::fmt::Display for WarmSummary {
@@ -75,7 +75,7 @@ impl std::fmt::Display for WarmSummary {
 
 /// Pulls `images` through the mirror. Fails on the first image or blob
 /// that cannot be fetched or does not verify.
-pub async fn warm(opts: &WarmOptions, images: &[String]) -> Result<WarmSummary, String> {
+pub(crate) async fn warm(opts: &WarmOptions, images: &[String]) -> Result<WarmSummary, String> {
     let mirror = Upstream::new(&UpstreamConfig {
         host: "mirror".into(),
         url: opts.mirror.trim_end_matches('/').to_string(),

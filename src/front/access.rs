@@ -34,7 +34,7 @@ const VERIFIED_CAPACITY: u64 = 10_000;
 
 /// Why an htpasswd file was refused.
 #[derive(Debug, thiserror::Error)]
-pub enum AccessError {
+pub(crate) enum AccessError {
     /// The file could not be read.
     #[error("cannot read {path}: {source}")]
     Read {
@@ -57,7 +57,7 @@ pub enum AccessError {
 
 /// Users and their bcrypt hashes, as read from one version of the file.
 #[derive(Debug)]
-pub struct Htpasswd {
+pub(crate) struct Htpasswd {
     users: HashMap<String, String>,
     /// A hash of an unguessable password, checked for unknown users so that
     /// they take as long as known ones.
@@ -67,7 +67,7 @@ pub struct Htpasswd {
 impl Htpasswd {
     /// Parses htpasswd text: `user:hash` lines, `#` comments and blank lines
     /// allowed; only bcrypt hashes (`$2y$`, `$2b$`, `$2a$`, `$2x$`).
-    pub fn parse(path: &Path, text: &str) -> Result<Htpasswd, AccessError> {
+    pub(crate) fn parse(path: &Path, text: &str) -> Result<Htpasswd, AccessError> {
         let bad = |line: usize, message: String| AccessError::Invalid {
             path: path.to_path_buf(),
             line,
@@ -109,28 +109,14 @@ impl Htpasswd {
         Ok(Htpasswd { users, dummy })
     }
 
-    /// Reads and parses a file.
-    pub fn read(path: &Path) -> Result<Htpasswd, AccessError> {
-        let text = std::fs::read_to_string(path).map_err(|source| AccessError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Htpasswd::parse(path, &text)
-    }
-
     /// Number of users.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.users.len()
-    }
-
-    /// Whether there are no users (never true for a parsed file).
-    pub fn is_empty(&self) -> bool {
-        self.users.is_empty()
     }
 
     /// Checks a password (slow: bcrypt). Unknown users take as long as known
     /// ones.
-    pub fn verify(&self, user: &str, password: &str) -> bool {
+    pub(crate) fn verify(&self, user: &str, password: &str) -> bool {
         match self.users.get(user) {
             Some(hash) => bcrypt::verify(password, hash).unwrap_or(false),
             None => {
@@ -142,7 +128,7 @@ impl Htpasswd {
 }
 
 /// The mirror's access control: open, or htpasswd-protected.
-pub struct Access {
+pub(crate) struct Access {
     inner: Option<Protected>,
 }
 
@@ -161,13 +147,13 @@ struct Protected {
 
 impl Access {
     /// No authentication: every request is let through.
-    pub fn open() -> Access {
+    pub(crate) fn open() -> Access {
         Access { inner: None }
     }
 
     /// From the `[access]` configuration (open when `None`); reads the
     /// htpasswd file.
-    pub fn new(config: Option<&AccessConfig>) -> Result<Access, AccessError> {
+    pub(crate) fn new(config: Option<&AccessConfig>) -> Result<Access, AccessError> {
         let Some(config) = config else {
             return Ok(Access::open());
         };
@@ -204,18 +190,18 @@ impl Access {
     }
 
     /// Whether requests need credentials.
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         self.inner.is_some()
     }
 
     /// How often the htpasswd file should be polled (`None`: no file).
-    pub fn reload_interval(&self) -> Option<Duration> {
+    pub(crate) fn reload_interval(&self) -> Option<Duration> {
         self.inner.as_ref().map(|p| p.reload_interval)
     }
 
     /// Lets the request through, or answers 401 UNAUTHORIZED with the Basic
     /// challenge.
-    pub async fn check(&self, headers: &HeaderMap) -> Result<(), Error> {
+    pub(crate) async fn check(&self, headers: &HeaderMap) -> Result<(), Error> {
         let Some(p) = &self.inner else {
             return Ok(());
         };
@@ -259,7 +245,7 @@ impl Access {
     /// its contents changed since the last attempt. A file that does not
     /// parse is logged and the previous users stay. Returns whether new users
     /// are in effect.
-    pub fn reload(&self, force: bool) -> Result<bool, AccessError> {
+    pub(crate) fn reload(&self, force: bool) -> Result<bool, AccessError> {
         let Some(p) = &self.inner else {
             return Ok(false);
         };

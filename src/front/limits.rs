@@ -16,7 +16,7 @@ use tokio::time::{Instant, Sleep};
 
 /// At most `max` connections at once; further ones wait in the kernel's
 /// listen backlog.
-pub struct Slots {
+pub(crate) struct Slots {
     max: usize,
     slots: Arc<Semaphore>,
     last_full_warning: Mutex<Option<Instant>>,
@@ -24,7 +24,7 @@ pub struct Slots {
 
 impl Slots {
     /// `max` connection slots.
-    pub fn new(max: usize) -> Slots {
+    pub(crate) fn new(max: usize) -> Slots {
         Slots {
             max,
             slots: Arc::new(Semaphore::new(max)),
@@ -35,7 +35,7 @@ impl Slots {
     /// Waits for a free connection slot; the connection holds the permit
     /// until it ends. While all slots are taken, new connections wait in the
     /// kernel's listen backlog.
-    pub async fn acquire(&self) -> OwnedSemaphorePermit {
+    pub(crate) async fn acquire(&self) -> OwnedSemaphorePermit {
         if self.slots.available_permits() == 0 {
             self.warn_full();
         }
@@ -64,7 +64,7 @@ impl Slots {
 
 /// Applies the HTTP-level limits to hyper's connection builder: a timer and
 /// the HTTP/1 header read timeout.
-pub fn configure(builder: &mut auto::Builder<TokioExecutor>, header_read_timeout: Duration) {
+pub(crate) fn configure(builder: &mut auto::Builder<TokioExecutor>, header_read_timeout: Duration) {
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -75,7 +75,7 @@ pub fn configure(builder: &mut auto::Builder<TokioExecutor>, header_read_timeout
 /// A socket that fails with `TimedOut` once nothing has been read or
 /// written for the idle timeout, or when the first byte does not arrive
 /// within the first-byte timeout.
-pub struct IdleIo<T> {
+pub(crate) struct IdleIo<T> {
     inner: T,
     idle: Duration,
     first_byte: Duration,
@@ -86,7 +86,7 @@ pub struct IdleIo<T> {
 
 impl<T> IdleIo<T> {
     /// Wraps `inner`.
-    pub fn new(inner: T, idle: Duration, first_byte: Duration) -> IdleIo<T> {
+    pub(crate) fn new(inner: T, idle: Duration, first_byte: Duration) -> IdleIo<T> {
         let now = Instant::now();
         IdleIo {
             inner,
@@ -99,7 +99,7 @@ impl<T> IdleIo<T> {
     }
 
     /// The wrapped stream.
-    pub fn get_ref(&self) -> &T {
+    pub(crate) fn get_ref(&self) -> &T {
         &self.inner
     }
 

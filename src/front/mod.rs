@@ -24,16 +24,16 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use config::{AccessConfig, LimitsConfig, TlsConfig};
 
-pub mod access;
-pub mod config;
-pub mod limits;
-pub mod reload;
-pub mod tls;
-pub mod zerocopy;
+pub(crate) mod access;
+pub(crate) mod config;
+pub(crate) mod limits;
+pub(crate) mod reload;
+pub(crate) mod tls;
+pub(crate) mod zerocopy;
 
-pub use limits::IdleIo;
+pub(crate) use limits::IdleIo;
 use limits::Slots;
-pub use reload::Reloader;
+pub(crate) use reload::Reloader;
 
 use access::{Access, AccessError};
 use tls::{Tls, TlsError};
@@ -41,7 +41,7 @@ use zerocopy::{Regions, ZeroCopyStream};
 
 /// Why the front door could not be set up.
 #[derive(Debug, thiserror::Error)]
-pub enum FrontError {
+pub(crate) enum FrontError {
     /// Certificate, key or client CA unusable.
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -51,7 +51,7 @@ pub enum FrontError {
 }
 
 /// Connection limits, TLS and access control of one listener.
-pub struct Front {
+pub(crate) struct Front {
     tls: Option<Arc<Tls>>,
     access: Arc<Access>,
     limits: LimitsConfig,
@@ -61,7 +61,7 @@ pub struct Front {
 impl Front {
     /// Loads the TLS material and the htpasswd file named in the `[tls]`
     /// and `[access]` sections, with the `[limits]`.
-    pub fn new(
+    pub(crate) fn new(
         tls: Option<&TlsConfig>,
         access: Option<&AccessConfig>,
         limits: &LimitsConfig,
@@ -77,30 +77,30 @@ impl Front {
     }
 
     /// The TLS state, when this listener terminates TLS.
-    pub fn tls(&self) -> Option<&Arc<Tls>> {
+    pub(crate) fn tls(&self) -> Option<&Arc<Tls>> {
         self.tls.as_ref()
     }
 
     /// The access control every request goes through.
-    pub fn access(&self) -> Arc<Access> {
+    pub(crate) fn access(&self) -> Arc<Access> {
         self.access.clone()
     }
 
     /// Applies the HTTP-level limits to hyper's connection builder: a timer
     /// and the HTTP/1 header read timeout.
-    pub fn configure(&self, builder: &mut auto::Builder<TokioExecutor>) {
+    pub(crate) fn configure(&self, builder: &mut auto::Builder<TokioExecutor>) {
         limits::configure(builder, self.limits.header_read_timeout);
     }
 
     /// Waits for a free connection slot; see [`Slots::acquire`].
-    pub async fn slot(&self) -> OwnedSemaphorePermit {
+    pub(crate) async fn slot(&self) -> OwnedSemaphorePermit {
         self.slots.acquire().await
     }
 
     /// Wraps an accepted socket with the idle timeout and, on a TLS
     /// listener, completes the handshake within the handshake timeout.
     /// `None` when the handshake failed (logged at debug level).
-    pub async fn handshake(&self, stream: TcpStream, peer: SocketAddr) -> Option<FrontIo> {
+    pub(crate) async fn handshake(&self, stream: TcpStream, peer: SocketAddr) -> Option<FrontIo> {
         // A client that sends nothing at all is both idle and slow with its
         // headers: whichever limit is shorter applies.
         let io = IdleIo::new(
@@ -127,13 +127,13 @@ impl Front {
     }
 
     /// A handle that reloads the certificate and htpasswd files.
-    pub fn reloader(&self) -> Reloader {
+    pub(crate) fn reloader(&self) -> Reloader {
         Reloader::new(self.tls.clone(), self.access.clone())
     }
 }
 
 /// An accepted connection after the front door: plain or TLS.
-pub enum FrontIo {
+pub(crate) enum FrontIo {
     /// Plain TCP.
     Plain(IdleIo<ZeroCopyStream>),
     /// TLS over TCP.
@@ -143,18 +143,10 @@ pub enum FrontIo {
 impl FrontIo {
     /// Where bodies register mapped blob regions for `sendfile`: plain
     /// connections only (TLS must encrypt in user space).
-    pub fn regions(&self) -> Option<Arc<Regions>> {
+    pub(crate) fn regions(&self) -> Option<Arc<Regions>> {
         match self {
             FrontIo::Plain(s) => s.get_ref().regions().cloned(),
             FrontIo::Tls(_) => None,
-        }
-    }
-
-    /// The ALPN protocol negotiated in the TLS handshake, if any.
-    pub fn alpn(&self) -> Option<&[u8]> {
-        match self {
-            FrontIo::Plain(_) => None,
-            FrontIo::Tls(s) => s.get_ref().1.alpn_protocol(),
         }
     }
 }

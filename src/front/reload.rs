@@ -12,14 +12,14 @@ use super::tls::Tls;
 
 /// Reloads TLS material and the htpasswd file (SIGHUP, file changes).
 #[derive(Clone)]
-pub struct Reloader {
+pub(crate) struct Reloader {
     tls: Option<Arc<Tls>>,
     access: Arc<Access>,
 }
 
 impl Reloader {
     /// Reloads `tls` (when the listener terminates TLS) and `access`.
-    pub fn new(tls: Option<Arc<Tls>>, access: Arc<Access>) -> Reloader {
+    pub(crate) fn new(tls: Option<Arc<Tls>>, access: Arc<Access>) -> Reloader {
         Reloader { tls, access }
     }
 
@@ -27,7 +27,7 @@ impl Reloader {
     /// it off the async threads, or use [`Reloader::reload_now`]). With
     /// `force` false only files whose contents changed are taken up. Returns
     /// false if something was rejected (and logged; the old one stays).
-    pub fn reload(&self, force: bool) -> bool {
+    pub(crate) fn reload(&self, force: bool) -> bool {
         let mut ok = true;
         if let Some(tls) = &self.tls {
             ok &= tls.reload(force).is_ok();
@@ -37,7 +37,7 @@ impl Reloader {
     }
 
     /// [`Reloader::reload`] with `force` on the blocking pool (SIGHUP).
-    pub async fn reload_now(&self) -> bool {
+    pub(crate) async fn reload_now(&self) -> bool {
         let me = self.clone();
         tokio::task::spawn_blocking(move || me.reload(true))
             .await
@@ -45,14 +45,14 @@ impl Reloader {
     }
 
     /// Whether there is anything to reload.
-    pub fn has_files(&self) -> bool {
+    pub(crate) fn has_files(&self) -> bool {
         self.tls.is_some() || self.access.enabled()
     }
 
     /// Starts polling the files for changes (every `[tls] reload_interval`
     /// and `[access] reload_interval`; a zero interval means never), until
     /// `stop` is cancelled.
-    pub fn spawn_watch(&self, stop: &CancellationToken) {
+    pub(crate) fn spawn_watch(&self, stop: &CancellationToken) {
         if let Some(tls) = &self.tls {
             let tls = tls.clone();
             every(tls.reload_interval(), stop, move || {

@@ -29,7 +29,7 @@ use super::config::TlsConfig;
 
 /// Why certificate material could not be loaded.
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
+pub(crate) enum TlsError {
     /// A file could not be read.
     #[error("cannot read {path}: {source}")]
     Read {
@@ -59,32 +59,27 @@ fn invalid(path: &Path, message: impl Into<String>) -> TlsError {
 }
 
 /// The ring crypto provider, the only one stowage builds with.
-pub fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// Serves whatever certificate was loaded last.
 #[derive(Debug)]
-pub struct ReloadableCert {
+pub(crate) struct ReloadableCert {
     current: ArcSwap<CertifiedKey>,
 }
 
 impl ReloadableCert {
     /// A resolver serving `key` until [`ReloadableCert::set`] is called.
-    pub fn new(key: Arc<CertifiedKey>) -> ReloadableCert {
+    pub(crate) fn new(key: Arc<CertifiedKey>) -> ReloadableCert {
         ReloadableCert {
             current: ArcSwap::new(key),
         }
     }
 
     /// Serves `key` to every handshake from now on.
-    pub fn set(&self, key: Arc<CertifiedKey>) {
+    pub(crate) fn set(&self, key: Arc<CertifiedKey>) {
         self.current.store(key);
-    }
-
-    /// The certificate served now.
-    pub fn get(&self) -> Arc<CertifiedKey> {
-        self.current.load_full()
     }
 }
 
@@ -106,7 +101,7 @@ struct Material {
 
 /// What [`Tls::reload`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reloaded {
+pub(crate) enum Reloaded {
     /// New material is in use.
     Changed,
     /// The files are the ones already loaded (or already rejected).
@@ -115,7 +110,7 @@ pub enum Reloaded {
 
 /// TLS termination state of one listener: the current `ServerConfig` and
 /// the files it came from.
-pub struct Tls {
+pub(crate) struct Tls {
     files: TlsConfig,
     provider: Arc<CryptoProvider>,
     resolver: Arc<ReloadableCert>,
@@ -134,7 +129,7 @@ struct Seen {
 
 impl Tls {
     /// Loads the certificate, key and client CA named in `files`.
-    pub fn load(files: &TlsConfig) -> Result<Tls, TlsError> {
+    pub(crate) fn load(files: &TlsConfig) -> Result<Tls, TlsError> {
         let provider = provider();
         let m = read_material(files, &provider)?;
         let resolver = Arc::new(ReloadableCert::new(m.key.clone()));
@@ -156,34 +151,24 @@ impl Tls {
     }
 
     /// An acceptor for one new connection, using the current configuration.
-    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+    pub(crate) fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         tokio_rustls::TlsAcceptor::from(self.config.load_full())
     }
 
-    /// The certificate served to new handshakes.
-    pub fn current(&self) -> Arc<CertifiedKey> {
-        self.resolver.get()
-    }
-
-    /// Whether clients must present a certificate.
-    pub fn requires_client_cert(&self) -> bool {
-        self.files.client_ca.is_some()
-    }
-
     /// How often the files should be polled (zero: never).
-    pub fn reload_interval(&self) -> std::time::Duration {
+    pub(crate) fn reload_interval(&self) -> std::time::Duration {
         self.files.reload_interval
     }
 
     /// The TLS handshake timeout.
-    pub fn handshake_timeout(&self) -> std::time::Duration {
+    pub(crate) fn handshake_timeout(&self) -> std::time::Duration {
         self.files.handshake_timeout
     }
 
     /// Re-reads the files. With `force` false nothing happens unless their
     /// contents differ from the last attempt (so a rejected file is reported
     /// once, not at every poll). On error the old material stays in use.
-    pub fn reload(&self, force: bool) -> Result<Reloaded, TlsError> {
+    pub(crate) fn reload(&self, force: bool) -> Result<Reloaded, TlsError> {
         if !force && self.seen().files == files_digest(&self.files) {
             return Ok(Reloaded::Unchanged);
         }

@@ -53,7 +53,7 @@ struct Live {
 /// The regions one connection's bodies have handed out. Only that
 /// connection's body and writer touch it, so its lock is uncontended.
 #[derive(Default)]
-pub struct Regions {
+pub(crate) struct Regions {
     live: Mutex<Vec<Live>>,
     /// Bytes sent with `sendfile` so far.
     sent: std::sync::atomic::AtomicU64,
@@ -62,7 +62,7 @@ pub struct Regions {
 impl Regions {
     /// `len` bytes of `file` at `offset` as `Bytes` that the connection
     /// writer sends with `sendfile`. The bytes must already be on disk.
-    pub fn chunk(&self, file: &Arc<File>, offset: u64, len: usize) -> io::Result<Bytes> {
+    pub(crate) fn chunk(&self, file: &Arc<File>, offset: u64, len: usize) -> io::Result<Bytes> {
         if len == 0 {
             return Ok(Bytes::new());
         }
@@ -109,12 +109,14 @@ impl Regions {
     }
 
     /// Bytes this connection sent with `sendfile`.
-    pub fn sent(&self) -> u64 {
+    #[cfg(test)]
+    fn sent(&self) -> u64 {
         self.sent.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Regions still referenced (for tests).
-    pub fn live(&self) -> usize {
+    /// Regions still referenced.
+    #[cfg(test)]
+    fn live(&self) -> usize {
         self.live
             .lock()
             .map(|l| l.iter().filter(|l| l.region.strong_count() > 0).count())
@@ -124,14 +126,14 @@ impl Regions {
 
 /// A TCP stream that sends mapped blob regions with `sendfile`. Without
 /// regions (TLS connections) it is a plain pass-through.
-pub struct ZeroCopyStream {
+pub(crate) struct ZeroCopyStream {
     stream: TcpStream,
     regions: Option<Arc<Regions>>,
 }
 
 impl ZeroCopyStream {
     /// Wraps `stream`; `zero_copy` enables `sendfile` of mapped regions.
-    pub fn new(stream: TcpStream, zero_copy: bool) -> ZeroCopyStream {
+    pub(crate) fn new(stream: TcpStream, zero_copy: bool) -> ZeroCopyStream {
         ZeroCopyStream {
             stream,
             regions: zero_copy.then(|| Arc::new(Regions::default())),
@@ -139,13 +141,8 @@ impl ZeroCopyStream {
     }
 
     /// The regions registry, for bodies on this connection.
-    pub fn regions(&self) -> Option<&Arc<Regions>> {
+    pub(crate) fn regions(&self) -> Option<&Arc<Regions>> {
         self.regions.as_ref()
-    }
-
-    /// The socket.
-    pub fn get_ref(&self) -> &TcpStream {
-        &self.stream
     }
 
     fn poll_sendfile(

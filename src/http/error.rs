@@ -13,7 +13,7 @@ use crate::body::{self, Body};
 use crate::error::{Error, ErrorKind};
 
 /// The HTTP status and OCI error code of `e`.
-pub fn status_and_code(e: &Error) -> (StatusCode, &'static str) {
+pub(crate) fn status_and_code(e: &Error) -> (StatusCode, &'static str) {
     use ErrorKind as K;
     match e.kind() {
         K::NameInvalid => (StatusCode::BAD_REQUEST, "NAME_INVALID"),
@@ -40,7 +40,7 @@ pub fn status_and_code(e: &Error) -> (StatusCode, &'static str) {
 }
 
 /// The JSON body.
-pub fn body(e: &Error) -> Bytes {
+pub(crate) fn body(e: &Error) -> Bytes {
     let (_, code) = status_and_code(e);
     let v = serde_json::json!({
         "errors": [{"code": code, "message": e.message(), "detail": null}]
@@ -50,7 +50,7 @@ pub fn body(e: &Error) -> Bytes {
 
 /// `e` as an HTTP response (headers only when `head_only`, with the length
 /// the body would have).
-pub fn response(e: &Error, head_only: bool) -> Response<Body> {
+pub(crate) fn response(e: &Error, head_only: bool) -> Response<Body> {
     let (status, _) = status_and_code(e);
     let bytes = body(e);
     let length = bytes.len();
@@ -125,9 +125,9 @@ mod tests {
 
     #[test]
     fn body_is_oci_json() {
-        let e = Error::name_invalid("bad");
+        let e = Error::from(crate::oci::RepoName::parse("Bad").unwrap_err());
         let v: serde_json::Value = serde_json::from_slice(&body(&e)).unwrap();
         assert_eq!(v["errors"][0]["code"], "NAME_INVALID");
-        assert_eq!(v["errors"][0]["message"], "bad");
+        assert_eq!(v["errors"][0]["message"], "invalid repository name \"Bad\"");
     }
 }

@@ -4,13 +4,13 @@
 
 use std::sync::Arc;
 
-pub mod access_log;
-pub mod error;
-pub mod request_id;
-pub mod routes;
-pub mod routing;
+pub(crate) mod access_log;
+pub(crate) mod error;
+pub(crate) mod request_id;
+pub(crate) mod routes;
+pub(crate) mod routing;
 
-pub use routes::handle;
+pub(crate) use routes::handle;
 
 use crate::cache::blob::BlobStore;
 use crate::cache::manifests::ManifestStore;
@@ -20,17 +20,17 @@ use request_id::RequestIds;
 use routing::Router;
 
 /// Shared state of every request.
-pub struct AppState {
+pub(crate) struct AppState {
     /// Upstream selection.
-    pub router: Router,
+    pub(crate) router: Router,
     /// The blob cache.
-    pub blobs: Arc<BlobStore>,
+    pub(crate) blobs: Arc<BlobStore>,
     /// The manifest cache.
-    pub manifests: Arc<ManifestStore>,
+    pub(crate) manifests: Arc<ManifestStore>,
     /// Client authentication (open unless `[access]` is configured).
-    pub access: Arc<Access>,
+    pub(crate) access: Arc<Access>,
     /// This server's metrics and health flags.
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// Request id generator.
-    pub request_ids: RequestIds,
+    pub(crate) request_ids: RequestIds,
 }

@@ -12,14 +12,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use http::HeaderMap;
 
 /// The header carrying the id, in requests and responses.
-pub const HEADER: &str = "x-request-id";
+pub(crate) const HEADER: &str = "x-request-id";
 
 /// Longest incoming id kept.
 const MAX_LEN: usize = 128;
 
 /// Whether an incoming id may be reused: 1 to 128 characters from
 /// `[A-Za-z0-9._:-]`, so it is safe in logs and headers.
-pub fn is_sane(id: &str) -> bool {
+pub(crate) fn is_sane(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_LEN
         && id
@@ -29,7 +29,7 @@ pub fn is_sane(id: &str) -> bool {
 
 /// Generates request ids for one server.
 #[derive(Debug)]
-pub struct RequestIds {
+pub(crate) struct RequestIds {
     prefix: String,
     next: AtomicU64,
 }
@@ -42,7 +42,7 @@ impl Default for RequestIds {
 
 impl RequestIds {
     /// A generator with a fresh random prefix.
-    pub fn new() -> RequestIds {
+    pub(crate) fn new() -> RequestIds {
         // RandomState is seeded from the OS's randomness: no extra crate.
         let seed = std::collections::hash_map::RandomState::new()
             .hash_one((std::process::id(), std::time::SystemTime::now()));
@@ -53,13 +53,13 @@ impl RequestIds {
     }
 
     /// A new id.
-    pub fn generate(&self) -> String {
+    pub(crate) fn generate(&self) -> String {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         format!("{}-{n}", self.prefix)
     }
 
     /// The request's own `X-Request-Id` if it is sane, else a new id.
-    pub fn for_request(&self, headers: &HeaderMap) -> String {
+    pub(crate) fn for_request(&self, headers: &HeaderMap) -> String {
         match headers.get(HEADER).and_then(|v| v.to_str().ok()) {
             Some(id) if is_sane(id) => id.to_string(),
             _ => self.generate(),

@@ -27,7 +27,7 @@ use crate::upstream::Upstream;
 
 /// Handles one request and wraps its body so that one log line is written
 /// when the response is finished (or abandoned). Every request enters here.
-pub async fn handle(
+pub(crate) async fn handle(
     state: Arc<AppState>,
     req: Request<Incoming>,
     peer: SocketAddr,
@@ -44,7 +44,10 @@ pub async fn handle(
         Ok(answer) => answer,
         Err(e) => (Err(e), None),
     };
-    let mut response = response.unwrap_or_else(|e| error::response(&e, method == Method::HEAD));
+    let mut response = response.unwrap_or_else(|e| {
+        tracing::debug!(source = ?e.esource(), error = %e.report(), "request failed");
+        error::response(&e, method == Method::HEAD)
+    });
     response
         .headers_mut()
         .insert(DOCKER_API_VERSION, HeaderValue::from_static("registry/2.0"));

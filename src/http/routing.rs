@@ -20,25 +20,20 @@ use crate::upstream::Upstream;
 
 /// The configured upstreams, the first being the default.
 #[derive(Clone)]
-pub struct Router {
+pub(crate) struct Router {
     upstreams: Vec<Arc<Upstream>>,
 }
 
 impl Router {
     /// A router over `upstreams`; must not be empty (config validation
     /// guarantees it).
-    pub fn new(upstreams: Vec<Arc<Upstream>>) -> Router {
+    pub(crate) fn new(upstreams: Vec<Arc<Upstream>>) -> Router {
         Router { upstreams }
-    }
-
-    /// All upstreams.
-    pub fn upstreams(&self) -> &[Arc<Upstream>] {
-        &self.upstreams
     }
 
     /// Routing for pinned images (`host/repo` as configured): a closure
     /// the pin refresher can hold without the rest of the server.
-    pub fn resolver(&self) -> Resolver {
+    pub(crate) fn resolver(&self) -> Resolver {
         let router = self.clone();
         Box::new(move |image: &ImageRef| router.route(image.repo.as_str(), image.host.as_deref()))
     }
@@ -52,7 +47,11 @@ impl Router {
 
     /// Picks the upstream for `name` (the repository path as requested) and
     /// validates the repository name within it.
-    pub fn route(&self, name: &str, ns: Option<&str>) -> Result<(Arc<Upstream>, RepoName), Error> {
+    pub(crate) fn route(
+        &self,
+        name: &str,
+        ns: Option<&str>,
+    ) -> Result<(Arc<Upstream>, RepoName), Error> {
         if let Some(ns) = ns {
             let upstream = self.find(ns).ok_or_else(|| {
                 Error::name_unknown(format!(
@@ -88,7 +87,7 @@ fn canonical_host(host: &str) -> &str {
 }
 
 /// The value of `ns` in a query string, if present.
-pub fn ns_param(query: Option<&str>) -> Option<String> {
+pub(crate) fn ns_param(query: Option<&str>) -> Option<String> {
     form_urlencoded::parse(query?.as_bytes())
         .find(|(k, _)| k == "ns")
         .map(|(_, v)| v.into_owned())
@@ -96,7 +95,7 @@ pub fn ns_param(query: Option<&str>) -> Option<String> {
 }
 
 /// The `route` metrics label of a request path as parsed.
-pub fn route_kind(route: &Result<Route, ParseError>) -> RouteKind {
+pub(crate) fn route_kind(route: &Result<Route, ParseError>) -> RouteKind {
     match route {
         Ok(Route::Base) => RouteKind::Base,
         Ok(Route::Manifest { .. }) => RouteKind::Manifest,

@@ -10,7 +10,7 @@ use super::{ParseError, truncate};
 
 /// A digest algorithm stowage can verify.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Algorithm {
+pub(crate) enum Algorithm {
     /// SHA-256, 64 hex characters.
     Sha256,
     /// SHA-512, 128 hex characters.
@@ -19,7 +19,7 @@ pub enum Algorithm {
 
 impl Algorithm {
     /// The name used in digest strings and store directories.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Algorithm::Sha256 => "sha256",
             Algorithm::Sha512 => "sha512",
@@ -37,7 +37,7 @@ impl Algorithm {
 /// A content digest such as `sha256:e3b0…`: a known algorithm and lowercase
 /// hex of the right length.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Digest {
+pub(crate) struct Digest {
     algorithm: Algorithm,
     hex: String,
 }
@@ -45,7 +45,7 @@ pub struct Digest {
 impl Digest {
     /// Parses `algorithm:hex`, accepting only sha256 and sha512 in canonical
     /// lowercase form.
-    pub fn parse(s: &str) -> Result<Digest, ParseError> {
+    pub(crate) fn parse(s: &str) -> Result<Digest, ParseError> {
         let bad = || ParseError::digest(format!("invalid digest {:?}", truncate(s)));
         let (alg, hex) = s.split_once(':').ok_or_else(bad)?;
         let algorithm = match alg {
@@ -70,19 +70,19 @@ impl Digest {
     }
 
     /// The digest of `data` under `algorithm`.
-    pub fn of(algorithm: Algorithm, data: &[u8]) -> Digest {
+    pub(crate) fn of(algorithm: Algorithm, data: &[u8]) -> Digest {
         let mut h = Hasher::new(algorithm);
         h.update(data);
         h.finish()
     }
 
     /// The algorithm.
-    pub fn algorithm(&self) -> Algorithm {
+    pub(crate) fn algorithm(&self) -> Algorithm {
         self.algorithm
     }
 
     /// The hex part: safe to use as a file name.
-    pub fn hex(&self) -> &str {
+    pub(crate) fn hex(&self) -> &str {
         &self.hex
     }
 }
@@ -94,7 +94,7 @@ impl fmt::Display for Digest {
 }
 
 /// Incremental hashing for either algorithm.
-pub enum Hasher {
+pub(crate) enum Hasher {
     /// SHA-256 state.
     Sha256(sha2::Sha256),
     /// SHA-512 state.
@@ -103,7 +103,7 @@ pub enum Hasher {
 
 impl Hasher {
     /// A fresh hasher.
-    pub fn new(algorithm: Algorithm) -> Hasher {
+    pub(crate) fn new(algorithm: Algorithm) -> Hasher {
         use sha2::Digest as _;
         match algorithm {
             Algorithm::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
@@ -112,7 +112,7 @@ impl Hasher {
     }
 
     /// Feeds bytes.
-    pub fn update(&mut self, data: &[u8]) {
+    pub(crate) fn update(&mut self, data: &[u8]) {
         use sha2::Digest as _;
         match self {
             Hasher::Sha256(h) => h.update(data),
@@ -121,7 +121,7 @@ impl Hasher {
     }
 
     /// The digest of everything fed.
-    pub fn finish(self) -> Digest {
+    pub(crate) fn finish(self) -> Digest {
         use sha2::Digest as _;
         match self {
             Hasher::Sha256(h) => Digest {
@@ -135,8 +135,6 @@ impl Hasher {
         }
     }
 }
-
-/// A repository name such as `library/alpine`: `/`-separated components of
 
 #[cfg(test)]
 mod tests {

@@ -4,21 +4,22 @@
 use http::HeaderName;
 
 /// The digest of the content a blob or manifest response carries.
-pub const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
+pub(crate) const DOCKER_CONTENT_DIGEST: HeaderName =
+    HeaderName::from_static("docker-content-digest");
 
 /// `registry/2.0` on every API response.
-pub const DOCKER_API_VERSION: HeaderName =
+pub(crate) const DOCKER_API_VERSION: HeaderName =
     HeaderName::from_static("docker-distribution-api-version");
 
 /// Filters a registry applied to a referrers response.
-pub const OCI_FILTERS_APPLIED: HeaderName = HeaderName::from_static("oci-filters-applied");
+pub(crate) const OCI_FILTERS_APPLIED: HeaderName = HeaderName::from_static("oci-filters-applied");
 
 /// How the mirror answered a blob or manifest request: `hit`, `miss`,
 /// `join`, `stale` or `upstream`.
-pub const X_STOWAGE_CACHE: HeaderName = HeaderName::from_static("x-stowage-cache");
+pub(crate) const X_STOWAGE_CACHE: HeaderName = HeaderName::from_static("x-stowage-cache");
 
 /// Docker Hub's pull rate limit (`100;w=21600`).
-pub const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+pub(crate) const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 
 /// Pulls left in Docker Hub's rate-limit window (`76;w=21600`).
-pub const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+pub(crate) const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");

@@ -7,25 +7,19 @@ use http::{HeaderMap, HeaderValue, header};
 use super::Digest;
 
 /// OCI image manifest.
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub(crate) const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 /// OCI image index.
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-
-/// Docker image manifest, schema 2.
-pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-
-/// Docker manifest list.
-pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub(crate) const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
 /// Media types asked for on every manifest request.
-pub const ACCEPT: &str = "application/vnd.docker.distribution.manifest.v2+json, \
+pub(crate) const ACCEPT: &str = "application/vnd.docker.distribution.manifest.v2+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.oci.image.manifest.v1+json, \
 application/vnd.oci.image.index.v1+json";
 
 /// Request headers for a manifest request: `Accept` with [`ACCEPT`].
-pub fn accept_headers() -> HeaderMap {
+pub(crate) fn accept_headers() -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert(header::ACCEPT, HeaderValue::from_static(ACCEPT));
     h
@@ -35,7 +29,7 @@ pub fn accept_headers() -> HeaderMap {
 /// (parameters dropped) unless it is missing or generic (`application/json`,
 /// `text/plain`), else the body's `mediaType` field, else an OCI image
 /// manifest.
-pub fn media_type(content_type: Option<&str>, body: &[u8]) -> String {
+pub(crate) fn media_type(content_type: Option<&str>, body: &[u8]) -> String {
     content_type
         .map(|v| v.split(';').next().unwrap_or(v).trim().to_string())
         .filter(|v| !v.is_empty() && v != "application/json" && v != "text/plain")
@@ -56,16 +50,16 @@ fn media_type_in(body: &[u8]) -> Option<String> {
 /// The digests a manifest refers to: child manifests (of an index) and
 /// blobs (config and layers).
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Refs {
+pub(crate) struct Refs {
     /// Manifests listed by an index or manifest list.
-    pub manifests: Vec<Digest>,
+    pub(crate) manifests: Vec<Digest>,
     /// Config and layer blobs of an image manifest.
-    pub blobs: Vec<Digest>,
+    pub(crate) blobs: Vec<Digest>,
 }
 
 /// Reads the digests out of a manifest body (Docker v2 / OCI, image or
 /// index). Entries that are not valid digests are skipped.
-pub fn refs_of(body: &[u8]) -> Refs {
+pub(crate) fn refs_of(body: &[u8]) -> Refs {
     #[derive(serde::Deserialize)]
     struct Descriptor {
         digest: Option<String>,

@@ -3,18 +3,18 @@
 //! here.
 
 mod digest;
-pub mod headers;
-pub mod manifest;
+pub(crate) mod headers;
+pub(crate) mod manifest;
 mod name;
 mod route;
 
-pub use digest::*;
-pub use name::*;
-pub use route::*;
+pub(crate) use digest::*;
+pub(crate) use name::*;
+pub(crate) use route::*;
 
 /// What was invalid in a name, tag, digest or request path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Invalid {
+pub(crate) enum Invalid {
     /// A repository name.
     Name,
     /// A tag.
@@ -29,11 +29,11 @@ pub enum Invalid {
 /// the offending input (truncated) and is safe to show to clients.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
-pub struct ParseError {
+pub(crate) struct ParseError {
     /// What was invalid.
-    pub invalid: Invalid,
+    pub(crate) invalid: Invalid,
     /// What is wrong with it.
-    pub message: String,
+    pub(crate) message: String,
 }
 
 impl ParseError {

@@ -20,11 +20,11 @@ const MAX_TAG_LEN: usize = 128;
 /// A repository name such as `library/alpine`: `/`-separated components of
 /// lowercase alphanumerics joined by single separators (`.`, `_`, `__`, `-`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct RepoName(String);
+pub(crate) struct RepoName(String);
 
 impl RepoName {
     /// Validates a repository name against the distribution grammar.
-    pub fn parse(s: &str) -> Result<RepoName, ParseError> {
+    pub(crate) fn parse(s: &str) -> Result<RepoName, ParseError> {
         let bad = || ParseError::name(format!("invalid repository name {:?}", truncate(s)));
         if s.is_empty() || s.len() > MAX_NAME_LEN {
             return Err(bad());
@@ -36,13 +36,8 @@ impl RepoName {
     }
 
     /// The name as given.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
-    }
-
-    /// The `/`-separated components.
-    pub fn components(&self) -> impl Iterator<Item = &str> {
-        self.0.split('/')
     }
 }
 
@@ -55,7 +50,7 @@ impl fmt::Display for RepoName {
 /// A repository name as Docker Hub knows it: `library/` + `repo` for a
 /// one-component name when `on` (Docker Hub's official images), else
 /// `repo` unchanged.
-pub fn library_prefixed(repo: &str, on: bool) -> Cow<'_, str> {
+pub(crate) fn library_prefixed(repo: &str, on: bool) -> Cow<'_, str> {
     if on && !repo.contains('/') {
         Cow::Owned(format!("library/{repo}"))
     } else {
@@ -93,11 +88,11 @@ fn valid_component(c: &str) -> bool {
 /// A tag: `[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`. It cannot start with `.`, so
 /// it is never `.` or `..`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Tag(String);
+pub(crate) struct Tag(String);
 
 impl Tag {
     /// Validates a tag.
-    pub fn parse(s: &str) -> Result<Tag, ParseError> {
+    pub(crate) fn parse(s: &str) -> Result<Tag, ParseError> {
         let b = s.as_bytes();
         let ok = !b.is_empty()
             && b.len() <= MAX_TAG_LEN
@@ -113,7 +108,7 @@ impl Tag {
     }
 
     /// The tag as given.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -126,7 +121,7 @@ impl fmt::Display for Tag {
 
 /// What a manifest request names: a tag or a digest.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Reference {
+pub(crate) enum Reference {
     /// A mutable tag.
     Tag(Tag),
     /// An immutable digest.
@@ -135,7 +130,7 @@ pub enum Reference {
 
 impl Reference {
     /// A reference containing `:` is a digest, anything else a tag.
-    pub fn parse(s: &str) -> Result<Reference, ParseError> {
+    pub(crate) fn parse(s: &str) -> Result<Reference, ParseError> {
         if s.contains(':') {
             Digest::parse(s).map(Reference::Digest)
         } else {
@@ -158,18 +153,18 @@ impl fmt::Display for Reference {
 /// The first component is a host when it contains `.` or `:` or is
 /// `localhost` (Docker's rule). No tag means `latest`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageRef {
+pub(crate) struct ImageRef {
     /// Registry host, if one was given.
-    pub host: Option<String>,
+    pub(crate) host: Option<String>,
     /// Repository within that registry.
-    pub repo: RepoName,
+    pub(crate) repo: RepoName,
     /// Tag or digest.
-    pub reference: Reference,
+    pub(crate) reference: Reference,
 }
 
 impl ImageRef {
     /// Parses an image reference.
-    pub fn parse(s: &str) -> Result<ImageRef, ParseError> {
+    pub(crate) fn parse(s: &str) -> Result<ImageRef, ParseError> {
         let (rest, reference) = match s.split_once('@') {
             Some((r, d)) => (r, Reference::Digest(Digest::parse(d)?)),
             None => match s.rsplit_once(':') {

@@ -8,7 +8,7 @@ use super::{ParseError, truncate};
 /// raw path name; routing to an upstream (which may strip a host prefix)
 /// happens in [`crate::http::routing`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Route {
+pub(crate) enum Route {
     /// `/v2/`: the API version check.
     Base,
     /// `/v2/<name>/manifests/<reference>`.
@@ -45,7 +45,7 @@ pub enum Route {
 /// anything but GET/HEAD. Names are checked for characters that could escape
 /// a path (`%`, `..`, empty components) here; the full name grammar is
 /// applied once the upstream prefix is known.
-pub fn parse_route(path: &str) -> Result<Route, ParseError> {
+pub(crate) fn parse_route(path: &str) -> Result<Route, ParseError> {
     let rest = match path.strip_prefix("/v2") {
         Some("") | Some("/") => return Ok(Route::Base),
         Some(r) => r.strip_prefix('/').ok_or_else(unsupported_path)?,

@@ -28,7 +28,7 @@ const MAX_TOKEN_BODY: usize = 1024 * 1024;
 
 /// The token endpoint URL for a challenge: `realm?service=…&scope=…`,
 /// values form-encoded and appended to any query the realm already has.
-pub fn token_url(
+pub(crate) fn token_url(
     realm: &str,
     service: Option<&str>,
     scope: &str,
@@ -45,21 +45,21 @@ pub fn token_url(
 }
 
 /// The default scope for pulling a repository.
-pub fn pull_scope(repo: &str) -> String {
+pub(crate) fn pull_scope(repo: &str) -> String {
     format!("repository:{repo}:pull")
 }
 
 /// Lifetime assumed when the token endpoint gives no `expires_in`.
-pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 
 /// A token as issued by a token endpoint.
 #[derive(Clone)]
-pub struct Token {
+pub(crate) struct Token {
     /// The ready-made `Authorization: Bearer …` header value (marked
     /// sensitive so it is never printed).
-    pub header: HeaderValue,
+    pub(crate) header: HeaderValue,
     /// How long the token is valid according to the endpoint.
-    pub lifetime: Duration,
+    pub(crate) lifetime: Duration,
 }
 
 impl std::fmt::Debug for Token {
@@ -74,7 +74,7 @@ impl std::fmt::Debug for Token {
 impl Token {
     /// How long the token may be cached: its lifetime minus a safety margin
     /// of 10 % (at least 5 s), but never less than half the lifetime.
-    pub fn cache_ttl(&self) -> Duration {
+    pub(crate) fn cache_ttl(&self) -> Duration {
         let margin = (self.lifetime / 10).max(Duration::from_secs(5));
         let margin = margin.min(self.lifetime / 2);
         self.lifetime.saturating_sub(margin)
@@ -98,7 +98,7 @@ struct TokenBody {
 /// Reads a token endpoint's JSON answer: `token` or `access_token`, and
 /// `expires_in` seconds (default [`DEFAULT_TOKEN_LIFETIME`]). The error
 /// message never contains the token.
-pub fn parse_token_response(body: &[u8]) -> Result<Token, String> {
+pub(crate) fn parse_token_response(body: &[u8]) -> Result<Token, String> {
     let parsed: TokenBody =
         serde_json::from_slice(body).map_err(|e| format!("token response is not JSON: {e}"))?;
     let token = parsed
@@ -118,13 +118,13 @@ pub fn parse_token_response(body: &[u8]) -> Result<Token, String> {
 
 /// Key of a cached token: realm, service and scope.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct TokenKey {
+pub(crate) struct TokenKey {
     /// Token endpoint URL.
-    pub realm: String,
+    pub(crate) realm: String,
     /// `service` parameter, if any.
-    pub service: Option<String>,
+    pub(crate) service: Option<String>,
     /// Requested scope.
-    pub scope: String,
+    pub(crate) scope: String,
 }
 
 /// Expires each cached token after its [`Token::cache_ttl`].
@@ -144,7 +144,7 @@ impl moka::Expiry<TokenKey, Token> for TokenExpiry {
 /// Tokens by (realm, service, scope), each expiring a little before the
 /// endpoint said it would. Concurrent fetches of the same key are coalesced.
 #[derive(Clone)]
-pub struct TokenCache {
+pub(crate) struct TokenCache {
     /// The moka cache.
     inner: moka::future::Cache<TokenKey, Token>,
 }
@@ -157,7 +157,7 @@ impl Default for TokenCache {
 
 impl TokenCache {
     /// An empty cache holding at most 10 000 tokens.
-    pub fn new() -> TokenCache {
+    pub(crate) fn new() -> TokenCache {
         TokenCache {
             inner: moka::future::Cache::builder()
                 .max_capacity(10_000)
@@ -169,7 +169,7 @@ impl TokenCache {
     /// Returns the cached token for `key`, or runs `fetch` (once, however
     /// many callers ask at the same time) and caches its result. Errors are
     /// not cached.
-    pub async fn get_or_fetch<F, E>(&self, key: TokenKey, fetch: F) -> Result<Token, Arc<E>>
+    pub(crate) async fn get_or_fetch<F, E>(&self, key: TokenKey, fetch: F) -> Result<Token, Arc<E>>
     where
         F: Future<Output = Result<Token, E>>,
         E: Send + Sync + 'static,
@@ -179,7 +179,7 @@ impl TokenCache {
 
     /// Forgets the token for `key` if it is still `rejected` (one the
     /// registry refused), so the next request fetches a fresh one.
-    pub async fn invalidate_if(&self, key: &TokenKey, rejected: &HeaderValue) {
+    pub(crate) async fn invalidate_if(&self, key: &TokenKey, rejected: &HeaderValue) {
         if let Some(current) = self.inner.get(key).await
             && current.header == *rejected
         {

@@ -18,7 +18,7 @@ use super::error::UpstreamError;
 
 /// One authentication challenge from a `WWW-Authenticate` header.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Challenge {
+pub(crate) enum Challenge {
     /// `Bearer`: fetch a token from `realm` and present it.
     Bearer(BearerChallenge),
     /// `Basic`: present username and password.
@@ -33,19 +33,19 @@ pub enum Challenge {
 
 /// The parameters of a `Bearer` challenge.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct BearerChallenge {
+pub(crate) struct BearerChallenge {
     /// URL of the token endpoint.
-    pub realm: String,
+    pub(crate) realm: String,
     /// The `service` parameter to pass to the token endpoint, if given.
-    pub service: Option<String>,
+    pub(crate) service: Option<String>,
     /// The `scope` the server asked for, if given
     /// (`repository:library/alpine:pull`).
-    pub scope: Option<String>,
+    pub(crate) scope: Option<String>,
 }
 
 /// Why a `WWW-Authenticate` header value could not be understood.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ChallengeError {
+pub(crate) enum ChallengeError {
     /// The header value holds no challenge at all.
     #[error("empty challenge")]
     Empty,
@@ -186,7 +186,7 @@ impl<'a> Lexer<'a> {
 /// Several challenges may share one header value
 /// (`Basic realm="a", Bearer realm="b"`). A `Bearer` challenge must carry a
 /// `realm`.
-pub fn parse_challenges(value: &str) -> Result<Vec<Challenge>, ChallengeError> {
+pub(crate) fn parse_challenges(value: &str) -> Result<Vec<Challenge>, ChallengeError> {
     let mut lx = Lexer {
         s: value.as_bytes(),
         pos: 0,

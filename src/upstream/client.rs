@@ -233,28 +233,28 @@ impl Upstream {
     }
 
     /// The registry host clients name this upstream by (`cfg.host`).
-    pub fn host(&self) -> &str {
+    pub(crate) fn host(&self) -> &str {
         &self.host
     }
 
     /// How long a tag's manifest is served without asking upstream again.
-    pub fn tag_ttl(&self) -> Duration {
+    pub(crate) fn tag_ttl(&self) -> Duration {
         self.tag_ttl
     }
 
     /// Bound on each exchange up to its response headers.
-    pub fn timeout(&self) -> Duration {
+    pub(crate) fn timeout(&self) -> Duration {
         self.timeout
     }
 
     /// Whether one-component names get Docker Hub's `library/`.
-    pub fn library_prefix(&self) -> bool {
+    pub(crate) fn library_prefix(&self) -> bool {
         self.library_prefix
     }
 
     /// The repository name as upstream knows it (Docker Hub's `library/`
     /// for one-component names when `library_prefix` is set).
-    pub fn upstream_repo<'a>(&self, repo: &'a str) -> Cow<'a, str> {
+    pub(crate) fn upstream_repo<'a>(&self, repo: &'a str) -> Cow<'a, str> {
         crate::oci::library_prefixed(repo, self.library_prefix)
     }
 

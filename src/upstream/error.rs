@@ -32,7 +32,7 @@ pub enum UpstreamError {
 
 impl UpstreamError {
     /// Unreachable, with the transport error as the cause.
-    pub fn unreachable(
+    pub(crate) fn unreachable(
         message: String,
         cause: impl std::error::Error + Send + Sync + 'static,
     ) -> UpstreamError {

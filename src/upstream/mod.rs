@@ -3,12 +3,13 @@
 //! `WWW-Authenticate` parsing), redirects (`redirect.rs`), errors
 //! (`error.rs`) and each upstream's configuration (`config.rs`).
 
-pub mod auth;
+pub(crate) mod auth;
 mod challenge;
 mod client;
-pub mod config;
+pub(crate) mod config;
 mod error;
 mod redirect;
 
 pub use client::Upstream;
+#[cfg(feature = "test-hooks")]
 pub use error::UpstreamError;

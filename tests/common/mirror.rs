@@ -13,8 +13,8 @@ pub struct Stowage {
     pub addr: SocketAddr,
     /// The admin listener (`/metrics`, `/healthz`, `/readyz`), if enabled.
     pub admin: Option<SocketAddr>,
-    /// The server's shared state (caches), for white-box checks and hooks.
-    pub state: std::sync::Arc<stowage::http::AppState>,
+    /// White-box checks and hooks on the server's blob store.
+    pub hooks: stowage::test_hooks::Hooks,
     pub dir: TempDir,
     pub handle: JoinHandle<()>,
     shutdown: Option<oneshot::Sender<()>>,
@@ -95,14 +95,14 @@ pub async fn start_stowage_in(dir: TempDir, upstream_url: &str, upstream_extra: 
 /// Starts stowage from a complete TOML document (which should use
 /// `listen = "127.0.0.1:0"` and `dir` as its cache dir).
 pub async fn start_stowage_toml(dir: TempDir, toml: &str) -> Stowage {
-    let cfg = stowage::config::Config::from_toml_str(toml)
+    let cfg = stowage::Config::from_toml_str(toml)
         .unwrap_or_else(|e| panic!("test config refused: {e}\n{toml}"));
-    let server = stowage::server::Server::bind(cfg)
+    let server = stowage::Server::bind(cfg)
         .await
         .unwrap_or_else(|e| panic!("stowage did not start: {e}"));
     let addr = server.local_addr();
     let admin = server.admin_addr();
-    let state = server.state().clone();
+    let hooks = server.hooks();
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(async move {
         server
@@ -115,7 +115,7 @@ pub async fn start_stowage_toml(dir: TempDir, toml: &str) -> Stowage {
     Stowage {
         addr,
         admin,
-        state,
+        hooks,
         dir,
         handle,
         shutdown: Some(tx),

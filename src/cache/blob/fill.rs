@@ -218,6 +218,7 @@ pub(super) struct FillTable {
 
 impl FillTable {
     /// Fills in the table (including verified ones still being committed).
+    #[cfg(feature = "test-hooks")]
     pub(super) fn len(&self) -> usize {
         self.fills.lock().map(|f| f.len()).unwrap_or(0)
     }

@@ -55,13 +55,13 @@ use std::sync::Arc;
 use http::{Method, Response};
 
 mod fill;
-pub mod range;
+pub(crate) mod range;
 mod reader;
 mod response;
 mod store;
 mod writer;
 
-pub use store::BlobStore;
+pub(crate) use store::BlobStore;
 
 use crate::body::Body;
 use crate::error::Error;
@@ -75,12 +75,12 @@ use response::{file_response, head_response, unsized_response};
 use store::StoredBlob;
 
 /// The blob part of a response before the handler adds common headers.
-pub struct BlobResponse {
+pub(crate) struct BlobResponse {
     /// How it was answered.
-    pub outcome: Outcome,
+    pub(crate) outcome: Outcome,
     /// The HTTP response, or the error to answer with (an unsatisfiable
     /// range of a stored blob is still a hit).
-    pub response: Result<Response<Body>, Error>,
+    pub(crate) response: Result<Response<Body>, Error>,
 }
 
 impl BlobStore {
@@ -88,7 +88,7 @@ impl BlobStore {
     /// by joining a running fill, or by starting one. `range` is the raw
     /// `Range` header, if any. This is where a blob request enters, and
     /// where a fill starts.
-    pub async fn serve(
+    pub(crate) async fn serve(
         self: &Arc<Self>,
         upstream: &Arc<Upstream>,
         repo: &RepoName,

@@ -2,7 +2,7 @@
 
 /// A single byte range as the client wrote it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ByteRange {
+pub(crate) enum ByteRange {
     /// `bytes=a-b`, both inclusive.
     FromTo(u64, u64),
     /// `bytes=a-`.
@@ -14,7 +14,7 @@ pub enum ByteRange {
 /// Parses a `Range` header. Returns `None` for anything that is not one
 /// well-formed byte range; per RFC 9110 such a header is ignored and the
 /// whole blob is served.
-pub fn parse(value: &str) -> Option<ByteRange> {
+pub(crate) fn parse(value: &str) -> Option<ByteRange> {
     let spec = value.trim().strip_prefix("bytes=")?.trim();
     if spec.contains(',') {
         return None;
@@ -40,7 +40,7 @@ pub fn parse(value: &str) -> Option<ByteRange> {
 impl ByteRange {
     /// The half-open span `[start, end)` this range selects from a blob of
     /// `size` bytes, or `None` when it is unsatisfiable (416).
-    pub fn resolve(self, size: u64) -> Option<(u64, u64)> {
+    pub(crate) fn resolve(self, size: u64) -> Option<(u64, u64)> {
         match self {
             ByteRange::FromTo(a, b) if a < size => Some((a, b.saturating_add(1).min(size))),
             ByteRange::From(a) if a < size => Some((a, size)),

@@ -148,7 +148,7 @@ impl Reader {
                 return Ok(step);
             }
             if let Some(e) = self.past_disk(&p, end) {
-                if let Some(step) = self.from_spill(e, verified).await? {
+                if let Some(step) = self.next_spilled(e, verified).await? {
                     return Ok(step);
                 }
                 continue;
@@ -214,7 +214,7 @@ impl Reader {
 
     /// Waits for spilled bytes (or, unverified, a change of progress).
     /// `None`: look again.
-    async fn from_spill(&mut self, end: u64, verified: bool) -> io::Result<Option<Step>> {
+    async fn next_spilled(&mut self, end: u64, verified: bool) -> io::Result<Option<Step>> {
         let Some(feed) = self.feed.as_mut() else {
             return Ok(None);
         };

@@ -28,7 +28,7 @@ pub(super) struct StoredBlob {
 }
 
 /// The blob cache. Cheap to share: wrap in an `Arc`.
-pub struct BlobStore {
+pub(crate) struct BlobStore {
     /// Where verified blobs and the files of fills in progress live.
     pub(super) layout: Layout,
     /// Sizes, recency, budget, pins.
@@ -53,7 +53,7 @@ impl BlobStore {
     /// Opens (creating) the store of `layout` and removes leftovers of
     /// fills interrupted by a crash. The index is loaded separately (see
     /// [`BlobStore::spawn_background`]). Fills run on `tasks`.
-    pub fn open(
+    pub(crate) fn open(
         layout: &Layout,
         index: Arc<BlobIndex>,
         idle_timeout: Duration,
@@ -85,18 +85,19 @@ impl BlobStore {
     }
 
     /// Reports to `metrics` (a fresh, unexported set until this is called).
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> BlobStore {
+    pub(crate) fn with_metrics(mut self, metrics: Arc<Metrics>) -> BlobStore {
         self.metrics = metrics;
         self
     }
 
     /// Fills running now (including verified ones still being committed).
-    pub fn fills_in_flight(&self) -> usize {
+    #[cfg(feature = "test-hooks")]
+    pub(crate) fn fills_in_flight(&self) -> usize {
         self.fills.len()
     }
 
     /// The index.
-    pub fn index(&self) -> &Arc<BlobIndex> {
+    pub(crate) fn index(&self) -> &Arc<BlobIndex> {
         &self.index
     }
 
@@ -104,7 +105,7 @@ impl BlobStore {
     /// start-up indexing runs), the evictor (where eviction runs) and the
     /// access-time flusher. The last two stop when `stop` is cancelled.
     /// Must run inside a tokio runtime.
-    pub fn spawn_background(&self, stop: &CancellationToken) {
+    pub(crate) fn spawn_background(&self, stop: &CancellationToken) {
         let index = self.index.clone();
         let evict = self.evict.clone();
         tokio::spawn(async move {
@@ -148,8 +149,8 @@ impl BlobStore {
 
     /// Test hook: make disk writes of fills fail (as on a full disk) past
     /// `after` bytes of a blob; `None` turns it off.
-    #[doc(hidden)]
-    pub fn inject_write_failure(&self, after: Option<u64>) {
+    #[cfg(feature = "test-hooks")]
+    pub(crate) fn inject_write_failure(&self, after: Option<u64>) {
         self.write_fault
             .store(after.unwrap_or(u64::MAX), Ordering::Relaxed);
     }

@@ -1,0 +1,81 @@
+//! White-box access for the integration tests, behind the `test-hooks`
+//! feature (which `tests/*.rs` enable through the self dev-dependency in
+//! Cargo.toml): the upstream client on its own, the on-disk layout, and a
+//! running server's blob store.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::cache::blob::BlobStore;
+use crate::cache::layout::Layout;
+use crate::oci::Digest;
+pub use crate::upstream::{Upstream, UpstreamError};
+
+/// Where the cache at `cache_dir` keeps the verified blob `digest`
+/// (`sha256:…`).
+pub fn blob_path(cache_dir: &Path, digest: &str) -> PathBuf {
+    Layout::new(cache_dir).blob(&parse(digest))
+}
+
+/// The blob store of the cache at `cache_dir`.
+pub fn blobs_dir(cache_dir: &Path) -> PathBuf {
+    Layout::new(cache_dir).blobs()
+}
+
+/// Where the cache at `cache_dir` keeps the files of fills in progress
+/// (and the readiness probe's file).
+pub fn tmp_dir(cache_dir: &Path) -> PathBuf {
+    Layout::new(cache_dir).tmp()
+}
+
+fn parse(digest: &str) -> Digest {
+    Digest::parse(digest).expect("a valid digest")
+}
+
+/// A running server's blob store and index.
+#[derive(Clone)]
+pub struct Hooks {
+    blobs: Arc<BlobStore>,
+}
+
+impl Hooks {
+    pub(crate) fn new(blobs: Arc<BlobStore>) -> Hooks {
+        Hooks { blobs }
+    }
+
+    /// Fills running now (including verified ones still being committed).
+    pub fn fills_in_flight(&self) -> usize {
+        self.blobs.fills_in_flight()
+    }
+
+    /// Makes disk writes of fills fail (as on a full disk) past `after`
+    /// bytes of a blob; `None` turns it off.
+    pub fn inject_write_failure(&self, after: Option<u64>) {
+        self.blobs.inject_write_failure(after);
+    }
+
+    /// Whether the start-up scan of the blob store has finished.
+    pub fn index_loaded(&self) -> bool {
+        self.blobs.index().is_loaded()
+    }
+
+    /// Bytes of stored blobs, as indexed.
+    pub fn used(&self) -> u64 {
+        self.blobs.index().used()
+    }
+
+    /// Bytes reserved by fills in flight.
+    pub fn reserved(&self) -> u64 {
+        self.blobs.index().reserved()
+    }
+
+    /// Blobs evicted since start.
+    pub fn evicted_blobs(&self) -> u64 {
+        self.blobs.index().evicted().blobs
+    }
+
+    /// Whether the blob `digest` (`sha256:…`) is pinned.
+    pub fn is_pinned(&self, digest: &str) -> bool {
+        self.blobs.index().is_pinned(&parse(digest))
+    }
+}
