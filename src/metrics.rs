@@ -485,7 +485,7 @@ impl Metrics {
     }
 
     /// The registry in the Prometheus text exposition format
-    /// ([`TEXT_CONTENT_TYPE`]).
+    /// (`TEXT_CONTENT_TYPE`).
     pub fn encode(&self) -> Result<Vec<u8>, prometheus::Error> {
         let mut out = Vec::with_capacity(16 * 1024);
         TextEncoder::new().encode(&self.registry.gather(), &mut out)?;

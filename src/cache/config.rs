@@ -77,7 +77,7 @@ impl Default for CacheConfig {
 
 impl CacheConfig {
     /// Checks the budget, watermarks and limits (the pinned images are
-    /// checked by [`parse_pin`], as the whole configuration knows which
+    /// checked by `parse_pin`, as the whole configuration knows which
     /// registry hosts exist).
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_size.as_u64() == 0 {

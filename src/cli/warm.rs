@@ -1,7 +1,7 @@
 //! `stowage warm IMAGE...`: pulls images through a running stowage so that
 //! their blobs are cached before anyone needs them.
 //!
-//! It talks to the mirror like any client (through [`Upstream`], so TLS, a
+//! It talks to the mirror like any client (through `Upstream`, so TLS, a
 //! custom CA and the mirror's own credentials work), resolves tags and
 //! indexes (all platforms, or the ones asked for), then downloads every
 //! blob, verifying its digest, with a progress bar per blob. The mirror's

@@ -26,7 +26,7 @@
 //! `Streaming` (headers received, bytes arriving) -> `Verified` or `Failed`.
 //!
 //! ## Budget
-//! The [`BlobIndex`] accounts for every stored blob and reserves room for
+//! The [`BlobIndex`](crate::cache::index::BlobIndex) accounts for every stored blob and reserves room for
 //! each fill of known size when it starts; passing the high watermark wakes
 //! the evictor. A blob larger than the whole budget is streamed but not
 //! cached.
