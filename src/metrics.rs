@@ -297,30 +297,168 @@ impl Builder {
     }
 }
 
-/// The metrics of one server instance, and the health state `/readyz`
-/// reports. Share it as `Arc<Metrics>`; every method takes `&self`.
-pub struct Metrics {
-    registry: Registry,
-    series: Vec<SeriesName>,
-
-    http_requests: IntCounterVec,
-    http_in_flight: IntGauge,
-    http_duration: HistogramVec,
+/// Client requests: counts, durations, bytes served, cache outcomes.
+struct ClientMetrics {
+    requests: IntCounterVec,
+    in_flight: IntGauge,
+    duration: HistogramVec,
     served_bytes: IntCounterVec,
     cache_requests: IntCounterVec,
     stale_served: IntCounter,
-    upstream_requests: IntCounterVec,
-    upstream_duration: HistogramVec,
+}
+
+impl ClientMetrics {
+    fn register(b: &mut Builder) -> ClientMetrics {
+        let requests = b.counter_vec(
+            "stowage_http_requests_total",
+            "Client requests by route kind, method and response status (counted when the response headers are sent).",
+            &["route", "method", "status"],
+        );
+        let in_flight = b.gauge(
+            "stowage_http_requests_in_flight",
+            "Client responses being sent now.",
+        );
+        let duration = b.histogram_vec(
+            "stowage_http_request_duration_seconds",
+            "Time from receiving a client request to the end of its response body.",
+            &["route"],
+            HTTP_BUCKETS,
+        );
+        let served_bytes = b.counter_vec(
+            "stowage_served_bytes_total",
+            "Response body bytes sent to clients, by source: cache (hits, stale manifests), upstream (misses, fill joins, pass-through), local (errors, /v2/).",
+            &["source"],
+        );
+        let cache_requests = b.counter_vec(
+            "stowage_cache_requests_total",
+            "Manifest and blob requests by how they were answered: hit, miss, join (attached to a running blob fill), stale (manifest served stale, upstream failing), upstream (HEAD of an uncached blob, asked upstream).",
+            &["kind", "outcome"],
+        );
+        let stale_served = b.counter(
+            "stowage_manifest_stale_served_total",
+            "Manifest responses served from cache past their tag TTL because upstream was unreachable, 5xx or 429.",
+        );
+        ClientMetrics {
+            requests,
+            in_flight,
+            duration,
+            served_bytes,
+            cache_requests,
+            stale_served,
+        }
+    }
+}
+
+/// Exchanges with upstream registries and their rate limits.
+struct UpstreamMetrics {
+    requests: IntCounterVec,
+    duration: HistogramVec,
     ratelimit_remaining: IntGaugeVec,
     ratelimit_limit: IntGaugeVec,
+}
+
+impl UpstreamMetrics {
+    fn register(b: &mut Builder) -> UpstreamMetrics {
+        let requests = b.counter_vec(
+            "stowage_upstream_requests_total",
+            "HTTP exchanges with upstream registries (each redirect hop and token request counts) by upstream host, kind (manifest, blob, tags, referrers, token, other) and status (HTTP code, or error when no response arrived).",
+            &["upstream", "kind", "status"],
+        );
+        let duration = b.histogram_vec(
+            "stowage_upstream_request_duration_seconds",
+            "Time from sending an upstream request to its response headers (or failure).",
+            &["upstream", "kind"],
+            UPSTREAM_BUCKETS,
+        );
+        let ratelimit_remaining = b.gauge_vec(
+            "stowage_upstream_ratelimit_remaining",
+            "Pulls left in the upstream's rate-limit window, from its last RateLimit-Remaining header (Docker Hub).",
+            &["upstream"],
+        );
+        let ratelimit_limit = b.gauge_vec(
+            "stowage_upstream_ratelimit_limit",
+            "Pulls allowed per rate-limit window, from the upstream's last RateLimit-Limit header (Docker Hub).",
+            &["upstream"],
+        );
+        UpstreamMetrics {
+            requests,
+            duration,
+            ratelimit_remaining,
+            ratelimit_limit,
+        }
+    }
+}
+
+/// Blob fills, verification, eviction, size and budget of the cache.
+struct CacheMetrics {
     fills_in_flight: IntGauge,
     fills: IntCounterVec,
     fill_bytes: IntCounter,
     digest_mismatches: IntCounterVec,
     evictions: IntCounter,
     evicted_bytes: IntCounter,
-    cache_size: IntGauge,
-    cache_budget: IntGauge,
+    size: IntGauge,
+    budget: IntGauge,
+}
+
+impl CacheMetrics {
+    fn register(b: &mut Builder) -> CacheMetrics {
+        let fills_in_flight = b.gauge(
+            "stowage_blob_fills_in_flight",
+            "Blob downloads from upstream into the cache running now.",
+        );
+        let fills = b.counter_vec(
+            "stowage_blob_fills_total",
+            "Finished blob fills by result: ok (verified and stored), uncached (verified and served, not stored) or failed.",
+            &["result"],
+        );
+        let fill_bytes = b.counter(
+            "stowage_blob_fill_bytes_total",
+            "Bytes of blobs downloaded from upstream, verified and stored.",
+        );
+        let digest_mismatches = b.counter_vec(
+            "stowage_digest_mismatches_total",
+            "Upstream content that did not hash to its digest (and was refused), by kind.",
+            &["kind"],
+        );
+        let evictions = b.counter(
+            "stowage_cache_evictions_total",
+            "Blobs evicted from the cache to stay within its budget.",
+        );
+        let evicted_bytes = b.counter(
+            "stowage_cache_evicted_bytes_total",
+            "Bytes of blobs evicted from the cache.",
+        );
+        let size = b.gauge(
+            "stowage_cache_size_bytes",
+            "Bytes of blobs in the cache (fills in flight included).",
+        );
+        let budget = b.gauge(
+            "stowage_cache_budget_bytes",
+            "The blob cache's configured budget in bytes (0 = not reported).",
+        );
+        CacheMetrics {
+            fills_in_flight,
+            fills,
+            fill_bytes,
+            digest_mismatches,
+            evictions,
+            evicted_bytes,
+            size,
+            budget,
+        }
+    }
+}
+
+/// The metrics of one server instance, and the health state `/readyz`
+/// reports. Share it as `Arc<Metrics>`; every method takes `&self`.
+pub struct Metrics {
+    registry: Registry,
+    series: Vec<SeriesName>,
+
+    client: ClientMetrics,
+    upstream: UpstreamMetrics,
+    cache: CacheMetrics,
 
     /// The registry listener(s) accept connections.
     listening: AtomicBool,
@@ -354,90 +492,9 @@ impl Metrics {
             registry: Registry::new(),
             series: Vec::new(),
         };
-        let http_requests = b.counter_vec(
-            "stowage_http_requests_total",
-            "Client requests by route kind, method and response status (counted when the response headers are sent).",
-            &["route", "method", "status"],
-        );
-        let http_in_flight = b.gauge(
-            "stowage_http_requests_in_flight",
-            "Client responses being sent now.",
-        );
-        let http_duration = b.histogram_vec(
-            "stowage_http_request_duration_seconds",
-            "Time from receiving a client request to the end of its response body.",
-            &["route"],
-            HTTP_BUCKETS,
-        );
-        let served_bytes = b.counter_vec(
-            "stowage_served_bytes_total",
-            "Response body bytes sent to clients, by source: cache (hits, stale manifests), upstream (misses, fill joins, pass-through), local (errors, /v2/).",
-            &["source"],
-        );
-        let cache_requests = b.counter_vec(
-            "stowage_cache_requests_total",
-            "Manifest and blob requests by how they were answered: hit, miss, join (attached to a running blob fill), stale (manifest served stale, upstream failing), upstream (HEAD of an uncached blob, asked upstream).",
-            &["kind", "outcome"],
-        );
-        let stale_served = b.counter(
-            "stowage_manifest_stale_served_total",
-            "Manifest responses served from cache past their tag TTL because upstream was unreachable, 5xx or 429.",
-        );
-        let upstream_requests = b.counter_vec(
-            "stowage_upstream_requests_total",
-            "HTTP exchanges with upstream registries (each redirect hop and token request counts) by upstream host, kind (manifest, blob, tags, referrers, token, other) and status (HTTP code, or error when no response arrived).",
-            &["upstream", "kind", "status"],
-        );
-        let upstream_duration = b.histogram_vec(
-            "stowage_upstream_request_duration_seconds",
-            "Time from sending an upstream request to its response headers (or failure).",
-            &["upstream", "kind"],
-            UPSTREAM_BUCKETS,
-        );
-        let ratelimit_remaining = b.gauge_vec(
-            "stowage_upstream_ratelimit_remaining",
-            "Pulls left in the upstream's rate-limit window, from its last RateLimit-Remaining header (Docker Hub).",
-            &["upstream"],
-        );
-        let ratelimit_limit = b.gauge_vec(
-            "stowage_upstream_ratelimit_limit",
-            "Pulls allowed per rate-limit window, from the upstream's last RateLimit-Limit header (Docker Hub).",
-            &["upstream"],
-        );
-        let fills_in_flight = b.gauge(
-            "stowage_blob_fills_in_flight",
-            "Blob downloads from upstream into the cache running now.",
-        );
-        let fills = b.counter_vec(
-            "stowage_blob_fills_total",
-            "Finished blob fills by result: ok (verified and stored), uncached (verified and served, not stored) or failed.",
-            &["result"],
-        );
-        let fill_bytes = b.counter(
-            "stowage_blob_fill_bytes_total",
-            "Bytes of blobs downloaded from upstream, verified and stored.",
-        );
-        let digest_mismatches = b.counter_vec(
-            "stowage_digest_mismatches_total",
-            "Upstream content that did not hash to its digest (and was refused), by kind.",
-            &["kind"],
-        );
-        let evictions = b.counter(
-            "stowage_cache_evictions_total",
-            "Blobs evicted from the cache to stay within its budget.",
-        );
-        let evicted_bytes = b.counter(
-            "stowage_cache_evicted_bytes_total",
-            "Bytes of blobs evicted from the cache.",
-        );
-        let cache_size = b.gauge(
-            "stowage_cache_size_bytes",
-            "Bytes of blobs in the cache (fills in flight included).",
-        );
-        let cache_budget = b.gauge(
-            "stowage_cache_budget_bytes",
-            "The blob cache's configured budget in bytes (0 = not reported).",
-        );
+        let client = ClientMetrics::register(&mut b);
+        let upstream = UpstreamMetrics::register(&mut b);
+        let cache = CacheMetrics::register(&mut b);
         let build_info = b.gauge_vec(
             "stowage_build_info",
             "Always 1; the version label says which stowage is running.",
@@ -455,24 +512,9 @@ impl Metrics {
         Metrics {
             registry,
             series,
-            http_requests,
-            http_in_flight,
-            http_duration,
-            served_bytes,
-            cache_requests,
-            stale_served,
-            upstream_requests,
-            upstream_duration,
-            ratelimit_remaining,
-            ratelimit_limit,
-            fills_in_flight,
-            fills,
-            fill_bytes,
-            digest_mismatches,
-            evictions,
-            evicted_bytes,
-            cache_size,
-            cache_budget,
+            client,
+            upstream,
+            cache,
             listening: AtomicBool::new(false),
             sync_lock: std::sync::Mutex::new(()),
         }
@@ -497,10 +539,11 @@ impl Metrics {
     /// A client request's response headers are being sent: counts it and
     /// marks it in flight until [`Metrics::response_finished`].
     pub(crate) fn request_started(&self, route: RouteKind, method: &Method, status: StatusCode) {
-        self.http_requests
+        self.client
+            .requests
             .with_label_values(&[route.as_str(), method_label(method), status.as_str()])
             .inc();
-        self.http_in_flight.inc();
+        self.client.in_flight.inc();
     }
 
     /// A response body ended (completely, with an error, or because the
@@ -512,12 +555,14 @@ impl Metrics {
         bytes: u64,
         elapsed: Duration,
     ) {
-        self.http_in_flight.dec();
-        self.http_duration
+        self.client.in_flight.dec();
+        self.client
+            .duration
             .with_label_values(&[route.as_str()])
             .observe(elapsed.as_secs_f64());
         if bytes > 0 {
-            self.served_bytes
+            self.client
+                .served_bytes
                 .with_label_values(&[source.as_str()])
                 .inc_by(bytes);
         }
@@ -525,11 +570,12 @@ impl Metrics {
 
     /// How a manifest or blob request was answered.
     pub(crate) fn cache_outcome(&self, kind: CacheKind, outcome: Outcome) {
-        self.cache_requests
+        self.client
+            .cache_requests
             .with_label_values(&[kind.as_str(), outcome.as_str()])
             .inc();
         if kind == CacheKind::Manifest && outcome == Outcome::Stale {
-            self.stale_served.inc();
+            self.client.stale_served.inc();
         }
     }
 
@@ -545,10 +591,12 @@ impl Metrics {
         elapsed: Duration,
     ) {
         let status = status.as_ref().map_or("error", StatusCode::as_str);
-        self.upstream_requests
+        self.upstream
+            .requests
             .with_label_values(&[upstream, kind, status])
             .inc();
-        self.upstream_duration
+        self.upstream
+            .duration
             .with_label_values(&[upstream, kind])
             .observe(elapsed.as_secs_f64());
     }
@@ -563,12 +611,14 @@ impl Metrics {
                 .and_then(parse_ratelimit)
         };
         if let Some(remaining) = value("ratelimit-remaining") {
-            self.ratelimit_remaining
+            self.upstream
+                .ratelimit_remaining
                 .with_label_values(&[upstream])
                 .set(remaining);
         }
         if let Some(limit) = value("ratelimit-limit") {
-            self.ratelimit_limit
+            self.upstream
+                .ratelimit_limit
                 .with_label_values(&[upstream])
                 .set(limit);
         }
@@ -579,7 +629,7 @@ impl Metrics {
     /// A blob fill starts: counted in flight until the guard is finished or
     /// dropped (a dropped guard counts as failed).
     pub(crate) fn fill_started(self: &Arc<Self>) -> FillGuard {
-        self.fills_in_flight.inc();
+        self.cache.fills_in_flight.inc();
         FillGuard {
             metrics: self.clone(),
             done: false,
@@ -588,7 +638,8 @@ impl Metrics {
 
     /// Content from upstream did not hash to its digest.
     pub(crate) fn digest_mismatch(&self, kind: CacheKind) {
-        self.digest_mismatches
+        self.cache
+            .digest_mismatches
             .with_label_values(&[kind.as_str()])
             .inc();
     }
@@ -601,20 +652,20 @@ impl Metrics {
             .sync_lock
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let count = total_count.saturating_sub(self.evictions.get());
-        let bytes = total_bytes.saturating_sub(self.evicted_bytes.get());
-        self.evictions.inc_by(count);
-        self.evicted_bytes.inc_by(bytes);
+        let count = total_count.saturating_sub(self.cache.evictions.get());
+        let bytes = total_bytes.saturating_sub(self.cache.evicted_bytes.get());
+        self.cache.evictions.inc_by(count);
+        self.cache.evicted_bytes.inc_by(bytes);
     }
 
     /// The blob cache now holds `bytes`.
     pub(crate) fn set_cache_size(&self, bytes: u64) {
-        self.cache_size.set(gauge_value(bytes));
+        self.cache.size.set(gauge_value(bytes));
     }
 
     /// The blob cache's budget is `bytes`.
     pub(crate) fn set_cache_budget(&self, bytes: u64) {
-        self.cache_budget.set(gauge_value(bytes));
+        self.cache.budget.set(gauge_value(bytes));
     }
 
     // -------------------------------------------------------------- health
@@ -663,13 +714,14 @@ impl FillGuard {
     /// The fill ended with `result`.
     pub(crate) fn finish(mut self, result: FillResult) {
         self.done = true;
-        self.metrics.fills_in_flight.dec();
+        self.metrics.cache.fills_in_flight.dec();
         self.metrics
+            .cache
             .fills
             .with_label_values(&[result.label()])
             .inc();
         if let FillResult::Stored(size) = result {
-            self.metrics.fill_bytes.inc_by(size);
+            self.metrics.cache.fill_bytes.inc_by(size);
         }
     }
 }
@@ -677,8 +729,9 @@ impl FillGuard {
 impl Drop for FillGuard {
     fn drop(&mut self) {
         if !self.done {
-            self.metrics.fills_in_flight.dec();
+            self.metrics.cache.fills_in_flight.dec();
             self.metrics
+                .cache
                 .fills
                 .with_label_values(&[FillResult::Failed.label()])
                 .inc();

@@ -30,10 +30,10 @@ use moka::Expiry;
 
 use super::layout::{self, Layout};
 use crate::error::{Asked, Error, ErrorKind};
-use crate::metrics::Outcome;
+use crate::metrics::{CacheKind, Outcome};
 use crate::oci::headers::DOCKER_CONTENT_DIGEST;
 use crate::oci::manifest;
-use crate::oci::{Digest, RepoName, Tag};
+use crate::oci::{Algorithm, Digest, RepoName, Tag};
 use crate::upstream::Upstream;
 
 /// Largest manifest accepted from upstream (distribution's own limit).
@@ -246,66 +246,39 @@ impl ManifestStore {
     ) -> Result<TagEntry, Error> {
         let ttl = upstream.tag_ttl();
         let stale = match self.read_tag(upstream, repo, tag).await {
-            Some(d) if self.has(&d).await => Some(d),
-            _ => None,
+            Some(d) if self.has(&d).await => d,
+            _ => {
+                let m = fetch(upstream, repo, tag.as_str(), None).await?;
+                return self.adopt(upstream, repo, tag, m, ttl).await;
+            }
         };
         let what = format!("{repo}:{tag}");
-        if let Some(stale) = stale {
-            let head = upstream
-                .send(
-                    Method::HEAD,
-                    repo.as_str(),
-                    &format!("manifests/{tag}"),
-                    manifest::accept_headers(),
-                )
-                .await;
-            let serve_stale = |reason: String| {
-                tracing::warn!(upstream = upstream.host(), manifest = %what, %reason,
-                    "upstream unavailable, serving stale manifest");
-                Ok(TagEntry {
-                    digest: stale.clone(),
-                    fresh_for: ttl.min(STALE_RETRY),
-                    outcome: Outcome::Stale,
-                })
-            };
-            match head.map_err(Error::from) {
-                Err(e) if e.is_upstream_outage() => return serve_stale(e.report()),
-                Err(e) => return Err(e),
-                Ok(r) if is_outage(r.status()) => {
-                    return serve_stale(format!("HEAD answered {}", r.status()));
-                }
-                Ok(r) if r.status() == StatusCode::OK => {
-                    let current = r
-                        .headers()
-                        .get(DOCKER_CONTENT_DIGEST)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| Digest::parse(v).ok());
-                    if current.as_ref() == Some(&stale) {
-                        return Ok(TagEntry {
-                            digest: stale,
-                            fresh_for: ttl,
-                            outcome: Outcome::Miss,
-                        });
-                    }
-                }
-                Ok(r) => {
-                    return Err(Error::upstream_status(
-                        r.status(),
-                        Asked::Manifest,
-                        r.headers().get(header::RETRY_AFTER),
-                        &what,
-                    ));
-                }
+        let serve_stale = |reason: String| {
+            tracing::warn!(upstream = upstream.host(), manifest = %what, %reason,
+                "upstream unavailable, serving stale manifest");
+            Ok(TagEntry {
+                digest: stale.clone(),
+                fresh_for: ttl.min(STALE_RETRY),
+                outcome: Outcome::Stale,
+            })
+        };
+        match head(upstream, repo, tag, &stale, &what).await? {
+            Head::Unchanged => {
+                return Ok(TagEntry {
+                    digest: stale,
+                    fresh_for: ttl,
+                    outcome: Outcome::Miss,
+                });
             }
-            // Moved (or HEAD gave no digest): fetch the tag.
-            return match fetch(upstream, repo, tag.as_str(), None).await {
-                Ok(m) => self.adopt(upstream, repo, tag, m, ttl).await,
-                Err(e) if e.is_upstream_outage() => serve_stale(e.report()),
-                Err(e) => Err(e),
-            };
+            Head::Outage(reason) => return serve_stale(reason),
+            Head::Moved => {}
         }
-        let m = fetch(upstream, repo, tag.as_str(), None).await?;
-        self.adopt(upstream, repo, tag, m, ttl).await
+        // Moved (or HEAD gave no digest): fetch the tag.
+        match fetch(upstream, repo, tag.as_str(), None).await {
+            Ok(m) => self.adopt(upstream, repo, tag, m, ttl).await,
+            Err(e) if e.is_upstream_outage() => serve_stale(e.report()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Stores a manifest fetched by tag and points the tag at it.
@@ -411,6 +384,102 @@ async fn write_atomic(path: PathBuf, data: Vec<u8>) -> io::Result<()> {
     .map_err(io::Error::other)?
 }
 
+/// A manifest body, bounded by [`MAX_MANIFEST`].
+async fn read_body(body: hyper::body::Incoming, what: &str) -> Result<Bytes, Error> {
+    let collected = Limited::new(body, MAX_MANIFEST)
+        .collect()
+        .await
+        .map_err(|e| {
+            // Over the size limit: upstream broke the protocol; anything else
+            // is the transfer failing.
+            let kind = if e.is::<http_body_util::LengthLimitError>() {
+                ErrorKind::UpstreamProtocol
+            } else {
+                ErrorKind::BodyBroken
+            };
+            Error::upstream(kind, format!("reading manifest {what} from upstream: {e}"))
+                .with_cause(e)
+        })?;
+    Ok(collected.to_bytes())
+}
+
+/// The digest of `body`, which must be `want` when given (invariant: a
+/// manifest fetched by digest hashes to it; by tag, to upstream's
+/// `Docker-Content-Digest`).
+fn verify(
+    upstream: &Upstream,
+    body: &[u8],
+    want: Option<&Digest>,
+    what: &str,
+) -> Result<Digest, Error> {
+    let algorithm = want.map(|d| d.algorithm()).unwrap_or(Algorithm::Sha256);
+    let digest = Digest::of(algorithm, body);
+    if let Some(want) = want
+        && want != &digest
+    {
+        tracing::warn!(manifest = %what, expected = %want, got = %digest, "manifest digest mismatch");
+        upstream.metrics().digest_mismatch(CacheKind::Manifest);
+        return Err(Error::upstream(
+            ErrorKind::DigestMismatch,
+            format!("upstream manifest {what} does not match digest {want} (got {digest})"),
+        ));
+    }
+    Ok(digest)
+}
+
+/// What a `HEAD` of a tag says about the digest cached for it.
+enum Head {
+    /// Upstream names the same digest.
+    Unchanged,
+    /// Another digest, or none given: fetch the tag.
+    Moved,
+    /// Upstream is out (why): serve the cached manifest stale.
+    Outage(String),
+}
+
+/// Asks upstream with `HEAD` where `tag` points now, compared with `cached`.
+/// A refusal or another failure that is no outage is the error to answer
+/// with.
+async fn head(
+    upstream: &Upstream,
+    repo: &RepoName,
+    tag: &Tag,
+    cached: &Digest,
+    what: &str,
+) -> Result<Head, Error> {
+    let head = upstream
+        .send(
+            Method::HEAD,
+            repo.as_str(),
+            &format!("manifests/{tag}"),
+            manifest::accept_headers(),
+        )
+        .await;
+    match head.map_err(Error::from) {
+        Err(e) if e.is_upstream_outage() => Ok(Head::Outage(e.report())),
+        Err(e) => Err(e),
+        Ok(r) if is_outage(r.status()) => Ok(Head::Outage(format!("HEAD answered {}", r.status()))),
+        Ok(r) if r.status() == StatusCode::OK => {
+            let current = r
+                .headers()
+                .get(DOCKER_CONTENT_DIGEST)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| Digest::parse(v).ok());
+            Ok(if current.as_ref() == Some(cached) {
+                Head::Unchanged
+            } else {
+                Head::Moved
+            })
+        }
+        Ok(r) => Err(Error::upstream_status(
+            r.status(),
+            Asked::Manifest,
+            r.headers().get(header::RETRY_AFTER),
+            what,
+        )),
+    }
+}
+
 /// Upstream answers under which a cached manifest is served stale (the same
 /// statuses [`Error::is_upstream_outage`] calls an outage).
 fn is_outage(status: StatusCode) -> bool {
@@ -457,38 +526,8 @@ async fn fetch(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let body = Limited::new(resp.into_body(), MAX_MANIFEST)
-        .collect()
-        .await
-        .map_err(|e| {
-            // Over the size limit: upstream broke the protocol; anything
-            // else is the transfer failing.
-            let kind = if e.is::<http_body_util::LengthLimitError>() {
-                ErrorKind::UpstreamProtocol
-            } else {
-                ErrorKind::BodyBroken
-            };
-            Error::upstream(kind, format!("reading manifest {what} from upstream: {e}"))
-                .with_cause(e)
-        })?
-        .to_bytes();
-    let check = expected.or(header_digest.as_ref());
-    let algorithm = check
-        .map(|d| d.algorithm())
-        .unwrap_or(crate::oci::Algorithm::Sha256);
-    let digest = Digest::of(algorithm, &body);
-    if let Some(want) = check
-        && want != &digest
-    {
-        tracing::warn!(manifest = %what, expected = %want, got = %digest, "manifest digest mismatch");
-        upstream
-            .metrics()
-            .digest_mismatch(crate::metrics::CacheKind::Manifest);
-        return Err(Error::upstream(
-            ErrorKind::DigestMismatch,
-            format!("upstream manifest {what} does not match digest {want} (got {digest})"),
-        ));
-    }
+    let body = read_body(resp.into_body(), &what).await?;
+    let digest = verify(upstream, &body, expected.or(header_digest.as_ref()), &what)?;
     let media_type = manifest::media_type(content_type.as_deref(), &body);
     Ok(Manifest::new(digest, media_type, body))
 }

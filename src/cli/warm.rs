@@ -91,38 +91,64 @@ pub(crate) async fn warm(opts: &WarmOptions, images: &[String]) -> Result<WarmSu
     let mut summary = WarmSummary::default();
     let mut blobs: BTreeSet<(String, Digest)> = BTreeSet::new();
     for image in images {
-        let r = ImageRef::parse(image).map_err(|e| format!("{image}: {}", e.message))?;
-        let name = match &r.host {
-            Some(h) => format!("{h}/{}", r.repo),
-            None => r.repo.to_string(),
-        };
-        let top = get_manifest(&mirror, &name, &r.reference.to_string()).await?;
-        summary.manifests += 1;
-        let refs = refs_of(&top);
-        for b in refs.blobs {
-            blobs.insert((name.clone(), b));
-        }
-        let children = select_platforms(&top, &opts.platforms);
-        if !refs.manifests.is_empty() && children.is_empty() {
-            return Err(format!(
-                "{image}: no manifest for platform {:?}",
-                opts.platforms
-            ));
-        }
-        for child in children {
-            let body = get_manifest(&mirror, &name, &child.to_string()).await?;
-            summary.manifests += 1;
-            for b in refs_of(&body).blobs {
-                blobs.insert((name.clone(), b));
-            }
-        }
+        summary.manifests += resolve(&mirror, image, &opts.platforms, &mut blobs).await?;
     }
     summary.blobs = blobs.len();
+    for got in download(&mirror, blobs, opts).await {
+        match got? {
+            Got::Cached(bytes) => {
+                summary.blobs_cached += 1;
+                summary.bytes_cached += bytes;
+            }
+            Got::Fetched(bytes) => summary.bytes_fetched += bytes,
+        }
+    }
+    Ok(summary)
+}
+
+/// Resolves `image` (and, for an index, the platforms asked for) through
+/// the mirror, adding its blobs to `blobs`. Returns how many manifests it
+/// read.
+async fn resolve(
+    mirror: &Upstream,
+    image: &str,
+    platforms: &[String],
+    blobs: &mut BTreeSet<(String, Digest)>,
+) -> Result<usize, String> {
+    let r = ImageRef::parse(image).map_err(|e| format!("{image}: {}", e.message))?;
+    let name = match &r.host {
+        Some(h) => format!("{h}/{}", r.repo),
+        None => r.repo.to_string(),
+    };
+    let top = get_manifest(mirror, &name, &r.reference.to_string()).await?;
+    let refs = refs_of(&top);
+    for b in refs.blobs {
+        blobs.insert((name.clone(), b));
+    }
+    let children = select_platforms(&top, platforms);
+    if !refs.manifests.is_empty() && children.is_empty() {
+        return Err(format!("{image}: no manifest for platform {platforms:?}"));
+    }
+    for child in &children {
+        let body = get_manifest(mirror, &name, &child.to_string()).await?;
+        for b in refs_of(&body).blobs {
+            blobs.insert((name.clone(), b));
+        }
+    }
+    Ok(1 + children.len())
+}
+
+/// Downloads `blobs` through the mirror, `opts.concurrency` at a time.
+async fn download(
+    mirror: &Arc<Upstream>,
+    blobs: BTreeSet<(String, Digest)>,
+    opts: &WarmOptions,
+) -> Vec<Result<Got, String>> {
     let bars = MultiProgress::new();
     if !opts.progress {
         bars.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let results: Vec<Result<(bool, u64), String>> = futures_util::stream::iter(blobs)
+    futures_util::stream::iter(blobs)
         .map(|(name, digest)| {
             let mirror = mirror.clone();
             let bars = bars.clone();
@@ -130,17 +156,16 @@ pub(crate) async fn warm(opts: &WarmOptions, images: &[String]) -> Result<WarmSu
         })
         .buffer_unordered(opts.concurrency.max(1))
         .collect()
-        .await;
-    for r in results {
-        let (cached, bytes) = r?;
-        if cached {
-            summary.blobs_cached += 1;
-            summary.bytes_cached += bytes;
-        } else {
-            summary.bytes_fetched += bytes;
-        }
-    }
-    Ok(summary)
+        .await
+}
+
+/// What the mirror did for one blob (per its `x-stowage-cache` header),
+/// and the blob's size.
+enum Got {
+    /// It had the blob cached.
+    Cached(u64),
+    /// It fetched the blob from upstream.
+    Fetched(u64),
 }
 
 async fn get_manifest(mirror: &Upstream, name: &str, reference: &str) -> Result<Vec<u8>, String> {
@@ -212,14 +237,13 @@ fn select_platforms(index: &[u8], platforms: &[String]) -> Vec<Digest> {
         .collect()
 }
 
-/// Downloads one blob through the mirror, verifying it. Returns whether the
-/// mirror had it cached, and its size.
+/// Downloads one blob through the mirror, verifying it.
 async fn fetch_blob(
     mirror: &Upstream,
     name: &str,
     digest: &Digest,
     bars: &MultiProgress,
-) -> Result<(bool, u64), String> {
+) -> Result<Got, String> {
     let what = format!("{name}@{digest}");
     let resp = mirror
         .send(
@@ -268,7 +292,11 @@ async fn fetch_blob(
         return Err(format!("{what}: downloaded bytes do not match the digest"));
     }
     bar.finish_with_message(if cached { "cached" } else { "fetched" });
-    Ok((cached, n))
+    Ok(if cached {
+        Got::Cached(n)
+    } else {
+        Got::Fetched(n)
+    })
 }
 
 #[cfg(test)]

@@ -198,60 +198,75 @@ pub(crate) fn parse_challenges(value: &str) -> Result<Vec<Challenge>, ChallengeE
             .token()
             .ok_or(ChallengeError::ExpectedToken(lx.pos))?
             .to_ascii_lowercase();
-        let mut params: Vec<(String, String)> = Vec::new();
         lx.skip_ws();
         // token68 form (`Negotiate abc==`), recognised only as the first
         // element after the scheme.
-        if !lx.token68() {
-            loop {
-                lx.skip_ws_commas();
-                if lx.at_end() || !lx.next_is_param() {
-                    break;
-                }
-                let name = lx
-                    .token()
-                    .ok_or(ChallengeError::ExpectedToken(lx.pos))?
-                    .to_ascii_lowercase();
-                lx.skip_ws();
-                if lx.peek() != Some(b'=') {
-                    return Err(ChallengeError::ExpectedEquals(name));
-                }
-                lx.pos += 1;
-                lx.skip_ws();
-                let val = if lx.peek() == Some(b'"') {
-                    lx.quoted()?
-                } else {
-                    lx.token()
-                        .ok_or(ChallengeError::ExpectedToken(lx.pos))?
-                        .to_string()
-                };
-                params.push((name, val));
-                lx.skip_ws();
-                if !lx.at_end() && lx.peek() != Some(b',') {
-                    return Err(ChallengeError::Unexpected(lx.pos));
-                }
-            }
-        }
-        let param = |n: &str| params.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
-        out.push(match scheme.as_str() {
-            "bearer" => Challenge::Bearer(BearerChallenge {
-                realm: param("realm")
-                    .filter(|r| !r.is_empty())
-                    .ok_or(ChallengeError::MissingRealm)?,
-                service: param("service"),
-                scope: param("scope"),
-            }),
-            "basic" => Challenge::Basic {
-                realm: param("realm"),
-            },
-            _ => Challenge::Other(scheme),
-        });
+        let params = if lx.token68() {
+            Vec::new()
+        } else {
+            lx.params()?
+        };
+        out.push(challenge(scheme, &params)?);
         lx.skip_ws_commas();
     }
     if out.is_empty() {
         return Err(ChallengeError::Empty);
     }
     Ok(out)
+}
+
+/// The challenge of `scheme` with `params`.
+fn challenge(scheme: String, params: &[(String, String)]) -> Result<Challenge, ChallengeError> {
+    let param = |n: &str| params.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    Ok(match scheme.as_str() {
+        "bearer" => Challenge::Bearer(BearerChallenge {
+            realm: param("realm")
+                .filter(|r| !r.is_empty())
+                .ok_or(ChallengeError::MissingRealm)?,
+            service: param("service"),
+            scope: param("scope"),
+        }),
+        "basic" => Challenge::Basic {
+            realm: param("realm"),
+        },
+        _ => Challenge::Other(scheme),
+    })
+}
+
+impl Lexer<'_> {
+    /// The `name=value` parameters of one challenge, up to the scheme of
+    /// the next one (or the end); names in lower case.
+    fn params(&mut self) -> Result<Vec<(String, String)>, ChallengeError> {
+        let mut params = Vec::new();
+        loop {
+            self.skip_ws_commas();
+            if self.at_end() || !self.next_is_param() {
+                return Ok(params);
+            }
+            let name = self
+                .token()
+                .ok_or(ChallengeError::ExpectedToken(self.pos))?
+                .to_ascii_lowercase();
+            self.skip_ws();
+            if self.peek() != Some(b'=') {
+                return Err(ChallengeError::ExpectedEquals(name));
+            }
+            self.pos += 1;
+            self.skip_ws();
+            let val = if self.peek() == Some(b'"') {
+                self.quoted()?
+            } else {
+                self.token()
+                    .ok_or(ChallengeError::ExpectedToken(self.pos))?
+                    .to_string()
+            };
+            params.push((name, val));
+            self.skip_ws();
+            if !self.at_end() && self.peek() != Some(b',') {
+                return Err(ChallengeError::Unexpected(self.pos));
+            }
+        }
+    }
 }
 
 /// The challenge to answer from a 401's `WWW-Authenticate` headers: the first
