@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::io::BufRead as _;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -153,68 +151,6 @@ async fn readyz_fails_while_draining_then_admin_stops() {
     assert!(tokio::net::TcpStream::connect(admin).await.is_err());
 }
 
-/// Starts the real binary with `config`, returns it with a channel of its
-/// stderr lines.
-fn spawn_binary(
-    config: &std::path::Path,
-) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_stowage"))
-        .arg("--config")
-        .arg(config)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start stowage");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    (child, rx)
-}
-
-/// Kills the child when dropped (also when an assertion fails).
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Reads lines until `pick` returns something; fails after 20 s.
-fn wait_line<T>(
-    rx: &std::sync::mpsc::Receiver<String>,
-    seen: &mut Vec<String>,
-    mut pick: impl FnMut(&str) -> Option<T>,
-) -> T {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                let found = pick(&line);
-                seen.push(line);
-                if let Some(v) = found {
-                    return v;
-                }
-            }
-            Err(_) => panic!(
-                "expected log line not seen; log so far:\n{}",
-                seen.join("\n")
-            ),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_request_ids() {
     let up = FakeUpstream::start().await;
@@ -225,14 +161,12 @@ async fn json_logs_carry_request_ids() {
     let toml = config_toml(&dir.path().join("cache"), &up.url(), "")
         + "\n[log]\nformat = \"json\"\nlevel = \"info\"\n";
     std::fs::write(&config, &toml).unwrap();
-    let (child, rx) = spawn_binary(&config);
-    let _child = KillOnDrop(child);
-    let mut seen = Vec::new();
+    let mut child = Process::with_config(&config, &[]);
 
     let parse = |line: &str| -> serde_json::Value {
         serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
     };
-    let addr: String = wait_line(&rx, &mut seen, |l| {
+    let addr: String = child.wait_line(|l| {
         let v = parse(l);
         (v["message"] == "stowage listening").then(|| v["addr"].as_str().unwrap().to_string())
     });
@@ -247,7 +181,7 @@ async fn json_logs_carry_request_ids() {
     assert_eq!(header(&r, "x-request-id").as_deref(), Some("json-test-1"));
     r.bytes().await.unwrap();
 
-    let line = wait_line(&rx, &mut seen, |l| {
+    let line = child.wait_line(|l| {
         let v = parse(l);
         (v["message"] == "request" && v["request_id"] == "json-test-1").then_some(v)
     });
@@ -256,7 +190,7 @@ async fn json_logs_carry_request_ids() {
     assert_eq!(line["status"], 200);
     assert_eq!(line["cache"], "miss");
     assert_eq!(line["level"], "INFO");
-    for l in &seen {
+    for l in &child.log() {
         parse(l);
     }
 }
@@ -271,10 +205,8 @@ async fn human_logs_carry_request_ids() {
         config_toml(&dir.path().join("cache"), &up.url(), ""),
     )
     .unwrap();
-    let (child, rx) = spawn_binary(&config);
-    let _child = KillOnDrop(child);
-    let mut seen = Vec::new();
-    let addr: String = wait_line(&rx, &mut seen, |l| {
+    let mut child = Process::with_config(&config, &[]);
+    let addr: String = child.wait_line(|l| {
         l.contains("stowage listening").then(|| {
             let at = l.find("addr=").unwrap() + 5;
             l[at..].split_whitespace().next().unwrap().to_string()
@@ -287,7 +219,7 @@ async fn human_logs_carry_request_ids() {
         .unwrap();
     let id = header(&r, "x-request-id").unwrap();
     r.bytes().await.unwrap();
-    let line = wait_line(&rx, &mut seen, |l| {
+    let line = child.wait_line(|l| {
         l.contains(&format!("request_id={id}"))
             .then(|| l.to_string())
     });

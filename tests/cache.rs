@@ -345,48 +345,13 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// The real binary, so that kill -9 is a real crash.
-struct Child {
-    child: std::process::Child,
-    url: String,
-}
-
-impl Child {
-    async fn start(config: &Path, port: u16) -> Child {
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
-            .arg("--config")
-            .arg(config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start stowage");
-        let url = format!("http://127.0.0.1:{port}");
-        let c = client();
-        within(20, "stowage binary answers /v2/", async {
-            loop {
-                if let Ok(r) = c.get(format!("{url}/v2/")).send().await
-                    && r.status() == 200
-                {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
-        Child { child, url }
-    }
-
-    fn kill9(&mut self) {
-        self.child.kill().expect("SIGKILL");
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The real binary (so that kill -9 is a real crash) on `config`, once it
+/// answers `/v2/` on `port`; with its base URL.
+async fn start_binary(config: &Path, port: u16) -> (Process, String) {
+    let child = Process::with_config(config, &[]);
+    let url = format!("http://127.0.0.1:{port}");
+    wait_http_ok(&format!("{url}/v2/")).await;
+    (child, url)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -409,12 +374,9 @@ async fn kill_9_mid_fill_leaves_only_verified_blobs() {
         ),
     )
     .unwrap();
-    let mut child = Child::start(&config, port).await;
+    let (mut child, url) = start_binary(&config, port).await;
     let c = client();
-    let get = |d: &str| {
-        c.get(format!("{}/v2/library/x/blobs/{d}", child.url))
-            .send()
-    };
+    let get = |d: &str| c.get(format!("{url}/v2/library/x/blobs/{d}")).send();
     let body = get(&done.digest).await.unwrap().bytes().await.unwrap();
     assert_eq!(sha256_digest(&body), done.digest);
 
@@ -435,16 +397,13 @@ async fn kill_9_mid_fill_leaves_only_verified_blobs() {
         "a partial blob is never in the store"
     );
 
-    let child = Child::start(&config, port).await;
+    let (_child, url) = start_binary(&config, port).await;
     assert_eq!(
         tmp_files(&cache),
         0,
         "leftovers of the interrupted fill are removed at start"
     );
-    let get = |d: &str| {
-        c.get(format!("{}/v2/library/x/blobs/{d}", child.url))
-            .send()
-    };
+    let get = |d: &str| c.get(format!("{url}/v2/library/x/blobs/{d}")).send();
     let body = get(&done.digest).await.unwrap().bytes().await.unwrap();
     assert_eq!(sha256_digest(&body), done.digest);
     assert_eq!(

@@ -8,17 +8,6 @@ use std::process::Output;
 
 use common::*;
 
-async fn stowage(args: Vec<String>) -> Output {
-    tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
-            .args(&args)
-            .output()
-            .expect("run stowage")
-    })
-    .await
-    .unwrap()
-}
-
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -48,7 +37,7 @@ async fn warm_then_inspect_and_purge_the_cache() {
     let st = start_stowage(&up.url(), "").await;
 
     // One platform only.
-    let o = stowage(vec![
+    let o = run_stowage(vec![
         "warm".into(),
         "--mirror".into(),
         st.url(),
@@ -67,7 +56,7 @@ async fn warm_then_inspect_and_purge_the_cache() {
     }
 
     // All platforms: the arm64 blobs are reported as already cached.
-    let o = stowage(vec![
+    let o = run_stowage(vec![
         "warm".into(),
         "--mirror".into(),
         st.url(),
@@ -80,7 +69,7 @@ async fn warm_then_inspect_and_purge_the_cache() {
     assert_eq!(up.all_blob_gets(), 5, "each blob fetched upstream once");
 
     // Unknown image: a clear failure.
-    let o = stowage(vec![
+    let o = run_stowage(vec![
         "warm".into(),
         "--mirror".into(),
         st.url(),
@@ -91,11 +80,11 @@ async fn warm_then_inspect_and_purge_the_cache() {
     assert!(text(&o).contains("404"), "{}", text(&o));
 
     let dir = st.dir.path();
-    let o = stowage(cache_args(dir, &["stats"])).await;
+    let o = run_stowage(cache_args(dir, &["stats"])).await;
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("blobs:           5"), "{}", text(&o));
 
-    let o = stowage(cache_args(dir, &["ls", "--sort", "size", "-n", "1"])).await;
+    let o = run_stowage(cache_args(dir, &["ls", "--sort", "size", "-n", "1"])).await;
     assert!(o.status.success(), "{}", text(&o));
     assert!(
         text(&o).contains(&amd.layers[0].digest),
@@ -105,7 +94,7 @@ async fn warm_then_inspect_and_purge_the_cache() {
     assert_eq!(text(&o).lines().count(), 2, "header and one row");
 
     // Purge one blob by digest while the mirror runs: it is fetched again.
-    let o = stowage(cache_args(dir, &["purge", &amd.layers[1].digest])).await;
+    let o = run_stowage(cache_args(dir, &["purge", &amd.layers[1].digest])).await;
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("removed 1 blobs"), "{}", text(&o));
     let r = client()
@@ -119,9 +108,9 @@ async fn warm_then_inspect_and_purge_the_cache() {
     assert_eq!(up.blob_gets(&amd.layers[1].digest), 2);
 
     // Purge the repository: its tag, manifests and blobs go.
-    let o = stowage(cache_args(dir, &["purge", "multi"])).await;
+    let o = run_stowage(cache_args(dir, &["purge", "multi"])).await;
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("3 manifests, 1 tags"), "{}", text(&o));
-    let o = stowage(cache_args(dir, &["stats"])).await;
+    let o = run_stowage(cache_args(dir, &["stats"])).await;
     assert!(text(&o).contains("blobs:           0"), "{}", text(&o));
 }

@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::tls::*;
@@ -262,49 +262,8 @@ async fn sighup_reloads_the_certificate_of_the_binary() {
     let cfg_path = dir.path().join("stowage.toml");
     std::fs::write(&cfg_path, toml).unwrap();
 
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
-        .arg("--config")
-        .arg(&cfg_path)
-        .env("RUST_LOG", "stowage=info")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let pid = child.id().unwrap();
-
-    // Collect the log; report the listening address.
-    let log = Arc::new(Mutex::new(Vec::<String>::new()));
-    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-    let stderr = child.stderr.take().unwrap();
-    let log_w = log.clone();
-    tokio::spawn(async move {
-        use tokio::io::AsyncBufReadExt as _;
-        let mut lines = tokio::io::BufReader::new(stderr).lines();
-        let mut addr_tx = Some(addr_tx);
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                // Fields at the top level or under "fields".
-                let f = if v["fields"].is_object() {
-                    &v["fields"]
-                } else {
-                    &v
-                };
-                if f["message"] == "stowage listening"
-                    && let Some(a) = f["addr"].as_str()
-                    && let Some(tx) = addr_tx.take()
-                {
-                    let _ = tx.send(a.parse::<std::net::SocketAddr>().unwrap());
-                }
-            }
-            log_w.lock().unwrap().push(line);
-        }
-    });
-    let addr = match tokio::time::timeout(Duration::from_secs(30), addr_rx).await {
-        Ok(Ok(a)) => a,
-        _ => panic!("stowage did not start: {:?}", log.lock().unwrap()),
-    };
+    let mut child = Process::with_config(&cfg_path, &[("RUST_LOG", "stowage=info")]);
+    let addr = child.listening_addr();
     let st_leaf = |ca: &Ca| {
         let cfg = client_config(&ca.cert_pem, &[], None, BOTH);
         async move { peer_leaf(&connect(addr, cfg).await.unwrap()).to_vec() }
@@ -316,15 +275,6 @@ async fn sighup_reloads_the_certificate_of_the_binary() {
     let mut old = Conn::start(s, true).await.unwrap();
     assert_eq!(old.get("/v2/", None).await.unwrap().0, 200);
 
-    let hup = || {
-        let ok = std::process::Command::new("kill")
-            .args(["-HUP", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -HUP failed");
-    };
-
     let second = ca.server("stowage-2", 2);
     write_pair(certs.path(), &second);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -334,20 +284,17 @@ async fn sighup_reloads_the_certificate_of_the_binary() {
         "reloaded without SIGHUP although polling is off"
     );
 
-    hup();
+    child.signal("HUP");
     let deadline = Instant::now() + Duration::from_secs(10);
     while st_leaf(&ca).await != second.der.to_vec() {
         assert!(
             Instant::now() < deadline,
             "SIGHUP did not reload the certificate: {:?}",
-            log.lock().unwrap()
+            child.log()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "stowage exited on SIGHUP"
-    );
+    assert!(child.is_running(), "stowage exited on SIGHUP");
     assert_eq!(
         old.get("/v2/", None).await.unwrap().0,
         200,
@@ -356,29 +303,22 @@ async fn sighup_reloads_the_certificate_of_the_binary() {
 
     // A bad file on SIGHUP: logged, the old certificate kept, still running.
     std::fs::write(certs.path().join("tls.key"), "not a key\n").unwrap();
-    hup();
+    child.signal("HUP");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !log
-        .lock()
-        .unwrap()
+    while !child
+        .log()
         .iter()
         .any(|l| l.contains("TLS reload rejected"))
     {
         assert!(
             Instant::now() < deadline,
             "no log line for a rejected reload: {:?}",
-            log.lock().unwrap()
+            child.log()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(st_leaf(&ca).await, second.der.to_vec());
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "stowage exited after a bad reload"
-    );
-
-    child.start_kill().unwrap();
-    let _ = child.wait().await;
+    assert!(child.is_running(), "stowage exited after a bad reload");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -5,6 +5,7 @@
 pub mod fake;
 pub mod image;
 pub mod mirror;
+pub mod process;
 pub mod tls;
 
 use std::future::Future;
@@ -21,6 +22,7 @@ pub use image::{
     make_image, make_image_for, make_index, random_bytes, sha256_digest,
 };
 pub use mirror::{Stowage, config_toml, start_stowage, start_stowage_in, start_stowage_toml};
+pub use process::{Process, run_stowage, wait_http_ok};
 
 /// Fails the test if `fut` takes longer than `secs` seconds.
 pub async fn within<T>(secs: u64, what: &str, fut: impl Future<Output = T>) -> T {
