@@ -4,7 +4,8 @@
 //! `src/`, finds its `crate::X` references (`use crate::X…`,
 //! `use crate::{X, …}`, `crate::X::…` in code; `stowage::X` in `main.rs`)
 //! and fails on any edge that does not point down, and therefore on any
-//! cycle. A new top-level module must be given a rank here.
+//! cycle. A new top-level module must be given a rank here. It also checks
+//! that ARCHITECTURE.md's code map names every source file.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -159,6 +160,24 @@ fn dependencies_point_down() {
         bad.is_empty(),
         "dependencies against the declared order:\n{}",
         bad.join("\n")
+    );
+}
+
+/// ARCHITECTURE.md's code map stays true: it names every source file.
+#[test]
+fn code_map_names_every_file() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("ARCHITECTURE.md")).unwrap();
+    let mut files = Vec::new();
+    rust_files(&root.join("src"), &mut files);
+    let missing: Vec<String> = files
+        .iter()
+        .map(|f| f.strip_prefix(root).unwrap().display().to_string())
+        .filter(|f| !doc.contains(&format!("`{f}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "ARCHITECTURE.md does not name: {missing:?}"
     );
 }
 
