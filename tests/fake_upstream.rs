@@ -411,3 +411,71 @@ async fn hold_corrupt_chunked_and_failures() {
     let dead = dead_url().await;
     assert!(c.get(format!("{dead}/v2/")).send().await.is_err());
 }
+
+/// The fake negotiates manifests by `Accept` as distribution 2.8 does
+/// (measured against Debian's docker-registry 2.8.2; see ARCHITECTURE.md).
+#[tokio::test]
+async fn negotiates_manifests_like_distribution() {
+    let up = FakeUpstream::start().await;
+    let amd64 = make_image_for(Format::Docker, &[100], "amd64");
+    let arm64 = make_image_for(Format::Docker, &[100], "arm64");
+    let list = make_index(
+        Format::Docker,
+        vec![(amd64.clone(), "amd64"), (arm64, "arm64")],
+    );
+    up.push_index("app/docker", "v1", &list);
+    let oci = make_image(Format::Oci, &[100]);
+    up.push_image("app/oci", "v1", &oci);
+    let c = client();
+    // (repo, reference, Accept or none) -> (status, Docker-Content-Digest)
+    let ask = |repo: &str, reference: &str, accept: Option<&str>| {
+        let url = format!("{}/v2/{repo}/manifests/{reference}", up.url());
+        let c = c.clone();
+        let accept = accept.map(str::to_string);
+        async move {
+            // `*/*` stands in for no Accept: the client's default would
+            // otherwise apply, and distribution reads both the same way.
+            let r = c
+                .get(&url)
+                .header("accept", accept.as_deref().unwrap_or("*/*"))
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                header(&r, "content-type").unwrap_or_default(),
+                header(&r, "docker-content-digest").unwrap_or_default(),
+            )
+        }
+    };
+    // A list by tag: the list to list clients, its amd64 manifest to
+    // schema 2 clients, a schema 1 conversion to the others.
+    let r = ask("app/docker", "v1", Some(ACCEPT_ALL)).await;
+    assert_eq!((r.0, r.2.as_str()), (200, list.digest.as_str()));
+    let r = ask("app/docker", "v1", Some(DOCKER_MANIFEST)).await;
+    assert_eq!((r.0, r.2.as_str()), (200, amd64.digest.as_str()));
+    let r = ask("app/docker", "v1", Some(OCI_MANIFEST)).await;
+    assert_eq!((r.0, r.1.as_str()), (200, common::fake::SCHEMA1_SIGNED));
+    let r = ask("app/docker", "v1", None).await;
+    assert_eq!((r.0, r.1.as_str()), (200, common::fake::SCHEMA1_SIGNED));
+    // By digest a list goes to anyone, q values ignored.
+    let r = ask(
+        "app/docker",
+        &list.digest,
+        Some(&format!("{DOCKER_LIST};q=0")),
+    )
+    .await;
+    assert_eq!((r.0, r.2.as_str()), (200, list.digest.as_str()));
+    let r = ask("app/docker", &list.digest, None).await;
+    assert_eq!((r.0, r.2.as_str()), (200, list.digest.as_str()));
+    // OCI only to clients accepting OCI, by tag and by digest.
+    for reference in ["v1", oci.digest.as_str()] {
+        assert_eq!(ask("app/oci", reference, None).await.0, 404);
+        assert_eq!(
+            ask("app/oci", reference, Some(DOCKER_MANIFEST)).await.0,
+            404
+        );
+        let r = ask("app/oci", reference, Some(OCI_MANIFEST)).await;
+        assert_eq!((r.0, r.2.as_str()), (200, oci.digest.as_str()));
+    }
+}

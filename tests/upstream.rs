@@ -27,10 +27,16 @@ fn config(url: String) -> UpstreamConfig {
 }
 
 async fn get(up: &Upstream, repo: &str, tail: &str) -> (u16, String) {
-    let resp = up
-        .send(Method::GET, repo, tail, HeaderMap::new())
-        .await
-        .unwrap();
+    // Manifests are asked for as pulling clients do, accepting all four
+    // types (the fake negotiates like distribution).
+    let mut headers = HeaderMap::new();
+    if tail.starts_with("manifests/") {
+        headers.insert(
+            http::header::ACCEPT,
+            http::HeaderValue::from_static(common::ACCEPT_ALL),
+        );
+    }
+    let resp = up.send(Method::GET, repo, tail, headers).await.unwrap();
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())

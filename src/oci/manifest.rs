@@ -6,13 +6,28 @@ use http::{HeaderMap, HeaderValue, header};
 
 use super::Digest;
 
+/// Docker image manifest, schema 2.
+pub(crate) const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+/// Docker manifest list.
+pub(crate) const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
 /// OCI image manifest.
 pub(crate) const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 /// OCI image index.
 pub(crate) const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
-/// Media types asked for on every manifest request.
+/// Docker schema 1 (signed and unsigned): registries convert a schema 2
+/// manifest into one for clients that accept neither schema 2 nor a list;
+/// stowage never serves them (it cannot verify them, and does not convert).
+const SCHEMA1: [&str; 2] = [
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    "application/vnd.docker.distribution.manifest.v1+json",
+];
+
+/// Media types asked for on every manifest request of the mirror's own
+/// (pins, `warm`, manifests by digest).
 pub(crate) const ACCEPT: &str = "application/vnd.docker.distribution.manifest.v2+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.oci.image.manifest.v1+json, \
@@ -20,9 +35,136 @@ application/vnd.oci.image.index.v1+json";
 
 /// Request headers for a manifest request: `Accept` with [`ACCEPT`].
 pub(crate) fn accept_headers() -> HeaderMap {
-    let mut h = HeaderMap::new();
-    h.insert(header::ACCEPT, HeaderValue::from_static(ACCEPT));
-    h
+    AcceptClass::ALL.headers()
+}
+
+/// The known manifest media types a client accepts, read from its `Accept`
+/// the way CNCF distribution 2.8 reads it (measured against Debian's
+/// `docker-registry` 2.8.2, see ARCHITECTURE.md): every `Accept` header,
+/// split at commas, parameters dropped, so `q` values are ignored
+/// (`;q=0` still accepts) and `*/*` or `application/json` accept none of
+/// the four. No `Accept` at all accepts none.
+///
+/// A registry answers a tag according to this set (an OCI index only to
+/// clients that accept one; a Docker list's `linux/amd64` manifest to
+/// clients that accept schema 2 but no list), so tags are cached per class.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub(crate) struct AcceptClass(u8);
+
+/// The four known types, in the order of the class bits and names.
+const KNOWN: [(&str, &str); 4] = [
+    (DOCKER_MANIFEST, "v2"),
+    (DOCKER_LIST, "list"),
+    (OCI_MANIFEST, "oci"),
+    (OCI_INDEX, "index"),
+];
+
+impl AcceptClass {
+    /// All four known types.
+    pub(crate) const ALL: AcceptClass = AcceptClass(0b1111);
+
+    /// None of them (no `Accept`, `*/*`, only other types).
+    pub(crate) const NONE: AcceptClass = AcceptClass(0);
+
+    /// The class of a request's `Accept` headers.
+    pub(crate) fn from_headers(headers: &HeaderMap) -> AcceptClass {
+        let mut bits = 0;
+        for value in headers.get_all(header::ACCEPT) {
+            let Ok(value) = value.to_str() else {
+                continue;
+            };
+            for item in value.split(',') {
+                let media_type = item.split(';').next().unwrap_or("").trim();
+                if let Some(i) = KNOWN
+                    .iter()
+                    .position(|(t, _)| t.eq_ignore_ascii_case(media_type))
+                {
+                    bits |= 1 << i;
+                }
+            }
+        }
+        AcceptClass(bits)
+    }
+
+    /// The class accepting exactly `types` (known ones; others ignored).
+    pub(crate) fn of(types: &[&str]) -> AcceptClass {
+        let mut bits = 0;
+        for t in types {
+            if let Some(i) = KNOWN.iter().position(|(k, _)| k == t) {
+                bits |= 1 << i;
+            }
+        }
+        AcceptClass(bits)
+    }
+
+    fn has(self, media_type: &str) -> bool {
+        KNOWN
+            .iter()
+            .position(|(t, _)| *t == media_type)
+            .is_some_and(|i| self.0 & (1 << i) != 0)
+    }
+
+    /// The class a tag is asked upstream (and cached) with: this one, or
+    /// [`AcceptClass::ALL`] when it accepts none of the known types (what
+    /// the tag is then decides the answer, see [`AcceptClass::serves`]).
+    pub(crate) fn upstream(self) -> AcceptClass {
+        if self == AcceptClass::NONE {
+            AcceptClass::ALL
+        } else {
+            self
+        }
+    }
+
+    /// A stable name, part of tag cache keys in memory and on disk (and of
+    /// a tag's owner key in a cluster): the accepted types' short names
+    /// joined by `+` (`v2+list+oci+index`, `v2`, `none`).
+    pub(crate) fn name(self) -> String {
+        let names: Vec<&str> = KNOWN
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.0 & (1 << i) != 0)
+            .map(|(_, (_, n))| *n)
+            .collect();
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join("+")
+        }
+    }
+
+    /// The `Accept` header value asking for this class's types (all four
+    /// for the empty class).
+    pub(crate) fn header_value(self) -> HeaderValue {
+        let types: Vec<&str> = KNOWN
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.upstream().0 & (1 << i) != 0)
+            .map(|(_, (t, _))| *t)
+            .collect();
+        HeaderValue::from_str(&types.join(", ")).unwrap_or(HeaderValue::from_static(ACCEPT))
+    }
+
+    /// Request headers with [`AcceptClass::header_value`] as `Accept`.
+    pub(crate) fn headers(self) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::ACCEPT, self.header_value());
+        h
+    }
+
+    /// Whether a manifest of `media_type` is served to this class, by tag
+    /// or by digest, as distribution 2.8 decides: an OCI manifest or index
+    /// only when accepted; a Docker schema 2 manifest or list by digest
+    /// always, by tag only when accepted (a registry would convert it to
+    /// schema 1 otherwise; stowage answers 404 instead); schema 1 never;
+    /// any other type (artifacts) always.
+    pub(crate) fn serves(self, media_type: &str, by_tag: bool) -> bool {
+        match media_type {
+            OCI_MANIFEST | OCI_INDEX => self.has(media_type),
+            DOCKER_MANIFEST | DOCKER_LIST => !by_tag || self.has(media_type),
+            t if SCHEMA1.contains(&t) => false,
+            _ => true,
+        }
+    }
 }
 
 /// The media type a manifest is served with: upstream's `Content-Type`
@@ -105,6 +247,64 @@ mod tests {
         let r = refs_of(index.as_bytes());
         assert_eq!(r.manifests, vec![Digest::parse(&a).unwrap()]);
         assert_eq!(refs_of(b"not json"), Refs::default());
+    }
+
+    #[test]
+    fn accept_classes_read_like_distribution() {
+        let class = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::ACCEPT, HeaderValue::from_str(v).unwrap());
+            }
+            AcceptClass::from_headers(&h)
+        };
+        assert_eq!(class(&[]), AcceptClass::NONE);
+        assert_eq!(class(&["*/*"]), AcceptClass::NONE);
+        assert_eq!(class(&["application/json"]), AcceptClass::NONE);
+        assert_eq!(class(&[ACCEPT]), AcceptClass::ALL);
+        // q values are ignored, q=0 included, as distribution does.
+        let q = format!("{DOCKER_MANIFEST};q=0.5, {DOCKER_LIST} ; q=0");
+        assert_eq!(
+            class(&[&q]),
+            AcceptClass::of(&[DOCKER_MANIFEST, DOCKER_LIST])
+        );
+        // Several headers add up; case does not matter.
+        assert_eq!(
+            class(&[OCI_MANIFEST, "Application/VND.oci.image.index.v1+json"]),
+            AcceptClass::of(&[OCI_MANIFEST, OCI_INDEX])
+        );
+        assert_eq!(AcceptClass::ALL.name(), "v2+list+oci+index");
+        assert_eq!(AcceptClass::of(&[DOCKER_MANIFEST]).name(), "v2");
+        assert_eq!(AcceptClass::NONE.name(), "none");
+        assert_eq!(AcceptClass::NONE.upstream(), AcceptClass::ALL);
+        assert_eq!(AcceptClass::NONE.header_value(), ACCEPT);
+        assert_eq!(
+            AcceptClass::of(&[OCI_MANIFEST, OCI_INDEX]).header_value(),
+            "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json"
+        );
+    }
+
+    #[test]
+    fn what_each_class_is_served() {
+        let docker = AcceptClass::of(&[DOCKER_MANIFEST]);
+        let oci = AcceptClass::of(&[OCI_MANIFEST, OCI_INDEX]);
+        // OCI types only when accepted, by tag and by digest.
+        for by_tag in [true, false] {
+            assert!(!docker.serves(OCI_MANIFEST, by_tag));
+            assert!(!docker.serves(OCI_INDEX, by_tag));
+            assert!(!AcceptClass::NONE.serves(OCI_INDEX, by_tag));
+            assert!(oci.serves(OCI_INDEX, by_tag));
+        }
+        // Docker types by digest always, by tag only when accepted.
+        assert!(oci.serves(DOCKER_LIST, false));
+        assert!(!oci.serves(DOCKER_LIST, true));
+        assert!(AcceptClass::NONE.serves(DOCKER_MANIFEST, false));
+        assert!(!AcceptClass::NONE.serves(DOCKER_MANIFEST, true));
+        assert!(docker.serves(DOCKER_MANIFEST, true));
+        assert!(!docker.serves(DOCKER_LIST, true));
+        // Schema 1 never; other types (artifacts) always.
+        assert!(!AcceptClass::ALL.serves(SCHEMA1[0], true));
+        assert!(AcceptClass::NONE.serves("application/vnd.example+json", true));
     }
 
     #[test]

@@ -865,7 +865,7 @@ impl Inner {
             return Ok(resp);
         }
         match kind {
-            "manifests" => Ok(self.manifest(name, reference, head)),
+            "manifests" => Ok(self.manifest(name, reference, head, req.headers())),
             "blobs" => Ok(self.blob(reference, head, req.headers())),
             _ => Ok(oci_error(StatusCode::NOT_FOUND, "NOT_FOUND", "not found")),
         }
@@ -1054,9 +1054,18 @@ impl Inner {
         b.body(if head { empty() } else { full(body) }).unwrap()
     }
 
-    fn manifest(&self, name: &str, reference: &str, head: bool) -> Response<Body> {
+    /// A manifest, negotiated by `Accept` as CNCF distribution 2.8 does
+    /// (see [`Negotiated`]).
+    fn manifest(
+        &self,
+        name: &str,
+        reference: &str,
+        head: bool,
+        headers: &HeaderMap,
+    ) -> Response<Body> {
         let store = self.store.lock().unwrap();
-        let digest = if reference.contains(':') {
+        let by_tag = !reference.contains(':');
+        let digest = if !by_tag {
             reference.to_string()
         } else {
             match store.tags.get(name).and_then(|t| t.get(reference)) {
@@ -1076,6 +1085,26 @@ impl Inner {
                 "MANIFEST_UNKNOWN",
                 "manifest unknown",
             );
+        };
+        let (digest, m) = match negotiate(&store, &digest, m, by_tag, headers) {
+            Negotiated::Serve(digest, m) => (digest, m),
+            Negotiated::Unknown(why) => {
+                return oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", why);
+            }
+            Negotiated::Schema1 => {
+                // What distribution sends: a freshly signed body each time,
+                // with the digest of its unsigned payload in the header.
+                let body = format!(
+                    "{{\"schemaVersion\":1,\"name\":\"{name}\",\"signatures\":[\"{}\"]}}",
+                    super::image::random_hex(16)
+                );
+                return Response::builder()
+                    .header("content-type", SCHEMA1_SIGNED)
+                    .header("docker-content-digest", sha256_digest(name.as_bytes()))
+                    .header("content-length", body.len().to_string())
+                    .body(if head { empty() } else { full(body) })
+                    .unwrap();
+            }
         };
         let body = if self.corrupt.lock().unwrap().contains(&digest) {
             corrupt_bytes(&m.body)
@@ -1204,4 +1233,96 @@ fn held_body(data: Bytes, hold: Arc<HoldState>) -> Body {
         },
     );
     http_body_util::BodyExt::boxed_unsync(StreamBody::new(stream.boxed()))
+}
+
+/// Docker schema 1, signed: what distribution converts to.
+pub const SCHEMA1_SIGNED: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
+
+/// What [`negotiate`] decided.
+enum Negotiated {
+    /// This manifest (the one asked for, or a list's `linux/amd64` entry).
+    Serve(String, StoredManifest),
+    /// 404 `MANIFEST_UNKNOWN`, with distribution's message.
+    Unknown(&'static str),
+    /// A schema 1 conversion.
+    Schema1,
+}
+
+/// Which known manifest types an `Accept` names, as distribution 2.8 reads
+/// it: every header, split at commas, parameters (`q`) dropped.
+fn accepted(headers: &HeaderMap) -> HashSet<String> {
+    headers
+        .get_all("accept")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| {
+            t.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .collect()
+}
+
+/// distribution 2.8's `GetManifest`, as measured against Debian's
+/// docker-registry 2.8.2: OCI manifests and indexes only to clients that
+/// accept them (by tag and by digest); Docker manifests and lists by
+/// digest to anyone; by tag, a list to clients that do not accept lists
+/// becomes its linux/amd64 manifest, and a Docker manifest to clients that
+/// do not accept schema 2 becomes a schema 1 conversion.
+fn negotiate(
+    store: &Store,
+    digest: &str,
+    m: &StoredManifest,
+    by_tag: bool,
+    headers: &HeaderMap,
+) -> Negotiated {
+    use super::image::{DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
+    let accepts = accepted(headers);
+    let ok = |t: &str| accepts.contains(t);
+    match m.media_type.as_str() {
+        OCI_MANIFEST if !ok(OCI_MANIFEST) => Negotiated::Unknown(
+            "OCI manifest found, but accept header does not support OCI manifests",
+        ),
+        OCI_INDEX if !ok(OCI_INDEX) => {
+            Negotiated::Unknown("OCI index found, but accept header does not support OCI indexes")
+        }
+        DOCKER_MANIFEST if by_tag && !ok(DOCKER_MANIFEST) => Negotiated::Schema1,
+        DOCKER_LIST if by_tag && !ok(DOCKER_LIST) => {
+            #[derive(serde::Deserialize)]
+            struct Entry {
+                digest: String,
+                platform: Option<serde_json::Value>,
+            }
+            #[derive(serde::Deserialize)]
+            struct List {
+                manifests: Vec<Entry>,
+            }
+            let amd64 = serde_json::from_slice::<List>(&m.body)
+                .ok()
+                .and_then(|l| {
+                    l.manifests.into_iter().find(|e| {
+                        e.platform
+                            .as_ref()
+                            .is_some_and(|p| p["architecture"] == "amd64" && p["os"] == "linux")
+                    })
+                })
+                .and_then(|e| {
+                    store
+                        .manifests
+                        .get(&e.digest)
+                        .map(|c| (e.digest, c.clone()))
+                });
+            match amd64 {
+                None => Negotiated::Unknown("manifest unknown"),
+                Some((_, c)) if c.media_type == DOCKER_MANIFEST && !ok(DOCKER_MANIFEST) => {
+                    Negotiated::Schema1
+                }
+                Some((d, c)) => Negotiated::Serve(d, c),
+            }
+        }
+        _ => Negotiated::Serve(digest.to_string(), m.clone()),
+    }
 }

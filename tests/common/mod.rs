@@ -32,11 +32,25 @@ pub async fn within<T>(secs: u64, what: &str, fut: impl Future<Output = T>) -> T
     }
 }
 
-/// A reqwest client that ignores proxy settings and gives up after 30 s.
+/// What pulling clients (dockerd, containerd, podman, skopeo) accept for
+/// manifests: all four types.
+pub const ACCEPT_ALL: &str = "application/vnd.docker.distribution.manifest.v2+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json";
+
+/// A reqwest client that ignores proxy settings, gives up after 30 s and,
+/// like every pulling client, sends `Accept` with [`ACCEPT_ALL`] (a request
+/// that sets its own `Accept` replaces it).
 pub fn client() -> reqwest::Client {
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::header::ACCEPT,
+        http::HeaderValue::from_static(ACCEPT_ALL),
+    );
     reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(30))
+        .default_headers(headers)
         .build()
         .unwrap()
 }
