@@ -20,10 +20,12 @@ fn basic(user: &str, password: &str) -> String {
     )
 }
 
-/// A client that sends `authorization` on every request.
+/// A client that sends `authorization` (and, as pulling clients do, an
+/// `Accept` of every manifest type) on every request.
 fn client_with(authorization: &str) -> reqwest::Client {
     let mut h = reqwest::header::HeaderMap::new();
     h.insert("authorization", authorization.parse().unwrap());
+    h.insert("accept", ACCEPT_ALL.parse().unwrap());
     reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(30))

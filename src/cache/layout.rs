@@ -8,7 +8,9 @@
 //! <cache>/tmp/<hex>-<pid>-<n>             fills in progress (emptied at start-up)
 //! <cache>/index.log                       journal: `+<digest> <size>`, `-<digest>`
 //! <cache>/manifests/<alg>/<hex>           first line the media type, then the exact bytes
-//! <cache>/tags/<host>/<repo>/_tags/<tag>  the digest a tag pointed at, and a newline
+//! <cache>/tags/<host>/<repo>/_tags/<tag>[@<class>]
+//!                                         the digest a tag pointed at for an accept
+//!                                         class (none: all four types), and a newline
 //! ```
 //!
 //! Every path is built from validated types (`Digest`, `RepoName`, `Tag`,
@@ -20,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
+use crate::oci::manifest::AcceptClass;
 use crate::oci::{Algorithm, Digest, Tag, library_prefixed};
 
 /// The name of the directory holding a repository's tag files.
@@ -98,9 +101,49 @@ impl Layout {
         p
     }
 
-    /// The file of one tag: `tags/<host>/<repo>/_tags/<tag>`.
-    pub(crate) fn tag(&self, host: &str, repo: &str, library_prefix: bool, tag: &Tag) -> PathBuf {
-        self.tag_dir(host, repo, library_prefix).join(tag.as_str())
+    /// The file of one tag as one accept class was answered:
+    /// `tags/<host>/<repo>/_tags/<tag>` for clients accepting all four
+    /// manifest types (the file name caches written before accept classes
+    /// existed already use), `…/_tags/<tag>@<class>` for the others
+    /// (`latest@v2`, `latest@oci+index`; `@` and `+` cannot be part of a
+    /// tag, so no tag's file collides with another's).
+    pub(crate) fn tag(
+        &self,
+        host: &str,
+        repo: &str,
+        library_prefix: bool,
+        tag: &Tag,
+        class: AcceptClass,
+    ) -> PathBuf {
+        let dir = self.tag_dir(host, repo, library_prefix);
+        if class == AcceptClass::ALL {
+            dir.join(tag.as_str())
+        } else {
+            dir.join(format!("{tag}@{}", class.name()))
+        }
+    }
+
+    /// Every file of one tag (all accept classes) that exists.
+    pub(crate) fn tag_files(
+        &self,
+        host: &str,
+        repo: &str,
+        library_prefix: bool,
+        tag: &Tag,
+    ) -> Vec<PathBuf> {
+        let prefix = format!("{tag}@");
+        std::fs::read_dir(self.tag_dir(host, repo, library_prefix))
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| {
+                        let name = e.file_name();
+                        let name = name.to_string_lossy();
+                        name == tag.as_str() || name.starts_with(&prefix)
+                    })
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Visits every entry of the blob store: blobs with the digest their
@@ -222,12 +265,17 @@ mod tests {
         );
         let t = Tag::parse("1.0").unwrap();
         assert_eq!(
-            l.tag("docker.io", "app", true, &t),
+            l.tag("docker.io", "app", true, &t, AcceptClass::ALL),
             PathBuf::from("/c/tags/docker.io/library/app/_tags/1.0")
         );
         assert_eq!(
-            l.tag("ghcr.io", "app", false, &t),
+            l.tag("ghcr.io", "app", false, &t, AcceptClass::ALL),
             PathBuf::from("/c/tags/ghcr.io/app/_tags/1.0")
+        );
+        let v2 = AcceptClass::of(&[crate::oci::manifest::DOCKER_MANIFEST]);
+        assert_eq!(
+            l.tag("ghcr.io", "app", false, &t, v2),
+            PathBuf::from("/c/tags/ghcr.io/app/_tags/1.0@v2")
         );
         assert!(
             l.tmp_file(&d, 7)

@@ -5,18 +5,30 @@
 //!   `<cache>/manifests/<alg>/<hex>` (first line the media type, then the
 //!   body).
 //! * By tag: a tag maps to a digest, kept per (upstream host, repository,
-//!   tag) in a moka cache whose entries expire after the upstream's tag TTL,
-//!   and on disk at `<cache>/tags/<host>/<repo>/_tags/<tag>` (`_tags` cannot
-//!   be a repository component, so tag files never collide with
-//!   repositories). When the in-memory entry has expired the tag is
+//!   tag, accept class) in a moka cache whose entries expire after the
+//!   upstream's tag TTL, and on disk at
+//!   `<cache>/tags/<host>/<repo>/_tags/<tag>[@<class>]` (`_tags` cannot be a
+//!   repository component, so tag files never collide with repositories).
+//!   The accept class is the set of known manifest types the client accepts
+//!   ([`AcceptClass`]): upstream is asked with exactly those, since a
+//!   registry answers a tag according to them (a list to list-aware
+//!   clients, its linux/amd64 manifest to schema-2-only ones, an OCI index
+//!   only to clients that accept one). When the in-memory entry has expired the tag is
 //!   revalidated with a `HEAD` upstream; the manifest is fetched again only
 //!   if the digest changed. If upstream is out (unreachable, timing out,
 //!   5xx or 429: [`Error::is_upstream_outage`]), the cached manifest is
 //!   served stale; a refusal (4xx) or bad content (digest mismatch) is an
 //!   error, never a reason to serve stale.
 //!
-//! Concurrent loads of one digest, and concurrent revalidations of one tag,
-//! are coalesced by moka into one upstream request.
+//! Whether a manifest is served at all is the client's `Accept` again
+//! ([`AcceptClass::serves`]): an OCI manifest by digest to a client that
+//! does not accept OCI is `MANIFEST_UNKNOWN`, as a registry answers, never
+//! a conversion. Manifests by digest are fetched with all four types
+//! accepted (their bytes do not depend on it) and the class decides
+//! locally, so the digest cache is shared by every class.
+//!
+//! Concurrent loads of one digest, and concurrent revalidations of one tag
+//! in one class, are coalesced by moka into one upstream request.
 
 use std::io;
 use std::path::PathBuf;
@@ -29,10 +41,10 @@ use http_body_util::{BodyExt, Limited};
 use moka::Expiry;
 
 use super::layout::{self, Layout};
-use crate::error::{Asked, Error, ErrorKind};
+use crate::error::{Asked, Error, ErrorKind, ErrorSource};
 use crate::metrics::{CacheKind, Outcome};
 use crate::oci::headers::DOCKER_CONTENT_DIGEST;
-use crate::oci::manifest;
+use crate::oci::manifest::{self, AcceptClass};
 use crate::oci::{Algorithm, Digest, RepoName, Tag};
 use crate::upstream::Upstream;
 
@@ -81,9 +93,9 @@ impl Manifest {
     }
 }
 
-/// Key of a tag: upstream host, repository (as upstream names it), tag.
-/// `host/repo:tag` (unambiguous: hosts have no `/`, repositories and tags
-/// no `:`).
+/// Key of a tag: upstream host, repository (as upstream names it), tag and
+/// the accept class it was asked with. `host/repo:tag@class` (unambiguous:
+/// hosts have no `/`, repositories and tags no `:` or `@`).
 type TagKey = String;
 
 /// A tag's current digest and how long it may be trusted.
@@ -167,9 +179,24 @@ impl ManifestStore {
         Ok(removed)
     }
 
-    /// The manifest with `digest`, from memory, disk or upstream. A body
-    /// fetched from upstream must hash to `digest`.
+    /// The manifest with `digest` for a client of `class`, from memory,
+    /// disk or upstream (a body fetched from upstream must hash to
+    /// `digest`); `MANIFEST_UNKNOWN` when `class` is not served its media
+    /// type.
     pub(crate) async fn by_digest(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+        class: AcceptClass,
+    ) -> Result<(Arc<Manifest>, Outcome), Error> {
+        let (m, outcome) = self.load_digest(upstream, repo, digest).await?;
+        served(&m, class, false)?;
+        Ok((m, outcome))
+    }
+
+    /// The manifest with `digest`, whatever its media type.
+    async fn load_digest(
         &self,
         upstream: &Upstream,
         repo: &RepoName,
@@ -186,7 +213,14 @@ impl ManifestStore {
                     return Ok(Arc::new(m));
                 }
                 fetched = true;
-                let m = fetch(upstream, repo, &digest.to_string(), Some(digest)).await?;
+                let m = fetch(
+                    upstream,
+                    repo,
+                    &digest.to_string(),
+                    Some(digest),
+                    AcceptClass::ALL,
+                )
+                .await?;
                 self.write_disk(&m).await.map_err(local_error)?;
                 Ok(Arc::new(m))
             })
@@ -195,23 +229,40 @@ impl ManifestStore {
         Ok((m, if fetched { Outcome::Miss } else { Outcome::Hit }))
     }
 
-    /// The manifest `tag` points at, revalidated upstream once the tag's
-    /// TTL has passed.
+    /// The manifest `tag` points at for a client of `class` (asked
+    /// upstream, and cached, per class), revalidated upstream once the
+    /// tag's TTL has passed; `MANIFEST_UNKNOWN` when `class` is not served
+    /// its media type.
     pub(crate) async fn by_tag(
         &self,
         upstream: &Upstream,
         repo: &RepoName,
         tag: &Tag,
+        class: AcceptClass,
+    ) -> Result<(Arc<Manifest>, Outcome), Error> {
+        let (m, outcome) = self.load_tag(upstream, repo, tag, class.upstream()).await?;
+        served(&m, class, true)?;
+        Ok((m, outcome))
+    }
+
+    /// The manifest `tag` points at as upstream answers `class`.
+    async fn load_tag(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        tag: &Tag,
+        class: AcceptClass,
     ) -> Result<(Arc<Manifest>, Outcome), Error> {
         let key: TagKey = format!(
-            "{}/{}:{}",
+            "{}/{}:{}@{}",
             upstream.host(),
             upstream.upstream_repo(repo.as_str()),
-            tag
+            tag,
+            class.name()
         );
         // Fast path: a fresh tag, no loader future built.
         if let Some(entry) = self.tags.get(&key).await {
-            let (m, _) = self.by_digest(upstream, repo, &entry.digest).await?;
+            let (m, _) = self.load_digest(upstream, repo, &entry.digest).await?;
             let outcome = match entry.outcome {
                 Outcome::Stale => Outcome::Stale,
                 _ => Outcome::Hit,
@@ -223,11 +274,11 @@ impl ManifestStore {
             .tags
             .try_get_with_by_ref(&key, async {
                 loaded = true;
-                self.revalidate(upstream, repo, tag).await
+                self.revalidate(upstream, repo, tag, class).await
             })
             .await
             .map_err(|e: Arc<Error>| (*e).clone())?;
-        let (m, _) = self.by_digest(upstream, repo, &entry.digest).await?;
+        let (m, _) = self.load_digest(upstream, repo, &entry.digest).await?;
         // A tag being served stale stays `Stale` until upstream answers again.
         let outcome = match (loaded, entry.outcome) {
             (true, o) | (false, o @ Outcome::Stale) => o,
@@ -236,20 +287,21 @@ impl ManifestStore {
         Ok((m, outcome))
     }
 
-    /// Asks upstream what `tag` points at now, using the tag file on disk
-    /// as the stale answer.
+    /// Asks upstream what `tag` points at now for `class`, using the tag
+    /// file on disk as the stale answer.
     async fn revalidate(
         &self,
         upstream: &Upstream,
         repo: &RepoName,
         tag: &Tag,
+        class: AcceptClass,
     ) -> Result<TagEntry, Error> {
         let ttl = upstream.tag_ttl();
-        let stale = match self.read_tag(upstream, repo, tag).await {
+        let stale = match self.read_tag(upstream, repo, tag, class).await {
             Some(d) if self.has(&d).await => d,
             _ => {
-                let m = fetch(upstream, repo, tag.as_str(), None).await?;
-                return self.adopt(upstream, repo, tag, m, ttl).await;
+                let m = fetch(upstream, repo, tag.as_str(), None, class).await?;
+                return self.adopt(upstream, repo, tag, class, m, ttl).await;
             }
         };
         let what = format!("{repo}:{tag}");
@@ -262,7 +314,7 @@ impl ManifestStore {
                 outcome: Outcome::Stale,
             })
         };
-        match head(upstream, repo, tag, &stale, &what).await? {
+        match head(upstream, repo, tag, class, &stale, &what).await? {
             Head::Unchanged => {
                 return Ok(TagEntry {
                     digest: stale,
@@ -274,8 +326,8 @@ impl ManifestStore {
             Head::Moved => {}
         }
         // Moved (or HEAD gave no digest): fetch the tag.
-        match fetch(upstream, repo, tag.as_str(), None).await {
-            Ok(m) => self.adopt(upstream, repo, tag, m, ttl).await,
+        match fetch(upstream, repo, tag.as_str(), None, class).await {
+            Ok(m) => self.adopt(upstream, repo, tag, class, m, ttl).await,
             Err(e) if e.is_upstream_outage() => serve_stale(e.report()),
             Err(e) => Err(e),
         }
@@ -287,11 +339,12 @@ impl ManifestStore {
         upstream: &Upstream,
         repo: &RepoName,
         tag: &Tag,
+        class: AcceptClass,
         m: Manifest,
         ttl: Duration,
     ) -> Result<TagEntry, Error> {
         self.write_disk(&m).await.map_err(local_error)?;
-        self.write_tag(upstream, repo, tag, &m.digest)
+        self.write_tag(upstream, repo, tag, class, &m.digest)
             .await
             .map_err(local_error)?;
         let digest = m.digest.clone();
@@ -311,12 +364,19 @@ impl ManifestStore {
                 .unwrap_or(false)
     }
 
-    fn tag_path(&self, upstream: &Upstream, repo: &RepoName, tag: &Tag) -> PathBuf {
+    fn tag_path(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        tag: &Tag,
+        class: AcceptClass,
+    ) -> PathBuf {
         self.layout.tag(
             upstream.host(),
             repo.as_str(),
             upstream.library_prefix(),
             tag,
+            class,
         )
     }
 
@@ -344,8 +404,14 @@ impl ManifestStore {
         write_atomic(self.layout.manifest(&m.digest), data).await
     }
 
-    async fn read_tag(&self, upstream: &Upstream, repo: &RepoName, tag: &Tag) -> Option<Digest> {
-        let text = tokio::fs::read_to_string(self.tag_path(upstream, repo, tag))
+    async fn read_tag(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        tag: &Tag,
+        class: AcceptClass,
+    ) -> Option<Digest> {
+        let text = tokio::fs::read_to_string(self.tag_path(upstream, repo, tag, class))
             .await
             .ok()?;
         layout::decode_tag(&text)
@@ -356,10 +422,11 @@ impl ManifestStore {
         upstream: &Upstream,
         repo: &RepoName,
         tag: &Tag,
+        class: AcceptClass,
         digest: &Digest,
     ) -> io::Result<()> {
         write_atomic(
-            self.tag_path(upstream, repo, tag),
+            self.tag_path(upstream, repo, tag, class),
             layout::encode_tag(digest),
         )
         .await
@@ -444,6 +511,7 @@ async fn head(
     upstream: &Upstream,
     repo: &RepoName,
     tag: &Tag,
+    class: AcceptClass,
     cached: &Digest,
     what: &str,
 ) -> Result<Head, Error> {
@@ -452,7 +520,7 @@ async fn head(
             Method::HEAD,
             repo.as_str(),
             &format!("manifests/{tag}"),
-            manifest::accept_headers(),
+            class.headers(),
         )
         .await;
     match head.map_err(Error::from) {
@@ -490,14 +558,17 @@ fn local_error(e: io::Error) -> Error {
     Error::local("manifest cache storage error", e)
 }
 
-/// GETs a manifest by tag or digest and verifies it: against `expected`
-/// when fetched by digest, against upstream's `Docker-Content-Digest` when
-/// fetched by tag.
+/// GETs a manifest by tag or digest, accepting `class`, and verifies it:
+/// against `expected` when fetched by digest, against upstream's
+/// `Docker-Content-Digest` when fetched by tag. A schema 1 answer (a
+/// registry's conversion for a client that accepts neither schema 2 nor a
+/// list) is `MANIFEST_UNKNOWN`: stowage serves no schema 1.
 async fn fetch(
     upstream: &Upstream,
     repo: &RepoName,
     reference: &str,
     expected: Option<&Digest>,
+    class: AcceptClass,
 ) -> Result<Manifest, Error> {
     let what = format!("{repo}@{reference}");
     let resp = upstream
@@ -505,7 +576,7 @@ async fn fetch(
             Method::GET,
             repo.as_str(),
             &format!("manifests/{reference}"),
-            manifest::accept_headers(),
+            class.headers(),
         )
         .await?;
     if resp.status() != StatusCode::OK {
@@ -526,10 +597,41 @@ async fn fetch(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    if content_type
+        .as_deref()
+        .is_some_and(|t| !class.serves(&manifest::media_type(Some(t), b""), true))
+    {
+        return Err(Error::new(
+            ErrorKind::ManifestUnknown,
+            ErrorSource::Client,
+            format!(
+                "upstream offers {what} to this Accept only as {}, which stowage does not serve",
+                content_type.unwrap_or_default()
+            ),
+        ));
+    }
     let body = read_body(resp.into_body(), &what).await?;
     let digest = verify(upstream, &body, expected.or(header_digest.as_ref()), &what)?;
     let media_type = manifest::media_type(content_type.as_deref(), &body);
     Ok(Manifest::new(digest, media_type, body))
+}
+
+/// `MANIFEST_UNKNOWN` unless a client of `class` is served `m`'s media
+/// type (by tag or by digest), as a registry answers such a client.
+fn served(m: &Manifest, class: AcceptClass, by_tag: bool) -> Result<(), Error> {
+    if class.serves(&m.media_type, by_tag) {
+        return Ok(());
+    }
+    let by = if by_tag { "tag" } else { "digest" };
+    Err(Error::new(
+        ErrorKind::ManifestUnknown,
+        ErrorSource::Client,
+        format!(
+            "manifest {} is {}, which the request's Accept does not include (asked by {by}; \
+             stowage does not convert manifests)",
+            m.digest, m.media_type
+        ),
+    ))
 }
 
 #[cfg(test)]

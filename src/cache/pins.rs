@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::index::BlobIndex;
 use super::manifests::{Manifest, ManifestStore};
 use crate::error::Error;
-use crate::oci::manifest::refs_of;
+use crate::oci::manifest::{AcceptClass, refs_of};
 use crate::oci::{Digest, ImageRef, Reference, RepoName};
 use crate::upstream::Upstream;
 
@@ -78,14 +78,27 @@ impl Pins {
     async fn resolve(&self, image: &ImageRef) -> Result<HashSet<Digest>, Error> {
         let (upstream, repo) = (self.route)(image)?;
         let top: Arc<Manifest> = match &image.reference {
-            Reference::Tag(t) => self.manifests.by_tag(&upstream, &repo, t).await?.0,
-            Reference::Digest(d) => self.manifests.by_digest(&upstream, &repo, d).await?.0,
+            Reference::Tag(t) => {
+                self.manifests
+                    .by_tag(&upstream, &repo, t, AcceptClass::ALL)
+                    .await?
+                    .0
+            }
+            Reference::Digest(d) => {
+                self.manifests
+                    .by_digest(&upstream, &repo, d, AcceptClass::ALL)
+                    .await?
+                    .0
+            }
         };
         let mut blobs = HashSet::new();
         let refs = refs_of(&top.body);
         blobs.extend(refs.blobs);
         for child in refs.manifests {
-            let (m, _) = self.manifests.by_digest(&upstream, &repo, &child).await?;
+            let (m, _) = self
+                .manifests
+                .by_digest(&upstream, &repo, &child, AcceptClass::ALL)
+                .await?;
             blobs.extend(refs_of(&m.body).blobs);
         }
         Ok(blobs)

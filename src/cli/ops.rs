@@ -200,12 +200,12 @@ pub(crate) fn purge(config: &Config, target: &str) -> io::Result<Purged> {
         .rsplit_once(':')
         .is_some_and(|(_, t)| !t.contains('/'));
     let tag_files: Vec<PathBuf> = match (&image.reference, explicit_tag) {
-        (Reference::Tag(t), true) => vec![layout.tag(
+        (Reference::Tag(t), true) => layout.tag_files(
             &upstream.host,
             image.repo.as_str(),
             upstream.library_prefix,
             t,
-        )],
+        ),
         _ => std::fs::read_dir(&tags_dir)
             .map(|rd| rd.flatten().map(|e| e.path()).collect())
             .unwrap_or_default(),
@@ -275,6 +275,7 @@ fn remove_blob(layout: &Layout, digest: &Digest, purged: &mut Purged) -> io::Res
 mod tests {
     use super::*;
     use crate::oci::Algorithm;
+    use crate::oci::manifest::AcceptClass;
 
     fn put_blob(cache: &Path, data: &[u8]) -> Digest {
         let d = Digest::of(Algorithm::Sha256, data);
@@ -315,15 +316,18 @@ mod tests {
             "app",
             true,
             &crate::oci::Tag::parse("1.0").unwrap(),
+            AcceptClass::ALL,
         );
         assert!(tag.ends_with("tags/docker.io/library/app/_tags/1.0"));
         std::fs::create_dir_all(tag.parent().unwrap()).unwrap();
         std::fs::write(&tag, layout::encode_tag(&manifest)).unwrap();
+        // The same tag as a schema-2-only client was answered.
+        std::fs::write(tag.with_file_name("1.0@v2"), layout::encode_tag(&manifest)).unwrap();
 
         let s = stats(cache, Some(1000)).unwrap();
         assert_eq!(
             (s.blobs, s.bytes, s.manifests, s.tags),
-            (3, 6 + 11 + 9, 1, 1)
+            (3, 6 + 11 + 9, 1, 2)
         );
         assert!(s.to_string().contains("of 1000 B"), "{s}");
 
@@ -335,15 +339,15 @@ mod tests {
         assert_eq!((p.blobs, p.bytes), (1, 9));
         let p = purge(&config, "docker.io/library/nothing").unwrap();
         assert_eq!(p, Purged::default());
-        // "app" on Docker Hub is library/app.
-        let p = purge(&config, "app").unwrap();
+        // "app" on Docker Hub is library/app; a tag goes in every class.
+        let p = purge(&config, "app:1.0").unwrap();
         assert_eq!(
             p,
             Purged {
                 blobs: 2,
                 bytes: 17,
                 manifests: 1,
-                tags: 1
+                tags: 2
             }
         );
         assert_eq!(list_blobs(cache).unwrap(), vec![]);

@@ -21,7 +21,7 @@ use crate::error::{Asked, Error};
 use crate::front::zerocopy::Regions;
 use crate::metrics::Outcome;
 use crate::oci::headers::{DOCKER_API_VERSION, OCI_FILTERS_APPLIED, X_STOWAGE_CACHE};
-use crate::oci::manifest::OCI_INDEX;
+use crate::oci::manifest::{AcceptClass, OCI_INDEX};
 use crate::oci::{Digest, ParseError, Reference, Route, parse_route};
 use crate::upstream::Upstream;
 
@@ -118,7 +118,7 @@ async fn dispatch(
         Route::Base => Ok(base(method)),
         Route::Write => Err(Error::unsupported("pushing is not supported")),
         Route::Blob { name, digest } => blob(state, req, &name, ns, &digest).await,
-        Route::Manifest { name, reference } => manifest(state, method, &name, ns, &reference).await,
+        Route::Manifest { name, reference } => manifest(state, req, &name, ns, &reference).await,
         Route::TagsList { name } => tags_list(state, req, &name, ns).await,
         Route::Referrers { name, digest } => referrers(state, req, &name, ns, &digest).await,
     }
@@ -168,21 +168,28 @@ async fn blob(
     Ok((r.response, Some(r.outcome)))
 }
 
-/// `/v2/<name>/manifests/<reference>`: from the manifest cache.
+/// `/v2/<name>/manifests/<reference>`: from the manifest cache, as the
+/// client's `Accept` asks (its accept class).
 async fn manifest(
     state: &AppState,
-    method: &Method,
+    req: &Request<Incoming>,
     name: &str,
     ns: Option<&str>,
     reference: &Reference,
 ) -> Result<Answer, Error> {
     let (upstream, repo) = state.router.route(name, ns)?;
+    let class = AcceptClass::from_headers(req.headers());
     let (m, outcome) = match reference {
-        Reference::Digest(d) => state.manifests.by_digest(&upstream, &repo, d).await?,
-        Reference::Tag(t) => state.manifests.by_tag(&upstream, &repo, t).await?,
+        Reference::Digest(d) => {
+            state
+                .manifests
+                .by_digest(&upstream, &repo, d, class)
+                .await?
+        }
+        Reference::Tag(t) => state.manifests.by_tag(&upstream, &repo, t, class).await?,
     };
     Ok((
-        Ok(manifest_response(&m, method == Method::HEAD)),
+        Ok(manifest_response(&m, req.method() == Method::HEAD)),
         Some(outcome),
     ))
 }

@@ -87,6 +87,7 @@ impl AcceptClass {
     }
 
     /// The class accepting exactly `types` (known ones; others ignored).
+    #[cfg(test)]
     pub(crate) fn of(types: &[&str]) -> AcceptClass {
         let mut bits = 0;
         for t in types {
