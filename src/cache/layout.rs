@@ -8,6 +8,9 @@
 //! <cache>/tmp/<hex>-<pid>-<n>             fills in progress (emptied at start-up)
 //! <cache>/index.log                       journal: `+<digest> <size>`, `-<digest>`
 //! <cache>/manifests/<alg>/<hex>           first line the media type, then the exact bytes
+//! <cache>/tags/<host>/<repo>/_referrers/<alg>-<hex>[@<filter hash>]
+//!                                         a referrers answer: its body's digest, and
+//!                                         whether upstream applied the filter
 //! <cache>/tags/<host>/<repo>/_tags/<tag>[@<class>]
 //!                                         the digest a tag pointed at for an accept
 //!                                         class (none: all four types), and a newline
@@ -27,6 +30,10 @@ use crate::oci::{Algorithm, Digest, Tag, library_prefixed};
 
 /// The name of the directory holding a repository's tag files.
 pub(crate) const TAG_DIR: &str = "_tags";
+
+/// The name of the directory holding a repository's referrers records
+/// (beside `_tags`; `_` cannot start a repository component either).
+pub(crate) const REFERRERS_DIR: &str = "_referrers";
 
 /// The paths of one cache directory.
 #[derive(Debug, Clone)]
@@ -123,6 +130,31 @@ impl Layout {
         }
     }
 
+    /// The record of a referrers answer: what upstream's OCI referrers API
+    /// answered for `subject` in a repository, with an `artifactType`
+    /// filter or without: `tags/<host>/<repo>/_referrers/<alg>-<hex>`, and
+    /// `…@<first 16 hex digits of the filter's sha256>` when filtered (a
+    /// filter is a media type, not a file name).
+    pub(crate) fn referrers(
+        &self,
+        host: &str,
+        repo: &str,
+        library_prefix: bool,
+        subject: &Digest,
+        filter: Option<&str>,
+    ) -> PathBuf {
+        let mut dir = self.tag_dir(host, repo, library_prefix);
+        dir.set_file_name(REFERRERS_DIR);
+        let name = format!("{}-{}", subject.algorithm().as_str(), subject.hex());
+        match filter {
+            None => dir.join(name),
+            Some(f) => {
+                let h = Digest::of(Algorithm::Sha256, f.as_bytes());
+                dir.join(format!("{name}@{}", &h.hex()[..16]))
+            }
+        }
+    }
+
     /// Every file of one tag (all accept classes) that exists.
     pub(crate) fn tag_files(
         &self,
@@ -214,6 +246,25 @@ pub(crate) fn decode_tag(text: &str) -> Option<Digest> {
     Digest::parse(text.trim()).ok()
 }
 
+/// A referrers record: the digest of the answer's body (kept as a
+/// manifest), a newline, and `artifactType` and a newline when upstream
+/// applied the filter (`OCI-Filters-Applied`).
+pub(crate) fn encode_referrers(body: &Digest, filters_applied: bool) -> Vec<u8> {
+    if filters_applied {
+        format!("{body}\nartifactType\n").into_bytes()
+    } else {
+        format!("{body}\n").into_bytes()
+    }
+}
+
+/// The body digest and whether filters were applied, of a referrers
+/// record.
+pub(crate) fn decode_referrers(text: &str) -> Option<(Digest, bool)> {
+    let mut lines = text.lines();
+    let digest = Digest::parse(lines.next()?.trim()).ok()?;
+    Some((digest, lines.next().map(str::trim) == Some("artifactType")))
+}
+
 /// One line of the blob journal (`index.log`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Record {
@@ -301,6 +352,22 @@ mod tests {
         for r in [Record::Stored(d.clone(), 42), Record::Removed(d.clone())] {
             assert_eq!(Record::parse(r.line().trim_end()), Some(r));
         }
+        for applied in [false, true] {
+            let text = String::from_utf8(encode_referrers(&d, applied)).unwrap();
+            assert_eq!(decode_referrers(&text), Some((d.clone(), applied)));
+        }
+        let l = Layout::new(Path::new("/c"));
+        let r = l.referrers("ghcr.io", "a/b", false, &d, None);
+        assert_eq!(
+            r,
+            PathBuf::from(format!("/c/tags/ghcr.io/a/b/_referrers/sha256-{}", d.hex()))
+        );
+        let f = l.referrers("ghcr.io", "a/b", false, &d, Some("application/x+json"));
+        assert!(
+            f.to_string_lossy()
+                .contains(&format!("sha256-{}@", d.hex()))
+        );
+        assert_ne!(f, l.referrers("ghcr.io", "a/b", false, &d, Some("y")));
         assert_eq!(Record::parse("+sha256:abc 1"), None);
         assert_eq!(Record::parse(&format!("+{d} x")), None);
         assert_eq!(Record::parse("garbage"), None);

@@ -123,11 +123,13 @@ impl Expiry<TagKey, TagEntry> for TagExpiry {
 /// The manifest cache. Share it in an `Arc`.
 pub(crate) struct ManifestStore {
     /// Where manifest and tag files live.
-    layout: Layout,
+    pub(super) layout: Layout,
     /// Manifests by digest, in memory.
     by_digest: moka::future::Cache<Digest, Arc<Manifest>>,
     /// Fresh tags.
     tags: moka::future::Cache<TagKey, TagEntry>,
+    /// Fresh referrers answers (`referrers.rs`).
+    pub(super) referrers: moka::future::Cache<String, super::referrers::RefEntry>,
 }
 
 impl ManifestStore {
@@ -145,6 +147,7 @@ impl ManifestStore {
                 .max_capacity(100_000)
                 .expire_after(TagExpiry)
                 .build(),
+            referrers: super::referrers::new_cache(),
         })
     }
 
@@ -356,6 +359,23 @@ impl ManifestStore {
         })
     }
 
+    /// A manifest held locally (memory or disk), never asked upstream.
+    pub(super) async fn local(&self, digest: &Digest) -> Option<Arc<Manifest>> {
+        if let Some(m) = self.by_digest.get(digest).await {
+            return Some(m);
+        }
+        let m = Arc::new(self.read_disk(digest).await.ok()??);
+        self.by_digest.insert(digest.clone(), m.clone()).await;
+        Some(m)
+    }
+
+    /// Keeps a verified manifest on disk and in memory.
+    pub(super) async fn keep(&self, m: Manifest) -> io::Result<()> {
+        self.write_disk(&m).await?;
+        self.by_digest.insert(m.digest.clone(), Arc::new(m)).await;
+        Ok(())
+    }
+
     /// Whether a manifest is available locally.
     async fn has(&self, digest: &Digest) -> bool {
         self.by_digest.contains_key(digest)
@@ -435,7 +455,7 @@ impl ManifestStore {
 
 /// Writes a small file via a temporary sibling and a rename, so readers see
 /// the old or the new content, never a torn one.
-async fn write_atomic(path: PathBuf, data: Vec<u8>) -> io::Result<()> {
+pub(super) async fn write_atomic(path: PathBuf, data: Vec<u8>) -> io::Result<()> {
     tokio::task::spawn_blocking(move || {
         let dir = path
             .parent()
@@ -452,7 +472,7 @@ async fn write_atomic(path: PathBuf, data: Vec<u8>) -> io::Result<()> {
 }
 
 /// A manifest body, bounded by [`MAX_MANIFEST`].
-async fn read_body(body: hyper::body::Incoming, what: &str) -> Result<Bytes, Error> {
+pub(super) async fn read_body(body: hyper::body::Incoming, what: &str) -> Result<Bytes, Error> {
     let collected = Limited::new(body, MAX_MANIFEST)
         .collect()
         .await

@@ -1,5 +1,6 @@
 //! The cache: blobs on disk under a byte budget ([`blob`], [`index`]),
-//! manifests and tags ([`manifests`]), pinned images ([`pins`]).
+//! manifests and tags ([`manifests`]), referrers answers ([`referrers`]),
+//! pinned images ([`pins`]).
 
 pub(crate) mod blob;
 pub(crate) mod config;
@@ -8,3 +9,4 @@ pub(crate) mod journal;
 pub(crate) mod layout;
 pub(crate) mod manifests;
 pub(crate) mod pins;
+pub(crate) mod referrers;

@@ -214,6 +214,21 @@ pub(crate) fn purge(config: &Config, target: &str) -> io::Result<Purged> {
     if let Reference::Digest(d) = &image.reference {
         roots.push(d.clone());
     }
+    if !explicit_tag {
+        // A whole repository: its referrers answers too (the indexes kept
+        // for them list the repository's signatures and SBOMs).
+        let mut dir = tags_dir.clone();
+        dir.set_file_name(layout::REFERRERS_DIR);
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if let Some((d, _)) = std::fs::read_to_string(e.path())
+                .ok()
+                .and_then(|t| layout::decode_referrers(&t))
+            {
+                roots.push(d);
+            }
+            std::fs::remove_file(e.path())?;
+        }
+    }
     for f in tag_files {
         if let Ok(text) = std::fs::read_to_string(&f) {
             if let Some(d) = layout::decode_tag(&text) {
@@ -351,6 +366,15 @@ mod tests {
             }
         );
         assert_eq!(list_blobs(cache).unwrap(), vec![]);
+        // A repository's referrers answers go with the repository.
+        let answer = put_manifest(cache, r#"{"manifests":[]}"#);
+        let subject = Digest::of(crate::oci::Algorithm::Sha256, b"subject");
+        let record = Layout::new(cache).referrers("docker.io", "app", true, &subject, None);
+        std::fs::create_dir_all(record.parent().unwrap()).unwrap();
+        std::fs::write(&record, layout::encode_referrers(&answer, false)).unwrap();
+        let p = purge(&config, "app").unwrap();
+        assert_eq!(p.manifests, 1);
+        assert!(!record.exists());
         assert!(stats(&cache.join("nope"), None).is_err());
     }
 }

@@ -220,8 +220,8 @@ async fn tags_list(
     passthrough(&upstream, req.method(), &repo, &tail, HeaderMap::new()).await
 }
 
-/// `/v2/<name>/referrers/<digest>`: passed through (only `artifactType` is
-/// kept).
+/// `/v2/<name>/referrers/<digest>`: from the referrers cache (only
+/// `artifactType` is kept of the query), always as an OCI image index.
 async fn referrers(
     state: &AppState,
     req: &Request<Incoming>,
@@ -230,22 +230,35 @@ async fn referrers(
     digest: &Digest,
 ) -> Result<Answer, Error> {
     let (upstream, repo) = state.router.route(name, ns)?;
-    let mut tail = format!("referrers/{digest}");
-    if let Some(at) = req
+    let filter = req
         .uri()
         .query()
         .and_then(|q| form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "artifactType"))
-    {
-        tail.push('?');
-        tail.push_str(
-            &form_urlencoded::Serializer::new(String::new())
-                .append_pair("artifactType", &at.1)
-                .finish(),
+        .map(|(_, v)| v.into_owned());
+    let (answer, outcome) = state
+        .manifests
+        .referrers(&upstream, &repo, digest, filter.as_deref())
+        .await?;
+    let head = req.method() == Method::HEAD;
+    let length = answer.body.len();
+    let mut r = Response::new(if head {
+        body::empty()
+    } else {
+        body::full(answer.body)
+    });
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(OCI_INDEX));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    if answer.filters_applied {
+        h.insert(
+            OCI_FILTERS_APPLIED,
+            HeaderValue::from_static("artifactType"),
         );
     }
-    let mut headers = HeaderMap::new();
-    headers.insert(header::ACCEPT, HeaderValue::from_static(OCI_INDEX));
-    passthrough(&upstream, req.method(), &repo, &tail, headers).await
+    if let Some(link) = answer.link {
+        h.insert(header::LINK, link);
+    }
+    Ok((Ok(r), Some(outcome)))
 }
 
 fn manifest_response(m: &Manifest, head: bool) -> Response<Body> {

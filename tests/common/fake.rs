@@ -867,6 +867,7 @@ impl Inner {
         match kind {
             "manifests" => Ok(self.manifest(name, reference, head, req.headers())),
             "blobs" => Ok(self.blob(reference, head, req.headers())),
+            "referrers" => Ok(self.referrers(reference, query.as_deref(), head)),
             _ => Ok(oci_error(StatusCode::NOT_FOUND, "NOT_FOUND", "not found")),
         }
     }
@@ -1118,6 +1119,58 @@ impl Inner {
             .header("etag", format!("\"{digest}\""))
             .body(if head { empty() } else { full(body) })
             .unwrap()
+    }
+
+    /// OCI 1.1 referrers: an image index of every stored manifest whose
+    /// `subject` is `digest`, filtered by `artifactType` when asked (and
+    /// then saying so in `OCI-Filters-Applied`).
+    fn referrers(&self, digest: &str, query: Option<&str>, head: bool) -> Response<Body> {
+        let filter = query_params(query)
+            .into_iter()
+            .find(|(k, _)| k == "artifactType")
+            .map(|(_, v)| v);
+        let store = self.store.lock().unwrap();
+        let mut found: Vec<(String, serde_json::Value)> = Vec::new();
+        for (d, m) in &store.manifests {
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.body) else {
+                continue;
+            };
+            if v["subject"]["digest"] != digest {
+                continue;
+            }
+            let artifact_type = v["artifactType"]
+                .as_str()
+                .or(v["config"]["mediaType"].as_str())
+                .unwrap_or_default()
+                .to_string();
+            if filter.as_ref().is_some_and(|f| *f != artifact_type) {
+                continue;
+            }
+            let mut desc = serde_json::json!({
+                "mediaType": m.media_type,
+                "digest": d,
+                "size": m.body.len(),
+                "artifactType": artifact_type,
+            });
+            if !v["annotations"].is_null() {
+                desc["annotations"] = v["annotations"].clone();
+            }
+            found.push((d.clone(), desc));
+        }
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        let body = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": found.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
+        }))
+        .unwrap();
+        let mut b = Response::builder()
+            .header("content-type", "application/vnd.oci.image.index.v1+json")
+            .header("content-length", body.len().to_string());
+        if filter.is_some() {
+            b = b.header("oci-filters-applied", "artifactType");
+        }
+        b.body(if head { empty() } else { full(body) }).unwrap()
     }
 
     fn blob(&self, digest: &str, head: bool, headers: &HeaderMap) -> Response<Body> {

@@ -167,6 +167,31 @@ pub fn make_image_for(format: Format, layer_sizes: &[usize], arch: &str) -> Imag
     }
 }
 
+/// An OCI 1.1 artifact (a signature, an SBOM) referring to `subject`: an
+/// OCI image manifest with `artifactType`, the empty config, one layer of
+/// random payload and a `subject` descriptor.
+pub fn make_artifact(subject: &Image, artifact_type: &str) -> Image {
+    let config = Blob::new(Bytes::from_static(b"{}"));
+    let payload = Blob::random(64);
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": artifact_type,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": config.digest, "size": 2},
+        "layers": [{"mediaType": "application/octet-stream", "digest": payload.digest, "size": payload.len()}],
+        "subject": {"mediaType": subject.media_type.as_str(), "digest": subject.digest, "size": subject.manifest.len()},
+        "annotations": {"org.example.nonce": random_hex(4)},
+    });
+    let manifest = Bytes::from(serde_json::to_vec_pretty(&manifest).unwrap());
+    Image {
+        config,
+        digest: sha256_digest(&manifest),
+        layers: vec![payload],
+        manifest,
+        media_type: MediaType::OciManifest,
+    }
+}
+
 /// A multi-platform index over several images.
 #[derive(Clone, Debug)]
 pub struct Index {

@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 pub use fake::{Failure, FakeUpstream, Hold, Recorded, dead_url};
 pub use image::{
     Blob, DOCKER_LIST, DOCKER_MANIFEST, Format, Image, Index, MediaType, OCI_INDEX, OCI_MANIFEST,
-    make_image, make_image_for, make_index, random_bytes, sha256_digest,
+    make_artifact, make_image, make_image_for, make_index, random_bytes, sha256_digest,
 };
 pub use mirror::{Stowage, config_toml, start_stowage, start_stowage_in, start_stowage_toml};
 pub use process::{Process, run_stowage, wait_http_ok};

@@ -1,0 +1,239 @@
+//! OCI 1.1 referrers answers (`GET /v2/<name>/referrers/<digest>`), cached
+//! like tags: per (upstream host, repository, subject digest,
+//! `artifactType` filter), fresh for the upstream's tag TTL, then asked
+//! again; served stale when upstream is out (unreachable, 5xx, 429), from
+//! memory or, after a restart, from disk. So signatures and SBOMs can be
+//! found and verified through the mirror, and offline.
+//!
+//! An answer's body is kept as a manifest (content-addressed under
+//! `manifests/`, media type the OCI index), and a small record per key
+//! (`cache/layout.rs`: `_referrers/…`) names it and whether upstream
+//! applied the filter. Answers are always served as
+//! `application/vnd.oci.image.index.v1+json`, as the OCI distribution
+//! specification requires. A paginated answer (upstream sent `Link`) is
+//! passed on with its `Link` but not kept.
+//!
+//! Registries without the API answer 404; that is passed on (not cached),
+//! and clients fall back to the tag schema (`sha256-<hex>.sig`), which goes
+//! through the tag cache like any tag.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+
+use super::layout;
+use super::manifests::{Manifest, ManifestStore, read_body, write_atomic};
+use crate::error::{Asked, Error};
+use crate::metrics::Outcome;
+use crate::oci::headers::OCI_FILTERS_APPLIED;
+use crate::oci::manifest::OCI_INDEX;
+use crate::oci::{Digest, RepoName};
+use crate::upstream::Upstream;
+
+/// Longest a stale answer is served before upstream is asked again.
+const STALE_RETRY: Duration = Duration::from_secs(30);
+
+/// A referrers answer.
+#[derive(Debug, Clone)]
+pub(crate) struct Referrers {
+    /// The image index listing the referrers, as upstream sent it.
+    pub(crate) body: Bytes,
+    /// Whether upstream applied the `artifactType` filter.
+    pub(crate) filters_applied: bool,
+    /// Upstream's `Link` to the next page (such answers are not kept).
+    pub(crate) link: Option<HeaderValue>,
+}
+
+/// A cached answer and how long it may be trusted.
+#[derive(Debug, Clone)]
+pub(crate) struct RefEntry {
+    answer: Referrers,
+    fresh_for: Duration,
+    outcome: Outcome,
+}
+
+/// Per-entry expiry, as for tags.
+pub(crate) struct RefExpiry;
+
+impl moka::Expiry<String, RefEntry> for RefExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &String,
+        value: &RefEntry,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        Some(value.fresh_for)
+    }
+}
+
+/// The in-memory cache of referrers answers.
+pub(crate) fn new_cache() -> moka::future::Cache<String, RefEntry> {
+    moka::future::Cache::builder()
+        .max_capacity(10_000)
+        .expire_after(RefExpiry)
+        .build()
+}
+
+impl ManifestStore {
+    /// The referrers of `subject` in `repo`, with `filter` as
+    /// `artifactType` if given: fresh from the cache, else from upstream
+    /// (coalesced per key), else stale when upstream is out.
+    pub(crate) async fn referrers(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        subject: &Digest,
+        filter: Option<&str>,
+    ) -> Result<(Referrers, Outcome), Error> {
+        let key = format!(
+            "{}/{}@{subject}?{}",
+            upstream.host(),
+            upstream.upstream_repo(repo.as_str()),
+            filter.unwrap_or("")
+        );
+        if let Some(entry) = self.referrers.get(&key).await {
+            let outcome = match entry.outcome {
+                Outcome::Stale => Outcome::Stale,
+                _ => Outcome::Hit,
+            };
+            return Ok((entry.answer, outcome));
+        }
+        let mut loaded = false;
+        let entry = self
+            .referrers
+            .try_get_with_by_ref(&key, async {
+                loaded = true;
+                self.refresh_referrers(upstream, repo, subject, filter)
+                    .await
+            })
+            .await
+            .map_err(|e: Arc<Error>| (*e).clone())?;
+        let outcome = match (loaded, entry.outcome) {
+            (true, o) | (false, o @ Outcome::Stale) => o,
+            (false, _) => Outcome::Hit,
+        };
+        Ok((entry.answer, outcome))
+    }
+
+    /// Asks upstream; keeps and returns its answer, or the kept one when
+    /// upstream is out.
+    async fn refresh_referrers(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        subject: &Digest,
+        filter: Option<&str>,
+    ) -> Result<RefEntry, Error> {
+        let ttl = upstream.tag_ttl();
+        let record = self.layout.referrers(
+            upstream.host(),
+            repo.as_str(),
+            upstream.library_prefix(),
+            subject,
+            filter,
+        );
+        let answer = match fetch(upstream, repo, subject, filter).await {
+            Ok(a) => a,
+            Err(e) if e.is_upstream_outage() => {
+                let kept = match tokio::fs::read_to_string(&record).await {
+                    Ok(text) => layout::decode_referrers(&text),
+                    Err(_) => None,
+                };
+                let Some((digest, filters_applied)) = kept else {
+                    return Err(e);
+                };
+                let Some(m) = self.local(&digest).await else {
+                    return Err(e);
+                };
+                tracing::warn!(upstream = upstream.host(), %repo, %subject, reason = %e.report(),
+                    "upstream unavailable, serving stale referrers");
+                return Ok(RefEntry {
+                    answer: Referrers {
+                        body: m.body.clone(),
+                        filters_applied,
+                        link: None,
+                    },
+                    fresh_for: ttl.min(STALE_RETRY),
+                    outcome: Outcome::Stale,
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        if answer.link.is_some() {
+            return Ok(RefEntry {
+                answer,
+                fresh_for: Duration::ZERO,
+                outcome: Outcome::Upstream,
+            });
+        }
+        let m = Manifest::new(
+            Digest::of(subject.algorithm(), &answer.body),
+            OCI_INDEX.to_string(),
+            answer.body.clone(),
+        );
+        let digest = m.digest.clone();
+        self.keep(m).await.map_err(local_error)?;
+        write_atomic(
+            record,
+            layout::encode_referrers(&digest, answer.filters_applied),
+        )
+        .await
+        .map_err(local_error)?;
+        Ok(RefEntry {
+            answer,
+            fresh_for: ttl,
+            outcome: Outcome::Miss,
+        })
+    }
+}
+
+fn local_error(e: std::io::Error) -> Error {
+    Error::local("referrers cache storage error", e)
+}
+
+/// GETs the referrers of `subject` (with the filter, if any).
+async fn fetch(
+    upstream: &Upstream,
+    repo: &RepoName,
+    subject: &Digest,
+    filter: Option<&str>,
+) -> Result<Referrers, Error> {
+    let mut tail = format!("referrers/{subject}");
+    if let Some(f) = filter {
+        tail.push('?');
+        tail.push_str(
+            &form_urlencoded::Serializer::new(String::new())
+                .append_pair("artifactType", f)
+                .finish(),
+        );
+    }
+    let mut headers = HeaderMap::new();
+    headers.insert(header::ACCEPT, HeaderValue::from_static(OCI_INDEX));
+    let what = format!("referrers of {repo}@{subject}");
+    let resp = upstream
+        .send(Method::GET, repo.as_str(), &tail, headers)
+        .await?;
+    if resp.status() != StatusCode::OK {
+        return Err(Error::upstream_status(
+            resp.status(),
+            Asked::Repository,
+            resp.headers().get(header::RETRY_AFTER),
+            &what,
+        ));
+    }
+    let filters_applied = filter.is_some()
+        && resp
+            .headers()
+            .get(OCI_FILTERS_APPLIED)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|f| f.trim() == "artifactType"));
+    let link = resp.headers().get(header::LINK).cloned();
+    let body = read_body(resp.into_body(), &what).await?;
+    Ok(Referrers {
+        body,
+        filters_applied,
+        link,
+    })
+}
