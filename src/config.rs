@@ -18,7 +18,7 @@ pub use crate::cache::config::CacheConfig;
 pub use crate::error::ConfigError;
 pub use crate::front::config::{AccessConfig, LimitsConfig, TlsConfig};
 pub use crate::logging::{LogConfig, LogFormat};
-pub use crate::upstream::config::{UpstreamConfig, docker_hub};
+pub use crate::upstream::config::{AuthMode, UpstreamConfig, docker_hub};
 
 /// Everything stowage needs to run.
 #[derive(Debug, Clone, Deserialize)]
@@ -289,6 +289,24 @@ impl Config {
         }
         if let Some(access) = &self.access {
             access.validate()?;
+            // Both would read the caller's `Authorization`: the mirror's
+            // htpasswd check and the upstream the credential is meant for.
+            // No sound way to tell whose a header is, so refuse the pair.
+            if let Some(up) = self
+                .upstreams
+                .iter()
+                .find(|u| u.auth == AuthMode::Passthrough)
+            {
+                return Err(ConfigError::invalid(
+                    "access",
+                    format!(
+                        "[access] cannot be combined with auth = \"passthrough\" (upstream {:?}): \
+                         both use the caller's Authorization header; restrict who reaches the \
+                         mirror with the network or mTLS ([tls] client_ca) instead",
+                        up.host
+                    ),
+                ));
+            }
         }
         self.limits.validate()
     }
@@ -386,6 +404,34 @@ mod tests {
         assert_eq!(c.tls.unwrap().key, PathBuf::from("k.pem"));
         let mut c = Config::default();
         assert!(c.apply_tls_flags(Some("c.pem".into()), None).is_err());
+    }
+
+    #[test]
+    fn passthrough_auth() {
+        let up = "[[upstream]]\nhost = \"r.example\"\nurl = \"https://r.example\"\n";
+        let c = Config::from_toml_str(&format!("{up}auth = \"passthrough\"\n")).unwrap();
+        assert_eq!(c.upstreams[0].auth, AuthMode::Passthrough);
+        assert_eq!(c.upstreams[0].passthrough_ttl, Duration::from_secs(60));
+        let c = Config::from_toml_str(up).unwrap();
+        assert_eq!(c.upstreams[0].auth, AuthMode::Mirror);
+        for (toml, key) in [
+            (format!("{up}auth = \"both\"\n"), "auth"),
+            (
+                format!("{up}auth = \"passthrough\"\nusername = \"u\"\npassword = \"p\"\n"),
+                "upstream[0].auth",
+            ),
+            (
+                format!("{up}auth = \"passthrough\"\npassthrough_ttl = \"0s\"\n"),
+                "upstream[0].passthrough_ttl",
+            ),
+            (
+                format!("[access]\nhtpasswd = \"h\"\n{up}auth = \"passthrough\"\n"),
+                "`access`",
+            ),
+        ] {
+            let e = Config::from_toml_str(&toml).unwrap_err();
+            assert!(e.to_string().contains(key), "{toml}: {e}");
+        }
     }
 
     #[test]

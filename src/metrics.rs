@@ -355,6 +355,7 @@ struct UpstreamMetrics {
     duration: HistogramVec,
     ratelimit_remaining: IntGaugeVec,
     ratelimit_limit: IntGaugeVec,
+    passthrough_checks: IntCounterVec,
 }
 
 impl UpstreamMetrics {
@@ -380,11 +381,17 @@ impl UpstreamMetrics {
             "Pulls allowed per rate-limit window, from the upstream's last RateLimit-Limit header (Docker Hub).",
             &["upstream"],
         );
+        let passthrough_checks = b.counter_vec(
+            "stowage_passthrough_checks_total",
+            "auth = \"passthrough\": upstream asked whether a caller's credential may read a repository or digest the mirror holds (a HEAD with that credential), by upstream host and result (allowed, refused, error).",
+            &["upstream", "result"],
+        );
         UpstreamMetrics {
             requests,
             duration,
             ratelimit_remaining,
             ratelimit_limit,
+            passthrough_checks,
         }
     }
 }
@@ -599,6 +606,15 @@ impl Metrics {
             .duration
             .with_label_values(&[upstream, kind])
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// A passthrough check (a HEAD with a caller's credential of something
+    /// the mirror holds) ended with `result`: allowed, refused or error.
+    pub(crate) fn passthrough_check(&self, upstream: &str, result: &'static str) {
+        self.upstream
+            .passthrough_checks
+            .with_label_values(&[upstream, result])
+            .inc();
     }
 
     /// Records Docker Hub's `RateLimit-Remaining` / `RateLimit-Limit`

@@ -127,6 +127,7 @@ impl Server {
             blobs,
             manifests,
             access: front.access(),
+            grants: crate::cache::grants::Grants::new(),
             metrics,
             request_ids: RequestIds::new(),
         });

@@ -47,6 +47,7 @@ use crate::oci::headers::DOCKER_CONTENT_DIGEST;
 use crate::oci::manifest::{self, AcceptClass};
 use crate::oci::{Algorithm, Digest, RepoName, Tag};
 use crate::upstream::Upstream;
+use crate::upstream::caller::Caller;
 
 /// Largest manifest accepted from upstream (distribution's own limit).
 const MAX_MANIFEST: usize = 4 * 1024 * 1024;
@@ -192,18 +193,21 @@ impl ManifestStore {
         repo: &RepoName,
         digest: &Digest,
         class: AcceptClass,
+        caller: &Caller,
     ) -> Result<(Arc<Manifest>, Outcome), Error> {
-        let (m, outcome) = self.load_digest(upstream, repo, digest).await?;
+        let (m, outcome) = self.load_digest(upstream, repo, digest, caller).await?;
         served(&m, class, false)?;
         Ok((m, outcome))
     }
 
-    /// The manifest with `digest`, whatever its media type.
+    /// The manifest with `digest`, whatever its media type (fetched with
+    /// `caller`'s credentials when not held).
     async fn load_digest(
         &self,
         upstream: &Upstream,
         repo: &RepoName,
         digest: &Digest,
+        caller: &Caller,
     ) -> Result<(Arc<Manifest>, Outcome), Error> {
         if let Some(m) = self.by_digest.get(digest).await {
             return Ok((m, Outcome::Hit));
@@ -218,6 +222,7 @@ impl ManifestStore {
                 fetched = true;
                 let m = fetch(
                     upstream,
+                    caller,
                     repo,
                     &digest.to_string(),
                     Some(digest),
@@ -242,19 +247,24 @@ impl ManifestStore {
         repo: &RepoName,
         tag: &Tag,
         class: AcceptClass,
+        caller: &Caller,
     ) -> Result<(Arc<Manifest>, Outcome), Error> {
-        let (m, outcome) = self.load_tag(upstream, repo, tag, class.upstream()).await?;
+        let (m, outcome) = self
+            .load_tag(upstream, repo, tag, class.upstream(), caller)
+            .await?;
         served(&m, class, true)?;
         Ok((m, outcome))
     }
 
-    /// The manifest `tag` points at as upstream answers `class`.
+    /// The manifest `tag` points at as upstream answers `class` (asked with
+    /// `caller`'s credentials).
     async fn load_tag(
         &self,
         upstream: &Upstream,
         repo: &RepoName,
         tag: &Tag,
         class: AcceptClass,
+        caller: &Caller,
     ) -> Result<(Arc<Manifest>, Outcome), Error> {
         let key: TagKey = format!(
             "{}/{}:{}@{}",
@@ -265,7 +275,9 @@ impl ManifestStore {
         );
         // Fast path: a fresh tag, no loader future built.
         if let Some(entry) = self.tags.get(&key).await {
-            let (m, _) = self.load_digest(upstream, repo, &entry.digest).await?;
+            let (m, _) = self
+                .load_digest(upstream, repo, &entry.digest, caller)
+                .await?;
             let outcome = match entry.outcome {
                 Outcome::Stale => Outcome::Stale,
                 _ => Outcome::Hit,
@@ -277,11 +289,13 @@ impl ManifestStore {
             .tags
             .try_get_with_by_ref(&key, async {
                 loaded = true;
-                self.revalidate(upstream, repo, tag, class).await
+                self.revalidate(upstream, caller, repo, tag, class).await
             })
             .await
             .map_err(|e: Arc<Error>| (*e).clone())?;
-        let (m, _) = self.load_digest(upstream, repo, &entry.digest).await?;
+        let (m, _) = self
+            .load_digest(upstream, repo, &entry.digest, caller)
+            .await?;
         // A tag being served stale stays `Stale` until upstream answers again.
         let outcome = match (loaded, entry.outcome) {
             (true, o) | (false, o @ Outcome::Stale) => o,
@@ -295,6 +309,7 @@ impl ManifestStore {
     async fn revalidate(
         &self,
         upstream: &Upstream,
+        caller: &Caller,
         repo: &RepoName,
         tag: &Tag,
         class: AcceptClass,
@@ -303,7 +318,7 @@ impl ManifestStore {
         let stale = match self.read_tag(upstream, repo, tag, class).await {
             Some(d) if self.has(&d).await => d,
             _ => {
-                let m = fetch(upstream, repo, tag.as_str(), None, class).await?;
+                let m = fetch(upstream, caller, repo, tag.as_str(), None, class).await?;
                 return self.adopt(upstream, repo, tag, class, m, ttl).await;
             }
         };
@@ -317,7 +332,7 @@ impl ManifestStore {
                 outcome: Outcome::Stale,
             })
         };
-        match head(upstream, repo, tag, class, &stale, &what).await? {
+        match head(upstream, caller, repo, tag, class, &stale, &what).await? {
             Head::Unchanged => {
                 return Ok(TagEntry {
                     digest: stale,
@@ -329,7 +344,7 @@ impl ManifestStore {
             Head::Moved => {}
         }
         // Moved (or HEAD gave no digest): fetch the tag.
-        match fetch(upstream, repo, tag.as_str(), None, class).await {
+        match fetch(upstream, caller, repo, tag.as_str(), None, class).await {
             Ok(m) => self.adopt(upstream, repo, tag, class, m, ttl).await,
             Err(e) if e.is_upstream_outage() => serve_stale(e.report()),
             Err(e) => Err(e),
@@ -529,6 +544,7 @@ enum Head {
 /// with.
 async fn head(
     upstream: &Upstream,
+    caller: &Caller,
     repo: &RepoName,
     tag: &Tag,
     class: AcceptClass,
@@ -536,7 +552,8 @@ async fn head(
     what: &str,
 ) -> Result<Head, Error> {
     let head = upstream
-        .send(
+        .send_as(
+            caller,
             Method::HEAD,
             repo.as_str(),
             &format!("manifests/{tag}"),
@@ -585,6 +602,7 @@ fn local_error(e: io::Error) -> Error {
 /// list) is `MANIFEST_UNKNOWN`: stowage serves no schema 1.
 async fn fetch(
     upstream: &Upstream,
+    caller: &Caller,
     repo: &RepoName,
     reference: &str,
     expected: Option<&Digest>,
@@ -592,7 +610,8 @@ async fn fetch(
 ) -> Result<Manifest, Error> {
     let what = format!("{repo}@{reference}");
     let resp = upstream
-        .send(
+        .send_as(
+            caller,
             Method::GET,
             repo.as_str(),
             &format!("manifests/{reference}"),

@@ -4,6 +4,7 @@
 
 pub(crate) mod blob;
 pub(crate) mod config;
+pub(crate) mod grants;
 pub(crate) mod index;
 pub(crate) mod journal;
 pub(crate) mod layout;

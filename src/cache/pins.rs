@@ -18,6 +18,7 @@ use crate::error::Error;
 use crate::oci::manifest::{AcceptClass, refs_of};
 use crate::oci::{Digest, ImageRef, Reference, RepoName};
 use crate::upstream::Upstream;
+use crate::upstream::caller::Caller;
 
 /// Picks the upstream and the repository of an image (the server's router).
 pub(crate) type Route =
@@ -80,13 +81,13 @@ impl Pins {
         let top: Arc<Manifest> = match &image.reference {
             Reference::Tag(t) => {
                 self.manifests
-                    .by_tag(&upstream, &repo, t, AcceptClass::ALL)
+                    .by_tag(&upstream, &repo, t, AcceptClass::ALL, &Caller::Mirror)
                     .await?
                     .0
             }
             Reference::Digest(d) => {
                 self.manifests
-                    .by_digest(&upstream, &repo, d, AcceptClass::ALL)
+                    .by_digest(&upstream, &repo, d, AcceptClass::ALL, &Caller::Mirror)
                     .await?
                     .0
             }
@@ -97,7 +98,7 @@ impl Pins {
         for child in refs.manifests {
             let (m, _) = self
                 .manifests
-                .by_digest(&upstream, &repo, &child, AcceptClass::ALL)
+                .by_digest(&upstream, &repo, &child, AcceptClass::ALL, &Caller::Mirror)
                 .await?;
             blobs.extend(refs_of(&m.body).blobs);
         }

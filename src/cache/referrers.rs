@@ -31,6 +31,7 @@ use crate::oci::headers::OCI_FILTERS_APPLIED;
 use crate::oci::manifest::OCI_INDEX;
 use crate::oci::{Digest, RepoName};
 use crate::upstream::Upstream;
+use crate::upstream::caller::Caller;
 
 /// Longest a stale answer is served before upstream is asked again.
 const STALE_RETRY: Duration = Duration::from_secs(30);
@@ -86,6 +87,7 @@ impl ManifestStore {
         repo: &RepoName,
         subject: &Digest,
         filter: Option<&str>,
+        caller: &Caller,
     ) -> Result<(Referrers, Outcome), Error> {
         let key = format!(
             "{}/{}@{subject}?{}",
@@ -105,7 +107,7 @@ impl ManifestStore {
             .referrers
             .try_get_with_by_ref(&key, async {
                 loaded = true;
-                self.refresh_referrers(upstream, repo, subject, filter)
+                self.refresh_referrers(upstream, caller, repo, subject, filter)
                     .await
             })
             .await
@@ -122,6 +124,7 @@ impl ManifestStore {
     async fn refresh_referrers(
         &self,
         upstream: &Upstream,
+        caller: &Caller,
         repo: &RepoName,
         subject: &Digest,
         filter: Option<&str>,
@@ -134,7 +137,7 @@ impl ManifestStore {
             subject,
             filter,
         );
-        let answer = match fetch(upstream, repo, subject, filter).await {
+        let answer = match fetch(upstream, caller, repo, subject, filter).await {
             Ok(a) => a,
             Err(e) if e.is_upstream_outage() => {
                 let kept = match tokio::fs::read_to_string(&record).await {
@@ -196,6 +199,7 @@ fn local_error(e: std::io::Error) -> Error {
 /// GETs the referrers of `subject` (with the filter, if any).
 async fn fetch(
     upstream: &Upstream,
+    caller: &Caller,
     repo: &RepoName,
     subject: &Digest,
     filter: Option<&str>,
@@ -213,7 +217,7 @@ async fn fetch(
     headers.insert(header::ACCEPT, HeaderValue::from_static(OCI_INDEX));
     let what = format!("referrers of {repo}@{subject}");
     let resp = upstream
-        .send(Method::GET, repo.as_str(), &tail, headers)
+        .send_as(caller, Method::GET, repo.as_str(), &tail, headers)
         .await?;
     if resp.status() != StatusCode::OK {
         return Err(Error::upstream_status(

@@ -1,11 +1,12 @@
 //! The HTTP edge of the registry API: where requests enter ([`routes`]),
-//! which upstream they are for ([`routing`]), ranges, request ids, the
-//! request log and response bodies.
+//! which upstream they are for ([`routing`]), who may read what with
+//! `auth = "passthrough"` ([`passthrough`]), request ids, the request log.
 
 use std::sync::Arc;
 
 pub(crate) mod access_log;
 pub(crate) mod error;
+pub(crate) mod passthrough;
 pub(crate) mod request_id;
 pub(crate) mod routes;
 pub(crate) mod routing;
@@ -13,6 +14,7 @@ pub(crate) mod routing;
 pub(crate) use routes::handle;
 
 use crate::cache::blob::BlobStore;
+use crate::cache::grants::Grants;
 use crate::cache::manifests::ManifestStore;
 use crate::front::access::Access;
 use crate::metrics::Metrics;
@@ -29,6 +31,8 @@ pub(crate) struct AppState {
     pub(crate) manifests: Arc<ManifestStore>,
     /// Client authentication (open unless `[access]` is configured).
     pub(crate) access: Arc<Access>,
+    /// What passthrough upstreams let each caller read.
+    pub(crate) grants: Grants,
     /// This server's metrics and health flags.
     pub(crate) metrics: Arc<Metrics>,
     /// Request id generator.

@@ -13,6 +13,7 @@ use tracing::Instrument;
 use super::AppState;
 use super::access_log::{LogLine, LoggedBody};
 use super::error;
+use super::passthrough::{self, Asking};
 use super::request_id;
 use super::routing::{ns_param, route_kind};
 use crate::body::{self, Body};
@@ -24,6 +25,7 @@ use crate::oci::headers::{DOCKER_API_VERSION, OCI_FILTERS_APPLIED, X_STOWAGE_CAC
 use crate::oci::manifest::{AcceptClass, OCI_INDEX};
 use crate::oci::{Digest, ParseError, Reference, Route, parse_route};
 use crate::upstream::Upstream;
+use crate::upstream::caller::Caller;
 
 /// Handles one request and wraps its body so that one log line is written
 /// when the response is finished (or abandoned). Every request enters here.
@@ -115,7 +117,7 @@ async fn dispatch(
     let ns = ns_param(req.uri().query());
     let ns = ns.as_deref();
     match route {
-        Route::Base => Ok(base(method)),
+        Route::Base => base(state, req, ns).await,
         Route::Write => Err(Error::unsupported("pushing is not supported")),
         Route::Blob { name, digest } => blob(state, req, &name, ns, &digest).await,
         Route::Manifest { name, reference } => manifest(state, req, &name, ns, &reference).await,
@@ -124,9 +126,20 @@ async fn dispatch(
     }
 }
 
-/// `/v2/`: the API version check.
-fn base(method: &Method) -> Answer {
-    let mut r = Response::new(if method == Method::HEAD {
+/// `/v2/`: the API version check. For a passthrough upstream, upstream's
+/// own answer to the caller's credential (a 401 with its challenge tells
+/// the client where to get a token).
+async fn base(
+    state: &AppState,
+    req: &Request<Incoming>,
+    ns: Option<&str>,
+) -> Result<Answer, Error> {
+    if let Some(upstream) = state.router.base(ns)
+        && upstream.passthrough()
+    {
+        passthrough::ping(&upstream, &Caller::of(&upstream, req.headers())).await?;
+    }
+    let mut r = Response::new(if req.method() == Method::HEAD {
         body::empty()
     } else {
         body::full("{}")
@@ -137,7 +150,7 @@ fn base(method: &Method) -> Answer {
     );
     r.headers_mut()
         .insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
-    (Ok(r), None)
+    Ok((Ok(r), None))
 }
 
 /// `/v2/<name>/blobs/<digest>`: from the blob cache.
@@ -161,9 +174,11 @@ async fn blob(
         None
     };
     let head = req.method() == Method::HEAD;
+    let caller = Caller::of(&upstream, req.headers());
+    passthrough::authorize(state, &upstream, &repo, &caller, Asking::Blob(digest)).await?;
     let r = state
         .blobs
-        .serve(&upstream, &repo, digest, range, head, zero_copy)
+        .serve(&upstream, &repo, digest, range, head, zero_copy, caller)
         .await?;
     Ok((r.response, Some(r.outcome)))
 }
@@ -179,15 +194,27 @@ async fn manifest(
 ) -> Result<Answer, Error> {
     let (upstream, repo) = state.router.route(name, ns)?;
     let class = AcceptClass::from_headers(req.headers());
+    let caller = Caller::of(&upstream, req.headers());
+    let asking = match reference {
+        Reference::Digest(d) => Asking::Manifest(d),
+        Reference::Tag(t) => Asking::Tag(t, class),
+    };
+    passthrough::authorize(state, &upstream, &repo, &caller, asking).await?;
     let (m, outcome) = match reference {
         Reference::Digest(d) => {
             state
                 .manifests
-                .by_digest(&upstream, &repo, d, class)
+                .by_digest(&upstream, &repo, d, class, &caller)
                 .await?
         }
-        Reference::Tag(t) => state.manifests.by_tag(&upstream, &repo, t, class).await?,
+        Reference::Tag(t) => {
+            state
+                .manifests
+                .by_tag(&upstream, &repo, t, class, &caller)
+                .await?
+        }
     };
+    passthrough::served_manifest(state, &upstream, &repo, &caller, &m);
     Ok((
         Ok(manifest_response(&m, req.method() == Method::HEAD)),
         Some(outcome),
@@ -217,7 +244,16 @@ async fn tags_list(
         Some(q) => format!("tags/list?{q}"),
         None => "tags/list".to_string(),
     };
-    passthrough(&upstream, req.method(), &repo, &tail, HeaderMap::new()).await
+    let caller = Caller::of(&upstream, req.headers());
+    pass_on(
+        &upstream,
+        &caller,
+        req.method(),
+        &repo,
+        &tail,
+        HeaderMap::new(),
+    )
+    .await
 }
 
 /// `/v2/<name>/referrers/<digest>`: from the referrers cache (only
@@ -235,10 +271,13 @@ async fn referrers(
         .query()
         .and_then(|q| form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "artifactType"))
         .map(|(_, v)| v.into_owned());
+    let caller = Caller::of(&upstream, req.headers());
+    passthrough::authorize(state, &upstream, &repo, &caller, Asking::Referrers(digest)).await?;
     let (answer, outcome) = state
         .manifests
-        .referrers(&upstream, &repo, digest, filter.as_deref())
+        .referrers(&upstream, &repo, digest, filter.as_deref(), &caller)
         .await?;
+    passthrough::served_referrers(state, &upstream, &repo, &caller, &answer.body);
     let head = req.method() == Method::HEAD;
     let length = answer.body.len();
     let mut r = Response::new(if head {
@@ -273,17 +312,19 @@ fn manifest_response(m: &Manifest, head: bool) -> Response<Body> {
     r
 }
 
-/// Forwards a small read-only request (tags list, referrers) upstream and
-/// streams the answer back, keeping the headers that matter.
-async fn passthrough(
+/// Forwards a small read-only request (tags list) upstream, with the
+/// caller's credentials in passthrough mode, and streams the answer back,
+/// keeping the headers that matter.
+async fn pass_on(
     upstream: &Upstream,
+    caller: &Caller,
     method: &Method,
     repo: &crate::oci::RepoName,
     tail: &str,
     headers: HeaderMap,
 ) -> Result<Answer, Error> {
     let resp = upstream
-        .send(method.clone(), repo.as_str(), tail, headers)
+        .send_as(caller, method.clone(), repo.as_str(), tail, headers)
         .await?;
     let status = resp.status();
     if !status.is_success() {

@@ -45,6 +45,15 @@ impl Router {
             .find(|u| canonical_host(u.host()) == host)
     }
 
+    /// The upstream a `GET /v2/` is about: the one containerd's `?ns=`
+    /// names, else the default (dockerd, podman and skopeo ping the
+    /// mirror's root whatever the image).
+    pub(crate) fn base(&self, ns: Option<&str>) -> Option<Arc<Upstream>> {
+        ns.and_then(|ns| self.find(ns))
+            .or_else(|| self.upstreams.first())
+            .cloned()
+    }
+
     /// Picks the upstream for `name` (the repository path as requested) and
     /// validates the repository name within it.
     pub(crate) fn route(

@@ -3,9 +3,10 @@
 //! and HTTP Basic credentials, and how an [`Upstream`] answers a challenge
 //! and remembers it so later requests authenticate up front.
 //!
-//! This is where credentials reach upstream requests: the mirror's own,
-//! from `UpstreamConfig` (a client's `Authorization` never goes upstream;
-//! see `STRIPPED_HEADERS` in `client.rs`).
+//! This is where the mirror's own credentials (from `UpstreamConfig`)
+//! reach upstream requests. A client's `Authorization` goes upstream only
+//! in passthrough mode, through `caller.rs` (see `STRIPPED_HEADERS` in
+//! `client.rs`).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -191,7 +192,7 @@ impl TokenCache {
 /// How an upstream last asked us to authenticate, so later requests can
 /// authenticate up front instead of collecting a 401 first.
 #[derive(Debug, Clone)]
-enum Remembered {
+pub(super) enum Remembered {
     /// Bearer tokens from this realm and service.
     Bearer {
         /// Token endpoint URL.
@@ -200,7 +201,10 @@ enum Remembered {
         service: Option<String>,
     },
     /// Basic credentials.
-    Basic,
+    Basic {
+        /// The protection space upstream named, if any.
+        realm: Option<String>,
+    },
 }
 
 /// One upstream's credentials and what it asked for last.
@@ -246,7 +250,7 @@ impl Credentials {
         self.basic.is_some()
     }
 
-    fn remembered(&self) -> Option<Remembered> {
+    pub(super) fn remembered(&self) -> Option<Remembered> {
         self.challenge
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -297,7 +301,7 @@ impl Upstream {
                     token: Some((key, token.header)),
                 }
             }
-            Some(Remembered::Basic) => UpFront {
+            Some(Remembered::Basic { .. }) => UpFront {
                 header: self.credentials.basic.clone(),
                 token: None,
             },
@@ -336,7 +340,7 @@ impl Upstream {
                 };
                 Ok(Some(self.token(key).await?.header))
             }
-            Some(Ok(Challenge::Basic { .. })) => {
+            Some(Ok(Challenge::Basic { realm })) => {
                 let Some(basic) = &self.credentials.basic else {
                     tracing::warn!(upstream = %self.host(), "upstream wants basic auth but no credentials are configured");
                     return Ok(None);
@@ -345,9 +349,25 @@ impl Upstream {
                     tracing::warn!(upstream = %self.host(), "upstream rejected the configured credentials");
                     return Ok(None);
                 }
-                self.credentials.remember(Remembered::Basic);
+                self.credentials.remember(Remembered::Basic { realm });
                 Ok(Some(basic.clone()))
             }
+        }
+    }
+
+    /// Remembers how a 401 answered to a caller's credentials (passthrough)
+    /// asks to authenticate, so callers without credentials can be told at
+    /// once (`caller.rs`).
+    pub(super) fn remember_challenge(&self, headers: &HeaderMap) {
+        match challenge::pick(headers) {
+            Some(Ok(Challenge::Bearer(c))) => self.credentials.remember(Remembered::Bearer {
+                realm: c.realm,
+                service: c.service,
+            }),
+            Some(Ok(Challenge::Basic { realm })) => {
+                self.credentials.remember(Remembered::Basic { realm })
+            }
+            _ => {}
         }
     }
 

@@ -20,16 +20,17 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::auth::{Credentials, pull_scope};
-use super::config::UpstreamConfig;
+use super::config::{AuthMode, UpstreamConfig};
 use super::error::UpstreamError;
 use crate::error::ConfigError;
 use crate::metrics::Metrics;
 use crate::oci::headers::{RATELIMIT_LIMIT, RATELIMIT_REMAINING};
 
 /// Request headers never copied from the caller: connection-level headers,
-/// and the ones `send` sets itself. A client's own `Authorization` never
-/// reaches an upstream; the mirror authenticates with its configured
-/// credentials (`auth.rs`).
+/// and the ones `send` sets itself. A client's own `Authorization` reaches
+/// an upstream only in passthrough mode, and only through `caller.rs`;
+/// otherwise the mirror authenticates with its configured credentials
+/// (`auth.rs`).
 const STRIPPED_HEADERS: &[header::HeaderName] = &[
     header::HOST,
     header::AUTHORIZATION,
@@ -51,7 +52,7 @@ pub struct Upstream {
     /// `cfg.host`.
     host: String,
     /// `cfg.url` without trailing slashes.
-    base: String,
+    pub(super) base: String,
     /// `cfg.tag_ttl`.
     tag_ttl: Duration,
     /// `cfg.library_prefix`.
@@ -66,6 +67,10 @@ pub struct Upstream {
     client: HttpClient,
     /// Where exchanges, latencies and rate limits are counted.
     metrics: Arc<Metrics>,
+    /// `cfg.auth`: whose credentials go upstream (`caller.rs`).
+    pub(super) auth_mode: AuthMode,
+    /// `cfg.passthrough_ttl`.
+    pub(super) passthrough_ttl: Duration,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -77,6 +82,7 @@ impl std::fmt::Debug for Upstream {
             .field("library_prefix", &self.library_prefix)
             .field("timeout", &self.timeout)
             .field("credentials", &self.credentials.configured())
+            .field("auth", &self.auth_mode)
             .finish_non_exhaustive()
     }
 }
@@ -216,6 +222,8 @@ impl Upstream {
             user_agent: HeaderValue::from_static(concat!("stowage/", env!("CARGO_PKG_VERSION"))),
             client: http_client(cfg)?,
             metrics: Arc::new(Metrics::new()),
+            auth_mode: cfg.auth,
+            passthrough_ttl: cfg.passthrough_ttl,
         })
     }
 
@@ -285,9 +293,7 @@ impl Upstream {
         let uri: Uri = url
             .parse()
             .map_err(|e| UpstreamError::Protocol(format!("bad request URL {url:?}: {e}")))?;
-        for name in STRIPPED_HEADERS {
-            headers.remove(name);
-        }
+        strip_headers(&mut headers);
         let scope = pull_scope(&upstream_repo);
         let kind = request_kind(tail);
 
@@ -384,9 +390,16 @@ impl Upstream {
     }
 }
 
+/// Removes the caller-supplied headers `send` never copies.
+pub(super) fn strip_headers(headers: &mut HeaderMap) {
+    for name in STRIPPED_HEADERS {
+        headers.remove(name);
+    }
+}
+
 /// The metrics `kind` of a registry API request, from its path tail
 /// (`manifests/…`, `blobs/…`, `tags/list…`, `referrers/…`).
-fn request_kind(tail: &str) -> &'static str {
+pub(super) fn request_kind(tail: &str) -> &'static str {
     match tail.split('/').next() {
         Some("manifests") => "manifest",
         Some("blobs") => "blob",

@@ -51,6 +51,35 @@ pub struct UpstreamConfig {
     /// Timeout for connecting and for receiving response headers.
     #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+
+    /// Whose credentials reach this upstream: the mirror's own
+    /// (`"mirror"`, the default: `username`/`password` or anonymous) or
+    /// each caller's own (`"passthrough"`).
+    #[serde(default)]
+    pub auth: AuthMode,
+
+    /// With `auth = "passthrough"`: how long upstream's answer that a
+    /// caller's credential may read a repository (and which digests it
+    /// holds) is remembered, at most (a token's own expiry comes first).
+    #[serde(default = "default_passthrough_ttl", with = "humantime_serde")]
+    pub passthrough_ttl: Duration,
+}
+
+/// Whose credentials an upstream sees.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// The mirror's own credentials (or none): anyone who reaches the
+    /// mirror reads what they can read.
+    #[default]
+    Mirror,
+    /// Each caller's own `Authorization`, passed on for that request only;
+    /// cached content is served only to callers upstream lets read it.
+    Passthrough,
+}
+
+fn default_passthrough_ttl() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_tag_ttl() -> Duration {
@@ -74,6 +103,8 @@ pub fn docker_hub() -> UpstreamConfig {
         password_env: None,
         ca_file: None,
         timeout: default_upstream_timeout(),
+        auth: AuthMode::Mirror,
+        passthrough_ttl: default_passthrough_ttl(),
     }
 }
 
@@ -134,6 +165,19 @@ impl UpstreamConfig {
         }
         if self.timeout.is_zero() {
             return Err(invalid("timeout", "must be more than zero".into()));
+        }
+        if self.auth == AuthMode::Passthrough {
+            if self.username.is_some() || secrets > 0 {
+                return Err(invalid(
+                    "auth",
+                    "\"passthrough\" sends each caller's own credentials upstream; \
+                     remove username and password (the mirror's own would never be used)"
+                        .into(),
+                ));
+            }
+            if self.passthrough_ttl.is_zero() {
+                return Err(invalid("passthrough_ttl", "must be more than zero".into()));
+            }
         }
         Ok(())
     }

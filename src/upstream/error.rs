@@ -28,6 +28,13 @@ pub enum UpstreamError {
     /// Bad redirect, too many redirects, malformed challenge etc.
     #[error("upstream protocol error: {0}")]
     Protocol(String),
+    /// Passthrough: upstream answered the caller's own credentials (or
+    /// their absence) with 401; the caller must authenticate upstream.
+    #[error("upstream requires the caller to authenticate")]
+    Refused {
+        /// Upstream's `WWW-Authenticate`, relayed to the caller.
+        challenge: Option<http::HeaderValue>,
+    },
 }
 
 impl UpstreamError {
@@ -45,10 +52,24 @@ impl UpstreamError {
 
 impl From<UpstreamError> for Error {
     fn from(e: UpstreamError) -> Error {
+        if let UpstreamError::Refused { challenge } = &e {
+            // The caller's credential was refused: a 401 the caller answers
+            // by authenticating with upstream's token service, as upstream
+            // itself would have it.
+            let challenge = challenge
+                .clone()
+                .unwrap_or_else(|| http::HeaderValue::from_static("Basic realm=\"registry\""));
+            return Error::unauthorized(
+                "authentication required: log in to the upstream registry",
+                challenge,
+            );
+        }
         let kind = match &e {
             UpstreamError::Unreachable { .. } => ErrorKind::Unreachable,
             UpstreamError::Auth { status, .. } => ErrorKind::UpstreamAuth { status: *status },
-            UpstreamError::Protocol(_) => ErrorKind::UpstreamProtocol,
+            UpstreamError::Protocol(_) | UpstreamError::Refused { .. } => {
+                ErrorKind::UpstreamProtocol
+            }
         };
         let message = e.to_string();
         Error::upstream(kind, message).with_cause(e)

@@ -1,9 +1,11 @@
 //! Requests to upstream registries: the pooled client (`client.rs`),
 //! authentication (`auth.rs`: tokens and Basic credentials; `challenge.rs`:
-//! `WWW-Authenticate` parsing), redirects (`redirect.rs`), errors
+//! `WWW-Authenticate` parsing; `caller.rs`: whose credentials, and
+//! passthrough of callers' own), redirects (`redirect.rs`), errors
 //! (`error.rs`) and each upstream's configuration (`config.rs`).
 
 pub(crate) mod auth;
+pub(crate) mod caller;
 mod challenge;
 mod client;
 pub(crate) mod config;

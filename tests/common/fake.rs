@@ -211,6 +211,11 @@ struct Inner {
     connections: AtomicUsize,
     /// Scripted answers by exact path.
     canned: Mutex<HashMap<String, Canned>>,
+    /// Which repositories each blob and manifest was pushed to.
+    members: Mutex<HashMap<String, HashSet<String>>>,
+    /// Whether blobs and manifests by digest are found only in the
+    /// repositories they were pushed to (as distribution does).
+    strict_repos: AtomicBool,
 }
 
 /// The fake registry. Cloning gives another handle to the same server.
@@ -245,6 +250,8 @@ impl FakeUpstream {
                 basic: None,
             }),
             canned: Mutex::default(),
+            members: Mutex::default(),
+            strict_repos: AtomicBool::new(false),
             tokens: Mutex::default(),
             token_seq: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
@@ -316,6 +323,7 @@ impl FakeUpstream {
     ) -> String {
         let body = body.into();
         let digest = sha256_digest(&body);
+        self.member(&digest, repo);
         let mut store = self.inner.store.lock().unwrap();
         store.manifests.insert(
             digest.clone(),
@@ -331,11 +339,28 @@ impl FakeUpstream {
         digest
     }
 
+    /// From now on, blobs and manifests by digest are found only in the
+    /// repositories they were pushed to (`push_image`, `push_index`,
+    /// `add_manifest`), as in distribution: `404 *_UNKNOWN` elsewhere.
+    pub fn set_strict_repos(&self, on: bool) {
+        self.inner.strict_repos.store(on, Ordering::SeqCst);
+    }
+
+    fn member(&self, digest: &str, repo: &str) {
+        self.inner
+            .members
+            .lock()
+            .unwrap()
+            .entry(digest.to_string())
+            .or_default()
+            .insert(repo.to_string());
+    }
+
     /// Stores config, layers and manifest of `image` and tags it.
     pub fn push_image(&self, repo: &str, tag: &str, image: &super::image::Image) {
-        self.add_blob(image.config.data.clone());
+        self.member(&self.add_blob(image.config.data.clone()), repo);
         for l in &image.layers {
-            self.add_blob(l.data.clone());
+            self.member(&self.add_blob(l.data.clone()), repo);
         }
         self.add_manifest(
             repo,
@@ -359,9 +384,9 @@ impl FakeUpstream {
     }
 
     pub fn push_image_untagged(&self, repo: &str, image: &super::image::Image) {
-        self.add_blob(image.config.data.clone());
+        self.member(&self.add_blob(image.config.data.clone()), repo);
         for l in &image.layers {
-            self.add_blob(l.data.clone());
+            self.member(&self.add_blob(l.data.clone()), repo);
         }
         self.add_manifest(
             repo,
@@ -865,6 +890,18 @@ impl Inner {
             return Ok(resp);
         }
         match kind {
+            "manifests" | "blobs" if !self.is_member(reference, name) => {
+                let code = if kind == "blobs" {
+                    "BLOB_UNKNOWN"
+                } else {
+                    "MANIFEST_UNKNOWN"
+                };
+                Ok(oci_error(
+                    StatusCode::NOT_FOUND,
+                    code,
+                    "unknown to this repository",
+                ))
+            }
             "manifests" => Ok(self.manifest(name, reference, head, req.headers())),
             "blobs" => Ok(self.blob(reference, head, req.headers())),
             "referrers" => Ok(self.referrers(reference, query.as_deref(), head)),
@@ -1053,6 +1090,19 @@ impl Inner {
             );
         }
         b.body(if head { empty() } else { full(body) }).unwrap()
+    }
+
+    /// Whether `reference` (a digest; tags always are) may be served under
+    /// `repo` (see `set_strict_repos`).
+    fn is_member(&self, reference: &str, repo: &str) -> bool {
+        !reference.contains(':')
+            || !self.strict_repos.load(Ordering::SeqCst)
+            || self
+                .members
+                .lock()
+                .unwrap()
+                .get(reference)
+                .is_some_and(|repos| repos.contains(repo))
     }
 
     /// A manifest, negotiated by `Accept` as CNCF distribution 2.8 does

@@ -33,6 +33,7 @@ use crate::error::{Asked, Error, ErrorKind};
 use crate::metrics::{CacheKind, FillResult, Outcome};
 use crate::oci::{Digest, RepoName};
 use crate::upstream::Upstream;
+use crate::upstream::caller::Caller;
 
 /// Upstream body chunks queued between the network task and the disk writer.
 /// Bounds fill memory to this many frames (hyper's HTTP/1 client frames
@@ -315,6 +316,9 @@ impl FillTable {
 pub(super) struct Origin {
     pub(super) upstream: Arc<Upstream>,
     pub(super) repo: RepoName,
+    /// Whose credentials ask (passthrough: the caller that leads the fill,
+    /// already authorized for the digest in `repo`).
+    pub(super) caller: Caller,
 }
 
 impl Origin {
@@ -327,7 +331,8 @@ impl Origin {
     ) -> Result<(Response<Incoming>, Option<u64>), Error> {
         let resp = self
             .upstream
-            .send(
+            .send_as(
+                &self.caller,
                 method,
                 self.repo.as_str(),
                 &format!("blobs/{digest}"),

@@ -69,6 +69,7 @@ use crate::front::zerocopy::Regions;
 use crate::metrics::Outcome;
 use crate::oci::{Digest, RepoName};
 use crate::upstream::Upstream;
+use crate::upstream::caller::Caller;
 use fill::{FillReader, Lookup, Origin, Phase};
 use reader::Feed;
 use response::{file_response, head_response, unsized_response};
@@ -87,7 +88,10 @@ impl BlobStore {
     /// Answers `GET` (or `HEAD` when `head_only`) for a blob: from the store,
     /// by joining a running fill, or by starting one. `range` is the raw
     /// `Range` header, if any. This is where a blob request enters, and
-    /// where a fill starts.
+    /// where a fill starts. Upstream is asked with `caller`'s credentials
+    /// (in passthrough, the caller must already be authorized for the
+    /// digest in `repo`: it may join or lead a fill others share).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn serve(
         self: &Arc<Self>,
         upstream: &Arc<Upstream>,
@@ -96,6 +100,7 @@ impl BlobStore {
         range: Option<&str>,
         head_only: bool,
         zero_copy: Option<Arc<Regions>>,
+        caller: Caller,
     ) -> Result<BlobResponse, Error> {
         let range = range.and_then(range::parse);
         // A stored blob: complete and verified.
@@ -121,6 +126,7 @@ impl BlobStore {
         let origin = Origin {
             upstream: upstream.clone(),
             repo: repo.clone(),
+            caller,
         };
         if head_only {
             return self.head_miss(&origin, digest).await;

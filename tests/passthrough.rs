@@ -1,0 +1,498 @@
+//! `auth = "passthrough"` (issue 12, part 2): the caller's own credential
+//! decides. The fake upstream runs Docker-style token auth (its `/token`
+//! grants pull on private repositories only with the right Basic
+//! credentials) and, with `set_strict_repos`, finds blobs and manifests by
+//! digest only in the repositories they were pushed to, as distribution
+//! does. Tokens are fetched by the tests from the fake's token service, as
+//! docker, containerd, podman and skopeo do after the mirror relays the
+//! upstream's challenge.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tempfile::TempDir;
+
+const OWNER: (&str, &str) = ("owner", "s3cret-pw");
+
+/// A token-auth upstream with `acme/private:v1` (private) and
+/// `acme/public:v1`.
+async fn registry() -> (FakeUpstream, Image, Image) {
+    let up = FakeUpstream::start().await;
+    up.enable_auth(300);
+    up.set_credentials(OWNER.0, OWNER.1);
+    up.set_private("acme/private");
+    up.set_strict_repos(true);
+    let private = make_image(Format::Oci, &[3000, 70_000]);
+    up.push_image("acme/private", "v1", &private);
+    let public = make_image(Format::Oci, &[2000]);
+    up.push_image("acme/public", "v1", &public);
+    (up, private, public)
+}
+
+async fn start(up: &FakeUpstream, extra: &str) -> Stowage {
+    start_stowage(&up.url(), &format!("auth = \"passthrough\"\n{extra}")).await
+}
+
+/// A token from the fake's token service for pulling `repo`, with the
+/// owner's credentials or anonymously.
+async fn token(up: &FakeUpstream, repo: &str, owner: bool) -> String {
+    let mut r = client().get(format!(
+        "{}/token?service=fake&scope=repository:{repo}:pull",
+        up.url()
+    ));
+    if owner {
+        r = r.basic_auth(OWNER.0, Some(OWNER.1));
+    }
+    let v: serde_json::Value = r.send().await.unwrap().json().await.unwrap();
+    format!("Bearer {}", v["token"].as_str().unwrap())
+}
+
+/// What a request through stowage was answered.
+struct Answer {
+    status: u16,
+    challenge: Option<String>,
+    code: Option<String>,
+    body: bytes::Bytes,
+}
+
+/// `method` of `/v2/<path>` on stowage with `auth` as `Authorization`.
+async fn ask(st: &Stowage, method: &str, path: &str, auth: Option<&str>) -> Answer {
+    let mut r = client().request(method.parse().unwrap(), st.v2(path));
+    if let Some(a) = auth {
+        r = r.header("authorization", a);
+    }
+    let r = r.send().await.unwrap();
+    let status = r.status().as_u16();
+    let challenge = header(&r, "www-authenticate");
+    let body = r.bytes().await.unwrap();
+    let code = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["errors"][0]["code"].as_str().map(str::to_string));
+    Answer {
+        status,
+        challenge,
+        code,
+        body,
+    }
+}
+
+fn bearer(up: &FakeUpstream, scope: Option<&str>) -> String {
+    let mut v = format!("Bearer realm=\"{}/token\",service=\"fake\"", up.url());
+    if let Some(s) = scope {
+        v.push_str(&format!(",scope=\"repository:{s}:pull\""));
+    }
+    v
+}
+
+#[tokio::test]
+async fn unauthenticated_requests_get_the_upstreams_challenge() {
+    let (up, _, _) = registry().await;
+    let st = start(&up, "").await;
+    // A manifest first (containerd does not ping): upstream's own 401,
+    // its scope naming the repository as upstream does.
+    let a = ask(&st, "GET", "acme/private/manifests/v1", None).await;
+    assert_eq!(a.status, 401);
+    assert_eq!(a.code.as_deref(), Some("UNAUTHORIZED"));
+    assert_eq!(a.challenge, Some(bearer(&up, Some("acme/private"))));
+    // The ping dockerd, podman and skopeo send.
+    let a = ask(&st, "GET", "", None).await;
+    assert_eq!(a.status, 401);
+    assert_eq!(a.challenge, Some(bearer(&up, None)));
+    // library/ included; containerd's ?ns= alike. Known now: not asked
+    // upstream again.
+    let before = up.registry_requests();
+    for path in [
+        "busybox/manifests/latest",
+        "busybox/manifests/latest?ns=docker.io",
+        "docker.io/busybox/blobs/sha256:0000000000000000000000000000000000000000000000000000000000000000",
+    ] {
+        let a = ask(&st, "GET", path, None).await;
+        assert_eq!(a.status, 401, "{path}");
+        assert_eq!(
+            a.challenge,
+            Some(bearer(&up, Some("library/busybox"))),
+            "{path}"
+        );
+    }
+    let a = ask(&st, "HEAD", "acme/public/manifests/v1", None).await;
+    assert_eq!(a.status, 401);
+    assert_eq!(up.registry_requests(), before, "challenge not remembered");
+}
+
+#[tokio::test]
+async fn owner_pulls_a_private_image_with_its_own_token() {
+    let (up, private, _) = registry().await;
+    let st = start(&up, "").await;
+    let t = token(&up, "acme/private", true).await;
+    let tokens_before = up.token_requests();
+    let a = ask(&st, "GET", "acme/private/manifests/v1", Some(&t)).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body, private.manifest);
+    for b in private.blobs() {
+        let a = ask(
+            &st,
+            "GET",
+            &format!("acme/private/blobs/{}", b.digest),
+            Some(&t),
+        )
+        .await;
+        assert_eq!(a.status, 200);
+        assert_eq!(a.body, b.data);
+        assert_eq!(up.blob_gets(&b.digest), 1);
+        // Known from the manifest: no HEAD per layer.
+        assert_eq!(up.blob_heads(&b.digest), 0);
+    }
+    // Upstream saw the owner's token, and stowage asked for none of its own.
+    let seen = up
+        .last_request("GET", "/v2/acme/private/manifests/v1")
+        .unwrap();
+    assert_eq!(seen.header("authorization"), Some(t.clone()));
+    assert_eq!(up.token_requests(), tokens_before);
+    // Again with the same token: all from the cache, nothing upstream.
+    let before = up.registry_requests();
+    let a = ask(&st, "GET", "acme/private/manifests/v1", Some(&t)).await;
+    assert_eq!(a.status, 200);
+    let a = ask(
+        &st,
+        "GET",
+        &format!("acme/private/manifests/{}", private.digest),
+        Some(&t),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    for b in private.blobs() {
+        assert_eq!(
+            ask(
+                &st,
+                "GET",
+                &format!("acme/private/blobs/{}", b.digest),
+                Some(&t)
+            )
+            .await
+            .status,
+            200
+        );
+    }
+    assert_eq!(up.registry_requests(), before);
+}
+
+#[tokio::test]
+async fn nobody_else_gets_a_private_image_from_the_cache() {
+    let (up, private, public) = registry().await;
+    let st = start(&up, "").await;
+    let owner = token(&up, "acme/private", true).await;
+    pull(&st, "acme/private", "v1", &private, &owner).await;
+    let fetched = up.all_blob_gets();
+    let by_digest = format!("manifests/{}", private.digest);
+    // No credentials at all: upstream's challenge, under either name.
+    for repo in ["acme/private", "acme/public"] {
+        for path in [
+            "manifests/v1".to_string(),
+            by_digest.clone(),
+            format!("blobs/{}", private.layers[1].digest),
+        ] {
+            for method in ["GET", "HEAD"] {
+                let a = ask(&st, method, &format!("{repo}/{path}"), None).await;
+                assert_eq!(a.status, 401, "{method} {repo}/{path}");
+                assert!(a.challenge.is_some(), "{method} {repo}/{path}");
+            }
+        }
+    }
+    // An anonymous token (upstream grants it nothing on the private
+    // repository): upstream's refusal, relayed with its challenge.
+    let anon = token(&up, "acme/private", false).await;
+    for path in [
+        "manifests/v1".to_string(),
+        by_digest.clone(),
+        format!("blobs/{}", private.layers[0].digest),
+        format!("blobs/{}", private.config.digest),
+    ] {
+        let a = ask(&st, "GET", &format!("acme/private/{path}"), Some(&anon)).await;
+        assert_eq!(a.status, 401, "{path}");
+        assert_eq!(a.challenge, Some(bearer(&up, Some("acme/private"))));
+    }
+    // Allowed to read the public repository, asking for the private
+    // digests under its name: not in that repository, so unknown.
+    let anon_public = token(&up, "acme/public", false).await;
+    let a = ask(
+        &st,
+        "GET",
+        &format!("acme/public/{by_digest}"),
+        Some(&anon_public),
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.code.as_deref()),
+        (404, Some("MANIFEST_UNKNOWN"))
+    );
+    for b in private.blobs() {
+        for method in ["GET", "HEAD"] {
+            let a = ask(
+                &st,
+                method,
+                &format!("acme/public/blobs/{}", b.digest),
+                Some(&anon_public),
+            )
+            .await;
+            assert_eq!(a.status, 404, "{method} {}", b.digest);
+            assert!(a.body.is_empty() || a.code.as_deref() == Some("BLOB_UNKNOWN"));
+        }
+    }
+    // The public image pulls anonymously; a second anonymous caller gets
+    // it from the cache after one check of the tag.
+    pull(&st, "acme/public", "v1", &public, &anon_public).await;
+    let gets = up.all_blob_gets();
+    let heads = up.count_where(|r| r.method == "HEAD");
+    let other_anon = token(&up, "acme/public", false).await;
+    pull(&st, "acme/public", "v1", &public, &other_anon).await;
+    assert_eq!(up.all_blob_gets(), gets, "public blobs fetched again");
+    assert_eq!(
+        up.count_where(|r| r.method == "HEAD"),
+        heads + 1,
+        "one check of the tag"
+    );
+    assert_eq!(up.all_blob_gets(), fetched + public.blobs().len());
+}
+
+/// GETs manifest and blobs of `img` as `repo:tag` with `auth`.
+async fn pull(st: &Stowage, repo: &str, tag: &str, img: &Image, auth: &str) {
+    let a = ask(st, "GET", &format!("{repo}/manifests/{tag}"), Some(auth)).await;
+    assert_eq!(a.status, 200, "{repo}:{tag}");
+    assert_eq!(a.body, img.manifest);
+    for b in img.blobs() {
+        let a = ask(st, "GET", &format!("{repo}/blobs/{}", b.digest), Some(auth)).await;
+        assert_eq!(a.status, 200, "{repo} blob {}", b.digest);
+        assert_eq!(sha256_digest(&a.body), b.digest);
+    }
+}
+
+#[tokio::test]
+async fn answers_are_remembered_per_credential_and_repository_until_the_ttl() {
+    let (up, private, _) = registry().await;
+    let st = start(&up, "passthrough_ttl = \"1s\"").await;
+    let t1 = token(&up, "acme/private", true).await;
+    pull(&st, "acme/private", "v1", &private, &t1).await;
+    let count = || up.registry_requests();
+    // Same credential: nothing upstream.
+    let before = count();
+    pull(&st, "acme/private", "v1", &private, &t1).await;
+    assert_eq!(count(), before);
+    // Another credential: checked once (the tag), blobs known from the
+    // manifest.
+    let t2 = token(&up, "acme/private", true).await;
+    pull(&st, "acme/private", "v1", &private, &t2).await;
+    assert_eq!(count(), before + 1);
+    assert_eq!(
+        up.last_request("HEAD", "/v2/acme/private/manifests/v1")
+            .unwrap()
+            .header("authorization"),
+        Some(t2.clone())
+    );
+    // Past the TTL: checked again, once.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    pull(&st, "acme/private", "v1", &private, &t1).await;
+    assert_eq!(count(), before + 2);
+    // A revoked token is refused at the next check.
+    up.revoke_tokens();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let a = ask(&st, "GET", "acme/private/manifests/v1", Some(&t1)).await;
+    assert_eq!(a.status, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fill_is_joined_only_by_callers_upstream_lets_read_it() {
+    let (up, private, _) = registry().await;
+    let st = start(&up, "").await;
+    let owner = token(&up, "acme/private", true).await;
+    let layer = private.layers[1].clone();
+    let a = ask(&st, "GET", "acme/private/manifests/v1", Some(&owner)).await;
+    assert_eq!(a.status, 200);
+    let hold = up.hold(&layer.digest);
+    let url = st.v2(&format!("acme/private/blobs/{}", layer.digest));
+    let leader = {
+        let owner = owner.clone();
+        let url = url.clone();
+        tokio::spawn(async move {
+            client()
+                .get(url)
+                .header("authorization", owner)
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap()
+        })
+    };
+    hold.wait_half_sent(1).await;
+    // While the owner's fill runs: an anonymous caller is refused under
+    // the private name, and under the public one (not in that repository).
+    let anon = token(&up, "acme/private", false).await;
+    let a = ask(
+        &st,
+        "GET",
+        &format!("acme/private/blobs/{}", layer.digest),
+        Some(&anon),
+    )
+    .await;
+    assert_eq!(a.status, 401);
+    let anon_public = token(&up, "acme/public", false).await;
+    let a = ask(
+        &st,
+        "GET",
+        &format!("acme/public/blobs/{}", layer.digest),
+        Some(&anon_public),
+    )
+    .await;
+    assert_eq!(a.status, 404);
+    // Another token of the owner's is checked, then joins.
+    let owner2 = token(&up, "acme/private", true).await;
+    let joiner = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            client()
+                .get(url)
+                .header("authorization", owner2)
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    hold.release();
+    let joined = joiner.await.unwrap();
+    assert_eq!(header(&joined, "x-stowage-cache").as_deref(), Some("join"));
+    assert_eq!(joined.bytes().await.unwrap(), layer.data);
+    assert_eq!(leader.await.unwrap(), layer.data);
+    assert_eq!(up.blob_gets(&layer.digest), 1);
+}
+
+#[tokio::test]
+async fn basic_auth_upstreams_get_the_callers_basic_credentials() {
+    let up = FakeUpstream::start().await;
+    up.require_basic("alice", "pw");
+    let img = make_image(Format::Oci, &[500]);
+    up.push_image("team/app", "v1", &img);
+    let st = start(&up, "").await;
+    let a = ask(&st, "GET", "", None).await;
+    assert_eq!(a.status, 401);
+    assert_eq!(
+        a.challenge.as_deref(),
+        Some("Basic realm=\"Registry Realm\"")
+    );
+    let good = "Basic YWxpY2U6cHc="; // alice:pw
+    pull(&st, "team/app", "v1", &img, good).await;
+    assert_eq!(
+        up.last_request("GET", "/v2/team/app/manifests/v1")
+            .unwrap()
+            .header("authorization")
+            .as_deref(),
+        Some(good)
+    );
+    let wrong = "Basic YWxpY2U6bm8="; // alice:no
+    let a = ask(&st, "GET", "team/app/manifests/v1", Some(wrong)).await;
+    assert_eq!(a.status, 401);
+    let a = ask(
+        &st,
+        "GET",
+        &format!("team/app/blobs/{}", img.layers[0].digest),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.challenge.as_deref()),
+        (401, Some("Basic realm=\"Registry Realm\""))
+    );
+}
+
+/// The caller's token is nowhere but in the requests it was meant for: not
+/// in the log (debug level), not in /metrics, not in the cache directory.
+#[tokio::test]
+async fn credentials_never_reach_logs_metrics_or_disk() {
+    let (up, private, _) = registry().await;
+    let dir = TempDir::new().unwrap();
+    let cache = dir.path().join("cache");
+    let config = dir.path().join("stowage.toml");
+    std::fs::write(
+        &config,
+        config_toml(&cache, &up.url(), "auth = \"passthrough\""),
+    )
+    .unwrap();
+    let mut p = Process::with_config(&config, &[("RUST_LOG", "stowage=trace,debug")]);
+    let admin = p.wait_line(|l| {
+        l.contains("admin listener")
+            .then(|| l.split("addr=").nth(1).map(|a| a.trim().to_string()))
+            .flatten()
+    });
+    let addr = p.listening_addr();
+    let t = token(&up, "acme/private", true).await;
+    let secret = t.trim_start_matches("Bearer ").to_string();
+    let c = client();
+    let base = format!("http://{addr}/v2/acme/private");
+    let r = c
+        .get(format!("{base}/manifests/v1"))
+        .header("authorization", &t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for b in private.blobs() {
+        let r = c
+            .get(format!("{base}/blobs/{}", b.digest))
+            .header("authorization", &t)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.bytes().await.unwrap(), b.data);
+    }
+    // A refused one too (the error path logs).
+    let r = c
+        .get(format!("{base}/manifests/v1"))
+        .header("authorization", "Bearer not-a-token-but-secret-too")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let metrics = c
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("stowage_passthrough_checks_total"),
+        "{metrics}"
+    );
+    p.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log = p.log().join("\n");
+    assert!(
+        log.contains("upstream request"),
+        "debug log missing:\n{log}"
+    );
+    for s in [secret.as_str(), "not-a-token-but-secret-too"] {
+        assert!(!log.contains(s), "log holds a credential");
+        assert!(!metrics.contains(s), "metrics hold a credential");
+        assert!(
+            !dir_contains(&cache, s.as_bytes()),
+            "cache holds a credential"
+        );
+    }
+}
+
+fn dir_contains(dir: &std::path::Path, needle: &[u8]) -> bool {
+    std::fs::read_dir(dir).unwrap().flatten().any(|e| {
+        let p = e.path();
+        if p.is_dir() {
+            dir_contains(&p, needle)
+        } else {
+            std::fs::read(&p)
+                .map(|data| data.windows(needle.len()).any(|w| w == needle))
+                .unwrap_or(false)
+        }
+    })
+}
