@@ -30,7 +30,11 @@
 #     config.json, as `docker login` writes them) it pulls the private
 #     Docker-Hub-style image through stowage. What dockerd sends the mirror
 #     is read from the token server's log (its account on each token
-#     request) and stowage's (the requests it served).
+#     request) and stowage's (the requests it served);
+#   * containerd (ctr --hosts-dir with the shipped hosts.toml) fails without
+#     credentials and pulls with the owner's (--user); podman (the shipped
+#     registries.conf mirror) pulls with the owner's credentials in an
+#     auth.json under the mirror's host:port.
 #
 # Usage: tests/e2e/private.sh            (as root)
 # Environment: STOWAGE_BIN, KEEP_TMP=1 (see lib.sh).
@@ -230,3 +234,54 @@ else
 fi
 served=$(tail -n +"$((st_before + 1))" "${STOWAGE_LOG[stowage]}" | grep -oE 'method=[A-Z]+ path=[^ ]+ status=[0-9]+' | sed -E 's/sha256:[0-9a-f]{64}/<digest>/' | sort | uniq -c | tr -s ' ' | tr '\n' ';')
 log "what dockerd asked stowage (count method path status): $served"
+
+# ---------------------------------------------------------------- containerd
+# hosts.toml as shipped (config/containerd/certs.d/docker.io), the mirror
+# this stowage; the owner's credentials with ctr's --user (CRI: the pod's
+# imagePullSecrets, or the registry auth of containerd's config).
+HOSTS_DIR="$TMP/certs.d"
+mkdir -p "$HOSTS_DIR/docker.io"
+sed "s#mirror.example:5000#$ST#g" "$ROOT/config/containerd/certs.d/docker.io/hosts.toml" >"$HOSTS_DIR/docker.io/hosts.toml"
+CTR=(ctr -a "$CTR_SOCK" -n stowage-private)
+tokens_before=$(wc -l <"$TOKEN_LOG")
+if run_logged 120 "$TMP/ctr.log" "${CTR[@]}" images pull --hosts-dir "$HOSTS_DIR" docker.io/acme/private:v1; then
+    fail "ctr pulled acme/private:v1 without credentials"
+else
+    pass "ctr without credentials cannot pull acme/private:v1 ($(grep -oiE '401 Unauthorized|unauthorized|denied' "$TMP/ctr.log" | head -n1))"
+fi
+mark=$(reg_mark hub)
+if run_logged 120 "$TMP/ctr.log" "${CTR[@]}" images pull --hosts-dir "$HOSTS_DIR" --user "owner:$OWNER_PW" docker.io/acme/private:v1; then
+    got=$("${CTR[@]}" images ls -q | grep -c '^docker.io/acme/private:v1$' || true)
+    dg=$("${CTR[@]}" images ls | awk '$1 == "docker.io/acme/private:v1" { print $3 }')
+    check_eq "ctr --hosts-dir --user owner pulled acme/private:v1 through stowage (image digest)" "$dg" "${MANIFEST[private]}"
+else
+    fail "ctr with the owner's credentials could not pull acme/private:v1 through stowage"
+fi
+reg_settle hub
+check_only_stowage "ctr's pull" hub "$mark"
+ctr_tokens=$(tail -n +"$((tokens_before + 1))" "$TOKEN_LOG" | jq -rc 'select(.user_agent | test("containerd"; "i")) | "\(.method) \(.account // "anonymous") \(.status)"' | sort | uniq -c | tr -s ' ' | tr '\n' ';')
+log "token requests from containerd (method, account, status): $ctr_tokens"
+
+# ---------------------------------------------------------------- podman
+# registries.conf as shipped (a docker.io mirror), credentials in an
+# auth.json under the mirror's host:port (where containers/image looks for
+# a mirror's credentials).
+sed "s#mirror.example:5000#$ST#g" "$ROOT/config/containers/registries.conf" >"$TMP/registries.conf"
+PODMAN_DIR="$TMP/podman"
+mkdir -p "$PODMAN_DIR"
+: >"$PODMAN_DIR/containers.conf"
+PODMAN=(env CONTAINERS_REGISTRIES_CONF="$TMP/registries.conf" CONTAINERS_CONF="$PODMAN_DIR/containers.conf"
+    podman --root "$PODMAN_DIR/root" --runroot "$PODMAN_DIR/run" --storage-driver vfs
+    --cgroup-manager cgroupfs --events-backend file --tmpdir "$PODMAN_DIR/tmp"
+    --network-config-dir "$PODMAN_DIR/networks")
+printf '{"auths": {"%s": {"auth": "%s"}}}\n' "$ST" "$(printf 'owner:%s' "$OWNER_PW" | base64 -w0)" >"$PODMAN_DIR/auth.json"
+mark=$(reg_mark hub)
+if run_logged 180 "$TMP/podman.log" "${PODMAN[@]}" pull --quiet --authfile "$PODMAN_DIR/auth.json" docker.io/acme/private:v1; then
+    got=$("${PODMAN[@]}" image inspect --format '{{.Digest}}' docker.io/acme/private:v1 2>&1 || true)
+    check_eq "podman (registries.conf mirror, auth.json for the mirror's host) pulled acme/private:v1 through stowage (digest)" \
+        "$got" "${MANIFEST[private]}"
+else
+    fail "podman with the owner's credentials for the mirror host could not pull acme/private:v1"
+fi
+reg_settle hub
+check_only_stowage "podman's pull" hub "$mark"
