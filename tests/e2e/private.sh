@@ -285,3 +285,18 @@ else
 fi
 reg_settle hub
 check_only_stowage "podman's pull" hub "$mark"
+
+# ---------------------------------------------------------------- path prefix
+# skopeo naming the registry host in the mirror's path (a registries.conf
+# location with a path, `mirror/ghcr.io`): it asks a token for the name it
+# used (docker.io/acme/private), gets stowage's relayed 401 whose scope
+# names the repository as upstream does, and asks again with that scope.
+tokens_before=$(wc -l <"$TOKEN_LOG")
+if run_logged 60 "$TMP/prefix.log" skopeo --insecure-policy copy --quiet --src-tls-verify=false \
+    --src-creds "owner:$OWNER_PW" "docker://$ST/docker.io/acme/private:v1" "oci:$TMP/prefix:v1"; then
+    check_layout "skopeo through the path prefix /v2/docker.io/" "$TMP/prefix" v1 "private@linux/$ARCH"
+else
+    fail "skopeo with the owner's credentials could not pull $ST/docker.io/acme/private:v1"
+fi
+scopes=$(tail -n +"$((tokens_before + 1))" "$TOKEN_LOG" | jq -rc 'select(.user_agent | test("skopeo")) | .scope | join(" ")' | tr '\n' ';')
+log "skopeo's token scopes through the path prefix: $scopes"
