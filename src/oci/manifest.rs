@@ -40,7 +40,7 @@ pub(crate) fn accept_headers() -> HeaderMap {
 
 /// The known manifest media types a client accepts, read from its `Accept`
 /// the way CNCF distribution 2.8 reads it (measured against Debian's
-/// `docker-registry` 2.8.2, see ARCHITECTURE.md): every `Accept` header,
+/// `docker-registry` 2.8.2, see ARCHITECTURE.md, "Accept classes"): every `Accept` header,
 /// split at commas, parameters dropped, so `q` values are ignored
 /// (`;q=0` still accepts) and `*/*` or `application/json` accept none of
 /// the four. No `Accept` at all accepts none.

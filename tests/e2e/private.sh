@@ -225,7 +225,7 @@ fi
 reg_settle hub
 check_only_stowage "dockerd's pull" hub "$mark"
 check_eq "private blob GETs upstream for dockerd's pull (all cached by skopeo's)" "$(reg_blob_gets hub "$mark" acme/private)" 0
-docker_tokens=$(tail -n +"$((tokens_before + 1))" "$TOKEN_LOG" | jq -rc 'select(.user_agent | test("docker"; "i")) | "\(.account // "anonymous") \(.scope | join(" "))"' | sort | uniq -c | tr -s ' ' | tr '\n' ';')
+docker_tokens=$(tail -n +"$((tokens_before + 1))" "$TOKEN_LOG" | jq -rc 'select(.user_agent | test("docker"; "i")) | "\(.account // "anonymous") \(.scope | join(" ")) \(.user_agent | split(" ")[0])"' | sort | uniq -c | tr -s ' ' | tr '\n' ';')
 log "token requests from dockerd (account, scope): $docker_tokens"
 if [[ $docker_tokens == *"owner repository:acme/private:pull"* ]]; then
     pass "dockerd asked the upstream's token service itself, with its Docker Hub credentials (account owner), for the scope stowage relayed"
