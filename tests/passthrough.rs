@@ -421,12 +421,18 @@ async fn credentials_never_reach_logs_metrics_or_disk() {
     )
     .unwrap();
     let mut p = Process::with_config(&config, &[("RUST_LOG", "stowage=trace,debug")]);
-    let admin = p.wait_line(|l| {
+    // The two lines come in either order.
+    let addr = p.listening_addr();
+    let admin_of = |l: &str| {
         l.contains("admin listener")
             .then(|| l.split("addr=").nth(1).map(|a| a.trim().to_string()))
             .flatten()
-    });
-    let addr = p.listening_addr();
+    };
+    let seen = p.log().iter().find_map(|l| admin_of(l));
+    let admin = match seen {
+        Some(a) => a,
+        None => p.wait_line(admin_of),
+    };
     let t = token(&up, "acme/private", true).await;
     let secret = t.trim_start_matches("Bearer ").to_string();
     let c = client();
