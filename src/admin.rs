@@ -50,6 +50,9 @@ pub(crate) struct AdminState {
     index_loaded: Option<Box<dyn Fn() -> bool + Send + Sync>>,
     /// Runs before each `/metrics` encoding (to copy gauges kept elsewhere).
     before_scrape: Option<ScrapeHook>,
+    /// Lines `/readyz` adds about things that do not decide readiness (the
+    /// cluster's peers).
+    notes: Vec<Box<dyn Fn() -> String + Send + Sync>>,
 }
 
 impl AdminState {
@@ -61,7 +64,20 @@ impl AdminState {
             probes: AtomicU64::new(0),
             index_loaded: None,
             before_scrape: None,
+            notes: Vec::new(),
         }
+    }
+
+    /// Adds a line to every `/readyz` answer (ready or not) without a say
+    /// in readiness.
+    pub(crate) fn with_note(mut self, note: impl Fn() -> String + Send + Sync + 'static) -> Self {
+        self.notes.push(Box::new(note));
+        self
+    }
+
+    /// The notes, one per line.
+    fn notes(&self) -> String {
+        self.notes.iter().map(|n| format!("{}\n", n())).collect()
     }
 
     /// Runs `refresh` before every `/metrics` answer, e.g. to copy the blob
@@ -241,7 +257,7 @@ pub(crate) async fn handle(state: &AdminState, req: &Request<Incoming>) -> Respo
         "/readyz" => {
             let reasons = state.not_ready().await;
             if reasons.is_empty() {
-                text(StatusCode::OK, PLAIN, "ready\n")
+                text(StatusCode::OK, PLAIN, format!("ready\n{}", state.notes()))
             } else {
                 tracing::warn!(reasons = %reasons.join("; "), "not ready");
                 let mut body = String::from("not ready:\n");
@@ -250,6 +266,7 @@ pub(crate) async fn handle(state: &AdminState, req: &Request<Incoming>) -> Respo
                     body.push_str(r);
                     body.push('\n');
                 }
+                body.push_str(&state.notes());
                 text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, body)
             }
         }

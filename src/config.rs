@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use crate::cache::config::CacheConfig;
+pub use crate::cluster::config::ClusterConfig;
 pub use crate::error::ConfigError;
 pub use crate::front::config::{AccessConfig, LimitsConfig, TlsConfig};
 pub use crate::logging::{LogConfig, LogFormat};
@@ -69,6 +70,10 @@ pub struct Config {
     /// Connection limits and timeouts of the registry listener.
     #[serde(default)]
     pub limits: LimitsConfig,
+
+    /// Several nodes acting as one cache; a single node without this table.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// Command-line values that override the file (all optional).
@@ -88,6 +93,10 @@ pub struct Overrides {
     pub tls_key: Option<PathBuf>,
     /// `--admin-listen`: an address or `off`.
     pub admin_listen: Option<String>,
+    /// `--advertise`: how peers reach this node.
+    pub advertise: Option<String>,
+    /// `--peer`, repeated: the cluster's nodes (replacing `cluster.peers`).
+    pub peers: Vec<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -143,6 +152,7 @@ impl Default for Config {
             tls: None,
             access: None,
             limits: LimitsConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -189,7 +199,32 @@ impl Config {
         }
         config.apply_upstream_flags(&overrides.upstream)?;
         config.apply_tls_flags(overrides.tls_cert.clone(), overrides.tls_key.clone())?;
+        config.apply_cluster_flags(overrides.advertise.clone(), &overrides.peers)?;
         Ok(config)
+    }
+
+    /// Applies `--advertise URL` and `--peer URL` (repeated): they replace
+    /// `cluster.advertise` and `cluster.peers`, creating `[cluster]` when
+    /// the file has none.
+    pub fn apply_cluster_flags(
+        &mut self,
+        advertise: Option<String>,
+        peers: &[String],
+    ) -> Result<(), ConfigError> {
+        if advertise.is_none() && peers.is_empty() {
+            return Ok(());
+        }
+        let cluster = self
+            .cluster
+            .get_or_insert_with(|| ClusterConfig::from_flags(None, Vec::new()));
+        if advertise.is_some() {
+            cluster.advertise = advertise;
+        }
+        if !peers.is_empty() {
+            cluster.peers = peers.to_vec();
+            cluster.peers_dns = None;
+        }
+        self.validate()
     }
 
     /// Applies `--upstream` values: `HOST=URL` entries, or a bare URL that
@@ -308,7 +343,29 @@ impl Config {
                 ));
             }
         }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
+            self.validate_cluster_access(cluster)?;
+        }
         self.limits.validate()
+    }
+
+    /// Peers must get past the access control every node applies.
+    fn validate_cluster_access(&self, cluster: &ClusterConfig) -> Result<(), ConfigError> {
+        if self.access.is_some() && cluster.secret_file.is_none() {
+            return Err(ConfigError::invalid(
+                "cluster.secret_file",
+                "required with [access]: peers carry the cluster secret, not htpasswd credentials",
+            ));
+        }
+        let mtls = self.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        if mtls && cluster.client_cert.is_none() {
+            return Err(ConfigError::invalid(
+                "cluster.client_cert",
+                "required with tls.client_ca: peers must present a client certificate",
+            ));
+        }
+        Ok(())
     }
 }
 

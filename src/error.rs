@@ -32,6 +32,18 @@ pub(crate) enum ErrorSource {
     Local,
 }
 
+impl ErrorSource {
+    /// `client`, `upstream` or `local` (told to peers, which decide by it
+    /// whether going upstream themselves could help).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorSource::Client => "client",
+            ErrorSource::Upstream => "upstream",
+            ErrorSource::Local => "local",
+        }
+    }
+}
+
 /// What an upstream request was for, to pick the right "unknown" kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Asked {
@@ -72,7 +84,8 @@ pub(crate) enum ErrorKind {
     ManifestUnknown,
     /// Upstream answered 401 although the mirror authenticated.
     UpstreamUnauthorized,
-    /// Upstream answered 403.
+    /// Access denied: upstream answered 403, or a peer request carried a
+    /// wrong cluster secret.
     Denied,
     /// Upstream answered 429.
     TooManyRequests {

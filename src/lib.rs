@@ -13,7 +13,9 @@
 //! config.rs      the whole configuration: TOML, flags, each section's validation
 //! admin.rs       /metrics, /healthz, /readyz
 //! http/          where requests enter: routes, OCI errors, upstream routing, request log
-//! cache/         layout on disk, journal, blob index, blob store and fills, manifests, pins
+//! cache/         layout on disk, journal, blob index, blob store and fills (their sources:
+//!                cluster owner, upstream), manifests (asking their owner), pins
+//! cluster/       peers, liveness, rendezvous owners, peer requests, the cluster secret
 //! front/         connection limits, TLS, client authentication, reloads, zero-copy sends
 //! upstream/      the client of upstream registries: auth, challenges, redirects, errors
 //! logging.rs     log configuration and set-up
@@ -32,7 +34,8 @@
 //! ```text
 //! 0  oci, metrics, body, shutdown    leaves
 //! 1  error
-//! 2  upstream, front, logging         know nothing of each other
+//! 2  upstream, front, logging,        know nothing of each other
+//!    cluster
 //! 3  cache
 //! 4  http, admin
 //! 5  config, test_hooks
@@ -50,6 +53,7 @@ mod admin;
 mod body;
 mod cache;
 pub mod cli;
+mod cluster;
 pub mod config;
 mod error;
 mod front;

@@ -47,6 +47,15 @@ struct Cli {
     #[arg(long, value_name = "ADDR")]
     admin_listen: Option<String>,
 
+    /// Cluster mode: the URL other nodes reach this one by (with --peer).
+    #[arg(long, value_name = "URL")]
+    advertise: Option<String>,
+
+    /// Cluster mode: a node of the cluster, this one included or not (may
+    /// be repeated); misses for keys another node owns are asked of it.
+    #[arg(long, value_name = "URL")]
+    peer: Vec<String>,
+
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -179,6 +188,8 @@ fn load(cli: &Cli) -> Result<Config, stowage::config::ConfigError> {
         tls_cert: cli.tls_cert.clone(),
         tls_key: cli.tls_key.clone(),
         admin_listen: cli.admin_listen.clone(),
+        advertise: cli.advertise.clone(),
+        peers: cli.peer.clone(),
     };
     Config::load(cli.config.as_deref(), &overrides)
 }

@@ -35,6 +35,10 @@
 //! | `stowage_cache_evicted_bytes_total` | counter | |
 //! | `stowage_cache_size_bytes` | gauge | |
 //! | `stowage_cache_budget_bytes` | gauge | |
+//! | `stowage_peer_requests_total` | counter | `kind` (`blob`, `manifest`, `tag`, `probe`), `result` (`ok`, `status`, `unreachable`, `broken`, `mismatch`) |
+//! | `stowage_owner_hops_total` | counter | `kind` (`blob`, `manifest`, `tag`) |
+//! | `stowage_peer_requests_received_total` | counter | `result` (`accepted`, `refused`) |
+//! | `stowage_cluster_peers` | gauge | `state` (`up`, `down`) |
 //! | `stowage_build_info` | gauge | `version` |
 //! | `process_*` | (Linux) | CPU, memory, file descriptors, threads, start time |
 
@@ -185,6 +189,60 @@ impl Source {
             Source::Cache => "cache",
             Source::Upstream => "upstream",
             Source::Local => "local",
+        }
+    }
+}
+
+/// What a peer request was for: the `kind` label of peer metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PeerKind {
+    /// A blob (`GET`, or `HEAD`).
+    Blob,
+    /// A manifest by digest.
+    Manifest,
+    /// A manifest by tag.
+    Tag,
+    /// A liveness probe of a down peer.
+    Probe,
+}
+
+impl PeerKind {
+    /// The label value.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            PeerKind::Blob => "blob",
+            PeerKind::Manifest => "manifest",
+            PeerKind::Tag => "tag",
+            PeerKind::Probe => "probe",
+        }
+    }
+}
+
+/// How a peer request went: the `result` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PeerResult {
+    /// Answered with what was asked.
+    Ok,
+    /// Answered with another status (an error, a refusal).
+    Status,
+    /// No answer: connection refused or timed out (the peer is marked
+    /// down).
+    Unreachable,
+    /// The body broke off.
+    Broken,
+    /// The bytes did not hash to their digest (the peer is marked down).
+    Mismatch,
+}
+
+impl PeerResult {
+    /// The label value.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            PeerResult::Ok => "ok",
+            PeerResult::Status => "status",
+            PeerResult::Unreachable => "unreachable",
+            PeerResult::Broken => "broken",
+            PeerResult::Mismatch => "mismatch",
         }
     }
 }
@@ -457,6 +515,45 @@ impl CacheMetrics {
     }
 }
 
+/// Requests between the nodes of a cluster.
+struct ClusterMetrics {
+    peer_requests: IntCounterVec,
+    owner_hops: IntCounterVec,
+    received: IntCounterVec,
+    peers: IntGaugeVec,
+}
+
+impl ClusterMetrics {
+    fn register(b: &mut Builder) -> ClusterMetrics {
+        let peer_requests = b.counter_vec(
+            "stowage_peer_requests_total",
+            "Requests this node sent to other nodes of its cluster, by kind (blob, manifest, tag, probe) and result (ok, status: answered something else, unreachable, broken: body broke off, mismatch: bytes failed verification).",
+            &["kind", "result"],
+        );
+        let owner_hops = b.counter_vec(
+            "stowage_owner_hops_total",
+            "Misses this node sent to the key's owner in its cluster (one per blob fill or manifest load, retries not counted), by kind.",
+            &["kind"],
+        );
+        let received = b.counter_vec(
+            "stowage_peer_requests_received_total",
+            "Requests from other nodes (carrying the hop header), accepted or refused (missing or wrong cluster secret).",
+            &["result"],
+        );
+        let peers = b.gauge_vec(
+            "stowage_cluster_peers",
+            "Other nodes of the cluster as this node sees them now, up or down.",
+            &["state"],
+        );
+        ClusterMetrics {
+            peer_requests,
+            owner_hops,
+            received,
+            peers,
+        }
+    }
+}
+
 /// The metrics of one server instance, and the health state `/readyz`
 /// reports. Share it as `Arc<Metrics>`; every method takes `&self`.
 pub struct Metrics {
@@ -466,6 +563,7 @@ pub struct Metrics {
     client: ClientMetrics,
     upstream: UpstreamMetrics,
     cache: CacheMetrics,
+    cluster: ClusterMetrics,
 
     /// The registry listener(s) accept connections.
     listening: AtomicBool,
@@ -502,6 +600,7 @@ impl Metrics {
         let client = ClientMetrics::register(&mut b);
         let upstream = UpstreamMetrics::register(&mut b);
         let cache = CacheMetrics::register(&mut b);
+        let cluster = ClusterMetrics::register(&mut b);
         let build_info = b.gauge_vec(
             "stowage_build_info",
             "Always 1; the version label says which stowage is running.",
@@ -522,6 +621,7 @@ impl Metrics {
             client,
             upstream,
             cache,
+            cluster,
             listening: AtomicBool::new(false),
             sync_lock: std::sync::Mutex::new(()),
         }
@@ -682,6 +782,39 @@ impl Metrics {
     /// The blob cache's budget is `bytes`.
     pub(crate) fn set_cache_budget(&self, bytes: u64) {
         self.cache.budget.set(gauge_value(bytes));
+    }
+
+    // ------------------------------------------------------------- cluster
+
+    /// One request to a peer ended with `result`.
+    pub(crate) fn peer_request(&self, kind: PeerKind, result: PeerResult) {
+        self.cluster
+            .peer_requests
+            .with_label_values(&[kind.as_str(), result.as_str()])
+            .inc();
+    }
+
+    /// A miss was sent to its owner.
+    pub(crate) fn owner_hop(&self, kind: PeerKind) {
+        self.cluster
+            .owner_hops
+            .with_label_values(&[kind.as_str()])
+            .inc();
+    }
+
+    /// A request from a peer was accepted (or refused).
+    pub(crate) fn peer_request_received(&self, accepted: bool) {
+        let result = if accepted { "accepted" } else { "refused" };
+        self.cluster.received.with_label_values(&[result]).inc();
+    }
+
+    /// The other nodes: `up` of them up, `down` down.
+    pub(crate) fn set_peers(&self, up: usize, down: usize) {
+        let peers = &self.cluster.peers;
+        peers.with_label_values(&["up"]).set(gauge_value(up as u64));
+        peers
+            .with_label_values(&["down"])
+            .set(gauge_value(down as u64));
     }
 
     // -------------------------------------------------------------- health

@@ -29,6 +29,7 @@ use crate::cache::index::{BlobIndex, Budget};
 use crate::cache::layout::Layout;
 use crate::cache::manifests::ManifestStore;
 use crate::cache::pins::Pins;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::front::{Front, Reloader};
 use crate::http::request_id::RequestIds;
@@ -95,7 +96,8 @@ impl Server {
             .map(|u| Upstream::new(u).map(|u| Arc::new(u.with_metrics(metrics.clone()))))
             .collect::<Result<Vec<_>, _>>()?;
         let layout = Layout::new(&config.cache_dir);
-        let (blobs, manifests) = open_caches(&config, &layout, &metrics, &shutdown)?;
+        let cluster = open_cluster(&config, &metrics)?;
+        let (blobs, manifests) = open_caches(&config, &layout, &metrics, &shutdown, &cluster)?;
         let front = Arc::new(Front::new(
             config.tls.as_ref(),
             config.access.as_ref(),
@@ -121,6 +123,9 @@ impl Server {
             route: router.resolver(),
         };
         pins.spawn(shutdown.token());
+        if let Some(c) = &cluster {
+            c.spawn(&shutdown.token());
+        }
         spawn_manifest_pruner(&shutdown, manifests.clone(), config.cache.max_manifests);
         let state = Arc::new(AppState {
             router,
@@ -130,6 +135,7 @@ impl Server {
             grants: crate::cache::grants::Grants::new(),
             metrics,
             request_ids: RequestIds::new(),
+            cluster,
         });
         Ok(Server {
             listener,
@@ -214,7 +220,7 @@ impl Server {
         let listener = self.admin.take()?;
         let blobs = self.state.blobs.clone();
         let index = self.state.blobs.index().clone();
-        let state = AdminState::new(self.state.metrics.clone(), self.layout.tmp())
+        let mut state = AdminState::new(self.state.metrics.clone(), self.layout.tmp())
             .with_index_check(move || blobs.index().is_loaded())
             .with_scrape_hook(move |metrics| {
                 metrics.set_cache_size(index.used().saturating_add(index.reserved()));
@@ -222,6 +228,9 @@ impl Server {
                 let evicted = index.evicted();
                 metrics.sync_evictions(evicted.blobs, evicted.bytes);
             });
+        if let Some(c) = self.state.cluster.clone() {
+            state = state.with_note(move || c.status());
+        }
         Some(admin::spawn(
             listener,
             Arc::new(state),
@@ -300,6 +309,33 @@ impl Connection {
     }
 }
 
+/// The cluster of `[cluster]`, if any. A peer answers a blob request once
+/// its own fill has upstream's headers, so peers get the longest upstream
+/// timeout and a margin to answer.
+fn open_cluster(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<Arc<Cluster>>, ServerError> {
+    let Some(cfg) = &config.cluster else {
+        return Ok(None);
+    };
+    let upstream = config
+        .upstreams
+        .iter()
+        .map(|u| u.timeout)
+        .max()
+        .unwrap_or(Duration::from_secs(30));
+    let cluster = Cluster::new(
+        cfg,
+        config.tls.is_some(),
+        upstream + Duration::from_secs(5),
+        metrics.clone(),
+    )?;
+    tracing::info!(me = %cluster.peers().me(), nodes = cluster.peers().all().len(),
+        secret = cfg.secret_file.is_some(), "cluster mode");
+    Ok(Some(Arc::new(cluster)))
+}
+
 /// Opens the blob store (starting its background work) and the manifest
 /// cache.
 fn open_caches(
@@ -307,6 +343,7 @@ fn open_caches(
     layout: &Layout,
     metrics: &Arc<Metrics>,
     shutdown: &Shutdown,
+    cluster: &Option<Arc<Cluster>>,
 ) -> Result<(Arc<BlobStore>, Arc<ManifestStore>), ServerError> {
     let idle = config
         .upstreams
@@ -323,13 +360,17 @@ fn open_caches(
     let blobs = BlobStore::open(layout, index, idle, shutdown.fills()).map_err(io_error(
         format!("opening blob cache in {}", config.cache_dir.display()),
     ))?;
-    let blobs = Arc::new(blobs.with_metrics(metrics.clone()));
+    let blobs = Arc::new(
+        blobs
+            .with_metrics(metrics.clone())
+            .with_cluster(cluster.clone()),
+    );
     blobs.spawn_background(&shutdown.token());
     let manifests = ManifestStore::open(layout).map_err(io_error(format!(
         "opening manifest cache in {}",
         config.cache_dir.display()
     )))?;
-    Ok((blobs, Arc::new(manifests)))
+    Ok((blobs, Arc::new(manifests.with_cluster(cluster.clone()))))
 }
 
 /// Keeps the manifest files on disk within `max`, at start and every ten

@@ -1,7 +1,7 @@
 //! White-box access for the integration tests, behind the `test-hooks`
 //! feature (which `tests/*.rs` enable through the self dev-dependency in
-//! Cargo.toml): the upstream client on its own, the on-disk layout, and a
-//! running server's blob store.
+//! Cargo.toml): the upstream client on its own, the on-disk layout, a
+//! running server's blob store, and the cluster's rendezvous order.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,6 +26,26 @@ pub fn blobs_dir(cache_dir: &Path) -> PathBuf {
 /// (and the readiness probe's file).
 pub fn tmp_dir(cache_dir: &Path) -> PathBuf {
     Layout::new(cache_dir).tmp()
+}
+
+/// The rendezvous order of `nodes` (peer URLs as a cluster spells them,
+/// `http://127.0.0.1:5000`) for blob or manifest `digest`, owner first.
+pub fn rank_digest(nodes: &[String], digest: &str) -> Vec<String> {
+    rank(nodes, &crate::cluster::digest_key(&parse(digest)))
+}
+
+/// The rendezvous order of `nodes` for `tag` of `repo` (as upstream names
+/// it) on upstream `host`, owner first.
+pub fn rank_tag(nodes: &[String], host: &str, repo: &str, tag: &str) -> Vec<String> {
+    let tag = crate::oci::Tag::parse(tag).expect("a valid tag");
+    rank(nodes, &crate::cluster::tag_key(host, repo, &tag))
+}
+
+fn rank(nodes: &[String], key: &[u8]) -> Vec<String> {
+    crate::cluster::ring::rank(nodes, key, |s| s.as_str())
+        .into_iter()
+        .cloned()
+        .collect()
 }
 
 fn parse(digest: &str) -> Digest {

@@ -29,6 +29,15 @@
 //!
 //! Concurrent loads of one digest, and concurrent revalidations of one tag
 //! in one class, are coalesced by moka into one upstream request.
+//!
+//! In a cluster, a client's miss (a digest not held here, a tag past its
+//! TTL) goes to the key's owner first (`owner.rs`; a tag's owner is the
+//! same for every accept class, and is asked with the class's `Accept`);
+//! what it sends is verified and kept here, and a tag expires here when it
+//! expires on the owner. A peer's request is never forwarded, nor is a
+//! passthrough caller's (the owner could not ask upstream with its
+//! credentials). When no owner answers, this node goes upstream itself,
+//! stale serving included.
 
 use std::io;
 use std::path::PathBuf;
@@ -41,6 +50,8 @@ use http_body_util::{BodyExt, Limited};
 use moka::Expiry;
 
 use super::layout::{self, Layout};
+use super::owner;
+use crate::cluster::{self, Cluster, Hop};
 use crate::error::{Asked, Error, ErrorKind, ErrorSource};
 use crate::metrics::{CacheKind, Outcome};
 use crate::oci::headers::DOCKER_CONTENT_DIGEST;
@@ -50,7 +61,7 @@ use crate::upstream::Upstream;
 use crate::upstream::caller::Caller;
 
 /// Largest manifest accepted from upstream (distribution's own limit).
-const MAX_MANIFEST: usize = 4 * 1024 * 1024;
+pub(super) const MAX_MANIFEST: usize = 4 * 1024 * 1024;
 
 /// In-memory budget for manifest bodies.
 const MEMORY_BUDGET: u64 = 64 * 1024 * 1024;
@@ -105,6 +116,19 @@ struct TagEntry {
     digest: Digest,
     fresh_for: Duration,
     outcome: Outcome,
+    /// When it was (re)validated: `fresh_for` counts from here.
+    checked: std::time::Instant,
+}
+
+impl TagEntry {
+    fn new(digest: Digest, fresh_for: Duration, outcome: Outcome) -> TagEntry {
+        TagEntry {
+            digest,
+            fresh_for,
+            outcome,
+            checked: std::time::Instant::now(),
+        }
+    }
 }
 
 /// Per-entry expiry: each tag entry carries its own freshness.
@@ -131,6 +155,8 @@ pub(crate) struct ManifestStore {
     tags: moka::future::Cache<TagKey, TagEntry>,
     /// Fresh referrers answers (`referrers.rs`).
     pub(super) referrers: moka::future::Cache<String, super::referrers::RefEntry>,
+    /// The cluster this node is in: misses go to their owner first.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl ManifestStore {
@@ -149,7 +175,37 @@ impl ManifestStore {
                 .expire_after(TagExpiry)
                 .build(),
             referrers: super::referrers::new_cache(),
+            cluster: None,
         })
+    }
+
+    /// Asks the owner of a missing manifest or tag first (a node in a
+    /// cluster).
+    pub(crate) fn with_cluster(mut self, cluster: Option<Arc<Cluster>>) -> ManifestStore {
+        self.cluster = cluster;
+        self
+    }
+
+    /// The cluster to ask for a request: none for a peer's request, which
+    /// is never forwarded, nor for a passthrough caller's.
+    fn cluster_for(&self, hop: Hop, caller: &Caller) -> Option<&Arc<Cluster>> {
+        self.cluster
+            .as_ref()
+            .filter(|_| !hop.is_peer() && caller.credential().is_none())
+    }
+
+    /// How much longer `tag` in `class` is trusted here without asking
+    /// upstream (told to the peers that ask this node, its owner).
+    pub(crate) async fn tag_fresh_for(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        tag: &Tag,
+        class: AcceptClass,
+    ) -> Option<Duration> {
+        let key = tag_key(upstream, repo, tag, class.upstream());
+        let entry = self.tags.get(&key).await?;
+        Some(entry.fresh_for.saturating_sub(entry.checked.elapsed()))
     }
 
     /// Keeps at most `max` manifests on disk, removing the least recently
@@ -194,20 +250,25 @@ impl ManifestStore {
         digest: &Digest,
         class: AcceptClass,
         caller: &Caller,
+        hop: Hop,
     ) -> Result<(Arc<Manifest>, Outcome), Error> {
-        let (m, outcome) = self.load_digest(upstream, repo, digest, caller).await?;
+        let (m, outcome) = self
+            .load_digest(upstream, repo, digest, caller, hop)
+            .await?;
         served(&m, class, false)?;
         Ok((m, outcome))
     }
 
-    /// The manifest with `digest`, whatever its media type (fetched with
-    /// `caller`'s credentials when not held).
+    /// The manifest with `digest`, whatever its media type (from its owner
+    /// in the cluster, or fetched with `caller`'s credentials, when not
+    /// held).
     async fn load_digest(
         &self,
         upstream: &Upstream,
         repo: &RepoName,
         digest: &Digest,
         caller: &Caller,
+        hop: Hop,
     ) -> Result<(Arc<Manifest>, Outcome), Error> {
         if let Some(m) = self.by_digest.get(digest).await {
             return Ok((m, Outcome::Hit));
@@ -220,21 +281,40 @@ impl ManifestStore {
                     return Ok(Arc::new(m));
                 }
                 fetched = true;
-                let m = fetch(
-                    upstream,
-                    caller,
-                    repo,
-                    &digest.to_string(),
-                    Some(digest),
-                    AcceptClass::ALL,
-                )
-                .await?;
+                let m = self
+                    .fetch_by_digest(upstream, repo, digest, caller, hop)
+                    .await?;
                 self.write_disk(&m).await.map_err(local_error)?;
                 Ok(Arc::new(m))
             })
             .await
             .map_err(|e: Arc<Error>| (*e).clone())?;
         Ok((m, if fetched { Outcome::Miss } else { Outcome::Hit }))
+    }
+
+    /// The manifest by digest from its owner, else upstream.
+    async fn fetch_by_digest(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+        caller: &Caller,
+        hop: Hop,
+    ) -> Result<Manifest, Error> {
+        if let Some(c) = self.cluster_for(hop, caller) {
+            let key = cluster::digest_key(digest);
+            let asked = owner::Question {
+                key: &key,
+                reference: &digest.to_string(),
+                expected: Some(digest),
+                accept: AcceptClass::ALL,
+            };
+            if let Some(m) = owner::ask(c, upstream, repo, asked).await? {
+                return Ok(m.manifest);
+            }
+        }
+        let reference = digest.to_string();
+        fetch(upstream, caller, repo, &reference, Some(digest), AcceptClass::ALL).await
     }
 
     /// The manifest `tag` points at for a client of `class` (asked
@@ -248,9 +328,10 @@ impl ManifestStore {
         tag: &Tag,
         class: AcceptClass,
         caller: &Caller,
+        hop: Hop,
     ) -> Result<(Arc<Manifest>, Outcome), Error> {
         let (m, outcome) = self
-            .load_tag(upstream, repo, tag, class.upstream(), caller)
+            .load_tag(upstream, repo, tag, class.upstream(), caller, hop)
             .await?;
         served(&m, class, true)?;
         Ok((m, outcome))
@@ -265,18 +346,13 @@ impl ManifestStore {
         tag: &Tag,
         class: AcceptClass,
         caller: &Caller,
+        hop: Hop,
     ) -> Result<(Arc<Manifest>, Outcome), Error> {
-        let key: TagKey = format!(
-            "{}/{}:{}@{}",
-            upstream.host(),
-            upstream.upstream_repo(repo.as_str()),
-            tag,
-            class.name()
-        );
+        let key = tag_key(upstream, repo, tag, class);
         // Fast path: a fresh tag, no loader future built.
         if let Some(entry) = self.tags.get(&key).await {
             let (m, _) = self
-                .load_digest(upstream, repo, &entry.digest, caller)
+                .load_digest(upstream, repo, &entry.digest, caller, hop)
                 .await?;
             let outcome = match entry.outcome {
                 Outcome::Stale => Outcome::Stale,
@@ -289,12 +365,12 @@ impl ManifestStore {
             .tags
             .try_get_with_by_ref(&key, async {
                 loaded = true;
-                self.revalidate(upstream, caller, repo, tag, class).await
+                self.revalidate(upstream, caller, repo, tag, class, hop).await
             })
             .await
             .map_err(|e: Arc<Error>| (*e).clone())?;
         let (m, _) = self
-            .load_digest(upstream, repo, &entry.digest, caller)
+            .load_digest(upstream, repo, &entry.digest, caller, hop)
             .await?;
         // A tag being served stale stays `Stale` until upstream answers again.
         let outcome = match (loaded, entry.outcome) {
@@ -304,8 +380,9 @@ impl ManifestStore {
         Ok((m, outcome))
     }
 
-    /// Asks upstream what `tag` points at now for `class`, using the tag
-    /// file on disk as the stale answer.
+    /// Asks the tag's owner (in a cluster), else upstream, what `tag`
+    /// points at now for `class`, using the tag file on disk as the stale
+    /// answer.
     async fn revalidate(
         &self,
         upstream: &Upstream,
@@ -313,33 +390,36 @@ impl ManifestStore {
         repo: &RepoName,
         tag: &Tag,
         class: AcceptClass,
+        hop: Hop,
     ) -> Result<TagEntry, Error> {
         let ttl = upstream.tag_ttl();
         let stale = match self.read_tag(upstream, repo, tag, class).await {
-            Some(d) if self.has(&d).await => d,
-            _ => {
-                let m = fetch(upstream, caller, repo, tag.as_str(), None, class).await?;
-                return self.adopt(upstream, repo, tag, class, m, ttl).await;
-            }
+            Some(d) if self.has(&d).await => Some(d),
+            _ => None,
         };
         let what = format!("{repo}:{tag}");
+        if let Some(c) = self.cluster_for(hop, caller)
+            && let Some(entry) = self
+                .ask_owner(c, upstream, repo, tag, class, stale.as_ref(), &what)
+                .await?
+        {
+            return Ok(entry);
+        }
+        let Some(stale) = stale else {
+            let m = fetch(upstream, caller, repo, tag.as_str(), None, class).await?;
+            return self.adopt(upstream, repo, tag, class, m, ttl).await;
+        };
         let serve_stale = |reason: String| {
             tracing::warn!(upstream = upstream.host(), manifest = %what, %reason,
                 "upstream unavailable, serving stale manifest");
-            Ok(TagEntry {
-                digest: stale.clone(),
-                fresh_for: ttl.min(STALE_RETRY),
-                outcome: Outcome::Stale,
-            })
+            Ok(TagEntry::new(
+                stale.clone(),
+                ttl.min(STALE_RETRY),
+                Outcome::Stale,
+            ))
         };
         match head(upstream, caller, repo, tag, class, &stale, &what).await? {
-            Head::Unchanged => {
-                return Ok(TagEntry {
-                    digest: stale,
-                    fresh_for: ttl,
-                    outcome: Outcome::Miss,
-                });
-            }
+            Head::Unchanged => return Ok(TagEntry::new(stale, ttl, Outcome::Miss)),
             Head::Outage(reason) => return serve_stale(reason),
             Head::Moved => {}
         }
@@ -348,6 +428,56 @@ impl ManifestStore {
             Ok(m) => self.adopt(upstream, repo, tag, class, m, ttl).await,
             Err(e) if e.is_upstream_outage() => serve_stale(e.report()),
             Err(e) => Err(e),
+        }
+    }
+
+    /// `tag` in `class` from its owner: `None` when no owner answered (go
+    /// upstream). The owner's remaining freshness becomes this node's; an
+    /// outage of the owner's upstream is served stale from here when
+    /// possible.
+    #[allow(clippy::too_many_arguments)]
+    async fn ask_owner(
+        &self,
+        cluster: &Arc<Cluster>,
+        upstream: &Upstream,
+        repo: &RepoName,
+        tag: &Tag,
+        class: AcceptClass,
+        stale: Option<&Digest>,
+        what: &str,
+    ) -> Result<Option<TagEntry>, Error> {
+        let ttl = upstream.tag_ttl();
+        let key = cluster::tag_key(upstream.host(), &upstream.upstream_repo(repo.as_str()), tag);
+        let asked = owner::Question {
+            key: &key,
+            reference: tag.as_str(),
+            expected: None,
+            accept: class,
+        };
+        match owner::ask(cluster, upstream, repo, asked).await {
+            Ok(Some(from)) => {
+                let fresh_for = from.fresh_for.unwrap_or(ttl).min(ttl);
+                let mut entry = self
+                    .adopt(upstream, repo, tag, class, from.manifest, fresh_for)
+                    .await?;
+                if from.stale {
+                    entry.outcome = Outcome::Stale;
+                }
+                Ok(Some(entry))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                let Some(stale) = stale.filter(|_| e.is_upstream_outage()) else {
+                    return Err(e);
+                };
+                tracing::warn!(upstream = upstream.host(), manifest = %what, reason = %e.report(),
+                    "upstream unavailable (said the tag's owner), serving stale manifest");
+                Ok(Some(TagEntry::new(
+                    stale.clone(),
+                    ttl.min(STALE_RETRY),
+                    Outcome::Stale,
+                )))
+            }
         }
     }
 
@@ -367,11 +497,7 @@ impl ManifestStore {
             .map_err(local_error)?;
         let digest = m.digest.clone();
         self.by_digest.insert(digest.clone(), Arc::new(m)).await;
-        Ok(TagEntry {
-            digest,
-            fresh_for: ttl,
-            outcome: Outcome::Miss,
-        })
+        Ok(TagEntry::new(digest, ttl, Outcome::Miss))
     }
 
     /// A manifest held locally (memory or disk), never asked upstream.
@@ -466,6 +592,18 @@ impl ManifestStore {
         )
         .await
     }
+}
+
+/// The key of `tag` in `class`: upstream host, repository as upstream
+/// names it, tag, class.
+fn tag_key(upstream: &Upstream, repo: &RepoName, tag: &Tag, class: AcceptClass) -> TagKey {
+    format!(
+        "{}/{}:{}@{}",
+        upstream.host(),
+        upstream.upstream_repo(repo.as_str()),
+        tag,
+        class.name()
+    )
 }
 
 /// Writes a small file via a temporary sibling and a rename, so readers see

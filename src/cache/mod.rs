@@ -9,5 +9,6 @@ pub(crate) mod index;
 pub(crate) mod journal;
 pub(crate) mod layout;
 pub(crate) mod manifests;
+mod owner;
 pub(crate) mod pins;
 pub(crate) mod referrers;

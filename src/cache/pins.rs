@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::index::BlobIndex;
 use super::manifests::{Manifest, ManifestStore};
+use crate::cluster::Hop;
 use crate::error::Error;
 use crate::oci::manifest::{AcceptClass, refs_of};
 use crate::oci::{Digest, ImageRef, Reference, RepoName};
@@ -81,13 +82,13 @@ impl Pins {
         let top: Arc<Manifest> = match &image.reference {
             Reference::Tag(t) => {
                 self.manifests
-                    .by_tag(&upstream, &repo, t, AcceptClass::ALL, &Caller::Mirror)
+                    .by_tag(&upstream, &repo, t, AcceptClass::ALL, &Caller::Mirror, Hop::Client)
                     .await?
                     .0
             }
             Reference::Digest(d) => {
                 self.manifests
-                    .by_digest(&upstream, &repo, d, AcceptClass::ALL, &Caller::Mirror)
+                    .by_digest(&upstream, &repo, d, AcceptClass::ALL, &Caller::Mirror, Hop::Client)
                     .await?
                     .0
             }
@@ -98,7 +99,7 @@ impl Pins {
         for child in refs.manifests {
             let (m, _) = self
                 .manifests
-                .by_digest(&upstream, &repo, &child, AcceptClass::ALL, &Caller::Mirror)
+                .by_digest(&upstream, &repo, &child, AcceptClass::ALL, &Caller::Mirror, Hop::Client)
                 .await?;
             blobs.extend(refs_of(&m.body).blobs);
         }

@@ -16,6 +16,7 @@ pub(crate) use routes::handle;
 use crate::cache::blob::BlobStore;
 use crate::cache::grants::Grants;
 use crate::cache::manifests::ManifestStore;
+use crate::cluster::Cluster;
 use crate::front::access::Access;
 use crate::metrics::Metrics;
 use request_id::RequestIds;
@@ -37,4 +38,6 @@ pub(crate) struct AppState {
     pub(crate) metrics: Arc<Metrics>,
     /// Request id generator.
     pub(crate) request_ids: RequestIds,
+    /// The cluster this node is in, if any.
+    pub(crate) cluster: Option<Arc<Cluster>>,
 }

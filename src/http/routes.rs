@@ -21,7 +21,11 @@ use crate::cache::manifests::Manifest;
 use crate::error::{Asked, Error};
 use crate::front::zerocopy::Regions;
 use crate::metrics::Outcome;
-use crate::oci::headers::{DOCKER_API_VERSION, OCI_FILTERS_APPLIED, X_STOWAGE_CACHE};
+use crate::cluster::Hop;
+use crate::oci::headers::{
+    DOCKER_API_VERSION, OCI_FILTERS_APPLIED, X_STOWAGE_CACHE, X_STOWAGE_ERROR_SOURCE,
+    X_STOWAGE_FRESH_MS, X_STOWAGE_HOP,
+};
 use crate::oci::manifest::{AcceptClass, OCI_INDEX};
 use crate::oci::{Digest, ParseError, Reference, Route, parse_route};
 use crate::upstream::Upstream;
@@ -46,9 +50,19 @@ pub(crate) async fn handle(
         Ok(answer) => answer,
         Err(e) => (Err(e), None),
     };
+    let from_peer = req.headers().contains_key(X_STOWAGE_HOP);
     let mut response = response.unwrap_or_else(|e| {
         tracing::debug!(source = ?e.esource(), error = %e.report(), "request failed");
-        error::response(&e, method == Method::HEAD)
+        let mut r = error::response(&e, method == Method::HEAD);
+        if from_peer {
+            // Tells the asking node whether going upstream itself could
+            // help (not when upstream answered this).
+            r.headers_mut().insert(
+                X_STOWAGE_ERROR_SOURCE,
+                HeaderValue::from_static(e.esource().as_str()),
+            );
+        }
+        r
     });
     response
         .headers_mut()
@@ -104,8 +118,14 @@ async fn dispatch(
     route: Result<Route, ParseError>,
 ) -> Result<Answer, Error> {
     // Credentials first: an unauthenticated client learns nothing, not even
-    // whether its path was valid.
-    state.access.check(req.headers()).await?;
+    // whether its path was valid. A peer's credential is the cluster secret.
+    let hop = match &state.cluster {
+        Some(cluster) => cluster.inbound(req.headers())?,
+        None => Hop::Client,
+    };
+    if hop != (Hop::Peer { authenticated: true }) {
+        state.access.check(req.headers()).await?;
+    }
     let route = route?;
     let method = req.method();
     let read_only = method == Method::GET || method == Method::HEAD;
@@ -117,10 +137,12 @@ async fn dispatch(
     let ns = ns_param(req.uri().query());
     let ns = ns.as_deref();
     match route {
-        Route::Base => base(state, req, ns).await,
+        Route::Base => base(state, req, ns, hop).await,
         Route::Write => Err(Error::unsupported("pushing is not supported")),
-        Route::Blob { name, digest } => blob(state, req, &name, ns, &digest).await,
-        Route::Manifest { name, reference } => manifest(state, req, &name, ns, &reference).await,
+        Route::Blob { name, digest } => blob(state, req, &name, ns, &digest, hop).await,
+        Route::Manifest { name, reference } => {
+            manifest(state, req, &name, ns, &reference, hop).await
+        }
         Route::TagsList { name } => tags_list(state, req, &name, ns).await,
         Route::Referrers { name, digest } => referrers(state, req, &name, ns, &digest).await,
     }
@@ -133,9 +155,12 @@ async fn base(
     state: &AppState,
     req: &Request<Incoming>,
     ns: Option<&str>,
+    hop: Hop,
 ) -> Result<Answer, Error> {
+    // A peer's /v2/ is a liveness probe: nothing to relay.
     if let Some(upstream) = state.router.base(ns)
         && upstream.passthrough()
+        && !hop.is_peer()
     {
         passthrough::ping(&upstream, &Caller::of(&upstream, req.headers())).await?;
     }
@@ -160,6 +185,7 @@ async fn blob(
     name: &str,
     ns: Option<&str>,
     digest: &Digest,
+    hop: Hop,
 ) -> Result<Answer, Error> {
     let (upstream, repo) = state.router.route(name, ns)?;
     let range = req
@@ -178,7 +204,7 @@ async fn blob(
     passthrough::authorize(state, &upstream, &repo, &caller, Asking::Blob(digest)).await?;
     let r = state
         .blobs
-        .serve(&upstream, &repo, digest, range, head, zero_copy, caller)
+        .serve(&upstream, &repo, digest, range, head, zero_copy, caller, hop)
         .await?;
     Ok((r.response, Some(r.outcome)))
 }
@@ -191,6 +217,7 @@ async fn manifest(
     name: &str,
     ns: Option<&str>,
     reference: &Reference,
+    hop: Hop,
 ) -> Result<Answer, Error> {
     let (upstream, repo) = state.router.route(name, ns)?;
     let class = AcceptClass::from_headers(req.headers());
@@ -204,21 +231,28 @@ async fn manifest(
         Reference::Digest(d) => {
             state
                 .manifests
-                .by_digest(&upstream, &repo, d, class, &caller)
+                .by_digest(&upstream, &repo, d, class, &caller, hop)
                 .await?
         }
         Reference::Tag(t) => {
             state
                 .manifests
-                .by_tag(&upstream, &repo, t, class, &caller)
+                .by_tag(&upstream, &repo, t, class, &caller, hop)
                 .await?
         }
     };
     passthrough::served_manifest(state, &upstream, &repo, &caller, &m);
-    Ok((
-        Ok(manifest_response(&m, req.method() == Method::HEAD)),
-        Some(outcome),
-    ))
+    let mut r = manifest_response(&m, req.method() == Method::HEAD);
+    if let (Reference::Tag(t), true) = (reference, hop.is_peer()) {
+        // This node owns the tag: the asking node trusts it as long as
+        // this one does.
+        let left = state.manifests.tag_fresh_for(&upstream, &repo, t, class);
+        if let Some(left) = left.await {
+            r.headers_mut()
+                .insert(X_STOWAGE_FRESH_MS, HeaderValue::from(left.as_millis() as u64));
+        }
+    }
+    Ok((Ok(r), Some(outcome)))
 }
 
 /// `/v2/<name>/tags/list`: passed through (only `n` and `last` are kept).

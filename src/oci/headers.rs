@@ -23,3 +23,23 @@ pub(crate) const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimi
 
 /// Pulls left in Docker Hub's rate-limit window (`76;w=21600`).
 pub(crate) const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+
+/// Marks a peer request (a request one stowage node sends another in a
+/// cluster); the value is the sender's advertised URL. A node never
+/// forwards a request carrying it.
+pub(crate) const X_STOWAGE_HOP: HeaderName = HeaderName::from_static("x-stowage-hop");
+
+/// The cluster secret a peer request carries (when `cluster.secret_file`
+/// is set).
+pub(crate) const X_STOWAGE_CLUSTER_SECRET: HeaderName =
+    HeaderName::from_static("x-stowage-cluster-secret");
+
+/// On a peer's answer for a tag: how many more milliseconds the owner
+/// trusts it, so the asking node's copy expires when the owner's does.
+pub(crate) const X_STOWAGE_FRESH_MS: HeaderName = HeaderName::from_static("x-stowage-fresh-ms");
+
+/// On an error answered to a peer request: who caused it (`client`,
+/// `upstream`, `local`), so the asking node knows whether going upstream
+/// itself could help.
+pub(crate) const X_STOWAGE_ERROR_SOURCE: HeaderName =
+    HeaderName::from_static("x-stowage-error-source");

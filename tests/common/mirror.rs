@@ -121,3 +121,69 @@ pub async fn start_stowage_toml(dir: TempDir, toml: &str) -> Stowage {
         shutdown: Some(tx),
     }
 }
+
+/// A loopback port free right now (bound and released: a cluster node must
+/// know its URL before it starts, to advertise it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts one stowage per URL in `urls` (`http://127.0.0.1:PORT`), each
+/// advertising its URL with all of `peers` as its peers, in front of
+/// `upstream_url` (docker.io, `library_prefix`), with `extra` TOML appended
+/// to node `i`'s config (after its `[cluster]` table: start with a new
+/// table, or give `[cluster]` keys first).
+pub async fn start_cluster_nodes(
+    urls: &[String],
+    peers: &[String],
+    upstream_url: &str,
+    upstream_extra: &str,
+    extra: impl Fn(usize) -> String,
+) -> Vec<Stowage> {
+    let mut nodes = Vec::new();
+    for (i, url) in urls.iter().enumerate() {
+        let dir = TempDir::new().unwrap();
+        let port = url.rsplit(':').next().unwrap();
+        let peer_list = peers
+            .iter()
+            .map(|p| format!("{p:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let toml = format!(
+            "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:0\"\ncache_dir = {dir:?}\nshutdown_timeout = \"2s\"\n\
+             [[upstream]]\nhost = \"docker.io\"\nurl = \"{upstream_url}\"\nlibrary_prefix = true\n{upstream_extra}\n\
+             [cluster]\nadvertise = \"{url}\"\npeers = [{peer_list}]\n{}\n",
+            extra(i),
+            dir = dir.path().to_str().unwrap(),
+        );
+        nodes.push(start_stowage_toml(dir, &toml).await);
+    }
+    nodes
+}
+
+/// `n` nodes that all know each other.
+pub async fn start_cluster(n: usize, upstream_url: &str, upstream_extra: &str) -> Vec<Stowage> {
+    let urls: Vec<String> = (0..n)
+        .map(|_| format!("http://127.0.0.1:{}", free_port()))
+        .collect();
+    start_cluster_nodes(&urls, &urls, upstream_url, upstream_extra, |_| {
+        String::new()
+    })
+    .await
+}
+
+/// Index in `nodes` (URLs) of the owner of blob or manifest `digest`.
+pub fn owner_of_digest(nodes: &[String], digest: &str) -> usize {
+    let owner = &stowage::test_hooks::rank_digest(nodes, digest)[0];
+    nodes.iter().position(|n| n == owner).unwrap()
+}
+
+/// Index in `nodes` (URLs) of the owner of `repo:tag` on docker.io.
+pub fn owner_of_tag(nodes: &[String], repo: &str, tag: &str) -> usize {
+    let owner = &stowage::test_hooks::rank_tag(nodes, "docker.io", repo, tag)[0];
+    nodes.iter().position(|n| n == owner).unwrap()
+}

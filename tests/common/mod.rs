@@ -21,7 +21,10 @@ pub use image::{
     Blob, DOCKER_LIST, DOCKER_MANIFEST, Format, Image, Index, MediaType, OCI_INDEX, OCI_MANIFEST,
     make_artifact, make_image, make_image_for, make_index, random_bytes, sha256_digest,
 };
-pub use mirror::{Stowage, config_toml, start_stowage, start_stowage_in, start_stowage_toml};
+pub use mirror::{
+    Stowage, config_toml, free_port, owner_of_digest, owner_of_tag, start_cluster,
+    start_cluster_nodes, start_stowage, start_stowage_in, start_stowage_toml,
+};
 pub use process::{Process, run_stowage, wait_http_ok};
 
 /// Fails the test if `fut` takes longer than `secs` seconds.
@@ -317,5 +320,54 @@ pub async fn pull_image(
     .await;
     for b in img.blobs() {
         check_blob(c, st, name, b).await;
+    }
+}
+
+/// The sum of `name`'s samples at `st`'s `/metrics` whose labels include
+/// every `(label, value)` (0 when none).
+pub async fn metric(st: &Stowage, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = within(10, "scrape", async {
+        client()
+            .get(st.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    })
+    .await;
+    let mut total = 0.0;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((key, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (n, rest) = key.split_once('{').unwrap_or((key, ""));
+        if n != name {
+            continue;
+        }
+        if labels
+            .iter()
+            .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        {
+            total += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    total
+}
+
+/// Waits (10 s at most) until `metric(st, name, labels)` is `want`.
+pub async fn metric_becomes(st: &Stowage, name: &str, labels: &[(&str, &str)], want: f64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = metric(st, name, labels).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name}{labels:?} is {got}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

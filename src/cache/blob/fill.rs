@@ -8,12 +8,13 @@
 //! publishes the result; dropping it unfinished (a panic, a runtime
 //! shutting down) fails every reader and removes the table entry.
 //!
-//! The fill task ([`BlobStore::spawn_fill`]) asks the [`Origin`] for the
-//! bytes, pumps them into a bounded channel to the blocking writer
-//! (`writer.rs`), verifies size and digest, publishes `Verified`, then
-//! commits the file to the store (fsyncs, journal record, rename) while
-//! still in the table, so a request arriving meanwhile joins rather than
-//! misses.
+//! The fill task ([`BlobStore::spawn_fill`]) asks its [`Sources`] for the
+//! bytes (`source.rs`: the cluster owner, then upstream), pumps them into a
+//! bounded channel to the blocking writer (`writer.rs`), going on from the
+//! next source when one breaks off mid-body, verifies size and digest,
+//! publishes `Verified`, then commits the file to the store (fsyncs,
+//! journal record, rename) while still in the table, so a request arriving
+//! meanwhile joins rather than misses.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -22,18 +23,15 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Response, StatusCode, header};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use futures_util::StreamExt as _;
 use tokio::sync::{broadcast, mpsc, watch};
 
+use super::source::{Opened, Sources};
 use super::store::{BlobStore, StoredBlob};
 use super::writer::{Landed, Writer};
-use crate::error::{Asked, Error, ErrorKind};
+use crate::error::{Error, ErrorKind};
 use crate::metrics::{CacheKind, FillResult, Outcome};
-use crate::oci::{Digest, RepoName};
-use crate::upstream::Upstream;
-use crate::upstream::caller::Caller;
+use crate::oci::Digest;
 
 /// Upstream body chunks queued between the network task and the disk writer.
 /// Bounds fill memory to this many frames (hyper's HTTP/1 client frames
@@ -309,53 +307,6 @@ impl FillTable {
     }
 }
 
-/// Where a fill gets its bytes: the upstream registry the first request
-/// named, today. This is the seam for other sources (a peer node, an object
-/// store): anything that yields a body and, when it knows it, the length.
-#[derive(Clone)]
-pub(super) struct Origin {
-    pub(super) upstream: Arc<Upstream>,
-    pub(super) repo: RepoName,
-    /// Whose credentials ask (passthrough: the caller that leads the fill,
-    /// already authorized for the digest in `repo`).
-    pub(super) caller: Caller,
-}
-
-impl Origin {
-    /// Sends `method` for the blob; anything but 200 becomes the error for
-    /// the client. Returns the response and its `Content-Length`.
-    pub(super) async fn ask(
-        &self,
-        method: Method,
-        digest: &Digest,
-    ) -> Result<(Response<Incoming>, Option<u64>), Error> {
-        let resp = self
-            .upstream
-            .send_as(
-                &self.caller,
-                method,
-                self.repo.as_str(),
-                &format!("blobs/{digest}"),
-                HeaderMap::new(),
-            )
-            .await?;
-        if resp.status() != StatusCode::OK {
-            return Err(Error::upstream_status(
-                resp.status(),
-                Asked::Blob,
-                resp.headers().get(header::RETRY_AFTER),
-                &digest.to_string(),
-            ));
-        }
-        let len = resp
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        Ok((resp, len))
-    }
-}
-
 /// A fill's temporary file.
 pub(super) struct TmpFile {
     pub(super) path: PathBuf,
@@ -368,7 +319,7 @@ impl BlobStore {
     pub(super) fn spawn_fill(
         self: &Arc<Self>,
         permit: FillPermit,
-        origin: Origin,
+        sources: Sources,
         digest: &Digest,
     ) {
         let store = self.clone();
@@ -376,14 +327,14 @@ impl BlobStore {
         self.tasks.spawn(async move {
             let guard = store.metrics.fill_started();
             let result = store
-                .run_fill(permit.fill(), &origin, &digest, permit.shared())
+                .run_fill(permit.fill(), &sources, &digest, permit.shared())
                 .await;
             guard.finish(match &result {
                 Ok(Filled::Stored(size)) => FillResult::Stored(*size),
                 Ok(Filled::Uncached(_)) => FillResult::Uncached,
                 Err(_) => FillResult::Failed,
             });
-            let repo = &origin.repo;
+            let repo = &sources.origin.repo;
             match &result {
                 Ok(Filled::Stored(size)) => {
                     tracing::info!(%digest, size, repo = %repo, "blob cached")
@@ -404,11 +355,12 @@ impl BlobStore {
     async fn run_fill(
         &self,
         fill: &Fill,
-        origin: &Origin,
+        sources: &Sources,
         digest: &Digest,
         shared: bool,
     ) -> Result<Filled, Error> {
-        let (resp, total) = origin.ask(Method::GET, digest).await?;
+        let opened = sources.open(digest, 0, 0).await?;
+        let total = opened.total;
         let tmp = self.fill_file(digest, total, shared)?;
         let reservation = match (&tmp, total) {
             (Some(_), Some(t)) => {
@@ -431,7 +383,7 @@ impl BlobStore {
         });
         let file = tmp.as_ref().map(|t| t.file.clone());
         let result = self
-            .stream(fill, resp.into_body(), file, total, digest)
+            .stream(fill, sources, opened, file, total, digest)
             .await;
         if let Ok(landed) = &result {
             // Verified: readers may finish now. Making the file durable and
@@ -517,13 +469,14 @@ impl BlobStore {
         }
     }
 
-    /// Pumps the upstream body to a blocking writer thread that writes,
+    /// Pumps the sources' bodies to a blocking writer thread that writes,
     /// hashes and publishes progress (or spills to readers once the disk
     /// fails), then checks size and digest.
     async fn stream(
         &self,
         fill: &Fill,
-        body: Incoming,
+        sources: &Sources,
+        opened: Opened,
         file: Option<Arc<File>>,
         total: Option<u64>,
         digest: &Digest,
@@ -539,27 +492,35 @@ impl BlobStore {
         };
         let algorithm = digest.algorithm();
         let writer = tokio::task::spawn_blocking(move || writer.run(rx, algorithm));
-        let pumped = self.pump(body, tx, total, digest).await;
+        let pumped = self.pump(sources, opened, tx, total, digest).await;
         let written = writer
             .await
             .map_err(|e| Error::internal(format!("blob writer panicked: {e}")))?;
-        pumped?;
+        let used = pumped?;
         let written = written.map_err(|e| Error::local("cache storage error", e))?;
         let size = written.landed.size();
+        let from = || {
+            used.iter()
+                .map(|i| sources.describe(*i))
+                .collect::<Vec<_>>()
+                .join(" then ")
+        };
         if let Some(t) = total
             && size != t
         {
             return Err(Error::upstream(
                 ErrorKind::UpstreamProtocol,
-                format!("upstream sent {size} of {t} bytes for {digest}"),
+                format!("{} sent {size} of {t} bytes for {digest}", from()),
             ));
         }
         if written.digest != *digest {
             self.metrics.digest_mismatch(CacheKind::Blob);
+            sources.distrust(&used);
             return Err(Error::upstream(
                 ErrorKind::DigestMismatch,
                 format!(
-                    "digest mismatch: upstream sent {} for {digest}",
+                    "digest mismatch: {} sent {} for {digest}",
+                    from(),
                     written.digest
                 ),
             ));
@@ -567,47 +528,84 @@ impl BlobStore {
         Ok(written.landed)
     }
 
-    /// Moves the upstream body's frames into the writer's queue
-    /// (backpressure: at most [`WRITE_QUEUE`] frames wait), each within the
-    /// idle timeout. Returns when the body ends or the writer stops (its
+    /// Moves the sources' chunks into the writer's queue (backpressure: at
+    /// most [`WRITE_QUEUE`] chunks wait), each within the idle timeout.
+    /// When a source that is not the last breaks off, the next one is asked
+    /// for the rest and the pumping goes on. Returns the indexes of the
+    /// sources that sent bytes, when the body ends or the writer stops (its
     /// error is reported by the caller).
     async fn pump(
         &self,
-        mut body: Incoming,
+        sources: &Sources,
+        mut opened: Opened,
         tx: mpsc::Sender<Bytes>,
         total: Option<u64>,
         digest: &Digest,
-    ) -> Result<(), Error> {
+    ) -> Result<Vec<usize>, Error> {
         let mut received = 0u64;
+        let mut used = vec![opened.index];
         loop {
-            let frame = match tokio::time::timeout(self.idle_timeout, body.frame()).await {
+            let e = match self
+                .pump_one(&mut opened, &tx, &mut received, total, digest)
+                .await
+            {
+                Ok(()) => return Ok(used),
+                Err(e) => e,
+            };
+            let broken = matches!(e.kind(), ErrorKind::BodyBroken);
+            if !broken || !sources.can_continue_after(opened.index) {
+                return Err(e);
+            }
+            tracing::warn!(%digest, source = %sources.describe(opened.index), at = received,
+                error = %e.report(), "blob source broke off: going on from the next source");
+            sources.broke(opened.index, &e.report());
+            let next = sources.open(digest, received, opened.index + 1).await?;
+            if let (Some(t), Some(n)) = (total, next.total)
+                && t != n
+            {
+                return Err(Error::upstream(
+                    ErrorKind::UpstreamProtocol,
+                    format!(
+                        "{} gives {digest} {n} bytes, {} gave {t}",
+                        sources.describe(next.index),
+                        sources.describe(opened.index)
+                    ),
+                ));
+            }
+            opened = next;
+            used.push(opened.index);
+        }
+    }
+
+    /// Pumps one source's body until it ends (`Ok`) or fails.
+    async fn pump_one(
+        &self,
+        opened: &mut Opened,
+        tx: &mpsc::Sender<Bytes>,
+        received: &mut u64,
+        total: Option<u64>,
+        digest: &Digest,
+    ) -> Result<(), Error> {
+        loop {
+            let data = match tokio::time::timeout(self.idle_timeout, opened.body.next()).await {
                 Err(_) => {
                     return Err(Error::upstream(
                         ErrorKind::BodyBroken,
                         format!(
-                            "upstream stalled for {:?} sending {digest}",
+                            "source stalled for {:?} sending {digest}",
                             self.idle_timeout
                         ),
                     ));
                 }
                 Ok(None) => return Ok(()),
-                Ok(Some(Err(e))) => {
-                    return Err(Error::upstream(
-                        ErrorKind::BodyBroken,
-                        format!("upstream body of {digest} broke off: {e}"),
-                    )
-                    .with_cause(e));
-                }
-                Ok(Some(Ok(frame))) => frame,
+                Ok(Some(Err(e))) => return Err(e),
+                Ok(Some(Ok(data))) => data,
             };
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            received += data.len() as u64;
-            if total.is_some_and(|t| received > t) {
+            *received += data.len() as u64;
+            if total.is_some_and(|t| *received > t) {
                 return Err(Error::upstream(
                     ErrorKind::UpstreamProtocol,
-                    format!("upstream sent more than its Content-Length for {digest}"),
+                    format!("source sent more than the announced length of {digest}"),
                 ));
             }
             if tx.send(data).await.is_err() {

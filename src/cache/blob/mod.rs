@@ -36,7 +36,9 @@
 //! * `store.rs`: the store on disk (open, lookup, commit) and its
 //!   background work.
 //! * `fill.rs`: the fill table (typed lookups, fill permits) and the fill
-//!   task, with its byte source (`Origin`).
+//!   task.
+//! * `source.rs`: where a fill's bytes come from (the cluster owner, then
+//!   upstream), going on from the next source when one breaks off.
 //! * `writer.rs`: the blocking writer thread of a fill.
 //! * `reader.rs`: response bodies (stored blobs and fills, spill queue).
 //! * `response.rs`: 200/206 responses and their headers; `range.rs`:
@@ -52,27 +54,30 @@
 
 use std::sync::Arc;
 
-use http::{Method, Response};
+use http::Response;
 
 mod fill;
 pub(crate) mod range;
 mod reader;
 mod response;
+mod source;
 mod store;
 mod writer;
 
 pub(crate) use store::BlobStore;
 
 use crate::body::Body;
+use crate::cluster::Hop;
 use crate::error::Error;
 use crate::front::zerocopy::Regions;
 use crate::metrics::Outcome;
 use crate::oci::{Digest, RepoName};
 use crate::upstream::Upstream;
 use crate::upstream::caller::Caller;
-use fill::{FillReader, Lookup, Origin, Phase};
+use fill::{FillReader, Lookup, Phase};
 use reader::Feed;
 use response::{file_response, head_response, unsized_response};
+use source::{Origin, Sources};
 use store::StoredBlob;
 
 /// The blob part of a response before the handler adds common headers.
@@ -90,7 +95,11 @@ impl BlobStore {
     /// `Range` header, if any. This is where a blob request enters, and
     /// where a fill starts. Upstream is asked with `caller`'s credentials
     /// (in passthrough, the caller must already be authorized for the
-    /// digest in `repo`: it may join or lead a fill others share).
+    /// digest in `repo`: it may join or lead a fill others share). A fill
+    /// asks the digest's owner first when this node is in a cluster and
+    /// the request did not come from a peer (`hop`: a peer's request is
+    /// never forwarded); not for passthrough upstreams (an owner could not
+    /// ask upstream with this caller's credentials).
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn serve(
         self: &Arc<Self>,
@@ -101,6 +110,7 @@ impl BlobStore {
         head_only: bool,
         zero_copy: Option<Arc<Regions>>,
         caller: Caller,
+        hop: Hop,
     ) -> Result<BlobResponse, Error> {
         let range = range.and_then(range::parse);
         // A stored blob: complete and verified.
@@ -123,19 +133,25 @@ impl BlobStore {
         if let Some(blob) = stored()? {
             return Ok(hit(blob, zero_copy));
         }
+        let shared = caller.credential().is_none();
         let origin = Origin {
             upstream: upstream.clone(),
             repo: repo.clone(),
             caller,
         };
+        let cluster = self.cluster.clone().filter(|_| shared && !hop.is_peer());
+        let sources = || match &cluster {
+            Some(c) => Sources::with_peers(origin.clone(), c.clone(), digest),
+            None => Sources::upstream(origin.clone()),
+        };
         if head_only {
-            return self.head_miss(&origin, digest).await;
+            return self.head_miss(&sources(), digest).await;
         }
         let reader = match self.fills.lookup(digest, stored)? {
             Lookup::Stored(blob) => return Ok(hit(blob, zero_copy)),
             Lookup::Join(reader) => reader,
             Lookup::Lead(permit, reader) => {
-                self.spawn_fill(permit, origin, digest);
+                self.spawn_fill(permit, sources(), digest);
                 reader
             }
         };
@@ -143,12 +159,12 @@ impl BlobStore {
     }
 
     /// `HEAD` on a blob that is not stored: answer from a running fill when
-    /// it knows the size, otherwise ask upstream with `HEAD`. Never starts
-    /// a fill.
-    async fn head_miss(&self, origin: &Origin, digest: &Digest) -> Result<BlobResponse, Error> {
+    /// it knows the size, otherwise ask the sources with `HEAD` (the owner,
+    /// then upstream). Never starts a fill.
+    async fn head_miss(&self, sources: &Sources, digest: &Digest) -> Result<BlobResponse, Error> {
         let (size, outcome) = match self.fills.head(digest) {
             Some((size, outcome)) => (Some(size), outcome),
-            None => (origin.ask(Method::HEAD, digest).await?.1, Outcome::Upstream),
+            None => (sources.head(digest).await?, Outcome::Upstream),
         };
         Ok(BlobResponse {
             outcome,

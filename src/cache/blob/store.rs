@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use super::fill::{FillTable, TmpFile};
 use crate::cache::index::BlobIndex;
 use crate::cache::layout::Layout;
+use crate::cluster::Cluster;
 use crate::metrics::Metrics;
 use crate::oci::Digest;
 
@@ -47,6 +48,8 @@ pub(crate) struct BlobStore {
     pub(super) metrics: Arc<Metrics>,
     /// Where fill tasks run, so shutdown can wait for them.
     pub(super) tasks: TaskTracker,
+    /// The cluster this node is in: misses go to their owner first.
+    pub(super) cluster: Option<Arc<Cluster>>,
 }
 
 impl BlobStore {
@@ -81,7 +84,14 @@ impl BlobStore {
             write_fault: AtomicU64::new(u64::MAX),
             tasks,
             metrics: Arc::new(Metrics::new()),
+            cluster: None,
         })
+    }
+
+    /// Asks the owner of a missing blob first (a node in a cluster).
+    pub fn with_cluster(mut self, cluster: Option<Arc<Cluster>>) -> BlobStore {
+        self.cluster = cluster;
+        self
     }
 
     /// Reports to `metrics` (a fresh, unexported set until this is called).
