@@ -1,6 +1,8 @@
 //! The admin listener: `/metrics` (Prometheus text format), `/healthz`
 //! (the process is alive) and `/readyz` (it can serve: cache directory
-//! writable, blob index loaded, registry listener accepting).
+//! writable, blob index loaded, registry listener accepting; its body also
+//! notes the cluster's peers and the shared store, which never make a node
+//! unready).
 //!
 //! It is a separate plain-HTTP listener (loopback by default) so that
 //! metrics and probes never need the registry's TLS or credentials, and so
@@ -51,7 +53,7 @@ pub(crate) struct AdminState {
     /// Runs before each `/metrics` encoding (to copy gauges kept elsewhere).
     before_scrape: Option<ScrapeHook>,
     /// Lines `/readyz` adds about things that do not decide readiness (the
-    /// cluster's peers).
+    /// cluster's peers, the shared store).
     notes: Vec<Box<dyn Fn() -> String + Send + Sync>>,
 }
 
@@ -69,7 +71,8 @@ impl AdminState {
     }
 
     /// Adds a line to every `/readyz` answer (ready or not) without a say
-    /// in readiness.
+    /// in readiness: a shared store that fails must not take every node
+    /// out of a load balancer at once.
     pub(crate) fn with_note(mut self, note: impl Fn() -> String + Send + Sync + 'static) -> Self {
         self.notes.push(Box::new(note));
         self

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::bucket::config::StoreConfig;
 pub use crate::cache::config::CacheConfig;
 pub use crate::cluster::config::ClusterConfig;
 pub use crate::error::ConfigError;
@@ -74,6 +75,10 @@ pub struct Config {
     /// Several nodes acting as one cache; a single node without this table.
     #[serde(default)]
     pub cluster: Option<ClusterConfig>,
+
+    /// A bucket shared by the nodes, behind each node's disk.
+    #[serde(default)]
+    pub store: Option<StoreConfig>,
 }
 
 /// Command-line values that override the file (all optional).
@@ -153,6 +158,7 @@ impl Default for Config {
             access: None,
             limits: LimitsConfig::default(),
             cluster: None,
+            store: None,
         }
     }
 }
@@ -342,6 +348,9 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if let Some(store) = &self.store {
+            store.validate()?;
         }
         if let Some(cluster) = &self.cluster {
             cluster.validate()?;

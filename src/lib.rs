@@ -14,8 +14,9 @@
 //! admin.rs       /metrics, /healthz, /readyz
 //! http/          where requests enter: routes, OCI errors, upstream routing, request log
 //! cache/         layout on disk, journal, blob index, blob store and fills (their sources:
-//!                cluster owner, upstream), manifests (asking their owner), pins
+//!                cluster owner, shared store, upstream), manifests (asking their owner), pins
 //! cluster/       peers, liveness, rendezvous owners, peer requests, the cluster secret
+//! bucket/        the shared store (object_store): reads, background uploads, health
 //! front/         connection limits, TLS, client authentication, reloads, zero-copy sends
 //! upstream/      the client of upstream registries: auth, challenges, redirects, errors
 //! logging.rs     log configuration and set-up
@@ -35,7 +36,7 @@
 //! 0  oci, metrics, body, shutdown    leaves
 //! 1  error
 //! 2  upstream, front, logging,        know nothing of each other
-//!    cluster
+//!    cluster, bucket
 //! 3  cache
 //! 4  http, admin
 //! 5  config, test_hooks
@@ -51,6 +52,7 @@
 
 mod admin;
 mod body;
+mod bucket;
 mod cache;
 pub mod cli;
 mod cluster;

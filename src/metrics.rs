@@ -39,6 +39,10 @@
 //! | `stowage_owner_hops_total` | counter | `kind` (`blob`, `manifest`, `tag`) |
 //! | `stowage_peer_requests_received_total` | counter | `result` (`accepted`, `refused`) |
 //! | `stowage_cluster_peers` | gauge | `state` (`up`, `down`) |
+//! | `stowage_store_requests_total` | counter | `kind` (`manifest`, `blob`), `result` (`hit`, `miss`, `error`) |
+//! | `stowage_store_uploads_total` | counter | `kind`, `result` (`ok`, `exists`, `failed`, `dropped`) |
+//! | `stowage_store_upload_bytes_total` | counter | |
+//! | `stowage_store_up` | gauge | `store` (the configured URL) |
 //! | `stowage_build_info` | gauge | `version` |
 //! | `process_*` | (Linux) | CPU, memory, file descriptors, threads, start time |
 
@@ -243,6 +247,53 @@ impl PeerResult {
             PeerResult::Unreachable => "unreachable",
             PeerResult::Broken => "broken",
             PeerResult::Mismatch => "mismatch",
+        }
+    }
+}
+
+/// How a read of the shared store went: the `result` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StoreResult {
+    /// Found.
+    Hit,
+    /// Not there.
+    Miss,
+    /// The store failed (or was skipped while down).
+    Error,
+}
+
+impl StoreResult {
+    /// The label value.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            StoreResult::Hit => "hit",
+            StoreResult::Miss => "miss",
+            StoreResult::Error => "error",
+        }
+    }
+}
+
+/// How an upload to the shared store ended: the `result` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UploadResult {
+    /// Uploaded.
+    Ok,
+    /// Already there (same key, same size): nothing sent.
+    Exists,
+    /// Failed after every retry.
+    Failed,
+    /// Not attempted: the upload queue was full, or the file was gone.
+    Dropped,
+}
+
+impl UploadResult {
+    /// The label value.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            UploadResult::Ok => "ok",
+            UploadResult::Exists => "exists",
+            UploadResult::Failed => "failed",
+            UploadResult::Dropped => "dropped",
         }
     }
 }
@@ -554,6 +605,44 @@ impl ClusterMetrics {
     }
 }
 
+/// Reads of and uploads to the shared store.
+struct StoreMetrics {
+    requests: IntCounterVec,
+    uploads: IntCounterVec,
+    upload_bytes: IntCounter,
+    up: IntGaugeVec,
+}
+
+impl StoreMetrics {
+    fn register(b: &mut Builder) -> StoreMetrics {
+        let requests = b.counter_vec(
+            "stowage_store_requests_total",
+            "Reads of the shared object store before going upstream, by kind and result (hit, miss, error: failed or skipped while the store is down).",
+            &["kind", "result"],
+        );
+        let uploads = b.counter_vec(
+            "stowage_store_uploads_total",
+            "Uploads to the shared object store after a verified upstream fetch, by kind and result (ok, exists, failed after retries, dropped).",
+            &["kind", "result"],
+        );
+        let upload_bytes = b.counter(
+            "stowage_store_upload_bytes_total",
+            "Bytes uploaded to the shared object store.",
+        );
+        let up = b.gauge_vec(
+            "stowage_store_up",
+            "1 while the shared object store answers, 0 while it fails (only with a [store]).",
+            &["store"],
+        );
+        StoreMetrics {
+            requests,
+            uploads,
+            upload_bytes,
+            up,
+        }
+    }
+}
+
 /// The metrics of one server instance, and the health state `/readyz`
 /// reports. Share it as `Arc<Metrics>`; every method takes `&self`.
 pub struct Metrics {
@@ -564,6 +653,7 @@ pub struct Metrics {
     upstream: UpstreamMetrics,
     cache: CacheMetrics,
     cluster: ClusterMetrics,
+    store: StoreMetrics,
 
     /// The registry listener(s) accept connections.
     listening: AtomicBool,
@@ -601,6 +691,7 @@ impl Metrics {
         let upstream = UpstreamMetrics::register(&mut b);
         let cache = CacheMetrics::register(&mut b);
         let cluster = ClusterMetrics::register(&mut b);
+        let store = StoreMetrics::register(&mut b);
         let build_info = b.gauge_vec(
             "stowage_build_info",
             "Always 1; the version label says which stowage is running.",
@@ -622,6 +713,7 @@ impl Metrics {
             upstream,
             cache,
             cluster,
+            store,
             listening: AtomicBool::new(false),
             sync_lock: std::sync::Mutex::new(()),
         }
@@ -815,6 +907,32 @@ impl Metrics {
         peers
             .with_label_values(&["down"])
             .set(gauge_value(down as u64));
+    }
+
+    // --------------------------------------------------------------- store
+
+    /// A read of the shared store.
+    pub(crate) fn store_request(&self, kind: CacheKind, result: StoreResult) {
+        self.store
+            .requests
+            .with_label_values(&[kind.as_str(), result.as_str()])
+            .inc();
+    }
+
+    /// An upload to the shared store ended (`bytes` sent).
+    pub(crate) fn store_upload(&self, kind: CacheKind, result: UploadResult, bytes: u64) {
+        self.store
+            .uploads
+            .with_label_values(&[kind.as_str(), result.as_str()])
+            .inc();
+        if bytes > 0 {
+            self.store.upload_bytes.inc_by(bytes);
+        }
+    }
+
+    /// The shared store `store` answers (or fails).
+    pub(crate) fn set_store_up(&self, store: &str, up: bool) {
+        self.store.up.with_label_values(&[store]).set(i64::from(up));
     }
 
     // -------------------------------------------------------------- health

@@ -24,6 +24,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::DropGuard;
 
 use crate::admin::{self, AdminHandle, AdminState};
+use crate::bucket::Bucket;
 use crate::cache::blob::BlobStore;
 use crate::cache::index::{BlobIndex, Budget};
 use crate::cache::layout::Layout;
@@ -97,7 +98,19 @@ impl Server {
             .collect::<Result<Vec<_>, _>>()?;
         let layout = Layout::new(&config.cache_dir);
         let cluster = open_cluster(&config, &metrics)?;
-        let (blobs, manifests) = open_caches(&config, &layout, &metrics, &shutdown, &cluster)?;
+        let bucket = match &config.store {
+            Some(cfg) => {
+                let b = Arc::new(Bucket::new(cfg, metrics.clone())?);
+                tracing::info!(store = b.name(), "shared store");
+                Some(b)
+            }
+            None => None,
+        };
+        let remote = Remote {
+            cluster: cluster.clone(),
+            bucket: bucket.clone(),
+        };
+        let (blobs, manifests) = open_caches(&config, &layout, &metrics, &shutdown, &remote)?;
         let front = Arc::new(Front::new(
             config.tls.as_ref(),
             config.access.as_ref(),
@@ -126,6 +139,9 @@ impl Server {
         if let Some(c) = &cluster {
             c.spawn(&shutdown.token());
         }
+        if let Some(b) = &bucket {
+            b.spawn(&shutdown.token());
+        }
         spawn_manifest_pruner(&shutdown, manifests.clone(), config.cache.max_manifests);
         let state = Arc::new(AppState {
             router,
@@ -136,6 +152,7 @@ impl Server {
             metrics,
             request_ids: RequestIds::new(),
             cluster,
+            bucket,
         });
         Ok(Server {
             listener,
@@ -231,6 +248,9 @@ impl Server {
         if let Some(c) = self.state.cluster.clone() {
             state = state.with_note(move || c.status());
         }
+        if let Some(b) = self.state.bucket.clone() {
+            state = state.with_note(move || b.status());
+        }
         Some(admin::spawn(
             listener,
             Arc::new(state),
@@ -309,6 +329,13 @@ impl Connection {
     }
 }
 
+/// What lies beyond this node's disk: its cluster's peers and the shared
+/// store.
+struct Remote {
+    cluster: Option<Arc<Cluster>>,
+    bucket: Option<Arc<Bucket>>,
+}
+
 /// The cluster of `[cluster]`, if any. A peer answers a blob request once
 /// its own fill has upstream's headers, so peers get the longest upstream
 /// timeout and a margin to answer.
@@ -343,7 +370,7 @@ fn open_caches(
     layout: &Layout,
     metrics: &Arc<Metrics>,
     shutdown: &Shutdown,
-    cluster: &Option<Arc<Cluster>>,
+    remote: &Remote,
 ) -> Result<(Arc<BlobStore>, Arc<ManifestStore>), ServerError> {
     let idle = config
         .upstreams
@@ -363,14 +390,18 @@ fn open_caches(
     let blobs = Arc::new(
         blobs
             .with_metrics(metrics.clone())
-            .with_cluster(cluster.clone()),
+            .with_cluster(remote.cluster.clone())
+            .with_bucket(remote.bucket.clone()),
     );
     blobs.spawn_background(&shutdown.token());
     let manifests = ManifestStore::open(layout).map_err(io_error(format!(
         "opening manifest cache in {}",
         config.cache_dir.display()
     )))?;
-    Ok((blobs, Arc::new(manifests.with_cluster(cluster.clone()))))
+    let manifests = manifests
+        .with_cluster(remote.cluster.clone())
+        .with_bucket(remote.bucket.clone());
+    Ok((blobs, Arc::new(manifests)))
 }
 
 /// Keeps the manifest files on disk within `max`, at start and every ten

@@ -25,8 +25,10 @@ const RANKS: &[(&str, u32)] = &[
     ("upstream", 2),
     ("front", 2),
     ("logging", 2),
-    // The cluster: peers, rendezvous owners, peer requests.
+    // The cluster: peers, rendezvous owners, peer requests; the shared
+    // store.
     ("cluster", 2),
+    ("bucket", 2),
     // The cache uses upstreams and the cluster's owners (fills), and the
     // front door's zero-copy regions for its response bodies.
     ("cache", 3),

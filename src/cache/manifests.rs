@@ -38,6 +38,14 @@
 //! passthrough caller's (the owner could not ask upstream with its
 //! credentials). When no owner answers, this node goes upstream itself,
 //! stale serving included.
+//!
+//! With a shared store (`[store]`), the owner of a manifest by digest looks
+//! there before upstream and uploads what it fetched upstream, with a
+//! record of the tag (and class) it was fetched by. A tag not held here
+//! whose record the store has is revalidated like a stale copy: `HEAD`
+//! upstream, and the manifest from the store when the digest still
+//! matches. Passthrough callers use no store (private content stays off
+//! it).
 
 use std::io;
 use std::path::PathBuf;
@@ -51,6 +59,7 @@ use moka::Expiry;
 
 use super::layout::{self, Layout};
 use super::owner;
+use crate::bucket::Bucket;
 use crate::cluster::{self, Cluster, Hop};
 use crate::error::{Asked, Error, ErrorKind, ErrorSource};
 use crate::metrics::{CacheKind, Outcome};
@@ -157,6 +166,9 @@ pub(crate) struct ManifestStore {
     pub(super) referrers: moka::future::Cache<String, super::referrers::RefEntry>,
     /// The cluster this node is in: misses go to their owner first.
     cluster: Option<Arc<Cluster>>,
+    /// The shared store: manifests by digest are looked for there before
+    /// upstream, and uploaded there after.
+    bucket: Option<Arc<Bucket>>,
 }
 
 impl ManifestStore {
@@ -176,7 +188,22 @@ impl ManifestStore {
                 .build(),
             referrers: super::referrers::new_cache(),
             cluster: None,
+            bucket: None,
         })
+    }
+
+    /// Looks in the shared store before going upstream, and uploads what
+    /// was fetched upstream.
+    pub(crate) fn with_bucket(mut self, bucket: Option<Arc<Bucket>>) -> ManifestStore {
+        self.bucket = bucket;
+        self
+    }
+
+    /// The shared store, for a request of `caller` (none in passthrough).
+    fn bucket_for(&self, caller: &Caller) -> Option<&Arc<Bucket>> {
+        self.bucket
+            .as_ref()
+            .filter(|_| caller.credential().is_none())
     }
 
     /// Asks the owner of a missing manifest or tag first (a node in a
@@ -313,8 +340,21 @@ impl ManifestStore {
                 return Ok(m.manifest);
             }
         }
+        if let Some(m) = self.in_bucket(caller, digest).await {
+            return Ok(m);
+        }
         let reference = digest.to_string();
-        fetch(upstream, caller, repo, &reference, Some(digest), AcceptClass::ALL).await
+        let m = fetch(
+            upstream,
+            caller,
+            repo,
+            &reference,
+            Some(digest),
+            AcceptClass::ALL,
+        )
+        .await?;
+        self.share(caller, &m);
+        Ok(m)
     }
 
     /// The manifest `tag` points at for a client of `class` (asked
@@ -365,7 +405,8 @@ impl ManifestStore {
             .tags
             .try_get_with_by_ref(&key, async {
                 loaded = true;
-                self.revalidate(upstream, caller, repo, tag, class, hop).await
+                self.revalidate(upstream, caller, repo, tag, class, hop)
+                    .await
             })
             .await
             .map_err(|e: Arc<Error>| (*e).clone())?;
@@ -406,7 +447,10 @@ impl ManifestStore {
             return Ok(entry);
         }
         let Some(stale) = stale else {
-            let m = fetch(upstream, caller, repo, tag.as_str(), None, class).await?;
+            let m = match self.confirm_hint(upstream, caller, repo, tag, class).await {
+                Some(m) => m,
+                None => self.fetch_tag(upstream, caller, repo, tag, class).await?,
+            };
             return self.adopt(upstream, repo, tag, class, m, ttl).await;
         };
         let serve_stale = |reason: String| {
@@ -421,13 +465,93 @@ impl ManifestStore {
         match head(upstream, caller, repo, tag, class, &stale, &what).await? {
             Head::Unchanged => return Ok(TagEntry::new(stale, ttl, Outcome::Miss)),
             Head::Outage(reason) => return serve_stale(reason),
-            Head::Moved => {}
+            Head::Moved(now) => {
+                // Another node may have shared the new one.
+                if let Some(now) = now
+                    && let Some(m) = self.in_bucket(caller, &now).await
+                {
+                    return self.adopt(upstream, repo, tag, class, m, ttl).await;
+                }
+            }
         }
         // Moved (or HEAD gave no digest): fetch the tag.
-        match fetch(upstream, caller, repo, tag.as_str(), None, class).await {
+        match self.fetch_tag(upstream, caller, repo, tag, class).await {
             Ok(m) => self.adopt(upstream, repo, tag, class, m, ttl).await,
             Err(e) if e.is_upstream_outage() => serve_stale(e.report()),
             Err(e) => Err(e),
+        }
+    }
+
+    /// With a shared store and no copy here: what the store says `tag` in
+    /// `class` pointed at, if upstream's `HEAD` confirms it and the store
+    /// has the manifest. A hint only, always confirmed, so a stale or
+    /// racing tag record in the store is harmless; it saves a `GET` (which
+    /// Docker Hub counts against its rate limit, unlike `HEAD`).
+    async fn confirm_hint(
+        &self,
+        upstream: &Upstream,
+        caller: &Caller,
+        repo: &RepoName,
+        tag: &Tag,
+        class: AcceptClass,
+    ) -> Option<Manifest> {
+        let bucket = self.bucket_for(caller)?;
+        let upstream_repo = upstream.upstream_repo(repo.as_str());
+        let record = format!("{tag}@{}", class.name());
+        let hint = bucket.tag(upstream.host(), &upstream_repo, &record).await?;
+        let what = format!("{repo}:{tag}");
+        match head(upstream, caller, repo, tag, class, &hint, &what).await {
+            Ok(Head::Unchanged) => self.in_bucket(caller, &hint).await,
+            _ => None,
+        }
+    }
+
+    /// `tag` in `class` from upstream (`GET`), shared with the store with
+    /// its tag record.
+    async fn fetch_tag(
+        &self,
+        upstream: &Upstream,
+        caller: &Caller,
+        repo: &RepoName,
+        tag: &Tag,
+        class: AcceptClass,
+    ) -> Result<Manifest, Error> {
+        let m = fetch(upstream, caller, repo, tag.as_str(), None, class).await?;
+        self.share(caller, &m);
+        if let Some(b) = self.bucket_for(caller) {
+            let upstream_repo = upstream.upstream_repo(repo.as_str());
+            let record = format!("{tag}@{}", class.name());
+            b.upload_tag(upstream.host(), &upstream_repo, &record, &m.digest);
+        }
+        Ok(m)
+    }
+
+    /// Manifest `digest` from the shared store, verified; `None` when it is
+    /// not there (or the store fails, or the object is damaged, or the
+    /// caller is in passthrough).
+    async fn in_bucket(&self, caller: &Caller, digest: &Digest) -> Option<Manifest> {
+        let bucket = self.bucket_for(caller)?;
+        let data = match bucket.manifest(digest).await {
+            Ok(Some(d)) => d,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::debug!(%digest, error = %e, "shared store: no manifest");
+                return None;
+            }
+        };
+        let (media_type, body) = layout::decode_manifest(data)?;
+        if &Digest::of(digest.algorithm(), &body) != digest {
+            tracing::warn!(%digest, store = bucket.name(), "manifest in the shared store does not match its digest");
+            return None;
+        }
+        Some(Manifest::new(digest.clone(), media_type, body))
+    }
+
+    /// Uploads a manifest fetched upstream to the shared store.
+    fn share(&self, caller: &Caller, m: &Manifest) {
+        if let Some(b) = self.bucket_for(caller) {
+            let data = layout::encode_manifest(&m.media_type, &m.body);
+            b.upload_manifest(&m.digest, Bytes::from(data));
         }
     }
 
@@ -671,8 +795,8 @@ fn verify(
 enum Head {
     /// Upstream names the same digest.
     Unchanged,
-    /// Another digest, or none given: fetch the tag.
-    Moved,
+    /// Another digest (now named), or none given: fetch the tag.
+    Moved(Option<Digest>),
     /// Upstream is out (why): serve the cached manifest stale.
     Outage(String),
 }
@@ -711,7 +835,7 @@ async fn head(
             Ok(if current.as_ref() == Some(cached) {
                 Head::Unchanged
             } else {
-                Head::Moved
+                Head::Moved(current)
             })
         }
         Ok(r) => Err(Error::upstream_status(

@@ -82,13 +82,27 @@ impl Pins {
         let top: Arc<Manifest> = match &image.reference {
             Reference::Tag(t) => {
                 self.manifests
-                    .by_tag(&upstream, &repo, t, AcceptClass::ALL, &Caller::Mirror, Hop::Client)
+                    .by_tag(
+                        &upstream,
+                        &repo,
+                        t,
+                        AcceptClass::ALL,
+                        &Caller::Mirror,
+                        Hop::Client,
+                    )
                     .await?
                     .0
             }
             Reference::Digest(d) => {
                 self.manifests
-                    .by_digest(&upstream, &repo, d, AcceptClass::ALL, &Caller::Mirror, Hop::Client)
+                    .by_digest(
+                        &upstream,
+                        &repo,
+                        d,
+                        AcceptClass::ALL,
+                        &Caller::Mirror,
+                        Hop::Client,
+                    )
                     .await?
                     .0
             }
@@ -99,7 +113,14 @@ impl Pins {
         for child in refs.manifests {
             let (m, _) = self
                 .manifests
-                .by_digest(&upstream, &repo, &child, AcceptClass::ALL, &Caller::Mirror, Hop::Client)
+                .by_digest(
+                    &upstream,
+                    &repo,
+                    &child,
+                    AcceptClass::ALL,
+                    &Caller::Mirror,
+                    Hop::Client,
+                )
                 .await?;
             blobs.extend(refs_of(&m.body).blobs);
         }

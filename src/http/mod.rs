@@ -13,6 +13,7 @@ pub(crate) mod routing;
 
 pub(crate) use routes::handle;
 
+use crate::bucket::Bucket;
 use crate::cache::blob::BlobStore;
 use crate::cache::grants::Grants;
 use crate::cache::manifests::ManifestStore;
@@ -40,4 +41,6 @@ pub(crate) struct AppState {
     pub(crate) request_ids: RequestIds,
     /// The cluster this node is in, if any.
     pub(crate) cluster: Option<Arc<Cluster>>,
+    /// The shared store, if any.
+    pub(crate) bucket: Option<Arc<Bucket>>,
 }

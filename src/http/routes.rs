@@ -18,10 +18,10 @@ use super::request_id;
 use super::routing::{ns_param, route_kind};
 use crate::body::{self, Body};
 use crate::cache::manifests::Manifest;
+use crate::cluster::Hop;
 use crate::error::{Asked, Error};
 use crate::front::zerocopy::Regions;
 use crate::metrics::Outcome;
-use crate::cluster::Hop;
 use crate::oci::headers::{
     DOCKER_API_VERSION, OCI_FILTERS_APPLIED, X_STOWAGE_CACHE, X_STOWAGE_ERROR_SOURCE,
     X_STOWAGE_FRESH_MS, X_STOWAGE_HOP,
@@ -123,7 +123,11 @@ async fn dispatch(
         Some(cluster) => cluster.inbound(req.headers())?,
         None => Hop::Client,
     };
-    if hop != (Hop::Peer { authenticated: true }) {
+    if hop
+        != (Hop::Peer {
+            authenticated: true,
+        })
+    {
         state.access.check(req.headers()).await?;
     }
     let route = route?;
@@ -204,7 +208,9 @@ async fn blob(
     passthrough::authorize(state, &upstream, &repo, &caller, Asking::Blob(digest)).await?;
     let r = state
         .blobs
-        .serve(&upstream, &repo, digest, range, head, zero_copy, caller, hop)
+        .serve(
+            &upstream, &repo, digest, range, head, zero_copy, caller, hop,
+        )
         .await?;
     Ok((r.response, Some(r.outcome)))
 }
@@ -248,8 +254,10 @@ async fn manifest(
         // this one does.
         let left = state.manifests.tag_fresh_for(&upstream, &repo, t, class);
         if let Some(left) = left.await {
-            r.headers_mut()
-                .insert(X_STOWAGE_FRESH_MS, HeaderValue::from(left.as_millis() as u64));
+            r.headers_mut().insert(
+                X_STOWAGE_FRESH_MS,
+                HeaderValue::from(left.as_millis() as u64),
+            );
         }
     }
     Ok((Ok(r), Some(outcome)))

@@ -385,6 +385,9 @@ impl BlobStore {
         let result = self
             .stream(fill, sources, opened, file, total, digest)
             .await;
+        let fetched_upstream = matches!(&result,
+            Ok((_, used)) if used.last().is_some_and(|i| sources.is_upstream(*i)));
+        let result = result.map(|(landed, _)| landed);
         if let Ok(landed) = &result {
             // Verified: readers may finish now. Making the file durable and
             // moving it into the store (fsyncs, rename) need not hold up
@@ -396,9 +399,13 @@ impl BlobStore {
             });
         }
         let filled = self.keep(result, tmp, digest, reservation).await;
-        if matches!(filled, Ok(Filled::Stored(_))) {
+        if let Ok(Filled::Stored(size)) = filled {
             // The commit turned the reservation into a stored blob.
             self.evict.notify_one();
+            // Whoever fetched it upstream shares it.
+            if let Some(bucket) = sources.bucket().filter(|_| fetched_upstream) {
+                bucket.upload_blob(digest, self.layout.blob(digest), size);
+            }
         } else {
             self.index.release(reservation);
         }
@@ -480,7 +487,7 @@ impl BlobStore {
         file: Option<Arc<File>>,
         total: Option<u64>,
         digest: &Digest,
-    ) -> Result<Landed, Error> {
+    ) -> Result<(Landed, Vec<usize>), Error> {
         let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
         let writer = Writer {
             file,
@@ -515,7 +522,7 @@ impl BlobStore {
         }
         if written.digest != *digest {
             self.metrics.digest_mismatch(CacheKind::Blob);
-            sources.distrust(&used);
+            sources.distrust(&used, digest).await;
             return Err(Error::upstream(
                 ErrorKind::DigestMismatch,
                 format!(
@@ -525,7 +532,7 @@ impl BlobStore {
                 ),
             ));
         }
-        Ok(written.landed)
+        Ok((written.landed, used))
     }
 
     /// Moves the sources' chunks into the writer's queue (backpressure: at

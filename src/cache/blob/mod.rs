@@ -37,8 +37,9 @@
 //!   background work.
 //! * `fill.rs`: the fill table (typed lookups, fill permits) and the fill
 //!   task.
-//! * `source.rs`: where a fill's bytes come from (the cluster owner, then
-//!   upstream), going on from the next source when one breaks off.
+//! * `source.rs`: where a fill's bytes come from (the cluster owner, the
+//!   shared store, upstream), going on from the next source when one
+//!   breaks off.
 //! * `writer.rs`: the blocking writer thread of a fill.
 //! * `reader.rs`: response bodies (stored blobs and fills, spill queue).
 //! * `response.rs`: 200/206 responses and their headers; `range.rs`:
@@ -98,8 +99,9 @@ impl BlobStore {
     /// digest in `repo`: it may join or lead a fill others share). A fill
     /// asks the digest's owner first when this node is in a cluster and
     /// the request did not come from a peer (`hop`: a peer's request is
-    /// never forwarded); not for passthrough upstreams (an owner could not
-    /// ask upstream with this caller's credentials).
+    /// never forwarded), then the shared store; passthrough upstreams use
+    /// neither (an owner could not ask upstream with this caller's
+    /// credentials, and private content stays off the shared store).
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn serve(
         self: &Arc<Self>,
@@ -140,10 +142,8 @@ impl BlobStore {
             caller,
         };
         let cluster = self.cluster.clone().filter(|_| shared && !hop.is_peer());
-        let sources = || match &cluster {
-            Some(c) => Sources::with_peers(origin.clone(), c.clone(), digest),
-            None => Sources::upstream(origin.clone()),
-        };
+        let bucket = self.bucket.clone().filter(|_| shared);
+        let sources = || Sources::new(origin.clone(), cluster.clone(), bucket.clone(), digest);
         if head_only {
             return self.head_miss(&sources(), digest).await;
         }
@@ -160,7 +160,7 @@ impl BlobStore {
 
     /// `HEAD` on a blob that is not stored: answer from a running fill when
     /// it knows the size, otherwise ask the sources with `HEAD` (the owner,
-    /// then upstream). Never starts a fill.
+    /// the shared store, upstream). Never starts a fill.
     async fn head_miss(&self, sources: &Sources, digest: &Digest) -> Result<BlobResponse, Error> {
         let (size, outcome) = match self.fills.head(digest) {
             Some((size, outcome)) => (Some(size), outcome),

@@ -3,7 +3,8 @@
 //! On a node in a cluster that does not own the digest, the list starts
 //! with the owner (and the next live node in the digest's rendezvous order
 //! if that one ranks above this node too); then, acting as owner itself,
-//! the upstream registry the first request named. A peer is trusted no
+//! the shared store (`[store]`) and last the upstream registry the first
+//! request named. A peer is trusted no
 //! more than upstream: the fill hashes and verifies whatever comes.
 //!
 //! A source that cannot be reached (or answers with trouble of its own) is
@@ -26,6 +27,7 @@ use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::BodyDataStream;
 use hyper::body::Incoming;
 
+use crate::bucket::Bucket;
 use crate::cluster::{Cluster, Peer};
 use crate::error::{Asked, Error, ErrorKind};
 use crate::metrics::{PeerKind, PeerResult};
@@ -52,6 +54,8 @@ pub(super) struct Origin {
 pub(super) enum Source {
     /// A node of the cluster ranked above this one for the digest.
     Peer(Arc<Peer>),
+    /// The shared store.
+    Bucket(Arc<Bucket>),
     /// The upstream registry: always last.
     Upstream,
 }
@@ -82,29 +86,44 @@ pub(super) struct Sources {
 }
 
 impl Sources {
-    /// Upstream alone.
-    pub(super) fn upstream(origin: Origin) -> Sources {
-        Sources {
-            origin,
-            cluster: None,
-            list: vec![Source::Upstream],
+    /// The owner and the next nodes ranked above this one (peers up only,
+    /// with a `cluster`), the shared store (with a `bucket`), upstream.
+    pub(super) fn new(
+        origin: Origin,
+        cluster: Option<Arc<Cluster>>,
+        bucket: Option<Arc<Bucket>>,
+        digest: &Digest,
+    ) -> Sources {
+        let mut list: Vec<Source> = match &cluster {
+            Some(c) => c
+                .ask_first(&crate::cluster::digest_key(digest))
+                .into_iter()
+                .map(Source::Peer)
+                .collect(),
+            None => Vec::new(),
+        };
+        if let Some(b) = bucket {
+            list.push(Source::Bucket(b));
         }
-    }
-
-    /// The owner and the next nodes ranked above this one (peers up only),
-    /// then upstream.
-    pub(super) fn with_peers(origin: Origin, cluster: Arc<Cluster>, digest: &Digest) -> Sources {
-        let mut list: Vec<Source> = cluster
-            .ask_first(&crate::cluster::digest_key(digest))
-            .into_iter()
-            .map(Source::Peer)
-            .collect();
         list.push(Source::Upstream);
         Sources {
             origin,
-            cluster: Some(cluster),
+            cluster,
             list,
         }
+    }
+
+    /// Whether source `index` is upstream.
+    pub(super) fn is_upstream(&self, index: usize) -> bool {
+        matches!(self.list.get(index), Some(Source::Upstream))
+    }
+
+    /// The shared store, when it is among the sources.
+    pub(super) fn bucket(&self) -> Option<&Arc<Bucket>> {
+        self.list.iter().find_map(|s| match s {
+            Source::Bucket(b) => Some(b),
+            _ => None,
+        })
     }
 
     /// Whether a fill that lost source `index` mid-body can go on from the
@@ -117,6 +136,7 @@ impl Sources {
     pub(super) fn describe(&self, index: usize) -> String {
         match self.list.get(index) {
             Some(Source::Peer(p)) => format!("peer {}", p.url()),
+            Some(Source::Bucket(b)) => format!("store {}", b.name()),
             Some(Source::Upstream) | None => format!("upstream {}", self.origin.upstream.host()),
         }
     }
@@ -133,6 +153,7 @@ impl Sources {
         for index in start..self.list.len() {
             let attempt = match &self.list[index] {
                 Source::Peer(peer) => self.open_peer(peer, index, digest, from).await,
+                Source::Bucket(bucket) => open_bucket(bucket, digest, from).await,
                 Source::Upstream => self.open_upstream(digest, from).await,
             };
             match attempt {
@@ -151,16 +172,21 @@ impl Sources {
     /// The blob's size, asked with `HEAD` of each source in turn.
     pub(super) async fn head(&self, digest: &Digest) -> Result<Option<u64>, Error> {
         for (index, source) in self.list.iter().enumerate() {
-            let Source::Peer(peer) = source else {
-                break;
-            };
-            match self
-                .ask_peer(peer, index, Method::HEAD, digest, HeaderMap::new())
-                .await
-            {
-                Ok(resp) => return Ok(content_length(&resp)),
-                Err(Miss::Final(e)) => return Err(e),
-                Err(Miss::Next(_)) => {}
+            match source {
+                Source::Peer(peer) => match self
+                    .ask_peer(peer, index, Method::HEAD, digest, HeaderMap::new())
+                    .await
+                {
+                    Ok(resp) => return Ok(content_length(&resp)),
+                    Err(Miss::Final(e)) => return Err(e),
+                    Err(Miss::Next(_)) => {}
+                },
+                Source::Bucket(b) => {
+                    if let Ok(Some(size)) = b.blob_size(digest).await {
+                        return Ok(Some(size));
+                    }
+                }
+                Source::Upstream => break,
             }
         }
         self.origin
@@ -177,17 +203,19 @@ impl Sources {
         }
     }
 
-    /// The peers among `used` sent bytes that failed verification: counted
-    /// and marked down, so the next attempt goes elsewhere.
-    pub(super) fn distrust(&self, used: &[usize]) {
-        let Some(c) = &self.cluster else {
-            return;
-        };
+    /// The sources among `used` sent bytes that failed verification: peers
+    /// are counted and marked down, the store's object is deleted, so the
+    /// next attempt goes elsewhere.
+    pub(super) async fn distrust(&self, used: &[usize], digest: &Digest) {
         for i in used {
-            if let Some(Source::Peer(p)) = self.list.get(*i) {
-                c.metrics()
-                    .peer_request(PeerKind::Blob, PeerResult::Mismatch);
-                c.peer_failed(p, "sent a blob that failed verification");
+            match (self.list.get(*i), &self.cluster) {
+                (Some(Source::Peer(p)), Some(c)) => {
+                    c.metrics()
+                        .peer_request(PeerKind::Blob, PeerResult::Mismatch);
+                    c.peer_failed(p, "sent a blob that failed verification");
+                }
+                (Some(Source::Bucket(b)), _) => b.forget_blob(digest).await,
+                _ => {}
             }
         }
     }
@@ -285,6 +313,38 @@ impl Sources {
             .map_err(Miss::Final)?;
         let what = format!("upstream {}", self.origin.upstream.host());
         ranged_body(resp, from, &what, digest).map_err(Miss::Final)
+    }
+}
+
+/// The blob from the shared store: a miss or a failure just moves on to
+/// upstream.
+async fn open_bucket(
+    bucket: &Bucket,
+    digest: &Digest,
+    from: u64,
+) -> Result<(ByteStream, Option<u64>), Miss> {
+    match bucket.blob(digest, from).await {
+        Ok(Some(obj)) => {
+            let what = format!("store {}", bucket.name());
+            let digest = digest.clone();
+            let body: ByteStream = Box::pin(obj.body.map(move |r| {
+                r.map_err(|e| {
+                    Error::upstream(
+                        ErrorKind::BodyBroken,
+                        format!("{what}: body of {digest} broke off: {e}"),
+                    )
+                    .with_cause(e)
+                })
+            }));
+            Ok((body, Some(obj.size)))
+        }
+        Ok(None) => Err(Miss::Next(Error::upstream(
+            ErrorKind::BlobUnknown,
+            format!("{digest} is not in the store"),
+        ))),
+        Err(e) => Err(Miss::Next(
+            Error::upstream(ErrorKind::Unreachable, e.to_string()).with_cause(e),
+        )),
     }
 }
 

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::fill::{FillTable, TmpFile};
+use crate::bucket::Bucket;
 use crate::cache::index::BlobIndex;
 use crate::cache::layout::Layout;
 use crate::cluster::Cluster;
@@ -50,6 +51,8 @@ pub(crate) struct BlobStore {
     pub(super) tasks: TaskTracker,
     /// The cluster this node is in: misses go to their owner first.
     pub(super) cluster: Option<Arc<Cluster>>,
+    /// The shared store: looked in before upstream, uploaded to after.
+    pub(super) bucket: Option<Arc<Bucket>>,
 }
 
 impl BlobStore {
@@ -85,7 +88,15 @@ impl BlobStore {
             tasks,
             metrics: Arc::new(Metrics::new()),
             cluster: None,
+            bucket: None,
         })
+    }
+
+    /// Looks in the shared store before going upstream, and uploads what
+    /// was fetched upstream.
+    pub fn with_bucket(mut self, bucket: Option<Arc<Bucket>>) -> BlobStore {
+        self.bucket = bucket;
+        self
     }
 
     /// Asks the owner of a missing blob first (a node in a cluster).
