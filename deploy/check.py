@@ -29,8 +29,12 @@ What it checks:
     Security Standard, and the node hosts.toml uses the node port;
   * the Containerfile is multi-stage, runs as non-root with the cache on a
     volume, and copies only files that exist and are in the build context;
-  * the compose file builds with that Containerfile, mounts files that
-    exist, declares its volumes, and publishes the configured ports.
+  * the compose file builds with that Containerfile once, mounts files that
+    exist, declares its volumes, publishes the configured ports; in cluster
+    mode every peer is a node advertising itself, each with its own cache,
+    and the store's endpoint is a service of the file;
+  * Kubernetes cluster mode: several replicas, peers_dns naming a headless
+    Service on the registry port, --advertise from the pod IP.
 
 That the dashboard and alerts query only metrics stowage exports is checked
 by `cargo test --test deploy` (it needs the metric registry).
@@ -357,6 +361,54 @@ def matches(selector, labels):
     return True
 
 
+def services_of(objs):
+    return objs.get("Service", {})
+
+
+def check_k8s_cluster(where, spec, c, cluster, services, ports, mounts, objs, namespace):
+    """Cluster mode: several replicas that find each other through a
+    headless Service (peers_dns), each advertising its pod IP."""
+    if spec.get("replicas", 1) < 2:
+        problem(where, "[cluster] with fewer than 2 replicas")
+    dns = cluster.get("peers_dns")
+    if dns:
+        host, _, port = dns.rpartition(":")
+        labels = host.split(".")
+        svc = services.get(labels[0])
+        if not svc:
+            problem(where, f"peers_dns {dns}: no Service {labels[0]} here")
+        else:
+            s = svc[1]["spec"]
+            if s.get("clusterIP") != "None":
+                problem(rel(svc[0]), f"Service {labels[0]} (peers_dns) must be headless (clusterIP: None)")
+            if int(port) not in [sp["port"] for sp in s["ports"]] or int(port) != ports.get("registry"):
+                problem(where, f"peers_dns port {port} is not the registry port of Service {labels[0]}")
+            if not s.get("publishNotReadyAddresses"):
+                problem(rel(svc[0]), f"Service {labels[0]}: publishNotReadyAddresses lets starting replicas see each other")
+        if len(labels) > 1 and namespace and labels[1] != namespace:
+            problem(where, f"peers_dns {dns} is not in the namespace {namespace}")
+        if spec.get("serviceName") != labels[0]:
+            problem(where, f"serviceName should be the headless Service {labels[0]}")
+    elif len(cluster.get("peers", [])) < 2:
+        problem(where, "[cluster] needs peers_dns or a list of peers")
+    args = c.get("args", [])
+    if "--advertise" not in args and "advertise" not in cluster:
+        problem(where, "no --advertise and no cluster.advertise: a node must say how peers reach it")
+    if "--advertise" in args:
+        adv = args[args.index("--advertise") + 1]
+        m = re.match(r"https?://\$\(POD_IP\):(\d+)$", adv)
+        if not m or int(m.group(1)) != ports.get("registry"):
+            problem(where, f"--advertise {adv} should be http://$(POD_IP):<registry port>")
+        env = {e["name"]: e for e in c.get("env", [])}
+        field = env.get("POD_IP", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        if field != "status.podIP":
+            problem(where, "env POD_IP must come from fieldRef status.podIP")
+    secret_file = cluster.get("secret_file")
+    if secret_file and not any(secret_file.startswith(m + "/") for m in mounts.values()):
+        problem(where, f"cluster.secret_file {secret_file} is not under a mounted volume")
+    ok(f"kubernetes cluster mode: {spec.get('replicas')} replicas, peers through {dns or 'a list'}")
+
+
 def check_kubernetes(docs, binary):
     kdir = DEPLOY / "kubernetes"
     kust = docs.get(kdir / "kustomization.yaml", [{}])[0]
@@ -446,12 +498,19 @@ def check_kubernetes(docs, binary):
             problem(where, "container port `admin` differs from the config's admin_listen port")
         if cfg.get("cache_dir") != mounts.get(next(iter(claims), None)):
             problem(where, "cache_dir is not the PersistentVolumeClaim's mount path")
+        if cfg.get("cluster"):
+            check_k8s_cluster(where, spec, c, cfg["cluster"], services_of(objs), ports, mounts,
+                              objs, kust.get("namespace"))
         grace = pspec.get("terminationGracePeriodSeconds", 30)
         shutdown = cfg.get("shutdown_timeout", "30s")
         if shutdown.endswith("s") and int(shutdown[:-1]) >= grace:
             problem(where, f"terminationGracePeriodSeconds {grace} must exceed shutdown_timeout {shutdown}")
+    for ef in c.get("envFrom", []):
+        ref = ef.get("secretRef", {}).get("name")
+        if ref and ref not in objs.get("Secret", {}):
+            problem(where, f"envFrom Secret {ref} is not in deploy/kubernetes")
     # Services.
-    services = objs.get("Service", {})
+    services = services_of(objs)
     node_ports = set()
     for name, (p, svc) in services.items():
         if not matches(svc["spec"].get("selector", {}), pod_labels):
@@ -580,48 +639,90 @@ def check_container(binary):
 
 
 def check_compose(docs, binary):
+    """The compose file: stowage nodes built once from the Containerfile,
+    each non-root and read-only with its own cache volume and a config that
+    passes check-config, ports published once; in cluster mode one service
+    per peer, each advertising its own URL, and the store's endpoint a
+    service of the file with its credentials in the nodes' environment."""
     path = DEPLOY / "compose" / "compose.yaml"
     where = rel(path)
     comp = docs.get(path, [{}])[0]
     services = comp.get("services", {})
-    svc = services.get("stowage")
-    if not svc:
+    nodes = {n: s for n, s in services.items() if str(s.get("image", "")).startswith("stowage:")}
+    if not nodes:
         problem(where, "no stowage service")
         return
-    build = svc.get("build", {})
-    context = (path.parent / build.get("context", ".")).resolve()
-    dockerfile = context / build.get("dockerfile", "Dockerfile")
-    if not (context / "Cargo.toml").is_file():
-        problem(where, f"build context {build.get('context')} is not the repository root")
-    if not dockerfile.is_file():
-        problem(where, f"dockerfile {build.get('dockerfile')} does not exist")
+    builds = [n for n, s in nodes.items() if s.get("build")]
+    if len(builds) != 1:
+        problem(where, f"the stowage image should be built by exactly one service, not {builds}")
+    for n in builds:
+        build = nodes[n]["build"]
+        context = (path.parent / build.get("context", ".")).resolve()
+        if not (context / "Cargo.toml").is_file():
+            problem(where, f"{n}: build context {build.get('context')} is not the repository root")
+        if not (context / build.get("dockerfile", "Dockerfile")).is_file():
+            problem(where, f"{n}: dockerfile {build.get('dockerfile')} does not exist")
     declared = set((comp.get("volumes") or {}).keys())
-    config_file = None
-    for v in svc.get("volumes", []):
-        src, dst = v.split(":")[:2]
-        if src.startswith(".") or src.startswith("/"):
-            if not (path.parent / src).exists():
-                problem(where, f"mounts {src}, which does not exist")
-            if dst == "/etc/stowage/stowage.toml":
-                config_file = path.parent / src
-        elif src not in declared:
-            problem(where, f"volume {src} is not declared")
-    if str(svc.get("user", "0")).split(":")[0] in ("0", "root"):
-        problem(where, "must run as a non-root user")
-    if svc.get("read_only") is not True:
-        problem(where, "read_only should be true")
-    if config_file:
-        text = config_file.read_text()
+    for name, svc in services.items():
+        for v in svc.get("volumes", []):
+            src = v.split(":")[0]
+            if src.startswith(".") or src.startswith("/"):
+                if not (path.parent / src).exists():
+                    problem(where, f"{name} mounts {src}, which does not exist")
+            elif src not in declared:
+                problem(where, f"{name}: volume {src} is not declared")
+    published, caches, configs = [], [], {}
+    for name, svc in nodes.items():
+        if str(svc.get("user", "0")).split(":")[0] in ("0", "root"):
+            problem(where, f"{name} must run as a non-root user")
+        if svc.get("read_only") is not True:
+            problem(where, f"{name}: read_only should be true")
+        published += [str(p).rsplit(":", 2)[-2] for p in svc.get("ports", [])]
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in svc.get("volumes", [])}
+        src = mounts.get("/etc/stowage/stowage.toml")
+        if not src:
+            problem(where, f"{name} mounts no /etc/stowage/stowage.toml")
+            continue
+        text = (path.parent / src).read_text()
         cfg = tomllib.loads(text)
+        configs[name] = cfg
         if binary:
-            check_config_text(binary, rel(config_file), text)
-        published = {int(str(p).rsplit(":", 1)[1]) for p in svc.get("ports", [])}
+            check_config_text(binary, f"{rel(path.parent / src)} ({name})", text)
+        container_ports = {int(str(p).rsplit(":", 1)[1]) for p in svc.get("ports", [])}
         for key in ("listen", "admin_listen"):
-            if port_of(cfg[key]) not in published:
-                problem(where, f"{key} port {port_of(cfg[key])} is not published")
-        if not any(str(v).split(":")[1] == cfg.get("cache_dir") for v in svc.get("volumes", [])):
-            problem(where, "cache_dir is not on a volume")
-    ok(f"compose file: {where}")
+            if port_of(cfg[key]) not in container_ports:
+                problem(where, f"{name}: {key} port {port_of(cfg[key])} is not published")
+        cache = mounts.get(cfg.get("cache_dir"))
+        if not cache:
+            problem(where, f"{name}: cache_dir is not on a volume")
+        caches.append(cache)
+    if len(set(published)) != len(published):
+        problem(where, f"a host port is published twice: {published}")
+    if len(set(caches)) != len(caches):
+        problem(where, f"nodes share a cache volume: {caches}")
+    for name, cfg in configs.items():
+        cluster = cfg.get("cluster")
+        if cluster:
+            peers = cluster.get("peers", [])
+            hosts = {re.sub(r"^https?://", "", p).split(":")[0]: p for p in peers}
+            if set(hosts) != set(nodes):
+                problem(where, f"cluster.peers {peers} are not exactly the stowage services {sorted(nodes)}")
+            cmd = nodes[name].get("command", [])
+            adv = cmd[cmd.index("--advertise") + 1] if "--advertise" in cmd else cluster.get("advertise")
+            if adv not in peers or hosts.get(name) != adv:
+                problem(where, f"{name} advertises {adv}, not its own entry of cluster.peers")
+            for p in peers:
+                if port_of(p) != port_of(cfg["listen"]):
+                    problem(where, f"peer {p}: not the listen port {port_of(cfg['listen'])}")
+        store = cfg.get("store")
+        if store and store.get("endpoint"):
+            host = re.sub(r"^https?://", "", store["endpoint"]).split(":")[0].split("/")[0]
+            if host not in services:
+                problem(where, f"store endpoint {store['endpoint']}: no service {host}")
+            env = nodes[name].get("environment", {})
+            if store["url"].startswith("s3://") and not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(env):
+                problem(where, f"{name}: no S3 credentials in its environment")
+    ok(f"compose file: {where} ({len(nodes)} stowage node(s){', cluster' if any(c.get('cluster') for c in configs.values()) else ''})")
 
 
 def regenerate_prometheusrule():

@@ -501,6 +501,44 @@ mod tests {
     }
 
     #[test]
+    fn cluster_and_store_sections() {
+        let c = Config::from_toml_str(
+            "[cluster]\nadvertise = \"http://a:5000\"\npeers = [\"http://a:5000\", \"http://b:5000\"]\n\
+             [store]\nurl = \"s3://bucket/prefix\"\nendpoint = \"http://garage:3900\"\nregion = \"garage\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.cluster.unwrap().peers.len(), 2);
+        assert_eq!(c.store.unwrap().upload_concurrency, 2);
+        for (toml, key) in [
+            // Peers cannot answer an htpasswd challenge: the secret is theirs.
+            (
+                "[access]\nhtpasswd = \"h\"\n[cluster]\npeers = [\"http://a:1\", \"http://b:1\"]\n",
+                "cluster.secret_file",
+            ),
+            (
+                "[tls]\ncert = \"c\"\nkey = \"k\"\nclient_ca = \"ca\"\n[cluster]\npeers = [\"http://a:1\"]\n",
+                "cluster.client_cert",
+            ),
+            ("[store]\nurl = \"ftp://x/y\"\n", "store.url"),
+            (
+                "[store]\nurl = \"s3://b/p\"\nupload_concurrency = 0\n",
+                "store.upload_concurrency",
+            ),
+            ("[cluster]\npeers = [\"http://a:1\"]\npeerz = 1\n", "peerz"),
+        ] {
+            let e = Config::from_toml_str(toml).unwrap_err();
+            assert!(e.to_string().contains(key), "{toml}: {e}");
+        }
+        // The flags make a cluster of a file that has none.
+        let mut c = Config::default();
+        c.apply_cluster_flags(Some("http://a:1".into()), &["http://b:1".into()])
+            .unwrap();
+        let cluster = c.cluster.unwrap();
+        assert_eq!(cluster.advertise.as_deref(), Some("http://a:1"));
+        assert_eq!(cluster.peers, vec!["http://b:1".to_string()]);
+    }
+
+    #[test]
     fn shipped_example_parses() {
         let c = Config::from_toml_str(include_str!("../config/stowage.toml")).unwrap();
         assert_eq!(c.upstreams[0].url, "https://registry-1.docker.io");

@@ -81,13 +81,12 @@ impl ClusterConfig {
     /// Checks the URLs and the combinations of keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |k: &str, m: String| ConfigError::invalid(format!("cluster.{k}"), m);
-        let Some(advertise) = &self.advertise else {
-            return Err(invalid(
-                "advertise",
-                "required: how the other nodes reach this one (--advertise URL)".into(),
-            ));
-        };
-        normalize_url(advertise).map_err(|m| invalid("advertise", m))?;
+        // May come from --advertise at start (a Kubernetes pod's IP), so a
+        // file without it is fine; starting without it is not (see
+        // `Cluster::new`).
+        if let Some(advertise) = &self.advertise {
+            normalize_url(advertise).map_err(|m| invalid("advertise", m))?;
+        }
         match (&self.peers_dns, self.peers.is_empty()) {
             (Some(_), false) => {
                 return Err(invalid(
@@ -211,7 +210,7 @@ mod tests {
         ok.validate().unwrap();
         let cases = [
             (
-                ClusterConfig::from_flags(None, vec!["http://a:1".into()]),
+                ClusterConfig::from_flags(Some("a:1".into()), vec!["http://a:1".into()]),
                 "cluster.advertise",
             ),
             (

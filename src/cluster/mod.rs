@@ -125,8 +125,13 @@ impl Cluster {
     ) -> Result<Cluster, ConfigError> {
         cfg.validate()?;
         let invalid = |k: &str, m: String| ConfigError::invalid(format!("cluster.{k}"), m);
-        let me = config::normalize_url(cfg.advertise.as_deref().unwrap_or_default())
-            .map_err(|m| invalid("advertise", m))?;
+        let advertise = cfg.advertise.as_deref().ok_or_else(|| {
+            invalid(
+                "advertise",
+                "required: how the other nodes reach this one (--advertise URL)".into(),
+            )
+        })?;
+        let me = config::normalize_url(advertise).map_err(|m| invalid("advertise", m))?;
         let secret = match &cfg.secret_file {
             Some(path) => {
                 let text = std::fs::read(path).map_err(|source| ConfigError::Read {
