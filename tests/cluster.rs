@@ -672,3 +672,72 @@ async fn raw_request_with(
         body,
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn peers_talk_over_mutual_tls() {
+    use common::tls::{Ca, tls_table, write_pair};
+    let up = FakeUpstream::start().await;
+    let ca = Ca::new("stowage test CA");
+    let files = TempDir::new().unwrap();
+    let (cert, key) = write_pair(files.path(), &ca.server("node", 1));
+    let ca_file = files.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.cert_pem).unwrap();
+    let client = ca.client("node");
+    let client_cert = files.path().join("client.crt");
+    let client_key = files.path().join("client.key");
+    std::fs::write(&client_cert, &client.cert_pem).unwrap();
+    std::fs::write(&client_key, &client.key_pem).unwrap();
+    // Every node requires client certificates; peers present theirs.
+    let urls: Vec<String> = (0..2)
+        .map(|_| format!("https://127.0.0.1:{}", free_port()))
+        .collect();
+    let extra = format!(
+        "ca_file = {:?}\nclient_cert = {:?}\nclient_key = {:?}\n{}",
+        ca_file.to_str().unwrap(),
+        client_cert.to_str().unwrap(),
+        client_key.to_str().unwrap(),
+        tls_table(
+            &cert,
+            &key,
+            &format!("client_ca = {:?}", ca_file.to_str().unwrap())
+        ),
+    );
+    let nodes = start_cluster_nodes(&urls, &urls, &up.url(), "", |_| extra.clone()).await;
+    let blob = blob_owned_by(&urls, 1, 200_000);
+    up.add_blob(blob.data.clone());
+    let identity =
+        reqwest::Identity::from_pem(format!("{}{}", client.cert_pem, client.key_pem).as_bytes())
+            .unwrap();
+    let c = reqwest::Client::builder()
+        .no_proxy()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.cert_pem.as_bytes()).unwrap())
+        .identity(identity)
+        .build()
+        .unwrap();
+    let url = format!("{}/v2/{REPO}/blobs/{}", urls[0], blob.digest);
+    let r = within(30, "GET over TLS", c.get(&url).send())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(sha256_digest(&r.bytes().await.unwrap()), blob.digest);
+    assert_eq!(up.blob_gets(&blob.digest), 1);
+    assert_eq!(
+        metric(
+            &nodes[0],
+            "stowage_peer_requests_total",
+            &[("result", "ok")]
+        )
+        .await,
+        1.0,
+        "node 0 asked node 1 over mutual TLS"
+    );
+    assert_eq!(
+        metric(
+            &nodes[1],
+            "stowage_upstream_requests_total",
+            &[("kind", "blob")]
+        )
+        .await,
+        1.0
+    );
+}

@@ -21,6 +21,7 @@
 #      at all: from its peers and the bucket;
 #   6. Garage stopped: the nodes keep serving from disk and upstream, ready,
 #      stowage_store_up 0 and /readyz saying so; Garage back: up again.
+# And the bucket is bounded by the lifecycle rule README recommends.
 #
 # Usage: tests/e2e/cluster.sh
 # Environment: STOWAGE_BIN, GARAGE_BIN, KEEP_TMP=1 (see lib.sh, garage.sh).
@@ -31,7 +32,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 e2e_init cluster
 
-need_tools docker-registry skopeo jq curl python3 sha256sum
+need_tools docker-registry skopeo jq curl python3 sha256sum openssl base64
 stowage_bin
 garage_bin
 
@@ -53,6 +54,19 @@ big_layer() { jq -r '.layers[-1]' "${LAYOUT[$1]}.json"; }
 
 start_garage garage stowage
 PREFIX=cache
+# The bucket is bounded as README says: a lifecycle rule expiring objects
+# under the prefix 30 days after upload, aborting stale multipart uploads.
+cat >"$TMP/lifecycle.xml" <<EOF
+<LifecycleConfiguration><Rule><ID>stowage</ID><Status>Enabled</Status><Filter><Prefix>$PREFIX/</Prefix></Filter><Expiration><Days>30</Days></Expiration><AbortIncompleteMultipartUpload><DaysAfterInitiation>1</DaysAfterInitiation></AbortIncompleteMultipartUpload></Rule></LifecycleConfiguration>
+EOF
+code=$(s3_send PUT "?lifecycle=" "$TMP/lifecycle.xml" -H "Content-MD5: $(openssl md5 -binary <"$TMP/lifecycle.xml" | base64)" \
+    -H 'Content-Type: application/xml')
+s3_get "?lifecycle=" "$TMP/lifecycle.got" >/dev/null
+if [[ $code == 200 ]] && grep -q "<Days>30</Days>" "$TMP/lifecycle.got"; then
+    pass "bucket bounded by a lifecycle rule (expire after 30 days, abort multipart after 1): Garage accepts and returns it"
+else
+    fail "lifecycle rule: PUT answered $code ($(head -c 300 "$TMP/s3.out")), GET $S3_CODE: $(head -c 300 "$TMP/lifecycle.got")"
+fi
 
 # The same registry at 16 MiB/s per connection, as registry host slow.local.
 read -r SLOW_PORT < <(free_ports 1)

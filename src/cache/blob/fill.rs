@@ -9,7 +9,7 @@
 //! shutting down) fails every reader and removes the table entry.
 //!
 //! The fill task ([`BlobStore::spawn_fill`]) asks its [`Sources`] for the
-//! bytes (`source.rs`: the cluster owner, then upstream), pumps them into a
+//! bytes (`source.rs`: the cluster owner, the shared store, upstream), pumps them into a
 //! bounded channel to the blocking writer (`writer.rs`), going on from the
 //! next source when one breaks off mid-body, verifies size and digest,
 //! publishes `Verified`, then commits the file to the store (fsyncs,
