@@ -21,7 +21,9 @@
 #      per blob), a second pull makes no upstream GET, /metrics counts what
 #      the upstream logged, the blobs are on the volume owned by 65532;
 #   5. docker stop: SIGTERM, exit status 0; docker start: ready again and the
-#      cache survived on the volume (a pull with no upstream GET).
+#      cache survived on the volume (a pull with no upstream GET);
+#   6. cluster mode: two more containers as one cache (peers on loopback): a
+#      pull through each costs one upstream GET per blob.
 #
 # Usage: tests/e2e/container.sh            (as root)
 # Environment:
@@ -110,7 +112,9 @@ fi
 read -r P_REG P_ADMIN < <(free_ports 2)
 STOWAGE="127.0.0.1:$P_REG"
 ADMIN="127.0.0.1:$P_ADMIN"
-"$PY" - "$ROOT/deploy/container/stowage.toml" "$TMP/container.toml" "$STOWAGE" "$ADMIN" "http://$UPSTREAM" <<'EOF' ||
+# derive_config OUT LISTEN ADMIN: the baked config with these addresses.
+derive_config() {
+    "$PY" - "$ROOT/deploy/container/stowage.toml" "$1" "$2" "$3" "http://$UPSTREAM" <<'EOF'
 import sys, tomllib
 src, dst, listen, admin, url = sys.argv[1:6]
 text = open(src).read()
@@ -123,6 +127,8 @@ for key, old, new in (("listen", cfg["listen"], listen), ("admin_listen", cfg["a
     text = text.replace(line, f'{key} = "{new}"')
 open(dst, "w").write(text)
 EOF
+}
+derive_config "$TMP/container.toml" "$STOWAGE" "$ADMIN" ||
     die "could not derive the container's config from deploy/container/stowage.toml"
 chmod 644 "$TMP/container.toml"
 "$DOCKER" volume create "$VOLUME" >/dev/null || die "docker volume create failed"
@@ -247,4 +253,48 @@ if [[ $n -eq 0 ]]; then
     pass "pull after a restart: no upstream blob GETs (the cache survived on the volume)"
 else
     fail "pull after a restart: $n upstream blob GETs (want 0)"
+fi
+
+# ---------------------------------------------------------------- cluster mode
+# Two more containers of the image acting as one cache (peers on loopback,
+# host network): a pull through each costs one upstream GET per blob, the
+# misses of the node that does not own a blob going to the one that does.
+read -r CP1 CA1 CP2 CA2 < <(free_ports 4)
+declare -A C_ADDR=([1]="127.0.0.1:$CP1" [2]="127.0.0.1:$CP2") C_ADMIN=([1]="127.0.0.1:$CA1" [2]="127.0.0.1:$CA2")
+for i in 1 2; do
+    derive_config "$TMP/cluster$i.toml" "${C_ADDR[$i]}" "${C_ADMIN[$i]}" ||
+        die "could not derive the config of cluster node $i"
+    cat >>"$TMP/cluster$i.toml" <<EOF
+
+[cluster]
+advertise = "http://${C_ADDR[$i]}"
+peers = ["http://${C_ADDR[1]}", "http://${C_ADDR[2]}"]
+EOF
+    chmod 644 "$TMP/cluster$i.toml"
+    "$DOCKER" volume create "$VOLUME-$i" >/dev/null || die "docker volume create failed"
+    on_exit "\"\$DOCKER\" rm -f \"$NAME-$i\" >/dev/null 2>&1; \"\$DOCKER\" volume rm \"$VOLUME-$i\" >/dev/null 2>&1"
+    run_logged 60 "$TMP/run$i.log" "$DOCKER" run -d --name "$NAME-$i" --network host --read-only --cap-drop ALL \
+        --security-opt no-new-privileges -v "$VOLUME-$i:/var/cache/stowage" \
+        -v "$TMP/cluster$i.toml:/etc/stowage/stowage.toml:ro" "$IMAGE" || die "docker run of cluster node $i failed"
+done
+for i in 1 2; do
+    wait_http "http://${C_ADMIN[$i]}/readyz" "" 30 || die "cluster node $i did not answer /readyz"
+done
+M=$(reg_mark up)
+for i in 1 2; do
+    if run_logged 120 "$TMP/skopeo.log" skopeo --insecure-policy copy --quiet --src-tls-verify=false \
+        --authfile "$TMP/empty-auth.json" "docker://${C_ADDR[$i]}/e2eimage:1.0" "oci:$TMP/out/cluster$i:1.0"; then
+        check_layout "cluster: pull through container node $i" "$TMP/out/cluster$i" 1.0 img
+    else
+        fail "cluster: skopeo copy through container node $i failed"
+    fi
+done
+reg_settle up
+# shellcheck disable=SC2086
+check_fetched_once "cluster: one pull through each of two containers" up "$M" library/e2eimage ${BLOBS[img]}
+hops=$(($(metric "${C_ADMIN[1]}" stowage_owner_hops_total) + $(metric "${C_ADMIN[2]}" stowage_owner_hops_total)))
+if [[ $hops -ge 1 ]]; then
+    pass "cluster: the containers asked each other $hops time(s) (stowage_owner_hops_total)"
+else
+    fail "cluster: no owner hop counted between the containers"
 fi
