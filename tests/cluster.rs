@@ -741,3 +741,46 @@ async fn peers_talk_over_mutual_tls() {
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn peers_dns_is_resolved_into_the_peer_set() {
+    // peers_dns = localhost:<the fake peer's port>: resolved to 127.0.0.1,
+    // that is the fake peer, which then owns about half the keys.
+    let up = FakeUpstream::start().await;
+    let peer = FakeUpstream::start().await;
+    let port = free_port();
+    let me = format!("http://127.0.0.1:{port}");
+    let dir = TempDir::new().unwrap();
+    let toml = format!(
+        "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:0\"\ncache_dir = {:?}\n\
+         [[upstream]]\nhost = \"docker.io\"\nurl = \"{}\"\n\
+         [cluster]\nadvertise = \"{me}\"\npeers_dns = \"localhost:{}\"\ndns_interval = \"100ms\"\n",
+        dir.path().to_str().unwrap(),
+        up.url(),
+        peer.addr().port()
+    );
+    let st = start_stowage_toml(dir, &toml).await;
+    let mut body = String::new();
+    for _ in 0..50 {
+        body = client()
+            .get(st.admin_url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if body.contains("cluster: 2 node(s)") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(body.contains("cluster: 2 node(s)"), "{body}");
+    let urls = vec![me, peer.url()];
+    let blob = blob_owned_by(&urls, 1, 10_000);
+    peer.add_blob(blob.data.clone());
+    up.add_blob(blob.data.clone());
+    check_blob(&client(), &st, REPO, &blob).await;
+    assert_eq!(peer.blob_gets(&blob.digest), 1, "asked the peer DNS found");
+    assert_eq!(up.blob_gets(&blob.digest), 0);
+}
