@@ -1,6 +1,7 @@
 //! The configuration as a whole: the server-level settings, and each
 //! subsystem's section, which owns its type, defaults and validation
 //! (`[[upstream]]` in `upstream/config.rs`, `[cache]` in `cache/config.rs`,
+//! `[prefetch]` in `cache/prefetch.rs`,
 //! `[tls]`, `[access]` and `[limits]` in `front/config.rs`, `[log]` in
 //! `logging.rs`). This module parses the TOML (unknown keys rejected),
 //! merges command-line overrides and runs every part's validation.
@@ -16,6 +17,7 @@ use serde::Deserialize;
 
 pub use crate::bucket::config::StoreConfig;
 pub use crate::cache::config::CacheConfig;
+pub use crate::cache::prefetch::PrefetchConfig;
 pub use crate::cluster::config::ClusterConfig;
 pub use crate::error::ConfigError;
 pub use crate::front::config::{AccessConfig, LimitsConfig, TlsConfig};
@@ -54,6 +56,11 @@ pub struct Config {
     /// Blob budget, eviction and pinning.
     #[serde(default)]
     pub cache: CacheConfig,
+
+    /// Fills for an image's blobs started when its manifest is served
+    /// (`prefetch = false` turns it off).
+    #[serde(default)]
+    pub prefetch: PrefetchConfig,
 
     /// The registries this mirror fronts. The first is the default upstream:
     /// requests that name no registry host go there.
@@ -153,6 +160,7 @@ impl Default for Config {
             shutdown_timeout: default_shutdown_timeout(),
             log: LogConfig::default(),
             cache: CacheConfig::default(),
+            prefetch: PrefetchConfig::default(),
             upstreams: default_upstreams(),
             tls: None,
             access: None,
@@ -312,6 +320,7 @@ impl Config {
         }
         self.log.validate()?;
         self.cache.validate()?;
+        self.prefetch.validate()?;
         for (i, image) in self.cache.pin.iter().enumerate() {
             let pin = crate::cache::config::parse_pin(i, image)?;
             // A pin naming a registry host needs an upstream for it.

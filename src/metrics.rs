@@ -33,6 +33,10 @@
 //! | `stowage_digest_mismatches_total` | counter | `kind` (`manifest`, `blob`) |
 //! | `stowage_cache_evictions_total` | counter | |
 //! | `stowage_cache_evicted_bytes_total` | counter | |
+//! | `stowage_prefetch_blobs_total` | counter | |
+//! | `stowage_prefetch_bytes_total` | counter | |
+//! | `stowage_prefetch_unread_bytes` | gauge | |
+//! | `stowage_prefetch_evicted_unread_bytes_total` | counter | |
 //! | `stowage_cache_size_bytes` | gauge | |
 //! | `stowage_cache_budget_bytes` | gauge | |
 //! | `stowage_peer_requests_total` | counter | `kind` (`blob`, `manifest`, `tag`, `probe`), `result` (`ok`, `status`, `unreachable`, `broken`, `mismatch`) |
@@ -515,6 +519,10 @@ struct CacheMetrics {
     evicted_bytes: IntCounter,
     size: IntGauge,
     budget: IntGauge,
+    prefetch_blobs: IntCounter,
+    prefetch_bytes: IntCounter,
+    prefetch_unread: IntGauge,
+    prefetch_evicted_unread: IntCounter,
 }
 
 impl CacheMetrics {
@@ -553,7 +561,27 @@ impl CacheMetrics {
             "stowage_cache_budget_bytes",
             "The blob cache's configured budget in bytes (0 = not reported).",
         );
+        let prefetch_blobs = b.counter(
+            "stowage_prefetch_blobs_total",
+            "Blob fills started by a prefetch (a manifest's config and layers fetched before a client asked).",
+        );
+        let prefetch_bytes = b.counter(
+            "stowage_prefetch_bytes_total",
+            "Bytes of blobs stored by prefetch fills.",
+        );
+        let prefetch_unread = b.gauge(
+            "stowage_prefetch_unread_bytes",
+            "Bytes of prefetched blobs in the cache that no client has asked for yet.",
+        );
+        let prefetch_evicted_unread = b.counter(
+            "stowage_prefetch_evicted_unread_bytes_total",
+            "Bytes of prefetched blobs evicted before any client asked for them (prefetched for nothing).",
+        );
         CacheMetrics {
+            prefetch_blobs,
+            prefetch_bytes,
+            prefetch_unread,
+            prefetch_evicted_unread,
             fills_in_flight,
             fills,
             fill_bytes,
@@ -864,6 +892,29 @@ impl Metrics {
         let bytes = total_bytes.saturating_sub(self.cache.evicted_bytes.get());
         self.cache.evictions.inc_by(count);
         self.cache.evicted_bytes.inc_by(bytes);
+    }
+
+    /// A prefetch started a blob fill.
+    pub(crate) fn prefetch_started(&self) {
+        self.cache.prefetch_blobs.inc();
+    }
+
+    /// A prefetch fill stored `bytes`.
+    pub(crate) fn prefetch_stored(&self, bytes: u64) {
+        self.cache.prefetch_bytes.inc_by(bytes);
+    }
+
+    /// Prefetched bytes never asked for: `stored` still in the cache, and
+    /// `evicted` in total since start (the counter is raised to it, never
+    /// lowered; serialised like [`Metrics::sync_evictions`]).
+    pub(crate) fn sync_prefetch_unread(&self, stored: u64, evicted: u64) {
+        let _serialised = self
+            .sync_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.cache.prefetch_unread.set(gauge_value(stored));
+        let more = evicted.saturating_sub(self.cache.prefetch_evicted_unread.get());
+        self.cache.prefetch_evicted_unread.inc_by(more);
     }
 
     /// The blob cache now holds `bytes`.

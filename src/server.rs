@@ -30,6 +30,7 @@ use crate::cache::index::{BlobIndex, Budget};
 use crate::cache::layout::Layout;
 use crate::cache::manifests::ManifestStore;
 use crate::cache::pins::Pins;
+use crate::cache::prefetch::Prefetcher;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::front::{Front, Reloader};
@@ -143,10 +144,17 @@ impl Server {
             b.spawn(&shutdown.token());
         }
         spawn_manifest_pruner(&shutdown, manifests.clone(), config.cache.max_manifests);
+        let prefetch = Arc::new(Prefetcher::new(
+            config.prefetch.clone(),
+            blobs.clone(),
+            manifests.clone(),
+            shutdown.token(),
+        ));
         let state = Arc::new(AppState {
             router,
             blobs,
             manifests,
+            prefetch,
             access: front.access(),
             grants: crate::cache::grants::Grants::new(),
             metrics,
@@ -244,6 +252,8 @@ impl Server {
                 metrics.set_cache_budget(index.budget().max_size);
                 let evicted = index.evicted();
                 metrics.sync_evictions(evicted.blobs, evicted.bytes);
+                let unread = index.unread();
+                metrics.sync_prefetch_unread(unread.stored, unread.evicted);
             });
         if let Some(c) = self.state.cluster.clone() {
             state = state.with_note(move || c.status());

@@ -120,7 +120,8 @@ async fn scripted_pull_exact_counters() {
     up.push_image("library/alpine", "3.20", &img);
     let big = Blob::random(1 << 20);
     up.add_blob(big.data.clone());
-    let st = start_stowage(&up.url(), "").await;
+    // Exact counts of what the pull itself causes: no prefetch.
+    let st = start_stowage_no_prefetch(&up.url(), "").await;
     let c = client();
     let blobs = img.blobs();
     let blob_bytes: u64 = blobs.iter().map(|b| b.len() as u64).sum();

@@ -34,7 +34,8 @@ async fn warm_then_inspect_and_purge_the_cache() {
         vec![(amd.clone(), "amd64"), (arm.clone(), "arm64")],
     );
     up.push_index("library/multi", "1", &index);
-    let st = start_stowage(&up.url(), "").await;
+    // Exact counts of what the pull itself causes: no prefetch.
+    let st = start_stowage_no_prefetch(&up.url(), "").await;
 
     // One platform only.
     let o = run_stowage(vec![

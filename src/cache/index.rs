@@ -75,6 +75,8 @@ struct Meta {
     atime: AtomicU64,
     /// The access time last written to the file's mtime.
     flushed: AtomicU64,
+    /// Stored by a prefetch and not asked for by any client since.
+    unread: AtomicBool,
 }
 
 /// Counters the index reports, for logs and metrics.
@@ -110,6 +112,21 @@ pub(crate) struct BlobIndex {
     evicted_blobs: AtomicU64,
     /// Bytes evicted since start.
     evicted_bytes: AtomicU64,
+    /// Bytes of stored blobs that a prefetch brought in and no client has
+    /// asked for yet.
+    unread_bytes: AtomicU64,
+    /// Bytes of prefetched blobs evicted before any client asked for them
+    /// (prefetched for nothing), since start.
+    evicted_unread_bytes: AtomicU64,
+}
+
+/// What became of prefetched blobs, for metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Unread {
+    /// Bytes prefetched, still stored, never asked for.
+    pub(crate) stored: u64,
+    /// Bytes prefetched and evicted unread, since start.
+    pub(crate) evicted: u64,
 }
 
 /// Microseconds since the epoch, now: the unit of access times.
@@ -136,6 +153,8 @@ impl BlobIndex {
             evicting: Mutex::new(()),
             evicted_blobs: AtomicU64::new(0),
             evicted_bytes: AtomicU64::new(0),
+            unread_bytes: AtomicU64::new(0),
+            evicted_unread_bytes: AtomicU64::new(0),
         }
     }
 
@@ -167,15 +186,39 @@ impl BlobIndex {
         }
     }
 
+    /// Prefetched bytes never asked for: still stored, and evicted.
+    pub(crate) fn unread(&self) -> Unread {
+        Unread {
+            stored: self.unread_bytes.load(Ordering::Relaxed),
+            evicted: self.evicted_unread_bytes.load(Ordering::Relaxed),
+        }
+    }
+
     /// Records a hit: the blob was just used. `size` is the file's size,
     /// used to index a blob the start-up scan has not reached yet.
     pub(crate) fn touch(&self, digest: &Digest, size: u64) {
         let now = now_micros();
         if let Some(m) = self.entries.get(digest) {
             m.atime.store(now, Ordering::Relaxed);
+            Self::mark_read(&m, &self.unread_bytes);
             return;
         }
         self.insert(digest, size, now, 0);
+    }
+
+    /// A client asked for a blob that may have been prefetched: it no
+    /// longer counts as unread.
+    pub(crate) fn asked(&self, digest: &Digest) {
+        if let Some(m) = self.entries.get(digest) {
+            Self::mark_read(&m, &self.unread_bytes);
+        }
+    }
+
+    fn mark_read(m: &Meta, unread_bytes: &AtomicU64) {
+        // A load first: the hit path only reads a cache line it shares.
+        if m.unread.load(Ordering::Relaxed) && m.unread.swap(false, Ordering::Relaxed) {
+            unread_bytes.fetch_sub(m.size, Ordering::Relaxed);
+        }
     }
 
     /// Adds an entry unless present; returns whether it was added.
@@ -188,6 +231,7 @@ impl BlobIndex {
                     size,
                     atime: AtomicU64::new(atime),
                     flushed: AtomicU64::new(flushed),
+                    unread: AtomicBool::new(false),
                 });
                 self.used.fetch_add(size, Ordering::Relaxed);
                 true
@@ -200,6 +244,7 @@ impl BlobIndex {
     pub(crate) fn forget(&self, digest: &Digest) {
         if let Some((_, m)) = self.entries.remove(digest) {
             self.used.fetch_sub(m.size, Ordering::Relaxed);
+            Self::mark_read(&m, &self.unread_bytes);
         }
     }
 
@@ -238,12 +283,37 @@ impl BlobIndex {
 
     /// Indexes a blob just committed to the store in place of the fill's
     /// `reservation`. Done under the eviction lock, so an eviction never
-    /// sees the blob counted twice (stored and reserved).
-    pub(crate) fn committed(&self, digest: &Digest, size: u64, reservation: u64) {
+    /// sees the blob counted twice (stored and reserved). `unread`: a
+    /// prefetch stored it and no client has asked for it yet.
+    pub(crate) fn committed(&self, digest: &Digest, size: u64, reservation: u64, unread: bool) {
         let _guard = self.evicting.lock();
         self.release(reservation);
         let now = now_micros();
-        self.insert(digest, size, now, now);
+        if self.insert(digest, size, now, now)
+            && unread
+            && let Some(m) = self.entries.get(digest)
+        {
+            m.unread.store(true, Ordering::Relaxed);
+            self.unread_bytes.fetch_add(size, Ordering::Relaxed);
+        }
+    }
+
+    /// Reserves `size` bytes if they fit under the high watermark next to
+    /// what is stored and reserved: room a prefetch may take without making
+    /// anything be evicted. Returns whether it reserved.
+    pub(crate) fn reserve_free_room(&self, size: u64) -> bool {
+        let used = self.used();
+        self.reserved
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                let after = r.checked_add(size)?;
+                (used.saturating_add(after) <= self.budget.high).then_some(after)
+            })
+            .is_ok()
+    }
+
+    /// Whether the index holds `digest` (stored and indexed).
+    pub(crate) fn contains(&self, digest: &Digest) -> bool {
+        self.entries.contains_key(digest)
     }
 
     /// Replaces the set of pinned blobs.
@@ -299,6 +369,11 @@ impl BlobIndex {
             }
             let _ = self.journal.append(&Record::Removed(digest.clone()));
             self.used.fetch_sub(meta.size, Ordering::Relaxed);
+            if meta.unread.load(Ordering::Relaxed) {
+                self.unread_bytes.fetch_sub(meta.size, Ordering::Relaxed);
+                self.evicted_unread_bytes
+                    .fetch_add(meta.size, Ordering::Relaxed);
+            }
             done.blobs += 1;
             done.bytes += meta.size;
         }
@@ -460,7 +535,7 @@ mod tests {
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(&p, vec![n; size]).unwrap();
         index.record(&d, size as u64).unwrap();
-        index.committed(&d, size as u64, 0);
+        index.committed(&d, size as u64, 0, false);
         d
     }
 

@@ -49,7 +49,8 @@
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -90,6 +91,10 @@ pub(crate) struct Manifest {
     /// Response headers, built once: `Content-Type`,
     /// `Docker-Content-Digest` and `ETag`.
     pub(crate) headers: HeaderMap,
+    /// What it refers to, read from the body on first use (by prefetch).
+    descriptors: OnceLock<manifest::Descriptors>,
+    /// When prefetch last looked at it (see `cache::prefetch`; 0: never).
+    pub(crate) prefetched_at: AtomicU64,
 }
 
 impl Manifest {
@@ -110,7 +115,16 @@ impl Manifest {
             media_type,
             body,
             headers,
+            descriptors: OnceLock::new(),
+            prefetched_at: AtomicU64::new(0),
         }
+    }
+
+    /// The blobs (of an image manifest) and child manifests (of an index)
+    /// the body refers to.
+    pub(crate) fn descriptors(&self) -> &manifest::Descriptors {
+        self.descriptors
+            .get_or_init(|| manifest::descriptors_of(&self.body))
     }
 }
 

@@ -17,6 +17,7 @@ use crate::bucket::Bucket;
 use crate::cache::blob::BlobStore;
 use crate::cache::grants::Grants;
 use crate::cache::manifests::ManifestStore;
+use crate::cache::prefetch::Prefetcher;
 use crate::cluster::Cluster;
 use crate::front::access::Access;
 use crate::metrics::Metrics;
@@ -31,6 +32,8 @@ pub(crate) struct AppState {
     pub(crate) blobs: Arc<BlobStore>,
     /// The manifest cache.
     pub(crate) manifests: Arc<ManifestStore>,
+    /// Starts fills for the blobs of manifests served.
+    pub(crate) prefetch: Arc<Prefetcher>,
     /// Client authentication (open unless `[access]` is configured).
     pub(crate) access: Arc<Access>,
     /// What passthrough upstreams let each caller read.

@@ -248,6 +248,15 @@ async fn manifest(
         }
     };
     passthrough::served_manifest(state, &upstream, &repo, &caller, &m);
+    if req.method() == Method::GET && !hop.is_peer() {
+        // A pull follows: start its blobs' fills now, with the caller's
+        // credentials (in passthrough, upstream has just let this caller
+        // read this manifest, and so what it refers to). A peer's request
+        // prefetches nothing: the node the client asked does.
+        state
+            .prefetch
+            .on_manifest(&upstream, &repo, &m, class, &caller);
+    }
     let mut r = manifest_response(&m, req.method() == Method::HEAD);
     if let (Reference::Tag(t), true) = (reference, hop.is_peer()) {
         // This node owns the tag: the asking node trusts it as long as

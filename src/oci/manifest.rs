@@ -230,6 +230,90 @@ pub(crate) fn refs_of(body: &[u8]) -> Refs {
     }
 }
 
+/// A blob a manifest refers to, with its size when the descriptor has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BlobRef {
+    pub(crate) digest: Digest,
+    pub(crate) size: Option<u64>,
+}
+
+/// A child manifest of an index, with its platform (`os/architecture`
+/// or `os/architecture/variant`) when the descriptor names one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ChildRef {
+    pub(crate) digest: Digest,
+    pub(crate) platform: Option<String>,
+}
+
+/// What prefetching needs of a manifest: the blobs of an image manifest
+/// (config first, then the layers in order) and the children of an index,
+/// each with what its descriptor says.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Descriptors {
+    pub(crate) blobs: Vec<BlobRef>,
+    pub(crate) children: Vec<ChildRef>,
+}
+
+/// Reads the descriptors out of a manifest body (Docker v2 / OCI, image or
+/// index). Entries that are not valid digests are skipped; a body that is
+/// not JSON has none.
+pub(crate) fn descriptors_of(body: &[u8]) -> Descriptors {
+    #[derive(serde::Deserialize)]
+    struct Platform {
+        os: Option<String>,
+        architecture: Option<String>,
+        variant: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Descriptor {
+        digest: Option<String>,
+        size: Option<u64>,
+        platform: Option<Platform>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Any {
+        #[serde(default)]
+        manifests: Vec<Descriptor>,
+        config: Option<Descriptor>,
+        #[serde(default)]
+        layers: Vec<Descriptor>,
+    }
+    let Ok(any) = serde_json::from_slice::<Any>(body) else {
+        return Descriptors::default();
+    };
+    let digest = |d: &Descriptor| d.digest.as_deref().and_then(|s| Digest::parse(s).ok());
+    let platform = |p: &Platform| {
+        let (os, arch) = (p.os.as_deref()?, p.architecture.as_deref()?);
+        Some(match p.variant.as_deref() {
+            Some(v) if !v.is_empty() => format!("{os}/{arch}/{v}"),
+            _ => format!("{os}/{arch}"),
+        })
+    };
+    Descriptors {
+        blobs: any
+            .config
+            .iter()
+            .chain(any.layers.iter())
+            .filter_map(|d| {
+                Some(BlobRef {
+                    digest: digest(d)?,
+                    size: d.size,
+                })
+            })
+            .collect(),
+        children: any
+            .manifests
+            .iter()
+            .filter_map(|d| {
+                Some(ChildRef {
+                    digest: digest(d)?,
+                    platform: d.platform.as_ref().and_then(platform),
+                })
+            })
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,5 +403,26 @@ mod tests {
             "m/t"
         );
         assert_eq!(media_type(None, b"{}"), OCI_MANIFEST);
+    }
+
+    #[test]
+    fn reads_descriptors_with_sizes_and_platforms() {
+        let a = format!("sha256:{}", "a".repeat(64));
+        let b = format!("sha256:{}", "b".repeat(64));
+        let image = format!(
+            r#"{{"config":{{"digest":"{a}","size":7}},"layers":[{{"digest":"{b}"}},{{"digest":"junk","size":1}}]}}"#
+        );
+        let d = descriptors_of(image.as_bytes());
+        assert_eq!(d.blobs.len(), 2);
+        assert_eq!(d.blobs[0].size, Some(7));
+        assert_eq!(d.blobs[1].size, None);
+        let index = format!(
+            r#"{{"manifests":[{{"digest":"{a}","platform":{{"os":"linux","architecture":"arm64","variant":"v8"}}}},{{"digest":"{b}"}}]}}"#
+        );
+        let d = descriptors_of(index.as_bytes());
+        assert_eq!(d.children[0].platform.as_deref(), Some("linux/arm64/v8"));
+        assert_eq!(d.children[1].platform, None);
+        assert!(d.blobs.is_empty());
+        assert_eq!(descriptors_of(b"[1]"), Descriptors::default());
     }
 }

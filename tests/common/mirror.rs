@@ -86,6 +86,17 @@ pub async fn start_stowage(upstream_url: &str, upstream_extra: &str) -> Stowage 
     start_stowage_in(TempDir::new().unwrap(), upstream_url, upstream_extra).await
 }
 
+/// Starts stowage with prefetch off, for tests that count what a client's
+/// own requests cause (outcomes, fills, upstream requests per step).
+pub async fn start_stowage_no_prefetch(upstream_url: &str, upstream_extra: &str) -> Stowage {
+    let dir = TempDir::new().unwrap();
+    let toml = format!(
+        "prefetch = false\n{}",
+        config_toml(dir.path(), upstream_url, upstream_extra)
+    );
+    start_stowage_toml(dir, &toml).await
+}
+
 /// Starts stowage on an existing cache dir (e.g. from [`Stowage::stop`]).
 pub async fn start_stowage_in(dir: TempDir, upstream_url: &str, upstream_extra: &str) -> Stowage {
     let toml = config_toml(dir.path(), upstream_url, upstream_extra);

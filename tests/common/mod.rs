@@ -23,7 +23,8 @@ pub use image::{
 };
 pub use mirror::{
     Stowage, config_toml, free_port, owner_of_digest, owner_of_tag, start_cluster,
-    start_cluster_nodes, start_stowage, start_stowage_in, start_stowage_toml,
+    start_cluster_nodes, start_stowage, start_stowage_in, start_stowage_no_prefetch,
+    start_stowage_toml,
 };
 pub use process::{Process, run_stowage, wait_http_ok};
 

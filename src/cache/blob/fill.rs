@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
@@ -29,6 +29,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use super::source::{Opened, Sources};
 use super::store::{BlobStore, StoredBlob};
 use super::writer::{Landed, Writer};
+use crate::cache::index::BlobIndex;
 use crate::error::{Error, ErrorKind};
 use crate::metrics::{CacheKind, FillResult, Outcome};
 use crate::oci::Digest;
@@ -83,10 +84,14 @@ pub(super) struct Fill {
     pub(super) progress: watch::Sender<Progress>,
     /// Bytes past `disk_end`, once the disk is out of the picture.
     pub(super) spill: broadcast::Sender<SpillChunk>,
+    /// Started by a prefetch rather than by a client's request.
+    pub(super) prefetched: bool,
+    /// A client has asked for the blob (led or joined the fill).
+    pub(super) asked: AtomicBool,
 }
 
 impl Fill {
-    fn new() -> Arc<Fill> {
+    fn new(asker: Asker) -> Arc<Fill> {
         let (progress, _) = watch::channel(Progress {
             phase: Phase::Connecting,
             total: None,
@@ -98,8 +103,24 @@ impl Fill {
             file: OnceLock::new(),
             progress,
             spill,
+            prefetched: asker == Asker::Prefetch,
+            asked: AtomicBool::new(asker == Asker::Client),
         })
     }
+
+    /// Whether the blob was prefetched and no client has asked for it.
+    pub(super) fn unread(&self) -> bool {
+        self.prefetched && !self.asked.load(Ordering::Relaxed)
+    }
+}
+
+/// Who looks a blob up in the fill table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Asker {
+    /// A client's request, which reads what it finds.
+    Client,
+    /// A prefetch: starts a fill if nobody has the blob, reads nothing.
+    Prefetch,
 }
 
 /// A request's place at a fill: the fill, its subscription to the spill
@@ -228,9 +249,13 @@ impl FillTable {
     ///
     /// A fill already streaming off the disk cannot be joined from the start
     /// of the blob; such requests lead a private fill of their own.
+    ///
+    /// A prefetch that finds a fill running joins it (and reads nothing):
+    /// it never starts a private fill.
     pub(super) fn lookup(
         self: &Arc<Self>,
         digest: &Digest,
+        asker: Asker,
         stored: impl FnOnce() -> Result<Option<StoredBlob>, Error>,
     ) -> Result<Lookup, Error> {
         let mut fills = self
@@ -246,8 +271,14 @@ impl FillTable {
             fills.remove(digest);
         }
         if let Some(fill) = fills.get(digest) {
+            if asker == Asker::Client {
+                fill.asked.store(true, Ordering::Relaxed);
+            }
             let progress = fill.progress.borrow();
-            if progress.disk_end.is_none() || matches!(progress.phase, Phase::Connecting) {
+            if asker == Asker::Prefetch
+                || progress.disk_end.is_none()
+                || matches!(progress.phase, Phase::Connecting)
+            {
                 // A verified fill still committing serves a complete,
                 // verified file: for the client that is a hit.
                 let outcome = if matches!(progress.phase, Phase::Verified) {
@@ -261,7 +292,7 @@ impl FillTable {
             }
             drop(progress);
             drop(fills);
-            let fill = Fill::new();
+            let fill = Fill::new(asker);
             let reader = FillReader::new(fill.clone(), Outcome::Upstream);
             let permit = FillPermit {
                 fill,
@@ -273,7 +304,7 @@ impl FillTable {
         if let Some(blob) = stored()? {
             return Ok(Lookup::Stored(blob));
         }
-        let fill = Fill::new();
+        let fill = Fill::new(asker);
         let reader = FillReader::new(fill.clone(), Outcome::Miss);
         fills.insert(digest.clone(), fill.clone());
         let permit = FillPermit {
@@ -307,6 +338,27 @@ impl FillTable {
     }
 }
 
+/// Bytes a prefetch reserved in the index before its fill knew the size;
+/// given back when dropped (the fill has reserved its own by then, or
+/// failed).
+pub(crate) struct PreReserved {
+    index: Arc<BlobIndex>,
+    bytes: u64,
+}
+
+impl PreReserved {
+    /// Takes charge of `bytes` already reserved in `index`.
+    pub(crate) fn new(index: Arc<BlobIndex>, bytes: u64) -> PreReserved {
+        PreReserved { index, bytes }
+    }
+}
+
+impl Drop for PreReserved {
+    fn drop(&mut self) {
+        self.index.release(self.bytes);
+    }
+}
+
 /// A fill's temporary file.
 pub(super) struct TmpFile {
     pub(super) path: PathBuf,
@@ -316,19 +368,30 @@ pub(super) struct TmpFile {
 impl BlobStore {
     /// Runs the fill of `permit` in a task of its own. A shared fill tries
     /// to cache; a private one streams without the disk.
+    ///
+    /// `slot` (a prefetch's place among its concurrent fills) is held until
+    /// the fill ends.
     pub(super) fn spawn_fill(
         self: &Arc<Self>,
         permit: FillPermit,
         sources: Sources,
         digest: &Digest,
+        prefetch: Option<(tokio::sync::OwnedSemaphorePermit, PreReserved)>,
     ) {
         let store = self.clone();
         let digest = digest.clone();
         self.tasks.spawn(async move {
+            let (_slot, pre) = match prefetch {
+                Some((slot, pre)) => (Some(slot), Some(pre)),
+                None => (None, None),
+            };
             let guard = store.metrics.fill_started();
             let result = store
-                .run_fill(permit.fill(), &sources, &digest, permit.shared())
+                .run_fill(permit.fill(), &sources, &digest, permit.shared(), pre)
                 .await;
+            if let (true, Ok(Filled::Stored(size))) = (permit.fill().prefetched, &result) {
+                store.metrics.prefetch_stored(*size);
+            }
             guard.finish(match &result {
                 Ok(Filled::Stored(size)) => FillResult::Stored(*size),
                 Ok(Filled::Uncached(_)) => FillResult::Uncached,
@@ -358,6 +421,7 @@ impl BlobStore {
         sources: &Sources,
         digest: &Digest,
         shared: bool,
+        pre: Option<PreReserved>,
     ) -> Result<Filled, Error> {
         let opened = sources.open(digest, 0, 0).await?;
         let total = opened.total;
@@ -371,6 +435,8 @@ impl BlobStore {
             }
             _ => 0,
         };
+        // A prefetch's reservation is replaced by the fill's own.
+        drop(pre);
         if let Some(t) = &tmp {
             let _ = fill.file.set(t.file.clone());
         }
@@ -398,7 +464,7 @@ impl BlobStore {
                 p.phase = Phase::Verified;
             });
         }
-        let filled = self.keep(result, tmp, digest, reservation).await;
+        let filled = self.keep(result, tmp, fill, digest, reservation).await;
         if let Ok(Filled::Stored(size)) = filled {
             // The commit turned the reservation into a stored blob.
             self.evict.notify_one();
@@ -451,13 +517,24 @@ impl BlobStore {
         &self,
         result: Result<Landed, Error>,
         tmp: Option<TmpFile>,
+        fill: &Fill,
         digest: &Digest,
         reservation: u64,
     ) -> Result<Filled, Error> {
         match (result, tmp) {
             (Ok(Landed::OnDisk(size)), Some(tmp)) => {
-                match self.commit(&tmp.path, digest, size, reservation).await {
-                    Ok(()) => Ok(Filled::Stored(size)),
+                let unread = fill.unread();
+                match self
+                    .commit(&tmp.path, digest, size, reservation, unread)
+                    .await
+                {
+                    Ok(()) => {
+                        if unread && fill.asked.load(Ordering::Relaxed) {
+                            // A client joined while the commit ran.
+                            self.index.asked(digest);
+                        }
+                        Ok(Filled::Stored(size))
+                    }
                     Err(e) => {
                         let _ = std::fs::remove_file(&tmp.path);
                         tracing::error!(%digest, error = %e, "cannot commit blob to the store");

@@ -56,6 +56,7 @@
 use std::sync::Arc;
 
 use http::Response;
+use tokio::sync::OwnedSemaphorePermit;
 
 mod fill;
 pub(crate) mod range;
@@ -75,11 +76,22 @@ use crate::metrics::Outcome;
 use crate::oci::{Digest, RepoName};
 use crate::upstream::Upstream;
 use crate::upstream::caller::Caller;
-use fill::{FillReader, Lookup, Phase};
+use fill::{Asker, FillReader, Lookup, Phase, PreReserved};
 use reader::Feed;
 use response::{file_response, head_response, unsized_response};
 use source::{Origin, Sources};
 use store::StoredBlob;
+
+/// What [`BlobStore::prefetch`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Prefetched {
+    /// A fill started.
+    Started,
+    /// Stored already, or a fill is running.
+    Skipped,
+    /// Not enough room under the high watermark.
+    NoRoom,
+}
 
 /// The blob part of a response before the handler adds common headers.
 pub(crate) struct BlobResponse {
@@ -147,15 +159,68 @@ impl BlobStore {
         if head_only {
             return self.head_miss(&sources(), digest).await;
         }
-        let reader = match self.fills.lookup(digest, stored)? {
+        let reader = match self.fills.lookup(digest, Asker::Client, stored)? {
             Lookup::Stored(blob) => return Ok(hit(blob, zero_copy)),
             Lookup::Join(reader) => reader,
             Lookup::Lead(permit, reader) => {
-                self.spawn_fill(permit, sources(), digest);
+                self.spawn_fill(permit, sources(), digest, None);
                 reader
             }
         };
         read_fill(reader, digest, range, zero_copy).await
+    }
+
+    /// Starts a fill of `digest` (of `size` bytes, as its descriptor says)
+    /// for a prefetch, unless the blob is stored, a fill of it is running
+    /// (which a prefetch never joins or reads), or `size` does not fit
+    /// under the high watermark (a prefetch never makes anything be
+    /// evicted). `slot` is held until that fill ends. Returns whether a fill
+    /// started. A prefetch fill is an ordinary shared fill: clients asking
+    /// for the blob join it. Upstream is asked with `caller`'s credentials:
+    /// the caller whose manifest request started the prefetch (in
+    /// passthrough, one upstream has just let read that manifest).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn prefetch(
+        self: &Arc<Self>,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+        slot: OwnedSemaphorePermit,
+        caller: Caller,
+    ) -> Result<Prefetched, Error> {
+        if self.index.contains(digest) {
+            return Ok(Prefetched::Skipped);
+        }
+        // Reserved now, before upstream answers, so the next blob of the
+        // same manifest sees it; the fill swaps it for its own reservation.
+        if !self.index.reserve_free_room(size) {
+            return Ok(Prefetched::NoRoom);
+        }
+        let pre = PreReserved::new(self.index.clone(), size);
+        let stored = || {
+            self.open_stored(digest)
+                .map_err(|e| Error::local("cache storage error", e))
+        };
+        match self.fills.lookup(digest, Asker::Prefetch, stored)? {
+            Lookup::Lead(permit, _nobody_reads) => {
+                // The same sources as a client's fill (a prefetch is never a
+                // peer's hop): the owner, the shared store, then upstream.
+                let shared = caller.credential().is_none();
+                let origin = Origin {
+                    upstream: upstream.clone(),
+                    repo: repo.clone(),
+                    caller,
+                };
+                let cluster = self.cluster.clone().filter(|_| shared);
+                let bucket = self.bucket.clone().filter(|_| shared);
+                let sources = Sources::new(origin, cluster, bucket, digest);
+                self.metrics.prefetch_started();
+                self.spawn_fill(permit, sources, digest, Some((slot, pre)));
+                Ok(Prefetched::Started)
+            }
+            Lookup::Stored(_) | Lookup::Join(_) => Ok(Prefetched::Skipped),
+        }
     }
 
     /// `HEAD` on a blob that is not stored: answer from a running fill when

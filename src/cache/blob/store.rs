@@ -178,10 +178,19 @@ impl BlobStore {
 
     /// Opens a stored blob, or `None` on a miss. Records the access.
     pub(super) fn lookup(&self, digest: &Digest) -> io::Result<Option<StoredBlob>> {
+        let blob = self.open_stored(digest)?;
+        if let Some(b) = &blob {
+            self.index.touch(digest, b.size);
+        }
+        Ok(blob)
+    }
+
+    /// Opens a stored blob without recording an access (a prefetch
+    /// checking whether it has work), or `None` on a miss.
+    pub(super) fn open_stored(&self, digest: &Digest) -> io::Result<Option<StoredBlob>> {
         match File::open(self.layout.blob(digest)) {
             Ok(file) => {
                 let size = file.metadata()?.len();
-                self.index.touch(digest, size);
                 Ok(Some(StoredBlob { file, size }))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -218,6 +227,7 @@ impl BlobStore {
         digest: &Digest,
         size: u64,
         reservation: u64,
+        unread: bool,
     ) -> io::Result<()> {
         let tmp_path = tmp_path.to_path_buf();
         let dest = self.layout.blob(digest);
@@ -234,7 +244,7 @@ impl BlobStore {
             // (this fill's bytes are already counted as reserved).
             index.evict_if_needed();
             std::fs::rename(&tmp_path, &dest)?;
-            index.committed(&digest, size, reservation);
+            index.committed(&digest, size, reservation, unread);
             if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
                 // Stored and served; only durability across a power cut is
                 // in doubt (the next start re-verifies via the journal).
