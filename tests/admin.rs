@@ -226,3 +226,79 @@ async fn human_logs_carry_request_ids() {
     assert!(line.contains("status=200"), "{line}");
     assert!(line.contains("path=/v2/"), "{line}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_request_log_is_written_whole_at_shutdown() {
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[10]);
+    up.push_image("library/hello", "1", &img);
+    let dir = TempDir::new().unwrap();
+    let config = dir.path().join("stowage.toml");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // Request lines only: no other line (such as those of the shutdown)
+    // writes the buffer out before the exit does.
+    let toml = config_toml(&dir.path().join("cache"), &up.url(), "").replace(
+        "127.0.0.1:0\"\nadmin",
+        &format!("127.0.0.1:{port}\"\nadmin"),
+    ) + "\n[log]\nformat = \"json\"\nbuffer = \"64KiB\"\n\
+           level = \"warn,stowage::http::access_log=info\"\n";
+    std::fs::write(&config, &toml).unwrap();
+    let mut child = Process::with_config(&config, &[]);
+    let parse = |line: &str| -> serde_json::Value {
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("not a whole JSON line ({e}): {line}"))
+    };
+    wait_http_ok(&format!("http://127.0.0.1:{port}/v2/")).await;
+    let url = format!("http://127.0.0.1:{port}/v2/hello/manifests/1");
+    let c = client();
+    let n = 200;
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (c, url) = (c.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = c
+                .get(&url)
+                .header("x-request-id", format!("buffered-{i}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.bytes().await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Straight away: the lines are (most likely) still in the buffer, and
+    // shutdown must write them out.
+    child.signal("TERM");
+    within(15, "stowage exits on SIGTERM", async {
+        while child.is_running() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let logged = || {
+        child
+            .log()
+            .iter()
+            .map(|l| parse(l))
+            .filter(|v| {
+                v["message"] == "request"
+                    && v["request_id"]
+                        .as_str()
+                        .is_some_and(|id| id.starts_with("buffered-"))
+            })
+            .count()
+    };
+    within(5, "request lines after exit", async {
+        while logged() < n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(logged(), n, "every request logged once, each line whole");
+}

@@ -35,7 +35,8 @@ pub fn check_config(file: &Path) -> ExitCode {
 
 /// `stowage` with no subcommand: runs the mirror until SIGTERM or SIGINT.
 pub fn run(config: Config) -> ExitCode {
-    crate::logging::init(&config.log);
+    // Dropped last: writes out buffered request lines at shutdown.
+    let _log = crate::logging::init(&config.log);
     let Some(runtime) = runtime() else {
         return ExitCode::FAILURE;
     };

@@ -59,6 +59,7 @@ impl LoggedBody {
             l.metrics
                 .response_finished(l.route, Source::of(l.outcome), self.bytes, elapsed);
             tracing::info!(
+                target: crate::logging::ACCESS_LOG_TARGET,
                 request_id = %l.request_id,
                 method = %l.method,
                 path = %l.path,
