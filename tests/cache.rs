@@ -424,3 +424,85 @@ async fn kill_9_mid_fill_leaves_only_verified_blobs() {
         "the interrupted blob is fetched again"
     );
 }
+
+/// Every file under `blobs/` of `cache`, as (digest named by its path,
+/// digest of its bytes).
+fn stored_files(cache: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let root = cache.join("blobs").join("sha256");
+    let Ok(dirs) = std::fs::read_dir(&root) else {
+        return out;
+    };
+    for d in dirs.flatten() {
+        for f in std::fs::read_dir(d.path()).unwrap().flatten() {
+            let name = format!("sha256:{}", f.file_name().to_string_lossy());
+            out.push((name, sha256_digest(&std::fs::read(f.path()).unwrap())));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_group_commits_leaves_only_verified_blobs() {
+    let up = FakeUpstream::start().await;
+    // 24 blobs verified at about the same time (one image, prefetched):
+    // their commits run in groups.
+    let img = make_image(Format::Oci, &[256 * KIB; 24]);
+    up.push_image("library/many", "1", &img);
+    let dir = TempDir::new().unwrap();
+    let port = free_port();
+    let config = dir.path().join("stowage.toml");
+    let cache = dir.path().join("cache");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"off\"\ncache_dir = {cache:?}\n\
+             [[upstream]]\nhost = \"docker.io\"\nurl = \"{}\"\nlibrary_prefix = true\n",
+            up.url()
+        ),
+    )
+    .unwrap();
+    let (mut child, url) = start_binary(&config, port).await;
+    let c = client();
+    let r = c
+        .get(format!("{url}/v2/library/many/manifests/1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Killed while the fills are landing and committing.
+    wait_until("some blobs committed", || !stored_files(&cache).is_empty()).await;
+    child.kill9();
+    let stored = stored_files(&cache);
+    eprintln!(
+        "{} of 25 blobs committed at the kill, {} temporary files",
+        stored.len(),
+        tmp_files(&cache)
+    );
+    for (name, actual) in &stored {
+        assert_eq!(name, actual, "a file in blobs/ is complete and verified");
+    }
+
+    // After the restart every blob is served whole; those committed before
+    // the crash are not fetched again.
+    let (_child, url) = start_binary(&config, port).await;
+    assert_eq!(tmp_files(&cache), 0, "leftovers removed at start");
+    for b in img.blobs() {
+        let before = up.blob_gets(&b.digest);
+        let body = c
+            .get(format!("{url}/v2/library/many/blobs/{}", b.digest))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(sha256_digest(&body), b.digest);
+        if stored.iter().any(|(n, _)| *n == b.digest) {
+            assert_eq!(up.blob_gets(&b.digest), before, "committed blob refetched");
+        }
+    }
+    for (name, actual) in stored_files(&cache) {
+        assert_eq!(name, actual);
+    }
+}

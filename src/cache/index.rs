@@ -274,11 +274,15 @@ impl BlobIndex {
         self.used() + self.reserved() > self.budget.high
     }
 
-    /// Appends the record of a blob about to be committed. Called before
-    /// the rename. Not fsynced: a record lost in a crash only means the
-    /// next start hashes that file before indexing it.
-    pub(crate) fn record(&self, digest: &Digest, size: u64) -> io::Result<()> {
-        self.journal.append(&Record::Stored(digest.clone(), size))
+    /// Appends the records of blobs about to be committed, in one write.
+    /// Called before their renames. Not fsynced: a record lost in a crash
+    /// only means the next start hashes that file before indexing it.
+    pub(crate) fn record_all(&self, blobs: &[(&Digest, u64)]) -> io::Result<()> {
+        let records: Vec<Record> = blobs
+            .iter()
+            .map(|(d, size)| Record::Stored((*d).clone(), *size))
+            .collect();
+        self.journal.append_all(&records)
     }
 
     /// Indexes a blob just committed to the store in place of the fill's
@@ -534,7 +538,7 @@ mod tests {
         let p = index.layout.blob(&d);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(&p, vec![n; size]).unwrap();
-        index.record(&d, size as u64).unwrap();
+        index.record_all(&[(&d, size as u64)]).unwrap();
         index.committed(&d, size as u64, 0, false);
         d
     }

@@ -32,6 +32,14 @@ impl Journal {
 
     /// Appends one record.
     pub(crate) fn append(&self, record: &Record) -> io::Result<()> {
+        self.append_all(std::slice::from_ref(record))
+    }
+
+    /// Appends records in one write.
+    pub(crate) fn append_all(&self, records: &[Record]) -> io::Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
         let mut guard = self
             .file
             .lock()
@@ -45,7 +53,8 @@ impl Journal {
             );
         }
         if let Some(f) = guard.as_mut() {
-            f.write_all(record.line().as_bytes())?;
+            let text: String = records.iter().map(Record::line).collect();
+            f.write_all(text.as_bytes())?;
         }
         Ok(())
     }

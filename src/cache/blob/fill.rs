@@ -525,7 +525,7 @@ impl BlobStore {
             (Ok(Landed::OnDisk(size)), Some(tmp)) => {
                 let unread = fill.unread();
                 match self
-                    .commit(&tmp.path, digest, size, reservation, unread)
+                    .commit(&tmp.path, &tmp.file, digest, size, reservation, unread)
                     .await
                 {
                     Ok(()) => {
