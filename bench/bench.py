@@ -312,15 +312,23 @@ class Mirror:
 
 
 class Stowage(Mirror):
-    # Its default log: one line per request (tracing, human format) on
-    # stderr, which Service writes to a file.
+    # Its log: one line per request (tracing, human format) on stderr, which
+    # Service writes to a file; request lines buffered as nginx can buffer
+    # its access log (log.buffer = "64KiB": written when 64 KiB are
+    # gathered, every second and at shutdown; the nginx column keeps
+    # nginx's default, a write per request).
     log_rx = r" path=%s"
+    config = '[log]\nbuffer = "64KiB"\n'
 
     def __init__(self, bin, upstream, dir, tls=None, extra=(), admin=False, port=None):
         self.port = port or free_port()
         self.dir = dir
         self.admin = "127.0.0.1:%d" % free_port() if admin else None
-        argv = [bin, "--listen", "127.0.0.1:%d" % self.port, "--upstream", upstream.url,
+        os.makedirs(dir, exist_ok=True)
+        config = os.path.join(dir, "stowage.toml")
+        with open(config, "w") as f:
+            f.write(self.config)
+        argv = [bin, "--config", config, "--listen", "127.0.0.1:%d" % self.port, "--upstream", upstream.url,
                 "--cache-dir", os.path.join(dir, "cache"), "--admin-listen", self.admin or "off",
                 "--max-size", "200GiB"] + list(extra)
         if tls:
