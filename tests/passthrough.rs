@@ -304,7 +304,8 @@ async fn answers_are_remembered_per_credential_and_repository_until_the_ttl() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_fill_is_joined_only_by_callers_upstream_lets_read_it() {
     let (up, private, _) = registry().await;
-    let st = start(&up, "").await;
+    // The owner's own blob request leads the fill here, not a prefetch.
+    let st = start_stowage_no_prefetch(&up.url(), "auth = \"passthrough\"\n").await;
     let owner = token(&up, "acme/private", true).await;
     let layer = private.layers[1].clone();
     let a = ask(&st, "GET", "acme/private/manifests/v1", Some(&owner)).await;
@@ -501,4 +502,58 @@ fn dir_contains(dir: &std::path::Path, needle: &[u8]) -> bool {
                 .unwrap_or(false)
         }
     })
+}
+
+#[tokio::test]
+async fn prefetch_asks_upstream_with_the_callers_credentials_only() {
+    let (up, private, _) = registry().await;
+    let st = start(&up, "").await;
+    // Anonymous: refused, so nothing is prefetched.
+    let anon = token(&up, "acme/private", false).await;
+    let a = ask(&st, "GET", "acme/private/manifests/v1", Some(&anon)).await;
+    assert_eq!(a.status, 401);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        up.all_blob_gets(),
+        0,
+        "nothing fetched for a refused caller"
+    );
+    // The owner: the manifest's blobs are fetched before the owner asks,
+    // with the owner's credential.
+    let owner = token(&up, "acme/private", true).await;
+    let a = ask(&st, "GET", "acme/private/manifests/v1", Some(&owner)).await;
+    assert_eq!(a.status, 200);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !private.blobs().iter().all(|b| up.blob_gets(&b.digest) == 1) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "prefetch did not run"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for b in private.blobs() {
+        let r = up
+            .last_request("GET", &format!("/v2/acme/private/blobs/{}", b.digest))
+            .unwrap();
+        assert_eq!(r.header("authorization").as_deref(), Some(owner.as_str()));
+    }
+    // The cache still answers only callers upstream lets read the blob.
+    let a = ask(
+        &st,
+        "GET",
+        &format!("acme/private/blobs/{}", private.layers[0].digest),
+        Some(&anon),
+    )
+    .await;
+    assert_eq!(a.status, 401);
+    let a = ask(
+        &st,
+        "GET",
+        &format!("acme/private/blobs/{}", private.layers[0].digest),
+        Some(&owner),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body, private.layers[0].data);
+    assert_eq!(up.blob_gets(&private.layers[0].digest), 1);
 }
