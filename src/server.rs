@@ -30,6 +30,7 @@ use crate::cache::index::{BlobIndex, Budget};
 use crate::cache::layout::Layout;
 use crate::cache::manifests::ManifestStore;
 use crate::cache::pins::Pins;
+use crate::cache::private::Private;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::front::{Front, Reloader};
@@ -110,7 +111,8 @@ impl Server {
             cluster: cluster.clone(),
             bucket: bucket.clone(),
         };
-        let (blobs, manifests) = open_caches(&config, &layout, &metrics, &shutdown, &remote)?;
+        let (blobs, manifests, private) =
+            open_caches(&config, &layout, &metrics, &shutdown, &remote)?;
         let front = Arc::new(Front::new(
             config.tls.as_ref(),
             config.access.as_ref(),
@@ -149,6 +151,7 @@ impl Server {
             manifests,
             access: front.access(),
             grants: crate::cache::grants::Grants::new(),
+            private,
             metrics,
             request_ids: RequestIds::new(),
             cluster,
@@ -363,15 +366,18 @@ fn open_cluster(
     Ok(Some(Arc::new(cluster)))
 }
 
-/// Opens the blob store (starting its background work) and the manifest
-/// cache.
+/// The caches of a server: blobs, manifests, marks of private content.
+type Caches = (Arc<BlobStore>, Arc<ManifestStore>, Arc<Private>);
+
+/// Opens the marks of private content, the blob store (starting its
+/// background work) and the manifest cache.
 fn open_caches(
     config: &Config,
     layout: &Layout,
     metrics: &Arc<Metrics>,
     shutdown: &Shutdown,
     remote: &Remote,
-) -> Result<(Arc<BlobStore>, Arc<ManifestStore>), ServerError> {
+) -> Result<Caches, ServerError> {
     let idle = config
         .upstreams
         .iter()
@@ -384,9 +390,16 @@ fn open_caches(
         config.cache.low_watermark,
     );
     let index = Arc::new(BlobIndex::new(layout, budget));
-    let blobs = BlobStore::open(layout, index, idle, shutdown.fills()).map_err(io_error(
-        format!("opening blob cache in {}", config.cache_dir.display()),
-    ))?;
+    let private = Arc::new(Private::open(layout).map_err(io_error(format!(
+        "opening {}",
+        layout.private_log().display()
+    )))?);
+    let blobs = BlobStore::open(layout, index, private.clone(), idle, shutdown.fills()).map_err(
+        io_error(format!(
+            "opening blob cache in {}",
+            config.cache_dir.display()
+        )),
+    )?;
     let blobs = Arc::new(
         blobs
             .with_metrics(metrics.clone())
@@ -394,14 +407,14 @@ fn open_caches(
             .with_bucket(remote.bucket.clone()),
     );
     blobs.spawn_background(&shutdown.token());
-    let manifests = ManifestStore::open(layout).map_err(io_error(format!(
+    let manifests = ManifestStore::open(layout, private.clone()).map_err(io_error(format!(
         "opening manifest cache in {}",
         config.cache_dir.display()
     )))?;
     let manifests = manifests
         .with_cluster(remote.cluster.clone())
         .with_bucket(remote.bucket.clone());
-    Ok((blobs, Arc::new(manifests)))
+    Ok((blobs, Arc::new(manifests), private))
 }
 
 /// Keeps the manifest files on disk within `max`, at start and every ten

@@ -502,3 +502,202 @@ fn dir_contains(dir: &std::path::Path, needle: &[u8]) -> bool {
         }
     })
 }
+
+/// A passthrough upstream (`private.example`, the default) next to a
+/// mirror-mode one (`docker.io`, public, holding none of the private
+/// content): what the owner pulled through the passthrough upstream is
+/// served through the mirror-mode one to nobody, by digest, GET or HEAD.
+#[tokio::test]
+async fn private_content_is_not_served_through_a_mirror_mode_upstream() {
+    let (up, private, _) = registry().await;
+    let public = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[1000]);
+    public.push_image("library/alpine", "3", &img);
+    public.set_strict_repos(true);
+    let dir = TempDir::new().unwrap();
+    let toml = format!(
+        "listen = \"127.0.0.1:0\"\ncache_dir = {cache:?}\n\
+         [[upstream]]\nhost = \"private.example\"\nurl = \"{private_url}\"\nauth = \"passthrough\"\n\
+         [[upstream]]\nhost = \"docker.io\"\nurl = \"{public_url}\"\nlibrary_prefix = true\n",
+        cache = dir.path().to_str().unwrap(),
+        private_url = up.url(),
+        public_url = public.url(),
+    );
+    let st = start_stowage_toml(dir, &toml).await;
+    let owner = token(&up, "acme/private", true).await;
+    pull(&st, "acme/private", "v1", &private, &owner).await;
+    // The mirror-mode upstream works.
+    let alpine = async |st: &Stowage| {
+        let a = ask(st, "GET", "docker.io/library/alpine/manifests/3", None).await;
+        assert_eq!(a.status, 200);
+        for b in img.blobs() {
+            let path = format!("docker.io/library/alpine/blobs/{}", b.digest);
+            let a = ask(st, "GET", &path, None).await;
+            assert_eq!((a.status, sha256_digest(&a.body)), (200, b.digest.clone()));
+        }
+    };
+    alpine(&st).await;
+    // Private digests under its names: what it answers (404), not the
+    // cache; after a restart too.
+    let paths = [
+        format!("docker.io/library/alpine/manifests/{}", private.digest),
+        format!(
+            "docker.io/library/alpine/blobs/{}",
+            private.layers[0].digest
+        ),
+        format!("docker.io/library/alpine/blobs/{}", private.config.digest),
+        format!(
+            "library/alpine/blobs/{}?ns=docker.io",
+            private.layers[1].digest
+        ),
+    ];
+    let refused = async |st: &Stowage| {
+        let asked = public.registry_requests();
+        for path in &paths {
+            for method in ["GET", "HEAD"] {
+                let a = ask(st, method, path, None).await;
+                assert_eq!(a.status, 404, "{method} {path}: private content served");
+            }
+        }
+        assert_eq!(public.registry_requests(), asked + 2 * paths.len());
+    };
+    refused(&st).await;
+    let dir = st.stop().await;
+    let st = start_stowage_toml(dir, &toml).await;
+    refused(&st).await;
+    // Public content is still served from the cache through either.
+    pull(&st, "acme/private", "v1", &private, &owner).await;
+    let asked = public.registry_requests();
+    alpine(&st).await;
+    assert_eq!(
+        public.registry_requests(),
+        asked + 1,
+        "only the tag revalidated"
+    );
+    // Once the mirror-mode upstream has a private digest too, it is public.
+    public.push_image("library/alpine", "4", &private);
+    for b in private.blobs() {
+        let path = format!("docker.io/library/alpine/blobs/{}", b.digest);
+        assert_eq!(ask(&st, "GET", &path, None).await.status, 200);
+        let asked = public.registry_requests();
+        assert_eq!(ask(&st, "HEAD", &path, None).await.status, 200);
+        assert_eq!(public.registry_requests(), asked, "confirmed once");
+    }
+    assert_eq!(up.blob_gets(&private.layers[0].digest), 1);
+}
+
+/// Upstream registries that do not check what a pushed manifest refers to
+/// (sparse indexes, foreign layers): an index in a repository anybody
+/// reads, naming the private image's digests, lets nobody read them there.
+#[tokio::test]
+async fn references_in_a_readable_repository_do_not_unlock_private_digests() {
+    let (up, private, _) = registry().await;
+    // evil/pub: readable by anybody; an index naming the private manifest,
+    // and an image whose layers are the private layers, none of them in
+    // evil/pub.
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [{"mediaType": OCI_MANIFEST, "digest": private.digest,
+                       "size": private.manifest.len(),
+                       "platform": {"architecture": "amd64", "os": "linux"}}],
+    });
+    up.add_manifest(
+        "evil/pub",
+        Some("index"),
+        OCI_INDEX,
+        serde_json::to_vec(&index).unwrap(),
+    );
+    let layers: Vec<_> = private
+        .layers
+        .iter()
+        .map(|l| {
+            serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                                    "digest": l.digest, "size": l.len()})
+        })
+        .collect();
+    let image = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": private.config.digest, "size": private.config.len()},
+        "layers": layers,
+    });
+    up.add_manifest(
+        "evil/pub",
+        Some("image"),
+        OCI_MANIFEST,
+        serde_json::to_vec(&image).unwrap(),
+    );
+    let st = start(&up, "").await;
+    let owner = token(&up, "acme/private", true).await;
+    pull(&st, "acme/private", "v1", &private, &owner).await;
+    let anon = token(&up, "evil/pub", false).await;
+    for tag in ["index", "image"] {
+        let a = ask(
+            &st,
+            "GET",
+            &format!("evil/pub/manifests/{tag}"),
+            Some(&anon),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{tag}");
+    }
+    let mut paths = vec![format!("evil/pub/manifests/{}", private.digest)];
+    for b in private.blobs() {
+        paths.push(format!("evil/pub/blobs/{}", b.digest));
+    }
+    for path in paths {
+        for method in ["GET", "HEAD"] {
+            let a = ask(&st, method, &path, Some(&anon)).await;
+            assert_eq!(a.status, 404, "{method} {path}: private content served");
+        }
+    }
+}
+
+/// Whether a private digest is held or not changes nothing a caller not
+/// allowed to read it sees: the same status, error code and message (but
+/// for the digest), GET and HEAD, under the private and a public name.
+#[tokio::test]
+async fn refusals_do_not_tell_whether_a_private_digest_is_cached() {
+    let (up, private, _) = registry().await;
+    let st = start(&up, "").await;
+    let owner = token(&up, "acme/private", true).await;
+    // The owner fetches one layer only: layers[0] is held, layers[1] not.
+    let a = ask(&st, "GET", "acme/private/manifests/v1", Some(&owner)).await;
+    assert_eq!(a.status, 200);
+    let held = &private.layers[0].digest;
+    let a = ask(
+        &st,
+        "GET",
+        &format!("acme/private/blobs/{held}"),
+        Some(&owner),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    let not_held = &private.layers[1].digest;
+    let anon_private = token(&up, "acme/private", false).await;
+    let anon_public = token(&up, "acme/public", false).await;
+    for (repo, auth) in [
+        ("acme/private", None),
+        ("acme/private", Some(&anon_private)),
+        ("acme/public", Some(&anon_public)),
+    ] {
+        for method in ["GET", "HEAD"] {
+            let mut answers = Vec::new();
+            for digest in [held, not_held] {
+                let a = ask(
+                    &st,
+                    method,
+                    &format!("{repo}/blobs/{digest}"),
+                    auth.map(String::as_str),
+                )
+                .await;
+                assert!(a.status == 401 || a.status == 404, "{method} {repo}");
+                let body = String::from_utf8_lossy(&a.body).replace(digest.as_str(), "<digest>");
+                answers.push((a.status, a.challenge, body));
+            }
+            assert_eq!(answers[0], answers[1], "{method} {repo} {auth:?}");
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! The cache: blobs on disk under a byte budget ([`blob`], [`index`]),
 //! manifests and tags ([`manifests`]), referrers answers ([`referrers`]),
-//! pinned images ([`pins`]).
+//! pinned images ([`pins`]), what passthrough upstreams let callers read
+//! ([`grants`]) and content fetched only through them ([`private`]).
 
 pub(crate) mod blob;
 pub(crate) mod config;
@@ -11,4 +12,5 @@ pub(crate) mod layout;
 pub(crate) mod manifests;
 mod owner;
 pub(crate) mod pins;
+pub(crate) mod private;
 pub(crate) mod referrers;

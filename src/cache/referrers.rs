@@ -177,7 +177,7 @@ impl ManifestStore {
             answer.body.clone(),
         );
         let digest = m.digest.clone();
-        self.keep(m).await.map_err(local_error)?;
+        self.keep(m, caller).await.map_err(local_error)?;
         write_atomic(
             record,
             layout::encode_referrers(&digest, answer.filters_applied),

@@ -17,6 +17,7 @@ use crate::bucket::Bucket;
 use crate::cache::blob::BlobStore;
 use crate::cache::grants::Grants;
 use crate::cache::manifests::ManifestStore;
+use crate::cache::private::Private;
 use crate::cluster::Cluster;
 use crate::front::access::Access;
 use crate::metrics::Metrics;
@@ -35,6 +36,8 @@ pub(crate) struct AppState {
     pub(crate) access: Arc<Access>,
     /// What passthrough upstreams let each caller read.
     pub(crate) grants: Grants,
+    /// Which digests came only through passthrough upstreams.
+    pub(crate) private: Arc<Private>,
     /// This server's metrics and health flags.
     pub(crate) metrics: Arc<Metrics>,
     /// Request id generator.

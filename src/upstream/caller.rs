@@ -68,6 +68,13 @@ impl Caller {
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct CredentialId([u8; 32]);
 
+impl CredentialId {
+    /// The fingerprint's bytes (for keys derived from it).
+    pub(crate) fn bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
 impl std::fmt::Debug for CredentialId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("CredentialId(..)")

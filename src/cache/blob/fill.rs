@@ -83,10 +83,13 @@ pub(super) struct Fill {
     pub(super) progress: watch::Sender<Progress>,
     /// Bytes past `disk_end`, once the disk is out of the picture.
     pub(super) spill: broadcast::Sender<SpillChunk>,
+    /// Led by a passthrough caller: its content is private
+    /// (`cache/private.rs`) until a mirror-mode upstream confirms it.
+    pub(super) private: bool,
 }
 
 impl Fill {
-    fn new() -> Arc<Fill> {
+    fn new(private: bool) -> Arc<Fill> {
         let (progress, _) = watch::channel(Progress {
             phase: Phase::Connecting,
             total: None,
@@ -98,6 +101,7 @@ impl Fill {
             file: OnceLock::new(),
             progress,
             spill,
+            private,
         })
     }
 }
@@ -227,11 +231,13 @@ impl FillTable {
     /// fill and not stored" means nobody has it.
     ///
     /// A fill already streaming off the disk cannot be joined from the start
-    /// of the blob; such requests lead a private fill of their own.
+    /// of the blob; such requests lead a fill of their own, outside the
+    /// table. A fill led here is `private` as given (`Fill::private`).
     pub(super) fn lookup(
         self: &Arc<Self>,
         digest: &Digest,
         stored: impl FnOnce() -> Result<Option<StoredBlob>, Error>,
+        private: bool,
     ) -> Result<Lookup, Error> {
         let mut fills = self
             .fills
@@ -261,7 +267,7 @@ impl FillTable {
             }
             drop(progress);
             drop(fills);
-            let fill = Fill::new();
+            let fill = Fill::new(private);
             let reader = FillReader::new(fill.clone(), Outcome::Upstream);
             let permit = FillPermit {
                 fill,
@@ -273,7 +279,7 @@ impl FillTable {
         if let Some(blob) = stored()? {
             return Ok(Lookup::Stored(blob));
         }
-        let fill = Fill::new();
+        let fill = Fill::new(private);
         let reader = FillReader::new(fill.clone(), Outcome::Miss);
         fills.insert(digest.clone(), fill.clone());
         let permit = FillPermit {
@@ -284,17 +290,19 @@ impl FillTable {
         Ok(Lookup::Lead(permit, reader))
     }
 
-    /// What `HEAD` can learn from a running fill: its size and how the
-    /// request is answered, once it is streaming.
-    pub(super) fn head(&self, digest: &Digest) -> Option<(u64, Outcome)> {
+    /// What `HEAD` can learn from a running fill, once it is streaming:
+    /// its size, how the request is answered, and whether it is private.
+    pub(super) fn head(&self, digest: &Digest) -> Option<(u64, Outcome, bool)> {
         let fills = self.fills.lock().ok()?;
-        let p = fills.get(digest)?.progress.borrow().clone();
+        let fill = fills.get(digest)?;
+        let private = fill.private;
+        let p = fill.progress.borrow().clone();
         let outcome = match p.phase {
             Phase::Verified => Outcome::Hit,
             Phase::Streaming => Outcome::Join,
             Phase::Connecting | Phase::Failed(_) => return None,
         };
-        Some((p.total?, outcome))
+        Some((p.total?, outcome, private))
     }
 
     /// Removes `fill`'s entry for `digest`, if it is still its own.
@@ -398,7 +406,9 @@ impl BlobStore {
                 p.phase = Phase::Verified;
             });
         }
-        let filled = self.keep(result, tmp, digest, reservation).await;
+        let filled = self
+            .keep(result, tmp, digest, reservation, fill.private)
+            .await;
         if let Ok(Filled::Stored(size)) = filled {
             // The commit turned the reservation into a stored blob.
             self.evict.notify_one();
@@ -453,10 +463,14 @@ impl BlobStore {
         tmp: Option<TmpFile>,
         digest: &Digest,
         reservation: u64,
+        private: bool,
     ) -> Result<Filled, Error> {
         match (result, tmp) {
             (Ok(Landed::OnDisk(size)), Some(tmp)) => {
-                match self.commit(&tmp.path, digest, size, reservation).await {
+                match self
+                    .commit(&tmp.path, digest, size, reservation, private)
+                    .await
+                {
                     Ok(()) => Ok(Filled::Stored(size)),
                     Err(e) => {
                         let _ = std::fs::remove_file(&tmp.path);

@@ -68,6 +68,7 @@ mod writer;
 pub(crate) use store::BlobStore;
 
 use crate::body::Body;
+use crate::cache::private::Access;
 use crate::cluster::Hop;
 use crate::error::Error;
 use crate::front::zerocopy::Regions;
@@ -94,14 +95,17 @@ impl BlobStore {
     /// Answers `GET` (or `HEAD` when `head_only`) for a blob: from the store,
     /// by joining a running fill, or by starting one. `range` is the raw
     /// `Range` header, if any. This is where a blob request enters, and
-    /// where a fill starts. Upstream is asked with `caller`'s credentials
-    /// (in passthrough, the caller must already be authorized for the
-    /// digest in `repo`: it may join or lead a fill others share). A fill
-    /// asks the digest's owner first when this node is in a cluster and
-    /// the request did not come from a peer (`hop`: a peer's request is
-    /// never forwarded), then the shared store; passthrough upstreams use
+    /// where a fill starts. Upstream is asked with `caller`'s credentials.
+    /// A fill asks the digest's owner first when this node is in a cluster
+    /// and the request did not come from a peer (`hop`: a peer's request is
+    /// never forwarded), then the shared store; passthrough callers use
     /// neither (an owner could not ask upstream with this caller's
     /// credentials, and private content stays off the shared store).
+    ///
+    /// Held content (stored, or a fill running) is served only as `access`
+    /// allows (`cache/private.rs`); `None` when it does not: the caller
+    /// must be confirmed upstream first. A fill this request leads is
+    /// private when `caller` is a passthrough caller.
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn serve(
         self: &Arc<Self>,
@@ -113,20 +117,26 @@ impl BlobStore {
         zero_copy: Option<Arc<Regions>>,
         caller: Caller,
         hop: Hop,
-    ) -> Result<BlobResponse, Error> {
+        access: Access,
+    ) -> Result<Option<BlobResponse>, Error> {
         let range = range.and_then(range::parse);
         // A stored blob: complete and verified.
-        let hit = |blob: StoredBlob, zero_copy| BlobResponse {
-            outcome: Outcome::Hit,
-            response: file_response(
-                digest,
-                Some(Arc::new(blob.file)),
-                blob.size,
-                range,
-                head_only,
-                None,
-                zero_copy,
-            ),
+        let hit = |blob: StoredBlob, zero_copy| {
+            if !access.allows(self.private.contains(digest), false) {
+                return None;
+            }
+            Some(BlobResponse {
+                outcome: Outcome::Hit,
+                response: file_response(
+                    digest,
+                    Some(Arc::new(blob.file)),
+                    blob.size,
+                    range,
+                    head_only,
+                    None,
+                    zero_copy,
+                ),
+            })
         };
         let stored = || {
             self.lookup(digest)
@@ -145,31 +155,41 @@ impl BlobStore {
         let bucket = self.bucket.clone().filter(|_| shared);
         let sources = || Sources::new(origin.clone(), cluster.clone(), bucket.clone(), digest);
         if head_only {
-            return self.head_miss(&sources(), digest).await;
+            return self.head_miss(&sources(), digest, access).await;
         }
-        let reader = match self.fills.lookup(digest, stored)? {
+        let reader = match self.fills.lookup(digest, stored, !shared)? {
             Lookup::Stored(blob) => return Ok(hit(blob, zero_copy)),
+            Lookup::Join(reader) if !access.allows(reader.fill.private, false) => {
+                return Ok(None);
+            }
             Lookup::Join(reader) => reader,
             Lookup::Lead(permit, reader) => {
                 self.spawn_fill(permit, sources(), digest);
                 reader
             }
         };
-        read_fill(reader, digest, range, zero_copy).await
+        read_fill(reader, digest, range, zero_copy).await.map(Some)
     }
 
     /// `HEAD` on a blob that is not stored: answer from a running fill when
-    /// it knows the size, otherwise ask the sources with `HEAD` (the owner,
-    /// the shared store, upstream). Never starts a fill.
-    async fn head_miss(&self, sources: &Sources, digest: &Digest) -> Result<BlobResponse, Error> {
+    /// it knows the size (and `access` allows), otherwise ask the sources
+    /// with `HEAD` (the owner, the shared store, upstream). Never starts a
+    /// fill.
+    async fn head_miss(
+        &self,
+        sources: &Sources,
+        digest: &Digest,
+        access: Access,
+    ) -> Result<Option<BlobResponse>, Error> {
         let (size, outcome) = match self.fills.head(digest) {
-            Some((size, outcome)) => (Some(size), outcome),
+            Some((_, _, private)) if !access.allows(private, false) => return Ok(None),
+            Some((size, outcome, _)) => (Some(size), outcome),
             None => (sources.head(digest).await?, Outcome::Upstream),
         };
-        Ok(BlobResponse {
+        Ok(Some(BlobResponse {
             outcome,
             response: Ok(head_response(digest, size)),
-        })
+        }))
     }
 }
 

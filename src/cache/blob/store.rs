@@ -19,6 +19,7 @@ use super::fill::{FillTable, TmpFile};
 use crate::bucket::Bucket;
 use crate::cache::index::BlobIndex;
 use crate::cache::layout::Layout;
+use crate::cache::private::Private;
 use crate::cluster::Cluster;
 use crate::metrics::Metrics;
 use crate::oci::Digest;
@@ -53,15 +54,19 @@ pub(crate) struct BlobStore {
     pub(super) cluster: Option<Arc<Cluster>>,
     /// The shared store: looked in before upstream, uploaded to after.
     pub(super) bucket: Option<Arc<Bucket>>,
+    /// Which digests came only through passthrough upstreams.
+    pub(super) private: Arc<Private>,
 }
 
 impl BlobStore {
     /// Opens (creating) the store of `layout` and removes leftovers of
     /// fills interrupted by a crash. The index is loaded separately (see
-    /// [`BlobStore::spawn_background`]). Fills run on `tasks`.
+    /// [`BlobStore::spawn_background`]). Fills run on `tasks`; what
+    /// passthrough fills bring is marked in `private`.
     pub(crate) fn open(
         layout: &Layout,
         index: Arc<BlobIndex>,
+        private: Arc<Private>,
         idle_timeout: Duration,
         tasks: TaskTracker,
     ) -> io::Result<BlobStore> {
@@ -89,6 +94,7 @@ impl BlobStore {
             metrics: Arc::new(Metrics::new()),
             cluster: None,
             bucket: None,
+            private,
         })
     }
 
@@ -208,20 +214,24 @@ impl BlobStore {
         })
     }
 
-    /// fsyncs the file, records it in the journal, moves it into the store
+    /// fsyncs the file, records it in the journal (and, when `private`,
+    /// marks it private: `cache/private.rs`), moves it into the store
     /// atomically, then fsyncs the directory so the rename survives a crash.
     /// Once renamed, the blob is indexed in place of its `reservation`; an
-    /// error means nothing was stored.
+    /// error means nothing was stored. A blob that is not private is public
+    /// from then on.
     pub(super) async fn commit(
         &self,
         tmp_path: &Path,
         digest: &Digest,
         size: u64,
         reservation: u64,
+        private: bool,
     ) -> io::Result<()> {
         let tmp_path = tmp_path.to_path_buf();
         let dest = self.layout.blob(digest);
         let index = self.index.clone();
+        let marks = self.private.clone();
         let digest = digest.clone();
         tokio::task::spawn_blocking(move || {
             File::open(&tmp_path)?.sync_all()?;
@@ -229,12 +239,18 @@ impl BlobStore {
                 .parent()
                 .ok_or_else(|| io::Error::other("store path has no parent"))?;
             std::fs::create_dir_all(dir)?;
+            if private {
+                marks.mark(&digest)?;
+            }
             index.record(&digest, size)?;
             // Make room first, so committed bytes stay within the budget
             // (this fill's bytes are already counted as reserved).
             index.evict_if_needed();
             std::fs::rename(&tmp_path, &dest)?;
             index.committed(&digest, size, reservation);
+            if !private {
+                marks.clear(&digest);
+            }
             if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
                 // Stored and served; only durability across a power cut is
                 // in doubt (the next start re-verifies via the journal).

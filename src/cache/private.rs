@@ -1,0 +1,239 @@
+//! Private content: blobs and manifests that reached the cache only
+//! through passthrough upstreams, and what a request may be served of the
+//! cache ([`Access`]).
+//!
+//! The stores are shared by digest across every upstream and repository,
+//! whatever the upstream's `auth` mode. A mirror-mode request (anyone who
+//! reaches the mirror) must not be served from the cache what only a
+//! passthrough caller's credential could fetch, so each such digest is
+//! marked *private* and, for mirror-mode requests, held content that is
+//! private is not there: the request asks upstream (with the mirror's own
+//! credentials) whether the digest is in the repository it names, and an
+//! upstream `200` makes the digest public (a mirror-mode fetch of it does
+//! too).
+//!
+//! The marks must survive restarts and crashes, or a restart would turn
+//! private content public: they are kept in `<cache>/private.log`
+//! (`cache/layout.rs`), one `+<digest>` or `-<digest>` line each, a mark
+//! appended and fsynced before the content it marks becomes visible (the
+//! blob's rename, the manifest file's write), the log compacted at start-up
+//! to the marks of content still on disk. All in memory as well: one
+//! `HashSet` of the private digests, read on each cache hit of a
+//! mirror-mode request (a read lock, never held across an `.await`).
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, Write};
+use std::path::PathBuf;
+use std::sync::{Mutex, RwLock};
+
+use super::layout::{Layout, PrivateRecord};
+use crate::oci::Digest;
+
+/// What of the cache a request may be served, decided before the cache is
+/// asked (`http/passthrough.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// Anything held for the digest: upstream let this caller read it in
+    /// this repository (or it is the mirror's own, internal request).
+    Any,
+    /// What is held and not private: a mirror-mode request.
+    Public,
+    /// Only what the request fetches from upstream itself, with its own
+    /// credential: a passthrough caller not yet known to read the digest in
+    /// this repository. Held content must be confirmed first.
+    Own,
+}
+
+impl Access {
+    /// Whether held content may be served: `private` when it came only
+    /// through passthrough upstreams, `own` when this very request fetched
+    /// it from upstream.
+    pub(crate) fn allows(self, private: bool, own: bool) -> bool {
+        match self {
+            Access::Any => true,
+            Access::Public => own || !private,
+            Access::Own => own,
+        }
+    }
+}
+
+/// The private digests of one cache directory.
+pub(crate) struct Private {
+    /// `<cache>/private.log`.
+    path: PathBuf,
+    /// The private digests.
+    set: RwLock<HashSet<Digest>>,
+    /// Append handle, opened on first use.
+    file: Mutex<Option<File>>,
+}
+
+impl Private {
+    /// Reads `<cache>/private.log` and rewrites it with the marks of
+    /// content still in the cache (blob or manifest file present).
+    /// Blocking; run before the server listens.
+    pub(crate) fn open(layout: &Layout) -> io::Result<Private> {
+        let path = layout.private_log();
+        let mut set = HashSet::new();
+        match File::open(&path) {
+            Ok(f) => {
+                for line in io::BufReader::new(f).lines() {
+                    let Ok(line) = line else { break };
+                    match PrivateRecord::parse(&line) {
+                        Some(PrivateRecord::Private(d)) => {
+                            set.insert(d);
+                        }
+                        Some(PrivateRecord::Public(d)) => {
+                            set.remove(&d);
+                        }
+                        None => {}
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        set.retain(|d| layout.blob(d).exists() || layout.manifest(d).exists());
+        let private = Private {
+            path,
+            set: RwLock::new(set),
+            file: Mutex::new(None),
+        };
+        private.compact()?;
+        Ok(private)
+    }
+
+    /// Whether `digest` came only through passthrough upstreams.
+    pub(crate) fn contains(&self, digest: &Digest) -> bool {
+        self.set
+            .read()
+            .map(|s| s.contains(digest))
+            // A poisoned lock: say private, the safe answer.
+            .unwrap_or(true)
+    }
+
+    /// Marks `digest` private, durably (fsynced), before the content
+    /// becomes visible in the cache. Blocking.
+    pub(crate) fn mark(&self, digest: &Digest) -> io::Result<()> {
+        if self.contains(digest) {
+            return Ok(());
+        }
+        self.append(&PrivateRecord::Private(digest.clone()), true)?;
+        if let Ok(mut s) = self.set.write() {
+            s.insert(digest.clone());
+        }
+        Ok(())
+    }
+
+    /// `digest` is public: a mirror-mode upstream confirmed or served it.
+    /// One short append when it was private, not fsynced (a lost line only
+    /// keeps the digest private), nothing otherwise: cheap enough for the
+    /// async path, like a log line.
+    pub(crate) fn clear(&self, digest: &Digest) {
+        let removed = self
+            .set
+            .write()
+            .map(|mut s| s.remove(digest))
+            .unwrap_or(false);
+        if removed && let Err(e) = self.append(&PrivateRecord::Public(digest.clone()), false) {
+            tracing::warn!(%digest, error = %e, "cannot record a digest as public");
+        }
+    }
+
+    fn append(&self, record: &PrivateRecord, sync: bool) -> io::Result<()> {
+        let mut guard = self
+            .file
+            .lock()
+            .map_err(|_| io::Error::other("private log lock poisoned"))?;
+        if guard.is_none() {
+            *guard = Some(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.path)?,
+            );
+        }
+        if let Some(f) = guard.as_mut() {
+            f.write_all(record.line().as_bytes())?;
+            if sync {
+                f.sync_data()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrites the log with exactly the marks held (via a temporary file,
+    /// an fsync and a rename).
+    fn compact(&self) -> io::Result<()> {
+        let mut guard = self
+            .file
+            .lock()
+            .map_err(|_| io::Error::other("private log lock poisoned"))?;
+        let set = self
+            .set
+            .read()
+            .map_err(|_| io::Error::other("private set poisoned"))?;
+        let mut text = String::new();
+        for d in set.iter() {
+            text.push_str(&PrivateRecord::Private(d.clone()).line());
+        }
+        let dir = self
+            .path
+            .parent()
+            .ok_or_else(|| io::Error::other("private log has no directory"))?;
+        std::fs::create_dir_all(dir)?;
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        tmp.write_all(text.as_bytes())?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(&self.path).map_err(|e| e.error)?;
+        *guard = None;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_survive_a_restart_and_compaction_keeps_held_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let held = Digest::of(crate::oci::Algorithm::Sha256, b"held");
+        let gone = Digest::of(crate::oci::Algorithm::Sha256, b"gone");
+        let public = Digest::of(crate::oci::Algorithm::Sha256, b"public");
+        for d in [&held, &public] {
+            let p = layout.blob(d);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, b"x").unwrap();
+        }
+        let p = Private::open(&layout).unwrap();
+        assert!(!p.contains(&held));
+        for d in [&held, &gone, &public] {
+            p.mark(d).unwrap();
+            assert!(p.contains(d));
+        }
+        p.clear(&public);
+        assert!(!p.contains(&public));
+        drop(p);
+        let p = Private::open(&layout).unwrap();
+        assert!(p.contains(&held));
+        assert!(!p.contains(&public));
+        // Not in the cache any more: forgotten, and compacted away.
+        assert!(!p.contains(&gone));
+        let log = std::fs::read_to_string(layout.private_log()).unwrap();
+        assert_eq!(log, format!("+{held}\n"));
+    }
+
+    #[test]
+    fn what_each_access_is_served() {
+        for own in [true, false] {
+            assert!(Access::Any.allows(true, own));
+            assert!(Access::Public.allows(false, own));
+        }
+        assert!(!Access::Public.allows(true, false));
+        assert!(Access::Public.allows(true, true));
+        assert!(!Access::Own.allows(false, false));
+        assert!(Access::Own.allows(true, true));
+    }
+}
