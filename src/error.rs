@@ -249,6 +249,21 @@ impl Error {
         Error::new(kind, ErrorSource::Upstream, message)
     }
 
+    /// Whether upstream refused the request (401, 403, 404): a request for
+    /// the same content in another repository, or with another credential,
+    /// may be answered otherwise.
+    pub(crate) fn is_refusal(&self) -> bool {
+        matches!(
+            self.kind(),
+            ErrorKind::Unauthorized { .. }
+                | ErrorKind::UpstreamUnauthorized
+                | ErrorKind::Denied
+                | ErrorKind::BlobUnknown
+                | ErrorKind::ManifestUnknown
+                | ErrorKind::NameUnknown
+        )
+    }
+
     /// What a non-success upstream status means for the client. `asked` is
     /// what was asked for, so a 404 becomes `BlobUnknown`,
     /// `ManifestUnknown` or `NameUnknown` (never a 500); `what` names it in

@@ -216,6 +216,8 @@ struct Inner {
     /// Whether blobs and manifests by digest are found only in the
     /// repositories they were pushed to (as distribution does).
     strict_repos: AtomicBool,
+    /// How long every `/v2/` request waits before it is answered.
+    delay: Mutex<Duration>,
 }
 
 /// The fake registry. Cloning gives another handle to the same server.
@@ -252,6 +254,7 @@ impl FakeUpstream {
             canned: Mutex::default(),
             members: Mutex::default(),
             strict_repos: AtomicBool::new(false),
+            delay: Mutex::new(Duration::ZERO),
             tokens: Mutex::default(),
             token_seq: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
@@ -421,6 +424,12 @@ impl FakeUpstream {
     pub fn set_failure(&self, f: Failure) {
         self.inner.down.store(f == Failure::Down, Ordering::SeqCst);
         *self.inner.failure.lock().unwrap() = f;
+    }
+
+    /// Every `/v2/` request waits `d` before it is answered (refusals
+    /// included).
+    pub fn set_delay(&self, d: Duration) {
+        *self.inner.delay.lock().unwrap() = d;
     }
 
     /// Serve blob bodies as a stream without Content-Length (chunked).
@@ -846,6 +855,10 @@ impl Inner {
         }
         if path != "/v2" && !path.starts_with("/v2/") {
             return Ok(oci_error(StatusCode::NOT_FOUND, "NOT_FOUND", "not found"));
+        }
+        let delay = *self.delay.lock().unwrap();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
         }
         if method != Method::GET && method != Method::HEAD {
             return Ok(oci_error(

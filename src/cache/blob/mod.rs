@@ -157,18 +157,29 @@ impl BlobStore {
         if head_only {
             return self.head_miss(&sources(), digest, access).await;
         }
-        let reader = match self.fills.lookup(digest, stored, !shared)? {
-            Lookup::Stored(blob) => return Ok(hit(blob, zero_copy)),
-            Lookup::Join(reader) if !access.allows(reader.fill.private, false) => {
-                return Ok(None);
+        // A request that joined a fill which then failed before sending a
+        // byte leads a fill of its own, once: the leader's request may
+        // have been refused where this one is not (another repository,
+        // another credential).
+        let mut retried = false;
+        loop {
+            let reader = match self.fills.lookup(digest, stored, !shared)? {
+                Lookup::Stored(blob) => return Ok(hit(blob, zero_copy)),
+                Lookup::Join(reader) if !access.allows(reader.fill.private, false) => {
+                    return Ok(None);
+                }
+                Lookup::Join(reader) => reader,
+                Lookup::Lead(permit, reader) => {
+                    self.spawn_fill(permit, sources(), digest);
+                    reader
+                }
+            };
+            let joined = reader.outcome == Outcome::Join;
+            match read_fill(reader, digest, range, zero_copy.clone()).await {
+                Err(e) if joined && !retried && e.is_refusal() => retried = true,
+                r => return r.map(Some),
             }
-            Lookup::Join(reader) => reader,
-            Lookup::Lead(permit, reader) => {
-                self.spawn_fill(permit, sources(), digest);
-                reader
-            }
-        };
-        read_fill(reader, digest, range, zero_copy).await.map(Some)
+        }
     }
 
     /// `HEAD` on a blob that is not stored: answer from a running fill when
