@@ -701,3 +701,71 @@ async fn refusals_do_not_tell_whether_a_private_digest_is_cached() {
         }
     }
 }
+
+/// Two passthrough upstreams behind one mirror: a client holds one
+/// credential per mirror address, so it may present what one upstream
+/// issued on a request for the other. The other upstream must never see
+/// it: a token whose audience is another service, or credentials of
+/// another scheme than the upstream's challenge, are answered with that
+/// upstream's challenge instead of being passed on.
+#[tokio::test]
+async fn credentials_meant_for_one_upstream_are_not_passed_to_another() {
+    let x = FakeUpstream::start().await;
+    let y = FakeUpstream::start().await;
+    for (up, service) in [(&x, "svc-x"), (&y, "svc-y")] {
+        up.enable_auth(300);
+        up.set_credentials(OWNER.0, OWNER.1);
+        up.set_private("team/app");
+        up.set_service(service);
+        up.set_jwt_tokens(true);
+        up.push_image("team/app", "v1", &make_image(Format::Oci, &[100]));
+    }
+    let dir = TempDir::new().unwrap();
+    let toml = format!(
+        "listen = \"127.0.0.1:0\"\ncache_dir = {cache:?}\n\
+         [[upstream]]\nhost = \"x.example\"\nurl = \"{x}\"\nauth = \"passthrough\"\n\
+         [[upstream]]\nhost = \"y.example\"\nurl = \"{y}\"\nauth = \"passthrough\"\n",
+        cache = dir.path().to_str().unwrap(),
+        x = x.url(),
+        y = y.url(),
+    );
+    let st = start_stowage_toml(dir, &toml).await;
+    // Each upstream's challenge, as a client's first request learns it.
+    for host in ["x.example", "y.example"] {
+        let a = ask(&st, "GET", &format!("{host}/team/app/manifests/v1"), None).await;
+        assert_eq!(a.status, 401, "{host}");
+    }
+    let for_x = token(&x, "team/app", true).await;
+    let a = ask(&st, "GET", "x.example/team/app/manifests/v1", Some(&for_x)).await;
+    assert_eq!(a.status, 200);
+    let y_challenge = format!(
+        "Bearer realm=\"{}/token\",service=\"svc-y\",scope=\"repository:team/app:pull\"",
+        y.url()
+    );
+    let basic = "Basic b3duZXI6czNjcmV0LXB3"; // owner:s3cret-pw
+    for (what, auth) in [("x's token", for_x.as_str()), ("Basic", basic)] {
+        for path in [
+            "y.example/team/app/manifests/v1".to_string(),
+            format!("y.example/team/app/blobs/{}", sha256_digest(b"x")),
+            "y.example/team/app/tags/list".to_string(),
+        ] {
+            let a = ask(&st, "GET", &path, Some(auth)).await;
+            assert_eq!(a.status, 401, "{what} {path}");
+            assert_eq!(
+                a.challenge.as_deref(),
+                Some(y_challenge.as_str()),
+                "{what} {path}"
+            );
+        }
+        let secret = auth.split(' ').nth(1).unwrap();
+        let leaked = y.count_where(|r| {
+            r.header("authorization")
+                .is_some_and(|h| h.contains(secret))
+        });
+        assert_eq!(leaked, 0, "{what} reached y");
+    }
+    // y's own token works for y.
+    let for_y = token(&y, "team/app", true).await;
+    let a = ask(&st, "GET", "y.example/team/app/manifests/v1", Some(&for_y)).await;
+    assert_eq!(a.status, 200);
+}

@@ -182,6 +182,9 @@ struct AuthConfig {
     challenge_scope: bool,
     /// Registry-level Basic auth (no tokens): these credentials.
     basic: Option<(String, String)>,
+    /// Whether tokens are JWT-shaped (`aud` the service, `exp`), as the
+    /// Docker token specification's are; opaque strings otherwise.
+    jwt: bool,
 }
 
 /// A scripted answer for one path; see [`FakeUpstream::respond`].
@@ -250,6 +253,7 @@ impl FakeUpstream {
                 service: "fake".into(),
                 challenge_scope: true,
                 basic: None,
+                jwt: false,
             }),
             canned: Mutex::default(),
             members: Mutex::default(),
@@ -519,6 +523,12 @@ impl FakeUpstream {
     /// The `service` the bearer challenge names (default `fake`).
     pub fn set_service(&self, service: &str) {
         self.inner.auth.lock().unwrap().service = service.to_string();
+    }
+
+    /// Issue JWT-shaped tokens (`aud` the service, `exp`; the signature is
+    /// random bytes: only the fake checks them, by lookup).
+    pub fn set_jwt_tokens(&self, on: bool) {
+        self.inner.auth.lock().unwrap().jwt = on;
     }
 
     /// Whether the bearer challenge names the scope (default yes).
@@ -1039,7 +1049,25 @@ impl Inner {
             }
         }
         let n = self.token_seq.fetch_add(1, Ordering::SeqCst);
-        let token = format!("faketoken-{n}-{}", super::image::random_hex(8));
+        let mut token = format!("faketoken-{n}-{}", super::image::random_hex(8));
+        if auth.jwt {
+            let b64 = |v: serde_json::Value| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+            };
+            let exp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+                + auth.expires_in;
+            token = format!(
+                "{}.{}.{}",
+                b64(serde_json::json!({"alg": "ES256", "typ": "JWT"})),
+                b64(
+                    serde_json::json!({"iss": "fake", "aud": auth.service, "exp": exp, "jti": token})
+                ),
+                super::image::random_hex(32),
+            );
+        }
         self.tokens.lock().unwrap().insert(
             token.clone(),
             Token {
