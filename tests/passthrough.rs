@@ -769,3 +769,61 @@ async fn credentials_meant_for_one_upstream_are_not_passed_to_another() {
     let a = ask(&st, "GET", "y.example/team/app/manifests/v1", Some(&for_y)).await;
     assert_eq!(a.status, 200);
 }
+
+/// Malformed, odd and huge `Authorization` headers: a clear OCI 401 with
+/// upstream's challenge (or the request's own answer), never a crash or a
+/// 5xx, and nothing remembered for them.
+#[tokio::test]
+async fn odd_credentials_get_a_clear_refusal() {
+    let (up, private, _) = registry().await;
+    let st = start(&up, "").await;
+    let owner = token(&up, "acme/private", true).await;
+    pull(&st, "acme/private", "v1", &private, &owner).await;
+    let huge = format!("Bearer {}", "A".repeat(200_000));
+    let odd: Vec<http::HeaderValue> = vec![
+        http::HeaderValue::from_static("Bearer"),
+        http::HeaderValue::from_static("Bearer "),
+        http::HeaderValue::from_static("bearer x.y.z"),
+        http::HeaderValue::from_static("Bearer a.!!!notbase64.c"),
+        http::HeaderValue::from_static("Bearer a.eyJleHAiOiJzb29uIn0.c"), // exp: "soon"
+        http::HeaderValue::from_static("Basic"),
+        http::HeaderValue::from_static("Basic !!!"),
+        http::HeaderValue::from_static("Negotiate abc"),
+        http::HeaderValue::from_static(""),
+        http::HeaderValue::from_bytes(b"Bearer \xff\xfe").unwrap(),
+        http::HeaderValue::from_str(&huge).unwrap(),
+    ];
+    let paths = [
+        "acme/private/manifests/v1".to_string(),
+        format!("acme/private/manifests/{}", private.digest),
+        format!("acme/private/blobs/{}", private.layers[0].digest),
+        format!("acme/public/blobs/{}", private.layers[0].digest),
+    ];
+    for auth in &odd {
+        for path in &paths {
+            for method in ["GET", "HEAD"] {
+                let r = client()
+                    .request(method.parse().unwrap(), st.v2(path))
+                    .header("authorization", auth.clone())
+                    .send()
+                    .await
+                    .unwrap();
+                let what = format!("{method} {path} with {} bytes", auth.len());
+                assert_eq!(r.status(), 401, "{what}");
+                assert!(header(&r, "www-authenticate").is_some(), "{what}");
+                if method == "GET" {
+                    assert_oci_error(r, 401, &["UNAUTHORIZED"], &what).await;
+                }
+            }
+        }
+    }
+    // Two Authorization headers: the first is the caller's.
+    let r = client()
+        .get(st.v2("acme/private/manifests/v1"))
+        .header("authorization", "Bearer nope")
+        .header("authorization", owner.as_str())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
