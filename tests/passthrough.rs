@@ -503,6 +503,56 @@ fn dir_contains(dir: &std::path::Path, needle: &[u8]) -> bool {
     })
 }
 
+/// A stowage configuration: `private` as `private.example`, passthrough
+/// (the default upstream), and `public` as `docker.io`, mirror mode.
+fn mixed_config(dir: &TempDir, private: &FakeUpstream, public: &FakeUpstream) -> String {
+    format!(
+        "listen = \"127.0.0.1:0\"\ncache_dir = {cache:?}\n\
+         [[upstream]]\nhost = \"private.example\"\nurl = \"{private_url}\"\nauth = \"passthrough\"\n\
+         [[upstream]]\nhost = \"docker.io\"\nurl = \"{public_url}\"\nlibrary_prefix = true\n",
+        cache = dir.path().to_str().unwrap(),
+        private_url = private.url(),
+        public_url = public.url(),
+    )
+}
+
+/// While the owner's fill of a private layer runs, a mirror-mode request
+/// for that digest does not join it: it gets the mirror-mode upstream's
+/// answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_private_fill_is_not_joined_through_a_mirror_mode_upstream() {
+    let (up, private, _) = registry().await;
+    let public = FakeUpstream::start().await;
+    public.set_strict_repos(true);
+    let dir = TempDir::new().unwrap();
+    let toml = mixed_config(&dir, &up, &public);
+    let st = start_stowage_toml(dir, &toml).await;
+    let owner = token(&up, "acme/private", true).await;
+    let layer = private.layers[1].clone();
+    let hold = up.hold(&layer.digest);
+    let leader = {
+        let url = st.v2(&format!("acme/private/blobs/{}", layer.digest));
+        tokio::spawn(async move {
+            let r = client()
+                .get(url)
+                .header("authorization", owner)
+                .send()
+                .await
+                .unwrap();
+            r.bytes().await.unwrap()
+        })
+    };
+    hold.wait_half_sent(1).await;
+    for method in ["GET", "HEAD"] {
+        let path = format!("docker.io/library/alpine/blobs/{}", layer.digest);
+        let a = ask(&st, method, &path, None).await;
+        assert_eq!(a.status, 404, "{method} {path}");
+    }
+    hold.release();
+    assert_eq!(leader.await.unwrap(), layer.data);
+    assert_eq!(up.blob_gets(&layer.digest), 1);
+}
+
 /// A passthrough upstream (`private.example`, the default) next to a
 /// mirror-mode one (`docker.io`, public, holding none of the private
 /// content): what the owner pulled through the passthrough upstream is
@@ -515,14 +565,7 @@ async fn private_content_is_not_served_through_a_mirror_mode_upstream() {
     public.push_image("library/alpine", "3", &img);
     public.set_strict_repos(true);
     let dir = TempDir::new().unwrap();
-    let toml = format!(
-        "listen = \"127.0.0.1:0\"\ncache_dir = {cache:?}\n\
-         [[upstream]]\nhost = \"private.example\"\nurl = \"{private_url}\"\nauth = \"passthrough\"\n\
-         [[upstream]]\nhost = \"docker.io\"\nurl = \"{public_url}\"\nlibrary_prefix = true\n",
-        cache = dir.path().to_str().unwrap(),
-        private_url = up.url(),
-        public_url = public.url(),
-    );
+    let toml = mixed_config(&dir, &up, &public);
     let st = start_stowage_toml(dir, &toml).await;
     let owner = token(&up, "acme/private", true).await;
     pull(&st, "acme/private", "v1", &private, &owner).await;
