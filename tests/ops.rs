@@ -114,3 +114,47 @@ async fn warm_then_inspect_and_purge_the_cache() {
     let o = run_stowage(cache_args(dir, &["stats"])).await;
     assert!(text(&o).contains("blobs:           0"), "{}", text(&o));
 }
+
+/// `stowage warm` in front of a passthrough upstream: with the registry's
+/// credentials it answers the relayed challenge at the registry's token
+/// service and warms a private image (each blob fetched once); without
+/// them it is refused and nothing private is fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_through_a_passthrough_upstream_needs_the_registrys_credentials() {
+    let up = FakeUpstream::start().await;
+    up.enable_auth(300);
+    up.set_credentials("owner", "pw");
+    up.set_private("acme/private");
+    let img = make_image(Format::Oci, &[10_000, 20_000]);
+    up.push_image("acme/private", "v1", &img);
+    let st = start_stowage(&up.url(), "auth = \"passthrough\"").await;
+    let warm = |creds: bool| {
+        let mut args = vec!["warm".to_string(), "--mirror".into(), st.url()];
+        if creds {
+            args.extend([
+                "--username".into(),
+                "owner".into(),
+                "--password".into(),
+                "pw".into(),
+            ]);
+        }
+        args.push("acme/private:v1".into());
+        run_stowage(args)
+    };
+    let o = warm(false).await;
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("401"), "{}", text(&o));
+    assert_eq!(up.all_blob_gets(), 0);
+    let o = warm(true).await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("3 blobs: 3 fetched"), "{}", text(&o));
+    for b in img.blobs() {
+        assert_eq!(up.blob_gets(&b.digest), 1);
+    }
+    // warm, as a client, asked the token service with the owner's credentials.
+    let t = up.last_token_request().unwrap();
+    assert!(
+        t.header("authorization")
+            .is_some_and(|a| a.starts_with("Basic "))
+    );
+}
