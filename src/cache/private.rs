@@ -22,11 +22,10 @@
 //! mirror-mode request (a read lock, never held across an `.await`).
 
 use std::collections::HashSet;
-use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, Write};
-use std::path::PathBuf;
-use std::sync::{Mutex, RwLock};
+use std::io;
+use std::sync::RwLock;
 
+use super::journal::LineLog;
 use super::layout::{Layout, PrivateRecord};
 use crate::oci::Digest;
 
@@ -61,11 +60,9 @@ impl Access {
 /// The private digests of one cache directory.
 pub(crate) struct Private {
     /// `<cache>/private.log`.
-    path: PathBuf,
+    log: LineLog,
     /// The private digests.
     set: RwLock<HashSet<Digest>>,
-    /// Append handle, opened on first use.
-    file: Mutex<Option<File>>,
 }
 
 impl Private {
@@ -73,34 +70,27 @@ impl Private {
     /// content still in the cache (blob or manifest file present).
     /// Blocking; run before the server listens.
     pub(crate) fn open(layout: &Layout) -> io::Result<Private> {
-        let path = layout.private_log();
+        let log = LineLog::new(layout.private_log());
         let mut set = HashSet::new();
-        match File::open(&path) {
-            Ok(f) => {
-                for line in io::BufReader::new(f).lines() {
-                    let Ok(line) = line else { break };
-                    match PrivateRecord::parse(&line) {
-                        Some(PrivateRecord::Private(d)) => {
-                            set.insert(d);
-                        }
-                        Some(PrivateRecord::Public(d)) => {
-                            set.remove(&d);
-                        }
-                        None => {}
-                    }
-                }
+        log.read(|line| match PrivateRecord::parse(line) {
+            Some(PrivateRecord::Private(d)) => {
+                set.insert(d);
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
+            Some(PrivateRecord::Public(d)) => {
+                set.remove(&d);
+            }
+            None => {}
+        })?;
         set.retain(|d| layout.blob(d).exists() || layout.manifest(d).exists());
-        let private = Private {
-            path,
+        let text: String = set
+            .iter()
+            .map(|d| PrivateRecord::Private(d.clone()).line())
+            .collect();
+        log.rewrite(&text)?;
+        Ok(Private {
+            log,
             set: RwLock::new(set),
-            file: Mutex::new(None),
-        };
-        private.compact()?;
-        Ok(private)
+        })
     }
 
     /// Whether `digest` came only through passthrough upstreams.
@@ -118,7 +108,8 @@ impl Private {
         if self.contains(digest) {
             return Ok(());
         }
-        self.append(&PrivateRecord::Private(digest.clone()), true)?;
+        let record = PrivateRecord::Private(digest.clone());
+        self.log.append(&record.line(), true)?;
         if let Ok(mut s) = self.set.write() {
             s.insert(digest.clone());
         }
@@ -135,59 +126,10 @@ impl Private {
             .write()
             .map(|mut s| s.remove(digest))
             .unwrap_or(false);
-        if removed && let Err(e) = self.append(&PrivateRecord::Public(digest.clone()), false) {
+        let record = PrivateRecord::Public(digest.clone());
+        if removed && let Err(e) = self.log.append(&record.line(), false) {
             tracing::warn!(%digest, error = %e, "cannot record a digest as public");
         }
-    }
-
-    fn append(&self, record: &PrivateRecord, sync: bool) -> io::Result<()> {
-        let mut guard = self
-            .file
-            .lock()
-            .map_err(|_| io::Error::other("private log lock poisoned"))?;
-        if guard.is_none() {
-            *guard = Some(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&self.path)?,
-            );
-        }
-        if let Some(f) = guard.as_mut() {
-            f.write_all(record.line().as_bytes())?;
-            if sync {
-                f.sync_data()?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Rewrites the log with exactly the marks held (via a temporary file,
-    /// an fsync and a rename).
-    fn compact(&self) -> io::Result<()> {
-        let mut guard = self
-            .file
-            .lock()
-            .map_err(|_| io::Error::other("private log lock poisoned"))?;
-        let set = self
-            .set
-            .read()
-            .map_err(|_| io::Error::other("private set poisoned"))?;
-        let mut text = String::new();
-        for d in set.iter() {
-            text.push_str(&PrivateRecord::Private(d.clone()).line());
-        }
-        let dir = self
-            .path
-            .parent()
-            .ok_or_else(|| io::Error::other("private log has no directory"))?;
-        std::fs::create_dir_all(dir)?;
-        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-        tmp.write_all(text.as_bytes())?;
-        tmp.as_file().sync_all()?;
-        tmp.persist(&self.path).map_err(|e| e.error)?;
-        *guard = None;
-        Ok(())
     }
 }
 
