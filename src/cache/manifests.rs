@@ -409,10 +409,7 @@ impl ManifestStore {
             let (m, _) = self
                 .load_digest(upstream, repo, &entry.digest, caller, hop)
                 .await?;
-            let outcome = match entry.outcome {
-                Outcome::Stale => Outcome::Stale,
-                _ => Outcome::Hit,
-            };
+            let outcome = entry.outcome.again();
             return Ok((m, outcome));
         }
         let mut loaded = false;
@@ -428,10 +425,10 @@ impl ManifestStore {
         let (m, _) = self
             .load_digest(upstream, repo, &entry.digest, caller, hop)
             .await?;
-        // A tag being served stale stays `Stale` until upstream answers again.
-        let outcome = match (loaded, entry.outcome) {
-            (true, o) | (false, o @ Outcome::Stale) => o,
-            (false, _) => Outcome::Hit,
+        let outcome = if loaded {
+            entry.outcome
+        } else {
+            entry.outcome.again()
         };
         Ok((m, outcome))
     }

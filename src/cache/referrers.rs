@@ -96,10 +96,7 @@ impl ManifestStore {
             filter.unwrap_or("")
         );
         if let Some(entry) = self.referrers.get(&key).await {
-            let outcome = match entry.outcome {
-                Outcome::Stale => Outcome::Stale,
-                _ => Outcome::Hit,
-            };
+            let outcome = entry.outcome.again();
             return Ok((entry.answer, outcome));
         }
         let mut loaded = false;
@@ -112,9 +109,10 @@ impl ManifestStore {
             })
             .await
             .map_err(|e: Arc<Error>| (*e).clone())?;
-        let outcome = match (loaded, entry.outcome) {
-            (true, o) | (false, o @ Outcome::Stale) => o,
-            (false, _) => Outcome::Hit,
+        let outcome = if loaded {
+            entry.outcome
+        } else {
+            entry.outcome.again()
         };
         Ok((entry.answer, outcome))
     }
