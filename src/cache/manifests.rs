@@ -294,7 +294,7 @@ impl ManifestStore {
             .load_digest(upstream, repo, digest, caller, hop)
             .await?;
         // `Miss`: this request's own fetch, with its caller's credentials.
-        if !access.allows(self.private.contains(digest), outcome == Outcome::Miss) {
+        if !access.allows(|| self.private.contains(digest), outcome == Outcome::Miss) {
             return Ok(None);
         }
         served(&m, class, false)?;

@@ -17,13 +17,13 @@
 //! (`cache/layout.rs`), one `+<digest>` or `-<digest>` line each, a mark
 //! appended and fsynced before the content it marks becomes visible (the
 //! blob's rename, the manifest file's write), the log compacted at start-up
-//! to the marks of content still on disk. All in memory as well: one
-//! `HashSet` of the private digests, read on each cache hit of a
-//! mirror-mode request (a read lock, never held across an `.await`).
+//! to the marks of content still on disk. All in memory as well: a sharded
+//! set of the private digests (`dashmap`, as the blob index), read on each
+//! cache hit of a mirror-mode request only.
 
-use std::collections::HashSet;
 use std::io;
-use std::sync::RwLock;
+
+use dashmap::DashSet;
 
 use super::journal::LineLog;
 use super::layout::{Layout, PrivateRecord};
@@ -45,13 +45,13 @@ pub(crate) enum Access {
 }
 
 impl Access {
-    /// Whether held content may be served: `private` when it came only
-    /// through passthrough upstreams, `own` when this very request fetched
-    /// it from upstream.
-    pub(crate) fn allows(self, private: bool, own: bool) -> bool {
+    /// Whether held content may be served: `private` says whether it came
+    /// only through passthrough upstreams (asked only when it matters),
+    /// `own` whether this very request fetched it from upstream.
+    pub(crate) fn allows(self, private: impl FnOnce() -> bool, own: bool) -> bool {
         match self {
             Access::Any => true,
-            Access::Public => own || !private,
+            Access::Public => own || !private(),
             Access::Own => own,
         }
     }
@@ -62,7 +62,7 @@ pub(crate) struct Private {
     /// `<cache>/private.log`.
     log: LineLog,
     /// The private digests.
-    set: RwLock<HashSet<Digest>>,
+    set: DashSet<Digest>,
 }
 
 impl Private {
@@ -71,7 +71,7 @@ impl Private {
     /// Blocking; run before the server listens.
     pub(crate) fn open(layout: &Layout) -> io::Result<Private> {
         let log = LineLog::new(layout.private_log());
-        let mut set = HashSet::new();
+        let set = DashSet::new();
         log.read(|line| match PrivateRecord::parse(line) {
             Some(PrivateRecord::Private(d)) => {
                 set.insert(d);
@@ -84,22 +84,15 @@ impl Private {
         set.retain(|d| layout.blob(d).exists() || layout.manifest(d).exists());
         let text: String = set
             .iter()
-            .map(|d| PrivateRecord::Private(d.clone()).line())
+            .map(|d| PrivateRecord::Private(d.key().clone()).line())
             .collect();
         log.rewrite(&text)?;
-        Ok(Private {
-            log,
-            set: RwLock::new(set),
-        })
+        Ok(Private { log, set })
     }
 
     /// Whether `digest` came only through passthrough upstreams.
     pub(crate) fn contains(&self, digest: &Digest) -> bool {
-        self.set
-            .read()
-            .map(|s| s.contains(digest))
-            // A poisoned lock: say private, the safe answer.
-            .unwrap_or(true)
+        self.set.contains(digest)
     }
 
     /// Marks `digest` private, durably (fsynced), before the content
@@ -110,9 +103,7 @@ impl Private {
         }
         let record = PrivateRecord::Private(digest.clone());
         self.log.append(&record.line(), true)?;
-        if let Ok(mut s) = self.set.write() {
-            s.insert(digest.clone());
-        }
+        self.set.insert(digest.clone());
         Ok(())
     }
 
@@ -121,11 +112,7 @@ impl Private {
     /// keeps the digest private), nothing otherwise: cheap enough for the
     /// async path, like a log line.
     pub(crate) fn clear(&self, digest: &Digest) {
-        let removed = self
-            .set
-            .write()
-            .map(|mut s| s.remove(digest))
-            .unwrap_or(false);
+        let removed = self.set.remove(digest).is_some();
         let record = PrivateRecord::Public(digest.clone());
         if removed && let Err(e) = self.log.append(&record.line(), false) {
             tracing::warn!(%digest, error = %e, "cannot record a digest as public");
@@ -169,13 +156,14 @@ mod tests {
 
     #[test]
     fn what_each_access_is_served() {
+        let (private, public) = (|| true, || false);
         for own in [true, false] {
-            assert!(Access::Any.allows(true, own));
-            assert!(Access::Public.allows(false, own));
+            assert!(Access::Any.allows(private, own));
+            assert!(Access::Public.allows(public, own));
         }
-        assert!(!Access::Public.allows(true, false));
-        assert!(Access::Public.allows(true, true));
-        assert!(!Access::Own.allows(false, false));
-        assert!(Access::Own.allows(true, true));
+        assert!(!Access::Public.allows(private, false));
+        assert!(Access::Public.allows(private, true));
+        assert!(!Access::Own.allows(public, false));
+        assert!(Access::Own.allows(private, true));
     }
 }
