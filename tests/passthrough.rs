@@ -719,6 +719,9 @@ async fn refusals_do_not_tell_whether_a_private_digest_is_cached() {
     .await;
     assert_eq!(a.status, 200);
     let not_held = &private.layers[1].digest;
+    // Manifests alike: v1's is held, v2's not.
+    let other = make_image(Format::Oci, &[100]);
+    up.push_image("acme/private", "v2", &other);
     let anon_private = token(&up, "acme/private", false).await;
     let anon_public = token(&up, "acme/public", false).await;
     for (repo, auth) in [
@@ -726,13 +729,22 @@ async fn refusals_do_not_tell_whether_a_private_digest_is_cached() {
         ("acme/private", Some(&anon_private)),
         ("acme/public", Some(&anon_public)),
     ] {
-        for method in ["GET", "HEAD"] {
+        for (method, kind) in [
+            ("GET", "blobs"),
+            ("HEAD", "blobs"),
+            ("GET", "manifests"),
+            ("HEAD", "manifests"),
+        ] {
+            let (held, not_held) = match kind {
+                "blobs" => (held, not_held),
+                _ => (&private.digest, &other.digest),
+            };
             let mut answers = Vec::new();
             for digest in [held, not_held] {
                 let a = ask(
                     &st,
                     method,
-                    &format!("{repo}/blobs/{digest}"),
+                    &format!("{repo}/{kind}/{digest}"),
                     auth.map(String::as_str),
                 )
                 .await;
@@ -740,7 +752,7 @@ async fn refusals_do_not_tell_whether_a_private_digest_is_cached() {
                 let body = String::from_utf8_lossy(&a.body).replace(digest.as_str(), "<digest>");
                 answers.push((a.status, a.challenge, body));
             }
-            assert_eq!(answers[0], answers[1], "{method} {repo} {auth:?}");
+            assert_eq!(answers[0], answers[1], "{method} {repo}/{kind} {auth:?}");
         }
     }
 }
@@ -869,4 +881,33 @@ async fn odd_credentials_get_a_clear_refusal() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+}
+
+/// The owner's first pull of a multi-platform private image costs one
+/// check (the tag's `HEAD`): the platform manifest and the blobs are
+/// checked by their own downloads, each fetched once.
+#[tokio::test]
+async fn a_first_multi_platform_pull_is_one_check_and_the_downloads() {
+    let (up, _, _) = registry().await;
+    up.set_private("acme/multi");
+    let amd = make_image_for(Format::Oci, &[1000, 2000], "amd64");
+    let arm = make_image_for(Format::Oci, &[3000], "arm64");
+    let index = make_index(Format::Oci, vec![(amd.clone(), "amd64"), (arm, "arm64")]);
+    up.push_index("acme/multi", "v1", &index);
+    let st = start(&up, "").await;
+    let owner = token(&up, "acme/multi", true).await;
+    let before = up.registry_requests();
+    let a = ask(&st, "GET", "acme/multi/manifests/v1", Some(&owner)).await;
+    assert_eq!((a.status, a.body), (200, index.manifest.clone()));
+    pull(&st, "acme/multi", &amd.digest, &amd, &owner).await;
+    let heads = up.count_where(|r| r.method == "HEAD");
+    assert_eq!(heads, 1, "one check");
+    assert_eq!(up.registry_requests(), before + 1 + 2 + amd.blobs().len());
+    // Another token of the owner's: one check again, all from the cache.
+    let owner2 = token(&up, "acme/multi", true).await;
+    let before = up.registry_requests();
+    let a = ask(&st, "GET", "acme/multi/manifests/v1", Some(&owner2)).await;
+    assert_eq!(a.status, 200);
+    pull(&st, "acme/multi", &amd.digest, &amd, &owner2).await;
+    assert_eq!(up.registry_requests(), before + 1);
 }

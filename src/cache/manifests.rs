@@ -287,13 +287,12 @@ impl ManifestStore {
         hop: Hop,
         access: Access,
     ) -> Result<Option<(Arc<Manifest>, Outcome)>, Error> {
-        if access == Access::Own && self.has(digest).await {
-            return Ok(None);
-        }
         let (m, outcome) = self
             .load_digest(upstream, repo, digest, caller, hop)
             .await?;
-        // `Miss`: this request's own fetch, with its caller's credentials.
+        // `Miss`: this request's own fetch, with its caller's credentials
+        // (not one it waited for, nor one from memory or disk; a
+        // passthrough caller's never comes from an owner or the store).
         if !access.allows(|| self.private.contains(digest), outcome == Outcome::Miss) {
             return Ok(None);
         }
@@ -908,7 +907,9 @@ async fn fetch(
     expected: Option<&Digest>,
     class: AcceptClass,
 ) -> Result<Manifest, Error> {
-    let what = format!("{repo}@{reference}");
+    // Worded as `http/passthrough.rs` words its `HEAD`'s answer, so a
+    // refusal says nothing of whether the manifest is held.
+    let what = format!("{repo}/manifests/{reference}");
     let resp = upstream
         .send_as(
             caller,

@@ -9,11 +9,10 @@
 //!   Unknown yet: a `HEAD` of that tag (with the client's accept class), or
 //!   of the subject manifest, with the caller's credential.
 //! * A manifest or blob by digest: the caller may read the repository and
-//!   upstream said the digest is in it. Unknown yet: a `HEAD` of that
-//!   manifest in that repository with the caller's credential; for a blob,
-//!   [`Access::Own`]: the request fetches the blob itself with its
-//!   credential (one `GET`, no `HEAD`, when nobody holds it), and held
-//!   content is [`confirm`]ed with a `HEAD` first.
+//!   upstream said the digest is in it. Unknown yet: [`Access::Own`], the
+//!   request fetches it itself with its credential (one `GET`, no `HEAD`,
+//!   when nobody holds it), and held content is [`confirm`]ed with a `HEAD`
+//!   of it in that repository first.
 //!
 //! Upstream's answer is the answer: 200 lets the request go on (and is
 //! remembered), 401 goes back to the caller with upstream's challenge, 403
@@ -69,7 +68,9 @@ pub(crate) async fn authorize(
         }
         // A caller without credentials is refused at once by `confirm`
         // once upstream's challenge is known.
-        Asking::Blob(_) if !credential.is_anonymous() => return Ok(Access::Own),
+        Asking::Manifest(_) | Asking::Blob(_) if !credential.is_anonymous() => {
+            return Ok(Access::Own);
+        }
         _ => {}
     }
     confirm(state, upstream, repo, caller, asking).await?;

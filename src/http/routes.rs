@@ -268,7 +268,12 @@ async fn manifest(
                     .by_digest(&upstream, &repo, d, class, &caller, hop, access)
             };
             match by_digest(access).await? {
-                Some(answer) => answer,
+                Some(answer) => {
+                    if access == Access::Own {
+                        passthrough::fetched(state, &upstream, &repo, &caller, d);
+                    }
+                    answer
+                }
                 None => {
                     passthrough::confirm(state, &upstream, &repo, &caller, asking).await?;
                     by_digest(Access::Any).await?.ok_or_else(|| unserved(d))?
