@@ -841,6 +841,11 @@ async fn odd_credentials_get_a_clear_refusal() {
         http::HeaderValue::from_static("bearer x.y.z"),
         http::HeaderValue::from_static("Bearer a.!!!notbase64.c"),
         http::HeaderValue::from_static("Bearer a.eyJleHAiOiJzb29uIn0.c"), // exp: "soon"
+        // exp: u64::MAX, and -1
+        http::HeaderValue::from_static("Bearer a.eyJleHAiOjE4NDQ2NzQ0MDczNzA5NTUxNjE1fQ.c"),
+        http::HeaderValue::from_static("Bearer a.eyJleHAiOi0xfQ.c"),
+        // aud: a number
+        http::HeaderValue::from_static("Bearer a.eyJhdWQiOjF9.c"),
         http::HeaderValue::from_static("Basic"),
         http::HeaderValue::from_static("Basic !!!"),
         http::HeaderValue::from_static("Negotiate abc"),

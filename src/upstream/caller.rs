@@ -132,9 +132,11 @@ impl Credential {
         Credential {
             header,
             id,
+            // Checked: `exp` is the caller's, and `SystemTime + Duration`
+            // panics past what the clock can hold.
             expires: claims
                 .exp
-                .map(|exp| SystemTime::UNIX_EPOCH + Duration::from_secs(exp)),
+                .and_then(|exp| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(exp))),
             scheme,
             audience: claims.aud.map(Audience::into_vec).unwrap_or_default(),
         }
@@ -402,6 +404,11 @@ mod tests {
         let old = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"exp":1}"#);
         let c = Credential::from_headers(&headers(Some(&format!("Bearer a.{old}.b"))));
         assert_eq!(c.remaining(), Some(Duration::ZERO));
+        // An `exp` past what the clock holds is no expiry, not a panic.
+        let far = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(format!(r#"{{"exp":{}}}"#, u64::MAX));
+        let c = Credential::from_headers(&headers(Some(&format!("Bearer a.{far}.b"))));
+        assert_eq!(c.remaining(), None);
     }
 
     #[test]
