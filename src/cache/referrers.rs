@@ -69,10 +69,19 @@ impl moka::Expiry<String, RefEntry> for RefExpiry {
     }
 }
 
-/// The in-memory cache of referrers answers.
+/// In-memory budget for referrers answers: their bodies and keys (a key
+/// holds the client's `artifactType` filter, any text), so neither large
+/// answers nor many distinct filters grow memory past it.
+const MEMORY_BUDGET: u64 = 16 * 1024 * 1024;
+
+/// The in-memory cache of referrers answers, weighed in bytes.
 pub(crate) fn new_cache() -> moka::future::Cache<String, RefEntry> {
     moka::future::Cache::builder()
-        .max_capacity(10_000)
+        .weigher(|key: &String, e: &RefEntry| {
+            let link = e.answer.link.as_ref().map_or(0, |l| l.len());
+            u32::try_from(key.len() + e.answer.body.len() + link).unwrap_or(u32::MAX)
+        })
+        .max_capacity(MEMORY_BUDGET)
         .expire_after(RefExpiry)
         .build()
 }
