@@ -28,6 +28,7 @@ use crate::bucket::Bucket;
 use crate::cache::blob::BlobStore;
 use crate::cache::index::{BlobIndex, Budget};
 use crate::cache::layout::Layout;
+use crate::cache::lock::{DirLock, LockError};
 use crate::cache::manifests::ManifestStore;
 use crate::cache::pins::Pins;
 use crate::cache::private::Private;
@@ -50,6 +51,9 @@ pub enum ServerError {
     /// TLS material or htpasswd file unusable.
     #[error(transparent)]
     Front(Box<dyn std::error::Error + Send + Sync>),
+    /// Another process holds the cache directory's lock.
+    #[error("{0}")]
+    CacheDirInUse(String),
     /// Could not bind, or the cache directory is unusable.
     #[error("{context}: {source}")]
     Io {
@@ -82,6 +86,9 @@ pub struct Server {
     layout: Layout,
     /// Stops background work; fills are tracked here.
     shutdown: Shutdown,
+    /// The exclusive lock on the cache directory, held until the server
+    /// is dropped (after `run` returns).
+    _dir_lock: DirLock,
     /// Ends the background work if the server is dropped without running.
     _stop_on_drop: DropGuard,
 }
@@ -98,6 +105,15 @@ impl Server {
             .map(|u| Upstream::new(u).map(|u| Arc::new(u.with_metrics(metrics.clone()))))
             .collect::<Result<Vec<_>, _>>()?;
         let layout = Layout::new(&config.cache_dir);
+        // Before anything touches the directory (opening the blob store
+        // empties tmp/).
+        let dir_lock = DirLock::acquire(&layout).map_err(|e| match e {
+            e @ LockError::Held { .. } => ServerError::CacheDirInUse(e.to_string()),
+            LockError::Io { dir, source } => ServerError::Io {
+                context: format!("locking cache directory {}", dir.display()),
+                source,
+            },
+        })?;
         let cluster = open_cluster(&config, &metrics)?;
         let bucket = match &config.store {
             Some(cfg) => {
@@ -166,6 +182,7 @@ impl Server {
             layout,
             _stop_on_drop: shutdown.drop_guard(),
             shutdown,
+            _dir_lock: dir_lock,
         })
     }
 

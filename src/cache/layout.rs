@@ -9,6 +9,7 @@
 //! <cache>/index.log                       journal: `+<digest> <size>`, `-<digest>`
 //! <cache>/private.log                     digests fetched only through passthrough
 //!                                         upstreams: `+<digest>`, `-<digest>` (public now)
+//! <cache>/lock                            flock of the running instance, its pid inside
 //! <cache>/manifests/<alg>/<hex>           first line the media type, then the exact bytes
 //! <cache>/tags/<host>/<repo>/_referrers/<alg>-<hex>[@<filter hash>]
 //!                                         a referrers answer: its body's digest, and
@@ -49,6 +50,17 @@ impl Layout {
         Layout {
             dir: dir.to_path_buf(),
         }
+    }
+
+    /// The cache directory itself.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `<cache>/lock`: held (`flock`) by the running instance, which wrote
+    /// its pid into it.
+    pub(crate) fn lock(&self) -> PathBuf {
+        self.dir.join("lock")
     }
 
     /// `<cache>/blobs`: verified blobs.

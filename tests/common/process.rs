@@ -121,6 +121,11 @@ impl Process {
         self.child.try_wait().unwrap().is_none()
     }
 
+    /// The exit status, once the process has exited.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
     /// SIGKILL: a crash, nothing cleaned up.
     pub fn kill9(&mut self) {
         self.child.kill().expect("SIGKILL");
