@@ -14,6 +14,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
+use super::activity::Activity;
+
 /// At most `max` connections at once; further ones wait in the kernel's
 /// listen backlog.
 pub(crate) struct Slots {
@@ -72,11 +74,14 @@ pub(crate) fn configure(builder: &mut auto::Builder<TokioExecutor>, header_read_
     builder.http2().timer(TokioTimer::new());
 }
 
-/// A socket that fails with `TimedOut` once nothing has been read or
-/// written for the idle timeout, or when the first byte does not arrive
-/// within the first-byte timeout.
+/// A connection that fails with `TimedOut` once nothing that counts as
+/// activity has been read or written for the idle timeout, or when the
+/// first byte does not arrive within the first-byte timeout. It wraps the
+/// plaintext stream (above TLS), so that on HTTP/2 only request and
+/// response frames count, not PINGs ([`Activity`]).
 pub(crate) struct IdleIo<T> {
     inner: T,
+    activity: Activity,
     idle: Duration,
     first_byte: Duration,
     got_first_byte: bool,
@@ -90,6 +95,7 @@ impl<T> IdleIo<T> {
         let now = Instant::now();
         IdleIo {
             inner,
+            activity: Activity::default(),
             idle,
             first_byte,
             got_first_byte: false,
@@ -146,7 +152,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
-                    this.last_activity = Instant::now();
+                    if this.activity.read(&buf.filled()[before..]) {
+                        this.last_activity = Instant::now();
+                    }
                     if !this.got_first_byte {
                         // The allowance changes from first-byte to idle:
                         // the timer must not be later than the deadline.
@@ -172,7 +180,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_write(cx, data) {
             Poll::Ready(Ok(n)) => {
-                if n > 0 {
+                if this.activity.written(&data[..n.min(data.len())]) {
                     this.last_activity = Instant::now();
                 }
                 Poll::Ready(Ok(n))
@@ -190,7 +198,17 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
             Poll::Ready(Ok(n)) => {
-                if n > 0 {
+                let mut left = n;
+                let mut active = false;
+                for b in bufs {
+                    if left == 0 {
+                        break;
+                    }
+                    let take = left.min(b.len());
+                    active |= this.activity.written(&b[..take]);
+                    left -= take;
+                }
+                if active {
                     this.last_activity = Instant::now();
                 }
                 Poll::Ready(Ok(n))
