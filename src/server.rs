@@ -34,7 +34,7 @@ use crate::cache::pins::Pins;
 use crate::cache::private::Private;
 use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::front::{Front, Reloader};
+use crate::front::{Front, ReadBudget, Reloader};
 use crate::http::request_id::RequestIds;
 use crate::http::routing::Router;
 use crate::http::{AppState, handle};
@@ -338,7 +338,13 @@ impl Connection {
                 req.extensions_mut().insert(r.clone());
             }
             let state = state.clone();
-            async move { Ok::<_, Infallible>(handle(state, req, peer).await) }
+            // Boxed: hyper keeps a stream's service future inline in the
+            // stream's task for as long as the stream lives (an enum with
+            // the response body), and the handler's future is large; boxed,
+            // it is freed when the response head is ready, so a long-lived
+            // stream costs its body, not its handler's largest state.
+            let handling = Box::pin(handle(state, req, peer));
+            async move { Ok::<_, Infallible>(handling.await) }
         });
         let conn = self
             .builder
@@ -417,11 +423,13 @@ fn open_caches(
             config.cache_dir.display()
         )),
     )?;
+    let read_budget = ReadBudget::new(config.limits.read_ahead_budget.as_u64() as usize);
     let blobs = Arc::new(
         blobs
             .with_metrics(metrics.clone())
             .with_cluster(remote.cluster.clone())
-            .with_bucket(remote.bucket.clone()),
+            .with_bucket(remote.bucket.clone())
+            .with_read_budget(read_budget),
     );
     blobs.spawn_background(&shutdown.token());
     let manifests = ManifestStore::open(layout, private.clone()).map_err(io_error(format!(

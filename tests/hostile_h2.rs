@@ -11,6 +11,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
@@ -35,6 +36,7 @@ struct Flood {
     headers: u64,
     closed_by_server: u64,
     closed_after: Vec<f64>,
+    max_concurrent_streams: Option<u64>,
 }
 
 /// Runs the flood script to completion on a blocking thread.
@@ -74,6 +76,15 @@ async fn flood(
         .unwrap_or_else(|e| panic!("h2_flood.py output {stdout:?}: {e}; stderr: {stderr}"))
 }
 
+/// A `/proc/<pid>/status` field in KiB (`VmRSS`, `VmHWM`).
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
 /// One GET over a fresh cleartext h2 connection (prior knowledge), the
 /// whole body read.
 async fn h2_get(addr: std::net::SocketAddr, path: &str) -> (u16, Bytes) {
@@ -98,6 +109,74 @@ fn write_config(dir: &Path, upstream: &str, extra: &str) -> std::path::PathBuf {
     let toml = config_toml(&dir.join("cache"), upstream, "") + extra;
     std::fs::write(&config, toml).unwrap();
     config
+}
+
+/// 20 connections x 100 streams with a zero window, asking for a cached
+/// 48 MiB blob and kept alive with PINGs: the process stays under 64 MiB
+/// resident (it reached 550 MiB when every stream held a 256 KiB read),
+/// and a normal h2 client gets the whole blob meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_window_stream_flood_stays_within_64_mib() {
+    let up = FakeUpstream::start().await;
+    let data = random_bytes(48 * MIB as usize);
+    let digest = up.add_blob(data.clone());
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = write_config(dir.path(), &up.url(), "");
+    let mut st = Process::with_config(&config, &[]);
+    let addr = st.listening_addr();
+    let path = format!("/v2/library/big/blobs/{digest}");
+
+    // Cache it (and check it) first.
+    let (status, body) = within(60, "warm-up GET", h2_get(addr, &path)).await;
+    assert_eq!(status, 200);
+    assert_eq!(sha256_digest(&body), digest);
+    drop(body);
+    let pid = st.pid();
+    let before = status_kib(pid, "VmRSS");
+    // Reset the peak so VmHWM measures the flood only.
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+
+    let started = Instant::now();
+    let flood = tokio::spawn({
+        let path = path.clone();
+        async move { flood(addr, &path, 20, 100, 12.0, 1.0).await }
+    });
+    // Let the streams open, then serve a normal client in the middle of it.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (status, body) = within(30, "a normal h2 GET during the flood", h2_get(addr, &path)).await;
+    assert_eq!(status, 200, "normal request during the flood");
+    assert_eq!(
+        sha256_digest(&body),
+        digest,
+        "normal request during the flood"
+    );
+    let normal_took = started.elapsed();
+    drop(body);
+    let f = flood.await.unwrap();
+    let peak = status_kib(pid, "VmHWM");
+    let after = status_kib(pid, "VmRSS");
+    eprintln!(
+        "h2 flood: RSS before {} KiB, peak {} KiB, after {} KiB; {f:?}; normal GET done {:?} into the flood",
+        before, peak, after, normal_took
+    );
+    assert!(st.is_running(), "stowage survived: {}", st.log().join("\n"));
+    assert_eq!(
+        f.max_concurrent_streams,
+        Some(100),
+        "the default stream limit is advertised: {f:?}"
+    );
+    assert!(
+        f.accepted_streams >= 20 * 50,
+        "the flood really opened its streams: {f:?}"
+    );
+    assert!(
+        f.headers >= f.accepted_streams / 2,
+        "the streams were answered (a response head each): {f:?}"
+    );
+    assert!(
+        peak < 64 * 1024,
+        "resident memory peaked at {peak} KiB during the flood (before: {before} KiB)"
+    );
 }
 
 /// PINGs are not activity: a connection whose streams cannot move (zero

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use bytesize::ByteSize;
 use serde::Deserialize;
 
 use crate::error::ConfigError;
@@ -82,9 +83,18 @@ pub struct LimitsConfig {
     pub header_read_timeout: Duration,
 
     /// A connection on which nothing is read or written for this long is
-    /// closed.
+    /// closed (on HTTP/2 only requests and responses count, not PINGs).
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
+
+    /// HTTP/2 streams (requests) one connection may have open at once.
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+
+    /// Process-wide budget of blob bytes read ahead into memory for TLS and
+    /// HTTP/2 connections and not yet sent (plain HTTP/1 uses `sendfile`).
+    #[serde(default = "default_read_ahead_budget")]
+    pub read_ahead_budget: ByteSize,
 }
 
 impl Default for LimitsConfig {
@@ -93,6 +103,8 @@ impl Default for LimitsConfig {
             max_connections: default_max_connections(),
             header_read_timeout: default_header_read_timeout(),
             idle_timeout: default_idle_timeout(),
+            max_concurrent_streams: default_max_concurrent_streams(),
+            read_ahead_budget: default_read_ahead_budget(),
         }
     }
 }
@@ -119,6 +131,14 @@ fn default_header_read_timeout() -> Duration {
 
 fn default_idle_timeout() -> Duration {
     Duration::from_secs(90)
+}
+
+fn default_max_concurrent_streams() -> u32 {
+    100
+}
+
+fn default_read_ahead_budget() -> ByteSize {
+    ByteSize::mib(32)
 }
 
 impl TlsConfig {
@@ -177,6 +197,18 @@ impl LimitsConfig {
             return Err(ConfigError::invalid(
                 "limits.idle_timeout",
                 "must be more than zero",
+            ));
+        }
+        if self.max_concurrent_streams == 0 {
+            return Err(ConfigError::invalid(
+                "limits.max_concurrent_streams",
+                "must be at least 1",
+            ));
+        }
+        if self.read_ahead_budget < ByteSize::mib(1) {
+            return Err(ConfigError::invalid(
+                "limits.read_ahead_budget",
+                "must be at least 1MiB",
             ));
         }
         Ok(())

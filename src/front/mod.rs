@@ -34,8 +34,8 @@ pub(crate) mod reload;
 pub(crate) mod tls;
 pub(crate) mod zerocopy;
 
-pub(crate) use limits::IdleIo;
 use limits::Slots;
+pub(crate) use limits::{IdleIo, ReadBudget};
 pub(crate) use reload::Reloader;
 
 use access::{Access, AccessError};
@@ -89,10 +89,14 @@ impl Front {
         self.access.clone()
     }
 
-    /// Applies the HTTP-level limits to hyper's connection builder: a timer
-    /// and the HTTP/1 header read timeout.
+    /// Applies the HTTP-level limits to hyper's connection builder: a timer,
+    /// the HTTP/1 header read timeout and the HTTP/2 stream limit.
     pub(crate) fn configure(&self, builder: &mut auto::Builder<TokioExecutor>) {
-        limits::configure(builder, self.limits.header_read_timeout);
+        limits::configure(
+            builder,
+            self.limits.header_read_timeout,
+            self.limits.max_concurrent_streams,
+        );
     }
 
     /// Waits for a free connection slot; see [`Slots::acquire`].

@@ -77,7 +77,7 @@ use crate::oci::{Digest, RepoName};
 use crate::upstream::Upstream;
 use crate::upstream::caller::Caller;
 use fill::{FillReader, Lookup, Phase};
-use reader::Feed;
+use reader::{Delivery, Feed};
 use response::{file_response, head_response, unsized_response};
 use source::{Origin, Sources};
 use store::StoredBlob;
@@ -120,8 +120,12 @@ impl BlobStore {
         access: Access,
     ) -> Result<Option<BlobResponse>, Error> {
         let range = range.and_then(range::parse);
+        let delivery = match zero_copy {
+            Some(regions) => Delivery::ZeroCopy(regions),
+            None => Delivery::Buffered(self.read_budget().clone()),
+        };
         // A stored blob: complete and verified.
-        let hit = |blob: StoredBlob, zero_copy| {
+        let hit = |blob: StoredBlob, delivery| {
             if !access.allows(|| self.private.contains(digest), false) {
                 return None;
             }
@@ -134,7 +138,7 @@ impl BlobStore {
                     range,
                     head_only,
                     None,
-                    zero_copy,
+                    delivery,
                 ),
             })
         };
@@ -143,7 +147,7 @@ impl BlobStore {
                 .map_err(|e| Error::local("cache storage error", e))
         };
         if let Some(blob) = stored()? {
-            return Ok(hit(blob, zero_copy));
+            return Ok(hit(blob, delivery));
         }
         let shared = caller.credential().is_none();
         let origin = Origin {
@@ -164,7 +168,7 @@ impl BlobStore {
         let mut retried = false;
         loop {
             let reader = match self.fills.lookup(digest, stored, !shared)? {
-                Lookup::Stored(blob) => return Ok(hit(blob, zero_copy)),
+                Lookup::Stored(blob) => return Ok(hit(blob, delivery)),
                 Lookup::Join(reader) if !access.allows(|| reader.fill.private, false) => {
                     return Ok(None);
                 }
@@ -175,7 +179,7 @@ impl BlobStore {
                 }
             };
             let joined = reader.outcome == Outcome::Join;
-            match read_fill(reader, digest, range, zero_copy.clone()).await {
+            match read_fill(reader, digest, range, delivery.clone()).await {
                 Err(e) if joined && !retried && e.is_refusal() => retried = true,
                 r => return r.map(Some),
             }
@@ -210,7 +214,7 @@ async fn read_fill(
     reader: FillReader,
     digest: &Digest,
     range: Option<range::ByteRange>,
-    zero_copy: Option<Arc<Regions>>,
+    delivery: Delivery,
 ) -> Result<BlobResponse, Error> {
     let FillReader {
         fill,
@@ -232,8 +236,8 @@ async fn read_fill(
         spill: Some(spill),
     };
     let response = match progress.total {
-        Some(size) => file_response(digest, file, size, range, false, Some(feed), zero_copy),
-        None => Ok(unsized_response(digest, file, feed, zero_copy)),
+        Some(size) => file_response(digest, file, size, range, false, Some(feed), delivery),
+        None => Ok(unsized_response(digest, file, feed, delivery)),
     };
     Ok(BlobResponse { outcome, response })
 }

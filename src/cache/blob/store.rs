@@ -21,6 +21,7 @@ use crate::cache::index::BlobIndex;
 use crate::cache::layout::Layout;
 use crate::cache::private::Private;
 use crate::cluster::Cluster;
+use crate::front::ReadBudget;
 use crate::metrics::Metrics;
 use crate::oci::Digest;
 
@@ -56,7 +57,12 @@ pub(crate) struct BlobStore {
     pub(super) bucket: Option<Arc<Bucket>>,
     /// Which digests came only through passthrough upstreams.
     pub(super) private: Arc<Private>,
+    /// The process-wide budget of read-ahead buffers of blob bodies.
+    read_budget: Arc<ReadBudget>,
 }
+
+/// The read budget of a store opened without one (tests).
+const DEFAULT_READ_BUDGET: usize = 32 * 1024 * 1024;
 
 impl BlobStore {
     /// Opens (creating) the store of `layout` and removes leftovers of
@@ -95,6 +101,7 @@ impl BlobStore {
             cluster: None,
             bucket: None,
             private,
+            read_budget: ReadBudget::new(DEFAULT_READ_BUDGET),
         })
     }
 
@@ -109,6 +116,18 @@ impl BlobStore {
     pub fn with_cluster(mut self, cluster: Option<Arc<Cluster>>) -> BlobStore {
         self.cluster = cluster;
         self
+    }
+
+    /// Leases body read buffers from `budget` (a private budget of
+    /// [`DEFAULT_READ_BUDGET`] until this is called).
+    pub(crate) fn with_read_budget(mut self, budget: Arc<ReadBudget>) -> BlobStore {
+        self.read_budget = budget;
+        self
+    }
+
+    /// The budget body read buffers are leased from.
+    pub(super) fn read_budget(&self) -> &Arc<ReadBudget> {
+        &self.read_budget
     }
 
     /// Reports to `metrics` (a fresh, unexported set until this is called).
