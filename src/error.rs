@@ -219,6 +219,18 @@ impl Error {
         )
     }
 
+    /// 429 TOOMANYREQUESTS with `Retry-After: secs`: the client is refused
+    /// for a while (too many failed logins).
+    pub(crate) fn client_throttled(message: impl Into<String>, secs: u64) -> Error {
+        Error::new(
+            ErrorKind::TooManyRequests {
+                retry_after: Some(HeaderValue::from(secs)),
+            },
+            ErrorSource::Client,
+            message,
+        )
+    }
+
     /// 416: the range selects nothing of a blob of `size` bytes.
     pub(crate) fn range_invalid(size: u64) -> Error {
         Error::new(

@@ -67,6 +67,16 @@ pub struct AccessConfig {
     /// (SIGHUP still reloads).
     #[serde(default = "default_tls_reload_interval", with = "humantime_serde")]
     pub reload_interval: Duration,
+
+    /// Failed logins one client address may have per `failure_window`;
+    /// after that it is answered 429 (with `Retry-After`) for the rest of
+    /// the window, without checking passwords.
+    #[serde(default = "default_max_failures")]
+    pub max_failures: u32,
+
+    /// The window of `max_failures`.
+    #[serde(default = "default_failure_window", with = "humantime_serde")]
+    pub failure_window: Duration,
 }
 
 /// Connection limits (`[limits]`).
@@ -121,6 +131,14 @@ fn default_realm() -> String {
     "stowage".into()
 }
 
+fn default_max_failures() -> u32 {
+    10
+}
+
+fn default_failure_window() -> Duration {
+    Duration::from_secs(60)
+}
+
 fn default_max_connections() -> usize {
     1024
 }
@@ -172,6 +190,18 @@ impl AccessConfig {
             return Err(ConfigError::invalid(
                 "access.realm",
                 "must be printable ASCII without quotes or backslashes",
+            ));
+        }
+        if self.max_failures == 0 {
+            return Err(ConfigError::invalid(
+                "access.max_failures",
+                "must be at least 1",
+            ));
+        }
+        if self.failure_window.is_zero() {
+            return Err(ConfigError::invalid(
+                "access.failure_window",
+                "must be more than zero",
             ));
         }
         Ok(())

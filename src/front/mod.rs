@@ -29,6 +29,7 @@ use config::{AccessConfig, LimitsConfig, TlsConfig};
 pub(crate) mod access;
 mod activity;
 pub(crate) mod config;
+mod failures;
 pub(crate) mod limits;
 pub(crate) mod reload;
 pub(crate) mod tls;

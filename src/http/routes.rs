@@ -47,7 +47,7 @@ pub(crate) async fn handle(
     let parsed = parse_route(&path);
     let route = route_kind(&parsed);
     let span = tracing::info_span!("request", request_id = %request_id);
-    let (response, outcome) = match dispatch(&state, &req, parsed).instrument(span).await {
+    let (response, outcome) = match dispatch(&state, &req, parsed, peer).instrument(span).await {
         Ok(answer) => answer,
         Err(e) => (Err(e), None),
     };
@@ -117,6 +117,7 @@ async fn dispatch(
     state: &AppState,
     req: &Request<Incoming>,
     route: Result<Route, ParseError>,
+    peer: SocketAddr,
 ) -> Result<Answer, Error> {
     // Credentials first: an unauthenticated client learns nothing, not even
     // whether its path was valid. A peer's credential is the cluster secret.
@@ -129,7 +130,7 @@ async fn dispatch(
             authenticated: true,
         })
     {
-        state.access.check(req.headers()).await?;
+        state.access.check(req.headers(), peer.ip()).await?;
     }
     let route = route?;
     let method = req.method();
