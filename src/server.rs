@@ -82,6 +82,8 @@ pub struct Server {
     front: Arc<Front>,
     /// The admin listener (`/metrics`, `/healthz`, `/readyz`), if enabled.
     admin: Option<TcpListener>,
+    /// Its front door: the same limits, slots of its own.
+    admin_front: Arc<Front>,
     /// Where the caches live (checked by `/readyz`).
     layout: Layout,
     /// Stops background work; fills are tracked here.
@@ -179,6 +181,7 @@ impl Server {
             shutdown_timeout: config.shutdown_timeout,
             front,
             admin,
+            admin_front: Arc::new(Front::admin(&config.limits)),
             layout,
             _stop_on_drop: shutdown.drop_guard(),
             shutdown,
@@ -273,6 +276,7 @@ impl Server {
         }
         Some(admin::spawn(
             listener,
+            self.admin_front.clone(),
             Arc::new(state),
             self.shutdown.token(),
         ))

@@ -60,6 +60,8 @@ pub(crate) struct Front {
     access: Arc<Access>,
     limits: LimitsConfig,
     slots: Slots,
+    /// Whether plain connections may send blob bytes with `sendfile`.
+    zero_copy: bool,
 }
 
 impl Front {
@@ -77,7 +79,20 @@ impl Front {
             access,
             limits: limits.clone(),
             slots: Slots::new(limits.max_connections),
+            zero_copy: true,
         })
+    }
+
+    /// The front door of the admin listener: plain HTTP, open, with the
+    /// same `[limits]` but connection slots of its own.
+    pub(crate) fn admin(limits: &LimitsConfig) -> Front {
+        Front {
+            tls: None,
+            access: Arc::new(Access::open()),
+            limits: limits.clone(),
+            slots: Slots::new(limits.max_connections),
+            zero_copy: false,
+        }
     }
 
     /// The TLS state, when this listener terminates TLS.
@@ -110,7 +125,7 @@ impl Front {
     /// first-byte timeouts. `None` when the handshake failed (logged at
     /// debug level).
     pub(crate) async fn handshake(&self, stream: TcpStream, peer: SocketAddr) -> Option<FrontIo> {
-        let stream = ZeroCopyStream::new(stream, self.tls.is_none());
+        let stream = ZeroCopyStream::new(stream, self.zero_copy && self.tls.is_none());
         // A client that sends nothing at all is both idle and slow with its
         // headers: whichever limit is shorter applies.
         let (idle, first_byte) = (
