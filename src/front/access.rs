@@ -62,13 +62,23 @@ pub(crate) enum AccessError {
     },
 }
 
+/// The highest bcrypt cost accepted. Each step doubles the work: cost 12
+/// takes about 250 ms per check on one core, 17 (htpasswd's maximum) eight
+/// seconds, 31 days. An entry above this would turn every login into a
+/// denial of service on the bcrypt pool, so the file is refused instead.
+pub(crate) const MAX_BCRYPT_COST: u32 = 12;
+
 /// Users and their bcrypt hashes, as read from one version of the file.
 #[derive(Debug)]
 pub(crate) struct Htpasswd {
     users: HashMap<String, String>,
-    /// A hash of an unguessable password, checked for unknown users so that
-    /// they take as long as known ones.
-    dummy: String,
+    /// The highest cost in the file.
+    max_cost: u32,
+    /// A hash of an unguessable password at `max_cost`, checked for
+    /// unknown users so that they take as long as known ones; computed on
+    /// the first check of an unknown user (on the bcrypt pool), not while
+    /// parsing.
+    dummy: std::sync::OnceLock<String>,
 }
 
 impl Htpasswd {
@@ -102,6 +112,17 @@ impl Htpasswd {
                     ),
                 )
             })?;
+            if parts.get_cost() > MAX_BCRYPT_COST {
+                return Err(bad(
+                    i + 1,
+                    format!(
+                        "the entry for {user:?} has bcrypt cost {}, above the {MAX_BCRYPT_COST} \
+                         accepted (each check would take seconds or more); recreate it with \
+                         `htpasswd -B -C 10`",
+                        parts.get_cost()
+                    ),
+                ));
+            }
             max_cost = max_cost.max(parts.get_cost());
             if users.insert(user.to_string(), hash.to_string()).is_some() {
                 return Err(bad(i + 1, format!("user {user:?} appears twice")));
@@ -110,10 +131,11 @@ impl Htpasswd {
         if users.is_empty() {
             return Err(bad(0, "no users in the file".into()));
         }
-        // Its password never matters: unknown users are refused anyway.
-        let dummy = bcrypt::hash("stowage: no such user", max_cost)
-            .map_err(|e| bad(0, format!("cannot compute a bcrypt hash: {e}")))?;
-        Ok(Htpasswd { users, dummy })
+        Ok(Htpasswd {
+            users,
+            max_cost,
+            dummy: std::sync::OnceLock::new(),
+        })
     }
 
     /// Number of users.
@@ -127,7 +149,12 @@ impl Htpasswd {
         match self.users.get(user) {
             Some(hash) => bcrypt::verify(password, hash).unwrap_or(false),
             None => {
-                let _ = bcrypt::verify(password, &self.dummy);
+                // Its password never matters: unknown users are refused
+                // anyway.
+                let dummy = self.dummy.get_or_init(|| {
+                    bcrypt::hash("stowage: no such user", self.max_cost).unwrap_or_default()
+                });
+                let _ = bcrypt::verify(password, dummy);
                 false
             }
         }
@@ -393,6 +420,29 @@ mod tests {
         assert!(e.to_string().contains("twice"), "{e}");
         assert!(file("# nobody\n").is_err());
         assert!(file("no colon\n").is_err());
+    }
+
+    /// Found by the htpasswd fuzz target (hangs): an entry of cost 14 or 15
+    /// made parsing compute a dummy hash at that cost (seconds; cost 31:
+    /// days), and every login of that user would cost as much.
+    #[test]
+    fn high_costs_are_refused_and_parsing_hashes_nothing() {
+        let at = |cost: u32| {
+            let h = bcrypt::hash("x", 4).unwrap();
+            format!("u:{}{cost:02}{}\n", &h[..4], &h[6..])
+        };
+        let e = file(&at(13)).unwrap_err();
+        assert!(e.to_string().contains("cost 13"), "{e}");
+        let e = file(&at(31)).unwrap_err();
+        assert!(e.to_string().contains("htpasswd:1"), "{e}");
+        let started = std::time::Instant::now();
+        let h = file(&at(12)).unwrap();
+        assert!(
+            started.elapsed() < std::time::Duration::from_millis(50),
+            "parsing took {:?}",
+            started.elapsed()
+        );
+        assert!(h.dummy.get().is_none());
     }
 
     #[test]
