@@ -5,7 +5,7 @@
 //! most once per address per interval (with the count of those not
 //! logged).
 //!
-//! Each address also has a lane ([`Failures::lane`]): one password check
+//! A client is an IPv4 address or an IPv6 /64. Each also has a lane ([`Failures::lane`]): one password check
 //! at a time per address, so one address flooding cannot fill the bcrypt
 //! pool's queue ahead of everyone else.
 //!
@@ -84,7 +84,7 @@ impl Failures {
     /// from that address holds while it waits for and runs bcrypt.
     pub(crate) fn lane(&self, addr: IpAddr) -> Arc<tokio::sync::Semaphore> {
         self.lanes
-            .get_with(addr, || Arc::new(tokio::sync::Semaphore::new(1)))
+            .get_with(client(addr), || Arc::new(tokio::sync::Semaphore::new(1)))
     }
 
     /// Forgets every remembered value (the users changed).
@@ -94,7 +94,7 @@ impl Failures {
 
     /// How long `addr` is still refused, if it is.
     pub(crate) fn blocked(&self, addr: IpAddr) -> Option<Duration> {
-        let state = self.by_addr.get(&addr)?;
+        let state = self.by_addr.get(&client(addr))?;
         let s = lock(&state);
         let until = s.blocked_until?;
         until.checked_duration_since(Instant::now())
@@ -110,7 +110,7 @@ impl Failures {
     pub(crate) fn record(&self, addr: IpAddr, key: [u8; 32]) -> Option<Warning> {
         self.failed.insert(key, ());
         let now = Instant::now();
-        let state = self.by_addr.get_with(addr, || {
+        let state = self.by_addr.get_with(client(addr), || {
             Arc::new(Mutex::new(AddrState {
                 window_start: now,
                 count: 0,
@@ -144,6 +144,22 @@ impl Failures {
             s.unlogged += 1;
             None
         }
+    }
+}
+
+/// What counts as one client: an IPv4 address (also when mapped into
+/// IPv6), or an IPv6 /64 (one host usually has a whole /64 to pick
+/// addresses from).
+fn client(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(_) => addr,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(prefix.into())
+            }
+        },
     }
 }
 
@@ -189,5 +205,23 @@ mod tests {
         assert_eq!(f.record(a, key(4)), None);
         f.forget_values();
         assert!(!f.known_bad(&key(1)));
+    }
+
+    #[test]
+    fn ipv6_clients_are_their_64_prefix() {
+        let f = Failures::new(1, Duration::from_secs(60));
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        f.record(a, [0; 32]);
+        let same: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(f.blocked(same).is_some(), "same /64");
+        assert!(f.blocked(other).is_none(), "another /64");
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        f.record(v4, [1; 32]);
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert!(
+            f.blocked(mapped).is_some(),
+            "IPv4-mapped is the IPv4 address"
+        );
     }
 }
