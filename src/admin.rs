@@ -7,7 +7,10 @@
 //! It is a separate plain-HTTP listener (loopback by default) so that
 //! metrics and probes never need the registry's TLS or credentials, and so
 //! that it keeps answering while the registry listener drains at shutdown:
-//! `/readyz` then says 503 so load balancers stop sending traffic.
+//! `/readyz` then says 503 so load balancers stop sending traffic. It has
+//! the registry listener's `[limits]` (connection slots of its own, the
+//! header and idle timeouts) through a [`Front`] without TLS or access
+//! control.
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -26,6 +29,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::front::Front;
 use crate::metrics::{Metrics, TEXT_CONTENT_TYPE};
 
 /// How long admin connections may take to finish once the admin listener
@@ -166,23 +170,29 @@ impl AdminHandle {
     }
 }
 
-/// Serves the admin endpoints on `listener` until `stop` is cancelled.
+/// Serves the admin endpoints on `listener` until `stop` is cancelled,
+/// behind `front` (connection slots, header and idle timeouts).
 pub(crate) fn spawn(
     listener: TcpListener,
+    front: Arc<Front>,
     state: Arc<AdminState>,
     stop: CancellationToken,
 ) -> AdminHandle {
     let task = tokio::spawn(async move {
         let graceful = GracefulShutdown::new();
-        let builder = auto::Builder::new(TokioExecutor::new());
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        front.configure(&mut builder);
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "admin listener (/metrics, /healthz, /readyz)");
         }
         loop {
-            let (stream, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
+            let (permit, stream, peer) = tokio::select! {
+                accepted = async {
+                    let permit = front.slot().await;
+                    (permit, listener.accept().await)
+                } => match accepted {
+                    (permit, Ok((stream, peer))) => (permit, stream, peer),
+                    (_, Err(e)) => {
                         tracing::warn!(error = %e, "admin accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
@@ -195,13 +205,18 @@ pub(crate) fn spawn(
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(&state, &req).await) }
             });
-            let conn = graceful.watch(
-                builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned(),
-            );
+            let front = front.clone();
+            let builder = builder.clone();
+            let watcher = graceful.watcher();
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
+                let _permit = permit;
+                let Some(io) = front.handshake(stream, peer).await else {
+                    return;
+                };
+                let conn = builder
+                    .serve_connection(TokioIo::new(io), service)
+                    .into_owned();
+                if let Err(e) = watcher.watch(conn).await {
                     tracing::debug!(%peer, error = %e, "admin connection ended with an error");
                 }
             });

@@ -219,6 +219,18 @@ impl Error {
         )
     }
 
+    /// 429 TOOMANYREQUESTS with `Retry-After: secs`: the client is refused
+    /// for a while (too many failed logins).
+    pub(crate) fn client_throttled(message: impl Into<String>, secs: u64) -> Error {
+        Error::new(
+            ErrorKind::TooManyRequests {
+                retry_after: Some(HeaderValue::from(secs)),
+            },
+            ErrorSource::Client,
+            message,
+        )
+    }
+
     /// 416: the range selects nothing of a blob of `size` bytes.
     pub(crate) fn range_invalid(size: u64) -> Error {
         Error::new(
@@ -247,6 +259,21 @@ impl Error {
     /// digest mismatch, ...).
     pub(crate) fn upstream(kind: ErrorKind, message: impl Into<String>) -> Error {
         Error::new(kind, ErrorSource::Upstream, message)
+    }
+
+    /// Whether upstream refused the request (401, 403, 404): a request for
+    /// the same content in another repository, or with another credential,
+    /// may be answered otherwise.
+    pub(crate) fn is_refusal(&self) -> bool {
+        matches!(
+            self.kind(),
+            ErrorKind::Unauthorized { .. }
+                | ErrorKind::UpstreamUnauthorized
+                | ErrorKind::Denied
+                | ErrorKind::BlobUnknown
+                | ErrorKind::ManifestUnknown
+                | ErrorKind::NameUnknown
+        )
     }
 
     /// What a non-success upstream status means for the client. `asked` is

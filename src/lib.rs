@@ -40,7 +40,7 @@
 //! 3  cache
 //! 4  http, admin
 //! 5  config, test_hooks
-//! 6  server
+//! 6  server, fuzzing
 //! 7  cli
 //! 8  main
 //! ```
@@ -48,7 +48,7 @@
 //! Modules are private; the public surface is what `main.rs` and the
 //! black-box tests need ([`Config`], [`Server`], [`Metrics`], [`cli`]).
 //! White-box hooks for the integration tests sit behind the `test-hooks`
-//! feature.
+//! feature, the fuzz targets' entry points (`fuzz/`) behind `fuzzing`.
 
 mod admin;
 mod body;
@@ -73,3 +73,7 @@ pub use server::{Server, ServerError};
 
 #[cfg(feature = "test-hooks")]
 pub mod test_hooks;
+
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;

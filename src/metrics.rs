@@ -157,6 +157,16 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
+    /// How a cached entry loaded with this outcome is answered later: a
+    /// hit, unless it is being served stale (it stays `Stale` until
+    /// upstream answers again).
+    pub(crate) fn again(self) -> Outcome {
+        match self {
+            Outcome::Stale => Outcome::Stale,
+            _ => Outcome::Hit,
+        }
+    }
+
     /// The label value (and header value, log field).
     pub(crate) fn as_str(self) -> &'static str {
         match self {

@@ -26,14 +26,17 @@ use tokio_util::sync::DropGuard;
 use crate::admin::{self, AdminHandle, AdminState};
 use crate::bucket::Bucket;
 use crate::cache::blob::BlobStore;
+use crate::cache::grants::Grants;
 use crate::cache::index::{BlobIndex, Budget};
 use crate::cache::layout::Layout;
+use crate::cache::lock::{DirLock, LockError};
 use crate::cache::manifests::ManifestStore;
 use crate::cache::pins::Pins;
 use crate::cache::prefetch::Prefetcher;
+use crate::cache::private::Private;
 use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::front::{Front, Reloader};
+use crate::front::{Front, ReadBudget, Reloader};
 use crate::http::request_id::RequestIds;
 use crate::http::routing::Router;
 use crate::http::{AppState, handle};
@@ -50,6 +53,9 @@ pub enum ServerError {
     /// TLS material or htpasswd file unusable.
     #[error(transparent)]
     Front(Box<dyn std::error::Error + Send + Sync>),
+    /// Another process holds the cache directory's lock.
+    #[error("{0}")]
+    CacheDirInUse(String),
     /// Could not bind, or the cache directory is unusable.
     #[error("{context}: {source}")]
     Io {
@@ -78,10 +84,15 @@ pub struct Server {
     front: Arc<Front>,
     /// The admin listener (`/metrics`, `/healthz`, `/readyz`), if enabled.
     admin: Option<TcpListener>,
+    /// Its front door: the same limits, slots of its own.
+    admin_front: Arc<Front>,
     /// Where the caches live (checked by `/readyz`).
     layout: Layout,
     /// Stops background work; fills are tracked here.
     shutdown: Shutdown,
+    /// The exclusive lock on the cache directory, held until the server
+    /// is dropped (after `run` returns).
+    _dir_lock: DirLock,
     /// Ends the background work if the server is dropped without running.
     _stop_on_drop: DropGuard,
 }
@@ -98,6 +109,15 @@ impl Server {
             .map(|u| Upstream::new(u).map(|u| Arc::new(u.with_metrics(metrics.clone()))))
             .collect::<Result<Vec<_>, _>>()?;
         let layout = Layout::new(&config.cache_dir);
+        // Before anything touches the directory (opening the blob store
+        // empties tmp/).
+        let dir_lock = DirLock::acquire(&layout).map_err(|e| match e {
+            e @ LockError::Held { .. } => ServerError::CacheDirInUse(e.to_string()),
+            LockError::Io { dir, source } => ServerError::Io {
+                context: format!("locking cache directory {}", dir.display()),
+                source,
+            },
+        })?;
         let cluster = open_cluster(&config, &metrics)?;
         let bucket = match &config.store {
             Some(cfg) => {
@@ -111,7 +131,9 @@ impl Server {
             cluster: cluster.clone(),
             bucket: bucket.clone(),
         };
-        let (blobs, manifests) = open_caches(&config, &layout, &metrics, &shutdown, &remote)?;
+        let grants = Arc::new(Grants::new());
+        let (blobs, manifests, private) =
+            open_caches(&config, &layout, &metrics, &shutdown, &remote, &grants)?;
         let front = Arc::new(Front::new(
             config.tls.as_ref(),
             config.access.as_ref(),
@@ -156,7 +178,8 @@ impl Server {
             manifests,
             prefetch,
             access: front.access(),
-            grants: crate::cache::grants::Grants::new(),
+            grants,
+            private,
             metrics,
             request_ids: RequestIds::new(),
             cluster,
@@ -168,9 +191,11 @@ impl Server {
             shutdown_timeout: config.shutdown_timeout,
             front,
             admin,
+            admin_front: Arc::new(Front::admin(&config.limits)),
             layout,
             _stop_on_drop: shutdown.drop_guard(),
             shutdown,
+            _dir_lock: dir_lock,
         })
     }
 
@@ -263,6 +288,7 @@ impl Server {
         }
         Some(admin::spawn(
             listener,
+            self.admin_front.clone(),
             Arc::new(state),
             self.shutdown.token(),
         ))
@@ -328,7 +354,13 @@ impl Connection {
                 req.extensions_mut().insert(r.clone());
             }
             let state = state.clone();
-            async move { Ok::<_, Infallible>(handle(state, req, peer).await) }
+            // Boxed: hyper keeps a stream's service future inline in the
+            // stream's task for as long as the stream lives (an enum with
+            // the response body), and the handler's future is large; boxed,
+            // it is freed when the response head is ready, so a long-lived
+            // stream costs its body, not its handler's largest state.
+            let handling = Box::pin(handle(state, req, peer));
+            async move { Ok::<_, Infallible>(handling.await) }
         });
         let conn = self
             .builder
@@ -373,15 +405,19 @@ fn open_cluster(
     Ok(Some(Arc::new(cluster)))
 }
 
-/// Opens the blob store (starting its background work) and the manifest
-/// cache.
+/// The caches of a server: blobs, manifests, marks of private content.
+type Caches = (Arc<BlobStore>, Arc<ManifestStore>, Arc<Private>);
+
+/// Opens the marks of private content, the blob store (starting its
+/// background work) and the manifest cache.
 fn open_caches(
     config: &Config,
     layout: &Layout,
     metrics: &Arc<Metrics>,
     shutdown: &Shutdown,
     remote: &Remote,
-) -> Result<(Arc<BlobStore>, Arc<ManifestStore>), ServerError> {
+    grants: &Arc<Grants>,
+) -> Result<Caches, ServerError> {
     let idle = config
         .upstreams
         .iter()
@@ -394,24 +430,34 @@ fn open_caches(
         config.cache.low_watermark,
     );
     let index = Arc::new(BlobIndex::new(layout, budget));
-    let blobs = BlobStore::open(layout, index, idle, shutdown.fills()).map_err(io_error(
-        format!("opening blob cache in {}", config.cache_dir.display()),
-    ))?;
+    let private = Arc::new(Private::open(layout).map_err(io_error(format!(
+        "opening {}",
+        layout.private_log().display()
+    )))?);
+    let blobs = BlobStore::open(layout, index, private.clone(), idle, shutdown.fills()).map_err(
+        io_error(format!(
+            "opening blob cache in {}",
+            config.cache_dir.display()
+        )),
+    )?;
+    let read_budget = ReadBudget::new(config.limits.read_ahead_budget.as_u64() as usize);
     let blobs = Arc::new(
         blobs
             .with_metrics(metrics.clone())
             .with_cluster(remote.cluster.clone())
-            .with_bucket(remote.bucket.clone()),
+            .with_bucket(remote.bucket.clone())
+            .with_read_budget(read_budget)
+            .with_grants(grants.clone()),
     );
     blobs.spawn_background(&shutdown.token());
-    let manifests = ManifestStore::open(layout).map_err(io_error(format!(
+    let manifests = ManifestStore::open(layout, private.clone()).map_err(io_error(format!(
         "opening manifest cache in {}",
         config.cache_dir.display()
     )))?;
     let manifests = manifests
         .with_cluster(remote.cluster.clone())
         .with_bucket(remote.bucket.clone());
-    Ok((blobs, Arc::new(manifests)))
+    Ok((blobs, Arc::new(manifests), private))
 }
 
 /// Keeps the manifest files on disk within `max`, at start and every ten

@@ -1,10 +1,11 @@
 //! The admin listener: `/healthz`, `/readyz` (cache directory writable,
-//! listener up, draining at shutdown), switching it off, and the request
-//! log line in both log formats from the real binary.
+//! listener up, draining at shutdown), switching it off, the request log
+//! line in both log formats from the real binary, and the `[limits]` it
+//! shares with the registry listener.
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use tempfile::TempDir;
@@ -301,4 +302,82 @@ async fn buffered_request_log_is_written_whole_at_shutdown() {
     })
     .await;
     assert_eq!(logged(), n, "every request logged once, each line whole");
+}
+
+/// Reads until the server closes the connection; how long that took.
+async fn time_to_close(tcp: &mut tokio::net::TcpStream, started: Instant) -> Duration {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = [0u8; 1024];
+    within(15, "server to close the connection", async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return started.elapsed(),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+}
+
+/// Review item of issue 11: the admin listener had no connection limit, no
+/// header timeout and no idle timeout, so a silent or dribbling client held
+/// a connection (and a task) forever. It gets the registry's `[limits]`
+/// (its own connection slots, so neither listener can starve the other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_listener_has_the_connection_header_and_idle_limits() {
+    use tokio::io::AsyncWriteExt as _;
+    use tokio::net::TcpStream;
+    let up = FakeUpstream::start().await;
+    let dir = TempDir::new().unwrap();
+    let toml = config_toml(dir.path(), &up.url(), "")
+        + "\n[limits]\nheader_read_timeout = \"1s\"\nidle_timeout = \"2s\"\n";
+    let st = start_stowage_toml(dir, &toml).await;
+    let admin = st.admin.unwrap();
+    wait_ready(&st.admin_url("/readyz")).await;
+
+    // A client dribbling a request head: dropped after the header timeout.
+    let started = Instant::now();
+    let mut slow = TcpStream::connect(admin).await.unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let took = time_to_close(&mut slow, started).await;
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "slow admin client dropped after {took:?}, expected about 1 s"
+    );
+    // A silent one too.
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(admin).await.unwrap();
+    let took = time_to_close(&mut silent, started).await;
+    assert!(
+        took < Duration::from_secs(4),
+        "silent admin client dropped after {took:?}"
+    );
+
+    // Two slots: a third connection waits until one frees up.
+    drop(st);
+    let dir = TempDir::new().unwrap();
+    let toml = config_toml(dir.path(), &up.url(), "")
+        + "\n[limits]\nmax_connections = 2\nheader_read_timeout = \"30s\"\n";
+    let st = start_stowage_toml(dir, &toml).await;
+    let admin = st.admin.unwrap();
+    let a = TcpStream::connect(admin).await.unwrap();
+    let _b = TcpStream::connect(admin).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let queued = tokio::time::timeout(
+        Duration::from_millis(700),
+        client().get(st.admin_url("/healthz")).send(),
+    )
+    .await;
+    assert!(
+        queued.is_err(),
+        "admin served beyond max_connections: {queued:?}"
+    );
+    // The registry listener has slots of its own.
+    let (status, _) = get(&st.v2("")).await;
+    assert_eq!(status, 200);
+    drop(a);
+    let (status, _) = get(&st.admin_url("/healthz")).await;
+    assert_eq!(status, 200);
 }

@@ -413,3 +413,34 @@ async fn head_of_uncached_blob_asks_upstream_without_filling() {
     check_blob(&c, &st, "library/headonly", &b).await;
     assert_eq!(up.blob_gets(&b.digest), 1);
 }
+
+/// A fill is keyed by digest alone and asks upstream in the repository its
+/// first request named. A request under a name upstream refuses (here: a
+/// repository that does not hold the blob) leads a fill that fails; a
+/// request under the right name that joined it meanwhile must still get
+/// the blob, by leading a fill of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_fill_does_not_fail_requests_that_joined_it() {
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[50_000]);
+    up.push_image("acme/app", "v1", &img);
+    up.set_strict_repos(true);
+    up.set_delay(Duration::from_millis(400));
+    let st = start_stowage(&up.url(), "").await;
+    let layer = img.layers[0].clone();
+    let wrong = {
+        let url = st.blob_url("evil/other", &layer.digest);
+        tokio::spawn(async move { client().get(url).send().await.unwrap().status() })
+    };
+    // The wrong name's fill is waiting for upstream; join it.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let r = client()
+        .get(st.blob_url("acme/app", &layer.digest))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), layer.data);
+    assert_eq!(wrong.await.unwrap(), 404);
+    assert_eq!(up.blob_gets(&layer.digest), 2);
+}

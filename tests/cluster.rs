@@ -784,3 +784,67 @@ async fn peers_dns_is_resolved_into_the_peer_set() {
     assert_eq!(peer.blob_gets(&blob.digest), 1, "asked the peer DNS found");
     assert_eq!(up.blob_gets(&blob.digest), 0);
 }
+
+/// A passthrough upstream next to a mirror-mode one in a cluster: what the
+/// owner of a private image pulled through one node (passthrough callers
+/// are served by each node on its own) is not served to a mirror-mode
+/// client of another node, whose miss goes to that node as the digest's
+/// owner: the owner refuses it as private, and the answer is the
+/// mirror-mode upstream's 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn private_content_does_not_reach_another_node_through_a_mirror_mode_upstream() {
+    let private_up = FakeUpstream::start().await;
+    private_up.enable_auth(300);
+    private_up.set_credentials("owner", "pw");
+    private_up.set_private("acme/private");
+    private_up.set_strict_repos(true);
+    let img = make_image(Format::Oci, &[50_000]);
+    private_up.push_image("acme/private", "v1", &img);
+    let public_up = FakeUpstream::start().await;
+    public_up.set_strict_repos(true);
+    let urls: Vec<String> = (0..2)
+        .map(|_| format!("http://127.0.0.1:{}", free_port()))
+        .collect();
+    let extra = format!(
+        "\n[[upstream]]\nhost = \"private.example\"\nurl = \"{}\"\nauth = \"passthrough\"\n",
+        private_up.url()
+    );
+    let nodes =
+        start_cluster_nodes(&urls, &urls, &public_up.url(), &extra, |_| String::new()).await;
+    let layer = &img.layers[0];
+    let owner = owner_of_digest(&urls, &layer.digest);
+    let other = 1 - owner;
+    let token: serde_json::Value = client()
+        .get(format!(
+            "{}/token?service=fake&scope=repository:acme/private:pull",
+            private_up.url()
+        ))
+        .basic_auth("owner", Some("pw"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let auth = format!("Bearer {}", token["token"].as_str().unwrap());
+    let via_owner = nodes[owner].v2(&format!(
+        "private.example/acme/private/blobs/{}",
+        layer.digest
+    ));
+    let (status, body) = get_with(&via_owner, &[("authorization", auth.as_str())]).await;
+    assert_eq!(
+        (status, sha256_digest(&body.unwrap())),
+        (200, layer.digest.clone())
+    );
+    wait_stored(&nodes[owner], &layer.digest).await;
+    for node in [other, owner] {
+        let url = nodes[node].v2(&format!("docker.io/library/alpine/blobs/{}", layer.digest));
+        let (status, _) = get_with(&url, &[]).await;
+        assert_eq!(
+            status, 404,
+            "node {node}: private blob served through docker.io"
+        );
+    }
+    assert!(!stored(&nodes[other], &layer.digest));
+    assert_eq!(private_up.blob_gets(&layer.digest), 1);
+}

@@ -39,6 +39,7 @@ const RANKS: &[(&str, u32)] = &[
     // hooks reach into the cache.
     ("config", 5),
     ("test_hooks", 5),
+    ("fuzzing", 6),
     ("server", 6),
     ("cli", 7),
     ("main", 8),

@@ -115,3 +115,110 @@ async fn warm_then_inspect_and_purge_the_cache() {
     let o = run_stowage(cache_args(dir, &["stats"])).await;
     assert!(text(&o).contains("blobs:           0"), "{}", text(&o));
 }
+
+/// `stowage warm` in front of a passthrough upstream: with the registry's
+/// credentials it answers the relayed challenge at the registry's token
+/// service and warms a private image (each blob fetched once); without
+/// them it is refused and nothing private is fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_through_a_passthrough_upstream_needs_the_registrys_credentials() {
+    let up = FakeUpstream::start().await;
+    up.enable_auth(300);
+    up.set_credentials("owner", "pw");
+    up.set_private("acme/private");
+    let img = make_image(Format::Oci, &[10_000, 20_000]);
+    up.push_image("acme/private", "v1", &img);
+    let st = start_stowage(&up.url(), "auth = \"passthrough\"").await;
+    let warm = |creds: bool| {
+        let mut args = vec!["warm".to_string(), "--mirror".into(), st.url()];
+        if creds {
+            args.extend([
+                "--username".into(),
+                "owner".into(),
+                "--password".into(),
+                "pw".into(),
+            ]);
+        }
+        args.push("acme/private:v1".into());
+        run_stowage(args)
+    };
+    let o = warm(false).await;
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("401"), "{}", text(&o));
+    assert_eq!(up.all_blob_gets(), 0);
+    let o = warm(true).await;
+    assert!(o.status.success(), "{}", text(&o));
+    // Fetched by warm's own requests or by the prefetch its manifest GET
+    // started (which warm then counts as cached): each once, either way.
+    assert!(text(&o).contains("3 blobs: "), "{}", text(&o));
+    for b in img.blobs() {
+        assert_eq!(up.blob_gets(&b.digest), 1);
+    }
+    // warm, as a client, asked the token service with the owner's credentials.
+    let t = up.last_token_request().unwrap();
+    assert!(
+        t.header("authorization")
+            .is_some_and(|a| a.starts_with("Basic "))
+    );
+}
+
+/// Issue 11, item 3: a second stowage on the same cache directory would
+/// empty the first one's `tmp/` (and race its journal). It must refuse to
+/// start, naming the directory and the holder's pid, and leave the first
+/// one's files alone; the operator commands still work next to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_on_the_same_cache_dir_exits_naming_the_holder() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = dir.path().join("stowage.toml");
+    let cache = dir.path().join("cache");
+    std::fs::write(&config, config_toml(&cache, &up.url(), "")).unwrap();
+    let mut first = Process::with_config(&config, &[]);
+    let addr = first.listening_addr();
+    // A fill of the first instance in progress.
+    let marker = cache.join("tmp").join("fill-in-progress");
+    std::fs::write(&marker, b"partial").unwrap();
+
+    let mut second = Process::with_config(&config, &[]);
+    let status = within(20, "the second instance exits", async {
+        loop {
+            if let Some(s) = second.try_wait() {
+                return s;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let log = second.log().join("\n");
+    assert!(!status.success(), "second instance exited {status}: {log}");
+    assert!(
+        log.contains(cache.to_str().unwrap()),
+        "names the directory: {log}"
+    );
+    assert!(
+        log.contains(&format!("pid {}", first.pid())),
+        "names the holder's pid {}: {log}",
+        first.pid()
+    );
+    assert!(marker.exists(), "the first instance's tmp/ was left alone");
+    assert!(first.is_running());
+    wait_http_ok(&format!("http://{addr}/v2/")).await;
+
+    // The operator commands do not take the lock.
+    let o = run_stowage(cache_args(&cache, &["stats"])).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run_stowage(cache_args(&cache, &["ls"])).await;
+    assert!(o.status.success(), "{}", text(&o));
+
+    // Once the first one is gone, the directory can be used again.
+    first.signal("TERM");
+    within(20, "the first instance stops", async {
+        while first.is_running() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let mut third = Process::with_config(&config, &[]);
+    let addr = third.listening_addr();
+    wait_http_ok(&format!("http://{addr}/v2/")).await;
+}

@@ -504,6 +504,420 @@ fn dir_contains(dir: &std::path::Path, needle: &[u8]) -> bool {
     })
 }
 
+/// A stowage configuration: `private` as `private.example`, passthrough
+/// (the default upstream), and `public` as `docker.io`, mirror mode.
+fn mixed_config(dir: &TempDir, private: &FakeUpstream, public: &FakeUpstream) -> String {
+    format!(
+        "listen = \"127.0.0.1:0\"\ncache_dir = {cache:?}\n\
+         [[upstream]]\nhost = \"private.example\"\nurl = \"{private_url}\"\nauth = \"passthrough\"\n\
+         [[upstream]]\nhost = \"docker.io\"\nurl = \"{public_url}\"\nlibrary_prefix = true\n",
+        cache = dir.path().to_str().unwrap(),
+        private_url = private.url(),
+        public_url = public.url(),
+    )
+}
+
+/// While the owner's fill of a private layer runs, a mirror-mode request
+/// for that digest does not join it: it gets the mirror-mode upstream's
+/// answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_private_fill_is_not_joined_through_a_mirror_mode_upstream() {
+    let (up, private, _) = registry().await;
+    let public = FakeUpstream::start().await;
+    public.set_strict_repos(true);
+    let dir = TempDir::new().unwrap();
+    let toml = mixed_config(&dir, &up, &public);
+    let st = start_stowage_toml(dir, &toml).await;
+    let owner = token(&up, "acme/private", true).await;
+    let layer = private.layers[1].clone();
+    let hold = up.hold(&layer.digest);
+    let leader = {
+        let url = st.v2(&format!("acme/private/blobs/{}", layer.digest));
+        tokio::spawn(async move {
+            let r = client()
+                .get(url)
+                .header("authorization", owner)
+                .send()
+                .await
+                .unwrap();
+            r.bytes().await.unwrap()
+        })
+    };
+    hold.wait_half_sent(1).await;
+    for method in ["GET", "HEAD"] {
+        let path = format!("docker.io/library/alpine/blobs/{}", layer.digest);
+        let a = ask(&st, method, &path, None).await;
+        assert_eq!(a.status, 404, "{method} {path}");
+    }
+    hold.release();
+    assert_eq!(leader.await.unwrap(), layer.data);
+    assert_eq!(up.blob_gets(&layer.digest), 1);
+}
+
+/// A passthrough upstream (`private.example`, the default) next to a
+/// mirror-mode one (`docker.io`, public, holding none of the private
+/// content): what the owner pulled through the passthrough upstream is
+/// served through the mirror-mode one to nobody, by digest, GET or HEAD.
+#[tokio::test]
+async fn private_content_is_not_served_through_a_mirror_mode_upstream() {
+    let (up, private, _) = registry().await;
+    let public = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[1000]);
+    public.push_image("library/alpine", "3", &img);
+    public.set_strict_repos(true);
+    let dir = TempDir::new().unwrap();
+    let toml = mixed_config(&dir, &up, &public);
+    let st = start_stowage_toml(dir, &toml).await;
+    let owner = token(&up, "acme/private", true).await;
+    pull(&st, "acme/private", "v1", &private, &owner).await;
+    // The mirror-mode upstream works.
+    let alpine = async |st: &Stowage| {
+        let a = ask(st, "GET", "docker.io/library/alpine/manifests/3", None).await;
+        assert_eq!(a.status, 200);
+        for b in img.blobs() {
+            let path = format!("docker.io/library/alpine/blobs/{}", b.digest);
+            let a = ask(st, "GET", &path, None).await;
+            assert_eq!((a.status, sha256_digest(&a.body)), (200, b.digest.clone()));
+        }
+    };
+    alpine(&st).await;
+    // Private digests under its names: what it answers (404), not the
+    // cache; after a restart too.
+    let paths = [
+        format!("docker.io/library/alpine/manifests/{}", private.digest),
+        format!(
+            "docker.io/library/alpine/blobs/{}",
+            private.layers[0].digest
+        ),
+        format!("docker.io/library/alpine/blobs/{}", private.config.digest),
+        format!(
+            "library/alpine/blobs/{}?ns=docker.io",
+            private.layers[1].digest
+        ),
+    ];
+    let refused = async |st: &Stowage| {
+        let asked = public.registry_requests();
+        for path in &paths {
+            for method in ["GET", "HEAD"] {
+                let a = ask(st, method, path, None).await;
+                assert_eq!(a.status, 404, "{method} {path}: private content served");
+            }
+        }
+        assert_eq!(public.registry_requests(), asked + 2 * paths.len());
+    };
+    refused(&st).await;
+    let dir = st.stop().await;
+    let st = start_stowage_toml(dir, &toml).await;
+    refused(&st).await;
+    // Public content is still served from the cache through either.
+    pull(&st, "acme/private", "v1", &private, &owner).await;
+    let asked = public.registry_requests();
+    alpine(&st).await;
+    assert_eq!(
+        public.registry_requests(),
+        asked + 1,
+        "only the tag revalidated"
+    );
+    // Once the mirror-mode upstream has a private digest too, it is public.
+    public.push_image("library/alpine", "4", &private);
+    for b in private.blobs() {
+        let path = format!("docker.io/library/alpine/blobs/{}", b.digest);
+        assert_eq!(ask(&st, "GET", &path, None).await.status, 200);
+        let asked = public.registry_requests();
+        assert_eq!(ask(&st, "HEAD", &path, None).await.status, 200);
+        assert_eq!(public.registry_requests(), asked, "confirmed once");
+    }
+    assert_eq!(up.blob_gets(&private.layers[0].digest), 1);
+}
+
+/// Upstream registries that do not check what a pushed manifest refers to
+/// (sparse indexes, foreign layers): an index in a repository anybody
+/// reads, naming the private image's digests, lets nobody read them there.
+#[tokio::test]
+async fn references_in_a_readable_repository_do_not_unlock_private_digests() {
+    let (up, private, _) = registry().await;
+    // evil/pub: readable by anybody; an index naming the private manifest,
+    // and an image whose layers are the private layers, none of them in
+    // evil/pub.
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [{"mediaType": OCI_MANIFEST, "digest": private.digest,
+                       "size": private.manifest.len(),
+                       "platform": {"architecture": "amd64", "os": "linux"}}],
+    });
+    up.add_manifest(
+        "evil/pub",
+        Some("index"),
+        OCI_INDEX,
+        serde_json::to_vec(&index).unwrap(),
+    );
+    let layers: Vec<_> = private
+        .layers
+        .iter()
+        .map(|l| {
+            serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                                    "digest": l.digest, "size": l.len()})
+        })
+        .collect();
+    let image = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": private.config.digest, "size": private.config.len()},
+        "layers": layers,
+    });
+    up.add_manifest(
+        "evil/pub",
+        Some("image"),
+        OCI_MANIFEST,
+        serde_json::to_vec(&image).unwrap(),
+    );
+    let st = start(&up, "").await;
+    let owner = token(&up, "acme/private", true).await;
+    pull(&st, "acme/private", "v1", &private, &owner).await;
+    let anon = token(&up, "evil/pub", false).await;
+    for tag in ["index", "image"] {
+        let a = ask(
+            &st,
+            "GET",
+            &format!("evil/pub/manifests/{tag}"),
+            Some(&anon),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{tag}");
+    }
+    let mut paths = vec![format!("evil/pub/manifests/{}", private.digest)];
+    for b in private.blobs() {
+        paths.push(format!("evil/pub/blobs/{}", b.digest));
+    }
+    for path in paths {
+        for method in ["GET", "HEAD"] {
+            let a = ask(&st, method, &path, Some(&anon)).await;
+            assert_eq!(a.status, 404, "{method} {path}: private content served");
+        }
+    }
+}
+
+/// Whether a private digest is held or not changes nothing a caller not
+/// allowed to read it sees: the same status, error code and message (but
+/// for the digest), GET and HEAD, under the private and a public name.
+#[tokio::test]
+async fn refusals_do_not_tell_whether_a_private_digest_is_cached() {
+    let (up, private, _) = registry().await;
+    let st = start(&up, "").await;
+    let owner = token(&up, "acme/private", true).await;
+    // The owner fetches one layer only: layers[0] is held, layers[1] not.
+    let a = ask(&st, "GET", "acme/private/manifests/v1", Some(&owner)).await;
+    assert_eq!(a.status, 200);
+    let held = &private.layers[0].digest;
+    let a = ask(
+        &st,
+        "GET",
+        &format!("acme/private/blobs/{held}"),
+        Some(&owner),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    let not_held = &private.layers[1].digest;
+    // Manifests alike: v1's is held, v2's not.
+    let other = make_image(Format::Oci, &[100]);
+    up.push_image("acme/private", "v2", &other);
+    let anon_private = token(&up, "acme/private", false).await;
+    let anon_public = token(&up, "acme/public", false).await;
+    for (repo, auth) in [
+        ("acme/private", None),
+        ("acme/private", Some(&anon_private)),
+        ("acme/public", Some(&anon_public)),
+    ] {
+        for (method, kind) in [
+            ("GET", "blobs"),
+            ("HEAD", "blobs"),
+            ("GET", "manifests"),
+            ("HEAD", "manifests"),
+        ] {
+            let (held, not_held) = match kind {
+                "blobs" => (held, not_held),
+                _ => (&private.digest, &other.digest),
+            };
+            let mut answers = Vec::new();
+            for digest in [held, not_held] {
+                let a = ask(
+                    &st,
+                    method,
+                    &format!("{repo}/{kind}/{digest}"),
+                    auth.map(String::as_str),
+                )
+                .await;
+                assert!(a.status == 401 || a.status == 404, "{method} {repo}");
+                let body = String::from_utf8_lossy(&a.body).replace(digest.as_str(), "<digest>");
+                answers.push((a.status, a.challenge, body));
+            }
+            assert_eq!(answers[0], answers[1], "{method} {repo}/{kind} {auth:?}");
+        }
+    }
+}
+
+/// Two passthrough upstreams behind one mirror: a client holds one
+/// credential per mirror address, so it may present what one upstream
+/// issued on a request for the other. The other upstream must never see
+/// it: a token whose audience is another service, or credentials of
+/// another scheme than the upstream's challenge, are answered with that
+/// upstream's challenge instead of being passed on.
+#[tokio::test]
+async fn credentials_meant_for_one_upstream_are_not_passed_to_another() {
+    let x = FakeUpstream::start().await;
+    let y = FakeUpstream::start().await;
+    for (up, service) in [(&x, "svc-x"), (&y, "svc-y")] {
+        up.enable_auth(300);
+        up.set_credentials(OWNER.0, OWNER.1);
+        up.set_private("team/app");
+        up.set_service(service);
+        up.set_jwt_tokens(true);
+        up.push_image("team/app", "v1", &make_image(Format::Oci, &[100]));
+    }
+    let dir = TempDir::new().unwrap();
+    let toml = format!(
+        "listen = \"127.0.0.1:0\"\ncache_dir = {cache:?}\n\
+         [[upstream]]\nhost = \"x.example\"\nurl = \"{x}\"\nauth = \"passthrough\"\n\
+         [[upstream]]\nhost = \"y.example\"\nurl = \"{y}\"\nauth = \"passthrough\"\n",
+        cache = dir.path().to_str().unwrap(),
+        x = x.url(),
+        y = y.url(),
+    );
+    let st = start_stowage_toml(dir, &toml).await;
+    // Each upstream's challenge, as a client's first request learns it.
+    for host in ["x.example", "y.example"] {
+        let a = ask(&st, "GET", &format!("{host}/team/app/manifests/v1"), None).await;
+        assert_eq!(a.status, 401, "{host}");
+    }
+    let for_x = token(&x, "team/app", true).await;
+    let a = ask(&st, "GET", "x.example/team/app/manifests/v1", Some(&for_x)).await;
+    assert_eq!(a.status, 200);
+    let y_challenge = format!(
+        "Bearer realm=\"{}/token\",service=\"svc-y\",scope=\"repository:team/app:pull\"",
+        y.url()
+    );
+    let basic = "Basic b3duZXI6czNjcmV0LXB3"; // owner:s3cret-pw
+    for (what, auth) in [("x's token", for_x.as_str()), ("Basic", basic)] {
+        for path in [
+            "y.example/team/app/manifests/v1".to_string(),
+            format!("y.example/team/app/blobs/{}", sha256_digest(b"x")),
+            "y.example/team/app/tags/list".to_string(),
+        ] {
+            let a = ask(&st, "GET", &path, Some(auth)).await;
+            assert_eq!(a.status, 401, "{what} {path}");
+            assert_eq!(
+                a.challenge.as_deref(),
+                Some(y_challenge.as_str()),
+                "{what} {path}"
+            );
+        }
+        let secret = auth.split(' ').nth(1).unwrap();
+        let leaked = y.count_where(|r| {
+            r.header("authorization")
+                .is_some_and(|h| h.contains(secret))
+        });
+        assert_eq!(leaked, 0, "{what} reached y");
+    }
+    // y's own token works for y.
+    let for_y = token(&y, "team/app", true).await;
+    let a = ask(&st, "GET", "y.example/team/app/manifests/v1", Some(&for_y)).await;
+    assert_eq!(a.status, 200);
+}
+
+/// Malformed, odd and huge `Authorization` headers: a clear OCI 401 with
+/// upstream's challenge (or the request's own answer), never a crash or a
+/// 5xx, and nothing remembered for them.
+#[tokio::test]
+async fn odd_credentials_get_a_clear_refusal() {
+    let (up, private, _) = registry().await;
+    let st = start(&up, "").await;
+    let owner = token(&up, "acme/private", true).await;
+    pull(&st, "acme/private", "v1", &private, &owner).await;
+    let huge = format!("Bearer {}", "A".repeat(200_000));
+    let odd: Vec<http::HeaderValue> = vec![
+        http::HeaderValue::from_static("Bearer"),
+        http::HeaderValue::from_static("Bearer "),
+        http::HeaderValue::from_static("bearer x.y.z"),
+        http::HeaderValue::from_static("Bearer a.!!!notbase64.c"),
+        http::HeaderValue::from_static("Bearer a.eyJleHAiOiJzb29uIn0.c"), // exp: "soon"
+        // exp: u64::MAX, and -1
+        http::HeaderValue::from_static("Bearer a.eyJleHAiOjE4NDQ2NzQ0MDczNzA5NTUxNjE1fQ.c"),
+        http::HeaderValue::from_static("Bearer a.eyJleHAiOi0xfQ.c"),
+        // aud: a number
+        http::HeaderValue::from_static("Bearer a.eyJhdWQiOjF9.c"),
+        http::HeaderValue::from_static("Basic"),
+        http::HeaderValue::from_static("Basic !!!"),
+        http::HeaderValue::from_static("Negotiate abc"),
+        http::HeaderValue::from_static(""),
+        http::HeaderValue::from_bytes(b"Bearer \xff\xfe").unwrap(),
+        http::HeaderValue::from_str(&huge).unwrap(),
+    ];
+    let paths = [
+        "acme/private/manifests/v1".to_string(),
+        format!("acme/private/manifests/{}", private.digest),
+        format!("acme/private/blobs/{}", private.layers[0].digest),
+        format!("acme/public/blobs/{}", private.layers[0].digest),
+    ];
+    for auth in &odd {
+        for path in &paths {
+            for method in ["GET", "HEAD"] {
+                let r = client()
+                    .request(method.parse().unwrap(), st.v2(path))
+                    .header("authorization", auth.clone())
+                    .send()
+                    .await
+                    .unwrap();
+                let what = format!("{method} {path} with {} bytes", auth.len());
+                assert_eq!(r.status(), 401, "{what}");
+                assert!(header(&r, "www-authenticate").is_some(), "{what}");
+                if method == "GET" {
+                    assert_oci_error(r, 401, &["UNAUTHORIZED"], &what).await;
+                }
+            }
+        }
+    }
+    // Two Authorization headers: the first is the caller's.
+    let r = client()
+        .get(st.v2("acme/private/manifests/v1"))
+        .header("authorization", "Bearer nope")
+        .header("authorization", owner.as_str())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+/// The owner's first pull of a multi-platform private image costs one
+/// check (the tag's `HEAD`): the platform manifest and the blobs are
+/// checked by their own downloads, each fetched once.
+#[tokio::test]
+async fn a_first_multi_platform_pull_is_one_check_and_the_downloads() {
+    let (up, _, _) = registry().await;
+    up.set_private("acme/multi");
+    let amd = make_image_for(Format::Oci, &[1000, 2000], "amd64");
+    let arm = make_image_for(Format::Oci, &[3000], "arm64");
+    let index = make_index(Format::Oci, vec![(amd.clone(), "amd64"), (arm, "arm64")]);
+    up.push_index("acme/multi", "v1", &index);
+    let st = start(&up, "").await;
+    let owner = token(&up, "acme/multi", true).await;
+    let before = up.registry_requests();
+    let a = ask(&st, "GET", "acme/multi/manifests/v1", Some(&owner)).await;
+    assert_eq!((a.status, a.body), (200, index.manifest.clone()));
+    pull(&st, "acme/multi", &amd.digest, &amd, &owner).await;
+    let heads = up.count_where(|r| r.method == "HEAD");
+    assert_eq!(heads, 1, "one check");
+    assert_eq!(up.registry_requests(), before + 1 + 2 + amd.blobs().len());
+    // Another token of the owner's: one check again, all from the cache.
+    let owner2 = token(&up, "acme/multi", true).await;
+    let before = up.registry_requests();
+    let a = ask(&st, "GET", "acme/multi/manifests/v1", Some(&owner2)).await;
+    assert_eq!(a.status, 200);
+    pull(&st, "acme/multi", &amd.digest, &amd, &owner2).await;
+    assert_eq!(up.registry_requests(), before + 1);
+}
+
 #[tokio::test]
 async fn prefetch_asks_upstream_with_the_callers_credentials_only() {
     let (up, private, _) = registry().await;

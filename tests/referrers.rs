@@ -220,3 +220,61 @@ async fn tag_schema_fallback_goes_through_the_tag_cache() {
     assert_eq!(header(&r, "x-stowage-cache").as_deref(), Some("stale"));
     assert_eq!(r.bytes().await.unwrap(), sig.manifest);
 }
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Referrers answers are cached per `artifactType` filter, which is the
+/// client's text: many distinct long filters on a subject with a large
+/// answer must not grow the mirror's memory without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn referrers_answers_for_many_filters_stay_within_a_memory_budget() {
+    let up = FakeUpstream::start().await;
+    let subject = sha256_digest(b"subject");
+    // A 256 KiB answer, whatever the filter (upstream applies none).
+    let pad = "x".repeat(256 * 1024);
+    let body = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[],"annotations":{{"pad":"{pad}"}}}}"#
+    );
+    up.respond(
+        &format!("/v2/team/app/referrers/{subject}"),
+        200,
+        &[("content-type", OCI_INDEX)],
+        &body,
+    );
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = dir.path().join("stowage.toml");
+    std::fs::write(
+        &config,
+        config_toml(&dir.path().join("cache"), &up.url(), ""),
+    )
+    .unwrap();
+    let mut p = Process::with_config(&config, &[]);
+    let addr = p.listening_addr();
+    let c = client();
+    let ask = |i: usize| {
+        let filter = format!("application/vnd.example.{i}.{}", "y".repeat(16 * 1024));
+        c.get(format!("http://{addr}/v2/team/app/referrers/{subject}"))
+            .query(&[("artifactType", filter)])
+            .send()
+    };
+    for i in 0..20 {
+        assert_eq!(ask(i).await.unwrap().status(), 200);
+    }
+    let before = rss_kib(p.pid());
+    for i in 20..1020 {
+        let r = ask(i).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.bytes().await.unwrap().len(), body.len());
+    }
+    let grown = rss_kib(p.pid()).saturating_sub(before);
+    // 1000 answers of 272 KiB would be about 270 MiB.
+    assert!(grown < 96 * 1024, "RSS grew by {grown} KiB");
+}

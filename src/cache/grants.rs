@@ -1,33 +1,33 @@
 //! Passthrough authorization (`auth = "passthrough"`): what upstream said
-//! each caller's credential may read.
+//! about callers' credentials and about where digests are.
 //!
-//! A cache hit is served to a caller only once upstream has said, for that
-//! caller's credential, that it may read the repository and that the
-//! digest belongs to it. Upstream says so by answering a request made with
-//! that credential: fetching the manifest or blob (a miss), or a `HEAD` of
-//! that manifest or blob in that repository (a hit not yet known for the
-//! caller). The answer is remembered per (credential, upstream host,
-//! repository as upstream names it) as a [`Grant`]: "may read", with the
-//! digests known to be in that repository for it: the ones upstream
-//! confirmed, and those referred to by a manifest of the repository the
-//! caller was served (its config and layers, an index's manifests, a
-//! referrers answer's artifacts). So a pull costs no `HEAD` per layer, and
-//! a digest cached from one repository is never served under another
-//! repository name on the strength of being allowed to read that other
-//! repository.
+//! A cache hit is served to a caller only once upstream has said two
+//! things, each remembered here:
 //!
-//! Tags and referrers are names within a repository: "may read" the
-//! repository is enough for them.
+//! * **may read**: upstream let the caller's credential read the
+//!   repository (it answered a request made with that credential),
+//!   remembered per (credential, upstream host, repository as upstream
+//!   names it) for the upstream's `passthrough_ttl` or until the caller's
+//!   token expires (a JWT's `exp`), whichever comes first, never extended;
+//! * **located**: the digest is in that repository: upstream answered
+//!   `200` for that very digest in that repository (a `HEAD` or `GET` of
+//!   the blob or manifest, a tag it named in `Docker-Content-Digest`, an
+//!   artifact its referrers API listed), with whatever credential,
+//!   remembered per (digest, upstream host, repository) until memory runs
+//!   short (content is immutable: a digest that was in a repository was
+//!   readable by whoever may read it).
 //!
-//! A grant lives for the upstream's `passthrough_ttl` or until the caller's
-//! token expires (a JWT's `exp`), whichever comes first, and is never
-//! extended: then upstream is asked again. Anonymous callers are a
-//! credential like any other. Memory is bounded: at most [`MAX_GRANTS`]
-//! grants of at most [`MAX_DIGESTS`] digests each (16-byte fingerprints);
-//! a digest beyond that is checked with a `HEAD`.
+//! What a manifest *refers to* (an index's manifests, an image's layers)
+//! is not taken as located: a registry that does not check the references
+//! of pushed manifests (sparse indexes, foreign layers) would let anybody
+//! who can push to some repository name any cached digest there. A
+//! referenced digest is confirmed by the request that fetches it with the
+//! caller's credential (a miss), or by a `HEAD` (a hit).
+//!
+//! Anonymous callers are a credential like any other. Memory is bounded:
+//! both are moka caches of 16-byte fingerprints, at most [`MAX_READERS`]
+//! and [`MAX_LOCATED`] entries.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::Digest as _;
@@ -36,73 +36,45 @@ use crate::oci::{Digest, RepoName};
 use crate::upstream::Upstream;
 use crate::upstream::caller::{Credential, CredentialId};
 
-/// Grants kept at most (LRU beyond that).
-const MAX_GRANTS: u64 = 4096;
+/// (credential, repository) pairs remembered at most (LRU beyond that).
+const MAX_READERS: u64 = 65_536;
 
-/// Digests remembered per grant at most.
-const MAX_DIGESTS: usize = 512;
+/// (digest, repository) pairs remembered at most.
+const MAX_LOCATED: u64 = 131_072;
 
-/// Whose grant: a credential, an upstream host, a repository as upstream
-/// names it.
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct GrantKey {
-    credential: CredentialId,
-    host: String,
-    repo: String,
-}
+/// A fingerprint: the first 16 bytes of a SHA-256 over the parts, each
+/// length-prefixed (so no two different part lists collide by
+/// concatenation).
+type Key = u128;
 
-/// Upstream's answer for one credential and repository: it may read it,
-/// and these digests are in it.
-pub(crate) struct Grant {
-    /// Fingerprints of the digests known to be in the repository.
-    digests: Mutex<HashSet<u128>>,
-    /// How long the grant lives, from its creation.
-    ttl: Duration,
-}
-
-impl Grant {
-    /// Whether `digest` is known to be in the repository for this caller.
-    pub(crate) fn knows(&self, digest: &Digest) -> bool {
-        self.digests
-            .lock()
-            .map(|d| d.contains(&fingerprint(digest)))
-            .unwrap_or(false)
+fn key(parts: &[&[u8]]) -> Key {
+    let mut h = sha2::Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p);
     }
+    let h = h.finalize();
+    let mut first = [0u8; 16];
+    first.copy_from_slice(&h[..16]);
+    u128::from_be_bytes(first)
+}
 
-    fn add<'a>(&self, digests: impl IntoIterator<Item = &'a Digest>) {
-        if let Ok(mut set) = self.digests.lock() {
-            for d in digests {
-                if set.len() >= MAX_DIGESTS {
-                    break;
-                }
-                set.insert(fingerprint(d));
-            }
-        }
+/// Expires each "may read" after its own TTL.
+struct ReaderExpiry;
+
+impl moka::Expiry<Key, Duration> for ReaderExpiry {
+    fn expire_after_create(&self, _key: &Key, ttl: &Duration, _at: Instant) -> Option<Duration> {
+        Some(*ttl)
     }
 }
 
-fn fingerprint(digest: &Digest) -> u128 {
-    let h = sha2::Sha256::digest(digest.to_string().as_bytes());
-    u128::from_be_bytes(h[..16].try_into().unwrap_or_default())
-}
-
-/// Expires each grant after its own TTL.
-struct GrantExpiry;
-
-impl moka::Expiry<GrantKey, Arc<Grant>> for GrantExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &GrantKey,
-        value: &Arc<Grant>,
-        _created_at: Instant,
-    ) -> Option<Duration> {
-        Some(value.ttl)
-    }
-}
-
-/// The grants of every caller. Share it in an `Arc`.
+/// What upstream said. Share it in an `Arc`.
 pub(crate) struct Grants {
-    cache: moka::sync::Cache<GrantKey, Arc<Grant>>,
+    /// (credential, host, repository) -> how long upstream's "may read"
+    /// lives.
+    readers: moka::sync::Cache<Key, Duration>,
+    /// (digest, host, repository) known to be in the repository.
+    located: moka::sync::Cache<Key, ()>,
 }
 
 impl Default for Grants {
@@ -112,44 +84,52 @@ impl Default for Grants {
 }
 
 impl Grants {
-    /// No grants.
+    /// Nothing known.
     pub(crate) fn new() -> Grants {
         Grants {
-            cache: moka::sync::Cache::builder()
-                .max_capacity(MAX_GRANTS)
-                .expire_after(GrantExpiry)
+            readers: moka::sync::Cache::builder()
+                .max_capacity(MAX_READERS)
+                .expire_after(ReaderExpiry)
+                .build(),
+            located: moka::sync::Cache::builder()
+                .max_capacity(MAX_LOCATED)
                 .build(),
         }
     }
 
-    fn key(upstream: &Upstream, repo: &RepoName, credential: &Credential) -> GrantKey {
-        GrantKey {
-            credential: credential.id(),
-            host: upstream.host().to_string(),
-            repo: upstream.upstream_repo(repo.as_str()).into_owned(),
-        }
+    fn reader_key(upstream: &Upstream, repo: &RepoName, credential: &CredentialId) -> Key {
+        let repo = upstream.upstream_repo(repo.as_str());
+        key(&[
+            &credential.bytes()[..],
+            upstream.host().as_bytes(),
+            repo.as_bytes(),
+        ])
     }
 
-    /// The caller's grant for `repo`, if upstream let it read the
-    /// repository recently.
-    pub(crate) fn get(
+    fn located_key(upstream: &Upstream, repo: &RepoName, digest: &Digest) -> Key {
+        let repo = upstream.upstream_repo(repo.as_str());
+        key(&[
+            digest.to_string().as_bytes(),
+            upstream.host().as_bytes(),
+            repo.as_bytes(),
+        ])
+    }
+
+    /// Whether upstream let `credential` read `repo` recently.
+    pub(crate) fn may_read(
         &self,
         upstream: &Upstream,
         repo: &RepoName,
         credential: &Credential,
-    ) -> Option<Arc<Grant>> {
-        self.cache.get(&Grants::key(upstream, repo, credential))
+    ) -> bool {
+        self.readers
+            .get(&Grants::reader_key(upstream, repo, &credential.id()))
+            .is_some()
     }
 
-    /// Records that upstream let `credential` read `repo`, and that
-    /// `digests` are in it (a grant that exists keeps its expiry).
-    pub(crate) fn allow<'a>(
-        &self,
-        upstream: &Upstream,
-        repo: &RepoName,
-        credential: &Credential,
-        digests: impl IntoIterator<Item = &'a Digest>,
-    ) {
+    /// Records that upstream let `credential` read `repo` (an existing
+    /// record keeps its expiry).
+    pub(crate) fn allow(&self, upstream: &Upstream, repo: &RepoName, credential: &Credential) {
         let ttl = match credential.remaining() {
             Some(left) => left.min(upstream.passthrough_ttl()),
             None => upstream.passthrough_ttl(),
@@ -157,15 +137,28 @@ impl Grants {
         if ttl.is_zero() {
             return;
         }
-        let grant = self
-            .cache
-            .get_with(Grants::key(upstream, repo, credential), || {
-                Arc::new(Grant {
-                    digests: Mutex::new(HashSet::new()),
-                    ttl,
-                })
-            });
-        grant.add(digests);
+        self.readers
+            .get_with(Grants::reader_key(upstream, repo, &credential.id()), || ttl);
+    }
+
+    /// Whether upstream said `digest` is in `repo`.
+    pub(crate) fn located(&self, upstream: &Upstream, repo: &RepoName, digest: &Digest) -> bool {
+        self.located
+            .get(&Grants::located_key(upstream, repo, digest))
+            .is_some()
+    }
+
+    /// Records that upstream said `digests` are in `repo`.
+    pub(crate) fn locate<'a>(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        digests: impl IntoIterator<Item = &'a Digest>,
+    ) {
+        for d in digests {
+            self.located
+                .insert(Grants::located_key(upstream, repo, d), ());
+        }
     }
 }
 
@@ -193,53 +186,65 @@ mod tests {
     }
 
     #[test]
-    fn grants_are_per_credential_repository_and_digest() {
+    fn readers_are_per_credential_and_repository() {
         let up = upstream(Duration::from_secs(60));
         let grants = Grants::new();
         let alice = credential("Bearer alice");
         let bob = credential("Bearer bob");
         let private = RepoName::parse("acme/private").unwrap();
         let public = RepoName::parse("acme/public").unwrap();
-        let d1 = Digest::of(crate::oci::Algorithm::Sha256, b"1");
-        let d2 = Digest::of(crate::oci::Algorithm::Sha256, b"2");
-        assert!(grants.get(&up, &private, &alice).is_none());
-        grants.allow(&up, &private, &alice, [&d1]);
-        let g = grants.get(&up, &private, &alice).unwrap();
-        assert!(g.knows(&d1) && !g.knows(&d2));
-        assert!(grants.get(&up, &private, &bob).is_none());
-        assert!(grants.get(&up, &public, &alice).is_none());
-        grants.allow(&up, &public, &bob, [&d2]);
-        assert!(!grants.get(&up, &public, &bob).unwrap().knows(&d1));
+        assert!(!grants.may_read(&up, &private, &alice));
+        grants.allow(&up, &private, &alice);
+        assert!(grants.may_read(&up, &private, &alice));
+        assert!(!grants.may_read(&up, &private, &bob));
+        assert!(!grants.may_read(&up, &public, &alice));
         // One-component names are keyed as upstream names them.
         let short = RepoName::parse("busybox").unwrap();
-        grants.allow(&up, &short, &alice, []);
-        assert!(
-            grants
-                .get(&up, &RepoName::parse("library/busybox").unwrap(), &alice)
-                .is_some()
-        );
+        grants.allow(&up, &short, &alice);
+        let long = RepoName::parse("library/busybox").unwrap();
+        assert!(grants.may_read(&up, &long, &alice));
     }
 
     #[test]
-    fn grants_are_bounded_and_expire() {
+    fn digests_are_located_per_repository() {
+        let up = upstream(Duration::from_secs(60));
+        let grants = Grants::new();
+        let private = RepoName::parse("acme/private").unwrap();
+        let public = RepoName::parse("acme/public").unwrap();
+        let d1 = Digest::of(crate::oci::Algorithm::Sha256, b"1");
+        let d2 = Digest::of(crate::oci::Algorithm::Sha256, b"2");
+        grants.locate(&up, &private, [&d1]);
+        assert!(grants.located(&up, &private, &d1));
+        assert!(!grants.located(&up, &private, &d2));
+        assert!(!grants.located(&up, &public, &d1));
+        let other = Upstream::new(&crate::upstream::config::UpstreamConfig {
+            host: "other.example".into(),
+            ..crate::upstream::config::docker_hub()
+        })
+        .unwrap();
+        assert!(!grants.located(&other, &private, &d1));
+    }
+
+    #[test]
+    fn readers_expire_with_the_ttl_or_the_token() {
         let up = upstream(Duration::from_millis(50));
         let grants = Grants::new();
         let alice = credential("Bearer alice");
         let repo = RepoName::parse("a/b").unwrap();
-        let many: Vec<Digest> = (0..(MAX_DIGESTS as u32 + 10))
-            .map(|i| Digest::of(crate::oci::Algorithm::Sha256, &i.to_be_bytes()))
-            .collect();
-        grants.allow(&up, &repo, &alice, &many);
-        let g = grants.get(&up, &repo, &alice).unwrap();
-        assert!(g.knows(&many[0]));
-        assert!(!g.knows(many.last().unwrap()));
+        grants.allow(&up, &repo, &alice);
+        assert!(grants.may_read(&up, &repo, &alice));
         std::thread::sleep(Duration::from_millis(80));
-        assert!(grants.get(&up, &repo, &alice).is_none());
+        assert!(!grants.may_read(&up, &repo, &alice));
         // An expired token is not remembered at all.
         let old = base64_json(r#"{"exp":1}"#);
         let expired = credential(&format!("Bearer a.{old}.c"));
-        grants.allow(&up, &repo, &expired, []);
-        assert!(grants.get(&up, &repo, &expired).is_none());
+        grants.allow(&up, &repo, &expired);
+        assert!(!grants.may_read(&up, &repo, &expired));
+    }
+
+    #[test]
+    fn keys_do_not_collide_by_concatenation() {
+        assert_ne!(key(&[b"ab", b"c"]), key(&[b"a", b"bc"]));
     }
 
     fn base64_json(s: &str) -> String {

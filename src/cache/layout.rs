@@ -7,6 +7,9 @@
 //! <cache>/blobs/<alg>/<hex[..2]>/<hex>    verified blobs, content-addressed
 //! <cache>/tmp/<hex>-<pid>-<n>             fills in progress (emptied at start-up)
 //! <cache>/index.log                       journal: `+<digest> <size>`, `-<digest>`
+//! <cache>/private.log                     digests fetched only through passthrough
+//!                                         upstreams: `+<digest>`, `-<digest>` (public now)
+//! <cache>/lock                            flock of the running instance, its pid inside
 //! <cache>/manifests/<alg>/<hex>           first line the media type, then the exact bytes
 //! <cache>/tags/<host>/<repo>/_referrers/<alg>-<hex>[@<filter hash>]
 //!                                         a referrers answer: its body's digest, and
@@ -49,6 +52,17 @@ impl Layout {
         }
     }
 
+    /// The cache directory itself.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `<cache>/lock`: held (`flock`) by the running instance, which wrote
+    /// its pid into it.
+    pub(crate) fn lock(&self) -> PathBuf {
+        self.dir.join("lock")
+    }
+
     /// `<cache>/blobs`: verified blobs.
     pub(crate) fn blobs(&self) -> PathBuf {
         self.dir.join("blobs")
@@ -62,6 +76,11 @@ impl Layout {
     /// `<cache>/index.log`: the blob journal.
     pub(crate) fn journal(&self) -> PathBuf {
         self.dir.join("index.log")
+    }
+
+    /// `<cache>/private.log`: marks of private content (`cache/private.rs`).
+    pub(crate) fn private_log(&self) -> PathBuf {
+        self.dir.join("private.log")
     }
 
     /// `<cache>/manifests`.
@@ -297,6 +316,36 @@ impl Record {
     }
 }
 
+/// One line of `private.log`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PrivateRecord {
+    /// `+<digest>`: fetched through a passthrough upstream only.
+    Private(Digest),
+    /// `-<digest>`: a mirror-mode upstream has it too.
+    Public(Digest),
+}
+
+impl PrivateRecord {
+    /// The line, newline included.
+    pub(crate) fn line(&self) -> String {
+        match self {
+            PrivateRecord::Private(d) => format!("+{d}\n"),
+            PrivateRecord::Public(d) => format!("-{d}\n"),
+        }
+    }
+
+    /// Parses a line (without its newline); `None` for anything else.
+    pub(crate) fn parse(line: &str) -> Option<PrivateRecord> {
+        if let Some(d) = line.strip_prefix('+') {
+            Some(PrivateRecord::Private(Digest::parse(d).ok()?))
+        } else {
+            Some(PrivateRecord::Public(
+                Digest::parse(line.strip_prefix('-')?).ok()?,
+            ))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,6 +383,7 @@ mod tests {
                 .ends_with(&format!("{hex}-{}-7", std::process::id()))
         );
         assert_eq!(l.journal(), PathBuf::from("/c/index.log"));
+        assert_eq!(l.private_log(), PathBuf::from("/c/private.log"));
     }
 
     #[test]
@@ -352,6 +402,13 @@ mod tests {
         for r in [Record::Stored(d.clone(), 42), Record::Removed(d.clone())] {
             assert_eq!(Record::parse(r.line().trim_end()), Some(r));
         }
+        for r in [
+            PrivateRecord::Private(d.clone()),
+            PrivateRecord::Public(d.clone()),
+        ] {
+            assert_eq!(PrivateRecord::parse(r.line().trim_end()), Some(r));
+        }
+        assert_eq!(PrivateRecord::parse("+sha256:abc"), None);
         for applied in [false, true] {
             let text = String::from_utf8(encode_referrers(&d, applied)).unwrap();
             assert_eq!(decode_referrers(&text), Some((d.clone(), applied)));

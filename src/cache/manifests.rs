@@ -60,6 +60,7 @@ use moka::Expiry;
 
 use super::layout::{self, Layout};
 use super::owner;
+use super::private::{Access, Private};
 use crate::bucket::Bucket;
 use crate::cluster::{self, Cluster, Hop};
 use crate::error::{Asked, Error, ErrorKind, ErrorSource};
@@ -183,11 +184,14 @@ pub(crate) struct ManifestStore {
     /// The shared store: manifests by digest are looked for there before
     /// upstream, and uploaded there after.
     bucket: Option<Arc<Bucket>>,
+    /// Which digests came only through passthrough upstreams.
+    private: Arc<Private>,
 }
 
 impl ManifestStore {
-    /// Opens (creating) the manifest and tag directories of `layout`.
-    pub(crate) fn open(layout: &Layout) -> io::Result<ManifestStore> {
+    /// Opens (creating) the manifest and tag directories of `layout`; what
+    /// passthrough upstreams bring is marked in `private`.
+    pub(crate) fn open(layout: &Layout, private: Arc<Private>) -> io::Result<ManifestStore> {
         std::fs::create_dir_all(layout.manifests())?;
         std::fs::create_dir_all(layout.tags())?;
         Ok(ManifestStore {
@@ -203,6 +207,7 @@ impl ManifestStore {
             referrers: super::referrers::new_cache(),
             cluster: None,
             bucket: None,
+            private,
         })
     }
 
@@ -283,7 +288,9 @@ impl ManifestStore {
     /// The manifest with `digest` for a client of `class`, from memory,
     /// disk or upstream (a body fetched from upstream must hash to
     /// `digest`); `MANIFEST_UNKNOWN` when `class` is not served its media
-    /// type.
+    /// type. `None` when it is held but `access` does not allow it
+    /// (`cache/private.rs`): the caller must be confirmed upstream first.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn by_digest(
         &self,
         upstream: &Upstream,
@@ -292,12 +299,19 @@ impl ManifestStore {
         class: AcceptClass,
         caller: &Caller,
         hop: Hop,
-    ) -> Result<(Arc<Manifest>, Outcome), Error> {
+        access: Access,
+    ) -> Result<Option<(Arc<Manifest>, Outcome)>, Error> {
         let (m, outcome) = self
             .load_digest(upstream, repo, digest, caller, hop)
             .await?;
+        // `Miss`: this request's own fetch, with its caller's credentials
+        // (not one it waited for, nor one from memory or disk; a
+        // passthrough caller's never comes from an owner or the store).
+        if !access.allows(|| self.private.contains(digest), outcome == Outcome::Miss) {
+            return Ok(None);
+        }
         served(&m, class, false)?;
-        Ok((m, outcome))
+        Ok(Some((m, outcome)))
     }
 
     /// The manifest with `digest`, whatever its media type (from its owner
@@ -325,7 +339,7 @@ impl ManifestStore {
                 let m = self
                     .fetch_by_digest(upstream, repo, digest, caller, hop)
                     .await?;
-                self.write_disk(&m).await.map_err(local_error)?;
+                self.write_disk(&m, caller).await.map_err(local_error)?;
                 Ok(Arc::new(m))
             })
             .await
@@ -408,10 +422,7 @@ impl ManifestStore {
             let (m, _) = self
                 .load_digest(upstream, repo, &entry.digest, caller, hop)
                 .await?;
-            let outcome = match entry.outcome {
-                Outcome::Stale => Outcome::Stale,
-                _ => Outcome::Hit,
-            };
+            let outcome = entry.outcome.again();
             return Ok((m, outcome));
         }
         let mut loaded = false;
@@ -427,10 +438,10 @@ impl ManifestStore {
         let (m, _) = self
             .load_digest(upstream, repo, &entry.digest, caller, hop)
             .await?;
-        // A tag being served stale stays `Stale` until upstream answers again.
-        let outcome = match (loaded, entry.outcome) {
-            (true, o) | (false, o @ Outcome::Stale) => o,
-            (false, _) => Outcome::Hit,
+        let outcome = if loaded {
+            entry.outcome
+        } else {
+            entry.outcome.again()
         };
         Ok((m, outcome))
     }
@@ -465,7 +476,7 @@ impl ManifestStore {
                 Some(m) => m,
                 None => self.fetch_tag(upstream, caller, repo, tag, class).await?,
             };
-            return self.adopt(upstream, repo, tag, class, m, ttl).await;
+            return self.adopt(upstream, caller, repo, tag, class, m, ttl).await;
         };
         let serve_stale = |reason: String| {
             tracing::warn!(upstream = upstream.host(), manifest = %what, %reason,
@@ -484,13 +495,13 @@ impl ManifestStore {
                 if let Some(now) = now
                     && let Some(m) = self.in_bucket(caller, &now).await
                 {
-                    return self.adopt(upstream, repo, tag, class, m, ttl).await;
+                    return self.adopt(upstream, caller, repo, tag, class, m, ttl).await;
                 }
             }
         }
         // Moved (or HEAD gave no digest): fetch the tag.
         match self.fetch_tag(upstream, caller, repo, tag, class).await {
-            Ok(m) => self.adopt(upstream, repo, tag, class, m, ttl).await,
+            Ok(m) => self.adopt(upstream, caller, repo, tag, class, m, ttl).await,
             Err(e) if e.is_upstream_outage() => serve_stale(e.report()),
             Err(e) => Err(e),
         }
@@ -595,8 +606,17 @@ impl ManifestStore {
         match owner::ask(cluster, upstream, repo, asked).await {
             Ok(Some(from)) => {
                 let fresh_for = from.fresh_for.unwrap_or(ttl).min(ttl);
+                // Owners are asked for mirror-mode callers only.
                 let mut entry = self
-                    .adopt(upstream, repo, tag, class, from.manifest, fresh_for)
+                    .adopt(
+                        upstream,
+                        &Caller::Mirror,
+                        repo,
+                        tag,
+                        class,
+                        from.manifest,
+                        fresh_for,
+                    )
                     .await?;
                 if from.stale {
                     entry.outcome = Outcome::Stale;
@@ -619,17 +639,20 @@ impl ManifestStore {
         }
     }
 
-    /// Stores a manifest fetched by tag and points the tag at it.
+    /// Stores a manifest fetched by tag (with `caller`'s credentials) and
+    /// points the tag at it.
+    #[allow(clippy::too_many_arguments)]
     async fn adopt(
         &self,
         upstream: &Upstream,
+        caller: &Caller,
         repo: &RepoName,
         tag: &Tag,
         class: AcceptClass,
         m: Manifest,
         ttl: Duration,
     ) -> Result<TagEntry, Error> {
-        self.write_disk(&m).await.map_err(local_error)?;
+        self.write_disk(&m, caller).await.map_err(local_error)?;
         self.write_tag(upstream, repo, tag, class, &m.digest)
             .await
             .map_err(local_error)?;
@@ -648,9 +671,10 @@ impl ManifestStore {
         Some(m)
     }
 
-    /// Keeps a verified manifest on disk and in memory.
-    pub(super) async fn keep(&self, m: Manifest) -> io::Result<()> {
-        self.write_disk(&m).await?;
+    /// Keeps a verified manifest fetched with `caller`'s credentials on
+    /// disk and in memory.
+    pub(super) async fn keep(&self, m: Manifest, caller: &Caller) -> io::Result<()> {
+        self.write_disk(&m, caller).await?;
         self.by_digest.insert(m.digest.clone(), Arc::new(m)).await;
         Ok(())
     }
@@ -698,9 +722,22 @@ impl ManifestStore {
         Ok(Some(Manifest::new(digest.clone(), media_type, body)))
     }
 
-    async fn write_disk(&self, m: &Manifest) -> io::Result<()> {
+    /// Writes a manifest fetched with `caller`'s credentials: marked
+    /// private first when a passthrough caller fetched it, public after
+    /// when the mirror did (`cache/private.rs`).
+    async fn write_disk(&self, m: &Manifest, caller: &Caller) -> io::Result<()> {
         let data = layout::encode_manifest(&m.media_type, &m.body);
-        write_atomic(self.layout.manifest(&m.digest), data).await
+        if caller.credential().is_some() {
+            let (private, digest) = (self.private.clone(), m.digest.clone());
+            tokio::task::spawn_blocking(move || private.mark(&digest))
+                .await
+                .map_err(io::Error::other)??;
+        }
+        write_atomic(self.layout.manifest(&m.digest), data).await?;
+        if caller.credential().is_none() {
+            self.private.clear(&m.digest);
+        }
+        Ok(())
     }
 
     async fn read_tag(
@@ -884,7 +921,9 @@ async fn fetch(
     expected: Option<&Digest>,
     class: AcceptClass,
 ) -> Result<Manifest, Error> {
-    let what = format!("{repo}@{reference}");
+    // Worded as `http/passthrough.rs` words its `HEAD`'s answer, so a
+    // refusal says nothing of whether the manifest is held.
+    let what = format!("{repo}/manifests/{reference}");
     let resp = upstream
         .send_as(
             caller,
@@ -956,7 +995,9 @@ mod tests {
     #[test]
     fn prune_keeps_the_most_recently_written() {
         let dir = tempfile::tempdir().unwrap();
-        let store = ManifestStore::open(&Layout::new(dir.path())).unwrap();
+        let layout = Layout::new(dir.path());
+        let private = Arc::new(Private::open(&layout).unwrap());
+        let store = ManifestStore::open(&layout, private).unwrap();
         let mut paths = Vec::new();
         for i in 0..5u8 {
             let d = Digest::of(crate::oci::Algorithm::Sha256, &[i]);

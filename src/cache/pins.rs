@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::index::BlobIndex;
 use super::manifests::{Manifest, ManifestStore};
+use super::private::Access;
 use crate::cluster::Hop;
 use crate::error::Error;
 use crate::oci::manifest::{AcceptClass, refs_of};
@@ -79,6 +80,25 @@ impl Pins {
     /// Resolves one pinned image to the blobs of its current manifests.
     async fn resolve(&self, image: &ImageRef) -> Result<HashSet<Digest>, Error> {
         let (upstream, repo) = (self.route)(image)?;
+        // The mirror's own request, served to nobody: anything held will do.
+        let by_digest = |d: &Digest| {
+            let (upstream, repo, d) = (upstream.clone(), repo.clone(), d.clone());
+            async move {
+                self.manifests
+                    .by_digest(
+                        &upstream,
+                        &repo,
+                        &d,
+                        AcceptClass::ALL,
+                        &Caller::Mirror,
+                        Hop::Client,
+                        Access::Any,
+                    )
+                    .await?
+                    .map(|(m, _)| m)
+                    .ok_or_else(|| Error::internal(format!("pinned manifest {d} not served")))
+            }
+        };
         let top: Arc<Manifest> = match &image.reference {
             Reference::Tag(t) => {
                 self.manifests
@@ -93,35 +113,13 @@ impl Pins {
                     .await?
                     .0
             }
-            Reference::Digest(d) => {
-                self.manifests
-                    .by_digest(
-                        &upstream,
-                        &repo,
-                        d,
-                        AcceptClass::ALL,
-                        &Caller::Mirror,
-                        Hop::Client,
-                    )
-                    .await?
-                    .0
-            }
+            Reference::Digest(d) => by_digest(d).await?,
         };
         let mut blobs = HashSet::new();
         let refs = refs_of(&top.body);
         blobs.extend(refs.blobs);
         for child in refs.manifests {
-            let (m, _) = self
-                .manifests
-                .by_digest(
-                    &upstream,
-                    &repo,
-                    &child,
-                    AcceptClass::ALL,
-                    &Caller::Mirror,
-                    Hop::Client,
-                )
-                .await?;
+            let m = by_digest(&child).await?;
             blobs.extend(refs_of(&m.body).blobs);
         }
         Ok(blobs)

@@ -46,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::blob::{BlobStore, Prefetched};
 use super::manifests::{Manifest, ManifestStore};
+use crate::cache::private::Access;
 use crate::cluster::Hop;
 use crate::error::ConfigError;
 use crate::oci::RepoName;
@@ -270,12 +271,30 @@ impl Prefetcher {
             {
                 continue;
             }
+            // What a request of this caller for the child would be served:
+            // held private content only once upstream confirms it, so a
+            // passthrough caller's prefetch fetches the child itself or
+            // skips it.
+            let access = if caller.credential().is_some() {
+                Access::Own
+            } else {
+                Access::Public
+            };
             match self
                 .manifests
-                .by_digest(upstream, repo, &child.digest, class, caller, Hop::Client)
+                .by_digest(
+                    upstream,
+                    repo,
+                    &child.digest,
+                    class,
+                    caller,
+                    Hop::Client,
+                    access,
+                )
                 .await
             {
-                Ok((child, _)) => {
+                Ok(None) => {}
+                Ok(Some((child, _))) => {
                     if self.due(&child) {
                         Box::pin(self.run(upstream, repo, &child, class, caller)).await;
                     }

@@ -69,10 +69,19 @@ impl moka::Expiry<String, RefEntry> for RefExpiry {
     }
 }
 
-/// The in-memory cache of referrers answers.
+/// In-memory budget for referrers answers: their bodies and keys (a key
+/// holds the client's `artifactType` filter, any text), so neither large
+/// answers nor many distinct filters grow memory past it.
+const MEMORY_BUDGET: u64 = 16 * 1024 * 1024;
+
+/// The in-memory cache of referrers answers, weighed in bytes.
 pub(crate) fn new_cache() -> moka::future::Cache<String, RefEntry> {
     moka::future::Cache::builder()
-        .max_capacity(10_000)
+        .weigher(|key: &String, e: &RefEntry| {
+            let link = e.answer.link.as_ref().map_or(0, |l| l.len());
+            u32::try_from(key.len() + e.answer.body.len() + link).unwrap_or(u32::MAX)
+        })
+        .max_capacity(MEMORY_BUDGET)
         .expire_after(RefExpiry)
         .build()
 }
@@ -96,10 +105,7 @@ impl ManifestStore {
             filter.unwrap_or("")
         );
         if let Some(entry) = self.referrers.get(&key).await {
-            let outcome = match entry.outcome {
-                Outcome::Stale => Outcome::Stale,
-                _ => Outcome::Hit,
-            };
+            let outcome = entry.outcome.again();
             return Ok((entry.answer, outcome));
         }
         let mut loaded = false;
@@ -112,9 +118,10 @@ impl ManifestStore {
             })
             .await
             .map_err(|e: Arc<Error>| (*e).clone())?;
-        let outcome = match (loaded, entry.outcome) {
-            (true, o) | (false, o @ Outcome::Stale) => o,
-            (false, _) => Outcome::Hit,
+        let outcome = if loaded {
+            entry.outcome
+        } else {
+            entry.outcome.again()
         };
         Ok((entry.answer, outcome))
     }
@@ -177,7 +184,7 @@ impl ManifestStore {
             answer.body.clone(),
         );
         let digest = m.digest.clone();
-        self.keep(m).await.map_err(local_error)?;
+        self.keep(m, caller).await.map_err(local_error)?;
         write_atomic(
             record,
             layout::encode_referrers(&digest, answer.filters_applied),

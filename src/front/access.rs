@@ -8,10 +8,16 @@
 //!
 //! bcrypt is slow on purpose (tens of milliseconds), so a verified
 //! `Authorization` value is remembered for a while (keyed by a SHA-256 of the
-//! value and the htpasswd generation, so a reload forgets everything), and
-//! verifications run on the blocking pool, a few at a time.
+//! value and the htpasswd generation, so a reload forgets everything), a
+//! failed one briefly, and each client address gets a burst of failures
+//! before it is answered 429 ([`super::failures`]). Verifications run on
+//! tokio's blocking pool, never on a runtime worker, at most
+//! [`bcrypt_threads`] at once: the permit travels into the blocking task,
+//! so a client that hangs up does not free a slot while its bcrypt still
+//! runs.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -24,6 +30,7 @@ use http::{HeaderMap, HeaderValue, header};
 use sha2::{Digest as _, Sha256};
 
 use super::config::AccessConfig;
+use super::failures::Failures;
 use crate::error::Error;
 
 /// How long a verified `Authorization` value is trusted without running
@@ -55,13 +62,23 @@ pub(crate) enum AccessError {
     },
 }
 
+/// The highest bcrypt cost accepted. Each step doubles the work: cost 12
+/// takes about 250 ms per check on one core, 17 (htpasswd's maximum) eight
+/// seconds, 31 days. An entry above this would turn every login into a
+/// denial of service on the bcrypt pool, so the file is refused instead.
+pub(crate) const MAX_BCRYPT_COST: u32 = 12;
+
 /// Users and their bcrypt hashes, as read from one version of the file.
 #[derive(Debug)]
 pub(crate) struct Htpasswd {
     users: HashMap<String, String>,
-    /// A hash of an unguessable password, checked for unknown users so that
-    /// they take as long as known ones.
-    dummy: String,
+    /// The highest cost in the file.
+    max_cost: u32,
+    /// A hash of an unguessable password at `max_cost`, checked for
+    /// unknown users so that they take as long as known ones; computed on
+    /// the first check of an unknown user (on the bcrypt pool), not while
+    /// parsing.
+    dummy: std::sync::OnceLock<String>,
 }
 
 impl Htpasswd {
@@ -95,6 +112,17 @@ impl Htpasswd {
                     ),
                 )
             })?;
+            if parts.get_cost() > MAX_BCRYPT_COST {
+                return Err(bad(
+                    i + 1,
+                    format!(
+                        "the entry for {user:?} has bcrypt cost {}, above the {MAX_BCRYPT_COST} \
+                         accepted (each check would take seconds or more); recreate it with \
+                         `htpasswd -B -C 10`",
+                        parts.get_cost()
+                    ),
+                ));
+            }
             max_cost = max_cost.max(parts.get_cost());
             if users.insert(user.to_string(), hash.to_string()).is_some() {
                 return Err(bad(i + 1, format!("user {user:?} appears twice")));
@@ -103,10 +131,11 @@ impl Htpasswd {
         if users.is_empty() {
             return Err(bad(0, "no users in the file".into()));
         }
-        // Its password never matters: unknown users are refused anyway.
-        let dummy = bcrypt::hash("stowage: no such user", max_cost)
-            .map_err(|e| bad(0, format!("cannot compute a bcrypt hash: {e}")))?;
-        Ok(Htpasswd { users, dummy })
+        Ok(Htpasswd {
+            users,
+            max_cost,
+            dummy: std::sync::OnceLock::new(),
+        })
     }
 
     /// Number of users.
@@ -120,7 +149,12 @@ impl Htpasswd {
         match self.users.get(user) {
             Some(hash) => bcrypt::verify(password, hash).unwrap_or(false),
             None => {
-                let _ = bcrypt::verify(password, &self.dummy);
+                // Its password never matters: unknown users are refused
+                // anyway.
+                let dummy = self.dummy.get_or_init(|| {
+                    bcrypt::hash("stowage: no such user", self.max_cost).unwrap_or_default()
+                });
+                let _ = bcrypt::verify(password, dummy);
                 false
             }
         }
@@ -142,7 +176,17 @@ struct Protected {
     /// SHA-256 of the file contents last tried (loaded or rejected).
     seen: ArcSwap<[u8; 32]>,
     verified: moka::sync::Cache<[u8; 32], ()>,
-    bcrypt_slots: tokio::sync::Semaphore,
+    failures: Failures,
+    bcrypt_slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// How many bcrypt verifications run at once: half the cores (at least
+/// one), so a flood of wrong passwords leaves the other half to serving.
+pub(crate) fn bcrypt_threads() -> usize {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    (cores / 2).max(1)
 }
 
 impl Access {
@@ -169,9 +213,6 @@ impl Access {
         );
         let challenge = HeaderValue::from_str(&format!("Basic realm=\"{}\"", config.realm))
             .unwrap_or_else(|_| HeaderValue::from_static("Basic realm=\"stowage\""));
-        let slots = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2);
         Ok(Access {
             inner: Some(Protected {
                 path: config.htpasswd.clone(),
@@ -184,7 +225,8 @@ impl Access {
                     .max_capacity(VERIFIED_CAPACITY)
                     .time_to_live(VERIFIED_TTL)
                     .build(),
-                bcrypt_slots: tokio::sync::Semaphore::new(slots),
+                failures: Failures::new(config.max_failures, config.failure_window),
+                bcrypt_slots: Arc::new(tokio::sync::Semaphore::new(bcrypt_threads())),
             }),
         })
     }
@@ -199,9 +241,10 @@ impl Access {
         self.inner.as_ref().map(|p| p.reload_interval)
     }
 
-    /// Lets the request through, or answers 401 UNAUTHORIZED with the Basic
-    /// challenge.
-    pub(crate) async fn check(&self, headers: &HeaderMap) -> Result<(), Error> {
+    /// Lets the request from `peer` through, or answers 401 UNAUTHORIZED
+    /// with the Basic challenge, or 429 TOOMANYREQUESTS with `Retry-After`
+    /// when `peer` has failed too often.
+    pub(crate) async fn check(&self, headers: &HeaderMap, peer: IpAddr) -> Result<(), Error> {
         let Some(p) = &self.inner else {
             return Ok(());
         };
@@ -224,19 +267,41 @@ impl Access {
         if p.verified.contains_key(&key) {
             return Ok(());
         }
-        let users = p.users.load_full();
-        let ok = {
-            let _slot = p.bcrypt_slots.acquire().await;
-            let check_user = user.clone();
-            tokio::task::spawn_blocking(move || users.verify(&check_user, &password))
-                .await
-                .unwrap_or(false)
+        p.refuse_if_blocked(peer)?;
+        if p.failures.known_bad(&key) {
+            p.failed(peer, key, &user);
+            return Err(deny("invalid username or password"));
+        }
+        // One check at a time per address, then a slot of the pool.
+        let Ok(lane) = p.failures.lane(peer).acquire_owned().await else {
+            return Err(deny("invalid username or password"));
         };
+        let Ok(slot) = p.bcrypt_slots.clone().acquire_owned().await else {
+            return Err(deny("invalid username or password"));
+        };
+        // While this one queued, the same value may have been checked, or
+        // the address refused.
+        if p.verified.contains_key(&key) {
+            return Ok(());
+        }
+        p.refuse_if_blocked(peer)?;
+        if p.failures.known_bad(&key) {
+            p.failed(peer, key, &user);
+            return Err(deny("invalid username or password"));
+        }
+        let users = p.users.load_full();
+        let check_user = user.clone();
+        let ok = tokio::task::spawn_blocking(move || {
+            let _held = (lane, slot);
+            users.verify(&check_user, &password)
+        })
+        .await
+        .unwrap_or(false);
         if ok {
             p.verified.insert(key, ());
             Ok(())
         } else {
-            tracing::warn!(user = %user, "client authentication failed");
+            p.failed(peer, key, &user);
             Err(deny("invalid username or password"))
         }
     }
@@ -278,12 +343,40 @@ impl Access {
                 p.users.store(Arc::new(users));
                 p.generation.fetch_add(1, Ordering::AcqRel);
                 p.verified.invalidate_all();
+                p.failures.forget_values();
                 Ok(true)
             }
             Err(e) => {
                 tracing::error!(error = %e, "htpasswd reload rejected; keeping the previous users");
                 Err(e)
             }
+        }
+    }
+}
+
+impl Protected {
+    /// 429 with `Retry-After` while `peer` is refused.
+    fn refuse_if_blocked(&self, peer: IpAddr) -> Result<(), Error> {
+        match self.failures.blocked(peer) {
+            Some(left) => Err(Error::client_throttled(
+                "too many failed logins from this address; try again later",
+                left.as_secs().max(1),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Records a failure and logs it, at most once per address per
+    /// interval.
+    fn failed(&self, peer: IpAddr, key: [u8; 32], user: &str) {
+        if let Some(w) = self.failures.record(peer, key) {
+            tracing::warn!(
+                %peer,
+                user = %user,
+                earlier_failures_not_logged = w.unlogged,
+                refused_for_a_while = w.blocked,
+                "client authentication failed"
+            );
         }
     }
 }
@@ -327,6 +420,29 @@ mod tests {
         assert!(e.to_string().contains("twice"), "{e}");
         assert!(file("# nobody\n").is_err());
         assert!(file("no colon\n").is_err());
+    }
+
+    /// Found by the htpasswd fuzz target (hangs): an entry of cost 14 or 15
+    /// made parsing compute a dummy hash at that cost (seconds; cost 31:
+    /// days), and every login of that user would cost as much.
+    #[test]
+    fn high_costs_are_refused_and_parsing_hashes_nothing() {
+        let at = |cost: u32| {
+            let h = bcrypt::hash("x", 4).unwrap();
+            format!("u:{}{cost:02}{}\n", &h[..4], &h[6..])
+        };
+        let e = file(&at(13)).unwrap_err();
+        assert!(e.to_string().contains("cost 13"), "{e}");
+        let e = file(&at(31)).unwrap_err();
+        assert!(e.to_string().contains("htpasswd:1"), "{e}");
+        let started = std::time::Instant::now();
+        let h = file(&at(12)).unwrap();
+        assert!(
+            started.elapsed() < std::time::Duration::from_millis(50),
+            "parsing took {:?}",
+            started.elapsed()
+        );
+        assert!(h.dummy.get().is_none());
     }
 
     #[test]

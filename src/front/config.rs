@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use bytesize::ByteSize;
 use serde::Deserialize;
 
 use crate::error::ConfigError;
@@ -66,6 +67,16 @@ pub struct AccessConfig {
     /// (SIGHUP still reloads).
     #[serde(default = "default_tls_reload_interval", with = "humantime_serde")]
     pub reload_interval: Duration,
+
+    /// Failed logins one client address may have per `failure_window`;
+    /// after that it is answered 429 (with `Retry-After`) for the rest of
+    /// the window, without checking passwords.
+    #[serde(default = "default_max_failures")]
+    pub max_failures: u32,
+
+    /// The window of `max_failures`.
+    #[serde(default = "default_failure_window", with = "humantime_serde")]
+    pub failure_window: Duration,
 }
 
 /// Connection limits (`[limits]`).
@@ -82,9 +93,18 @@ pub struct LimitsConfig {
     pub header_read_timeout: Duration,
 
     /// A connection on which nothing is read or written for this long is
-    /// closed.
+    /// closed (on HTTP/2 only requests and responses count, not PINGs).
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
+
+    /// HTTP/2 streams (requests) one connection may have open at once.
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+
+    /// Process-wide budget of blob bytes read ahead into memory for TLS and
+    /// HTTP/2 connections and not yet sent (plain HTTP/1 uses `sendfile`).
+    #[serde(default = "default_read_ahead_budget")]
+    pub read_ahead_budget: ByteSize,
 }
 
 impl Default for LimitsConfig {
@@ -93,6 +113,8 @@ impl Default for LimitsConfig {
             max_connections: default_max_connections(),
             header_read_timeout: default_header_read_timeout(),
             idle_timeout: default_idle_timeout(),
+            max_concurrent_streams: default_max_concurrent_streams(),
+            read_ahead_budget: default_read_ahead_budget(),
         }
     }
 }
@@ -109,6 +131,14 @@ fn default_realm() -> String {
     "stowage".into()
 }
 
+fn default_max_failures() -> u32 {
+    10
+}
+
+fn default_failure_window() -> Duration {
+    Duration::from_secs(60)
+}
+
 fn default_max_connections() -> usize {
     1024
 }
@@ -119,6 +149,14 @@ fn default_header_read_timeout() -> Duration {
 
 fn default_idle_timeout() -> Duration {
     Duration::from_secs(90)
+}
+
+fn default_max_concurrent_streams() -> u32 {
+    100
+}
+
+fn default_read_ahead_budget() -> ByteSize {
+    ByteSize::mib(32)
 }
 
 impl TlsConfig {
@@ -154,6 +192,18 @@ impl AccessConfig {
                 "must be printable ASCII without quotes or backslashes",
             ));
         }
+        if self.max_failures == 0 {
+            return Err(ConfigError::invalid(
+                "access.max_failures",
+                "must be at least 1",
+            ));
+        }
+        if self.failure_window.is_zero() {
+            return Err(ConfigError::invalid(
+                "access.failure_window",
+                "must be more than zero",
+            ));
+        }
         Ok(())
     }
 }
@@ -177,6 +227,18 @@ impl LimitsConfig {
             return Err(ConfigError::invalid(
                 "limits.idle_timeout",
                 "must be more than zero",
+            ));
+        }
+        if self.max_concurrent_streams == 0 {
+            return Err(ConfigError::invalid(
+                "limits.max_concurrent_streams",
+                "must be at least 1",
+            ));
+        }
+        if self.read_ahead_budget < ByteSize::mib(1) {
+            return Err(ConfigError::invalid(
+                "limits.read_ahead_budget",
+                "must be at least 1MiB",
             ));
         }
         Ok(())

@@ -1,6 +1,7 @@
 //! Connection limits: the connection slots of a listener, the idle and
-//! first-byte timeouts on each socket ([`IdleIo`]) and hyper's HTTP/1
-//! header read timeout.
+//! first-byte timeouts on each connection ([`IdleIo`]), hyper's HTTP/1
+//! header read timeout, the HTTP/2 stream limit, and the process-wide
+//! budget of read-ahead buffers ([`ReadBudget`]).
 
 use std::io;
 use std::pin::Pin;
@@ -13,6 +14,8 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
+
+use super::activity::Activity;
 
 /// At most `max` connections at once; further ones wait in the kernel's
 /// listen backlog.
@@ -62,21 +65,100 @@ impl Slots {
     }
 }
 
-/// Applies the HTTP-level limits to hyper's connection builder: a timer and
-/// the HTTP/1 header read timeout.
-pub(crate) fn configure(builder: &mut auto::Builder<TokioExecutor>, header_read_timeout: Duration) {
+/// Applies the HTTP-level limits to hyper's connection builder: a timer,
+/// the HTTP/1 header read timeout and the HTTP/2 stream limit.
+pub(crate) fn configure(
+    builder: &mut auto::Builder<TokioExecutor>,
+    header_read_timeout: Duration,
+    max_concurrent_streams: u32,
+) {
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(max_concurrent_streams);
 }
 
-/// A socket that fails with `TimedOut` once nothing has been read or
-/// written for the idle timeout, or when the first byte does not arrive
-/// within the first-byte timeout.
+/// The process-wide budget of read-ahead buffers: the bytes that response
+/// bodies have read from blob files and handed to hyper but that have not
+/// left the process yet (on TLS and HTTP/2 connections; plain HTTP/1 sends
+/// with `sendfile` and needs no buffer).
+///
+/// hyper polls a body for its next chunk before the stream has flow-control
+/// window to send it, so every stream whose client never opens its window
+/// holds one chunk for as long as the connection lives. The budget is a
+/// semaphore of bytes: a chunk takes its bytes before it is read and gives
+/// them back when hyper drops it ([`Lease`] travels inside the `Bytes`). So
+/// however many streams stall, these buffers never exceed the budget; when
+/// the budget runs short, reads get smaller, and only when not even the
+/// minimum is free does a body wait.
+pub(crate) struct ReadBudget {
+    bytes: Arc<Semaphore>,
+    total: usize,
+}
+
+/// Bytes taken from the [`ReadBudget`]; given back when dropped.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    permit: OwnedSemaphorePermit,
+}
+
+impl Lease {
+    /// How many bytes this lease covers.
+    pub(crate) fn len(&self) -> usize {
+        self.permit.num_permits()
+    }
+}
+
+impl ReadBudget {
+    /// A budget of `total` bytes.
+    pub(crate) fn new(total: usize) -> Arc<ReadBudget> {
+        let total = total.clamp(1, Semaphore::MAX_PERMITS);
+        Arc::new(ReadBudget {
+            bytes: Arc::new(Semaphore::new(total)),
+            total,
+        })
+    }
+
+    /// Takes as much of `want` bytes as is free now, but at least `min`
+    /// (waiting for that much when less is free).
+    pub(crate) async fn take(&self, want: usize, min: usize) -> Lease {
+        let min = min.clamp(1, self.total);
+        let want = want.clamp(min, self.total);
+        loop {
+            let free = self.bytes.available_permits().min(want);
+            if free >= min {
+                if let Ok(permit) = self.bytes.clone().try_acquire_many_owned(free as u32) {
+                    return Lease { permit };
+                }
+                continue;
+            }
+            match self.bytes.clone().acquire_many_owned(min as u32).await {
+                Ok(permit) => return Lease { permit },
+                // The semaphore is never closed.
+                Err(_) => std::future::pending().await,
+            }
+        }
+    }
+
+    /// Bytes currently taken.
+    #[cfg(test)]
+    pub(crate) fn in_use(&self) -> usize {
+        self.total - self.bytes.available_permits()
+    }
+}
+
+/// A connection that fails with `TimedOut` once nothing that counts as
+/// activity has been read or written for the idle timeout, or when the
+/// first byte does not arrive within the first-byte timeout. It wraps the
+/// plaintext stream (above TLS), so that on HTTP/2 only request and
+/// response frames count, not PINGs ([`Activity`]).
 pub(crate) struct IdleIo<T> {
     inner: T,
+    activity: Activity,
     idle: Duration,
     first_byte: Duration,
     got_first_byte: bool,
@@ -90,6 +172,7 @@ impl<T> IdleIo<T> {
         let now = Instant::now();
         IdleIo {
             inner,
+            activity: Activity::default(),
             idle,
             first_byte,
             got_first_byte: false,
@@ -146,7 +229,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
-                    this.last_activity = Instant::now();
+                    if this.activity.read(&buf.filled()[before..]) {
+                        this.last_activity = Instant::now();
+                    }
                     if !this.got_first_byte {
                         // The allowance changes from first-byte to idle:
                         // the timer must not be later than the deadline.
@@ -172,7 +257,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_write(cx, data) {
             Poll::Ready(Ok(n)) => {
-                if n > 0 {
+                if this.activity.written(&data[..n.min(data.len())]) {
                     this.last_activity = Instant::now();
                 }
                 Poll::Ready(Ok(n))
@@ -190,7 +275,17 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
             Poll::Ready(Ok(n)) => {
-                if n > 0 {
+                let mut left = n;
+                let mut active = false;
+                for b in bufs {
+                    if left == 0 {
+                        break;
+                    }
+                    let take = left.min(b.len());
+                    active |= this.activity.written(&b[..take]);
+                    left -= take;
+                }
+                if active {
                     this.last_activity = Instant::now();
                 }
                 Poll::Ready(Ok(n))
@@ -210,5 +305,32 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn read_budget_shrinks_reads_then_waits_for_the_minimum() {
+        let budget = ReadBudget::new(100);
+        let a = budget.take(60, 10).await;
+        assert_eq!(a.len(), 60);
+        // 40 free: a smaller lease rather than a wait.
+        let b = budget.take(60, 10).await;
+        assert_eq!(b.len(), 40);
+        assert_eq!(budget.in_use(), 100);
+        // Nothing free: waits until a lease is dropped.
+        let waiting = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.take(60, 10).await.len() }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished());
+        drop(b);
+        assert!((10..=60).contains(&waiting.await.unwrap()));
+        drop(a);
+        assert_eq!(budget.in_use(), 0);
     }
 }

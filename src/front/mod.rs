@@ -1,6 +1,8 @@
 //! The front door of the registry listener: the connection limit, the TLS
 //! handshake (with a timeout), the idle and first-byte timeouts on the
-//! socket, the HTTP/1 header read timeout ([`limits`]), TLS termination
+//! plaintext stream (HTTP/2 PINGs are not activity: [`activity`]), the
+//! HTTP/1 header read timeout, HTTP/2 stream limits and the read budget
+//! ([`limits`]), TLS termination
 //! ([`tls`]), client authentication ([`access`]), the reloading of the
 //! files behind TLS and authentication ([`reload`]) and zero-copy sends
 //! ([`zerocopy`]).
@@ -25,14 +27,16 @@ use tokio::sync::OwnedSemaphorePermit;
 use config::{AccessConfig, LimitsConfig, TlsConfig};
 
 pub(crate) mod access;
+mod activity;
 pub(crate) mod config;
+mod failures;
 pub(crate) mod limits;
 pub(crate) mod reload;
 pub(crate) mod tls;
 pub(crate) mod zerocopy;
 
-pub(crate) use limits::IdleIo;
 use limits::Slots;
+pub(crate) use limits::{IdleIo, ReadBudget};
 pub(crate) use reload::Reloader;
 
 use access::{Access, AccessError};
@@ -56,6 +60,8 @@ pub(crate) struct Front {
     access: Arc<Access>,
     limits: LimitsConfig,
     slots: Slots,
+    /// Whether plain connections may send blob bytes with `sendfile`.
+    zero_copy: bool,
 }
 
 impl Front {
@@ -73,7 +79,20 @@ impl Front {
             access,
             limits: limits.clone(),
             slots: Slots::new(limits.max_connections),
+            zero_copy: true,
         })
+    }
+
+    /// The front door of the admin listener: plain HTTP, open, with the
+    /// same `[limits]` but connection slots of its own.
+    pub(crate) fn admin(limits: &LimitsConfig) -> Front {
+        Front {
+            tls: None,
+            access: Arc::new(Access::open()),
+            limits: limits.clone(),
+            slots: Slots::new(limits.max_connections),
+            zero_copy: false,
+        }
     }
 
     /// The TLS state, when this listener terminates TLS.
@@ -86,10 +105,14 @@ impl Front {
         self.access.clone()
     }
 
-    /// Applies the HTTP-level limits to hyper's connection builder: a timer
-    /// and the HTTP/1 header read timeout.
+    /// Applies the HTTP-level limits to hyper's connection builder: a timer,
+    /// the HTTP/1 header read timeout and the HTTP/2 stream limit.
     pub(crate) fn configure(&self, builder: &mut auto::Builder<TokioExecutor>) {
-        limits::configure(builder, self.limits.header_read_timeout);
+        limits::configure(
+            builder,
+            self.limits.header_read_timeout,
+            self.limits.max_concurrent_streams,
+        );
     }
 
     /// Waits for a free connection slot; see [`Slots::acquire`].
@@ -97,24 +120,29 @@ impl Front {
         self.slots.acquire().await
     }
 
-    /// Wraps an accepted socket with the idle timeout and, on a TLS
-    /// listener, completes the handshake within the handshake timeout.
-    /// `None` when the handshake failed (logged at debug level).
+    /// On a TLS listener, completes the handshake within the handshake
+    /// timeout; then wraps the (plaintext) stream with the idle and
+    /// first-byte timeouts. `None` when the handshake failed (logged at
+    /// debug level).
     pub(crate) async fn handshake(&self, stream: TcpStream, peer: SocketAddr) -> Option<FrontIo> {
+        let stream = ZeroCopyStream::new(stream, self.zero_copy && self.tls.is_none());
         // A client that sends nothing at all is both idle and slow with its
         // headers: whichever limit is shorter applies.
-        let io = IdleIo::new(
-            ZeroCopyStream::new(stream, self.tls.is_none()),
+        let (idle, first_byte) = (
             self.limits.idle_timeout,
             self.limits
                 .header_read_timeout
                 .min(self.limits.idle_timeout),
         );
         let Some(tls) = &self.tls else {
-            return Some(FrontIo::Plain(io));
+            return Some(FrontIo::Plain(IdleIo::new(stream, idle, first_byte)));
         };
-        match tokio::time::timeout(tls.handshake_timeout(), tls.acceptor().accept(io)).await {
-            Ok(Ok(stream)) => Some(FrontIo::Tls(Box::new(stream))),
+        match tokio::time::timeout(tls.handshake_timeout(), tls.acceptor().accept(stream)).await {
+            Ok(Ok(stream)) => Some(FrontIo::Tls(IdleIo::new(
+                Box::new(stream),
+                idle,
+                first_byte,
+            ))),
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
                 None
@@ -136,8 +164,8 @@ impl Front {
 pub(crate) enum FrontIo {
     /// Plain TCP.
     Plain(IdleIo<ZeroCopyStream>),
-    /// TLS over TCP.
-    Tls(Box<tokio_rustls::server::TlsStream<IdleIo<ZeroCopyStream>>>),
+    /// TLS over TCP (the timeouts watch the plaintext).
+    Tls(IdleIo<Box<tokio_rustls::server::TlsStream<ZeroCopyStream>>>),
 }
 
 impl FrontIo {
@@ -159,7 +187,7 @@ impl AsyncRead for FrontIo {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             FrontIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            FrontIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            FrontIo::Tls(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -172,7 +200,7 @@ impl AsyncWrite for FrontIo {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             FrontIo::Plain(s) => Pin::new(s).poll_write(cx, data),
-            FrontIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, data),
+            FrontIo::Tls(s) => Pin::new(s).poll_write(cx, data),
         }
     }
 
@@ -183,7 +211,7 @@ impl AsyncWrite for FrontIo {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             FrontIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            FrontIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            FrontIo::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -197,14 +225,14 @@ impl AsyncWrite for FrontIo {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             FrontIo::Plain(s) => Pin::new(s).poll_flush(cx),
-            FrontIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            FrontIo::Tls(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             FrontIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            FrontIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            FrontIo::Tls(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

@@ -18,6 +18,7 @@ use crate::cache::blob::BlobStore;
 use crate::cache::grants::Grants;
 use crate::cache::manifests::ManifestStore;
 use crate::cache::prefetch::Prefetcher;
+use crate::cache::private::Private;
 use crate::cluster::Cluster;
 use crate::front::access::Access;
 use crate::metrics::Metrics;
@@ -37,7 +38,9 @@ pub(crate) struct AppState {
     /// Client authentication (open unless `[access]` is configured).
     pub(crate) access: Arc<Access>,
     /// What passthrough upstreams let each caller read.
-    pub(crate) grants: Grants,
+    pub(crate) grants: Arc<Grants>,
+    /// Which digests came only through passthrough upstreams.
+    pub(crate) private: Arc<Private>,
     /// This server's metrics and health flags.
     pub(crate) metrics: Arc<Metrics>,
     /// Request id generator.

@@ -18,6 +18,7 @@ use super::request_id;
 use super::routing::{ns_param, route_kind};
 use crate::body::{self, Body};
 use crate::cache::manifests::Manifest;
+use crate::cache::private::Access;
 use crate::cluster::Hop;
 use crate::error::{Asked, Error};
 use crate::front::zerocopy::Regions;
@@ -46,7 +47,7 @@ pub(crate) async fn handle(
     let parsed = parse_route(&path);
     let route = route_kind(&parsed);
     let span = tracing::info_span!("request", request_id = %request_id);
-    let (response, outcome) = match dispatch(&state, &req, parsed).instrument(span).await {
+    let (response, outcome) = match dispatch(&state, &req, parsed, peer).instrument(span).await {
         Ok(answer) => answer,
         Err(e) => (Err(e), None),
     };
@@ -116,6 +117,7 @@ async fn dispatch(
     state: &AppState,
     req: &Request<Incoming>,
     route: Result<Route, ParseError>,
+    peer: SocketAddr,
 ) -> Result<Answer, Error> {
     // Credentials first: an unauthenticated client learns nothing, not even
     // whether its path was valid. A peer's credential is the cluster secret.
@@ -128,7 +130,7 @@ async fn dispatch(
             authenticated: true,
         })
     {
-        state.access.check(req.headers()).await?;
+        state.access.check(req.headers(), peer.ip()).await?;
     }
     let route = route?;
     let method = req.method();
@@ -205,14 +207,40 @@ async fn blob(
     };
     let head = req.method() == Method::HEAD;
     let caller = Caller::of(&upstream, req.headers());
-    passthrough::authorize(state, &upstream, &repo, &caller, Asking::Blob(digest)).await?;
-    let r = state
-        .blobs
-        .serve(
-            &upstream, &repo, digest, range, head, zero_copy, caller, hop,
+    let asking = Asking::Blob(digest);
+    let access = passthrough::authorize(state, &upstream, &repo, &caller, asking).await?;
+    let serve = |access| {
+        state.blobs.serve(
+            &upstream,
+            &repo,
+            digest,
+            range,
+            head,
+            zero_copy.clone(),
+            caller.clone(),
+            hop,
+            access,
         )
-        .await?;
+    };
+    let r = match serve(access).await? {
+        Some(r) => {
+            if access == Access::Own {
+                passthrough::fetched(state, &upstream, &repo, &caller, digest);
+            }
+            r
+        }
+        None => {
+            passthrough::confirm(state, &upstream, &repo, &caller, asking).await?;
+            serve(Access::Any).await?.ok_or_else(|| unserved(digest))?
+        }
+    };
     Ok((r.response, Some(r.outcome)))
+}
+
+/// The error for content the cache refused to serve after upstream
+/// confirmed it (it cannot happen: [`Access::Any`] is served anything).
+fn unserved(digest: &Digest) -> Error {
+    Error::internal(format!("{digest} not served after upstream confirmed it"))
 }
 
 /// `/v2/<name>/manifests/<reference>`: from the manifest cache, as the
@@ -232,22 +260,36 @@ async fn manifest(
         Reference::Digest(d) => Asking::Manifest(d),
         Reference::Tag(t) => Asking::Tag(t, class),
     };
-    passthrough::authorize(state, &upstream, &repo, &caller, asking).await?;
+    let access = passthrough::authorize(state, &upstream, &repo, &caller, asking).await?;
     let (m, outcome) = match reference {
         Reference::Digest(d) => {
-            state
-                .manifests
-                .by_digest(&upstream, &repo, d, class, &caller, hop)
-                .await?
+            let by_digest = |access| {
+                state
+                    .manifests
+                    .by_digest(&upstream, &repo, d, class, &caller, hop, access)
+            };
+            match by_digest(access).await? {
+                Some(answer) => {
+                    if access == Access::Own {
+                        passthrough::fetched(state, &upstream, &repo, &caller, d);
+                    }
+                    answer
+                }
+                None => {
+                    passthrough::confirm(state, &upstream, &repo, &caller, asking).await?;
+                    by_digest(Access::Any).await?.ok_or_else(|| unserved(d))?
+                }
+            }
         }
         Reference::Tag(t) => {
-            state
+            let answer = state
                 .manifests
                 .by_tag(&upstream, &repo, t, class, &caller, hop)
-                .await?
+                .await?;
+            passthrough::served_by_tag(state, &upstream, &repo, &caller, &answer.0);
+            answer
         }
     };
-    passthrough::served_manifest(state, &upstream, &repo, &caller, &m);
     if req.method() == Method::GET && !hop.is_peer() {
         // A pull follows: start its blobs' fills now, with the caller's
         // credentials (in passthrough, upstream has just let this caller

@@ -156,3 +156,25 @@ mod tests {
         assert!(Digest::parse(&format!("sha256:../{}", &H[3..])).is_err());
     }
 }
+
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Canonical digests print back to themselves; anything else that
+        /// parses does too (parse accepts canonical text only).
+        #[test]
+        fn digest_display_parse_round_trip(hex in "[0-9a-f]{64}", long in "[0-9a-f]{128}", junk in ".{0,80}") {
+            for text in [format!("sha256:{hex}"), format!("sha512:{long}")] {
+                let d = Digest::parse(&text).unwrap();
+                prop_assert_eq!(d.to_string(), text);
+            }
+            if let Ok(d) = Digest::parse(&junk) {
+                prop_assert_eq!(d.to_string(), junk);
+            }
+        }
+    }
+}

@@ -246,3 +246,50 @@ mod tests {
         assert!(ImageRef::parse("a:b:c").is_err());
     }
 }
+
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// One repository name component: `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`.
+    fn component() -> impl Strategy<Value = String> {
+        "[a-z0-9]{1,8}(([._]|__|-{1,3})[a-z0-9]{1,8}){0,3}"
+    }
+
+    proptest! {
+        #[test]
+        fn repo_name_display_parse_round_trip(parts in prop::collection::vec(component(), 1..5)) {
+            let text = parts.join("/");
+            prop_assume!(text.len() <= MAX_NAME_LEN);
+            let name = RepoName::parse(&text).unwrap();
+            prop_assert_eq!(name.to_string(), text);
+        }
+
+        #[test]
+        fn tag_display_parse_round_trip(text in "[A-Za-z0-9_][A-Za-z0-9._-]{0,127}", junk in ".{0,140}") {
+            prop_assert_eq!(Tag::parse(&text).unwrap().to_string(), text);
+            if let Ok(t) = Tag::parse(&junk) {
+                prop_assert_eq!(t.to_string(), junk.clone());
+                prop_assert!(junk != "." && junk != ".." && !junk.contains('/'));
+            }
+        }
+
+        #[test]
+        fn image_ref_display_parse_round_trip(
+            parts in prop::collection::vec(component(), 1..4),
+            tag in "[A-Za-z0-9_][A-Za-z0-9._-]{0,20}",
+            host in prop::option::of("[a-z0-9]{1,10}\\.(io|com)(:[0-9]{1,5})?"),
+        ) {
+            let repo = parts.join("/");
+            let text = match &host {
+                Some(h) => format!("{h}/{repo}:{tag}"),
+                None => format!("{repo}:{tag}"),
+            };
+            let r = ImageRef::parse(&text).unwrap();
+            prop_assert_eq!(r.to_string(), text.clone());
+            prop_assert_eq!(ImageRef::parse(&r.to_string()).unwrap(), r);
+        }
+    }
+}

@@ -167,3 +167,56 @@ mod tests {
         assert!(parse_route("/v2/manifests/x").is_err());
     }
 }
+
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn name() -> impl Strategy<Value = String> {
+        prop::collection::vec("[a-z0-9]{1,8}([._-][a-z0-9]{1,8}){0,2}", 1..4)
+            .prop_map(|p| p.join("/"))
+    }
+
+    proptest! {
+        /// Paths built from valid parts parse to exactly those parts.
+        #[test]
+        fn generated_valid_paths_parse_to_their_parts(
+            name in name(),
+            tag in "[A-Za-z0-9_][A-Za-z0-9._-]{0,30}",
+            hex in "[0-9a-f]{64}",
+        ) {
+            let digest = Digest::parse(&format!("sha256:{hex}")).unwrap();
+            prop_assert_eq!(
+                parse_route(&format!("/v2/{name}/manifests/{tag}")).unwrap(),
+                Route::Manifest { name: name.clone(), reference: Reference::parse(&tag).unwrap() }
+            );
+            prop_assert_eq!(
+                parse_route(&format!("/v2/{name}/manifests/{digest}")).unwrap(),
+                Route::Manifest { name: name.clone(), reference: Reference::Digest(digest.clone()) }
+            );
+            prop_assert_eq!(
+                parse_route(&format!("/v2/{name}/blobs/{digest}")).unwrap(),
+                Route::Blob { name: name.clone(), digest: digest.clone() }
+            );
+            prop_assert_eq!(
+                parse_route(&format!("/v2/{name}/referrers/{digest}")).unwrap(),
+                Route::Referrers { name: name.clone(), digest }
+            );
+            prop_assert_eq!(
+                parse_route(&format!("/v2/{name}/tags/list")).unwrap(),
+                Route::TagsList { name }
+            );
+        }
+
+        /// No accepted name has a component that could leave a directory.
+        #[test]
+        fn accepted_names_never_escape(path in "/v2/[a-z0-9./%_:-]{0,40}/manifests/x") {
+            if let Ok(Route::Manifest { name, .. }) = parse_route(&path) {
+                prop_assert!(name.split('/').all(|c| !c.is_empty() && c != "." && c != ".."));
+                prop_assert!(!name.contains('%'));
+            }
+        }
+    }
+}

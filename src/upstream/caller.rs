@@ -15,6 +15,15 @@
 //! upstream (registries that challenge challenge every request without
 //! credentials).
 //!
+//! One mirror address may front several passthrough upstreams, and a
+//! client keeps one credential per address, so it may present on a request
+//! for one upstream what another issued. Once an upstream's challenge is
+//! known, a credential is passed to it only when it is meant for it: of
+//! the challenge's scheme (Basic or Bearer), and, for a JWT naming its
+//! audience (`aud`, the token service's `service` in the Docker token
+//! specification), naming that upstream's service. Otherwise the caller
+//! gets that upstream's challenge, as a caller without credentials does.
+//!
 //! A caller's header is never logged (it is marked sensitive, and
 //! [`Credential`]'s `Debug` prints nothing of it), never a metric label,
 //! never written to disk, and never kept beyond the request (or the blob
@@ -28,7 +37,7 @@ use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Uri, header};
 use hyper::body::Incoming;
 use sha2::Digest as _;
 
-use super::auth::pull_scope;
+use super::auth::{Remembered, pull_scope};
 use super::client::Upstream;
 use super::config::AuthMode;
 use super::error::UpstreamError;
@@ -68,6 +77,13 @@ impl Caller {
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct CredentialId([u8; 32]);
 
+impl CredentialId {
+    /// The fingerprint's bytes (for keys derived from it).
+    pub(crate) fn bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
 impl std::fmt::Debug for CredentialId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("CredentialId(..)")
@@ -83,6 +99,10 @@ pub(crate) struct Credential {
     id: CredentialId,
     /// When it stops being valid, when it says so (a JWT's `exp`).
     expires: Option<SystemTime>,
+    /// Its scheme, lowercase (`basic`, `bearer`, ...).
+    scheme: String,
+    /// The services it is for, when it says so (a JWT's `aud`).
+    audience: Vec<String>,
 }
 
 impl std::fmt::Debug for Credential {
@@ -102,11 +122,37 @@ impl Credential {
         });
         let bytes = header.as_ref().map(|v| v.as_bytes()).unwrap_or_default();
         let id = CredentialId(sha2::Sha256::digest(bytes).into());
-        let expires = header.as_ref().and_then(|v| jwt_expiry(v.as_bytes()));
+        let text = std::str::from_utf8(bytes).unwrap_or("");
+        let (scheme, token) = text.split_once(' ').unwrap_or((text, ""));
+        let scheme = scheme.to_ascii_lowercase();
+        let claims = (scheme == "bearer")
+            .then(|| jwt_claims(token))
+            .flatten()
+            .unwrap_or_default();
         Credential {
             header,
             id,
-            expires,
+            // Checked: `exp` is the caller's, and `SystemTime + Duration`
+            // panics past what the clock can hold.
+            expires: claims
+                .exp
+                .and_then(|exp| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(exp))),
+            scheme,
+            audience: claims.aud.map(Audience::into_vec).unwrap_or_default(),
+        }
+    }
+
+    /// Whether it may be passed to an upstream that challenges as `how`:
+    /// the same scheme and, for a token naming its audience, the
+    /// upstream's service.
+    fn meant_for(&self, how: &Remembered) -> bool {
+        match how {
+            Remembered::Basic { .. } => self.scheme == "basic",
+            Remembered::Bearer { service, .. } => {
+                self.scheme == "bearer"
+                    && (self.audience.is_empty()
+                        || service.as_ref().is_none_or(|s| self.audience.contains(s)))
+            }
         }
     }
 
@@ -133,23 +179,41 @@ impl Credential {
     }
 }
 
-/// The `exp` claim of `Bearer <JWT>`, if the token is a JWT that has one.
-fn jwt_expiry(value: &[u8]) -> Option<SystemTime> {
-    let token = std::str::from_utf8(value).ok()?;
-    let (scheme, token) = token.split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return None;
+/// The claims of a JWT that say what the mirror may use: when it expires
+/// and whom it is for.
+#[derive(Default, serde::Deserialize)]
+struct Claims {
+    exp: Option<u64>,
+    aud: Option<Audience>,
+}
+
+/// A JWT's `aud`: one string or several (RFC 7519, section 4.1.3).
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Audience {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Audience::One(s) => vec![s],
+            Audience::Many(v) => v,
+        }
     }
+}
+
+/// The claims of a token, if it is a JWT. Read without verifying the
+/// signature (the mirror holds no key): they only ever shorten how long an
+/// answer of upstream's is remembered, or keep the token from an upstream
+/// it does not name.
+fn jwt_claims(token: &str) -> Option<Claims> {
     let payload = token.trim().split('.').nth(1)?;
     let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
         .ok()?;
-    #[derive(serde::Deserialize)]
-    struct Claims {
-        exp: Option<u64>,
-    }
-    let exp = serde_json::from_slice::<Claims>(&json).ok()?.exp?;
-    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(exp))
+    serde_json::from_slice::<Claims>(&json).ok()
 }
 
 /// A quoted-string parameter value (RFC 9110).
@@ -184,7 +248,7 @@ impl Upstream {
     /// `upstream_repo` (as upstream names it) when given.
     pub(crate) fn caller_challenge(&self, upstream_repo: Option<&str>) -> Option<HeaderValue> {
         let text = match self.credentials.remembered()? {
-            super::auth::Remembered::Bearer { realm, service } => {
+            Remembered::Bearer { realm, service } => {
                 let mut v = format!("Bearer realm={}", quoted(&realm));
                 if let Some(s) = service {
                     v.push_str(&format!(",service={}", quoted(&s)));
@@ -194,7 +258,7 @@ impl Upstream {
                 }
                 v
             }
-            super::auth::Remembered::Basic { realm } => {
+            Remembered::Basic { realm } => {
                 format!("Basic realm={}", quoted(realm.as_deref().unwrap_or("")))
             }
         };
@@ -252,6 +316,9 @@ impl Upstream {
         Ok(resp.status())
     }
 
+    /// Sends with the caller's credential, unless upstream's challenge is
+    /// known and the caller has none or none meant for this upstream: then
+    /// the caller gets that challenge without asking upstream.
     async fn send_passthrough(
         &self,
         credential: &Credential,
@@ -261,11 +328,15 @@ impl Upstream {
         upstream_repo: Option<&str>,
         mut headers: HeaderMap,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        if credential.is_anonymous()
-            && let Some(challenge) = self.caller_challenge(upstream_repo)
+        if let Some(how) = self.credentials.remembered()
+            && (credential.is_anonymous() || !credential.meant_for(&how))
         {
+            if !credential.is_anonymous() {
+                tracing::debug!(upstream = %self.host(), scheme = %credential.scheme,
+                    "the caller's credential is not for this upstream; not passed on");
+            }
             return Err(UpstreamError::Refused {
-                challenge: Some(challenge),
+                challenge: self.caller_challenge(upstream_repo),
             });
         }
         let uri = parse_uri(url)?;
@@ -333,6 +404,40 @@ mod tests {
         let old = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"exp":1}"#);
         let c = Credential::from_headers(&headers(Some(&format!("Bearer a.{old}.b"))));
         assert_eq!(c.remaining(), Some(Duration::ZERO));
+        // An `exp` past what the clock holds is no expiry, not a panic.
+        let far = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(format!(r#"{{"exp":{}}}"#, u64::MAX));
+        let c = Credential::from_headers(&headers(Some(&format!("Bearer a.{far}.b"))));
+        assert_eq!(c.remaining(), None);
+    }
+
+    #[test]
+    fn credentials_go_only_where_they_are_meant_for() {
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let bearer = |claims: &str| {
+            Credential::from_headers(&headers(Some(&format!("Bearer h.{}.s", b64(claims)))))
+        };
+        let hub = Remembered::Bearer {
+            realm: "https://auth.example/token".into(),
+            service: Some("registry.example".into()),
+        };
+        let basic = Remembered::Basic { realm: None };
+        assert!(bearer(r#"{"aud":"registry.example"}"#).meant_for(&hub));
+        assert!(bearer(r#"{"aud":["other","registry.example"]}"#).meant_for(&hub));
+        assert!(!bearer(r#"{"aud":"other"}"#).meant_for(&hub));
+        // No audience, or an opaque token: nothing says otherwise.
+        assert!(bearer(r#"{"exp":1}"#).meant_for(&hub));
+        let opaque = Credential::from_headers(&headers(Some("bearer opaque")));
+        assert!(opaque.meant_for(&hub));
+        assert!(!opaque.meant_for(&basic));
+        let pw = Credential::from_headers(&headers(Some("Basic dTpw")));
+        assert!(pw.meant_for(&basic));
+        assert!(!pw.meant_for(&hub));
+        let no_service = Remembered::Bearer {
+            realm: "r".into(),
+            service: None,
+        };
+        assert!(bearer(r#"{"aud":"other"}"#).meant_for(&no_service));
     }
 
     #[test]

@@ -12,6 +12,8 @@ pub(crate) mod config;
 mod error;
 mod redirect;
 
+#[cfg(feature = "fuzzing")]
+pub(crate) use challenge::parse_challenges;
 pub use client::Upstream;
 #[cfg(feature = "test-hooks")]
 pub use error::UpstreamError;

@@ -182,6 +182,9 @@ struct AuthConfig {
     challenge_scope: bool,
     /// Registry-level Basic auth (no tokens): these credentials.
     basic: Option<(String, String)>,
+    /// Whether tokens are JWT-shaped (`aud` the service, `exp`), as the
+    /// Docker token specification's are; opaque strings otherwise.
+    jwt: bool,
 }
 
 /// A scripted answer for one path; see [`FakeUpstream::respond`].
@@ -216,6 +219,8 @@ struct Inner {
     /// Whether blobs and manifests by digest are found only in the
     /// repositories they were pushed to (as distribution does).
     strict_repos: AtomicBool,
+    /// How long every `/v2/` request waits before it is answered.
+    delay: Mutex<Duration>,
 }
 
 /// The fake registry. Cloning gives another handle to the same server.
@@ -248,10 +253,12 @@ impl FakeUpstream {
                 service: "fake".into(),
                 challenge_scope: true,
                 basic: None,
+                jwt: false,
             }),
             canned: Mutex::default(),
             members: Mutex::default(),
             strict_repos: AtomicBool::new(false),
+            delay: Mutex::new(Duration::ZERO),
             tokens: Mutex::default(),
             token_seq: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
@@ -423,6 +430,12 @@ impl FakeUpstream {
         *self.inner.failure.lock().unwrap() = f;
     }
 
+    /// Every `/v2/` request waits `d` before it is answered (refusals
+    /// included).
+    pub fn set_delay(&self, d: Duration) {
+        *self.inner.delay.lock().unwrap() = d;
+    }
+
     /// Serve blob bodies as a stream without Content-Length (chunked).
     pub fn set_chunked(&self, on: bool) {
         self.inner.chunked.store(on, Ordering::SeqCst);
@@ -510,6 +523,12 @@ impl FakeUpstream {
     /// The `service` the bearer challenge names (default `fake`).
     pub fn set_service(&self, service: &str) {
         self.inner.auth.lock().unwrap().service = service.to_string();
+    }
+
+    /// Issue JWT-shaped tokens (`aud` the service, `exp`; the signature is
+    /// random bytes: only the fake checks them, by lookup).
+    pub fn set_jwt_tokens(&self, on: bool) {
+        self.inner.auth.lock().unwrap().jwt = on;
     }
 
     /// Whether the bearer challenge names the scope (default yes).
@@ -847,6 +866,10 @@ impl Inner {
         if path != "/v2" && !path.starts_with("/v2/") {
             return Ok(oci_error(StatusCode::NOT_FOUND, "NOT_FOUND", "not found"));
         }
+        let delay = *self.delay.lock().unwrap();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         if method != Method::GET && method != Method::HEAD {
             return Ok(oci_error(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -1026,7 +1049,25 @@ impl Inner {
             }
         }
         let n = self.token_seq.fetch_add(1, Ordering::SeqCst);
-        let token = format!("faketoken-{n}-{}", super::image::random_hex(8));
+        let mut token = format!("faketoken-{n}-{}", super::image::random_hex(8));
+        if auth.jwt {
+            let b64 = |v: serde_json::Value| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+            };
+            let exp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+                + auth.expires_in;
+            token = format!(
+                "{}.{}.{}",
+                b64(serde_json::json!({"alg": "ES256", "typ": "JWT"})),
+                b64(
+                    serde_json::json!({"iss": "fake", "aud": auth.service, "exp": exp, "jti": token})
+                ),
+                super::image::random_hex(32),
+            );
+        }
         self.tokens.lock().unwrap().insert(
             token.clone(),
             Token {

@@ -17,6 +17,9 @@ pub struct Process {
     lines: mpsc::Receiver<String>,
     /// Every stderr line so far.
     log: Arc<Mutex<Vec<String>>>,
+    /// The thread reading stderr, joined once the process has exited so
+    /// that its last lines are in `log`.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Process {
@@ -38,7 +41,7 @@ impl Process {
         let (tx, lines) = mpsc::channel();
         let log = Arc::new(Mutex::new(Vec::new()));
         let all = log.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in std::io::BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 all.lock().unwrap().push(line.clone());
@@ -48,7 +51,12 @@ impl Process {
                 }
             }
         });
-        Process { child, lines, log }
+        Process {
+            child,
+            lines,
+            log,
+            reader: Some(reader),
+        }
     }
 
     /// Starts `stowage --config FILE`.
@@ -119,6 +127,16 @@ impl Process {
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
+    }
+
+    /// The exit status, once the process has exited; by then [`Process::log`]
+    /// holds every line it wrote (the stderr reader has reached its end).
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.try_wait().unwrap()?;
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        Some(status)
     }
 
     /// SIGKILL: a crash, nothing cleaned up.

@@ -26,13 +26,15 @@ use bytes::Bytes;
 use futures_util::StreamExt as _;
 use tokio::sync::{broadcast, mpsc, watch};
 
-use super::source::{Opened, Sources};
+use super::source::{Opened, Origin, Sources};
 use super::store::{BlobStore, StoredBlob};
 use super::writer::{Landed, Writer};
 use crate::cache::index::BlobIndex;
 use crate::error::{Error, ErrorKind};
 use crate::metrics::{CacheKind, FillResult, Outcome};
-use crate::oci::Digest;
+use crate::oci::{Digest, RepoName};
+use crate::upstream::Upstream;
+use crate::upstream::caller::Credential;
 
 /// Upstream body chunks queued between the network task and the disk writer.
 /// Bounds fill memory to this many frames (hyper's HTTP/1 client frames
@@ -88,10 +90,54 @@ pub(super) struct Fill {
     pub(super) prefetched: bool,
     /// A client has asked for the blob (led or joined the fill).
     pub(super) asked: AtomicBool,
+    /// Led by a passthrough caller: its content is private
+    /// (`cache/private.rs`) until a mirror-mode upstream confirms it.
+    pub(super) private: bool,
+    /// The passthrough caller's request the fill makes upstream, if any.
+    own: Option<OwnFetch>,
+}
+
+/// A passthrough caller's upstream request for a blob: its credential, the
+/// repository and the upstream asked. Another request with the same three
+/// gets the same answer from upstream, so it may read the fill as its own
+/// fetch (`Access::Own`), as when a prefetch started with the caller's
+/// credential is joined by the caller's own request for the blob.
+#[derive(Clone)]
+pub(super) struct OwnFetch {
+    upstream: Arc<Upstream>,
+    repo: RepoName,
+    credential: Credential,
+}
+
+impl OwnFetch {
+    /// The request `origin` makes, when it carries a passthrough caller's
+    /// credential.
+    pub(super) fn of(origin: &Origin) -> Option<OwnFetch> {
+        let credential = origin.caller.credential()?;
+        Some(OwnFetch {
+            upstream: origin.upstream.clone(),
+            repo: origin.repo.clone(),
+            credential: credential.clone(),
+        })
+    }
+
+    fn same(&self, other: &OwnFetch) -> bool {
+        Arc::ptr_eq(&self.upstream, &other.upstream)
+            && self.repo == other.repo
+            && self.credential.id() == other.credential.id()
+    }
 }
 
 impl Fill {
-    fn new(asker: Asker) -> Arc<Fill> {
+    /// Whether the fill's upstream request is the one `own` would make.
+    pub(super) fn fetches_for(&self, own: Option<&OwnFetch>) -> bool {
+        match (&self.own, own) {
+            (Some(a), Some(b)) => a.same(b),
+            _ => false,
+        }
+    }
+
+    fn new(asker: Asker, own: Option<OwnFetch>) -> Arc<Fill> {
         let (progress, _) = watch::channel(Progress {
             phase: Phase::Connecting,
             total: None,
@@ -105,6 +151,8 @@ impl Fill {
             spill,
             prefetched: asker == Asker::Prefetch,
             asked: AtomicBool::new(asker == Asker::Client),
+            private: own.is_some(),
+            own,
         })
     }
 
@@ -248,15 +296,18 @@ impl FillTable {
     /// fill and not stored" means nobody has it.
     ///
     /// A fill already streaming off the disk cannot be joined from the start
-    /// of the blob; such requests lead a private fill of their own.
+    /// of the blob; such requests lead a fill of their own, outside the
+    /// table. A fill led here for a passthrough caller's request `own` is
+    /// private (`Fill::private`).
     ///
     /// A prefetch that finds a fill running joins it (and reads nothing):
-    /// it never starts a private fill.
+    /// it never starts a fill outside the table.
     pub(super) fn lookup(
         self: &Arc<Self>,
         digest: &Digest,
         asker: Asker,
         stored: impl FnOnce() -> Result<Option<StoredBlob>, Error>,
+        own: Option<OwnFetch>,
     ) -> Result<Lookup, Error> {
         let mut fills = self
             .fills
@@ -292,7 +343,7 @@ impl FillTable {
             }
             drop(progress);
             drop(fills);
-            let fill = Fill::new(asker);
+            let fill = Fill::new(asker, own);
             let reader = FillReader::new(fill.clone(), Outcome::Upstream);
             let permit = FillPermit {
                 fill,
@@ -304,7 +355,7 @@ impl FillTable {
         if let Some(blob) = stored()? {
             return Ok(Lookup::Stored(blob));
         }
-        let fill = Fill::new(asker);
+        let fill = Fill::new(asker, own);
         let reader = FillReader::new(fill.clone(), Outcome::Miss);
         fills.insert(digest.clone(), fill.clone());
         let permit = FillPermit {
@@ -315,17 +366,19 @@ impl FillTable {
         Ok(Lookup::Lead(permit, reader))
     }
 
-    /// What `HEAD` can learn from a running fill: its size and how the
-    /// request is answered, once it is streaming.
-    pub(super) fn head(&self, digest: &Digest) -> Option<(u64, Outcome)> {
+    /// What `HEAD` can learn from a running fill, once it is streaming:
+    /// its size, how the request is answered, and whether it is private.
+    pub(super) fn head(&self, digest: &Digest) -> Option<(u64, Outcome, bool)> {
         let fills = self.fills.lock().ok()?;
-        let p = fills.get(digest)?.progress.borrow().clone();
+        let fill = fills.get(digest)?;
+        let private = fill.private;
+        let p = fill.progress.borrow().clone();
         let outcome = match p.phase {
             Phase::Verified => Outcome::Hit,
             Phase::Streaming => Outcome::Join,
             Phase::Connecting | Phase::Failed(_) => return None,
         };
-        Some((p.total?, outcome))
+        Some((p.total?, outcome, private))
     }
 
     /// Removes `fill`'s entry for `digest`, if it is still its own.
@@ -454,6 +507,14 @@ impl BlobStore {
         let fetched_upstream = matches!(&result,
             Ok((_, used)) if used.last().is_some_and(|i| sources.is_upstream(*i)));
         let result = result.map(|(landed, _)| landed);
+        if let (Ok(_), Some(own), Some(grants)) = (&result, &fill.own, &self.grants) {
+            // Verified from upstream with a passthrough caller's credential:
+            // upstream let it read the digest in the repository, so the
+            // caller's requests are served from the cache without asking
+            // again (`cache/grants.rs`). A prefetch's fill counts too.
+            grants.allow(&own.upstream, &own.repo, &own.credential);
+            grants.locate(&own.upstream, &own.repo, [digest]);
+        }
         if let Ok(landed) = &result {
             // Verified: readers may finish now. Making the file durable and
             // moving it into the store (fsyncs, rename) need not hold up
@@ -525,7 +586,7 @@ impl BlobStore {
             (Ok(Landed::OnDisk(size)), Some(tmp)) => {
                 let unread = fill.unread();
                 match self
-                    .commit(&tmp.path, &tmp.file, digest, size, reservation, unread)
+                    .commit(&tmp, digest, size, reservation, unread, fill.private)
                     .await
                 {
                     Ok(()) => {

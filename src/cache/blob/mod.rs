@@ -69,6 +69,7 @@ mod writer;
 pub(crate) use store::BlobStore;
 
 use crate::body::Body;
+use crate::cache::private::Access;
 use crate::cluster::Hop;
 use crate::error::Error;
 use crate::front::zerocopy::Regions;
@@ -76,8 +77,8 @@ use crate::metrics::Outcome;
 use crate::oci::{Digest, RepoName};
 use crate::upstream::Upstream;
 use crate::upstream::caller::Caller;
-use fill::{Asker, FillReader, Lookup, Phase, PreReserved};
-use reader::Feed;
+use fill::{Asker, FillReader, Lookup, OwnFetch, Phase, PreReserved};
+use reader::{Delivery, Feed};
 use response::{file_response, head_response, unsized_response};
 use source::{Origin, Sources};
 use store::StoredBlob;
@@ -106,14 +107,17 @@ impl BlobStore {
     /// Answers `GET` (or `HEAD` when `head_only`) for a blob: from the store,
     /// by joining a running fill, or by starting one. `range` is the raw
     /// `Range` header, if any. This is where a blob request enters, and
-    /// where a fill starts. Upstream is asked with `caller`'s credentials
-    /// (in passthrough, the caller must already be authorized for the
-    /// digest in `repo`: it may join or lead a fill others share). A fill
-    /// asks the digest's owner first when this node is in a cluster and
-    /// the request did not come from a peer (`hop`: a peer's request is
-    /// never forwarded), then the shared store; passthrough upstreams use
+    /// where a fill starts. Upstream is asked with `caller`'s credentials.
+    /// A fill asks the digest's owner first when this node is in a cluster
+    /// and the request did not come from a peer (`hop`: a peer's request is
+    /// never forwarded), then the shared store; passthrough callers use
     /// neither (an owner could not ask upstream with this caller's
     /// credentials, and private content stays off the shared store).
+    ///
+    /// Held content (stored, or a fill running) is served only as `access`
+    /// allows (`cache/private.rs`); `None` when it does not: the caller
+    /// must be confirmed upstream first. A fill this request leads is
+    /// private when `caller` is a passthrough caller.
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn serve(
         self: &Arc<Self>,
@@ -125,27 +129,37 @@ impl BlobStore {
         zero_copy: Option<Arc<Regions>>,
         caller: Caller,
         hop: Hop,
-    ) -> Result<BlobResponse, Error> {
+        access: Access,
+    ) -> Result<Option<BlobResponse>, Error> {
         let range = range.and_then(range::parse);
+        let delivery = match zero_copy {
+            Some(regions) => Delivery::ZeroCopy(regions),
+            None => Delivery::Buffered(self.read_budget().clone()),
+        };
         // A stored blob: complete and verified.
-        let hit = |blob: StoredBlob, zero_copy| BlobResponse {
-            outcome: Outcome::Hit,
-            response: file_response(
-                digest,
-                Some(Arc::new(blob.file)),
-                blob.size,
-                range,
-                head_only,
-                None,
-                zero_copy,
-            ),
+        let hit = |blob: StoredBlob, delivery| {
+            if !access.allows(|| self.private.contains(digest), false) {
+                return None;
+            }
+            Some(BlobResponse {
+                outcome: Outcome::Hit,
+                response: file_response(
+                    digest,
+                    Some(Arc::new(blob.file)),
+                    blob.size,
+                    range,
+                    head_only,
+                    None,
+                    delivery,
+                ),
+            })
         };
         let stored = || {
             self.lookup(digest)
                 .map_err(|e| Error::local("cache storage error", e))
         };
         if let Some(blob) = stored()? {
-            return Ok(hit(blob, zero_copy));
+            return Ok(hit(blob, delivery));
         }
         let shared = caller.credential().is_none();
         let origin = Origin {
@@ -153,21 +167,44 @@ impl BlobStore {
             repo: repo.clone(),
             caller,
         };
+        let own = OwnFetch::of(&origin);
         let cluster = self.cluster.clone().filter(|_| shared && !hop.is_peer());
         let bucket = self.bucket.clone().filter(|_| shared);
         let sources = || Sources::new(origin.clone(), cluster.clone(), bucket.clone(), digest);
         if head_only {
-            return self.head_miss(&sources(), digest).await;
+            return self.head_miss(&sources(), digest, access).await;
         }
-        let reader = match self.fills.lookup(digest, Asker::Client, stored)? {
-            Lookup::Stored(blob) => return Ok(hit(blob, zero_copy)),
-            Lookup::Join(reader) => reader,
-            Lookup::Lead(permit, reader) => {
-                self.spawn_fill(permit, sources(), digest, None);
-                reader
+        // A request that joined a fill which then failed before sending a
+        // byte leads a fill of its own, once: the leader's request may
+        // have been refused where this one is not (another repository,
+        // another credential).
+        let mut retried = false;
+        loop {
+            let reader = match self
+                .fills
+                .lookup(digest, Asker::Client, stored, own.clone())?
+            {
+                Lookup::Stored(blob) => return Ok(hit(blob, delivery)),
+                Lookup::Join(reader)
+                    if !access.allows(
+                        || reader.fill.private,
+                        reader.fill.fetches_for(own.as_ref()),
+                    ) =>
+                {
+                    return Ok(None);
+                }
+                Lookup::Join(reader) => reader,
+                Lookup::Lead(permit, reader) => {
+                    self.spawn_fill(permit, sources(), digest, None);
+                    reader
+                }
+            };
+            let joined = reader.outcome == Outcome::Join;
+            match read_fill(reader, digest, range, delivery.clone()).await {
+                Err(e) if joined && !retried && e.is_refusal() => retried = true,
+                r => return r.map(Some),
             }
-        };
-        read_fill(reader, digest, range, zero_copy).await
+        }
     }
 
     /// Starts a fill of `digest` (of `size` bytes, as its descriptor says)
@@ -202,16 +239,20 @@ impl BlobStore {
             self.open_stored(digest)
                 .map_err(|e| Error::local("cache storage error", e))
         };
-        match self.fills.lookup(digest, Asker::Prefetch, stored)? {
+        let shared = caller.credential().is_none();
+        let origin = Origin {
+            upstream: upstream.clone(),
+            repo: repo.clone(),
+            caller,
+        };
+        // A passthrough caller's fill is private, as a client's
+        // (`cache/private.rs`), and the caller's own request for the blob
+        // may read it as its own fetch.
+        let own = OwnFetch::of(&origin);
+        match self.fills.lookup(digest, Asker::Prefetch, stored, own)? {
             Lookup::Lead(permit, _nobody_reads) => {
                 // The same sources as a client's fill (a prefetch is never a
                 // peer's hop): the owner, the shared store, then upstream.
-                let shared = caller.credential().is_none();
-                let origin = Origin {
-                    upstream: upstream.clone(),
-                    repo: repo.clone(),
-                    caller,
-                };
                 let cluster = self.cluster.clone().filter(|_| shared);
                 let bucket = self.bucket.clone().filter(|_| shared);
                 let sources = Sources::new(origin, cluster, bucket, digest);
@@ -224,17 +265,24 @@ impl BlobStore {
     }
 
     /// `HEAD` on a blob that is not stored: answer from a running fill when
-    /// it knows the size, otherwise ask the sources with `HEAD` (the owner,
-    /// the shared store, upstream). Never starts a fill.
-    async fn head_miss(&self, sources: &Sources, digest: &Digest) -> Result<BlobResponse, Error> {
+    /// it knows the size (and `access` allows), otherwise ask the sources
+    /// with `HEAD` (the owner, the shared store, upstream). Never starts a
+    /// fill.
+    async fn head_miss(
+        &self,
+        sources: &Sources,
+        digest: &Digest,
+        access: Access,
+    ) -> Result<Option<BlobResponse>, Error> {
         let (size, outcome) = match self.fills.head(digest) {
-            Some((size, outcome)) => (Some(size), outcome),
+            Some((_, _, private)) if !access.allows(|| private, false) => return Ok(None),
+            Some((size, outcome, _)) => (Some(size), outcome),
             None => (sources.head(digest).await?, Outcome::Upstream),
         };
-        Ok(BlobResponse {
+        Ok(Some(BlobResponse {
             outcome,
             response: Ok(head_response(digest, size)),
-        })
+        }))
     }
 }
 
@@ -244,7 +292,7 @@ async fn read_fill(
     reader: FillReader,
     digest: &Digest,
     range: Option<range::ByteRange>,
-    zero_copy: Option<Arc<Regions>>,
+    delivery: Delivery,
 ) -> Result<BlobResponse, Error> {
     let FillReader {
         fill,
@@ -266,8 +314,8 @@ async fn read_fill(
         spill: Some(spill),
     };
     let response = match progress.total {
-        Some(size) => file_response(digest, file, size, range, false, Some(feed), zero_copy),
-        None => Ok(unsized_response(digest, file, feed, zero_copy)),
+        Some(size) => file_response(digest, file, size, range, false, Some(feed), delivery),
+        None => Ok(unsized_response(digest, file, feed, delivery)),
     };
     Ok(BlobResponse { outcome, response })
 }

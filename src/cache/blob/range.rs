@@ -79,3 +79,35 @@ mod tests {
         assert_eq!(ByteRange::FromTo(0, 0).resolve(0), None);
     }
 }
+
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Whatever the header and size, a satisfiable range resolves to a
+        /// non-empty span inside the blob.
+        #[test]
+        fn resolve_stays_within_bounds(a in any::<u64>(), b in any::<u64>(), size in any::<u64>(), kind in 0..3u8) {
+            let header = match kind {
+                0 => format!("bytes={a}-{b}"),
+                1 => format!("bytes={a}-"),
+                _ => format!("bytes=-{b}"),
+            };
+            if let Some(r) = parse(&header)
+                && let Some((start, end)) = r.resolve(size)
+            {
+                prop_assert!(start < end && end <= size, "{} on {}: {}..{}", header, size, start, end);
+            }
+        }
+
+        /// `bytes=a-b` with a <= b parses to exactly that range.
+        #[test]
+        fn from_to_parses(a in any::<u64>(), len in any::<u64>()) {
+            let b = a.saturating_add(len);
+            prop_assert_eq!(parse(&format!("bytes={a}-{b}")), Some(ByteRange::FromTo(a, b)));
+        }
+    }
+}

@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, StreamBody};
@@ -18,9 +19,15 @@ use tokio::sync::{broadcast, watch};
 use super::fill::{Phase, Progress, SpillChunk};
 use crate::body::Body;
 use crate::front::zerocopy::Regions;
+use crate::front::{ReadBudget, limits::Lease};
 
-/// Bytes read from disk per body frame.
+/// Most bytes read from disk per body frame.
 const CHUNK: usize = 256 * 1024;
+
+/// The first read of a buffered body, and the smallest one when the read
+/// budget runs short. A stream whose client never opens its flow-control
+/// window holds this much and no more (see [`Delivery::Buffered`]).
+const MIN_CHUNK: usize = 4 * 1024;
 
 /// Reads up to this size are done in place on the runtime thread (they
 /// come from the page cache in microseconds).
@@ -39,6 +46,42 @@ pub(super) struct Feed {
     pub(super) spill: Option<broadcast::Receiver<SpillChunk>>,
 }
 
+/// How a body's file bytes reach the connection.
+#[derive(Clone)]
+pub(crate) enum Delivery {
+    /// Plain HTTP/1: mapped regions the connection sends with `sendfile`;
+    /// no buffer.
+    ZeroCopy(Arc<Regions>),
+    /// TLS or HTTP/2: bytes read into buffers leased from the process-wide
+    /// read budget. Reads start at [`MIN_CHUNK`] and grow with what the
+    /// connection has actually sent (the bytes of this body's earlier
+    /// chunks that hyper has let go of), up to [`CHUNK`]: slow start, so a
+    /// stream that never moves pins one small buffer, not a full chunk.
+    Buffered(Arc<ReadBudget>),
+}
+
+/// A buffer read under a [`Lease`] of the read budget, handed to hyper
+/// inside `Bytes`: dropping it returns the bytes to the budget and counts
+/// them as sent.
+struct Leased {
+    buf: Bytes,
+    _lease: Lease,
+    sent: Arc<AtomicU64>,
+}
+
+impl AsRef<[u8]> for Leased {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Leased {
+    fn drop(&mut self) {
+        self.sent
+            .fetch_add(self.buf.len() as u64, Ordering::Relaxed);
+    }
+}
+
 /// Reader state for one response body.
 struct Reader {
     file: Option<Arc<File>>,
@@ -52,8 +95,10 @@ struct Reader {
     /// The final byte of the response, received from the spill queue and
     /// held until the fill is verified.
     held: Option<Bytes>,
-    /// Set on plain HTTP/1 connections: send file bytes with `sendfile`.
-    zero_copy: Option<Arc<Regions>>,
+    /// How file bytes reach the connection.
+    delivery: Delivery,
+    /// Bytes of this body's buffered chunks that hyper has let go of.
+    sent: Arc<AtomicU64>,
 }
 
 /// What to do next.
@@ -73,7 +118,7 @@ pub(super) fn file_body(
     start: u64,
     end: Option<u64>,
     feed: Option<Feed>,
-    zero_copy: Option<Arc<Regions>>,
+    delivery: Delivery,
 ) -> Body {
     let reader = Reader {
         file,
@@ -81,7 +126,8 @@ pub(super) fn file_body(
         end,
         feed,
         held: None,
-        zero_copy,
+        delivery,
+        sent: Arc::new(AtomicU64::new(0)),
     };
     let stream = futures_util::stream::try_unfold(reader, |mut r| async move {
         let chunk = match r.next_step().await? {
@@ -102,29 +148,37 @@ impl Reader {
             .clone()
             .ok_or_else(|| io::Error::other("blob has no file to read"))?;
         let pos = self.pos;
-        let chunk = match &self.zero_copy {
-            // A few KiB from the page cache: cheaper to copy in place than
-            // to map, or to hop to a blocking thread.
-            _ if limit - pos <= INLINE_READ => read_exact_at(&file, pos, (limit - pos) as usize)?,
+        let left = limit - pos;
+        let chunk = match &self.delivery {
             // Mapped, never touched: the connection sends it with sendfile,
             // so a large frame costs no memory.
-            Some(regions) => {
-                let want = (limit - pos).min(ZERO_COPY_CHUNK) as usize;
-                regions.chunk(&file, pos, want)?
+            Delivery::ZeroCopy(regions) if left > INLINE_READ => {
+                regions.chunk(&file, pos, left.min(ZERO_COPY_CHUNK) as usize)?
             }
-            None => {
-                let want = (limit - pos).min(CHUNK as u64) as usize;
+            // A few KiB from the page cache: cheaper to copy in place than
+            // to map.
+            Delivery::ZeroCopy(_) => read_exact_at(&file, pos, left as usize)?,
+            Delivery::Buffered(budget) => {
+                let sent = self.sent.load(Ordering::Relaxed) as usize;
+                let want = sent.clamp(MIN_CHUNK, CHUNK).min(left as usize);
+                let lease = budget.take(want, want.min(MIN_CHUNK)).await;
+                let len = lease.len().min(want);
                 // What the page cache holds is read in place: a hop to a
                 // blocking thread and back costs more than the copy (two
                 // context switches a chunk, a TLS connection's largest
                 // cost after the copies). Only a read that would wait for
                 // the disk goes to a blocking thread.
-                match read_cached_at(&file, pos, want)? {
+                let buf = match read_cached_at(&file, pos, len)? {
                     Some(cached) => cached,
-                    None => tokio::task::spawn_blocking(move || read_exact_at(&file, pos, want))
+                    None => tokio::task::spawn_blocking(move || read_exact_at(&file, pos, len))
                         .await
                         .map_err(io::Error::other)??,
-                }
+                };
+                Bytes::from_owner(Leased {
+                    buf,
+                    _lease: lease,
+                    sent: self.sent.clone(),
+                })
             }
         };
         self.pos += chunk.len() as u64;

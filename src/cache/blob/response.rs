@@ -8,10 +8,9 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 
 use super::range::ByteRange;
-use super::reader::{Feed, file_body};
+use super::reader::{Delivery, Feed, file_body};
 use crate::body::{self, Body};
 use crate::error::Error;
-use crate::front::zerocopy::Regions;
 use crate::oci::Digest;
 use crate::oci::headers::DOCKER_CONTENT_DIGEST;
 
@@ -40,7 +39,7 @@ pub(super) fn file_response(
     range: Option<ByteRange>,
     head_only: bool,
     feed: Option<Feed>,
-    zero_copy: Option<Arc<Regions>>,
+    delivery: Delivery,
 ) -> Result<Response<Body>, Error> {
     let (start, end, status) = match range {
         None => (0, size, StatusCode::OK),
@@ -52,7 +51,7 @@ pub(super) fn file_response(
     let body = if head_only {
         body::empty()
     } else {
-        file_body(file, start, Some(end), feed, zero_copy)
+        file_body(file, start, Some(end), feed, delivery)
     };
     let mut response = Response::new(body);
     *response.status_mut() = status;
@@ -73,9 +72,9 @@ pub(super) fn unsized_response(
     digest: &Digest,
     file: Option<Arc<File>>,
     feed: Feed,
-    zero_copy: Option<Arc<Regions>>,
+    delivery: Delivery,
 ) -> Response<Body> {
-    let mut response = Response::new(file_body(file, 0, None, Some(feed), zero_copy));
+    let mut response = Response::new(file_body(file, 0, None, Some(feed), delivery));
     set_blob_headers(response.headers_mut(), digest);
     response
 }

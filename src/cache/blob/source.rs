@@ -374,7 +374,9 @@ impl Origin {
                 status,
                 Asked::Blob,
                 resp.headers().get(header::RETRY_AFTER),
-                &digest.to_string(),
+                // Worded as `http/passthrough.rs` words its `HEAD`'s answer,
+                // so a refusal says nothing of whether the blob is held.
+                &format!("{}/blobs/{digest}", self.repo),
             ));
         }
         let len = content_length(&resp);

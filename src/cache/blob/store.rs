@@ -21,7 +21,7 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -33,9 +33,12 @@ use tokio_util::task::TaskTracker;
 
 use super::fill::{FillTable, TmpFile};
 use crate::bucket::Bucket;
+use crate::cache::grants::Grants;
 use crate::cache::index::BlobIndex;
 use crate::cache::layout::Layout;
+use crate::cache::private::Private;
 use crate::cluster::Cluster;
+use crate::front::ReadBudget;
 use crate::metrics::Metrics;
 use crate::oci::Digest;
 
@@ -71,15 +74,26 @@ pub(crate) struct BlobStore {
     pub(super) bucket: Option<Arc<Bucket>>,
     /// The committing thread.
     committer: GroupCommit,
+    /// Which digests came only through passthrough upstreams.
+    pub(super) private: Arc<Private>,
+    /// What upstream let passthrough callers read.
+    pub(super) grants: Option<Arc<Grants>>,
+    /// The process-wide budget of read-ahead buffers of blob bodies.
+    read_budget: Arc<ReadBudget>,
 }
+
+/// The read budget of a store opened without one (tests).
+const DEFAULT_READ_BUDGET: usize = 32 * 1024 * 1024;
 
 impl BlobStore {
     /// Opens (creating) the store of `layout` and removes leftovers of
     /// fills interrupted by a crash. The index is loaded separately (see
-    /// [`BlobStore::spawn_background`]). Fills run on `tasks`.
+    /// [`BlobStore::spawn_background`]). Fills run on `tasks`; what
+    /// passthrough fills bring is marked in `private`.
     pub(crate) fn open(
         layout: &Layout,
         index: Arc<BlobIndex>,
+        private: Arc<Private>,
         idle_timeout: Duration,
         tasks: TaskTracker,
     ) -> io::Result<BlobStore> {
@@ -96,7 +110,7 @@ impl BlobStore {
             }
         }
         Ok(BlobStore {
-            committer: GroupCommit::start(index.clone())?,
+            committer: GroupCommit::start(index.clone(), private.clone())?,
             layout: layout.clone(),
             index,
             fills: Arc::new(FillTable::default()),
@@ -108,6 +122,9 @@ impl BlobStore {
             metrics: Arc::new(Metrics::new()),
             cluster: None,
             bucket: None,
+            grants: None,
+            private,
+            read_budget: ReadBudget::new(DEFAULT_READ_BUDGET),
         })
     }
 
@@ -118,10 +135,29 @@ impl BlobStore {
         self
     }
 
+    /// Where a passthrough caller's verified fill records that upstream let
+    /// its credential read the digest in the repository.
+    pub fn with_grants(mut self, grants: Arc<Grants>) -> BlobStore {
+        self.grants = Some(grants);
+        self
+    }
+
     /// Asks the owner of a missing blob first (a node in a cluster).
     pub fn with_cluster(mut self, cluster: Option<Arc<Cluster>>) -> BlobStore {
         self.cluster = cluster;
         self
+    }
+
+    /// Leases body read buffers from `budget` (a private budget of
+    /// [`DEFAULT_READ_BUDGET`] until this is called).
+    pub(crate) fn with_read_budget(mut self, budget: Arc<ReadBudget>) -> BlobStore {
+        self.read_budget = budget;
+        self
+    }
+
+    /// The budget body read buffers are leased from.
+    pub(super) fn read_budget(&self) -> &Arc<ReadBudget> {
+        &self.read_budget
     }
 
     /// Reports to `metrics` (a fresh, unexported set until this is called).
@@ -236,30 +272,33 @@ impl BlobStore {
         })
     }
 
-    /// Commits the verified blob in `tmp` (written through `file`): its
-    /// data made durable, recorded in the journal, moved into the store
+    /// Commits the verified blob in `tmp`: its
+    /// data made durable, recorded in the journal (and, when `private`,
+    /// marked private: `cache/private.rs`), moved into the store
     /// atomically, the directory fsynced so the rename survives a crash; in
     /// a group with the other blobs verified meanwhile (see the module
     /// docs). Once renamed, the blob is indexed in place of its
-    /// `reservation`; an error means nothing was stored.
+    /// `reservation`; an error means nothing was stored. A blob that is not
+    /// private is public from then on.
     pub(super) async fn commit(
         &self,
-        tmp: &Path,
-        file: &Arc<File>,
+        tmp: &TmpFile,
         digest: &Digest,
         size: u64,
         reservation: u64,
         unread: bool,
+        private: bool,
     ) -> io::Result<()> {
         let (done, result) = oneshot::channel();
         let pending = Pending {
-            tmp: tmp.to_path_buf(),
-            file: file.clone(),
+            tmp: tmp.path.clone(),
+            file: tmp.file.clone(),
             dest: self.layout.blob(digest),
             digest: digest.clone(),
             size,
             reservation,
             unread,
+            private,
             done,
         };
         self.committer
@@ -284,6 +323,7 @@ struct Pending {
     size: u64,
     reservation: u64,
     unread: bool,
+    private: bool,
     done: oneshot::Sender<io::Result<()>>,
 }
 
@@ -294,7 +334,7 @@ struct GroupCommit {
 }
 
 impl GroupCommit {
-    fn start(index: Arc<BlobIndex>) -> io::Result<GroupCommit> {
+    fn start(index: Arc<BlobIndex>, marks: Arc<Private>) -> io::Result<GroupCommit> {
         let (tx, rx) = mpsc::channel::<Pending>();
         std::thread::Builder::new()
             .name("blob-commit".into())
@@ -307,7 +347,7 @@ impl GroupCommit {
                             Err(_) => break,
                         }
                     }
-                    commit_group(&index, group);
+                    commit_group(&index, &marks, group);
                 }
             })?;
         Ok(GroupCommit { tx })
@@ -316,7 +356,7 @@ impl GroupCommit {
 
 /// One round of the group commit. Each blob's result goes to its fill; a
 /// blob that fails is left out (its fill removes the temporary file).
-fn commit_group(index: &BlobIndex, group: Vec<Pending>) {
+fn commit_group(index: &BlobIndex, marks: &Private, group: Vec<Pending>) {
     // Start the write-back of every file before waiting for any: the
     // data goes to the disk together, and the file system commits the
     // allocations of all of them with the first fdatasync.
@@ -330,6 +370,15 @@ fn commit_group(index: &BlobIndex, group: Vec<Pending>) {
             .and_then(|()| match p.dest.parent() {
                 Some(dir) => std::fs::create_dir_all(dir),
                 None => Err(io::Error::other("store path has no parent")),
+            })
+            // Marked (fsynced) before its record and rename: private
+            // content is never visible unmarked, not even after a crash.
+            .and_then(|()| {
+                if p.private {
+                    marks.mark(&p.digest)
+                } else {
+                    Ok(())
+                }
             });
         match durable {
             Ok(()) => ready.push(p),
@@ -356,6 +405,9 @@ fn commit_group(index: &BlobIndex, group: Vec<Pending>) {
         match std::fs::rename(&p.tmp, &p.dest) {
             Ok(()) => {
                 index.committed(&p.digest, p.size, p.reservation, p.unread);
+                if !p.private {
+                    marks.clear(&p.digest);
+                }
                 if let Some(dir) = p.dest.parent() {
                     dirs.insert(dir.to_path_buf());
                 }

@@ -1,0 +1,2 @@
+//! Fuzz target: `stowage::fuzzing::config`.
+stowage_fuzz::target!(stowage::fuzzing::config);

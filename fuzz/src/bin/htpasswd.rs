@@ -1,0 +1,2 @@
+//! Fuzz target: `stowage::fuzzing::htpasswd`.
+stowage_fuzz::target!(stowage::fuzzing::htpasswd);

@@ -1,0 +1,2 @@
+//! Fuzz target: `stowage::fuzzing::range`.
+stowage_fuzz::target!(stowage::fuzzing::range);

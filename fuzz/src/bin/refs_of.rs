@@ -1,0 +1,2 @@
+//! Fuzz target: `stowage::fuzzing::refs_of_manifest`.
+stowage_fuzz::target!(stowage::fuzzing::refs_of_manifest);

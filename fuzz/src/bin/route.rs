@@ -1,0 +1,2 @@
+//! Fuzz target: `stowage::fuzzing::route`.
+stowage_fuzz::target!(stowage::fuzzing::route);

@@ -1,0 +1,169 @@
+//! Private content: blobs and manifests that reached the cache only
+//! through passthrough upstreams, and what a request may be served of the
+//! cache ([`Access`]).
+//!
+//! The stores are shared by digest across every upstream and repository,
+//! whatever the upstream's `auth` mode. A mirror-mode request (anyone who
+//! reaches the mirror) must not be served from the cache what only a
+//! passthrough caller's credential could fetch, so each such digest is
+//! marked *private* and, for mirror-mode requests, held content that is
+//! private is not there: the request asks upstream (with the mirror's own
+//! credentials) whether the digest is in the repository it names, and an
+//! upstream `200` makes the digest public (a mirror-mode fetch of it does
+//! too).
+//!
+//! The marks must survive restarts and crashes, or a restart would turn
+//! private content public: they are kept in `<cache>/private.log`
+//! (`cache/layout.rs`), one `+<digest>` or `-<digest>` line each, a mark
+//! appended and fsynced before the content it marks becomes visible (the
+//! blob's rename, the manifest file's write), the log compacted at start-up
+//! to the marks of content still on disk. All in memory as well: a sharded
+//! set of the private digests (`dashmap`, as the blob index), read on each
+//! cache hit of a mirror-mode request only.
+
+use std::io;
+
+use dashmap::DashSet;
+
+use super::journal::LineLog;
+use super::layout::{Layout, PrivateRecord};
+use crate::oci::Digest;
+
+/// What of the cache a request may be served, decided before the cache is
+/// asked (`http/passthrough.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// Anything held for the digest: upstream let this caller read it in
+    /// this repository (or it is the mirror's own, internal request).
+    Any,
+    /// What is held and not private: a mirror-mode request.
+    Public,
+    /// Only what the request fetches from upstream itself, with its own
+    /// credential: a passthrough caller not yet known to read the digest in
+    /// this repository. Held content must be confirmed first.
+    Own,
+}
+
+impl Access {
+    /// Whether held content may be served: `private` says whether it came
+    /// only through passthrough upstreams (asked only when it matters),
+    /// `own` whether this very request fetched it from upstream.
+    pub(crate) fn allows(self, private: impl FnOnce() -> bool, own: bool) -> bool {
+        match self {
+            Access::Any => true,
+            Access::Public => own || !private(),
+            Access::Own => own,
+        }
+    }
+}
+
+/// The private digests of one cache directory.
+pub(crate) struct Private {
+    /// `<cache>/private.log`.
+    log: LineLog,
+    /// The private digests.
+    set: DashSet<Digest>,
+}
+
+impl Private {
+    /// Reads `<cache>/private.log` and rewrites it with the marks of
+    /// content still in the cache (blob or manifest file present).
+    /// Blocking; run before the server listens.
+    pub(crate) fn open(layout: &Layout) -> io::Result<Private> {
+        let log = LineLog::new(layout.private_log());
+        let set = DashSet::new();
+        log.read(|line| match PrivateRecord::parse(line) {
+            Some(PrivateRecord::Private(d)) => {
+                set.insert(d);
+            }
+            Some(PrivateRecord::Public(d)) => {
+                set.remove(&d);
+            }
+            None => {}
+        })?;
+        set.retain(|d| layout.blob(d).exists() || layout.manifest(d).exists());
+        let text: String = set
+            .iter()
+            .map(|d| PrivateRecord::Private(d.key().clone()).line())
+            .collect();
+        log.rewrite(&text)?;
+        Ok(Private { log, set })
+    }
+
+    /// Whether `digest` came only through passthrough upstreams.
+    pub(crate) fn contains(&self, digest: &Digest) -> bool {
+        self.set.contains(digest)
+    }
+
+    /// Marks `digest` private, durably (fsynced), before the content
+    /// becomes visible in the cache. Blocking.
+    pub(crate) fn mark(&self, digest: &Digest) -> io::Result<()> {
+        if self.contains(digest) {
+            return Ok(());
+        }
+        let record = PrivateRecord::Private(digest.clone());
+        self.log.append(&record.line(), true)?;
+        self.set.insert(digest.clone());
+        Ok(())
+    }
+
+    /// `digest` is public: a mirror-mode upstream confirmed or served it.
+    /// One short append when it was private, not fsynced (a lost line only
+    /// keeps the digest private), nothing otherwise: cheap enough for the
+    /// async path, like a log line.
+    pub(crate) fn clear(&self, digest: &Digest) {
+        let removed = self.set.remove(digest).is_some();
+        let record = PrivateRecord::Public(digest.clone());
+        if removed && let Err(e) = self.log.append(&record.line(), false) {
+            tracing::warn!(%digest, error = %e, "cannot record a digest as public");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_survive_a_restart_and_compaction_keeps_held_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let held = Digest::of(crate::oci::Algorithm::Sha256, b"held");
+        let gone = Digest::of(crate::oci::Algorithm::Sha256, b"gone");
+        let public = Digest::of(crate::oci::Algorithm::Sha256, b"public");
+        for d in [&held, &public] {
+            let p = layout.blob(d);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, b"x").unwrap();
+        }
+        let p = Private::open(&layout).unwrap();
+        assert!(!p.contains(&held));
+        for d in [&held, &gone, &public] {
+            p.mark(d).unwrap();
+            assert!(p.contains(d));
+        }
+        p.clear(&public);
+        assert!(!p.contains(&public));
+        drop(p);
+        let p = Private::open(&layout).unwrap();
+        assert!(p.contains(&held));
+        assert!(!p.contains(&public));
+        // Not in the cache any more: forgotten, and compacted away.
+        assert!(!p.contains(&gone));
+        let log = std::fs::read_to_string(layout.private_log()).unwrap();
+        assert_eq!(log, format!("+{held}\n"));
+    }
+
+    #[test]
+    fn what_each_access_is_served() {
+        let (private, public) = (|| true, || false);
+        for own in [true, false] {
+            assert!(Access::Any.allows(private, own));
+            assert!(Access::Public.allows(public, own));
+        }
+        assert!(!Access::Public.allows(private, false));
+        assert!(Access::Public.allows(private, true));
+        assert!(!Access::Own.allows(public, false));
+        assert!(Access::Own.allows(private, true));
+    }
+}

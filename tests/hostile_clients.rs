@@ -1,0 +1,269 @@
+//! Client-side fault injection (issue 11, "Prove it"): clients that
+//! disconnect in the middle of a fill, clients that never read their
+//! response, and a thousand connections that never send a byte. For each:
+//! nothing waits past the configured timeouts, the cache ends up right,
+//! and afterwards the process's open file descriptors, live tokio tasks
+//! and resident memory are back to their baseline within a stated margin.
+//!
+//! The mirror runs in-process, so `/proc/self` is the server's (plus the
+//! test's own sockets, which each test closes before it compares) and the
+//! runtime's task count includes the server's connection tasks. The tests
+//! take turns (`SERIAL`), since descriptors and memory are per process.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use futures_util::StreamExt as _;
+use http_body_util::Empty;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+/// Margins of the leak checks: a few descriptors and tasks (the upstream
+/// client's pooled connections come and go), and resident memory (the
+/// allocator keeps some freed memory; what matters is that it does not grow
+/// with the number of clients).
+const FD_MARGIN: usize = 8;
+const TASK_MARGIN: usize = 8;
+const RSS_MARGIN_KIB: u64 = 32 * 1024;
+
+/// Timeouts the tests run with.
+const LIMITS: &str = "\n[limits]\nheader_read_timeout = \"2s\"\nidle_timeout = \"2s\"\n";
+
+/// The checks read process-wide figures: one test at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+#[derive(Debug, Clone, Copy)]
+struct Usage {
+    fds: usize,
+    tasks: usize,
+    rss_kib: u64,
+}
+
+fn usage() -> Usage {
+    let fds = std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    let tasks = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    Usage {
+        fds,
+        tasks,
+        rss_kib,
+    }
+}
+
+/// Waits (up to `secs`) until usage is back within the margins of
+/// `base`; fails showing both.
+async fn back_to_baseline(base: Usage, secs: u64, what: &str) -> Usage {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let now = usage();
+        let ok = now.fds <= base.fds + FD_MARGIN
+            && now.tasks <= base.tasks + TASK_MARGIN
+            && now.rss_kib <= base.rss_kib + RSS_MARGIN_KIB;
+        if ok {
+            eprintln!("{what}: baseline {base:?}, after {now:?}");
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not back to baseline after {secs} s: baseline {base:?}, now {now:?} \
+             (margins: {FD_MARGIN} fds, {TASK_MARGIN} tasks, {RSS_MARGIN_KIB} KiB)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn start(up: &FakeUpstream) -> Stowage {
+    let dir = TempDir::new().unwrap();
+    let toml = config_toml(dir.path(), &up.url(), "") + LIMITS;
+    start_stowage_toml(dir, &toml).await
+}
+
+/// Eight clients start reading a blob that is still being fetched and hang
+/// up after their first bytes. The fill carries on alone, the blob is
+/// cached and verified (one upstream GET), and nothing of the eight
+/// requests is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_disconnect_mid_fill_leave_nothing_behind() {
+    let _serial = SERIAL.lock().await;
+    let up = FakeUpstream::start().await;
+    let st = start(&up).await;
+    // Warm-up: the server's first request, the upstream pool, lazy statics.
+    let (_, body) = get_ok(&client(), &st.v2("")).await;
+    assert_eq!(&body[..], b"{}");
+    let data = random_bytes(8 * 1024 * 1024);
+    let digest = up.add_blob(data.clone());
+    let hold = up.hold(&digest);
+    let base = usage();
+
+    let url = st.blob_url("library/big", &digest);
+    let mut readers = Vec::new();
+    for _ in 0..8 {
+        let url = url.clone();
+        readers.push(tokio::spawn(async move {
+            let c = client();
+            let r = c.get(&url).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let mut s = r.bytes_stream();
+            let first = within(10, "first bytes of the fill", s.next()).await;
+            assert!(matches!(first, Some(Ok(b)) if !b.is_empty()));
+            // Hang up: the stream, the response and the client go.
+        }));
+    }
+    hold.wait_half_sent(1).await;
+    for r in readers {
+        within(20, "reader", r).await.unwrap();
+    }
+    hold.release();
+    within(20, "the fill to commit", async {
+        while st.hooks.fills_in_flight() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let (_, body) = get_ok(&client(), &url).await;
+    assert_eq!(sha256_digest(&body), digest, "the blob was cached whole");
+    assert_eq!(up.blob_gets(&digest), 1, "one upstream GET");
+    drop(body);
+    back_to_baseline(base, 10, "disconnect mid-fill").await;
+}
+
+/// Reads what is there until EOF or an error; the byte count.
+async fn drain(tcp: &mut TcpStream) -> u64 {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut n = 0;
+    loop {
+        match tcp.read(&mut buf).await {
+            Ok(0) | Err(_) => return n,
+            Ok(k) => n += k as u64,
+        }
+    }
+}
+
+/// Twenty HTTP/1 clients and five h2 streams ask for a cached 32 MiB blob
+/// and never read. The server cuts each after the idle timeout (2 s): a
+/// client that then reads gets less than the blob and an end, not the rest.
+/// Meanwhile a normal client is served, and afterwards nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_are_cut_after_the_idle_timeout() {
+    let _serial = SERIAL.lock().await;
+    let up = FakeUpstream::start().await;
+    let st = start(&up).await;
+    let size = 32 * 1024 * 1024;
+    let digest = up.add_blob(random_bytes(size));
+    let path = format!("/v2/library/big/blobs/{digest}");
+    let (_, body) = get_ok(&client(), &st.blob_url("library/big", &digest)).await;
+    assert_eq!(body.len(), size);
+    drop(body);
+    let base = usage();
+
+    let started = Instant::now();
+    let mut stalled = Vec::new();
+    for _ in 0..20 {
+        let mut tcp = TcpStream::connect(st.addr).await.unwrap();
+        tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        stalled.push(tcp);
+    }
+    let mut h2_bodies = Vec::new();
+    for _ in 0..5 {
+        let tcp = TcpStream::connect(st.addr).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
+        let conn = tokio::spawn(conn);
+        let req = http::Request::get(format!("http://{}{path}", st.addr))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        // The body is never polled: the stream's window closes at 64 KiB.
+        h2_bodies.push((send, resp, conn));
+    }
+
+    // A normal client is served all the while.
+    let (_, body) = get_ok(&client(), &st.blob_url("library/big", &digest)).await;
+    assert_eq!(sha256_digest(&body), digest);
+    drop(body);
+
+    // After the idle timeout each stalled HTTP/1 response was cut short.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for mut tcp in stalled {
+        let got = within(10, "drain a cut connection", drain(&mut tcp)).await;
+        assert!(
+            got < size as u64,
+            "a client that never read got the whole {got} bytes: not cut after the idle timeout"
+        );
+    }
+    let cut_after = started.elapsed();
+    for (_, _, conn) in &h2_bodies {
+        assert!(
+            conn.is_finished(),
+            "an h2 connection with an unread stream is still open after {cut_after:?}"
+        );
+    }
+    drop(h2_bodies);
+    back_to_baseline(base, 10, "never-reading clients").await;
+}
+
+/// A thousand connections that never send a byte: a normal request is
+/// served meanwhile, all are closed after the first-byte timeout (2 s),
+/// and then nothing of them is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_idle_connections_are_closed_after_the_timeout() {
+    let _serial = SERIAL.lock().await;
+    let up = FakeUpstream::start().await;
+    let st = start(&up).await;
+    let (_, body) = get_ok(&client(), &st.v2("")).await;
+    assert_eq!(&body[..], b"{}");
+    let base = usage();
+
+    let started = Instant::now();
+    let mut idle = Vec::new();
+    for _ in 0..1000 {
+        idle.push(TcpStream::connect(st.addr).await.unwrap());
+    }
+    let t = Instant::now();
+    let (_, body) = get_ok(&client(), &st.v2("")).await;
+    assert_eq!(&body[..], b"{}");
+    let normal = t.elapsed();
+    assert!(
+        normal < Duration::from_secs(2),
+        "a normal request took {normal:?} next to 1,000 idle connections"
+    );
+    let closed = within(15, "the idle connections to be closed", async {
+        let mut waits = Vec::new();
+        for mut tcp in idle {
+            waits.push(tokio::spawn(async move {
+                let mut b = [0u8; 16];
+                let _ = tcp.read(&mut b).await;
+                started.elapsed()
+            }));
+        }
+        let mut last = Duration::ZERO;
+        for w in waits {
+            last = last.max(w.await.unwrap());
+        }
+        last
+    })
+    .await;
+    eprintln!("1,000 idle connections: the last closed {closed:?} after the first was opened");
+    assert!(
+        closed < Duration::from_secs(6),
+        "idle connections closed only after {closed:?} (first-byte timeout 2 s)"
+    );
+    back_to_baseline(base, 10, "1,000 idle connections").await;
+}

@@ -1,0 +1,210 @@
+//! Hostile HTTP/2 clients (issue 11, item 1): a flood of streams with a
+//! zero flow-control window, kept alive with PINGs, must neither blow up
+//! the process's memory nor keep connections open past the idle timeout,
+//! and a normal client is still served meanwhile.
+//!
+//! The flood comes from `tests/tools/h2_flood.py` (Python's `h2`, installed
+//! by `.ci/run` as Debian's `python3-h2`); stowage runs as the real binary
+//! so its resident memory is its own (read from `/proc/<pid>/status`).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt as _, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+const MIB: u64 = 1024 * 1024;
+
+/// The Python with `h2` (Debian's `python3-h2` is for /usr/bin/python3).
+fn python() -> &'static str {
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+/// The flood's summary line.
+#[derive(Debug, serde::Deserialize)]
+struct Flood {
+    accepted_streams: u64,
+    headers: u64,
+    closed_by_server: u64,
+    closed_after: Vec<f64>,
+    max_concurrent_streams: Option<u64>,
+}
+
+/// Runs the flood script to completion on a blocking thread.
+async fn flood(
+    addr: std::net::SocketAddr,
+    path: &str,
+    conns: u32,
+    streams: u32,
+    hold: f64,
+    ping_every: f64,
+) -> Flood {
+    let args = vec![
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/h2_flood.py").to_string(),
+        addr.ip().to_string(),
+        addr.port().to_string(),
+        path.to_string(),
+        conns.to_string(),
+        streams.to_string(),
+        hold.to_string(),
+        ping_every.to_string(),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python())
+            .args(&args)
+            .output()
+            .expect("run tests/tools/h2_flood.py")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "h2_flood.py failed (is python3-h2 installed? .ci/run installs it): {stderr}"
+    );
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("h2_flood.py output {stdout:?}: {e}; stderr: {stderr}"))
+}
+
+/// A `/proc/<pid>/status` field in KiB (`VmRSS`, `VmHWM`).
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// One GET over a fresh cleartext h2 connection (prior knowledge), the
+/// whole body read.
+async fn h2_get(addr: std::net::SocketAddr, path: &str) -> (u16, Bytes) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{addr}{path}"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, body)
+}
+
+/// Writes a config for the binary: the fake upstream, `extra` TOML after.
+fn write_config(dir: &Path, upstream: &str, extra: &str) -> std::path::PathBuf {
+    let config = dir.join("stowage.toml");
+    let toml = config_toml(&dir.join("cache"), upstream, "") + extra;
+    std::fs::write(&config, toml).unwrap();
+    config
+}
+
+/// 20 connections x 100 streams with a zero window, asking for a cached
+/// 48 MiB blob and kept alive with PINGs: the process stays under 64 MiB
+/// resident (it reached 550 MiB when every stream held a 256 KiB read),
+/// and a normal h2 client gets the whole blob meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_window_stream_flood_stays_within_64_mib() {
+    let up = FakeUpstream::start().await;
+    let data = random_bytes(48 * MIB as usize);
+    let digest = up.add_blob(data.clone());
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = write_config(dir.path(), &up.url(), "");
+    let mut st = Process::with_config(&config, &[]);
+    let addr = st.listening_addr();
+    let path = format!("/v2/library/big/blobs/{digest}");
+
+    // Cache it (and check it) first.
+    let (status, body) = within(60, "warm-up GET", h2_get(addr, &path)).await;
+    assert_eq!(status, 200);
+    assert_eq!(sha256_digest(&body), digest);
+    drop(body);
+    let pid = st.pid();
+    let before = status_kib(pid, "VmRSS");
+    // Reset the peak so VmHWM measures the flood only.
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+
+    let started = Instant::now();
+    let flood = tokio::spawn({
+        let path = path.clone();
+        async move { flood(addr, &path, 20, 100, 12.0, 1.0).await }
+    });
+    // Let the streams open, then serve a normal client in the middle of it.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (status, body) = within(30, "a normal h2 GET during the flood", h2_get(addr, &path)).await;
+    assert_eq!(status, 200, "normal request during the flood");
+    assert_eq!(
+        sha256_digest(&body),
+        digest,
+        "normal request during the flood"
+    );
+    let normal_took = started.elapsed();
+    drop(body);
+    let f = flood.await.unwrap();
+    let peak = status_kib(pid, "VmHWM");
+    let after = status_kib(pid, "VmRSS");
+    eprintln!(
+        "h2 flood: RSS before {} KiB, peak {} KiB, after {} KiB; {f:?}; normal GET done {:?} into the flood",
+        before, peak, after, normal_took
+    );
+    assert!(st.is_running(), "stowage survived: {}", st.log().join("\n"));
+    assert_eq!(
+        f.max_concurrent_streams,
+        Some(100),
+        "the default stream limit is advertised: {f:?}"
+    );
+    assert!(
+        f.accepted_streams >= 20 * 50,
+        "the flood really opened its streams: {f:?}"
+    );
+    assert!(
+        f.headers >= f.accepted_streams / 2,
+        "the streams were answered (a response head each): {f:?}"
+    );
+    assert!(
+        peak < 64 * 1024,
+        "resident memory peaked at {peak} KiB during the flood (before: {before} KiB)"
+    );
+}
+
+/// PINGs are not activity: a connection whose streams cannot move (zero
+/// window) is closed after the idle timeout even though the client pings
+/// every half second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_do_not_keep_a_stalled_h2_connection_open() {
+    let up = FakeUpstream::start().await;
+    let digest = up.add_blob(random_bytes(2 * MIB as usize));
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = write_config(dir.path(), &up.url(), "[limits]\nidle_timeout = \"2s\"\n");
+    let mut st = Process::with_config(&config, &[]);
+    let addr = st.listening_addr();
+    let path = format!("/v2/library/big/blobs/{digest}");
+    let (status, _) = within(30, "warm-up GET", h2_get(addr, &path)).await;
+    assert_eq!(status, 200);
+
+    let f = flood(addr, &path, 4, 5, 12.0, 0.5).await;
+    assert_eq!(f.accepted_streams, 20, "{f:?}");
+    assert_eq!(f.headers, 20, "every stream got its response head: {f:?}");
+    assert_eq!(
+        f.closed_by_server, 4,
+        "every pinging connection was closed: {f:?}"
+    );
+    for t in &f.closed_after {
+        assert!(
+            *t < 5.0,
+            "closed {t} s after opening; idle timeout 2 s: {f:?}"
+        );
+    }
+}
