@@ -183,6 +183,28 @@ impl Error {
         }
     }
 
+    /// Whether this failure is specific to what was asked of upstream
+    /// (the repository, or the mirror's credentials for it): upstream said
+    /// 404, 401 or 403, or its token endpoint refused the scope. Another
+    /// repository may well have the same blob; a blob fill uses this to
+    /// decide which of its joiners the failure applies to. In passthrough,
+    /// upstream refusing the caller's own credential (the 401 relayed to
+    /// the caller) is specific to that credential.
+    pub fn is_origin_specific(&self) -> bool {
+        match &self.kind {
+            ErrorKind::Unauthorized { .. } => true,
+            ErrorKind::BlobUnknown
+            | ErrorKind::ManifestUnknown
+            | ErrorKind::NameUnknown
+            | ErrorKind::UpstreamUnauthorized
+            | ErrorKind::Denied => self.source == ErrorSource::Upstream,
+            ErrorKind::UpstreamAuth { status: Some(s) } => {
+                *s == StatusCode::UNAUTHORIZED || *s == StatusCode::FORBIDDEN
+            }
+            _ => false,
+        }
+    }
+
     /// The message followed by the chain of causes, for logs.
     pub(crate) fn report(&self) -> String {
         match &self.cause {
@@ -259,21 +281,6 @@ impl Error {
     /// digest mismatch, ...).
     pub(crate) fn upstream(kind: ErrorKind, message: impl Into<String>) -> Error {
         Error::new(kind, ErrorSource::Upstream, message)
-    }
-
-    /// Whether upstream refused the request (401, 403, 404): a request for
-    /// the same content in another repository, or with another credential,
-    /// may be answered otherwise.
-    pub(crate) fn is_refusal(&self) -> bool {
-        matches!(
-            self.kind(),
-            ErrorKind::Unauthorized { .. }
-                | ErrorKind::UpstreamUnauthorized
-                | ErrorKind::Denied
-                | ErrorKind::BlobUnknown
-                | ErrorKind::ManifestUnknown
-                | ErrorKind::NameUnknown
-        )
     }
 
     /// What a non-success upstream status means for the client. `asked` is
@@ -430,6 +437,26 @@ mod tests {
         assert!(!auth(Some(StatusCode::FORBIDDEN)).is_upstream_outage());
         assert!(!auth(None).is_upstream_outage());
         assert!(!Error::internal("disk").is_upstream_outage());
+    }
+
+    #[test]
+    fn origin_specific_failures() {
+        let status = |s: u16| {
+            Error::upstream_status(StatusCode::from_u16(s).unwrap(), Asked::Blob, None, "x")
+        };
+        for s in [401, 403, 404] {
+            assert!(status(s).is_origin_specific(), "{s}");
+        }
+        for s in [400, 429, 500, 503] {
+            assert!(!status(s).is_origin_specific(), "{s}");
+        }
+        let auth = |status| Error::upstream(ErrorKind::UpstreamAuth { status }, "x");
+        assert!(auth(Some(StatusCode::UNAUTHORIZED)).is_origin_specific());
+        assert!(!auth(Some(StatusCode::SERVICE_UNAVAILABLE)).is_origin_specific());
+        assert!(!auth(None).is_origin_specific());
+        assert!(!Error::upstream(ErrorKind::DigestMismatch, "x").is_origin_specific());
+        // A client's own unknown name is not upstream's refusal.
+        assert!(!Error::name_unknown("x").is_origin_specific());
     }
 
     #[test]

@@ -444,3 +444,74 @@ async fn a_refused_fill_does_not_fail_requests_that_joined_it() {
     assert_eq!(wrong.await.unwrap(), 404);
     assert_eq!(up.blob_gets(&layer.digest), 2);
 }
+
+/// Fill poisoning (issue 11, item 2): a GET under a repository that lacks
+/// the blob starts the fill; upstream answers 404 after a second. Eight
+/// clients asking meanwhile under the right repository must all be served,
+/// with one upstream GET between them; the wrong repository gets its 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn repository_refusal_does_not_poison_joiners() {
+    let (up, st, blobs) = setup(&[2 * MIB]).await;
+    let b = blobs[0].clone();
+    up.blob_only_in(&b.digest, &["team/right"]);
+    let wrong_path = format!("/v2/team/wrong/blobs/{}", b.digest);
+    let right_path = format!("/v2/team/right/blobs/{}", b.digest);
+    up.delay(&wrong_path, Duration::from_secs(1));
+
+    let wrong = {
+        let url = st.blob_url("team/wrong", &b.digest);
+        tokio::spawn(async move { client().get(&url).send().await.unwrap() })
+    };
+    // The wrong repository's request is at upstream: the fill is running.
+    within(10, "the wrong repository's GET reaches upstream", async {
+        while up.count("GET", &wrong_path) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    // A second client under the wrong repository waits for the same answer.
+    let wrong2 = {
+        let url = st.blob_url("team/wrong", &b.digest);
+        tokio::spawn(async move { client().get(&url).send().await.unwrap() })
+    };
+    let mut right = Vec::new();
+    for i in 0..8 {
+        let (url, b) = (st.blob_url("team/right", &b.digest), b.clone());
+        right.push(tokio::spawn(async move {
+            let r = client().get(&url).send().await.unwrap();
+            assert_eq!(r.status(), 200, "client {i} under the right repository");
+            let body = read_all(r).await.unwrap();
+            assert!(body[..] == b.data[..], "client {i}: bytes");
+        }));
+    }
+    let wrong = within(10, "the wrong repository's answer", wrong)
+        .await
+        .unwrap();
+    assert_oci_error(wrong, 404, &["BLOB_UNKNOWN"], "the wrong repository").await;
+    let wrong2 = within(10, "the second wrong client", wrong2).await.unwrap();
+    assert_oci_error(
+        wrong2,
+        404,
+        &["BLOB_UNKNOWN"],
+        "the wrong repository, joined",
+    )
+    .await;
+    for t in right {
+        within(20, "clients under the right repository", t)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        up.count("GET", &right_path),
+        1,
+        "upstream GETs under the right repository"
+    );
+    assert_eq!(
+        up.count("GET", &wrong_path),
+        1,
+        "upstream GETs under the wrong repository"
+    );
+    // Stored: the next request is a hit.
+    let (h, _) = get_ok(&client(), &st.blob_url("team/right", &b.digest)).await;
+    assert_eq!(h.get("x-stowage-cache").unwrap(), "hit");
+}

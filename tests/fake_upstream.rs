@@ -479,3 +479,87 @@ async fn negotiates_manifests_like_distribution() {
         assert_eq!((r.0, r.2.as_str()), (200, oci.digest.as_str()));
     }
 }
+
+/// The fault knobs behave as documented, seen by a plain client.
+#[tokio::test]
+async fn body_faults() {
+    use std::time::{Duration, Instant};
+    let up = FakeUpstream::start().await;
+    let data = random_bytes(20_000);
+    let digest = up.add_blob(data.clone());
+    let url = format!("{}/v2/r/blobs/{digest}", up.url());
+    let c = client();
+
+    // Headers arrive, the body never does.
+    up.fault(&digest, BodyFault::StallAfterHead);
+    let r = within(5, "head of a stalled body", c.get(&url).send())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "content-length"), Some("20000".into()));
+    let read = tokio::time::timeout(Duration::from_millis(500), r.bytes()).await;
+    assert!(read.is_err(), "a stalled body ended: {read:?}");
+
+    // Half, then nothing.
+    up.fault(&digest, BodyFault::StallMidBody);
+    let mut r = c.get(&url).send().await.unwrap();
+    let mut got = 0;
+    while got < 10_000 {
+        got += r.chunk().await.unwrap().unwrap().len();
+    }
+    assert_eq!(got, 10_000);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), r.chunk())
+            .await
+            .is_err()
+    );
+    drop(r);
+
+    // Reset mid-body and a body shorter than its Content-Length: errors.
+    for fault in [BodyFault::ResetMidBody, BodyFault::ShorterThanLength(10)] {
+        up.fault(&digest, fault);
+        let r = c.get(&url).send().await.unwrap();
+        assert!(r.bytes().await.is_err(), "{fault:?}");
+    }
+
+    // A Content-Length 100 bytes short: the client gets that many.
+    up.fault(&digest, BodyFault::LongerThanLength(100));
+    let body = c.get(&url).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(&body[..], &data[..data.len() - 100]);
+
+    // 5000 bytes at 10 KiB/s: complete, in about half a second.
+    let small = random_bytes(5_000);
+    let d2 = up.add_blob(small.clone());
+    up.fault(&d2, BodyFault::Drip(10_240));
+    let started = Instant::now();
+    let body = c
+        .get(format!("{}/v2/r/blobs/{d2}", up.url()))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(body, small);
+    assert!(started.elapsed() >= Duration::from_millis(400));
+
+    // Bursts of statuses, then normal again; per-repository blobs; delays.
+    up.clear_faults();
+    up.fail_next(&[503, 500]);
+    let s1 = c.get(&url).send().await.unwrap();
+    assert_eq!(s1.status(), 503);
+    assert_eq!(header(&s1, "retry-after"), Some("1".into()));
+    assert_eq!(c.get(&url).send().await.unwrap().status(), 500);
+    assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
+    up.blob_only_in(&digest, &["r"]);
+    let other = format!("{}/v2/other/blobs/{digest}", up.url());
+    assert_eq!(c.get(&other).send().await.unwrap().status(), 404);
+    assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
+    up.delay(
+        &format!("/v2/other/blobs/{digest}"),
+        Duration::from_millis(300),
+    );
+    let started = Instant::now();
+    assert_eq!(c.get(&other).send().await.unwrap().status(), 404);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+}

@@ -221,6 +221,35 @@ struct Inner {
     strict_repos: AtomicBool,
     /// How long every `/v2/` request waits before it is answered.
     delay: Mutex<Duration>,
+    /// Delays before answering, by exact path.
+    delays: Mutex<HashMap<String, Duration>>,
+    /// Blobs only these repositories have (404 elsewhere), by digest.
+    blob_repos: Mutex<HashMap<String, HashSet<String>>>,
+    /// Body faults of blobs and manifests, by digest.
+    faults: Mutex<HashMap<String, BodyFault>>,
+    /// Statuses the next requests under `/v2/<repo>/` get, in order.
+    statuses: Mutex<std::collections::VecDeque<u16>>,
+    /// Bodies that are still being sent (or were dropped unfinished).
+    bodies_open: Arc<AtomicUsize>,
+}
+
+/// How a blob or manifest body misbehaves; see [`FakeUpstream::fault`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFault {
+    /// Headers (with the right Content-Length), then nothing, ever.
+    StallAfterHead,
+    /// Half the body, then nothing, ever.
+    StallMidBody,
+    /// Half the body, then the connection is reset.
+    ResetMidBody,
+    /// A Content-Length `n` bytes short of the body; all of it is sent.
+    LongerThanLength(u64),
+    /// A Content-Length `n` bytes more than the body; the body is sent,
+    /// then the connection is closed.
+    ShorterThanLength(u64),
+    /// The right headers, then the body at `n` bytes per second (in
+    /// frames of a tenth of that, one every 100 ms).
+    Drip(u64),
 }
 
 /// The fake registry. Cloning gives another handle to the same server.
@@ -259,6 +288,11 @@ impl FakeUpstream {
             members: Mutex::default(),
             strict_repos: AtomicBool::new(false),
             delay: Mutex::new(Duration::ZERO),
+            delays: Mutex::default(),
+            blob_repos: Mutex::default(),
+            faults: Mutex::default(),
+            statuses: Mutex::default(),
+            bodies_open: Arc::new(AtomicUsize::new(0)),
             tokens: Mutex::default(),
             token_seq: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
@@ -494,6 +528,58 @@ impl FakeUpstream {
         if let Some(s) = self.inner.holds.lock().unwrap().remove(digest) {
             s.released.send_replace(true);
         }
+    }
+
+    /// Every request for exactly `path` waits `delay` before it is
+    /// answered (after it is recorded).
+    pub fn delay(&self, path: &str, delay: Duration) {
+        self.inner
+            .delays
+            .lock()
+            .unwrap()
+            .insert(path.to_string(), delay);
+    }
+
+    /// Only `repos` have blob `digest`: a GET or HEAD under any other
+    /// repository gets `404 BLOB_UNKNOWN`.
+    pub fn blob_only_in(&self, digest: &str, repos: &[&str]) {
+        self.inner.blob_repos.lock().unwrap().insert(
+            digest.to_string(),
+            repos.iter().map(|r| r.to_string()).collect(),
+        );
+    }
+
+    /// Every GET of blob or manifest `digest` (by digest or by a tag
+    /// pointing at it) misbehaves as `fault` from now on.
+    pub fn fault(&self, digest: &str, fault: BodyFault) {
+        self.inner
+            .faults
+            .lock()
+            .unwrap()
+            .insert(digest.to_string(), fault);
+    }
+
+    /// Ends the fault of `digest`.
+    pub fn clear_fault(&self, digest: &str) {
+        self.inner.faults.lock().unwrap().remove(digest);
+    }
+
+    /// Ends every fault.
+    pub fn clear_faults(&self) {
+        self.inner.faults.lock().unwrap().clear();
+    }
+
+    /// The next `statuses.len()` requests under `/v2/<name>/` are answered
+    /// with these statuses in order (an OCI error body; `Retry-After: 1`
+    /// with 429 and 503): a burst of failures.
+    pub fn fail_next(&self, statuses: &[u16]) {
+        self.inner.statuses.lock().unwrap().extend(statuses);
+    }
+
+    /// Bodies the fake is sending now (a stalled body counts until the
+    /// connection carrying it is closed).
+    pub fn bodies_open(&self) -> usize {
+        self.inner.bodies_open.load(Ordering::SeqCst)
     }
 
     /// Require bearer tokens from `/token` for everything under `/v2/`.
@@ -822,6 +908,23 @@ impl Inner {
             .entry((method.to_string(), path.clone()))
             .or_default() += 1;
 
+        let delay = self.delays.lock().unwrap().get(&path).copied();
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
+        if path.starts_with("/v2/") && path.len() > "/v2/".len() {
+            let next = self.statuses.lock().unwrap().pop_front();
+            if let Some(status) = next {
+                let status = StatusCode::from_u16(status).unwrap();
+                let mut r = oci_error(status, "UNAVAILABLE", "failing on purpose");
+                if status.as_u16() == 429 || status.as_u16() == 503 {
+                    r.headers_mut()
+                        .insert("retry-after", HeaderValue::from_static("1"));
+                }
+                return Ok(r);
+            }
+        }
+
         let failure = self.failure.lock().unwrap().clone();
         match failure {
             Failure::None => {}
@@ -926,7 +1029,7 @@ impl Inner {
                 ))
             }
             "manifests" => Ok(self.manifest(name, reference, head, req.headers())),
-            "blobs" => Ok(self.blob(reference, head, req.headers())),
+            "blobs" => Ok(self.blob(name, reference, head, req.headers())),
             "referrers" => Ok(self.referrers(reference, query.as_deref(), head)),
             _ => Ok(oci_error(StatusCode::NOT_FOUND, "NOT_FOUND", "not found")),
         }
@@ -1203,11 +1306,16 @@ impl Inner {
         } else {
             m.body.clone()
         };
-        Response::builder()
+        let builder = Response::builder()
             .header("content-type", m.media_type.as_str())
             .header("docker-content-digest", digest.as_str())
+            .header("etag", format!("\"{digest}\""));
+        let fault = self.faults.lock().unwrap().get(&digest).copied();
+        if let Some(fault) = fault.filter(|_| !head) {
+            return faulty(builder, body, fault, &self.bodies_open);
+        }
+        builder
             .header("content-length", body.len().to_string())
-            .header("etag", format!("\"{digest}\""))
             .body(if head { empty() } else { full(body) })
             .unwrap()
     }
@@ -1264,8 +1372,15 @@ impl Inner {
         b.body(if head { empty() } else { full(body) }).unwrap()
     }
 
-    fn blob(&self, digest: &str, head: bool, headers: &HeaderMap) -> Response<Body> {
-        let data = match self.store.lock().unwrap().blobs.get(digest) {
+    fn blob(&self, name: &str, digest: &str, head: bool, headers: &HeaderMap) -> Response<Body> {
+        let elsewhere = self
+            .blob_repos
+            .lock()
+            .unwrap()
+            .get(digest)
+            .is_some_and(|repos| !repos.contains(name));
+        let found = self.store.lock().unwrap().blobs.get(digest).cloned();
+        let data = match found.filter(|_| !elsewhere) {
             Some(d) => d.clone(),
             None => {
                 return oci_error(
@@ -1318,6 +1433,13 @@ impl Inner {
         if self.truncate.lock().unwrap().contains(digest) {
             return builder.body(truncated_body(data)).unwrap();
         }
+        let fault = self.faults.lock().unwrap().get(digest).copied();
+        if let Some(fault) = fault {
+            let builder = Response::builder()
+                .header("content-type", "application/octet-stream")
+                .header("docker-content-digest", digest);
+            return faulty(builder, data, fault, &self.bodies_open);
+        }
         if let Some(hold) = hold {
             return builder.body(held_body(data, hold)).unwrap();
         }
@@ -1328,7 +1450,95 @@ impl Inner {
     }
 }
 
-/// The body in 64 KiB frames, with no known length.
+/// Counts a body as open until it is dropped.
+struct OpenBody(Arc<AtomicUsize>);
+
+impl OpenBody {
+    fn new(open: &Arc<AtomicUsize>) -> OpenBody {
+        open.fetch_add(1, Ordering::SeqCst);
+        OpenBody(open.clone())
+    }
+}
+
+impl Drop for OpenBody {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A response for `data` misbehaving as `fault` (the builder carries the
+/// other headers).
+fn faulty(
+    builder: http::response::Builder,
+    data: Bytes,
+    fault: BodyFault,
+    open: &Arc<AtomicUsize>,
+) -> Response<Body> {
+    let len = data.len() as u64;
+    let length = match fault {
+        BodyFault::LongerThanLength(n) => len.saturating_sub(n),
+        BodyFault::ShorterThanLength(n) => len + n,
+        _ => len,
+    };
+    let guard = OpenBody::new(open);
+    type Frames = Vec<(Duration, Result<Bytes, &'static str>)>;
+    let half = data.slice(..data.len() / 2);
+    // (wait before, frame or error); a final `None` wait means "never end".
+    let (frames, stall): (Frames, bool) = match fault {
+        BodyFault::StallAfterHead => (vec![], true),
+        BodyFault::StallMidBody => (vec![(Duration::ZERO, Ok(half))], true),
+        BodyFault::ResetMidBody => (
+            vec![
+                (Duration::ZERO, Ok(half)),
+                (Duration::ZERO, Err("fake upstream: reset on purpose")),
+            ],
+            false,
+        ),
+        // hyper sends no more than the Content-Length it was given.
+        BodyFault::LongerThanLength(_) => (vec![(Duration::ZERO, Ok(data))], false),
+        // The body ends short of its Content-Length: hyper closes the
+        // connection.
+        BodyFault::ShorterThanLength(_) => (vec![(Duration::ZERO, Ok(data))], false),
+        BodyFault::Drip(rate) => {
+            let step = (rate / 10).max(1) as usize;
+            let frames = (0..data.len())
+                .step_by(step)
+                .map(|i| {
+                    (
+                        Duration::from_millis(100),
+                        Ok(data.slice(i..(i + step).min(data.len()))),
+                    )
+                })
+                .collect();
+            (frames, false)
+        }
+    };
+    let stream = futures_util::stream::unfold(
+        (frames.into_iter(), stall, guard),
+        |(mut frames, stall, guard)| async move {
+            match frames.next() {
+                Some((wait, frame)) => {
+                    tokio::time::sleep(wait).await;
+                    let item = frame.map(Frame::data).map_err(std::io::Error::other);
+                    Some((item, (frames, stall, guard)))
+                }
+                None if stall => {
+                    // Hold the connection open, sending nothing.
+                    std::future::pending::<()>().await;
+                    None
+                }
+                None => None,
+            }
+        },
+    );
+    builder
+        .header("content-length", length.to_string())
+        .body(http_body_util::BodyExt::boxed_unsync(StreamBody::new(
+            stream.boxed(),
+        )))
+        .unwrap()
+}
+
 /// The first half, then a transport error (hyper aborts the connection).
 fn truncated_body(data: Bytes) -> Body {
     let half = data.slice(..data.len() / 2);
@@ -1339,6 +1549,7 @@ fn truncated_body(data: Bytes) -> Body {
     http_body_util::BodyExt::boxed_unsync(StreamBody::new(futures_util::stream::iter(frames)))
 }
 
+/// The body in 64 KiB frames, with no known length.
 fn chunked_body(data: Bytes) -> Body {
     let chunks: Vec<Result<Frame<Bytes>, std::io::Error>> = (0..data.len())
         .step_by(64 * 1024)

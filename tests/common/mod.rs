@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::TokioIo;
 
-pub use fake::{Failure, FakeUpstream, Hold, Recorded, dead_url};
+pub use fake::{BodyFault, Failure, FakeUpstream, Hold, Recorded, dead_url};
 pub use image::{
     Blob, DOCKER_LIST, DOCKER_MANIFEST, Format, Image, Index, MediaType, OCI_INDEX, OCI_MANIFEST,
     make_artifact, make_image, make_image_for, make_index, random_bytes, sha256_digest,

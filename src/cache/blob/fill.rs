@@ -15,6 +15,51 @@
 //! publishes `Verified`, then commits the file to the store (fsyncs,
 //! journal record, rename) while still in the table, so a request arriving
 //! meanwhile joins rather than misses.
+//!
+//! ## Whose failure is it
+//!
+//! A fill asks under its leader's *origin* (upstream host, repository,
+//! and in passthrough the caller's credential): its sources (`source.rs`)
+//! end with that upstream, and a peer or the store answers for it.
+//! Whoever starts a fill must not decide what its joiners get: until a
+//! source has answered with the blob, a joiner under another origin only
+//! waits on the fill, and the answer decides per joiner.
+//!
+//! ```text
+//!                      lookup(digest, origin O)
+//!   no entry ─────────────────────────────────▶ Connecting(leader's origin L)
+//!   (store checked)                                  │        ▲ joiners, any origin
+//!                                                    │
+//!          ┌──────────── a source's 200 ─────────────┤
+//!          ▼                                         ▼ failed before streaming
+//!      Streaming ─▶ Verified ─▶ leaves the table   Failed(e): for each reader R
+//!          │            (stored)                     ├─ R's origin refused earlier
+//!          └─ failed mid-body: every reader's          in this chain: R gets that
+//!             body fails (the bytes are bad,           refusal (no new request)
+//!             whoever asked)                         ├─ R's origin is L, or e is
+//!                                                    │  not origin-specific (5xx,
+//!                                                    │  timeout, a local error):
+//!                                                    │  R gets e
+//!                                                    └─ e is specific to L (404,
+//!                                                       401, 403 under L's repo,
+//!                                                       any upstream error of
+//!                                                       another upstream host):
+//!                                                       R looks up again, with
+//!                                                       the failed fill as prior
+//! ```
+//!
+//! Looking up again with a prior, the first such reader finds no entry and
+//! leads the next fill under its own origin; the others join that one. The
+//! next fill inherits the chain's *refusals* (each failed origin with its
+//! error), so a reader whose own origin was refused earlier gets that
+//! refusal instead of starting yet another request. So there is still one
+//! upstream GET per digest for all the repositories that have it, however
+//! many clients ask; a refusal costs one GET per refused origin. A reader
+//! retries at most [`MAX_ROUNDS`] times.
+//!
+//! Once a source has answered 200 the bytes are the digest's bytes
+//! whoever asked (they are verified against it): anyone joins, as anyone
+//! hits a stored blob (see ARCHITECTURE.md, known limits).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -30,11 +75,11 @@ use super::source::{Opened, Origin, Sources};
 use super::store::{BlobStore, StoredBlob};
 use super::writer::{Landed, Writer};
 use crate::cache::index::BlobIndex;
-use crate::error::{Error, ErrorKind};
+use crate::error::{Error, ErrorKind, ErrorSource};
 use crate::metrics::{CacheKind, FillResult, Outcome};
 use crate::oci::{Digest, RepoName};
 use crate::upstream::Upstream;
-use crate::upstream::caller::Credential;
+use crate::upstream::caller::{Credential, CredentialId};
 
 /// Upstream body chunks queued between the network task and the disk writer.
 /// Bounds fill memory to this many frames (hyper's HTTP/1 client frames
@@ -44,6 +89,26 @@ const WRITE_QUEUE: usize = 8;
 /// Chunks queued for readers when the disk has failed (see the module docs
 /// of `blob`).
 pub(super) const SPILL_QUEUE: usize = 64;
+
+/// Most fills one request waits on before giving up (each one after the
+/// first follows an origin-specific failure of the previous one).
+pub(super) const MAX_ROUNDS: usize = 8;
+
+/// Whom a fill asks: an upstream host, a repository as upstream names it,
+/// and in passthrough the caller's credential (by fingerprint: a refusal of
+/// one credential is not another's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct OriginKey {
+    host: String,
+    repo: String,
+    credential: Option<CredentialId>,
+}
+
+impl std::fmt::Display for OriginKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.host, self.repo)
+    }
+}
 
 /// Where a fill is.
 #[derive(Debug, Clone)]
@@ -78,6 +143,11 @@ pub(super) type SpillChunk = (u64, Bytes);
 
 /// One upstream download of one digest, shared by all its readers.
 pub(super) struct Fill {
+    /// Whom it asks.
+    pub(super) origin: OriginKey,
+    /// Origins refused earlier in this digest's chain of fills, with their
+    /// errors (see the module docs).
+    refused: Mutex<Vec<(OriginKey, Error)>>,
     /// The temporary file, set before `Streaming` is published (unless the
     /// fill runs without the disk). Readers use positional reads on this
     /// descriptor, which stays valid after the file is renamed or unlinked.
@@ -137,7 +207,12 @@ impl Fill {
         }
     }
 
-    fn new(asker: Asker, own: Option<OwnFetch>) -> Arc<Fill> {
+    fn new(
+        asker: Asker,
+        own: Option<OwnFetch>,
+        origin: OriginKey,
+        refused: Vec<(OriginKey, Error)>,
+    ) -> Arc<Fill> {
         let (progress, _) = watch::channel(Progress {
             phase: Phase::Connecting,
             total: None,
@@ -146,6 +221,8 @@ impl Fill {
         });
         let (spill, _) = broadcast::channel(SPILL_QUEUE);
         Arc::new(Fill {
+            origin,
+            refused: Mutex::new(refused),
             file: OnceLock::new(),
             progress,
             spill,
@@ -169,6 +246,52 @@ pub(super) enum Asker {
     Client,
     /// A prefetch: starts a fill if nobody has the blob, reads nothing.
     Prefetch,
+}
+
+impl Fill {
+    /// What the chain of fills up to this one learnt: the refusals it
+    /// inherited, and its own failure when that was upstream's.
+    fn refusals(&self) -> Vec<(OriginKey, Error)> {
+        let mut all = self.refused.lock().map(|r| r.clone()).unwrap_or_default();
+        if let Phase::Failed(e) = &self.progress.borrow().phase
+            && e.esource() == ErrorSource::Upstream
+        {
+            all.push((self.origin.clone(), e.clone()));
+        }
+        all
+    }
+
+    /// Adds `more` refusals (of a chain a reader followed here).
+    fn remember(&self, more: Vec<(OriginKey, Error)>) {
+        if more.is_empty() {
+            return;
+        }
+        if let Ok(mut refused) = self.refused.lock() {
+            for (origin, e) in more {
+                if !refused.iter().any(|(o, _)| *o == origin) {
+                    refused.push((origin, e));
+                }
+            }
+        }
+    }
+
+    /// What a reader under origin `me` makes of this fill failing with `e`
+    /// before it streamed: the error to answer with, or `None` to look up
+    /// again (the failure was specific to the fill's origin).
+    pub(super) fn failure_for(&self, e: &Error, me: &OriginKey) -> Option<Error> {
+        let remembered = self
+            .refused
+            .lock()
+            .ok()
+            .and_then(|r| r.iter().find(|(o, _)| o == me).map(|(_, e)| e.clone()));
+        if let Some(refusal) = remembered {
+            return Some(refusal);
+        }
+        let theirs = self.origin != *me
+            && ((e.esource() == ErrorSource::Upstream && self.origin.host != me.host)
+                || e.is_origin_specific());
+        (!theirs).then(|| e.clone())
+    }
 }
 
 /// A request's place at a fill: the fill, its subscription to the spill
@@ -291,9 +414,11 @@ impl FillTable {
         self.fills.lock().map(|f| f.len()).unwrap_or(0)
     }
 
-    /// Finds a running fill for `digest` or makes one. Asks `stored` again
-    /// under the lock: a fill leaves the table only after its rename, so "no
-    /// fill and not stored" means nobody has it.
+    /// Finds a running fill for `digest` or makes one that asks `origin`.
+    /// Asks `stored` again under the lock: a fill leaves the table only
+    /// after its rename, so "no fill and not stored" means nobody has it.
+    /// `prior` is the fill this request waited on before, when that one
+    /// failed for its own origin only (its refusals carry over).
     ///
     /// A fill already streaming off the disk cannot be joined from the start
     /// of the blob; such requests lead a fill of their own, outside the
@@ -306,20 +431,24 @@ impl FillTable {
         self: &Arc<Self>,
         digest: &Digest,
         asker: Asker,
+        origin: &OriginKey,
+        prior: Option<&Arc<Fill>>,
         stored: impl FnOnce() -> Result<Option<StoredBlob>, Error>,
         own: Option<OwnFetch>,
     ) -> Result<Lookup, Error> {
+        let mut refusals = prior.map(|p| p.refusals()).unwrap_or_default();
         let mut fills = self
             .fills
             .lock()
             .map_err(|_| Error::internal("fill table poisoned"))?;
         // A fill that just failed is still in the table for a moment: start
-        // afresh rather than hand its error to a new request.
+        // afresh rather than hand its error to a new request (keeping what
+        // it learnt of origins that were refused).
         let failed = fills
             .get(digest)
             .is_some_and(|f| matches!(f.progress.borrow().phase, Phase::Failed(_)));
-        if failed {
-            fills.remove(digest);
+        if failed && let Some(f) = fills.remove(digest) {
+            refusals.extend(f.refusals());
         }
         if let Some(fill) = fills.get(digest) {
             if asker == Asker::Client {
@@ -337,13 +466,14 @@ impl FillTable {
                 } else {
                     Outcome::Join
                 };
-                let reader = FillReader::new(fill.clone(), outcome);
                 drop(progress);
+                fill.remember(refusals);
+                let reader = FillReader::new(fill.clone(), outcome);
                 return Ok(Lookup::Join(reader));
             }
             drop(progress);
             drop(fills);
-            let fill = Fill::new(asker, own);
+            let fill = Fill::new(asker, own, origin.clone(), refusals);
             let reader = FillReader::new(fill.clone(), Outcome::Upstream);
             let permit = FillPermit {
                 fill,
@@ -355,7 +485,7 @@ impl FillTable {
         if let Some(blob) = stored()? {
             return Ok(Lookup::Stored(blob));
         }
-        let fill = Fill::new(asker, own);
+        let fill = Fill::new(asker, own, origin.clone(), refusals);
         let reader = FillReader::new(fill.clone(), Outcome::Miss);
         fills.insert(digest.clone(), fill.clone());
         let permit = FillPermit {
@@ -409,6 +539,17 @@ impl PreReserved {
 impl Drop for PreReserved {
     fn drop(&mut self) {
         self.index.release(self.bytes);
+    }
+}
+
+impl Origin {
+    /// Whom this origin asks.
+    pub(super) fn key(&self) -> OriginKey {
+        OriginKey {
+            host: self.upstream.host().to_string(),
+            repo: self.upstream.upstream_repo(self.repo.as_str()).into_owned(),
+            credential: self.caller.credential().map(|c| c.id()),
+        }
     }
 }
 

@@ -77,7 +77,7 @@ use crate::metrics::Outcome;
 use crate::oci::{Digest, RepoName};
 use crate::upstream::Upstream;
 use crate::upstream::caller::Caller;
-use fill::{Asker, FillReader, Lookup, OwnFetch, Phase, PreReserved};
+use fill::{Asker, Fill, FillReader, Lookup, MAX_ROUNDS, OriginKey, OwnFetch, Phase, PreReserved};
 use reader::{Delivery, Feed};
 use response::{file_response, head_response, unsized_response};
 use source::{Origin, Sources};
@@ -174,16 +174,20 @@ impl BlobStore {
         if head_only {
             return self.head_miss(&sources(), digest, access).await;
         }
-        // A request that joined a fill which then failed before sending a
-        // byte leads a fill of its own, once: the leader's request may
-        // have been refused where this one is not (another repository,
-        // another credential).
-        let mut retried = false;
-        loop {
-            let reader = match self
-                .fills
-                .lookup(digest, Asker::Client, stored, own.clone())?
-            {
+        // A fill that failed for its own origin only (another repository's
+        // 404, say) sends its readers from other origins round again; see
+        // the fill module's docs.
+        let key = origin.key();
+        let mut prior = None;
+        for _ in 0..MAX_ROUNDS {
+            let reader = match self.fills.lookup(
+                digest,
+                Asker::Client,
+                &key,
+                prior.as_ref(),
+                stored,
+                own.clone(),
+            )? {
                 Lookup::Stored(blob) => return Ok(hit(blob, delivery)),
                 Lookup::Join(reader)
                     if !access.allows(
@@ -199,12 +203,18 @@ impl BlobStore {
                     reader
                 }
             };
-            let joined = reader.outcome == Outcome::Join;
-            match read_fill(reader, digest, range, delivery.clone()).await {
-                Err(e) if joined && !retried && e.is_refusal() => retried = true,
-                r => return r.map(Some),
+            match read_fill(reader, digest, range, delivery.clone(), &key).await? {
+                Read::Answer(response) => return Ok(Some(response)),
+                Read::Again(fill) => {
+                    tracing::debug!(%digest, failed = %fill.origin, origin = %key,
+                        "blob fill failed for its own repository only: asking again");
+                    prior = Some(fill);
+                }
             }
         }
+        Err(Error::unavailable(format!(
+            "gave up on {digest} after {MAX_ROUNDS} failed upstream requests"
+        )))
     }
 
     /// Starts a fill of `digest` (of `size` bytes, as its descriptor says)
@@ -249,7 +259,11 @@ impl BlobStore {
         // (`cache/private.rs`), and the caller's own request for the blob
         // may read it as its own fetch.
         let own = OwnFetch::of(&origin);
-        match self.fills.lookup(digest, Asker::Prefetch, stored, own)? {
+        let key = origin.key();
+        match self
+            .fills
+            .lookup(digest, Asker::Prefetch, &key, None, stored, own)?
+        {
             Lookup::Lead(permit, _nobody_reads) => {
                 // The same sources as a client's fill (a prefetch is never a
                 // peer's hop): the owner, the shared store, then upstream.
@@ -286,14 +300,25 @@ impl BlobStore {
     }
 }
 
-/// The response of a request reading a fill, once the fill has an answer
-/// from upstream (its failure, if it failed before streaming).
+/// What reading a fill came to.
+enum Read {
+    /// The response (or what failed mid-body, in the body).
+    Answer(BlobResponse),
+    /// The fill failed before streaming, for its own origin only: look up
+    /// again with it as the prior fill.
+    Again(Arc<Fill>),
+}
+
+/// The response of a request under origin `me` reading a fill, once the
+/// fill has an answer from upstream (its failure, if it failed before
+/// streaming and that failure applies to `me`).
 async fn read_fill(
     reader: FillReader,
     digest: &Digest,
     range: Option<range::ByteRange>,
     delivery: Delivery,
-) -> Result<BlobResponse, Error> {
+    me: &OriginKey,
+) -> Result<Read, Error> {
     let FillReader {
         fill,
         spill,
@@ -306,7 +331,10 @@ async fn read_fill(
         .map_err(|_| Error::internal("blob fill ended without a result"))?
         .clone();
     if let Phase::Failed(e) = progress.phase {
-        return Err(e);
+        return match fill.failure_for(&e, me) {
+            Some(e) => Err(e),
+            None => Ok(Read::Again(fill)),
+        };
     }
     let file = fill.file.get().cloned();
     let feed = Feed {
@@ -317,5 +345,5 @@ async fn read_fill(
         Some(size) => file_response(digest, file, size, range, false, Some(feed), delivery),
         None => Ok(unsized_response(digest, file, feed, delivery)),
     };
-    Ok(BlobResponse { outcome, response })
+    Ok(Read::Answer(BlobResponse { outcome, response }))
 }
