@@ -377,3 +377,107 @@ async fn tags_list_passes_through() {
     let r = c.get(st.v2("nosuchrepo/tags/list")).send().await.unwrap();
     assert_eq!(r.status(), 404);
 }
+
+/// Upstream stalls mid-body (issue 11, item 5): a moved tag whose new
+/// manifest stalls after its head or halfway is served stale within about
+/// the upstream timeout; an uncached manifest that stalls fails within it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stalled_manifest_bodies_end_within_the_timeout() {
+    let up = FakeUpstream::start().await;
+    let img1 = make_image(Format::Oci, &[10]);
+    let img2 = make_image(Format::Oci, &[20]);
+    up.push_image("library/rust", "1", &img1);
+    let st = start_stowage(&up.url(), &format!("{}\ntimeout = \"1s\"", short_ttl())).await;
+    let c = client();
+    check_manifest(&c, &st, "rust", "1", &img1.manifest, OCI_MANIFEST).await;
+    up.push_image("library/rust", "1", &img2);
+    for fault in [BodyFault::StallAfterHead, BodyFault::StallMidBody] {
+        up.fault(&img2.digest, fault);
+        past_ttl().await;
+        let started = std::time::Instant::now();
+        let r = within(10, "a stalled revalidation", async {
+            c.get(st.manifest_url("rust", "1")).send().await.unwrap()
+        })
+        .await;
+        let elapsed = started.elapsed();
+        assert_eq!(r.status(), 200, "{fault:?}");
+        assert_eq!(
+            header(&r, "x-stowage-cache").as_deref(),
+            Some("stale"),
+            "{fault:?}"
+        );
+        assert_eq!(r.bytes().await.unwrap(), img1.manifest, "{fault:?}");
+        assert!(
+            elapsed < Duration::from_secs(4),
+            "{fault:?}: stale after {elapsed:?}"
+        );
+        // Uncached, by digest: fails in about the timeout too.
+        let started = std::time::Instant::now();
+        let r = within(10, "a stalled manifest", async {
+            c.get(st.manifest_url("rust", &img2.digest))
+                .send()
+                .await
+                .unwrap()
+        })
+        .await;
+        assert_oci_error(r, 502, &["UNAVAILABLE"], "stalled manifest by digest").await;
+        assert!(started.elapsed() < Duration::from_secs(4), "{fault:?}");
+    }
+    // Once upstream behaves, the tag moves.
+    up.clear_faults();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    check_manifest(&c, &st, "rust", "1", &img2.manifest, OCI_MANIFEST).await;
+}
+
+/// A tags list body that stalls is cut within about the upstream timeout
+/// (the client's body fails; nothing hangs); a referrers answer that
+/// stalls, with nothing cached to fall back on, fails within it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stalled_tags_list_and_referrers_end_within_the_timeout() {
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[10]);
+    up.push_image("library/debian", "bookworm", &img);
+    let st = start_stowage(&up.url(), "timeout = \"1s\"").await;
+    let c = client();
+    // Behaving, it works.
+    get_ok(&c, &st.v2("debian/tags/list")).await;
+    let subjects = [sha256_digest(b"subject a"), sha256_digest(b"subject b")];
+    for (fault, subject) in [BodyFault::StallAfterHead, BodyFault::StallMidBody]
+        .into_iter()
+        .zip(&subjects)
+    {
+        let referrers = format!("/v2/library/debian/referrers/{subject}");
+        up.respond(
+            &referrers,
+            200,
+            &[("content-type", OCI_INDEX)],
+            r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#,
+        );
+        up.fault_path("/v2/library/debian/tags/list", fault);
+        up.fault_path(&referrers, fault);
+        for url in [
+            st.v2("debian/tags/list"),
+            st.v2(&format!("debian/referrers/{subject}")),
+        ] {
+            let started = std::time::Instant::now();
+            let outcome = within(10, "a stalled upstream body", async {
+                match c.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => r.bytes().await.map(|_| true),
+                    Ok(_) => Ok(false),
+                    Err(e) => Err(e),
+                }
+            })
+            .await;
+            assert!(
+                !matches!(outcome, Ok(true)),
+                "{url} {fault:?}: a stalled body completed"
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(4),
+                "{url} {fault:?}: ended after {:?}",
+                started.elapsed()
+            );
+        }
+        up.clear_faults();
+    }
+}

@@ -68,8 +68,8 @@ use crate::metrics::{CacheKind, Outcome};
 use crate::oci::headers::DOCKER_CONTENT_DIGEST;
 use crate::oci::manifest::{self, AcceptClass};
 use crate::oci::{Algorithm, Digest, RepoName, Tag};
-use crate::upstream::Upstream;
 use crate::upstream::caller::Caller;
+use crate::upstream::{Upstream, UpstreamBody, is_idle_timeout};
 
 /// Largest manifest accepted from upstream (distribution's own limit).
 pub(super) const MAX_MANIFEST: usize = 4 * 1024 * 1024;
@@ -799,21 +799,44 @@ pub(super) async fn write_atomic(path: PathBuf, data: Vec<u8>) -> io::Result<()>
     .map_err(io::Error::other)?
 }
 
-/// A manifest body, bounded by [`MAX_MANIFEST`].
-pub(super) async fn read_body(body: hyper::body::Incoming, what: &str) -> Result<Bytes, Error> {
-    let collected = Limited::new(body, MAX_MANIFEST)
-        .collect()
+/// A manifest body, bounded by [`MAX_MANIFEST`] in size and by the
+/// upstream's timeout in time: each frame within it (the body's idle
+/// timeout), and the whole body within it too, since nothing reaches the
+/// client before the last byte (a manifest is a few KiB).
+pub(super) async fn read_body(
+    body: UpstreamBody,
+    timeout: Duration,
+    what: &str,
+) -> Result<Bytes, Error> {
+    let collected = tokio::time::timeout(timeout, Limited::new(body, MAX_MANIFEST).collect())
         .await
+        .map_err(|_| {
+            Error::upstream(
+                ErrorKind::BodyBroken,
+                format!(
+                    "reading manifest {what} from upstream: not complete within {}",
+                    humantime::format_duration(timeout)
+                ),
+            )
+        })?
         .map_err(|e| {
             // Over the size limit: upstream broke the protocol; anything else
-            // is the transfer failing.
+            // (a stall, a reset) is the transfer failing.
             let kind = if e.is::<http_body_util::LengthLimitError>() {
                 ErrorKind::UpstreamProtocol
             } else {
                 ErrorKind::BodyBroken
             };
-            Error::upstream(kind, format!("reading manifest {what} from upstream: {e}"))
-                .with_cause(e)
+            let why = if is_idle_timeout(e.as_ref()) {
+                format!("stalled for {}", humantime::format_duration(timeout))
+            } else {
+                e.to_string()
+            };
+            Error::upstream(
+                kind,
+                format!("reading manifest {what} from upstream: {why}"),
+            )
+            .with_cause(e)
         })?;
     Ok(collected.to_bytes())
 }
@@ -964,7 +987,7 @@ async fn fetch(
             ),
         ));
     }
-    let body = read_body(resp.into_body(), &what).await?;
+    let body = read_body(resp.into_body(), upstream.timeout(), &what).await?;
     let digest = verify(upstream, &body, expected.or(header_digest.as_ref()), &what)?;
     let media_type = manifest::media_type(content_type.as_deref(), &body);
     Ok(Manifest::new(digest, media_type, body))

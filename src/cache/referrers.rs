@@ -241,7 +241,7 @@ async fn fetch(
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.split(',').any(|f| f.trim() == "artifactType"));
     let link = resp.headers().get(header::LINK).cloned();
-    let body = read_body(resp.into_body(), &what).await?;
+    let body = read_body(resp.into_body(), upstream.timeout(), &what).await?;
     Ok(Referrers {
         body,
         filters_applied,

@@ -15,11 +15,10 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use serde::Deserialize;
 
 use super::challenge::{self, Challenge};
-use super::client::Upstream;
+use super::client::{Upstream, UpstreamBody};
 use super::config::UpstreamConfig;
 use super::error::UpstreamError;
 use crate::error::ConfigError;
@@ -443,7 +442,7 @@ impl Upstream {
     /// The token endpoint's answer, bounded in size and time.
     async fn read_token_body(
         &self,
-        resp: http::Response<Incoming>,
+        resp: http::Response<UpstreamBody>,
         realm: &str,
     ) -> Result<bytes::Bytes, String> {
         let collected = tokio::time::timeout(

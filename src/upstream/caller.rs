@@ -34,11 +34,10 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Uri, header};
-use hyper::body::Incoming;
 use sha2::Digest as _;
 
 use super::auth::{Remembered, pull_scope};
-use super::client::Upstream;
+use super::client::{Upstream, UpstreamBody};
 use super::config::AuthMode;
 use super::error::UpstreamError;
 
@@ -278,7 +277,7 @@ impl Upstream {
         repo: &str,
         tail: &str,
         headers: HeaderMap,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let credential = match caller {
             Caller::Mirror => return self.send(method, repo, tail, headers).await,
             Caller::Passthrough(c) => c,
@@ -327,7 +326,7 @@ impl Upstream {
         url: &str,
         upstream_repo: Option<&str>,
         mut headers: HeaderMap,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         if let Some(how) = self.credentials.remembered()
             && (credential.is_anonymous() || !credential.meant_for(&how))
         {

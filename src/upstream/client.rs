@@ -4,7 +4,9 @@
 //! everything between stowage and the registry's answer: token and basic
 //! authentication (Docker token specification, `auth.rs`), redirects to
 //! object storage (`redirect.rs`), and timeouts. The response body is
-//! handed back unread, streaming.
+//! handed back unread, streaming, as an [`UpstreamBody`]: every read of it
+//! is bounded by the upstream's timeout (an idle timeout: a body that sends
+//! nothing for that long fails), whoever reads it.
 
 use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
@@ -46,6 +48,56 @@ const STRIPPED_HEADERS: &[header::HeaderName] = &[
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
+/// The body of an upstream response: hyper's, failing with a
+/// [`tower_http::timeout::TimeoutError`] when no frame arrives within the
+/// upstream's timeout (tower-http's per-frame timer, reset on each frame).
+/// Boxed so that it is `Unpin` like hyper's own body.
+pub struct UpstreamBody(std::pin::Pin<Box<tower_http::timeout::TimeoutBody<Incoming>>>);
+
+impl UpstreamBody {
+    fn new(idle: Duration, body: Incoming) -> UpstreamBody {
+        UpstreamBody(Box::pin(tower_http::timeout::TimeoutBody::new(idle, body)))
+    }
+}
+
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody").finish_non_exhaustive()
+    }
+}
+
+impl hyper::body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.0.as_mut().poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.0.size_hint()
+    }
+}
+
+/// Whether a body error is an upstream body's idle timeout.
+pub(crate) fn is_idle_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if e.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
 /// One upstream registry: a pooled HTTP/1.1 + HTTP/2 client with its
 /// credentials, remembered challenge and token cache.
 pub struct Upstream {
@@ -57,7 +109,8 @@ pub struct Upstream {
     tag_ttl: Duration,
     /// `cfg.library_prefix`.
     library_prefix: bool,
-    /// Bound on each exchange up to its response headers.
+    /// Bound on each exchange up to its response headers, and on each wait
+    /// for the next frame of a response body.
     timeout: Duration,
     /// Configured credentials, token cache, remembered challenge.
     pub(super) credentials: Credentials,
@@ -250,7 +303,8 @@ impl Upstream {
         self.tag_ttl
     }
 
-    /// Bound on each exchange up to its response headers.
+    /// Bound on each exchange up to its response headers, and on each wait
+    /// for the next frame of a response body.
     pub(crate) fn timeout(&self) -> Duration {
         self.timeout
     }
@@ -287,7 +341,7 @@ impl Upstream {
         repo: &str,
         tail: &str,
         mut headers: HeaderMap,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let upstream_repo = self.upstream_repo(repo);
         let url = format!("{}/v2/{}/{}", self.base, upstream_repo, tail);
         let uri: Uri = url
@@ -327,7 +381,7 @@ impl Upstream {
         headers: &HeaderMap,
         auth: Option<&HeaderValue>,
         first_hop: bool,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let mut req = Request::builder()
             .method(method.clone())
             .uri(uri.clone())
@@ -354,7 +408,8 @@ impl Upstream {
         match result {
             Ok(Ok(resp)) => {
                 self.answered(method, &url, &resp, elapsed);
-                Ok(resp)
+                let timeout = self.timeout;
+                Ok(resp.map(|body| UpstreamBody::new(timeout, body)))
             }
             Ok(Err(e)) => {
                 let message = format!("{method} {url}: {}", crate::error::chain(&e));

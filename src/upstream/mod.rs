@@ -14,6 +14,7 @@ mod redirect;
 
 #[cfg(feature = "fuzzing")]
 pub(crate) use challenge::parse_challenges;
-pub use client::Upstream;
+pub(crate) use client::is_idle_timeout;
+pub use client::{Upstream, UpstreamBody};
 #[cfg(feature = "test-hooks")]
 pub use error::UpstreamError;

@@ -3,9 +3,8 @@
 //! `Location` resolved with the `url` crate (RFC 3986 reference resolution).
 
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Uri, header};
-use hyper::body::Incoming;
 
-use super::client::Upstream;
+use super::client::{Upstream, UpstreamBody};
 use super::error::UpstreamError;
 
 /// Redirects followed for one request before giving up.
@@ -57,7 +56,7 @@ impl Upstream {
         uri: &Uri,
         headers: &HeaderMap,
         auth: Option<&HeaderValue>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let mut uri = uri.clone();
         for hop in 0..=MAX_REDIRECTS {
             let auth = if hop == 0 { auth } else { None };

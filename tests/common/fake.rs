@@ -227,6 +227,8 @@ struct Inner {
     blob_repos: Mutex<HashMap<String, HashSet<String>>>,
     /// Body faults of blobs and manifests, by digest.
     faults: Mutex<HashMap<String, BodyFault>>,
+    /// Body faults of any answer, by exact path.
+    path_faults: Mutex<HashMap<String, BodyFault>>,
     /// Statuses the next requests under `/v2/<repo>/` get, in order.
     statuses: Mutex<std::collections::VecDeque<u16>>,
     /// Bodies that are still being sent (or were dropped unfinished).
@@ -291,6 +293,7 @@ impl FakeUpstream {
             delays: Mutex::default(),
             blob_repos: Mutex::default(),
             faults: Mutex::default(),
+            path_faults: Mutex::default(),
             statuses: Mutex::default(),
             bodies_open: Arc::new(AtomicUsize::new(0)),
             tokens: Mutex::default(),
@@ -559,6 +562,16 @@ impl FakeUpstream {
             .insert(digest.to_string(), fault);
     }
 
+    /// Every GET of exactly `path` (tags lists, referrers, the token
+    /// endpoint, ...) gets the answer it would get, misbehaving as `fault`.
+    pub fn fault_path(&self, path: &str, fault: BodyFault) {
+        self.inner
+            .path_faults
+            .lock()
+            .unwrap()
+            .insert(path.to_string(), fault);
+    }
+
     /// Ends the fault of `digest`.
     pub fn clear_fault(&self, digest: &str) {
         self.inner.faults.lock().unwrap().remove(digest);
@@ -567,6 +580,7 @@ impl FakeUpstream {
     /// Ends every fault.
     pub fn clear_faults(&self) {
         self.inner.faults.lock().unwrap().clear();
+        self.inner.path_faults.lock().unwrap().clear();
     }
 
     /// The next `statuses.len()` requests under `/v2/<name>/` are answered
@@ -889,6 +903,30 @@ fn parse_range(h: &str, len: u64) -> Option<Result<(u64, u64), ()>> {
 
 impl Inner {
     async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, std::io::Error> {
+        let path = req.uri().path().to_string();
+        let head = req.method() == Method::HEAD;
+        let fault = self.path_faults.lock().unwrap().get(&path).copied();
+        let open = self.bodies_open.clone();
+        let resp = self.answer(req).await?;
+        let Some(fault) = fault.filter(|_| !head) else {
+            return Ok(resp);
+        };
+        // The answer as it would have been, sent misbehaving.
+        let (parts, body) = resp.into_parts();
+        let bytes = body.collect().await?.to_bytes();
+        let mut builder = Response::builder().status(parts.status);
+        for (k, v) in &parts.headers {
+            if k != http::header::CONTENT_LENGTH {
+                builder = builder.header(k, v);
+            }
+        }
+        Ok(faulty(builder, bytes, fault, &open))
+    }
+
+    async fn answer(
         self: Arc<Self>,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, std::io::Error> {

@@ -33,8 +33,8 @@ use crate::error::{Asked, Error, ErrorKind};
 use crate::metrics::{PeerKind, PeerResult};
 use crate::oci::headers::X_STOWAGE_ERROR_SOURCE;
 use crate::oci::{Digest, RepoName};
-use crate::upstream::Upstream;
 use crate::upstream::caller::Caller;
+use crate::upstream::{Upstream, UpstreamBody, is_idle_timeout};
 
 /// A body being received, as a stream of chunks.
 pub(super) type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, Error>> + Send>>;
@@ -177,7 +177,7 @@ impl Sources {
                     .ask_peer(peer, index, Method::HEAD, digest, HeaderMap::new())
                     .await
                 {
-                    Ok(resp) => return Ok(content_length(&resp)),
+                    Ok(resp) => return Ok(content_length(resp.headers())),
                     Err(Miss::Final(e)) => return Err(e),
                     Err(Miss::Next(_)) => {}
                 },
@@ -357,7 +357,7 @@ impl Origin {
         method: Method,
         digest: &Digest,
         headers: HeaderMap,
-    ) -> Result<(Response<Incoming>, Option<u64>), Error> {
+    ) -> Result<(Response<UpstreamBody>, Option<u64>), Error> {
         let resp = self
             .upstream
             .send_as(
@@ -379,7 +379,7 @@ impl Origin {
                 &format!("{}/blobs/{digest}", self.repo),
             ));
         }
-        let len = content_length(&resp);
+        let len = content_length(resp.headers());
         Ok((resp, len))
     }
 }
@@ -395,16 +395,16 @@ fn range_from(from: u64) -> HeaderMap {
     h
 }
 
-fn content_length(resp: &Response<Incoming>) -> Option<u64> {
-    resp.headers()
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
 }
 
 /// `Content-Range: bytes <start>-<end>/<total>` as (start, total).
-fn content_range(resp: &Response<Incoming>) -> Option<(u64, Option<u64>)> {
-    let v = resp.headers().get(header::CONTENT_RANGE)?.to_str().ok()?;
+fn content_range(headers: &HeaderMap) -> Option<(u64, Option<u64>)> {
+    let v = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
     let (span, total) = v.strip_prefix("bytes ")?.split_once('/')?;
     let (start, _) = span.split_once('-')?;
     Some((start.parse().ok()?, total.parse().ok()))
@@ -413,16 +413,20 @@ fn content_range(resp: &Response<Incoming>) -> Option<(u64, Option<u64>)> {
 /// The body of a response to a request for the blob from `from` on, as a
 /// stream starting exactly at `from` (a 200 answer to a ranged request has
 /// its first `from` bytes skipped), and the blob's size when known.
-fn ranged_body(
-    resp: Response<Incoming>,
+fn ranged_body<B>(
+    resp: Response<B>,
     from: u64,
     what: &str,
     digest: &Digest,
-) -> Result<(ByteStream, Option<u64>), Error> {
-    let len = content_length(&resp);
+) -> Result<(ByteStream, Option<u64>), Error>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let len = content_length(resp.headers());
     let partial = resp.status() == StatusCode::PARTIAL_CONTENT;
     let total = if partial {
-        match content_range(&resp) {
+        match content_range(resp.headers()) {
             Some((start, total)) if start == from => total.or(len.map(|l| from + l)),
             _ => {
                 return Err(Error::upstream(
@@ -438,9 +442,15 @@ fn ranged_body(
     let digest = digest.clone();
     let body: ByteStream = Box::pin(BodyDataStream::new(resp.into_body()).map(move |r| {
         r.map_err(|e| {
+            let e: Box<dyn std::error::Error + Send + Sync> = e.into();
+            let how = if is_idle_timeout(e.as_ref()) {
+                "stalled (no byte within its timeout)"
+            } else {
+                "broke off"
+            };
             Error::upstream(
                 ErrorKind::BodyBroken,
-                format!("{what}: body of {digest} broke off: {e}"),
+                format!("{what}: body of {digest} {how}: {e}"),
             )
             .with_cause(e)
         })
