@@ -48,6 +48,11 @@ fn rank(nodes: &[String], key: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// Where the cache at `cache_dir` keeps the manifest `digest`.
+pub fn manifest_path(cache_dir: &Path, digest: &str) -> PathBuf {
+    Layout::new(cache_dir).manifest(&parse(digest))
+}
+
 fn parse(digest: &str) -> Digest {
     Digest::parse(digest).expect("a valid digest")
 }

@@ -339,7 +339,11 @@ impl ManifestStore {
                 let m = self
                     .fetch_by_digest(upstream, repo, digest, caller, hop)
                     .await?;
-                self.write_disk(&m, caller).await.map_err(local_error)?;
+                if let Err(e) = self.write_disk(&m, caller).await {
+                    // Verified: serve it all the same (full disk, say).
+                    tracing::warn!(%digest, error = %e,
+                        "cannot store manifest: serving it without caching");
+                }
                 Ok(Arc::new(m))
             })
             .await
@@ -476,7 +480,9 @@ impl ManifestStore {
                 Some(m) => m,
                 None => self.fetch_tag(upstream, caller, repo, tag, class).await?,
             };
-            return self.adopt(upstream, caller, repo, tag, class, m, ttl).await;
+            return Ok(self
+                .adopt(upstream, caller, repo, tag, class, m, ttl, None)
+                .await);
         };
         let serve_stale = |reason: String| {
             tracing::warn!(upstream = upstream.host(), manifest = %what, %reason,
@@ -495,13 +501,17 @@ impl ManifestStore {
                 if let Some(now) = now
                     && let Some(m) = self.in_bucket(caller, &now).await
                 {
-                    return self.adopt(upstream, caller, repo, tag, class, m, ttl).await;
+                    return Ok(self
+                        .adopt(upstream, caller, repo, tag, class, m, ttl, Some(&stale))
+                        .await);
                 }
             }
         }
         // Moved (or HEAD gave no digest): fetch the tag.
         match self.fetch_tag(upstream, caller, repo, tag, class).await {
-            Ok(m) => self.adopt(upstream, caller, repo, tag, class, m, ttl).await,
+            Ok(m) => Ok(self
+                .adopt(upstream, caller, repo, tag, class, m, ttl, Some(&stale))
+                .await),
             Err(e) if e.is_upstream_outage() => serve_stale(e.report()),
             Err(e) => Err(e),
         }
@@ -616,8 +626,9 @@ impl ManifestStore {
                         class,
                         from.manifest,
                         fresh_for,
+                        stale,
                     )
-                    .await?;
+                    .await;
                 if from.stale {
                     entry.outcome = Outcome::Stale;
                 }
@@ -639,8 +650,12 @@ impl ManifestStore {
         }
     }
 
-    /// Stores a manifest fetched by tag (with `caller`'s credentials) and
-    /// points the tag at it.
+    /// Stores a manifest fetched by tag (verified, with `caller`'s
+    /// credentials) and points the tag at it, fresh for `ttl`.
+    /// If it cannot be stored (a full disk, say), a tag that had a manifest
+    /// stays where it was and is served `stale` (what is on disk stays
+    /// consistent; upstream is asked again within [`STALE_RETRY`]); a tag
+    /// seen for the first time is served from memory, not stored.
     #[allow(clippy::too_many_arguments)]
     async fn adopt(
         &self,
@@ -651,14 +666,29 @@ impl ManifestStore {
         class: AcceptClass,
         m: Manifest,
         ttl: Duration,
-    ) -> Result<TagEntry, Error> {
-        self.write_disk(&m, caller).await.map_err(local_error)?;
-        self.write_tag(upstream, repo, tag, class, &m.digest)
-            .await
-            .map_err(local_error)?;
+        stale: Option<&Digest>,
+    ) -> TagEntry {
+        let stored = match self.write_disk(&m, caller).await {
+            Ok(()) => self.write_tag(upstream, repo, tag, class, &m.digest).await,
+            Err(e) => Err(e),
+        };
         let digest = m.digest.clone();
+        // Verified either way: a request by digest need not fetch it again.
         self.by_digest.insert(digest.clone(), Arc::new(m)).await;
-        Ok(TagEntry::new(digest, ttl, Outcome::Miss))
+        match (stored, stale) {
+            (Ok(()), _) => TagEntry::new(digest, ttl, Outcome::Miss),
+            (Err(e), Some(stale)) => {
+                tracing::warn!(upstream = upstream.host(), manifest = %format!("{repo}:{tag}"),
+                    moved_to = %digest, error = %e,
+                    "cannot store the new manifest of a moved tag: serving the stale one");
+                TagEntry::new(stale.clone(), ttl.min(STALE_RETRY), Outcome::Stale)
+            }
+            (Err(e), None) => {
+                tracing::warn!(upstream = upstream.host(), manifest = %format!("{repo}:{tag}"),
+                    %digest, error = %e, "cannot store manifest: serving it without caching");
+                TagEntry::new(digest, ttl, Outcome::Miss)
+            }
+        }
     }
 
     /// A manifest held locally (memory or disk), never asked upstream.

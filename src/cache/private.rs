@@ -96,15 +96,18 @@ impl Private {
     }
 
     /// Marks `digest` private, durably (fsynced), before the content
-    /// becomes visible in the cache. Blocking.
+    /// becomes visible in the cache. Blocking. Private in memory even when
+    /// the record cannot be written (a full disk): the caller then keeps
+    /// the content off the disk, but a verified manifest is still served
+    /// from memory, and must not be to mirror-mode callers.
     pub(crate) fn mark(&self, digest: &Digest) -> io::Result<()> {
         if self.contains(digest) {
             return Ok(());
         }
         let record = PrivateRecord::Private(digest.clone());
-        self.log.append(&record.line(), true)?;
+        let written = self.log.append(&record.line(), true);
         self.set.insert(digest.clone());
-        Ok(())
+        written
     }
 
     /// `digest` is public: a mirror-mode upstream confirmed or served it.

@@ -184,23 +184,28 @@ impl ManifestStore {
             answer.body.clone(),
         );
         let digest = m.digest.clone();
-        self.keep(m, caller).await.map_err(local_error)?;
-        write_atomic(
-            record,
-            layout::encode_referrers(&digest, answer.filters_applied),
-        )
-        .await
-        .map_err(local_error)?;
+        let kept = match self.keep(m, caller).await {
+            Ok(()) => {
+                write_atomic(
+                    record,
+                    layout::encode_referrers(&digest, answer.filters_applied),
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = kept {
+            // Upstream's answer is served all the same (a full disk, say);
+            // only keeping it for an outage failed.
+            tracing::warn!(upstream = upstream.host(), %repo, %subject, error = %e,
+                "cannot store referrers: serving them without caching");
+        }
         Ok(RefEntry {
             answer,
             fresh_for: ttl,
             outcome: Outcome::Miss,
         })
     }
-}
-
-fn local_error(e: std::io::Error) -> Error {
-    Error::local("referrers cache storage error", e)
 }
 
 /// GETs the referrers of `subject` (with the filter, if any).
