@@ -345,3 +345,40 @@ async fn upstream_failure_with_nothing_cached_is_502_or_503() {
     up.set_failure(Failure::None);
     check_blob(&c, &st, "alpine", &blob).await;
 }
+
+/// An upstream 401 (the mirror's credentials refused) reaches the client
+/// as a mirror failure naming the reason, so that dockerd and containerd
+/// fall back to the registry: never as a 401 without `WWW-Authenticate`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upstream_401_is_a_mirror_failure() {
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[10]);
+    up.push_image("library/locked", "1", &img);
+    up.require_basic("alice", "right");
+    let st = start_stowage(&up.url(), "username = \"alice\"\npassword = \"wrong\"").await;
+    let c = client();
+    for url in [
+        st.manifest_url("locked", "1"),
+        st.manifest_url("locked", &img.digest),
+        st.blob_url("locked", &img.config.digest),
+        st.v2("locked/tags/list"),
+    ] {
+        let r = c.get(&url).send().await.unwrap();
+        let (status, challenge) = (r.status(), r.headers().contains_key("www-authenticate"));
+        let ct = header(&r, "content-type");
+        let body = r.bytes().await.unwrap();
+        let text = String::from_utf8_lossy(&body);
+        assert!(
+            status != 401 || challenge,
+            "GET {url}: 401 without a challenge"
+        );
+        assert_eq!(status, 502, "GET {url}: {text}");
+        check_oci_error_body(ct.as_deref(), &body, &["UNAVAILABLE"], &url);
+        assert!(
+            text.contains("credentials"),
+            "GET {url}: reason not given: {text}"
+        );
+        let r = c.head(&url).send().await.unwrap();
+        assert_eq!(r.status(), 502, "HEAD {url}");
+    }
+}

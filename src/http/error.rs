@@ -3,8 +3,9 @@
 //! Every failure a client sees is an [`Error`] turned into an HTTP status,
 //! an OCI error code and `{"errors":[{"code":..,"message":..,"detail":null}]}`.
 //! Upstream 404s become `*_UNKNOWN` (never a 500); upstream failures are
-//! `UNAVAILABLE` (503 when upstream cannot be reached, 502 otherwise); local
-//! failures are 500 `UNKNOWN`.
+//! `UNAVAILABLE` (503 when upstream cannot be reached, 502 otherwise, an
+//! upstream 401 included); local failures are 500 `UNKNOWN`. The only 401
+//! is the mirror's own, with its `WWW-Authenticate` challenge.
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
@@ -20,9 +21,11 @@ pub(crate) fn status_and_code(e: &Error) -> (StatusCode, &'static str) {
         K::TagInvalid => (StatusCode::BAD_REQUEST, "TAG_INVALID"),
         K::DigestInvalid => (StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
         K::Unsupported => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
-        K::Unauthorized { .. } | K::UpstreamUnauthorized => {
-            (StatusCode::UNAUTHORIZED, "UNAUTHORIZED")
-        }
+        // Only the mirror's own challenge is a 401: a client can answer
+        // it. Upstream refusing the mirror's credentials is a failure of
+        // the mirror (502, the reason in the message), after which dockerd
+        // and containerd fall back to the registry itself.
+        K::Unauthorized { .. } => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
         K::RangeInvalid { .. } => (StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_INVALID"),
         K::NameUnknown => (StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
         K::BlobUnknown => (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"),
@@ -31,6 +34,7 @@ pub(crate) fn status_and_code(e: &Error) -> (StatusCode, &'static str) {
         K::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS"),
         K::Unreachable | K::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
         K::UpstreamStatus { .. }
+        | K::UpstreamUnauthorized
         | K::UpstreamAuth { .. }
         | K::UpstreamProtocol
         | K::BodyBroken
@@ -119,6 +123,14 @@ mod tests {
         );
         let e = Error::upstream_status(StatusCode::FORBIDDEN, Asked::Blob, None, "x");
         assert_eq!(oci(&e), (403, "DENIED"));
+        let e = Error::upstream_status(StatusCode::UNAUTHORIZED, Asked::Blob, None, "x");
+        assert_eq!(oci(&e), (502, "UNAVAILABLE"));
+        assert!(
+            response(&e, false)
+                .headers()
+                .get(header::WWW_AUTHENTICATE)
+                .is_none()
+        );
         let e = Error::upstream_status(StatusCode::INTERNAL_SERVER_ERROR, Asked::Blob, None, "x");
         assert_eq!(oci(&e).0, 502);
     }
