@@ -481,3 +481,85 @@ async fn stalled_tags_list_and_referrers_end_within_the_timeout() {
         up.clear_faults();
     }
 }
+
+/// A tags list's `Link` to the next page keeps the client on the same
+/// upstream: through `?ns=` and through a path prefix, every page comes
+/// from the upstream the first did (never from the default upstream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tags_list_link_stays_on_the_same_upstream() {
+    let hub = FakeUpstream::start().await;
+    let other = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[10]);
+    let tags = ["a", "b", "c", "d", "e"];
+    for up in [&hub, &other] {
+        up.push_image("org/app", "a", &img);
+        up.add_tag_names("org/app", &tags, &img.digest);
+    }
+    hub.push_image("library/debian", "a", &img);
+    hub.add_tag_names("library/debian", &tags, &img.digest);
+    let dir = tempfile::TempDir::new().unwrap();
+    let toml = format!(
+        "{}\n[[upstream]]\nhost = \"other.io\"\nurl = \"{}\"\n",
+        config_toml(dir.path(), &hub.url(), ""),
+        other.url()
+    );
+    let st = start_stowage_toml(dir, &toml).await;
+    let c = client();
+    for (start, from, upstream_path) in [
+        (
+            st.v2("org/app/tags/list?ns=other.io&n=2"),
+            &other,
+            "/v2/org/app/tags/list",
+        ),
+        (
+            st.v2("other.io/org/app/tags/list?n=2"),
+            &other,
+            "/v2/org/app/tags/list",
+        ),
+        (
+            st.v2("debian/tags/list?n=2"),
+            &hub,
+            "/v2/library/debian/tags/list",
+        ),
+    ] {
+        let (hub_before, other_before) = (hub.total(), other.total());
+        let from_before = from.count("GET", upstream_path);
+        let mut url = start.clone();
+        let mut seen = Vec::new();
+        for page in 0..10 {
+            let r = c.get(&url).send().await.unwrap();
+            assert_eq!(r.status(), 200, "{start}: page {page} ({url})");
+            let link = header(&r, "link");
+            let v: serde_json::Value = r.json().await.unwrap();
+            seen.extend(
+                v["tags"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| t.as_str().unwrap().to_string()),
+            );
+            let Some(link) = link else { break };
+            let target = link
+                .strip_prefix('<')
+                .and_then(|l| l.split_once('>'))
+                .map(|(t, rest)| {
+                    assert!(rest.contains("rel=\"next\""), "{link}");
+                    t.to_string()
+                })
+                .unwrap_or_else(|| panic!("{start}: bad Link {link:?}"));
+            assert!(
+                target.starts_with("/v2/"),
+                "{start}: Link {target} leaves the mirror"
+            );
+            url = format!("{}{target}", st.url());
+        }
+        assert_eq!(seen, tags, "{start}: all pages");
+        assert_eq!(from.count("GET", upstream_path) - from_before, 3, "{start}");
+        let strays = if std::ptr::eq(from, &other) {
+            hub.total() - hub_before
+        } else {
+            other.total() - other_before
+        };
+        assert_eq!(strays, 0, "{start}: a page went to the other upstream");
+    }
+}

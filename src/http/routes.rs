@@ -338,6 +338,11 @@ async fn tags_list(
         None => "tags/list".to_string(),
     };
     let caller = Caller::of(&upstream, req.headers());
+    let next = NextPage {
+        path: format!("/v2/{name}/tags/list"),
+        keep: &["n", "last"],
+        ns,
+    };
     pass_on(
         &upstream,
         &caller,
@@ -345,6 +350,7 @@ async fn tags_list(
         &repo,
         &tail,
         HeaderMap::new(),
+        &next,
     )
     .await
 }
@@ -387,7 +393,14 @@ async fn referrers(
             HeaderValue::from_static("artifactType"),
         );
     }
-    if let Some(link) = answer.link {
+    // A paginated answer (passed on uncached): its next page stays on
+    // this upstream, through this mirror.
+    let next = NextPage {
+        path: format!("/v2/{name}/referrers/{digest}"),
+        keep: &["artifactType", "n", "last"],
+        ns,
+    };
+    if let Some(link) = answer.link.and_then(|l| next.rewrite(&l)) {
         h.insert(header::LINK, link);
     }
     Ok((Ok(r), Some(outcome)))
@@ -405,9 +418,71 @@ fn manifest_response(m: &Manifest, head: bool) -> Response<Body> {
     r
 }
 
+/// Where the next page of a paginated pass-through answer is, for the
+/// client: this mirror's path as the client asked for it (with its
+/// registry-host prefix, if any), the query parameters of upstream's link
+/// that are kept, and the client's `ns`.
+struct NextPage<'a> {
+    path: String,
+    keep: &'a [&'a str],
+    ns: Option<&'a str>,
+}
+
+impl NextPage<'_> {
+    /// Upstream's `Link: <…>; rel="next"` rewritten to this mirror, so the
+    /// next page comes from the same upstream (the client's path prefix or
+    /// `ns` kept; upstream's own path, host and other parameters dropped).
+    /// `None` when upstream's header names no next page this can follow.
+    fn rewrite(&self, link: &HeaderValue) -> Option<HeaderValue> {
+        let target = next_link_target(link.to_str().ok()?)?;
+        let base = url::Url::parse("http://upstream.invalid/").ok()?;
+        let url = base.join(target).ok()?;
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        query.extend_pairs(
+            url.query_pairs()
+                .filter(|(k, _)| self.keep.contains(&k.as_ref())),
+        );
+        if let Some(ns) = self.ns {
+            query.append_pair("ns", ns);
+        }
+        let query = query.finish();
+        let sep = if query.is_empty() { "" } else { "?" };
+        HeaderValue::from_str(&format!("<{}{sep}{query}>; rel=\"next\"", self.path)).ok()
+    }
+}
+
+/// The URI reference of the `rel="next"` link in a `Link` header value
+/// (RFC 8288: `<uri>; param; param, <uri>; ...`).
+fn next_link_target(value: &str) -> Option<&str> {
+    let mut rest = value;
+    while let Some(open) = rest.find('<') {
+        let after = &rest[open + 1..];
+        let close = after.find('>')?;
+        let target = &after[..close];
+        let params = &after[close + 1..];
+        let end = params.find('<').unwrap_or(params.len());
+        let is_next = params[..end].split(';').any(|p| {
+            let p = p.trim().trim_end_matches(',').trim();
+            p.split_once('=').is_some_and(|(k, v)| {
+                k.trim().eq_ignore_ascii_case("rel")
+                    && v.trim()
+                        .trim_matches('"')
+                        .split_whitespace()
+                        .any(|r| r.eq_ignore_ascii_case("next"))
+            })
+        });
+        if is_next {
+            return Some(target);
+        }
+        rest = &params[end..];
+    }
+    None
+}
+
 /// Forwards a small read-only request (tags list) upstream, with the
 /// caller's credentials in passthrough mode, and streams the answer back,
-/// keeping the headers that matter.
+/// keeping the headers that matter (a `Link` to the next page rewritten by
+/// `next`).
 async fn pass_on(
     upstream: &Upstream,
     caller: &Caller,
@@ -415,6 +490,7 @@ async fn pass_on(
     repo: &crate::oci::RepoName,
     tail: &str,
     headers: HeaderMap,
+    next: &NextPage<'_>,
 ) -> Result<Answer, Error> {
     let resp = upstream
         .send_as(caller, method.clone(), repo.as_str(), tail, headers)
@@ -435,13 +511,67 @@ async fn pass_on(
         BodyExt::boxed(incoming.map_err(std::io::Error::other))
     });
     *r.status_mut() = status;
-    for name in [header::CONTENT_TYPE, header::CONTENT_LENGTH, header::LINK] {
+    for name in [header::CONTENT_TYPE, header::CONTENT_LENGTH] {
         if let Some(v) = parts.headers.get(&name) {
             r.headers_mut().insert(name, v.clone());
         }
+    }
+    if let Some(link) = parts
+        .headers
+        .get(header::LINK)
+        .and_then(|l| next.rewrite(l))
+    {
+        r.headers_mut().insert(header::LINK, link);
     }
     if let Some(v) = parts.headers.get(OCI_FILTERS_APPLIED) {
         r.headers_mut().insert(OCI_FILTERS_APPLIED, v.clone());
     }
     Ok((Ok(r), Some(Outcome::Upstream)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_links_are_rewritten_to_the_mirror() {
+        let next = NextPage {
+            path: "/v2/ghcr.io/org/app/tags/list".into(),
+            keep: &["n", "last"],
+            ns: None,
+        };
+        let rw = |v: &str| {
+            next.rewrite(&HeaderValue::from_str(v).unwrap())
+                .map(|h| h.to_str().unwrap().to_string())
+        };
+        assert_eq!(
+            rw("</v2/org/app/tags/list?n=2&last=b>; rel=\"next\"").as_deref(),
+            Some("</v2/ghcr.io/org/app/tags/list?n=2&last=b>; rel=\"next\"")
+        );
+        // Absolute, other parameters, other hosts: only n and last survive.
+        assert_eq!(
+            rw("<https://evil.example/v2/x/tags/list?last=a%20b&x=1&n=5>; rel=next").as_deref(),
+            Some("</v2/ghcr.io/org/app/tags/list?last=a+b&n=5>; rel=\"next\"")
+        );
+        // Several links: the one whose rel is next.
+        assert_eq!(
+            rw("</a?n=1>; rel=\"prev\", </b?n=9&last=z>; rel=\"next\"").as_deref(),
+            Some("</v2/ghcr.io/org/app/tags/list?n=9&last=z>; rel=\"next\"")
+        );
+        assert_eq!(rw("</a?n=1>; rel=\"prev\""), None);
+        assert_eq!(rw("garbage"), None);
+        let with_ns = NextPage {
+            path: "/v2/org/app/tags/list".into(),
+            keep: &["n", "last"],
+            ns: Some("ghcr.io"),
+        };
+        assert_eq!(
+            with_ns
+                .rewrite(&HeaderValue::from_static(
+                    "</v2/org/app/tags/list?n=2&last=b>; rel=\"next\""
+                ))
+                .unwrap(),
+            "</v2/org/app/tags/list?n=2&last=b&ns=ghcr.io>; rel=\"next\""
+        );
+    }
 }
