@@ -382,3 +382,42 @@ async fn upstream_401_is_a_mirror_failure() {
         assert_eq!(r.status(), 502, "HEAD {url}");
     }
 }
+
+/// Client-visible errors do not echo upstream URLs (they may carry
+/// pre-signed query strings, internal host names); the logs have them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_errors_do_not_echo_upstream_urls() {
+    let c = client();
+    let leaks = |text: &str, secret: &str| text.contains(secret) || text.contains("http://");
+
+    // Unreachable.
+    let dead = dead_url().await;
+    let st = start_stowage(&dead, "timeout = \"1s\"").await;
+    let r = c.get(st.manifest_url("x", "1")).send().await.unwrap();
+    let text = r.text().await.unwrap();
+    let addr = dead.trim_start_matches("http://");
+    assert!(!leaks(&text, addr), "unreachable: {text}");
+
+    // A bad redirect, a failing token endpoint.
+    let up = FakeUpstream::start().await;
+    up.respond(
+        "/v2/library/x/manifests/1",
+        302,
+        &[("location", "ftp://secret.example/path?sig=abc")],
+        "",
+    );
+    let st = start_stowage(&up.url(), "").await;
+    let r = c.get(st.manifest_url("x", "1")).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    let text = r.text().await.unwrap();
+    assert!(!leaks(&text, "secret.example"), "bad redirect: {text}");
+    up.enable_auth(300);
+    up.respond_open("/token", 500, &[], "token service down");
+    let r = c.get(st.manifest_url("x", "2")).send().await.unwrap();
+    let text = r.text().await.unwrap();
+    assert!(
+        !leaks(&text, &up.addr().to_string()),
+        "token endpoint: {text}"
+    );
+    assert!(text.contains("errors"), "{text}");
+}

@@ -20,7 +20,7 @@ use crate::body::{self, Body};
 use crate::cache::manifests::Manifest;
 use crate::cache::private::Access;
 use crate::cluster::Hop;
-use crate::error::{Asked, Error};
+use crate::error::{Asked, Error, ErrorSource};
 use crate::front::zerocopy::Regions;
 use crate::metrics::Outcome;
 use crate::oci::headers::{
@@ -53,7 +53,19 @@ pub(crate) async fn handle(
     };
     let from_peer = req.headers().contains_key(X_STOWAGE_HOP);
     let mut response = response.unwrap_or_else(|e| {
-        tracing::debug!(source = ?e.esource(), error = %e.report(), "request failed");
+        // The client's message is short (no upstream URLs); the report,
+        // with its causes, is for the operator.
+        match e.esource() {
+            ErrorSource::Client => {
+                tracing::debug!(error = %e.report(), "request failed")
+            }
+            ErrorSource::Upstream => {
+                tracing::info!(source = "upstream", error = %e.report(), "request failed")
+            }
+            ErrorSource::Local => {
+                tracing::warn!(source = "local", error = %e.report(), "request failed")
+            }
+        }
         let mut r = error::response(&e, method == Method::HEAD);
         if from_peer {
             // Tells the asking node whether going upstream itself could

@@ -71,7 +71,24 @@ impl From<UpstreamError> for Error {
                 ErrorKind::UpstreamProtocol
             }
         };
-        let message = e.to_string();
+        // The client sees what kind of failure it was, never the URLs the
+        // details name (pre-signed query strings, internal hosts, token
+        // realms): those stay in the cause, for the logs.
+        let message = match &e {
+            UpstreamError::Unreachable { .. } => {
+                "upstream unreachable: no connection, or no answer in time".to_string()
+            }
+            UpstreamError::Auth {
+                status: Some(status),
+                ..
+            } => format!("upstream authentication failed: its token endpoint answered {status}"),
+            UpstreamError::Auth { status: None, .. } => {
+                "upstream authentication failed: no usable token".to_string()
+            }
+            UpstreamError::Protocol(_) | UpstreamError::Refused { .. } => {
+                "upstream protocol error: a bad redirect, challenge or answer".to_string()
+            }
+        };
         Error::upstream(kind, message).with_cause(e)
     }
 }
