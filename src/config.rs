@@ -422,6 +422,20 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("upstream[1].host"), "{e}");
+        // Credentials go in username/password*, never in the URL (they
+        // would be logged, and sent wherever the URL is).
+        for url in [
+            "https://bot:s3cret@registry.example",
+            "https://bot@registry.example",
+        ] {
+            let toml = format!("[[upstream]]\nhost = \"a\"\nurl = \"{url}\"\n");
+            let e = Config::from_toml_str(&toml).unwrap_err().to_string();
+            assert!(
+                e.contains("upstream[0].url") && e.contains("username"),
+                "{e}"
+            );
+            assert!(!e.contains("s3cret"), "the password is echoed: {e}");
+        }
     }
 
     #[test]

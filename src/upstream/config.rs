@@ -184,6 +184,23 @@ impl UpstreamConfig {
 
     fn validate_url(&self, key: &str) -> Result<(), ConfigError> {
         let invalid = |message: String| ConfigError::invalid(key, message);
+        // Credentials in the URL would be logged and sent wherever the URL
+        // goes; they belong in username and a password source. Checked
+        // first, and the URL is not echoed.
+        let authority = self
+            .url
+            .split_once("://")
+            .map_or(self.url.as_str(), |(_, rest)| rest)
+            .split(['/', '?', '#'])
+            .next()
+            .unwrap_or("");
+        if authority.contains('@') {
+            return Err(invalid(
+                "must not contain credentials (user:password@): use username with \
+                 password_file or password_env"
+                    .into(),
+            ));
+        }
         let uri: http::Uri = self
             .url
             .parse()
