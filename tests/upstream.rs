@@ -564,3 +564,123 @@ async fn rate_limit_headers_and_429_are_logged() {
     );
     assert!(text.contains(r#"retry_after="30""#), "{text}");
 }
+
+/// Credentials go only where the registry itself sent the mirror: a 401
+/// from a redirect target is not a registry challenge (no token fetched
+/// from its realm, no credentials sent there).
+#[tokio::test]
+async fn redirect_target_401_is_not_a_challenge() {
+    let storage = FakeUpstream::start().await;
+    let realm = format!("{}/token", storage.url());
+    storage.respond_open(
+        "/cdn/blob",
+        401,
+        &[(
+            "www-authenticate",
+            &format!("Bearer realm=\"{realm}\",service=\"cdn\""),
+        )],
+        "",
+    );
+    storage.respond_open("/token", 200, &[], r#"{"token":"cdn-token"}"#);
+    let reg = FakeUpstream::start().await;
+    reg.respond(
+        "/v2/a/b/blobs/sha256:abc",
+        307,
+        &[("location", &format!("{}/cdn/blob", storage.url()))],
+        "",
+    );
+    let mut cfg = config(reg.url());
+    cfg.username = Some("user".into());
+    cfg.password = Some("pw".into());
+    let up = Upstream::new(&cfg).unwrap();
+    let err = up
+        .send(Method::GET, "a/b", "blobs/sha256:abc", HeaderMap::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, UpstreamError::Protocol(_)), "{err}");
+    assert_eq!(
+        storage.token_requests(),
+        0,
+        "a token was fetched from the CDN's realm"
+    );
+    assert!(
+        storage
+            .requests()
+            .iter()
+            .all(|r| r.header("authorization").is_none()),
+        "credentials reached the redirect target"
+    );
+    assert_eq!(storage.count("GET", "/cdn/blob"), 1);
+}
+
+/// Redirects never reach link-local or private addresses from an upstream
+/// that is not at one (here: a loopback upstream may redirect to loopback,
+/// by address or by name, but not to 169.254.169.254 or 10.x), unless
+/// `allow_private_redirects`.
+#[tokio::test]
+async fn redirects_to_private_addresses_are_refused() {
+    let storage = FakeUpstream::start().await;
+    storage.respond_open("/ok", 200, &[], "fine");
+    let reg = FakeUpstream::start().await;
+    for (path, target) in [
+        (
+            "/v2/a/b/blobs/sha256:meta",
+            "http://169.254.169.254/latest/meta-data/".to_string(),
+        ),
+        (
+            "/v2/a/b/blobs/sha256:lan",
+            "http://10.255.255.1/x".to_string(),
+        ),
+        ("/v2/a/b/blobs/sha256:v6", "http://[fe80::1]/x".to_string()),
+        (
+            "/v2/a/b/blobs/sha256:local",
+            format!("{}/ok", storage.url()),
+        ),
+        (
+            "/v2/a/b/blobs/sha256:name",
+            format!("http://localhost:{}/ok", storage.addr().port()),
+        ),
+    ] {
+        reg.respond(path, 302, &[("location", &target)], "");
+    }
+    let mut cfg = config(reg.url());
+    cfg.timeout = Duration::from_secs(1);
+    let up = Upstream::new(&cfg).unwrap();
+    for digest in ["sha256:meta", "sha256:lan", "sha256:v6"] {
+        let started = Instant::now();
+        let err = up
+            .send(
+                Method::GET,
+                "a/b",
+                &format!("blobs/{digest}"),
+                HeaderMap::new(),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, UpstreamError::Protocol(m) if m.contains("allow_private_redirects")),
+            "{digest}: {err}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{digest}: tried to connect"
+        );
+    }
+    for digest in ["sha256:local", "sha256:name"] {
+        assert_eq!(
+            get(&up, "a/b", &format!("blobs/{digest}")).await,
+            (200, "fine".into()),
+            "{digest}"
+        );
+    }
+    // Allowed: the mirror tries (whatever answers there, if anything).
+    cfg.allow_private_redirects = true;
+    let up = Upstream::new(&cfg).unwrap();
+    match up
+        .send(Method::GET, "a/b", "blobs/sha256:lan", HeaderMap::new())
+        .await
+    {
+        Ok(_) | Err(UpstreamError::Unreachable { .. }) => {}
+        Err(e) => panic!("allowed private redirect refused: {e}"),
+    }
+}

@@ -399,6 +399,13 @@ impl Upstream {
                 )));
             }
         };
+        // Credentials never travel in the clear to a realm of an upstream
+        // reached over TLS.
+        if url.scheme() == "http" && self.base_is_https() {
+            return Err(UpstreamError::Protocol(format!(
+                "token realm {realm:?} is plain http for an https upstream: refused"
+            )));
+        }
         let fail = |message: String, status: Option<StatusCode>| {
             tracing::warn!(upstream = %self.host(), realm = %realm, scope = %key.scope, "token request failed: {message}");
             UpstreamError::Auth { message, status }
@@ -415,7 +422,7 @@ impl Upstream {
             )
             .await
         {
-            Ok(resp) => resp,
+            Ok((resp, _)) => resp,
             Err(UpstreamError::Unreachable { message, cause }) => {
                 tracing::warn!(upstream = %self.host(), realm = %realm, "token endpoint unreachable: {message}");
                 return Err(UpstreamError::Unreachable {
@@ -500,6 +507,30 @@ mod tests {
         let e = parse_token_response(b"{\"token\":\"bad\nsecret\"}").unwrap_err();
         assert!(!e.contains("secret"), "{e}");
         assert!(format!("{t:?}").contains("redacted"));
+    }
+
+    #[tokio::test]
+    async fn plain_http_realm_of_an_https_upstream_is_refused() {
+        let cfg = UpstreamConfig {
+            host: "r.example".into(),
+            url: "https://r.example".into(),
+            username: Some("bot".into()),
+            password: Some("pw".into()),
+            ..crate::upstream::config::docker_hub()
+        };
+        let up = Upstream::new(&cfg).unwrap();
+        // Port 9 on loopback: a connection attempt would fail as
+        // unreachable; the refusal comes first.
+        let key = TokenKey {
+            realm: "http://127.0.0.1:9/token".into(),
+            service: None,
+            scope: "repository:a:pull".into(),
+        };
+        let e = up.fetch_token(key).await.unwrap_err();
+        assert!(
+            matches!(&e, UpstreamError::Protocol(m) if m.contains("plain http")),
+            "{e}"
+        );
     }
 
     #[tokio::test]

@@ -306,6 +306,7 @@ impl Upstream {
                 let uri = parse_uri(&url)?;
                 self.follow("other", &Method::GET, &uri, &HeaderMap::new(), None)
                     .await?
+                    .0
             }
             Caller::Passthrough(c) => {
                 self.send_passthrough(c, "other", Method::GET, &url, None, HeaderMap::new())
@@ -340,11 +341,16 @@ impl Upstream {
         }
         let uri = parse_uri(url)?;
         super::client::strip_headers(&mut headers);
-        let resp = self
+        let (resp, from_registry) = self
             .follow(kind, &method, &uri, &headers, credential.header.as_ref())
             .await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
+        }
+        if !from_registry {
+            // A redirect target's challenge is not the registry's: never
+            // relayed to the caller, never remembered.
+            return Err(super::client::redirect_target_401());
         }
         self.remember_challenge(resp.headers());
         Err(UpstreamError::Refused {

@@ -19,11 +19,13 @@ use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::dns::GaiResolver;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::auth::{Credentials, pull_scope};
 use super::config::{AuthMode, UpstreamConfig};
 use super::error::UpstreamError;
+use super::redirect::{GuardedResolver, RedirectPolicy, refused_in};
 use crate::error::ConfigError;
 use crate::metrics::Metrics;
 use crate::oci::headers::{RATELIMIT_LIMIT, RATELIMIT_REMAINING};
@@ -46,7 +48,17 @@ const STRIPPED_HEADERS: &[header::HeaderName] = &[
     header::USER_AGENT,
 ];
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+type HttpClient<R = GaiResolver> = Client<HttpsConnector<HttpConnector<R>>, Empty<Bytes>>;
+
+/// Which hop of a request an exchange is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Hop {
+    /// The request as sent to the registry (or to the token realm it named).
+    First,
+    /// A redirect target: connected to through the guarded resolver, its
+    /// query left out of logs.
+    Redirect,
+}
 
 /// The body of an upstream response: hyper's, failing with a
 /// [`tower_http::timeout::TimeoutError`] when no frame arrives within the
@@ -86,6 +98,13 @@ impl hyper::body::Body for UpstreamBody {
     }
 }
 
+/// A 401 from a redirect target: not the registry's challenge.
+pub(super) fn redirect_target_401() -> UpstreamError {
+    UpstreamError::Protocol(
+        "a redirect target answered 401: only the registry's own challenges are answered".into(),
+    )
+}
+
 /// Whether a body error is an upstream body's idle timeout.
 pub(crate) fn is_idle_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
@@ -118,6 +137,11 @@ pub struct Upstream {
     user_agent: HeaderValue,
     /// Pooled HTTP/1.1 + HTTP/2 client, http and https.
     client: HttpClient,
+    /// The same for redirect hops, whose resolver refuses addresses the
+    /// redirect policy does not allow.
+    redirect_client: HttpClient<GuardedResolver>,
+    /// Where redirects may lead.
+    pub(super) redirects: Arc<RedirectPolicy>,
     /// Where exchanges, latencies and rate limits are counted.
     metrics: Arc<Metrics>,
     /// `cfg.auth`: whose credentials go upstream (`caller.rs`).
@@ -231,8 +255,18 @@ fn loggable(uri: &Uri, keep_query: bool) -> String {
 
 /// The pooled client: hyper-rustls over hyper-util's connector, HTTP/1.1
 /// and HTTP/2, http and https, connecting within the upstream's timeout.
-fn http_client(cfg: &UpstreamConfig) -> Result<HttpClient, ConfigError> {
-    let mut http = HttpConnector::new();
+fn http_client<R>(cfg: &UpstreamConfig, resolver: R) -> Result<HttpClient<R>, ConfigError>
+where
+    R: tower_service::Service<hyper_util::client::legacy::connect::dns::Name>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    R::Response: Iterator<Item = std::net::SocketAddr>,
+    R::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    R::Future: Send,
+{
+    let mut http = HttpConnector::new_with_resolver(resolver);
     http.enforce_http(false);
     http.set_connect_timeout(Some(cfg.timeout));
     http.set_nodelay(true);
@@ -265,6 +299,7 @@ impl Upstream {
                 format!("{:?} must be an http:// or https:// URL", cfg.url),
             ));
         }
+        let redirects = Arc::new(RedirectPolicy::new(&uri, cfg.allow_private_redirects));
         Ok(Upstream {
             host: cfg.host.clone(),
             base,
@@ -273,7 +308,14 @@ impl Upstream {
             timeout: cfg.timeout,
             credentials: Credentials::new(cfg)?,
             user_agent: HeaderValue::from_static(concat!("stowage/", env!("CARGO_PKG_VERSION"))),
-            client: http_client(cfg)?,
+            client: http_client(cfg, GaiResolver::new())?,
+            redirect_client: http_client(
+                cfg,
+                GuardedResolver {
+                    policy: redirects.clone(),
+                },
+            )?,
+            redirects,
             metrics: Arc::new(Metrics::new()),
             auth_mode: cfg.auth,
             passthrough_ttl: cfg.passthrough_ttl,
@@ -307,6 +349,13 @@ impl Upstream {
     /// for the next frame of a response body.
     pub(crate) fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// Whether the upstream is reached over TLS.
+    pub(super) fn base_is_https(&self) -> bool {
+        self.base
+            .get(..8)
+            .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
     }
 
     /// Whether one-component names get Docker Hub's `library/`.
@@ -352,19 +401,27 @@ impl Upstream {
         let kind = request_kind(tail);
 
         let sent = self.authenticate_up_front(&scope).await?;
-        let resp = self
+        let (resp, from_registry) = self
             .follow(kind, &method, &uri, &headers, sent.header())
             .await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
         }
+        if !from_registry {
+            // Object storage or a CDN asking for credentials: they are
+            // the registry's to give, not the mirror's.
+            return Err(redirect_target_401());
+        }
         let Some(retry) = self.answer_challenge(resp.headers(), &scope, &sent).await? else {
             return Ok(resp);
         };
         drop(resp);
-        let resp = self
+        let (resp, from_registry) = self
             .follow(kind, &method, &uri, &headers, Some(&retry))
             .await?;
+        if resp.status() == StatusCode::UNAUTHORIZED && !from_registry {
+            return Err(redirect_target_401());
+        }
         if resp.status() == StatusCode::UNAUTHORIZED {
             tracing::warn!(upstream = %self.host, url = %uri, "upstream still answers 401 after authenticating");
         }
@@ -380,7 +437,7 @@ impl Upstream {
         uri: &Uri,
         headers: &HeaderMap,
         auth: Option<&HeaderValue>,
-        first_hop: bool,
+        hop: Hop,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let mut req = Request::builder()
             .method(method.clone())
@@ -396,8 +453,12 @@ impl Upstream {
             req_headers.insert(header::AUTHORIZATION, auth.clone());
         }
         let started = Instant::now();
-        let url = loggable(uri, first_hop);
-        let result = tokio::time::timeout(self.timeout, self.client.request(req)).await;
+        let url = loggable(uri, hop == Hop::First);
+        let sent = match hop {
+            Hop::First => self.client.request(req),
+            Hop::Redirect => self.redirect_client.request(req),
+        };
+        let result = tokio::time::timeout(self.timeout, sent).await;
         let elapsed = started.elapsed();
         let status = match &result {
             Ok(Ok(resp)) => Some(resp.status()),
@@ -412,6 +473,9 @@ impl Upstream {
                 Ok(resp.map(|body| UpstreamBody::new(timeout, body)))
             }
             Ok(Err(e)) => {
+                if let Some(refused) = refused_in(&e) {
+                    return Err(UpstreamError::Protocol(refused));
+                }
                 let message = format!("{method} {url}: {}", crate::error::chain(&e));
                 tracing::debug!(upstream = %self.host, elapsed_ms = elapsed.as_millis() as u64, "upstream request failed: {message}");
                 Err(UpstreamError::unreachable(message, e))

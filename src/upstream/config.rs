@@ -63,6 +63,13 @@ pub struct UpstreamConfig {
     /// holds) is remembered, at most (a token's own expiry comes first).
     #[serde(default = "default_passthrough_ttl", with = "humantime_serde")]
     pub passthrough_ttl: Duration,
+
+    /// Follow redirects to loopback, link-local and private addresses even
+    /// when the upstream itself is not at such an address (off: a registry
+    /// cannot send the mirror into its own network, at cloud metadata
+    /// endpoints for instance).
+    #[serde(default)]
+    pub allow_private_redirects: bool,
 }
 
 /// Whose credentials an upstream sees.
@@ -105,6 +112,7 @@ pub fn docker_hub() -> UpstreamConfig {
         timeout: default_upstream_timeout(),
         auth: AuthMode::Mirror,
         passthrough_ttl: default_passthrough_ttl(),
+        allow_private_redirects: false,
     }
 }
 
