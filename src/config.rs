@@ -453,6 +453,15 @@ mod tests {
         assert!(e.to_string().contains("cache.pin[0]"), "{e}");
         let e = Config::from_toml_str("[cache]\nmax_sise = 1\n").unwrap_err();
         assert!(e.to_string().contains("max_sise"), "{e}");
+        assert_eq!(c.cache.max_blob_bytes(), 2 << 30, "defaults to max_size");
+        let c = Config::from_toml_str("[cache]\nmax_size = \"2GiB\"\nmax_blob_size = \"1GiB\"\n")
+            .unwrap();
+        assert_eq!(c.cache.max_blob_bytes(), 1 << 30);
+        for bad in ["\"3GiB\"", "0"] {
+            let toml = format!("[cache]\nmax_size = \"2GiB\"\nmax_blob_size = {bad}\n");
+            let e = Config::from_toml_str(&toml).unwrap_err();
+            assert!(e.to_string().contains("cache.max_blob_size"), "{e}");
+        }
     }
 
     #[test]

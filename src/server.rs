@@ -428,7 +428,8 @@ fn open_caches(
         config.cache.max_size.as_u64(),
         config.cache.high_watermark,
         config.cache.low_watermark,
-    );
+    )
+    .with_max_blob(config.cache.max_blob_bytes());
     let index = Arc::new(BlobIndex::new(layout, budget));
     let private = Arc::new(Private::open(layout).map_err(io_error(format!(
         "opening {}",

@@ -506,3 +506,127 @@ async fn kill_9_during_group_commits_leaves_only_verified_blobs() {
         assert_eq!(name, actual);
     }
 }
+
+/// A fill counts against the budget as its bytes land, not for what it
+/// announced: a fill that has received nothing evicts nothing (issue 11:
+/// "a reservation does not evict the whole cache before a byte arrives"),
+/// and a fill without Content-Length is counted as it grows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fills_count_against_the_budget_as_bytes_land() {
+    let up = FakeUpstream::start().await;
+    let small: Vec<Blob> = (0..8).map(|_| Blob::random(MIB)).collect();
+    for b in &small {
+        up.add_blob(b.data.clone());
+    }
+    let big = Blob::random(6 * MIB);
+    up.add_blob(big.data.clone());
+    up.fault(&big.digest, BodyFault::StallAfterHead);
+    let dir = TempDir::new().unwrap();
+    let mut toml = cache_toml(dir.path(), &up.url(), "max_size = \"10MiB\"");
+    toml.push_str("timeout = \"2s\"\n");
+    let st = start_stowage_toml(dir, &toml).await;
+    let cache = st.dir.path().to_path_buf();
+    for b in &small {
+        fetch(&st, b).await;
+    }
+    assert_eq!(st.hooks.used(), 8 * MIB as u64);
+
+    // 6 MiB announced, nothing sent: nothing is evicted, before or after
+    // the fill gives up.
+    let url = st.blob_url("library/x", &big.digest);
+    let stalled = tokio::spawn(async move {
+        let r = client().get(&url).send().await.unwrap();
+        r.bytes().await
+    });
+    wait_until("the big fill reached upstream", || {
+        up.blob_gets(&big.digest) == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        st.hooks.evicted_blobs(),
+        0,
+        "evicted for bytes that never came"
+    );
+    assert_eq!(st.hooks.reserved(), 0);
+    assert!(
+        within(10, "the stalled fill", stalled)
+            .await
+            .unwrap()
+            .is_err()
+    );
+    let hooks = st.hooks.clone();
+    wait_until("the stalled fill ended", || hooks.fills_in_flight() == 0).await;
+    assert_eq!(st.hooks.evicted_blobs(), 0);
+    assert!(small.iter().all(|b| blob_file(&cache, &b.digest).exists()));
+
+    // Without Content-Length: counted as it grows (held after half).
+    up.set_chunked(true);
+    let unsized_blob = Blob::random(2 * MIB);
+    up.add_blob(unsized_blob.data.clone());
+    let hold = up.hold(&unsized_blob.digest);
+    let url = st.blob_url("library/x", &unsized_blob.digest);
+    let reader =
+        tokio::spawn(async move { client().get(&url).send().await.unwrap().bytes().await });
+    hold.wait_half_sent(1).await;
+    let hooks = st.hooks.clone();
+    wait_until("the unsized fill is counted", || {
+        hooks.reserved() >= MIB as u64
+    })
+    .await;
+    hold.release();
+    let body = within(10, "the unsized blob", reader)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sha256_digest(&body), unsized_blob.digest);
+    let hooks = st.hooks.clone();
+    wait_until("committed", || hooks.fills_in_flight() == 0).await;
+    assert_eq!(st.hooks.reserved(), 0);
+    assert!(store_bytes(&cache) <= 10 * MIB as u64);
+    assert_eq!(st.hooks.used(), store_bytes(&cache));
+}
+
+/// `cache.max_blob_size` bounds fills: a blob announced larger streams
+/// without caching; one without Content-Length that grows past it is cut
+/// (never cached, nothing left behind).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_blob_size_bounds_fills() {
+    let up = FakeUpstream::start().await;
+    let big = Blob::random(3 * MIB);
+    up.add_blob(big.data.clone());
+    let dir = TempDir::new().unwrap();
+    let toml = cache_toml(
+        dir.path(),
+        &up.url(),
+        "max_size = \"10MiB\"\nmax_blob_size = \"2MiB\"",
+    );
+    let st = start_stowage_toml(dir, &toml).await;
+    let cache = st.dir.path().to_path_buf();
+    fetch(&st, &big).await;
+    assert!(
+        !blob_file(&cache, &big.digest).exists(),
+        "over max_blob_size, cached"
+    );
+    assert_eq!(
+        tmp_files(&cache),
+        0,
+        "an oversize blob never touches the disk"
+    );
+
+    up.set_chunked(true);
+    let r = client()
+        .get(st.blob_url("library/x", &big.digest))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.bytes().await.is_err(),
+        "an unsized blob over max_blob_size completed"
+    );
+    let hooks = st.hooks.clone();
+    wait_until("the cut fill ended", || hooks.fills_in_flight() == 0).await;
+    assert!(!blob_file(&cache, &big.digest).exists());
+    wait_until("temporary file removed", || tmp_files(&cache) == 0).await;
+    assert_eq!(st.hooks.reserved(), 0);
+}

@@ -17,6 +17,12 @@ pub struct CacheConfig {
     #[serde(default = "default_max_size")]
     pub max_size: bytesize::ByteSize,
 
+    /// The largest blob cached (at most `max_size`, which is the default).
+    /// A blob announced larger is streamed to its clients without being
+    /// cached; one without `Content-Length` that grows larger is cut.
+    #[serde(default)]
+    pub max_blob_size: Option<bytesize::ByteSize>,
+
     /// Fraction of `max_size` above which least-recently-used blobs are
     /// evicted.
     #[serde(default = "default_high_watermark")]
@@ -66,6 +72,7 @@ impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
             max_size: default_max_size(),
+            max_blob_size: None,
             high_watermark: default_high_watermark(),
             low_watermark: default_low_watermark(),
             max_manifests: default_max_manifests(),
@@ -76,6 +83,11 @@ impl Default for CacheConfig {
 }
 
 impl CacheConfig {
+    /// The largest blob cached, in bytes.
+    pub fn max_blob_bytes(&self) -> u64 {
+        self.max_blob_size.unwrap_or(self.max_size).as_u64()
+    }
+
     /// Checks the budget, watermarks and limits (the pinned images are
     /// checked by `parse_pin`, as the whole configuration knows which
     /// registry hosts exist).
@@ -84,6 +96,14 @@ impl CacheConfig {
             return Err(ConfigError::invalid(
                 "cache.max_size",
                 "must be more than zero",
+            ));
+        }
+        if let Some(max_blob) = self.max_blob_size
+            && (max_blob.as_u64() == 0 || max_blob > self.max_size)
+        {
+            return Err(ConfigError::invalid(
+                "cache.max_blob_size",
+                "must be more than zero and at most cache.max_size",
             ));
         }
         if !(self.high_watermark > 0.0 && self.high_watermark <= 1.0) {

@@ -4,11 +4,13 @@
 //!
 //! * Entries live in a sharded concurrent map; a hit stores the current time
 //!   in an atomic, so the hot path takes no global lock.
-//! * Usage = committed bytes + bytes reserved by fills in flight. When it
-//!   passes the high watermark, one evictor (serialised by a mutex that only
-//!   fills and commits touch) unlinks the oldest unpinned blobs until usage
-//!   is under the low watermark. A reader with the file open keeps streaming
-//!   after the unlink.
+//! * Usage = committed bytes + the bytes fills in flight have written so
+//!   far (a [`Reservation`] grows as bytes land on disk, never ahead of
+//!   them: a fill that announced 6 GiB and received nothing evicts
+//!   nothing). When usage passes the high watermark, one evictor
+//!   (serialised by a mutex that only fills and commits touch) unlinks the
+//!   oldest unpinned blobs until usage is under the low watermark. A reader
+//!   with the file open keeps streaming after the unlink.
 //! * Recency survives restarts without a write per hit: a flusher copies the
 //!   access times that changed into the files' mtimes every
 //!   [`FLUSH_INTERVAL`] (and at shutdown); start-up reads them back.
@@ -30,10 +32,11 @@ use std::fs::File;
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
+use tokio::sync::Notify;
 
 use super::journal::Journal;
 use super::layout::{Layout, Record, Scanned};
@@ -51,10 +54,13 @@ pub(crate) struct Budget {
     pub(crate) high: u64,
     /// Eviction stops when usage is under this.
     pub(crate) low: u64,
+    /// The largest blob cached (`cache.max_blob_size`, at most `max_size`).
+    pub(crate) max_blob: u64,
 }
 
 impl Budget {
-    /// A budget of `max_size` with watermarks given as fractions of it.
+    /// A budget of `max_size` with watermarks given as fractions of it;
+    /// blobs up to `max_size` are cached.
     pub(crate) fn new(max_size: u64, high: f64, low: f64) -> Budget {
         let frac = |f: f64| ((max_size as f64) * f.clamp(0.0, 1.0)) as u64;
         let high = frac(high).min(max_size);
@@ -62,7 +68,67 @@ impl Budget {
             max_size,
             high,
             low: frac(low).min(high),
+            max_blob: max_size,
         }
+    }
+
+    /// Caches blobs of at most `max_blob` bytes (never more than the
+    /// budget).
+    pub(crate) fn with_max_blob(mut self, max_blob: u64) -> Budget {
+        self.max_blob = max_blob.min(self.max_size);
+        self
+    }
+}
+
+/// A fill's share of the budget: the bytes it has written to its temporary
+/// file so far, counted in the usage as they land (so eviction makes room
+/// for bytes that arrived, never for bytes merely announced). Dropped
+/// unfinished (the fill failed, or its blob is not cached), its bytes leave
+/// the usage; committed, they become the stored blob's
+/// ([`BlobIndex::committed`]).
+pub(crate) struct Reservation {
+    index: Arc<BlobIndex>,
+    /// Wakes the evictor when the usage passes the high watermark.
+    evict: Arc<Notify>,
+    /// Bytes counted so far.
+    landed: AtomicU64,
+}
+
+impl Reservation {
+    /// A reservation against `index` of `already` bytes (counted in its
+    /// reserved bytes by the caller, e.g. a prefetch's room).
+    pub(crate) fn new(index: Arc<BlobIndex>, evict: Arc<Notify>, already: u64) -> Reservation {
+        Reservation {
+            index,
+            evict,
+            landed: AtomicU64::new(already),
+        }
+    }
+
+    /// Counts the fill's bytes up to `written` (called as they land, past
+    /// what is already counted); wakes the evictor past the high watermark.
+    pub(crate) fn grow_to(&self, written: u64) {
+        let before = self.landed.fetch_max(written, Ordering::Relaxed);
+        if written > before {
+            self.index
+                .reserved
+                .fetch_add(written - before, Ordering::Relaxed);
+            if self.index.over_high() {
+                self.evict.notify_one();
+            }
+        }
+    }
+
+    /// Takes the counted bytes out of the reservation (for the commit,
+    /// which hands them to [`BlobIndex::committed`]).
+    pub(crate) fn take(&self) -> u64 {
+        self.landed.swap(0, Ordering::Relaxed)
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.index.release(self.take());
     }
 }
 
@@ -98,7 +164,7 @@ pub(crate) struct BlobIndex {
     entries: DashMap<Digest, Meta>,
     /// Bytes of stored blobs.
     used: AtomicU64,
-    /// Bytes reserved by fills in flight.
+    /// Bytes fills in flight have written so far (their reservations).
     reserved: AtomicU64,
     /// The budget.
     budget: Budget,
@@ -168,7 +234,7 @@ impl BlobIndex {
         self.used.load(Ordering::Relaxed)
     }
 
-    /// Bytes reserved by fills in flight.
+    /// Bytes fills in flight have written so far (their reservations).
     pub(crate) fn reserved(&self) -> u64 {
         self.reserved.load(Ordering::Relaxed)
     }
@@ -248,20 +314,14 @@ impl BlobIndex {
         }
     }
 
-    /// Whether a blob of `size` bytes can be cached at all: it must fit in
-    /// the budget next to the pinned blobs.
+    /// Whether a blob of `size` bytes is cached at all: at most
+    /// `cache.max_blob_size` (which is at most the budget).
     pub(crate) fn cacheable(&self, size: u64) -> bool {
-        size <= self.budget.max_size
+        size <= self.budget.max_blob
     }
 
-    /// Reserves room for a fill of `size` bytes. Returns whether eviction is
-    /// needed now (usage passed the high watermark).
-    pub(crate) fn reserve(&self, size: u64) -> bool {
-        self.reserved.fetch_add(size, Ordering::Relaxed);
-        self.over_high()
-    }
-
-    /// Gives back a reservation (fill failed or committed).
+    /// Gives back counted bytes of a fill (failed or committed) or of a
+    /// prefetch that did not start.
     pub(crate) fn release(&self, size: u64) {
         let _ = self
             .reserved
@@ -285,13 +345,14 @@ impl BlobIndex {
         self.journal.append_all(&records)
     }
 
-    /// Indexes a blob just committed to the store in place of the fill's
-    /// `reservation`. Done under the eviction lock, so an eviction never
-    /// sees the blob counted twice (stored and reserved). `unread`: a
-    /// prefetch stored it and no client has asked for it yet.
-    pub(crate) fn committed(&self, digest: &Digest, size: u64, reservation: u64, unread: bool) {
+    /// Indexes a blob just committed to the store in place of the `landed`
+    /// bytes its fill counted (taken out of its [`Reservation`]). Done under
+    /// the eviction lock, so an eviction never sees the blob counted twice
+    /// (stored and reserved). `unread`: a prefetch stored it and no client
+    /// has asked for it yet.
+    pub(crate) fn committed(&self, digest: &Digest, size: u64, landed: u64, unread: bool) {
         let _guard = self.evicting.lock();
-        self.release(reservation);
+        self.release(landed);
         let now = now_micros();
         if self.insert(digest, size, now, now)
             && unread

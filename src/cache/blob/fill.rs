@@ -74,7 +74,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use super::source::{Opened, Origin, Sources};
 use super::store::{BlobStore, StoredBlob};
 use super::writer::{Landed, Writer};
-use crate::cache::index::BlobIndex;
+use crate::cache::index::{BlobIndex, Reservation};
 use crate::error::{Error, ErrorKind, ErrorSource};
 use crate::metrics::{CacheKind, FillResult, Outcome};
 use crate::oci::{Digest, RepoName};
@@ -534,6 +534,11 @@ impl PreReserved {
     pub(crate) fn new(index: Arc<BlobIndex>, bytes: u64) -> PreReserved {
         PreReserved { index, bytes }
     }
+
+    /// The reserved bytes, handed over to whoever releases them now.
+    fn hand_over(mut self) -> u64 {
+        std::mem::take(&mut self.bytes)
+    }
 }
 
 impl Drop for PreReserved {
@@ -620,17 +625,15 @@ impl BlobStore {
         let opened = sources.open(digest, 0, 0).await?;
         let total = opened.total;
         let tmp = self.fill_file(digest, total, shared)?;
-        let reservation = match (&tmp, total) {
-            (Some(_), Some(t)) => {
-                if self.index.reserve(t) {
-                    self.evict.notify_one();
-                }
-                t
-            }
-            _ => 0,
-        };
-        // A prefetch's reservation is replaced by the fill's own.
-        drop(pre);
+        // Counted against the budget as the bytes land (by the writer); a
+        // prefetch's room, reserved up front, is handed over as the floor
+        // (the bytes that land fill it before the reservation grows).
+        let already = pre.map_or(0, PreReserved::hand_over);
+        let reservation = Arc::new(Reservation::new(
+            self.index.clone(),
+            self.evict.clone(),
+            already,
+        ));
         if let Some(t) = &tmp {
             let _ = fill.file.set(t.file.clone());
         }
@@ -643,7 +646,7 @@ impl BlobStore {
         });
         let file = tmp.as_ref().map(|t| t.file.clone());
         let result = self
-            .stream(fill, sources, opened, file, total, digest)
+            .stream(fill, sources, opened, file, total, digest, &reservation)
             .await;
         let fetched_upstream = matches!(&result,
             Ok((_, used)) if used.last().is_some_and(|i| sources.is_upstream(*i)));
@@ -674,8 +677,6 @@ impl BlobStore {
             if let Some(bucket) = sources.bucket().filter(|_| fetched_upstream) {
                 bucket.upload_blob(digest, self.layout.blob(digest), size);
             }
-        } else {
-            self.index.release(reservation);
         }
         filled
     }
@@ -692,8 +693,8 @@ impl BlobStore {
     ) -> Result<Option<TmpFile>, Error> {
         let use_disk = shared && total.is_none_or(|t| self.index.cacheable(t));
         if shared && !use_disk {
-            tracing::info!(%digest, size = total, max = self.index.budget().max_size,
-                "blob larger than the cache budget: streaming without caching");
+            tracing::info!(%digest, size = total, max = self.index.budget().max_blob,
+                "blob larger than cache.max_blob_size: streaming without caching");
         }
         if use_disk {
             return match self.create_tmp(digest) {
@@ -721,7 +722,7 @@ impl BlobStore {
         tmp: Option<TmpFile>,
         fill: &Fill,
         digest: &Digest,
-        reservation: u64,
+        reservation: Arc<Reservation>,
     ) -> Result<Filled, Error> {
         match (result, tmp) {
             (Ok(Landed::OnDisk(size)), Some(tmp)) => {
@@ -766,6 +767,7 @@ impl BlobStore {
         file: Option<Arc<File>>,
         total: Option<u64>,
         digest: &Digest,
+        reservation: &Arc<Reservation>,
     ) -> Result<(Landed, Vec<usize>), Error> {
         let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
         let writer = Writer {
@@ -775,6 +777,7 @@ impl BlobStore {
             fault: self.write_fault.load(Ordering::Relaxed),
             can_spill: total.is_some(),
             stall_limit: self.idle_timeout,
+            reservation: reservation.clone(),
         };
         let algorithm = digest.algorithm();
         let writer = tokio::task::spawn_blocking(move || writer.run(rx, algorithm));
@@ -893,6 +896,13 @@ impl BlobStore {
                     ErrorKind::UpstreamProtocol,
                     format!("source sent more than the announced length of {digest}"),
                 ));
+            }
+            let max = self.index.budget().max_blob;
+            if total.is_none() && *received > max {
+                return Err(Error::unavailable(format!(
+                    "{digest} has no Content-Length and grew past cache.max_blob_size \
+                     ({max} bytes): not cached, not served"
+                )));
             }
             if tx.send(data).await.is_err() {
                 // The writer stopped: its error is reported by the caller.

@@ -26,10 +26,12 @@
 //! `Streaming` (headers received, bytes arriving) -> `Verified` or `Failed`.
 //!
 //! ## Budget
-//! The [`BlobIndex`](crate::cache::index::BlobIndex) accounts for every stored blob and reserves room for
-//! each fill of known size when it starts; passing the high watermark wakes
-//! the evictor. A blob larger than the whole budget is streamed but not
-//! cached.
+//! The [`BlobIndex`](crate::cache::index::BlobIndex) accounts for every
+//! stored blob and, through each fill's
+//! [`Reservation`](crate::cache::index::Reservation), for the bytes fills
+//! have written so far; passing the high watermark wakes the evictor. A
+//! blob larger than `cache.max_blob_size` is streamed but not cached; a
+//! fill without `Content-Length` that grows past it fails.
 //!
 //! ## Files
 //! * `mod.rs`: [`BlobStore::serve`], where a blob request enters.

@@ -34,7 +34,7 @@ use tokio_util::task::TaskTracker;
 use super::fill::{FillTable, TmpFile};
 use crate::bucket::Bucket;
 use crate::cache::grants::Grants;
-use crate::cache::index::BlobIndex;
+use crate::cache::index::{BlobIndex, Reservation};
 use crate::cache::layout::Layout;
 use crate::cache::private::Private;
 use crate::cluster::Cluster;
@@ -285,7 +285,7 @@ impl BlobStore {
         tmp: &TmpFile,
         digest: &Digest,
         size: u64,
-        reservation: u64,
+        reservation: Arc<Reservation>,
         unread: bool,
         private: bool,
     ) -> io::Result<()> {
@@ -321,7 +321,7 @@ struct Pending {
     dest: PathBuf,
     digest: Digest,
     size: u64,
-    reservation: u64,
+    reservation: Arc<Reservation>,
     unread: bool,
     private: bool,
     done: oneshot::Sender<io::Result<()>>,
@@ -404,7 +404,7 @@ fn commit_group(index: &BlobIndex, marks: &Private, group: Vec<Pending>) {
     for p in ready {
         match std::fs::rename(&p.tmp, &p.dest) {
             Ok(()) => {
-                index.committed(&p.digest, p.size, p.reservation, p.unread);
+                index.committed(&p.digest, p.size, p.reservation.take(), p.unread);
                 if !p.private {
                     marks.clear(&p.digest);
                 }

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc, watch};
 
 use super::fill::{Progress, SPILL_QUEUE, SpillChunk};
+use crate::cache::index::Reservation;
 use crate::oci::{Algorithm, Digest, Hasher};
 
 /// While frames keep arriving, readers are woken at least every this many
@@ -57,6 +58,8 @@ pub(super) struct Writer {
     pub(super) can_spill: bool,
     /// Longest wait for the slowest reader when spilling.
     pub(super) stall_limit: Duration,
+    /// The fill's share of the budget, grown as bytes reach the file.
+    pub(super) reservation: Arc<Reservation>,
 }
 
 impl Writer {
@@ -79,6 +82,7 @@ impl Writer {
                 let written = offset + chunk.len() as u64;
                 if on_disk && (rx.is_empty() || written - published >= PUBLISH_EVERY) {
                     self.progress.send_modify(|p| p.written = written);
+                    self.reservation.grow_to(written);
                     published = written;
                 }
             }
@@ -90,6 +94,7 @@ impl Writer {
         }
         if on_disk && published != offset {
             self.progress.send_modify(|p| p.written = offset);
+            self.reservation.grow_to(offset);
         }
         Ok(Written {
             digest: hasher.finish(),
