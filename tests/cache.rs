@@ -630,3 +630,126 @@ async fn max_blob_size_bounds_fills() {
     wait_until("temporary file removed", || tmp_files(&cache) == 0).await;
     assert_eq!(st.hooks.reserved(), 0);
 }
+
+/// Sends `GET path` on a socket with a tiny receive buffer and never reads
+/// the answer: a client that is stuck.
+async fn stuck_client(addr: std::net::SocketAddr, path: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt as _;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.unwrap();
+    stream
+}
+
+/// With the disk failing, readers get the bytes past it through per-reader
+/// queues: a reader that stops reading is cut after the idle timeout
+/// instead of stalling the fill for everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spill_cuts_a_stuck_reader_instead_of_stalling_the_fill() {
+    use tokio::io::AsyncReadExt as _;
+    let up = FakeUpstream::start().await;
+    let b = Blob::random(24 * MIB);
+    up.add_blob(b.data.clone());
+    // Many small frames, so the stuck reader's queue fills long before the
+    // end of the blob.
+    up.fault(&b.digest, BodyFault::Frames(64 * 1024));
+    let path = format!("/v2/library/x/blobs/{}", b.digest);
+    up.delay(&path, Duration::from_millis(300));
+    let st = start_stowage(&up.url(), "timeout = \"1s\"").await;
+    st.hooks.inject_write_failure(Some(MIB as u64));
+
+    let mut stuck = stuck_client(st.addr, &path).await;
+    wait_until("the fill reached upstream", || up.blob_gets(&b.digest) == 1).await;
+    let started = std::time::Instant::now();
+    let r = client()
+        .get(st.blob_url("library/x", &b.digest))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body = within(20, "the reader that reads", r.bytes())
+        .await
+        .unwrap();
+    assert_eq!(sha256_digest(&body), b.digest);
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "the fill was held up by a stuck reader: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(up.blob_gets(&b.digest), 1, "one upstream GET for both");
+    // The stuck reader was cut: its connection ends short of the blob.
+    let mut got = Vec::new();
+    // Ends with EOF or a reset: either way short of the blob.
+    let _ = within(
+        20,
+        "the stuck reader's connection ends",
+        stuck.read_to_end(&mut got),
+    )
+    .await;
+    assert!(got.len() < b.len(), "the stuck reader got the whole blob");
+}
+
+/// Requests arriving after a fill lost its disk (it can no longer serve
+/// them from the start) share one new fill instead of one upstream GET
+/// each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_joiners_of_a_spilling_fill_share_one_new_fill() {
+    let up = FakeUpstream::start().await;
+    let b = Blob::random(8 * MIB);
+    up.add_blob(b.data.clone());
+    let hold = up.hold(&b.digest);
+    up.delay(
+        &format!("/v2/library/x/blobs/{}", b.digest),
+        Duration::from_millis(300),
+    );
+    let st = start_stowage(&up.url(), "").await;
+    st.hooks.inject_write_failure(Some(MIB as u64));
+    let url = st.blob_url("library/x", &b.digest);
+    // The first reader reports how far it got.
+    let (progress_tx, mut progress) = tokio::sync::watch::channel(0usize);
+    let first = {
+        let (url, b) = (url.clone(), b.clone());
+        tokio::spawn(async move {
+            let mut r = client().get(&url).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let mut body = Vec::new();
+            while let Some(chunk) = r.chunk().await.unwrap() {
+                body.extend_from_slice(&chunk);
+                progress_tx.send_replace(body.len());
+            }
+            assert_eq!(sha256_digest(&body), b.digest);
+        })
+    };
+    // Past the disk failure at 1 MiB: the first fill is spilling.
+    within(
+        10,
+        "the first reader past the disk failure",
+        progress.wait_for(|n| *n > 2 * MIB),
+    )
+    .await
+    .unwrap();
+    let mut late = Vec::new();
+    for _ in 0..6 {
+        let (url, b) = (url.clone(), b.clone());
+        late.push(tokio::spawn(async move {
+            let r = client().get(&url).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let body = r.bytes().await.unwrap();
+            assert_eq!(sha256_digest(&body), b.digest);
+        }));
+    }
+    hold.wait_half_sent(2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    hold.release();
+    within(30, "the first reader", first).await.unwrap();
+    for r in late {
+        within(30, "every late reader", r).await.unwrap();
+    }
+    assert_eq!(
+        up.blob_gets(&b.digest),
+        2,
+        "late joiners went upstream one by one"
+    );
+}

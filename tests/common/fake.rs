@@ -252,6 +252,9 @@ pub enum BodyFault {
     /// The right headers, then the body at `n` bytes per second (in
     /// frames of a tenth of that, one every 100 ms).
     Drip(u64),
+    /// The body in frames of `n` bytes, a millisecond apart (so that the
+    /// client reads many small frames rather than a few large ones).
+    Frames(usize),
 }
 
 /// The fake registry. Cloning gives another handle to the same server.
@@ -1537,6 +1540,18 @@ fn faulty(
         // The body ends short of its Content-Length: hyper closes the
         // connection.
         BodyFault::ShorterThanLength(_) => (vec![(Duration::ZERO, Ok(data))], false),
+        BodyFault::Frames(size) => {
+            let frames = (0..data.len())
+                .step_by(size.max(1))
+                .map(|i| {
+                    (
+                        Duration::from_millis(1),
+                        Ok(data.slice(i..(i + size.max(1)).min(data.len()))),
+                    )
+                })
+                .collect();
+            (frames, false)
+        }
         BodyFault::Drip(rate) => {
             let step = (rate / 10).max(1) as usize;
             let frames = (0..data.len())

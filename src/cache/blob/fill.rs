@@ -69,9 +69,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use futures_util::StreamExt as _;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 
 use super::source::{Opened, Origin, Sources};
+use super::spill::{Spill, SpillReceiver};
 use super::store::{BlobStore, StoredBlob};
 use super::writer::{Landed, Writer};
 use crate::cache::index::{BlobIndex, Reservation};
@@ -85,10 +86,6 @@ use crate::upstream::caller::{Credential, CredentialId};
 /// Bounds fill memory to this many frames (hyper's HTTP/1 client frames
 /// grow with its adaptive read buffer, up to a few hundred KiB each).
 const WRITE_QUEUE: usize = 8;
-
-/// Chunks queued for readers when the disk has failed (see the module docs
-/// of `blob`).
-pub(super) const SPILL_QUEUE: usize = 64;
 
 /// Most fills one request waits on before giving up (each one after the
 /// first follows an origin-specific failure of the previous one).
@@ -138,9 +135,6 @@ pub(super) struct Progress {
     pub(super) disk_end: Option<u64>,
 }
 
-/// A chunk of a blob at an offset, for readers when the disk has failed.
-pub(super) type SpillChunk = (u64, Bytes);
-
 /// One upstream download of one digest, shared by all its readers.
 pub(super) struct Fill {
     /// Whom it asks.
@@ -154,8 +148,9 @@ pub(super) struct Fill {
     pub(super) file: OnceLock<Arc<File>>,
     /// Progress, watched by every reader.
     pub(super) progress: watch::Sender<Progress>,
-    /// Bytes past `disk_end`, once the disk is out of the picture.
-    pub(super) spill: broadcast::Sender<SpillChunk>,
+    /// Bytes past `disk_end`, once the disk is out of the picture: one
+    /// bounded queue per reader (`spill.rs`).
+    pub(super) spill: Arc<Spill>,
     /// Started by a prefetch rather than by a client's request.
     pub(super) prefetched: bool,
     /// A client has asked for the blob (led or joined the fill).
@@ -219,13 +214,12 @@ impl Fill {
             written: 0,
             disk_end: None,
         });
-        let (spill, _) = broadcast::channel(SPILL_QUEUE);
         Arc::new(Fill {
             origin,
             refused: Mutex::new(refused),
             file: OnceLock::new(),
             progress,
-            spill,
+            spill: Arc::default(),
             prefetched: asker == Asker::Prefetch,
             asked: AtomicBool::new(asker == Asker::Client),
             private: own.is_some(),
@@ -299,7 +293,7 @@ impl Fill {
 /// spilled chunk), and how the request is answered.
 pub(super) struct FillReader {
     pub(super) fill: Arc<Fill>,
-    pub(super) spill: broadcast::Receiver<SpillChunk>,
+    pub(super) spill: SpillReceiver,
     pub(super) outcome: Outcome,
 }
 
@@ -316,22 +310,17 @@ impl FillReader {
 
 /// The right, and the duty, to run a fill. [`FillPermit::finish`]
 /// publishes the result; dropping the permit unfinished fails every reader
-/// with "blob fill stopped". A shared fill's permit also takes the fill out
-/// of the table (only its own entry: a newer fill may have replaced it).
+/// with "blob fill stopped". Either way the permit takes its fill out of the
+/// table (only its own entry: a newer fill may have replaced it).
 pub(super) struct FillPermit {
     fill: Arc<Fill>,
-    /// The table and key of a shared fill; `None` for a private one.
-    entry: Option<(Arc<FillTable>, Digest)>,
+    /// The table and key of the fill.
+    table: Arc<FillTable>,
+    digest: Digest,
     done: bool,
 }
 
 impl FillPermit {
-    /// Whether the fill is in the table (and may use the disk); a private
-    /// fill streams to its own reader without the disk.
-    pub(super) fn shared(&self) -> bool {
-        self.entry.is_some()
-    }
-
     /// The fill this permit runs.
     pub(super) fn fill(&self) -> &Fill {
         &self.fill
@@ -351,9 +340,7 @@ impl FillPermit {
     }
 
     fn leave(&self) {
-        if let Some((table, digest)) = &self.entry {
-            table.remove(digest, &self.fill);
-        }
+        self.table.remove(&self.digest, &self.fill);
     }
 }
 
@@ -420,13 +407,15 @@ impl FillTable {
     /// `prior` is the fill this request waited on before, when that one
     /// failed for its own origin only (its refusals carry over).
     ///
-    /// A fill already streaming off the disk cannot be joined from the start
-    /// of the blob; such requests lead a fill of their own, outside the
-    /// table. A fill led here for a passthrough caller's request `own` is
-    /// private (`Fill::private`).
+    /// A fill already streaming off a failed disk cannot be joined from the
+    /// start of the blob: the request leads a new fill that takes its place
+    /// in the table (the old one carries on for its readers), so requests
+    /// arriving after it share that one rather than each asking upstream.
+    /// A fill led here for a passthrough caller's request `own` is private
+    /// (`Fill::private`).
     ///
-    /// A prefetch that finds a fill running joins it (and reads nothing):
-    /// it never starts a fill outside the table.
+    /// A prefetch that finds a fill running joins it (and reads nothing),
+    /// even a spilling one.
     pub(super) fn lookup(
         self: &Arc<Self>,
         digest: &Digest,
@@ -450,6 +439,7 @@ impl FillTable {
         if failed && let Some(f) = fills.remove(digest) {
             refusals.extend(f.refusals());
         }
+        let mut spilling = false;
         if let Some(fill) = fills.get(digest) {
             if asker == Asker::Client {
                 fill.asked.store(true, Ordering::Relaxed);
@@ -466,31 +456,26 @@ impl FillTable {
                 } else {
                     Outcome::Join
                 };
+                // Subscribed while the progress is held: the disk cannot
+                // fail in between, so the reader sees every spilled chunk.
+                let reader = FillReader::new(fill.clone(), outcome);
                 drop(progress);
                 fill.remember(refusals);
-                let reader = FillReader::new(fill.clone(), outcome);
                 return Ok(Lookup::Join(reader));
             }
-            drop(progress);
-            drop(fills);
-            let fill = Fill::new(asker, own, origin.clone(), refusals);
-            let reader = FillReader::new(fill.clone(), Outcome::Upstream);
-            let permit = FillPermit {
-                fill,
-                entry: None,
-                done: false,
-            };
-            return Ok(Lookup::Lead(permit, reader));
+            spilling = true;
         }
-        if let Some(blob) = stored()? {
+        if !spilling && let Some(blob) = stored()? {
             return Ok(Lookup::Stored(blob));
         }
         let fill = Fill::new(asker, own, origin.clone(), refusals);
         let reader = FillReader::new(fill.clone(), Outcome::Miss);
+        // Replaces a spilling fill's entry, if any.
         fills.insert(digest.clone(), fill.clone());
         let permit = FillPermit {
             fill,
-            entry: Some((self.clone(), digest.clone())),
+            table: self.clone(),
+            digest: digest.clone(),
             done: false,
         };
         Ok(Lookup::Lead(permit, reader))
@@ -565,8 +550,7 @@ pub(super) struct TmpFile {
 }
 
 impl BlobStore {
-    /// Runs the fill of `permit` in a task of its own. A shared fill tries
-    /// to cache; a private one streams without the disk.
+    /// Runs the fill of `permit` in a task of its own.
     ///
     /// `slot` (a prefetch's place among its concurrent fills) is held until
     /// the fill ends.
@@ -586,7 +570,7 @@ impl BlobStore {
             };
             let guard = store.metrics.fill_started();
             let result = store
-                .run_fill(permit.fill(), &sources, &digest, permit.shared(), pre)
+                .run_fill(permit.fill(), &sources, &digest, pre)
                 .await;
             if let (true, Ok(Filled::Stored(size))) = (permit.fill().prefetched, &result) {
                 store.metrics.prefetch_stored(*size);
@@ -619,12 +603,11 @@ impl BlobStore {
         fill: &Fill,
         sources: &Sources,
         digest: &Digest,
-        shared: bool,
         pre: Option<PreReserved>,
     ) -> Result<Filled, Error> {
         let opened = sources.open(digest, 0, 0).await?;
         let total = opened.total;
-        let tmp = self.fill_file(digest, total, shared)?;
+        let tmp = self.fill_file(digest, total)?;
         // Counted against the budget as the bytes land (by the writer); a
         // prefetch's room, reserved up front, is handed over as the floor
         // (the bytes that land fill it before the reservation grows).
@@ -682,36 +665,23 @@ impl BlobStore {
     }
 
     /// The temporary file a fill writes to, or `None` to stream without the
-    /// disk (a private fill, a blob over the budget, or no file could be
+    /// disk (a blob over `cache.max_blob_size`, or no file could be
     /// created). Without a known size the disk is required: readers could
     /// not tell the last byte of a spilled stream.
-    fn fill_file(
-        &self,
-        digest: &Digest,
-        total: Option<u64>,
-        shared: bool,
-    ) -> Result<Option<TmpFile>, Error> {
-        let use_disk = shared && total.is_none_or(|t| self.index.cacheable(t));
-        if shared && !use_disk {
+    fn fill_file(&self, digest: &Digest, total: Option<u64>) -> Result<Option<TmpFile>, Error> {
+        if total.is_some_and(|t| !self.index.cacheable(t)) {
             tracing::info!(%digest, size = total, max = self.index.budget().max_blob,
                 "blob larger than cache.max_blob_size: streaming without caching");
-        }
-        if use_disk {
-            return match self.create_tmp(digest) {
-                Ok(t) => Ok(Some(t)),
-                Err(e) if total.is_some() => {
-                    tracing::error!(%digest, error = %e, "cannot create a temporary file: streaming without caching");
-                    Ok(None)
-                }
-                Err(e) => Err(Error::local("cache storage error", e)),
-            };
-        }
-        if total.is_some() {
             return Ok(None);
         }
-        Err(Error::unavailable(format!(
-            "cannot stream {digest} without the disk: upstream sent no Content-Length"
-        )))
+        match self.create_tmp(digest) {
+            Ok(t) => Ok(Some(t)),
+            Err(e) if total.is_some() => {
+                tracing::error!(%digest, error = %e, "cannot create a temporary file: streaming without caching");
+                Ok(None)
+            }
+            Err(e) => Err(Error::local("cache storage error", e)),
+        }
     }
 
     /// Commits a verified blob whose every byte reached its file; removes
@@ -774,6 +744,7 @@ impl BlobStore {
             file,
             progress: fill.progress.clone(),
             spill: fill.spill.clone(),
+            runtime: tokio::runtime::Handle::current(),
             fault: self.write_fault.load(Ordering::Relaxed),
             can_spill: total.is_some(),
             stall_limit: self.idle_timeout,

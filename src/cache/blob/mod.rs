@@ -43,6 +43,7 @@
 //!   shared store, upstream), going on from the next source when one
 //!   breaks off.
 //! * `writer.rs`: the blocking writer thread of a fill.
+//! * `spill.rs`: the readers' queues past a failed disk.
 //! * `reader.rs`: response bodies (stored blobs and fills, spill queue).
 //! * `response.rs`: 200/206 responses and their headers; `range.rs`:
 //!   `Range` parsing.
@@ -50,10 +51,11 @@
 //! ## When the disk fails
 //! If the temporary file cannot be created or a write fails (disk full), the
 //! fill keeps going without the disk: bytes past what reached the file are
-//! handed to the readers already attached through a bounded broadcast queue
-//! (the slowest reader paces the fill in this mode, so memory stays bounded),
-//! the digest is still verified, and nothing is cached. Requests arriving
-//! after that get a private stream of their own from upstream.
+//! handed to the readers already attached through bounded per-reader queues
+//! (`spill.rs`: the slowest reader paces the fill, so memory stays bounded;
+//! one stuck for the idle timeout is cut), the digest is still verified, and
+//! nothing is cached. A request arriving after that leads a new fill that
+//! takes the old one's place in the table; requests after it join that one.
 
 use std::sync::Arc;
 
@@ -65,6 +67,7 @@ pub(crate) mod range;
 mod reader;
 mod response;
 mod source;
+mod spill;
 mod store;
 mod writer;
 

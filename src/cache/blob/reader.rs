@@ -14,9 +14,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
-use super::fill::{Phase, Progress, SpillChunk};
+use super::fill::{Phase, Progress};
+use super::spill::SpillReceiver;
 use crate::body::Body;
 use crate::front::zerocopy::Regions;
 use crate::front::{ReadBudget, limits::Lease};
@@ -43,7 +44,7 @@ pub(super) struct Feed {
     /// The fill's progress.
     pub(super) progress: watch::Receiver<Progress>,
     /// Bytes past a failed disk; let go of once this reader cannot need them.
-    pub(super) spill: Option<broadcast::Receiver<SpillChunk>>,
+    pub(super) spill: Option<SpillReceiver>,
 }
 
 /// How a body's file bytes reach the connection.
@@ -285,17 +286,15 @@ impl Reader {
             .ok_or_else(|| io::Error::other("uncached blob stream unavailable"))?;
         tokio::select! {
             chunk = spill.recv() => match chunk {
-                Ok((off, bytes)) => self.take_spilled(off, bytes, end, verified),
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    Err(io::Error::other("reader fell behind an uncached blob stream"))
-                }
-                Err(broadcast::error::RecvError::Closed) => {
-                    if verified {
-                        return Err(io::Error::other("uncached blob stream ended early"));
-                    }
-                    wait_change(&mut feed.progress).await?;
-                    Ok(None)
-                }
+                Some((off, bytes)) => self.take_spilled(off, bytes, end, verified),
+                // Every chunk queued for this reader came before its queue
+                // closed: closed while bytes are missing, the reader was cut
+                // for not reading (or the fill failed).
+                None => Err(io::Error::other(match &feed.progress.borrow().phase {
+                    Phase::Failed(e) => format!("blob fill failed: {}", e.message()),
+                    Phase::Verified => "uncached blob stream ended early".to_string(),
+                    _ => "cut from an uncached blob stream: not reading".to_string(),
+                })),
             },
             changed = wait_change(&mut feed.progress), if !verified => changed.map(|()| None),
         }

@@ -1,7 +1,8 @@
 //! The blocking half of a fill: a thread of the blocking pool that writes
 //! the upstream's chunks to the temporary file, hashes them and publishes
 //! how far the file is written; once the disk fails, it spills the chunks
-//! to the attached readers instead, paced by the slowest.
+//! to the attached readers instead (`spill.rs`: paced by the slowest, a
+//! reader stuck for the idle timeout cut).
 
 use std::fs::File;
 use std::io::{self, Write as _};
@@ -9,9 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 
-use super::fill::{Progress, SPILL_QUEUE, SpillChunk};
+use super::fill::Progress;
+use super::spill::Spill;
 use crate::cache::index::Reservation;
 use crate::oci::{Algorithm, Digest, Hasher};
 
@@ -51,12 +53,14 @@ pub(super) struct Writer {
     /// Where `written` (and a disk failure) is published to readers.
     pub(super) progress: watch::Sender<Progress>,
     /// Where chunks go once the disk is out of the picture.
-    pub(super) spill: broadcast::Sender<SpillChunk>,
+    pub(super) spill: Arc<Spill>,
+    /// The runtime, to wait on the readers' queues from this thread.
+    pub(super) runtime: tokio::runtime::Handle,
     /// Test hook: fail writes past this many bytes.
     pub(super) fault: u64,
     /// Whether spilling is possible (the size is known).
     pub(super) can_spill: bool,
-    /// Longest wait for the slowest reader when spilling.
+    /// Longest wait for a reader's full queue when spilling.
     pub(super) stall_limit: Duration,
     /// The fill's share of the budget, grown as bytes reach the file.
     pub(super) reservation: Arc<Reservation>,
@@ -137,24 +141,19 @@ impl Writer {
         }
     }
 
-    /// Hands `chunk` to the readers through the spill queue, pacing the fill
-    /// by the slowest attached reader so memory stays bounded (a reader
-    /// stuck for longer than the idle timeout is dropped: it lags and its
-    /// body fails). With no reader left there is no point going on.
+    /// Hands `chunk` to the readers' queues, paced by the slowest: a
+    /// reader whose queue stays full for the idle timeout is cut (see
+    /// `spill.rs`). This is a thread of the blocking pool, so it may wait on
+    /// the runtime. With no reader left there is no point going on.
     fn spill(&self, offset: u64, chunk: &Bytes) -> io::Result<()> {
-        let waiting = std::time::Instant::now();
-        while self.spill.len() + 1 >= SPILL_QUEUE
-            && self.spill.receiver_count() > 0
-            && waiting.elapsed() < self.stall_limit
-        {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        if self.spill.receiver_count() == 0 {
+        let left = self
+            .runtime
+            .block_on(self.spill.send((offset, chunk.clone()), self.stall_limit));
+        if left == 0 {
             return Err(io::Error::other(
                 "no readers left for a blob that cannot be cached",
             ));
         }
-        let _ = self.spill.send((offset, chunk.clone()));
         Ok(())
     }
 }
