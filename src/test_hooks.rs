@@ -79,6 +79,12 @@ impl Hooks {
         self.blobs.inject_write_failure(after);
     }
 
+    /// Makes every open and create of a file in the blob store take this
+    /// long (as on a slow or hung disk); `None` turns it off.
+    pub fn inject_disk_latency(&self, latency: Option<std::time::Duration>) {
+        self.blobs.inject_disk_latency(latency);
+    }
+
     /// Whether the start-up scan of the blob store has finished.
     pub fn index_loaded(&self) -> bool {
         self.blobs.index().is_loaded()

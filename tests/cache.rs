@@ -753,3 +753,57 @@ async fn late_joiners_of_a_spilling_fill_share_one_new_fill() {
         "late joiners went upstream one by one"
     );
 }
+
+/// Filesystem calls on the request path run off the runtime's workers and
+/// outside the fill table's lock: with every open of the store taking a
+/// second (a slow or hung disk), hits and misses of several blobs proceed
+/// side by side and a request that needs no disk is answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_disk_blocks_neither_the_runtime_nor_the_fill_table() {
+    let up = FakeUpstream::start().await;
+    let stored: Vec<Blob> = (0..4).map(|_| Blob::random(100 * KIB)).collect();
+    let missing: Vec<Blob> = (0..4).map(|_| Blob::random(100 * KIB)).collect();
+    for b in stored.iter().chain(&missing) {
+        up.add_blob(b.data.clone());
+    }
+    let st = start_stowage(&up.url(), "").await;
+    for b in &stored {
+        fetch(&st, b).await;
+    }
+    let hooks = st.hooks.clone();
+    wait_until("index loaded", || hooks.index_loaded()).await;
+    st.hooks.inject_disk_latency(Some(Duration::from_secs(1)));
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for b in stored.iter().chain(&missing) {
+        let (url, b) = (st.blob_url("library/x", &b.digest), b.clone());
+        tasks.push(tokio::spawn(async move {
+            let (_, body) = get_ok(&client(), &url).await;
+            assert_eq!(sha256_digest(&body), b.digest);
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let ping = std::time::Instant::now();
+    let r = within(
+        10,
+        "GET /v2/ during slow disk calls",
+        client().get(st.v2("")).send(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        ping.elapsed() < Duration::from_millis(500),
+        "GET /v2/ waited {:?} behind disk calls on the runtime",
+        ping.elapsed()
+    );
+    for t in tasks {
+        within(20, "blobs on a slow disk", t).await.unwrap();
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "8 requests on a disk with 1 s calls took {:?}: serialised",
+        started.elapsed()
+    );
+    st.hooks.inject_disk_latency(None);
+}

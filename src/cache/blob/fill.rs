@@ -73,7 +73,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::source::{Opened, Origin, Sources};
 use super::spill::{Spill, SpillReceiver};
-use super::store::{BlobStore, StoredBlob};
+use super::store::BlobStore;
 use super::writer::{Landed, Writer};
 use crate::cache::index::{BlobIndex, Reservation};
 use crate::error::{Error, ErrorKind, ErrorSource};
@@ -360,8 +360,8 @@ impl Drop for FillPermit {
 
 /// Where a blob lookup under the fill lock ends up.
 pub(super) enum Lookup {
-    /// Stored after all (a fill finished just now).
-    Stored(StoredBlob),
+    /// Stored after all (a fill finished just now): open it.
+    Stored,
     /// A fill is running: read from it.
     Join(FillReader),
     /// Nobody has it: this request leads a new fill, which must be started
@@ -402,8 +402,10 @@ impl FillTable {
     }
 
     /// Finds a running fill for `digest` or makes one that asks `origin`.
-    /// Asks `stored` again under the lock: a fill leaves the table only
-    /// after its rename, so "no fill and not stored" means nobody has it.
+    /// Asks `committed` (the index, in memory: no syscall under this lock)
+    /// whether the blob is stored: a fill leaves the table only after its
+    /// rename and indexing, so "no fill and not committed" means nobody has
+    /// it (a blob stored before was found by the caller's own open).
     /// `prior` is the fill this request waited on before, when that one
     /// failed for its own origin only (its refusals carry over).
     ///
@@ -422,7 +424,7 @@ impl FillTable {
         asker: Asker,
         origin: &OriginKey,
         prior: Option<&Arc<Fill>>,
-        stored: impl FnOnce() -> Result<Option<StoredBlob>, Error>,
+        committed: impl FnOnce(&Digest) -> bool,
         own: Option<OwnFetch>,
     ) -> Result<Lookup, Error> {
         let mut refusals = prior.map(|p| p.refusals()).unwrap_or_default();
@@ -465,8 +467,8 @@ impl FillTable {
             }
             spilling = true;
         }
-        if !spilling && let Some(blob) = stored()? {
-            return Ok(Lookup::Stored(blob));
+        if !spilling && committed(digest) {
+            return Ok(Lookup::Stored);
         }
         let fill = Fill::new(asker, own, origin.clone(), refusals);
         let reader = FillReader::new(fill.clone(), Outcome::Miss);
@@ -599,7 +601,7 @@ impl BlobStore {
     /// The fill task: fetch, write and hash, verify, commit. On any error
     /// the temporary file is removed.
     async fn run_fill(
-        &self,
+        self: &Arc<Self>,
         fill: &Fill,
         sources: &Sources,
         digest: &Digest,
@@ -607,7 +609,7 @@ impl BlobStore {
     ) -> Result<Filled, Error> {
         let opened = sources.open(digest, 0, 0).await?;
         let total = opened.total;
-        let tmp = self.fill_file(digest, total)?;
+        let tmp = self.fill_file(digest, total).await?;
         // Counted against the budget as the bytes land (by the writer); a
         // prefetch's room, reserved up front, is handed over as the floor
         // (the bytes that land fill it before the reservation grows).
@@ -668,13 +670,23 @@ impl BlobStore {
     /// disk (a blob over `cache.max_blob_size`, or no file could be
     /// created). Without a known size the disk is required: readers could
     /// not tell the last byte of a spilled stream.
-    fn fill_file(&self, digest: &Digest, total: Option<u64>) -> Result<Option<TmpFile>, Error> {
+    async fn fill_file(
+        self: &Arc<Self>,
+        digest: &Digest,
+        total: Option<u64>,
+    ) -> Result<Option<TmpFile>, Error> {
         if total.is_some_and(|t| !self.index.cacheable(t)) {
             tracing::info!(%digest, size = total, max = self.index.budget().max_blob,
                 "blob larger than cache.max_blob_size: streaming without caching");
             return Ok(None);
         }
-        match self.create_tmp(digest) {
+        // Creating a file is a syscall that a slow disk can hold up: on the
+        // blocking pool, not a runtime worker.
+        let (store, d) = (self.clone(), digest.clone());
+        let created = tokio::task::spawn_blocking(move || store.create_tmp(&d))
+            .await
+            .map_err(|e| Error::internal(format!("creating a temporary file panicked: {e}")))?;
+        match created {
             Ok(t) => Ok(Some(t)),
             Err(e) if total.is_some() => {
                 tracing::error!(%digest, error = %e, "cannot create a temporary file: streaming without caching");
@@ -709,7 +721,7 @@ impl BlobStore {
                         Ok(Filled::Stored(size))
                     }
                     Err(e) => {
-                        let _ = std::fs::remove_file(&tmp.path);
+                        let _ = tokio::fs::remove_file(&tmp.path).await;
                         tracing::error!(%digest, error = %e, "cannot commit blob to the store");
                         // The readers already have verified bytes; only
                         // caching failed.
@@ -719,7 +731,7 @@ impl BlobStore {
             }
             (result, tmp) => {
                 if let Some(tmp) = tmp {
-                    let _ = std::fs::remove_file(&tmp.path);
+                    let _ = tokio::fs::remove_file(&tmp.path).await;
                 }
                 result.map(|landed| Filled::Uncached(landed.size()))
             }

@@ -159,11 +159,7 @@ impl BlobStore {
                 ),
             })
         };
-        let stored = || {
-            self.lookup(digest)
-                .map_err(|e| Error::local("cache storage error", e))
-        };
-        if let Some(blob) = stored()? {
+        if let Some(blob) = self.open_stored(digest).await? {
             return Ok(hit(blob, delivery));
         }
         let shared = caller.credential().is_none();
@@ -185,15 +181,23 @@ impl BlobStore {
         let key = origin.key();
         let mut prior = None;
         for _ in 0..MAX_ROUNDS {
+            // The table is asked under its lock, which is never held across
+            // a syscall: whether the blob was committed meanwhile is the
+            // index's in-memory answer; the file is opened after.
+            let committed = |d: &Digest| self.index.contains(d);
             let reader = match self.fills.lookup(
                 digest,
                 Asker::Client,
                 &key,
                 prior.as_ref(),
-                stored,
+                committed,
                 own.clone(),
             )? {
-                Lookup::Stored(blob) => return Ok(hit(blob, delivery)),
+                Lookup::Stored => match self.open_stored(digest).await? {
+                    Some(blob) => return Ok(hit(blob, delivery.clone())),
+                    // Evicted in between: look again.
+                    None => continue,
+                },
                 Lookup::Join(reader)
                     if !access.allows(
                         || reader.fill.private,
@@ -250,10 +254,9 @@ impl BlobStore {
             return Ok(Prefetched::NoRoom);
         }
         let pre = PreReserved::new(self.index.clone(), size);
-        let stored = || {
-            self.open_stored(digest)
-                .map_err(|e| Error::local("cache storage error", e))
-        };
+        // Whether it was committed meanwhile: the index's answer, in
+        // memory, under the fill table's lock.
+        let committed = |d: &Digest| self.index.contains(d);
         let shared = caller.credential().is_none();
         let origin = Origin {
             upstream: upstream.clone(),
@@ -267,7 +270,7 @@ impl BlobStore {
         let key = origin.key();
         match self
             .fills
-            .lookup(digest, Asker::Prefetch, &key, None, stored, own)?
+            .lookup(digest, Asker::Prefetch, &key, None, committed, own)?
         {
             Lookup::Lead(permit, _nobody_reads) => {
                 // The same sources as a client's fill (a prefetch is never a
@@ -279,7 +282,7 @@ impl BlobStore {
                 self.spawn_fill(permit, sources, digest, Some((slot, pre)));
                 Ok(Prefetched::Started)
             }
-            Lookup::Stored(_) | Lookup::Join(_) => Ok(Prefetched::Skipped),
+            Lookup::Stored | Lookup::Join(_) => Ok(Prefetched::Skipped),
         }
     }
 

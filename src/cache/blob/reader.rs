@@ -30,8 +30,13 @@ const CHUNK: usize = 256 * 1024;
 /// window holds this much and no more (see [`Delivery::Buffered`]).
 const MIN_CHUNK: usize = 4 * 1024;
 
-/// Reads up to this size are done in place on the runtime thread (they
-/// come from the page cache in microseconds).
+/// Reads up to this size are done in place on the runtime thread. The one
+/// blocking filesystem call left on a runtime worker, on purpose: it is
+/// bounded (one `pread` of at most 64 KiB of a descriptor already open,
+/// bytes this process has verified or just written, in the page cache in
+/// practice), and a blocking-pool hop costs more than the copy. Larger
+/// reads go to the blocking pool; opens, creates and removals never run on
+/// a worker (`store.rs`, `fill.rs`).
 const INLINE_READ: u64 = 64 * 1024;
 
 /// Largest frame of mapped file bytes handed to hyper on a zero-copy
@@ -152,7 +157,9 @@ impl Reader {
         let left = limit - pos;
         let chunk = match &self.delivery {
             // Mapped, never touched: the connection sends it with sendfile,
-            // so a large frame costs no memory.
+            // so a large frame costs no memory. `mmap` itself reads nothing
+            // (no I/O here); sendfile does, in the connection's writer, as
+            // a `pread` would.
             Delivery::ZeroCopy(regions) if left > INLINE_READ => {
                 regions.chunk(&file, pos, left.min(ZERO_COPY_CHUNK) as usize)?
             }

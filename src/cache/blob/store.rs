@@ -39,6 +39,7 @@ use crate::cache::layout::Layout;
 use crate::cache::private::Private;
 use crate::cluster::Cluster;
 use crate::front::ReadBudget;
+use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::oci::Digest;
 
@@ -64,6 +65,8 @@ pub(crate) struct BlobStore {
     pub(super) evict: Arc<Notify>,
     /// Test hook: fail disk writes once a fill has written this many bytes.
     pub(super) write_fault: AtomicU64,
+    /// Test hook: milliseconds every open or create of a store file takes.
+    disk_latency_ms: AtomicU64,
     /// Fills in flight, fill results, digest mismatches.
     pub(super) metrics: Arc<Metrics>,
     /// Where fill tasks run, so shutdown can wait for them.
@@ -118,6 +121,7 @@ impl BlobStore {
             idle_timeout,
             evict: Arc::new(Notify::new()),
             write_fault: AtomicU64::new(u64::MAX),
+            disk_latency_ms: AtomicU64::new(0),
             tasks,
             metrics: Arc::new(Metrics::new()),
             cluster: None,
@@ -231,21 +235,47 @@ impl BlobStore {
             .store(after.unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
-    /// Opens a stored blob, or `None` on a miss. Records the access.
-    pub(super) fn lookup(&self, digest: &Digest) -> io::Result<Option<StoredBlob>> {
-        let blob = self.open_stored(digest)?;
-        if let Some(b) = &blob {
-            self.index.touch(digest, b.size);
-        }
-        Ok(blob)
+    /// Test hook: every open or create of a store file takes `latency`.
+    #[cfg(feature = "test-hooks")]
+    pub(crate) fn inject_disk_latency(&self, latency: Option<Duration>) {
+        let ms = latency.map_or(0, |l| l.as_millis() as u64);
+        self.disk_latency_ms.store(ms, Ordering::Relaxed);
     }
 
-    /// Opens a stored blob without recording an access (a prefetch
-    /// checking whether it has work), or `None` on a miss.
-    pub(super) fn open_stored(&self, digest: &Digest) -> io::Result<Option<StoredBlob>> {
+    /// The injected disk latency (see `inject_disk_latency`), if any.
+    fn slow_disk(&self) {
+        let ms = self.disk_latency_ms.load(Ordering::Relaxed);
+        if ms > 0 {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+    }
+
+    /// Opens a stored blob, or `None` on a miss, on a thread of the
+    /// blocking pool (an open on a slow disk must not hold up a runtime
+    /// worker). Once the index is loaded, a digest it does not know is a
+    /// miss without a syscall.
+    pub(super) async fn open_stored(
+        self: &Arc<Self>,
+        digest: &Digest,
+    ) -> Result<Option<StoredBlob>, Error> {
+        if self.index.is_loaded() && !self.index.contains(digest) {
+            return Ok(None);
+        }
+        let (store, d) = (self.clone(), digest.clone());
+        tokio::task::spawn_blocking(move || store.lookup(&d))
+            .await
+            .map_err(|e| Error::internal(format!("blob lookup panicked: {e}")))?
+            .map_err(|e| Error::local("cache storage error", e))
+    }
+
+    /// Opens a stored blob, or `None` on a miss. Records the access.
+    /// Blocking.
+    fn lookup(&self, digest: &Digest) -> io::Result<Option<StoredBlob>> {
+        self.slow_disk();
         match File::open(self.layout.blob(digest)) {
             Ok(file) => {
                 let size = file.metadata()?.len();
+                self.index.touch(digest, size);
                 Ok(Some(StoredBlob { file, size }))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -256,8 +286,9 @@ impl BlobStore {
         }
     }
 
-    /// A new temporary file for a fill of `digest`.
+    /// A new temporary file for a fill of `digest`. Blocking.
     pub(super) fn create_tmp(&self, digest: &Digest) -> io::Result<TmpFile> {
+        self.slow_disk();
         let path = self
             .layout
             .tmp_file(digest, self.next_tmp.fetch_add(1, Ordering::Relaxed));
