@@ -16,7 +16,8 @@
 //!   [`FLUSH_INTERVAL`] (and at shutdown); start-up reads them back.
 //! * Sizes survive restarts in an append-only journal (`index.log`, one
 //!   `+<digest> <size>` line before each commit's rename, `-<digest>` on
-//!   removal), compacted at start-up. A file whose size disagrees with its
+//!   removal), compacted at start-up and, once it has grown to twice what
+//!   it needs, while running (`journal.rs`). A file whose size disagrees with its
 //!   record is dropped; a file with no record (cache written by hand or an
 //!   older version) is verified by hashing before it is indexed.
 //!
@@ -464,6 +465,22 @@ impl BlobIndex {
         done
     }
 
+    /// Compacts the journal while running once it has grown to more than
+    /// twice what it needs (no concurrent record is lost: see
+    /// `journal.rs`). Blocking. Returns whether it did.
+    pub(crate) fn compact_journal_if_due(&self) -> bool {
+        if !self.is_loaded() {
+            return false;
+        }
+        match self.journal.compact_if_due() {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot compact the blob journal");
+                false
+            }
+        }
+    }
+
     /// Writes access times that changed since the last flush into the
     /// files' mtimes. Blocking.
     pub(crate) fn flush_atimes(&self) -> usize {
@@ -490,6 +507,9 @@ impl BlobIndex {
     /// disagrees with the journal; verifies unrecorded files by hashing;
     /// compacts the journal. Returns the number of blobs indexed.
     pub(crate) fn load(&self) -> io::Result<usize> {
+        // Records appended from now on (commits, evictions during the scan)
+        // go into the compacted journal as well.
+        self.journal.mark()?;
         let records = self.journal.read()?;
         let mut kept = 0;
         self.layout.scan_blobs(|entry| match entry {
@@ -500,8 +520,7 @@ impl BlobIndex {
                 }
             }
         });
-        // Entries added by hits or commits during the scan are on disk and
-        // recorded already; write the compacted journal with everything.
+        // What the scan kept, then whatever was appended meanwhile.
         let records: Vec<Record> = self
             .entries
             .iter()
@@ -510,7 +529,7 @@ impl BlobIndex {
         // The index is complete either way; a journal that cannot be
         // compacted just stays longer.
         self.loaded.store(true, Ordering::Release);
-        if let Err(e) = self.journal.compact(records.into_iter()) {
+        if let Err(e) = self.journal.compact_to(records.into_iter()) {
             tracing::warn!(error = %e, "cannot compact the blob journal");
         }
         Ok(kept)

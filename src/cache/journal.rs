@@ -2,7 +2,17 @@
 //! holds and how big each blob is, so a restart need not hash every file.
 //! Records (see [`Record`]) are appended without fsync: a record lost in a
 //! crash only means the next start hashes that file before indexing it.
-//! The start-up scan rewrites the journal compacted.
+//!
+//! Compaction rewrites the journal (a temporary file, an fsync, a rename)
+//! while holding the lock every append takes, so no record appended
+//! concurrently is lost:
+//! * at start-up ([`Journal::mark`], then [`Journal::compact_to`]): the
+//!   scan's view of the store, plus every record appended since the mark
+//!   (commits and evictions while the scan ran), in order;
+//! * while running ([`Journal::compact_if_due`], from the access-time
+//!   flusher): the journal's own records folded (later lines win, removals
+//!   forget), read under the lock, once it holds more than twice the lines
+//!   it needs.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -93,10 +103,30 @@ impl LineLog {
     }
 }
 
+/// A running compaction waits for at least this many lines beyond twice
+/// the live records.
+const COMPACT_SLACK: u64 = 1024;
+
 /// The journal of one cache directory.
 pub(crate) struct Journal {
     /// `<cache>/index.log`.
     log: LineLog,
+    /// What an append or a compaction counts; its lock is taken by every
+    /// append and held across a compaction.
+    inner: Mutex<Inner>,
+}
+
+/// The journal's state, under its lock.
+#[derive(Default)]
+struct Inner {
+    /// Lines in the file, as far as this process knows (appends since the
+    /// last compaction plus what that compaction wrote).
+    lines: u64,
+    /// Records the last compaction wrote (the live entries then).
+    live: u64,
+    /// Records appended since [`Journal::mark`], for the start-up
+    /// compaction.
+    since_mark: Option<Vec<Record>>,
 }
 
 impl Journal {
@@ -104,12 +134,25 @@ impl Journal {
     pub(crate) fn new(path: PathBuf) -> Journal {
         Journal {
             log: LineLog::new(path),
+            inner: Mutex::new(Inner::default()),
         }
+    }
+
+    fn lock(&self) -> io::Result<std::sync::MutexGuard<'_, Inner>> {
+        self.inner
+            .lock()
+            .map_err(|_| io::Error::other("journal lock poisoned"))
     }
 
     /// Appends one record.
     pub(crate) fn append(&self, record: &Record) -> io::Result<()> {
-        self.log.append(&record.line(), false)
+        let mut inner = self.lock()?;
+        self.log.append(&record.line(), false)?;
+        inner.lines += 1;
+        if let Some(since) = inner.since_mark.as_mut() {
+            since.push(record.clone());
+        }
+        Ok(())
     }
 
     /// Appends records in one write.
@@ -135,8 +178,73 @@ impl Journal {
     /// The sizes the journal records, by digest: later lines win, removals
     /// forget, unparseable lines (a torn last line) are skipped.
     pub(crate) fn read(&self) -> io::Result<HashMap<Digest, u64>> {
-        let mut map = HashMap::new();
-        self.log.read(|line| match Record::parse(line) {
+        Ok(fold(&self.log)?.0)
+    }
+
+    /// Starts remembering appended records, for [`Journal::compact_to`].
+    pub(crate) fn mark(&self) -> io::Result<()> {
+        self.lock()?.since_mark = Some(Vec::new());
+        Ok(())
+    }
+
+    /// Replaces the journal with `records` (the start-up scan's view,
+    /// taken after [`Journal::mark`]) followed by every record appended
+    /// since the mark.
+    pub(crate) fn compact_to(&self, records: impl Iterator<Item = Record>) -> io::Result<()> {
+        let mut inner = self.lock()?;
+        let since = inner.since_mark.take().unwrap_or_default();
+        let mut text = String::new();
+        let mut n = 0u64;
+        for r in records.chain(since) {
+            text.push_str(&r.line());
+            n += 1;
+        }
+        self.replace(&mut inner, &text, n)
+    }
+
+    /// Compacts the journal if it holds more than twice the lines it needs
+    /// (and [`COMPACT_SLACK`] more). Returns whether it did.
+    pub(crate) fn compact_if_due(&self) -> io::Result<bool> {
+        {
+            let inner = self.lock()?;
+            if inner.lines <= 2 * inner.live + COMPACT_SLACK {
+                return Ok(false);
+            }
+        }
+        self.compact()?;
+        Ok(true)
+    }
+
+    /// Rewrites the journal as its own records folded, read under the lock
+    /// appends take (so none is lost).
+    pub(crate) fn compact(&self) -> io::Result<()> {
+        let mut inner = self.lock()?;
+        let (live, _) = fold(&self.log)?;
+        let mut text = String::new();
+        for (d, size) in &live {
+            text.push_str(&Record::Stored(d.clone(), *size).line());
+        }
+        self.replace(&mut inner, &text, live.len() as u64)
+    }
+
+    /// Writes `text` (`lines` records) in place of the journal
+    /// ([`LineLog::rewrite`]). Called with the lock held.
+    fn replace(&self, inner: &mut Inner, text: &str, lines: u64) -> io::Result<()> {
+        self.log.rewrite(text)?;
+        inner.lines = lines;
+        inner.live = lines;
+        Ok(())
+    }
+}
+
+/// The records of the journal `log` folded (later lines win, removals
+/// forget, unparseable lines skipped), and how many lines it has.
+fn fold(log: &LineLog) -> io::Result<(HashMap<Digest, u64>, u64)> {
+    let mut map = HashMap::new();
+    let mut lines = 0;
+    log.read(|line| {
+        lines += 1;
+        match Record::parse(line) {
             Some(Record::Stored(d, size)) => {
                 map.insert(d, size);
             }
@@ -144,13 +252,102 @@ impl Journal {
                 map.remove(&d);
             }
             None => {}
-        })?;
-        Ok(map)
+        }
+    })?;
+    Ok((map, lines))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::Algorithm;
+    use std::sync::Arc;
+
+    fn digest(i: u64) -> Digest {
+        Digest::of(Algorithm::Sha256, &i.to_le_bytes())
     }
 
-    /// Replaces the journal with `records`.
-    pub(crate) fn compact(&self, records: impl Iterator<Item = Record>) -> io::Result<()> {
-        let text: String = records.map(|r| r.line()).collect();
-        self.log.rewrite(&text)
+    /// Compactions racing appends from several threads lose nothing: the
+    /// journal ends up recording exactly what was appended, folded.
+    #[test]
+    fn compaction_loses_no_concurrent_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Arc::new(Journal::new(dir.path().join("index.log")));
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let journal = journal.clone();
+                std::thread::spawn(move || {
+                    for i in 0..1500u64 {
+                        let d = digest(t * 1_000_000 + i);
+                        journal.append(&Record::Stored(d.clone(), i)).unwrap();
+                        if i % 3 == 0 {
+                            journal.append(&Record::Removed(d)).unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut compactions = 0;
+        while !threads.iter().all(|t| t.is_finished()) {
+            journal.compact().unwrap();
+            compactions += 1;
+        }
+        for t in threads {
+            t.join().unwrap();
+        }
+        journal.compact().unwrap();
+        let got = journal.read().unwrap();
+        let mut want = HashMap::new();
+        for t in 0..4u64 {
+            for i in 0..1500u64 {
+                if i % 3 != 0 {
+                    want.insert(digest(t * 1_000_000 + i), i);
+                }
+            }
+        }
+        assert!(compactions > 1, "no compaction raced the appends");
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "records lost or resurrected by compaction");
+        let text = std::fs::read_to_string(dir.path().join("index.log")).unwrap();
+        assert_eq!(text.lines().count(), want.len(), "compacted");
+    }
+
+    #[test]
+    fn compacts_when_due_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::new(dir.path().join("index.log"));
+        let d = digest(1);
+        for _ in 0..COMPACT_SLACK / 2 {
+            journal.append(&Record::Stored(d.clone(), 1)).unwrap();
+            journal.append(&Record::Removed(d.clone())).unwrap();
+        }
+        assert!(!journal.compact_if_due().unwrap(), "not yet");
+        for _ in 0..COMPACT_SLACK {
+            journal.append(&Record::Stored(d.clone(), 1)).unwrap();
+        }
+        assert!(journal.compact_if_due().unwrap());
+        let text = std::fs::read_to_string(dir.path().join("index.log")).unwrap();
+        assert_eq!(text.lines().count(), 1);
+        assert!(!journal.compact_if_due().unwrap());
+    }
+
+    /// The start-up compaction writes the scan's view and every record
+    /// appended since the mark, in order.
+    #[test]
+    fn startup_compaction_keeps_records_appended_during_the_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::new(dir.path().join("index.log"));
+        journal.append(&Record::Stored(digest(1), 1)).unwrap();
+        journal.append(&Record::Stored(digest(9), 9)).unwrap();
+        journal.mark().unwrap();
+        // Appended while the scan runs: a commit and an eviction.
+        journal.append(&Record::Stored(digest(2), 2)).unwrap();
+        journal.append(&Record::Removed(digest(1))).unwrap();
+        // The scan saw 1 (and dropped 9, a damaged file).
+        journal
+            .compact_to([Record::Stored(digest(1), 1)].into_iter())
+            .unwrap();
+        let got = journal.read().unwrap();
+        assert_eq!(got, HashMap::from([(digest(2), 2)]));
     }
 }

@@ -222,7 +222,11 @@ impl BlobStore {
             loop {
                 tick.tick().await;
                 let i = index.clone();
-                let _ = tokio::task::spawn_blocking(move || i.flush_atimes()).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    i.flush_atimes();
+                    i.compact_journal_if_due();
+                })
+                .await;
             }
         }));
     }
