@@ -515,3 +515,60 @@ async fn repository_refusal_does_not_poison_joiners() {
     let (h, _) = get_ok(&client(), &st.blob_url("team/right", &b.digest)).await;
     assert_eq!(h.get("x-stowage-cache").unwrap(), "hit");
 }
+
+/// Fills to one upstream are spread over more than one connection: over
+/// h2, which multiplexes every request on one connection, concurrent fills
+/// use `connections` of them (one per client of the upstream's small pool).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_fills_use_several_connections_to_an_h2_upstream() {
+    let ca = common::tls::Ca::new("fake upstream CA");
+    let up = FakeUpstream::start_tls(&ca.server("localhost", 1)).await;
+    let dir = tempfile::TempDir::new().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.cert_pem).unwrap();
+    let warm: Vec<Blob> = (0..4).map(|_| Blob::random(1000)).collect();
+    let blobs: Vec<Blob> = (0..8).map(|_| Blob::random(2 * MIB)).collect();
+    for b in warm.iter().chain(&blobs) {
+        up.add_blob(b.data.clone());
+    }
+    let holds: Vec<Hold> = blobs.iter().map(|b| up.hold(&b.digest)).collect();
+    let extra = format!("ca_file = {ca_file:?}\nconnections = 4");
+    let st = start_stowage(&up.url(), &extra).await;
+    // One request after another: the connections there are to reuse.
+    for b in &warm {
+        check_blob(&client(), &st, "library/x", b).await;
+    }
+    let mut tasks = Vec::new();
+    for b in &blobs {
+        let (url, b) = (st.blob_url("library/x", &b.digest), b.clone());
+        tasks.push(tokio::spawn(async move {
+            let (_, body) = get_ok(&client(), &url).await;
+            assert!(body[..] == b.data[..]);
+        }));
+    }
+    for h in &holds {
+        h.wait_half_sent(1).await;
+    }
+    for h in &holds {
+        h.release();
+    }
+    for t in tasks {
+        within(30, "fills over h2", t).await.unwrap();
+    }
+    let fills: Vec<Recorded> = up
+        .requests()
+        .into_iter()
+        .filter(|r| blobs.iter().any(|b| r.path.ends_with(&b.digest)))
+        .collect();
+    assert!(
+        fills.iter().all(|r| r.version == http::Version::HTTP_2),
+        "the upstream was not reached over h2"
+    );
+    let used: std::collections::HashSet<usize> = fills.iter().map(|r| r.conn).collect();
+    assert_eq!(
+        used.len(),
+        4,
+        "8 concurrent fills used connections {used:?}"
+    );
+    assert_eq!(up.connections(), 4, "connections opened in all");
+}

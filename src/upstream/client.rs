@@ -135,11 +135,14 @@ pub struct Upstream {
     pub(super) credentials: Credentials,
     /// `stowage/<version>`.
     user_agent: HeaderValue,
-    /// Pooled HTTP/1.1 + HTTP/2 client, http and https.
-    client: HttpClient,
+    /// Pooled HTTP/1.1 + HTTP/2 clients, http and https, used in turn
+    /// (`cfg.connections` of them: over h2 each is one connection).
+    clients: Vec<HttpClient>,
     /// The same for redirect hops, whose resolver refuses addresses the
     /// redirect policy does not allow.
-    redirect_client: HttpClient<GuardedResolver>,
+    redirect_clients: Vec<HttpClient<GuardedResolver>>,
+    /// Whose turn it is.
+    next_client: std::sync::atomic::AtomicUsize,
     /// Where redirects may lead.
     pub(super) redirects: Arc<RedirectPolicy>,
     /// Where exchanges, latencies and rate limits are counted.
@@ -308,13 +311,18 @@ impl Upstream {
             timeout: cfg.timeout,
             credentials: Credentials::new(cfg)?,
             user_agent: HeaderValue::from_static(concat!("stowage/", env!("CARGO_PKG_VERSION"))),
-            client: http_client(cfg, GaiResolver::new())?,
-            redirect_client: http_client(
-                cfg,
-                GuardedResolver {
-                    policy: redirects.clone(),
-                },
-            )?,
+            clients: (0..cfg.connections.max(1))
+                .map(|_| http_client(cfg, GaiResolver::new()))
+                .collect::<Result<_, _>>()?,
+            redirect_clients: (0..cfg.connections.max(1))
+                .map(|_| {
+                    let resolver = GuardedResolver {
+                        policy: redirects.clone(),
+                    };
+                    http_client(cfg, resolver)
+                })
+                .collect::<Result<_, _>>()?,
+            next_client: std::sync::atomic::AtomicUsize::new(0),
             redirects,
             metrics: Arc::new(Metrics::new()),
             auth_mode: cfg.auth,
@@ -454,9 +462,14 @@ impl Upstream {
         }
         let started = Instant::now();
         let url = loggable(uri, hop == Hop::First);
+        // Spread over the pool: over h2 one client is one connection, and
+        // one connection for every fill of an upstream is a bottleneck.
+        let turn = self
+            .next_client
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let sent = match hop {
-            Hop::First => self.client.request(req),
-            Hop::Redirect => self.redirect_client.request(req),
+            Hop::First => self.clients[turn % self.clients.len()].request(req),
+            Hop::Redirect => self.redirect_clients[turn % self.redirect_clients.len()].request(req),
         };
         let result = tokio::time::timeout(self.timeout, sent).await;
         let elapsed = started.elapsed();

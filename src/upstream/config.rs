@@ -70,6 +70,17 @@ pub struct UpstreamConfig {
     /// endpoints for instance).
     #[serde(default)]
     pub allow_private_redirects: bool,
+
+    /// How many pooled clients requests to this upstream are spread over
+    /// (round robin). Over HTTP/2, where one client multiplexes everything
+    /// on one connection, this is how many connections concurrent fills
+    /// use; over HTTP/1.1 each request in flight has a connection anyway.
+    #[serde(default = "default_connections")]
+    pub connections: usize,
+}
+
+fn default_connections() -> usize {
+    4
 }
 
 /// Whose credentials an upstream sees.
@@ -113,6 +124,7 @@ pub fn docker_hub() -> UpstreamConfig {
         auth: AuthMode::Mirror,
         passthrough_ttl: default_passthrough_ttl(),
         allow_private_redirects: false,
+        connections: default_connections(),
     }
 }
 
@@ -186,6 +198,9 @@ impl UpstreamConfig {
             if self.passthrough_ttl.is_zero() {
                 return Err(invalid("passthrough_ttl", "must be more than zero".into()));
             }
+        }
+        if !(1..=64).contains(&self.connections) {
+            return Err(invalid("connections", "must be 1 to 64".into()));
         }
         Ok(())
     }

@@ -38,6 +38,9 @@ fn empty() -> Body {
 /// One request as the fake saw it.
 #[derive(Debug, Clone)]
 pub struct Recorded {
+    /// Which TCP connection it came on (numbered from 1 in accept order).
+    pub conn: usize,
+    pub version: http::Version,
     pub method: String,
     pub path: String,
     pub query: Option<String>,
@@ -199,6 +202,8 @@ struct Canned {
 
 struct Inner {
     addr: SocketAddr,
+    /// Served over TLS (HTTP/1.1 and h2 by ALPN).
+    tls: bool,
     store: Mutex<Store>,
     log: Mutex<Vec<Recorded>>,
     counts: Mutex<HashMap<(String, String), usize>>,
@@ -266,10 +271,35 @@ pub struct FakeUpstream {
 impl FakeUpstream {
     /// Binds 127.0.0.1:0 and serves on the current tokio runtime.
     pub async fn start() -> FakeUpstream {
+        FakeUpstream::start_with(None).await
+    }
+
+    /// Like [`FakeUpstream::start`], over TLS with `cert` (for `localhost`
+    /// and 127.0.0.1), offering h2 and HTTP/1.1 by ALPN.
+    pub async fn start_tls(cert: &super::tls::Issued) -> FakeUpstream {
+        use rustls::pki_types::pem::PemObject;
+        let chain = rustls::pki_types::CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key =
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        FakeUpstream::start_with(Some(Arc::new(config))).await
+    }
+
+    async fn start_with(tls: Option<Arc<rustls::ServerConfig>>) -> FakeUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let inner = Arc::new(Inner {
             addr,
+            tls: tls.is_some(),
             store: Mutex::default(),
             log: Mutex::default(),
             counts: Mutex::default(),
@@ -316,25 +346,45 @@ impl FakeUpstream {
                     drop(stream);
                     continue;
                 }
-                inner.connections.fetch_add(1, Ordering::SeqCst);
+                let conn = inner.connections.fetch_add(1, Ordering::SeqCst) + 1;
                 let _ = stream.set_nodelay(true);
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let inner = inner.clone();
-                        async move { inner.handle(req).await }
+                        async move { inner.handle(req, conn).await }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    match tls {
+                        None => {
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(stream), svc)
+                                .await;
+                        }
+                        Some(config) => {
+                            let Ok(stream) =
+                                tokio_rustls::TlsAcceptor::from(config).accept(stream).await
+                            else {
+                                return;
+                            };
+                            let builder = hyper_util::server::conn::auto::Builder::new(
+                                hyper_util::rt::TokioExecutor::new(),
+                            );
+                            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                    }
                 });
             }
         });
         FakeUpstream { inner }
     }
 
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (`https://localhost:PORT` over TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.inner.addr)
+        if self.inner.tls {
+            format!("https://localhost:{}", self.inner.addr.port())
+        } else {
+            format!("http://{}", self.inner.addr)
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -908,12 +958,13 @@ impl Inner {
     async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
+        conn: usize,
     ) -> Result<Response<Body>, std::io::Error> {
         let path = req.uri().path().to_string();
         let head = req.method() == Method::HEAD;
         let fault = self.path_faults.lock().unwrap().get(&path).copied();
         let open = self.bodies_open.clone();
-        let resp = self.answer(req).await?;
+        let resp = self.answer(req, conn).await?;
         let Some(fault) = fault.filter(|_| !head) else {
             return Ok(resp);
         };
@@ -932,11 +983,14 @@ impl Inner {
     async fn answer(
         self: Arc<Self>,
         req: Request<Incoming>,
+        conn: usize,
     ) -> Result<Response<Body>, std::io::Error> {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let query = req.uri().query().map(str::to_string);
         self.log.lock().unwrap().push(Recorded {
+            conn,
+            version: req.version(),
             method: method.to_string(),
             path: path.clone(),
             query: query.clone(),
