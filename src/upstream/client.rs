@@ -117,7 +117,7 @@ pub(crate) fn is_idle_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// One upstream registry: a pooled HTTP/1.1 + HTTP/2 client with its
+/// One upstream registry: a small pool of HTTP/1.1 + HTTP/2 clients with its
 /// credentials, remembered challenge and token cache.
 pub struct Upstream {
     /// `cfg.host`.
