@@ -373,7 +373,23 @@ async fn soak_mixed_load_with_upstream_faults() {
         let _ = get(&shared.st.blob_url("library/hot", &b.digest), None).await;
     }
     *shared.tally.lock().unwrap() = Tally::default();
+    // The fake's request log would grow with every request, and it shares
+    // this process: off, so the memory measured is stowage's.
+    shared.up.forget_requests();
     let before = usage();
+    // RSS over time, to tell a leak (steady growth) from the allocator
+    // settling (a step, then flat).
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let sampler = {
+        let (samples, shared) = (samples.clone(), shared.clone());
+        tokio::spawn(async move {
+            let every = Duration::from_secs((secs / 10).max(1));
+            while !shared.stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(every).await;
+                samples.lock().unwrap().push(usage().rss);
+            }
+        })
+    };
 
     let started = Instant::now();
     let chaos = tokio::spawn(chaos(shared.clone()));
@@ -393,6 +409,7 @@ async fn soak_mixed_load_with_upstream_faults() {
     }
     shared.stop.store(true, Ordering::Relaxed);
     chaos.await.unwrap();
+    sampler.await.unwrap();
     let ran = started.elapsed();
     shared.up.clear_faults();
 
@@ -486,6 +503,16 @@ async fn soak_mixed_load_with_upstream_faults() {
         after.tasks,
         before.rss as f64 / MIB as f64,
         after.rss as f64 / MIB as f64
+    ));
+    let curve: Vec<String> = samples
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| format!("{:.0}", *r as f64 / MIB as f64))
+        .collect();
+    table.push_str(&format!(
+        "RSS MiB every tenth of the run: {}\n",
+        curve.join(" ")
     ));
     eprintln!("\n{table}");
     assert_eq!(corrupt_total, 0, "corrupt responses completed");

@@ -238,6 +238,8 @@ struct Inner {
     statuses: Mutex<std::collections::VecDeque<u16>>,
     /// Bodies that are still being sent (or were dropped unfinished).
     bodies_open: Arc<AtomicUsize>,
+    /// Records no requests (for long runs that measure memory).
+    forgetful: AtomicBool,
 }
 
 /// How a blob or manifest body misbehaves; see [`FakeUpstream::fault`].
@@ -329,6 +331,7 @@ impl FakeUpstream {
             path_faults: Mutex::default(),
             statuses: Mutex::default(),
             bodies_open: Arc::new(AtomicUsize::new(0)),
+            forgetful: AtomicBool::new(false),
             tokens: Mutex::default(),
             token_seq: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
@@ -641,6 +644,12 @@ impl FakeUpstream {
     /// with 429 and 503): a burst of failures.
     pub fn fail_next(&self, statuses: &[u16]) {
         self.inner.statuses.lock().unwrap().extend(statuses);
+    }
+
+    /// Stops recording requests (the log and the counts grow with every
+    /// request: a soak that measures memory turns them off).
+    pub fn forget_requests(&self) {
+        self.inner.forgetful.store(true, Ordering::Relaxed);
     }
 
     /// Bodies the fake is sending now (a stalled body counts until the
@@ -988,20 +997,22 @@ impl Inner {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let query = req.uri().query().map(str::to_string);
-        self.log.lock().unwrap().push(Recorded {
-            conn,
-            version: req.version(),
-            method: method.to_string(),
-            path: path.clone(),
-            query: query.clone(),
-            headers: req.headers().clone(),
-        });
-        *self
-            .counts
-            .lock()
-            .unwrap()
-            .entry((method.to_string(), path.clone()))
-            .or_default() += 1;
+        if !self.forgetful.load(Ordering::Relaxed) {
+            self.log.lock().unwrap().push(Recorded {
+                conn,
+                version: req.version(),
+                method: method.to_string(),
+                path: path.clone(),
+                query: query.clone(),
+                headers: req.headers().clone(),
+            });
+            *self
+                .counts
+                .lock()
+                .unwrap()
+                .entry((method.to_string(), path.clone()))
+                .or_default() += 1;
+        }
 
         let delay = self.delays.lock().unwrap().get(&path).copied();
         if let Some(d) = delay {
