@@ -571,9 +571,7 @@ impl BlobStore {
                 None => (None, None),
             };
             let guard = store.metrics.fill_started();
-            let result = store
-                .run_fill(permit.fill(), &sources, &digest, pre)
-                .await;
+            let result = store.run_fill(permit.fill(), &sources, &digest, pre).await;
             if let (true, Ok(Filled::Stored(size))) = (permit.fill().prefetched, &result) {
                 store.metrics.prefetch_stored(*size);
             }
@@ -631,7 +629,7 @@ impl BlobStore {
         });
         let file = tmp.as_ref().map(|t| t.file.clone());
         let result = self
-            .stream(fill, sources, opened, file, total, digest, &reservation)
+            .stream(fill, sources, opened, file, digest, &reservation)
             .await;
         let fetched_upstream = matches!(&result,
             Ok((_, used)) if used.last().is_some_and(|i| sources.is_upstream(*i)));
@@ -747,10 +745,10 @@ impl BlobStore {
         sources: &Sources,
         opened: Opened,
         file: Option<Arc<File>>,
-        total: Option<u64>,
         digest: &Digest,
         reservation: &Arc<Reservation>,
     ) -> Result<(Landed, Vec<usize>), Error> {
+        let total = opened.total;
         let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
         let writer = Writer {
             file,

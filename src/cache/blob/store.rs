@@ -38,8 +38,8 @@ use crate::cache::index::{BlobIndex, Reservation};
 use crate::cache::layout::Layout;
 use crate::cache::private::Private;
 use crate::cluster::Cluster;
-use crate::front::ReadBudget;
 use crate::error::Error;
+use crate::front::ReadBudget;
 use crate::metrics::Metrics;
 use crate::oci::Digest;
 
