@@ -150,7 +150,7 @@ impl BlobStore {
                 outcome: Outcome::Hit,
                 response: file_response(
                     digest,
-                    Some(Arc::new(blob.file)),
+                    Some(blob.file),
                     blob.size,
                     range,
                     head_only,
