@@ -156,12 +156,20 @@ impl Journal {
     }
 
     /// Appends records in one write.
+    /// Under the lock every append takes, as [`Journal::append`] (so a
+    /// compaction loses none of them).
     pub(crate) fn append_all(&self, records: &[Record]) -> io::Result<()> {
         if records.is_empty() {
             return Ok(());
         }
         let text: String = records.iter().map(Record::line).collect();
-        self.log.append(&text, false)
+        let mut inner = self.lock()?;
+        self.log.append(&text, false)?;
+        inner.lines += records.len() as u64;
+        if let Some(since) = inner.since_mark.as_mut() {
+            since.extend(records.iter().cloned());
+        }
+        Ok(())
     }
 
     /// Appends one record to the journal at `path` if there is one. For the

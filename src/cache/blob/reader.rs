@@ -30,13 +30,15 @@ const CHUNK: usize = 256 * 1024;
 /// window holds this much and no more (see [`Delivery::Buffered`]).
 const MIN_CHUNK: usize = 4 * 1024;
 
-/// Reads up to this size are done in place on the runtime thread. The one
-/// blocking filesystem call left on a runtime worker, on purpose: it is
-/// bounded (one `pread` of at most 64 KiB of a descriptor already open,
-/// bytes this process has verified or just written, in the page cache in
-/// practice), and a blocking-pool hop costs more than the copy. Larger
-/// reads go to the blocking pool; opens, creates and removals never run on
-/// a worker (`store.rs`, `fill.rs`).
+/// On a zero-copy connection, a tail up to this size is read in place on
+/// the runtime thread with a plain `pread`: the one blocking filesystem
+/// call left on a runtime worker, on purpose: it is bounded (at most 64 KiB
+/// of a descriptor already open, bytes this process has verified or just
+/// written, in the page cache in practice), and a blocking-pool hop costs
+/// more than the copy. Buffered reads ask the page cache without waiting
+/// (`RWF_NOWAIT`) and go to the blocking pool only when the read would
+/// wait; opens, creates and removals never run on a worker (`store.rs`,
+/// `fill.rs`).
 const INLINE_READ: u64 = 64 * 1024;
 
 /// Largest frame of mapped file bytes handed to hyper on a zero-copy
