@@ -336,6 +336,60 @@ async fn pinned_images_survive_eviction() {
     assert!(store_bytes(st.dir.path()) <= MIB as u64);
 }
 
+/// Descriptors of this process open on `path` after it was unlinked.
+fn open_deleted(path: &Path) -> usize {
+    let deleted = format!("{} (deleted)", path.display());
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy() == deleted.as_str())
+        })
+        .count()
+}
+
+/// A stored blob kept open for fast hits is let go when it is evicted, so
+/// its disk space is freed then and the store stays within its budget on
+/// disk too, not only in the index (it was held until four other blobs had
+/// been opened, however long that took).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicted_blob_kept_open_for_hits_is_let_go() {
+    let up = FakeUpstream::start().await;
+    let blobs: Vec<Blob> = (0..3).map(|_| Blob::random(800 * KIB)).collect();
+    for b in &blobs {
+        up.add_blob(b.data.clone());
+    }
+    let dir = TempDir::new().unwrap();
+    let toml = cache_toml(
+        dir.path(),
+        &up.url(),
+        "max_size = \"2MiB\"\nhigh_watermark = 0.9\nlow_watermark = 0.6",
+    );
+    let st = start_stowage_toml(dir, &toml).await;
+    let first = blob_file(st.dir.path(), &blobs[0].digest);
+    // A miss, then a hit: the hit keeps the file open.
+    fetch(&st, &blobs[0]).await;
+    fetch(&st, &blobs[0]).await;
+    assert_eq!(
+        up.blob_gets(&blobs[0].digest),
+        1,
+        "the second GET was a hit"
+    );
+    // Two misses past the high watermark evict the least recently used.
+    fetch(&st, &blobs[1]).await;
+    fetch(&st, &blobs[2]).await;
+    let hooks = st.hooks.clone();
+    wait_until("the first blob evicted", || {
+        hooks.evicted_blobs() > 0 && !first.exists()
+    })
+    .await;
+    wait_until("the evicted blob's descriptor closed", || {
+        open_deleted(&first) == 0
+    })
+    .await;
+    assert!(store_bytes(st.dir.path()) <= 2 * MIB as u64);
+}
+
 /// Picks a free loopback port (tiny race with other processes; fine here).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

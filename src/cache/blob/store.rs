@@ -73,7 +73,7 @@ pub(crate) struct BlobStore {
     opens: Arc<Semaphore>,
     /// The last [`HOT_FILES`] stored blobs opened, kept open: a hit on one
     /// of them needs no syscall, so it is answered without waiting.
-    hot: ArcSwap<Vec<(Digest, Arc<File>, u64)>>,
+    hot: Arc<HotFiles>,
     /// Fills in flight, fill results, digest mismatches.
     pub(super) metrics: Arc<Metrics>,
     /// Where fill tasks run, so shutdown can wait for them.
@@ -106,6 +106,55 @@ const OPENS_AT_ONCE: usize = 16;
 /// they all ask for was served without a syscall.
 const HOT_FILES: usize = 4;
 
+/// The stored blobs kept open ([`HOT_FILES`] of them, the last opened
+/// first). Read without a lock (an `ArcSwap` of a short list).
+#[derive(Default)]
+struct HotFiles(ArcSwap<Vec<(Digest, Arc<File>, u64)>>);
+
+impl HotFiles {
+    /// The open file of `digest` and its size, if it is kept open.
+    fn get(&self, digest: &Digest) -> Option<(Arc<File>, u64)> {
+        let hot = self.0.load();
+        let (_, file, size) = hot.iter().find(|(d, _, _)| d == digest)?;
+        Some((file.clone(), *size))
+    }
+
+    /// Keeps `digest`'s file open, letting go of the least recent one.
+    /// An eviction of `digest` racing with this (its index entry goes
+    /// before its `release_gone`) is seen by one or the other check.
+    fn keep(&self, index: &BlobIndex, digest: &Digest, file: &Arc<File>, size: u64) {
+        self.0.rcu(|hot| {
+            let mut next = Vec::with_capacity(HOT_FILES);
+            next.push((digest.clone(), file.clone(), size));
+            next.extend(
+                hot.iter()
+                    .filter(|(d, _, _)| d != digest)
+                    .take(HOT_FILES - 1)
+                    .cloned(),
+            );
+            next
+        });
+        if !index.contains(digest) {
+            self.release_gone(index);
+        }
+    }
+
+    /// Lets go of every blob the index no longer holds (evicted,
+    /// forgotten). Called after each eviction, so an evicted blob's disk
+    /// space is freed then, not whenever four other blobs were opened.
+    fn release_gone(&self, index: &BlobIndex) {
+        if self.0.load().iter().all(|(d, _, _)| index.contains(d)) {
+            return;
+        }
+        self.0.rcu(|hot| {
+            hot.iter()
+                .filter(|(d, _, _)| index.contains(d))
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+    }
+}
+
 /// The read budget of a store opened without one (tests).
 const DEFAULT_READ_BUDGET: usize = 32 * 1024 * 1024;
 
@@ -133,8 +182,9 @@ impl BlobStore {
                 std::fs::remove_file(entry.path())?;
             }
         }
+        let hot = Arc::new(HotFiles::default());
         Ok(BlobStore {
-            committer: GroupCommit::start(index.clone(), private.clone())?,
+            committer: GroupCommit::start(index.clone(), private.clone(), hot.clone())?,
             layout: layout.clone(),
             index,
             fills: Arc::new(FillTable::default()),
@@ -144,7 +194,7 @@ impl BlobStore {
             write_fault: AtomicU64::new(u64::MAX),
             disk_latency_ms: AtomicU64::new(0),
             opens: Arc::new(Semaphore::new(OPENS_AT_ONCE)),
-            hot: ArcSwap::default(),
+            hot,
             tasks,
             metrics: Arc::new(Metrics::new()),
             cluster: None,
@@ -228,6 +278,7 @@ impl BlobStore {
         });
         let index = self.index.clone();
         let evict = self.evict.clone();
+        let hot = self.hot.clone();
         tokio::spawn(stop.clone().run_until_cancelled_owned(async move {
             loop {
                 evict.notified().await;
@@ -235,7 +286,11 @@ impl BlobStore {
                     continue;
                 }
                 let i = index.clone();
-                let _ = tokio::task::spawn_blocking(move || i.evict_if_needed()).await;
+                if let Ok(evicted) = tokio::task::spawn_blocking(move || i.evict_if_needed()).await
+                    && evicted.blobs > 0
+                {
+                    hot.release_gone(&index);
+                }
             }
         }));
         let index = self.index.clone();
@@ -306,17 +361,7 @@ impl BlobStore {
         .map_err(|e| Error::internal(format!("blob lookup panicked: {e}")))?
         .map_err(|e| Error::local("cache storage error", e))?;
         if let Some(blob) = &opened {
-            self.hot.rcu(|hot| {
-                let mut next = Vec::with_capacity(HOT_FILES);
-                next.push((digest.clone(), blob.file.clone(), blob.size));
-                next.extend(
-                    hot.iter()
-                        .filter(|(d, _, _)| d != digest)
-                        .take(HOT_FILES - 1)
-                        .cloned(),
-                );
-                next
-            });
+            self.hot.keep(&self.index, digest, &blob.file, blob.size);
         }
         Ok(opened)
     }
@@ -325,23 +370,13 @@ impl BlobStore {
     /// holds it (an evicted or forgotten one is let go). Records the
     /// access. No syscall, no lock.
     fn hot_blob(&self, digest: &Digest) -> Option<StoredBlob> {
-        let hot = self.hot.load();
-        let (_, file, size) = hot.iter().find(|(d, _, _)| d == digest)?;
+        let (file, size) = self.hot.get(digest)?;
         if !self.index.contains(digest) {
-            let gone = digest.clone();
-            self.hot.rcu(|hot| {
-                hot.iter()
-                    .filter(|(d, _, _)| *d != gone)
-                    .cloned()
-                    .collect::<Vec<_>>()
-            });
+            self.hot.release_gone(&self.index);
             return None;
         }
-        self.index.touch(digest, *size);
-        Some(StoredBlob {
-            file: file.clone(),
-            size: *size,
-        })
+        self.index.touch(digest, size);
+        Some(StoredBlob { file, size })
     }
 
     /// Opens a stored blob, or `None` on a miss. Records the access.
@@ -444,7 +479,11 @@ struct GroupCommit {
 }
 
 impl GroupCommit {
-    fn start(index: Arc<BlobIndex>, marks: Arc<Private>) -> io::Result<GroupCommit> {
+    fn start(
+        index: Arc<BlobIndex>,
+        marks: Arc<Private>,
+        hot: Arc<HotFiles>,
+    ) -> io::Result<GroupCommit> {
         let (tx, rx) = mpsc::channel::<Pending>();
         std::thread::Builder::new()
             .name("blob-commit".into())
@@ -457,7 +496,7 @@ impl GroupCommit {
                             Err(_) => break,
                         }
                     }
-                    commit_group(&index, &marks, group);
+                    commit_group(&index, &marks, &hot, group);
                 }
             })?;
         Ok(GroupCommit { tx })
@@ -466,7 +505,7 @@ impl GroupCommit {
 
 /// One round of the group commit. Each blob's result goes to its fill; a
 /// blob that fails is left out (its fill removes the temporary file).
-fn commit_group(index: &BlobIndex, marks: &Private, group: Vec<Pending>) {
+fn commit_group(index: &BlobIndex, marks: &Private, hot: &HotFiles, group: Vec<Pending>) {
     // Start the write-back of every file before waiting for any: the
     // data goes to the disk together, and the file system commits the
     // allocations of all of them with the first fdatasync.
@@ -508,7 +547,9 @@ fn commit_group(index: &BlobIndex, marks: &Private, group: Vec<Pending>) {
     }
     // Make room first, so committed bytes stay within the budget (these
     // fills' bytes are already counted as reserved).
-    index.evict_if_needed();
+    if index.evict_if_needed().blobs > 0 {
+        hot.release_gone(index);
+    }
     let mut dirs = HashSet::new();
     let mut renamed = Vec::with_capacity(ready.len());
     for p in ready {
