@@ -27,27 +27,6 @@ const KIB: usize = 1024;
 const TIMEOUT: Duration = Duration::from_secs(1);
 const SLACK: Duration = Duration::from_secs(3);
 
-/// What the process holds: open descriptors, live tokio tasks, RSS bytes.
-#[derive(Debug, Clone, Copy)]
-struct Usage {
-    fds: usize,
-    tasks: usize,
-    rss: u64,
-}
-
-fn usage() -> Usage {
-    let fds = std::fs::read_dir("/proc/self/fd").unwrap().count();
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
-    Usage {
-        fds,
-        tasks: tokio::runtime::Handle::current()
-            .metrics()
-            .num_alive_tasks(),
-        rss: pages * 4096,
-    }
-}
-
 /// What a request came to.
 #[derive(Debug)]
 enum Got {

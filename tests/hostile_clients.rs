@@ -29,38 +29,13 @@ use tokio::net::TcpStream;
 /// with the number of clients).
 const FD_MARGIN: usize = 8;
 const TASK_MARGIN: usize = 8;
-const RSS_MARGIN_KIB: u64 = 32 * 1024;
+const RSS_MARGIN: u64 = 32 << 20;
 
 /// Timeouts the tests run with.
 const LIMITS: &str = "\n[limits]\nheader_read_timeout = \"2s\"\nidle_timeout = \"2s\"\n";
 
 /// The checks read process-wide figures: one test at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-#[derive(Debug, Clone, Copy)]
-struct Usage {
-    fds: usize,
-    tasks: usize,
-    rss_kib: u64,
-}
-
-fn usage() -> Usage {
-    let fds = std::fs::read_dir("/proc/self/fd").unwrap().count();
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    let tasks = tokio::runtime::Handle::current()
-        .metrics()
-        .num_alive_tasks();
-    Usage {
-        fds,
-        tasks,
-        rss_kib,
-    }
-}
 
 /// Waits (up to `secs`) until usage is back within the margins of
 /// `base`; fails showing both.
@@ -70,7 +45,7 @@ async fn back_to_baseline(base: Usage, secs: u64, what: &str) -> Usage {
         let now = usage();
         let ok = now.fds <= base.fds + FD_MARGIN
             && now.tasks <= base.tasks + TASK_MARGIN
-            && now.rss_kib <= base.rss_kib + RSS_MARGIN_KIB;
+            && now.rss <= base.rss + RSS_MARGIN;
         if ok {
             eprintln!("{what}: baseline {base:?}, after {now:?}");
             return now;
@@ -78,7 +53,8 @@ async fn back_to_baseline(base: Usage, secs: u64, what: &str) -> Usage {
         assert!(
             Instant::now() < deadline,
             "{what}: not back to baseline after {secs} s: baseline {base:?}, now {now:?} \
-             (margins: {FD_MARGIN} fds, {TASK_MARGIN} tasks, {RSS_MARGIN_KIB} KiB)"
+             (margins: {FD_MARGIN} fds, {TASK_MARGIN} tasks, {} MiB)",
+            RSS_MARGIN >> 20
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -35,26 +35,6 @@ const MIB: usize = 1 << 20;
 const HANG: Duration = Duration::from_secs(15);
 const CLIENTS: usize = 12;
 
-#[derive(Debug, Clone, Copy)]
-struct Usage {
-    fds: usize,
-    tasks: usize,
-    rss: u64,
-}
-
-fn usage() -> Usage {
-    let fds = std::fs::read_dir("/proc/self/fd").unwrap().count();
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
-    Usage {
-        fds,
-        tasks: tokio::runtime::Handle::current()
-            .metrics()
-            .num_alive_tasks(),
-        rss: pages * 4096,
-    }
-}
-
 /// A cheap, thread-safe pseudo-random source.
 fn rand_below(n: usize) -> usize {
     static STATE: AtomicUsize = AtomicUsize::new(0x9e37_79b9);

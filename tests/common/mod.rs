@@ -7,6 +7,7 @@ pub mod image;
 pub mod mirror;
 pub mod process;
 pub mod tls;
+pub mod usage;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -27,6 +28,7 @@ pub use mirror::{
     start_stowage_toml,
 };
 pub use process::{Process, run_stowage, wait_http_ok};
+pub use usage::{Usage, usage};
 
 /// Fails the test if `fut` takes longer than `secs` seconds.
 pub async fn within<T>(secs: u64, what: &str, fut: impl Future<Output = T>) -> T {
