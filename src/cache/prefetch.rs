@@ -158,12 +158,9 @@ impl PrefetchConfig {
     /// Whether `platform` (as [`crate::oci::manifest::ChildRef`] names it)
     /// is configured. `os/arch` also matches any variant of it.
     fn wants(&self, platform: &str) -> bool {
-        self.platforms.iter().any(|p| {
-            p == platform
-                || (p.matches('/').count() == 1
-                    && platform.starts_with(p.as_str())
-                    && platform[p.len()..].starts_with('/'))
-        })
+        self.platforms
+            .iter()
+            .any(|p| crate::oci::manifest::platform_matches(p, platform))
     }
 }
 

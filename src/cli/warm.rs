@@ -18,7 +18,7 @@ use http_body_util::BodyExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::oci::headers::X_STOWAGE_CACHE;
-use crate::oci::manifest::{accept_headers, refs_of};
+use crate::oci::manifest::{self, accept_headers, refs_of};
 use crate::oci::{Digest, Hasher, ImageRef};
 use crate::upstream::Upstream;
 use crate::upstream::config::{UpstreamConfig, docker_hub};
@@ -197,43 +197,18 @@ async fn get_manifest(mirror: &Upstream, name: &str, reference: &str) -> Result<
 
 /// The child manifests of an index that match `platforms` (all when empty).
 fn select_platforms(index: &[u8], platforms: &[String]) -> Vec<Digest> {
-    #[derive(serde::Deserialize)]
-    struct Platform {
-        os: Option<String>,
-        architecture: Option<String>,
-        variant: Option<String>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Entry {
-        digest: String,
-        platform: Option<Platform>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Index {
-        #[serde(default)]
-        manifests: Vec<Entry>,
-    }
-    let Ok(index) = serde_json::from_slice::<Index>(index) else {
-        return Vec::new();
-    };
-    index
-        .manifests
+    manifest::descriptors_of(index)
+        .children
         .into_iter()
-        .filter(|m| {
+        .filter(|c| {
             platforms.is_empty()
-                || m.platform.as_ref().is_some_and(|p| {
-                    let os = p.os.as_deref().unwrap_or("");
-                    let arch = p.architecture.as_deref().unwrap_or("");
-                    let name = match &p.variant {
-                        Some(v) => format!("{os}/{arch}/{v}"),
-                        None => format!("{os}/{arch}"),
-                    };
+                || c.platform.as_deref().is_some_and(|p| {
                     platforms
                         .iter()
-                        .any(|want| *want == name || *want == format!("{os}/{arch}"))
+                        .any(|want| manifest::platform_matches(want, p))
                 })
         })
-        .filter_map(|m| Digest::parse(&m.digest).ok())
+        .map(|c| c.digest)
         .collect()
 }
 

@@ -245,6 +245,15 @@ pub(crate) struct ChildRef {
     pub(crate) platform: Option<String>,
 }
 
+/// Whether a child manifest's `platform` (as [`ChildRef`] names it) is the
+/// `wanted` one; a wanted `os/arch` also matches any variant of it.
+pub(crate) fn platform_matches(wanted: &str, platform: &str) -> bool {
+    wanted == platform
+        || (wanted.matches('/').count() == 1
+            && platform.starts_with(wanted)
+            && platform[wanted.len()..].starts_with('/'))
+}
+
 /// What prefetching needs of a manifest: the blobs of an image manifest
 /// (config first, then the layers in order) and the children of an index,
 /// each with what its descriptor says.
