@@ -32,7 +32,7 @@ const SLACK: Duration = Duration::from_secs(3);
 enum Got {
     /// The whole body, with the status.
     Body(u16, Vec<u8>),
-    /// The transfer failed after the head.
+    /// The transfer failed (after the head, or taking the head with it).
     Cut,
 }
 
@@ -41,7 +41,12 @@ enum Got {
 async fn fetch(url: &str, bound: Duration) -> (Got, reqwest::header::HeaderMap) {
     let started = Instant::now();
     let r = tokio::time::timeout(bound, async {
-        let r = client().get(url).send().await.unwrap();
+        // A body that fails before its first bytes went out takes the
+        // response head with it (hyper writes the head with the first
+        // body bytes): the request itself fails, which is a cut too.
+        let Ok(r) = client().get(url).send().await else {
+            return (Got::Cut, reqwest::header::HeaderMap::new());
+        };
         let (status, headers) = (r.status().as_u16(), r.headers().clone());
         match r.bytes().await {
             Ok(b) => (Got::Body(status, b.to_vec()), headers),
