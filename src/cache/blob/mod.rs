@@ -162,16 +162,13 @@ impl BlobStore {
         if let Some(blob) = self.open_stored(digest).await? {
             return Ok(hit(blob, delivery));
         }
-        let shared = caller.credential().is_none();
         let origin = Origin {
             upstream: upstream.clone(),
             repo: repo.clone(),
             caller,
         };
         let own = OwnFetch::of(&origin);
-        let cluster = self.cluster.clone().filter(|_| shared && !hop.is_peer());
-        let bucket = self.bucket.clone().filter(|_| shared);
-        let sources = || Sources::new(origin.clone(), cluster.clone(), bucket.clone(), digest);
+        let sources = || self.sources(origin.clone(), digest, hop);
         if head_only {
             return self.head_miss(&sources(), digest, access).await;
         }
@@ -257,7 +254,6 @@ impl BlobStore {
         // Whether it was committed meanwhile: the index's answer, in
         // memory, under the fill table's lock.
         let committed = |d: &Digest| self.index.contains(d);
-        let shared = caller.credential().is_none();
         let origin = Origin {
             upstream: upstream.clone(),
             repo: repo.clone(),
@@ -273,17 +269,27 @@ impl BlobStore {
             .lookup(digest, Asker::Prefetch, &key, None, committed, own)?
         {
             Lookup::Lead(permit, _nobody_reads) => {
-                // The same sources as a client's fill (a prefetch is never a
-                // peer's hop): the owner, the shared store, then upstream.
-                let cluster = self.cluster.clone().filter(|_| shared);
-                let bucket = self.bucket.clone().filter(|_| shared);
-                let sources = Sources::new(origin, cluster, bucket, digest);
+                // The same sources as a client's fill: a prefetch is never a
+                // peer's hop.
+                let sources = self.sources(origin, digest, Hop::Client);
                 self.metrics.prefetch_started();
                 self.spawn_fill(permit, sources, digest, Some((slot, pre)));
                 Ok(Prefetched::Started)
             }
             Lookup::Stored | Lookup::Join(_) => Ok(Prefetched::Skipped),
         }
+    }
+
+    /// Where a fill for `origin` gets `digest`: the owner and the nodes
+    /// ranked above this one, the shared store, then upstream. A
+    /// passthrough caller's fill asks upstream only (an owner could not ask
+    /// upstream with its credential, and private content stays off the
+    /// shared store), and a peer's request (`hop`) is never forwarded.
+    fn sources(&self, origin: Origin, digest: &Digest, hop: Hop) -> Sources {
+        let shared = origin.caller.credential().is_none();
+        let cluster = self.cluster.clone().filter(|_| shared && !hop.is_peer());
+        let bucket = self.bucket.clone().filter(|_| shared);
+        Sources::new(origin, cluster, bucket, digest)
     }
 
     /// `HEAD` on a blob that is not stored: answer from a running fill when
