@@ -362,8 +362,8 @@ impl Connection {
             // on first poll, not here: hyper calls the service as it reads
             // each HEADERS frame, so a burst of 2,000 HTTP/2 streams boxed
             // every handler before the first one ran (8 KiB each in a debug
-            // build, 28 MiB resident against 14 MiB now in
-            // tests/hostile_h2.rs); now only handlers that wait hold theirs.
+            // build: the flood of tests/hostile_h2.rs added 28 MiB resident,
+            // 14 MiB since); now only handlers that wait hold theirs.
             async move { Ok::<_, Infallible>(Box::pin(handle(state, req, peer)).await) }
         });
         let conn = self
