@@ -174,7 +174,7 @@ async fn zero_window_stream_flood_stays_within_64_mib() {
         "the streams were answered (a response head each): {f:?}"
     );
     // Issue 11's goal is 64 MiB. This debug build peaks at about 47 MiB,
-    // 13-15 MiB over its size before the flood; that rise was 28-29 MiB
+    // 12-15 MiB over its size before the flood; that rise was 27-29 MiB
     // (peak 61-66 MiB) while every stream's handler state was boxed as
     // its HEADERS frame was read, before any handler ran, and the whole
     // flood took 580 MiB before the read budget.
