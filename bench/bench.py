@@ -735,7 +735,7 @@ def manifests(b, m, res, perf_name=None):
     pids = m.pids()
     for kind, url in (("digest", by_digest), ("tag", by_tag)):
         mark, lmark = b.up.mark(), m.log_mark()
-        prof = Profiler(b.args.perf, perf_name, pids) if perf_name and kind == "digest" else None
+        prof = Profiler(b.args.perf, "%s-%s" % (perf_name, kind), pids) if perf_name else None
         cpu0 = cpu_seconds(pids)
         rps, non2xx, n = b.wrk(url)
         cpu1 = cpu_seconds(pids)
@@ -1038,7 +1038,7 @@ def run_mirror(b, kind, run_dir, direct_gbps):
             guarded("curl storm", res, curl_storm, b, m, b.images["procs"]["layers"][0], "bench/procs", res)
         guarded("cold/warm", res, cold_warm, b, m, "", mid, "bench/large", res, direct_gbps, perf("blob"))
         if kind in ("stowage", "distribution", "nginx"):
-            guarded("manifests", res, manifests, b, m, res, perf("manifest-digest"))
+            guarded("manifests", res, manifests, b, m, res, perf("manifest"))
             guarded("whole image", res, whole_image, b, m, res)
         res["peak_rss_mib"] = status_kb(m.pids(), "VmHWM") / 1024
         log("  peak RSS %.1f MiB" % res["peak_rss_mib"])
