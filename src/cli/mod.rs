@@ -35,6 +35,7 @@ pub fn check_config(file: &Path) -> ExitCode {
 
 /// `stowage` with no subcommand: runs the mirror until SIGTERM or SIGINT.
 pub fn run(config: Config) -> ExitCode {
+    keep_freed_memory();
     // Dropped last: writes out buffered request lines at shutdown.
     let _log = crate::logging::init(&config.log);
     let Some(runtime) = runtime() else {
@@ -136,6 +137,32 @@ pub fn cache(config: &Config, command: CacheCommand) -> ExitCode {
             eprintln!("stowage cache: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Lets glibc's malloc keep memory it gets back for the next allocation
+/// instead of returning it to the kernel at once.
+///
+/// A fill receives its upstream body in hyper's read buffers (up to about
+/// 400 KiB each), and each buffer is freed once the writer has written and
+/// hashed it. With glibc's defaults those buffers are either mapped and
+/// unmapped one by one or trimmed off the top of their arena, so every
+/// received byte lands in a page the kernel must fault in and zero: 9,000
+/// to 16,000 page faults per cold 128 MiB blob, and up to half of the
+/// fill's CPU on a VM whose host backs guest memory lazily (nginx, which
+/// reuses its buffers, takes about 40). Up to 1 MiB an allocation comes
+/// from the arenas, and an arena keeps up to 8 MiB free at its top, which
+/// bounds what is kept per arena (glibc has at most 8 per core).
+///
+/// Only glibc has `mallopt` with these parameters; elsewhere this does
+/// nothing.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets two of malloc's tuning parameters; it is
+    // called before the runtime starts any thread.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
     }
 }
 
