@@ -1,9 +1,9 @@
 //! A cold fill reuses the memory it frees (issue 13, cold path): the
 //! upstream body arrives in hyper's read buffers, each freed once written
 //! and hashed, and glibc's defaults handed them back to the kernel so that
-//! every received byte landed in a page faulted in and zeroed anew (about
-//! one fault per 4 KiB received, up to half of a cold fill's CPU on a VM).
-//! stowage runs as the real binary, so its page faults are its own (read
+//! received bytes landed in pages faulted in and zeroed anew (thousands of
+//! faults per cold 128 MiB blob, a large share of the fill's CPU on the
+//! bench VM). stowage runs as the real binary, so its page faults are its own (read
 //! from `/proc/<pid>/stat`).
 
 mod common;

@@ -146,13 +146,14 @@ pub fn cache(config: &Config, command: CacheCommand) -> ExitCode {
 /// A fill receives its upstream body in hyper's read buffers (up to about
 /// 400 KiB each), and each buffer is freed once the writer has written and
 /// hashed it. With glibc's defaults those buffers are either mapped and
-/// unmapped one by one or trimmed off the top of their arena, so every
-/// received byte lands in a page the kernel must fault in and zero: 9,000
-/// to 16,000 page faults per cold 128 MiB blob, and up to half of the
-/// fill's CPU on a VM whose host backs guest memory lazily (nginx, which
-/// reuses its buffers, takes about 40). Up to 1 MiB an allocation comes
-/// from the arenas, and an arena keeps up to 8 MiB free at its top, which
-/// bounds what is kept per arena (glibc has at most 8 per core).
+/// unmapped one by one or trimmed off the top of their arena, so most
+/// received bytes land in pages the kernel must fault in and zero: 6,000
+/// to 16,000 page faults per cold 128 MiB blob from the bench's upstream
+/// (nginx, which reuses its buffers, takes about 40). Reusing them took
+/// that fill's CPU from 0.45 to 0.27 s (medians of 6 runs on the bench
+/// VM, whose host backs guest memory lazily). Now allocations up to 1 MiB
+/// come from the arenas, and an arena keeps up to 8 MiB free at its top,
+/// which bounds what is kept per arena (glibc has at most 8 per core).
 ///
 /// Only glibc has `mallopt` with these parameters; elsewhere this does
 /// nothing.
