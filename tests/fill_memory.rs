@@ -8,8 +8,6 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::*;
 
 const MIB: usize = 1024 * 1024;
@@ -21,12 +19,6 @@ fn minor_faults(pid: u32) -> u64 {
     // count from after it, where field 3 is the first.
     let rest = stat.rsplit_once(')').unwrap().1;
     rest.split_whitespace().nth(7).unwrap().parse().unwrap()
-}
-
-fn write_config(dir: &Path, upstream: &str) -> std::path::PathBuf {
-    let config = dir.join("stowage.toml");
-    std::fs::write(&config, config_toml(&dir.join("cache"), upstream, "")).unwrap();
-    config
 }
 
 /// After a first cold fill (the arenas reach their working size), a cold
@@ -42,7 +34,7 @@ async fn a_cold_fill_reuses_freed_receive_buffers() {
     let first_digest = up.add_blob(first.clone());
     let second_digest = up.add_blob(second.clone());
     let dir = tempfile::TempDir::new().unwrap();
-    let config = write_config(dir.path(), &up.url());
+    let config = write_config(dir.path(), &up.url(), "");
     let mut st = Process::with_config(&config, &[]);
     let base = format!("http://{}", st.listening_addr());
     let c = client();

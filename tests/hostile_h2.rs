@@ -103,14 +103,6 @@ async fn h2_get(addr: std::net::SocketAddr, path: &str) -> (u16, Bytes) {
     (status, body)
 }
 
-/// Writes a config for the binary: the fake upstream, `extra` TOML after.
-fn write_config(dir: &Path, upstream: &str, extra: &str) -> std::path::PathBuf {
-    let config = dir.join("stowage.toml");
-    let toml = config_toml(&dir.join("cache"), upstream, "") + extra;
-    std::fs::write(&config, toml).unwrap();
-    config
-}
-
 /// 20 connections x 100 streams with a zero window, asking for a cached
 /// 48 MiB blob and kept alive with PINGs: the process stays under 64 MiB
 /// resident (it reached 550 MiB when every stream held a 256 KiB read),

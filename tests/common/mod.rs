@@ -27,7 +27,7 @@ pub use mirror::{
     start_cluster_nodes, start_stowage, start_stowage_in, start_stowage_no_prefetch,
     start_stowage_toml,
 };
-pub use process::{Process, run_stowage, wait_http_ok};
+pub use process::{Process, run_stowage, wait_http_ok, write_config};
 pub use usage::{Usage, usage};
 
 /// Fails the test if `fut` takes longer than `secs` seconds.

@@ -153,6 +153,15 @@ impl Drop for Process {
     }
 }
 
+/// Writes `dir/stowage.toml` for the binary: the tests' configuration for
+/// `upstream` with its cache in `dir/cache`, then `extra` TOML.
+pub fn write_config(dir: &std::path::Path, upstream: &str, extra: &str) -> std::path::PathBuf {
+    let config = dir.join("stowage.toml");
+    let toml = super::mirror::config_toml(&dir.join("cache"), upstream, "") + extra;
+    std::fs::write(&config, toml).unwrap();
+    config
+}
+
 /// Runs `stowage ARGS...` to completion (an operator command).
 pub async fn run_stowage(args: Vec<String>) -> Output {
     tokio::task::spawn_blocking(move || {
