@@ -23,9 +23,9 @@ fn minor_faults(pid: u32) -> u64 {
 
 /// After a first cold fill (the arenas reach their working size), a cold
 /// 128 MiB blob costs fewer than one page fault per 32 pages received: the
-/// receive buffers are reused. Measured in this debug build: 100-520
-/// faults; with glibc's defaults (no `mallopt`), 1,900-4,400 (and 8,000 to
-/// 16,000 against a real upstream in `bench/`).
+/// receive buffers are reused. Measured in this debug build: 100-420
+/// faults over 4 runs; with glibc's defaults (no `mallopt`), 1,900-2,400
+/// over 3 (and 6,000 to 16,000 from the real upstream of `bench/`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_fill_reuses_freed_receive_buffers() {
     let up = FakeUpstream::start().await;
