@@ -118,9 +118,10 @@ struct Reader {
     /// waited. 32 TLS clients of one cold 256 MiB blob, 5 alternating
     /// rounds: time to first byte p50 9.8-72.4 ms (median 40.7) without the
     /// yield, 6.3-8.8 ms (median 6.4) with it; warm TLS CPU per GiB the
-    /// same within noise (0.59 and 0.54 s). A yield costs a trip through
-    /// the run queue, about a microsecond a frame (frames are at most
-    /// 256 KiB buffered, 16 MiB mapped).
+    /// same within noise (0.59 and 0.54 s). The cost is one more trip
+    /// through the run queue per frame (frames are at most 256 KiB
+    /// buffered, 16 MiB mapped), also after a wait for the fill's bytes,
+    /// where it is not needed: skipping it there measured no different.
     framed: bool,
 }
 
