@@ -228,6 +228,48 @@ async fn human_logs_carry_request_ids() {
     assert!(line.contains("path=/v2/"), "{line}");
 }
 
+/// Request lines are written by stowage's own formatter, not through the
+/// subscriber: the filter must still be able to switch them off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_lines_obey_the_log_filter() {
+    let up = FakeUpstream::start().await;
+    let dir = TempDir::new().unwrap();
+    let config = dir.path().join("stowage.toml");
+    let toml = config_toml(&dir.path().join("cache"), &up.url(), "")
+        + "\n[log]\nlevel = \"info,stowage::http::access_log=off\"\n";
+    std::fs::write(&config, &toml).unwrap();
+    let mut child = Process::with_config(&config, &[]);
+    let addr: String = child.wait_line(|l| {
+        l.contains("stowage listening").then(|| {
+            let at = l.find("addr=").unwrap() + 5;
+            l[at..].split_whitespace().next().unwrap().to_string()
+        })
+    });
+    let r = client()
+        .get(format!("http://{addr}/v2/"))
+        .header("x-request-id", "filtered-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    child.signal("TERM");
+    within(15, "stowage exits on SIGTERM", async {
+        while child.is_running() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // Its other info lines are there; the request line is not.
+    child.wait_line(|l| l.contains("shutting down").then_some(()));
+    let log = child.log();
+    assert!(
+        !log.iter()
+            .any(|l| l.contains("filtered-1") || l.contains("access_log")),
+        "{log:#?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buffered_request_log_is_written_whole_at_shutdown() {
     let up = FakeUpstream::start().await;

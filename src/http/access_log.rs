@@ -58,19 +58,17 @@ impl LoggedBody {
             let elapsed = l.started.elapsed();
             l.metrics
                 .response_finished(l.route, Source::of(l.outcome), self.bytes, elapsed);
-            tracing::info!(
-                target: crate::logging::ACCESS_LOG_TARGET,
-                request_id = %l.request_id,
-                method = %l.method,
-                path = %l.path,
-                status = l.status.as_u16(),
-                bytes = self.bytes,
-                ms = elapsed.as_millis() as u64,
-                cache = l.outcome.map_or("-", Outcome::as_str),
-                peer = %l.peer,
-                complete = complete && !self.failed,
-                "request"
-            );
+            crate::logging::request_line(&crate::logging::RequestLine {
+                request_id: &l.request_id,
+                method: &l.method,
+                path: &l.path,
+                status: l.status.as_u16(),
+                bytes: self.bytes,
+                ms: elapsed.as_millis() as u64,
+                cache: l.outcome.map_or("-", Outcome::as_str),
+                peer: l.peer,
+                complete: complete && !self.failed,
+            });
         }
     }
 }
