@@ -226,6 +226,18 @@ async fn human_logs_carry_request_ids() {
     });
     assert!(line.contains("status=200"), "{line}");
     assert!(line.contains("path=/v2/"), "{line}");
+
+    // A failure's report carries the id its client was given.
+    let r = client()
+        .get(format!("http://{addr}/v2/library/absent/manifests/1"))
+        .header("x-request-id", "failing-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    r.bytes().await.unwrap();
+    let line = child.wait_line(|l| l.contains("request failed").then(|| l.to_string()));
+    assert!(line.contains("request_id=failing-1"), "{line}");
 }
 
 /// Request lines are written by stowage's own formatter, not through the

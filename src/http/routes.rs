@@ -54,16 +54,17 @@ pub(crate) async fn handle(
     let from_peer = req.headers().contains_key(X_STOWAGE_HOP);
     let mut response = response.unwrap_or_else(|e| {
         // The client's message is short (no upstream URLs); the report,
-        // with its causes, is for the operator.
+        // with its causes, is for the operator, with the request id the
+        // client was given (this runs outside the request's span).
         match e.esource() {
             ErrorSource::Client => {
-                tracing::debug!(error = %e.report(), "request failed")
+                tracing::debug!(%request_id, error = %e.report(), "request failed")
             }
             ErrorSource::Upstream => {
-                tracing::info!(source = "upstream", error = %e.report(), "request failed")
+                tracing::info!(%request_id, source = "upstream", error = %e.report(), "request failed")
             }
             ErrorSource::Local => {
-                tracing::warn!(source = "local", error = %e.report(), "request failed")
+                tracing::warn!(%request_id, source = "local", error = %e.report(), "request failed")
             }
         }
         let mut r = error::response(&e, method == Method::HEAD);
