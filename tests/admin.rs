@@ -240,6 +240,50 @@ async fn human_logs_carry_request_ids() {
     assert!(line.contains("request_id=failing-1"), "{line}");
 }
 
+/// The request span, opened once a request waits, still frames what is
+/// logged while the request runs: a stale-serving warning names the
+/// request id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_request_warnings_carry_the_request_span() {
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[10]);
+    up.push_image("library/hello", "1", &img);
+    let dir = TempDir::new().unwrap();
+    let config = dir.path().join("stowage.toml");
+    std::fs::write(
+        &config,
+        config_toml(&dir.path().join("cache"), &up.url(), "tag_ttl = \"1s\""),
+    )
+    .unwrap();
+    let mut child = Process::with_config(&config, &[]);
+    let addr: String = child.wait_line(|l| {
+        l.contains("stowage listening").then(|| {
+            let at = l.find("addr=").unwrap() + 5;
+            l[at..].split_whitespace().next().unwrap().to_string()
+        })
+    });
+    let url = format!("http://{addr}/v2/hello/manifests/1");
+    let get = |id: &'static str| {
+        let url = url.clone();
+        async move {
+            let r = client()
+                .get(&url)
+                .header("x-request-id", id)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{id}");
+            r.bytes().await.unwrap();
+        }
+    };
+    get("fresh-1").await;
+    up.set_failure(Failure::Unavailable);
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    get("stale-1").await;
+    let line = child.wait_line(|l| l.contains("serving stale manifest").then(|| l.to_string()));
+    assert!(line.contains("request{request_id=stale-1}"), "{line}");
+}
+
 /// Request lines are written by stowage's own formatter, not through the
 /// subscriber: the filter must still be able to switch them off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

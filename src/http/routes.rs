@@ -1,6 +1,7 @@
 //! The registry API's routes: one function per route, and [`handle`], where
 //! every request enters.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -8,7 +9,6 @@ use std::time::Instant;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use tracing::Instrument;
 
 use super::AppState;
 use super::access_log::{LogLine, LoggedBody};
@@ -46,8 +46,8 @@ pub(crate) async fn handle(
     // Parsed once: the route decides the metrics label and the handler.
     let parsed = parse_route(&path);
     let route = route_kind(&parsed);
-    let span = tracing::info_span!("request", request_id = %request_id);
-    let (response, outcome) = match dispatch(&state, &req, parsed, peer).instrument(span).await {
+    let dispatched = in_span_once_waiting(dispatch(&state, &req, parsed, peer), &request_id);
+    let (response, outcome) = match dispatched.await {
         Ok(answer) => answer,
         Err(e) => (Err(e), None),
     };
@@ -119,6 +119,32 @@ pub(crate) async fn handle(
         },
     );
     Response::from_parts(parts, BodyExt::boxed(logged))
+}
+
+/// Runs `fut` in a `request` span (carrying the request id) that is opened
+/// only once `fut` has to wait. A request answered in one poll (a cached
+/// manifest, the head of a cached blob) logs nothing while it runs, and
+/// opening, entering, leaving and closing a span cost it about 2 of its 20
+/// CPU µs (wrk on a cached manifest, medians of 3 alternating rounds: 21.6
+/// µs with the span from the start, 19.2 without). What is logged before
+/// the first wait goes without the span; the request failures that
+/// [`handle`] logs carry the id as a field.
+async fn in_span_once_waiting<F: Future>(fut: F, request_id: &str) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    let mut span: Option<tracing::Span> = None;
+    std::future::poll_fn(|cx| {
+        // One call of `poll` (written twice, the handler's whole state
+        // machine was inlined twice: 0.6 MiB more code).
+        let polled = {
+            let _entered = span.as_ref().map(tracing::Span::enter);
+            fut.as_mut().poll(cx)
+        };
+        if polled.is_pending() && span.is_none() {
+            span = Some(tracing::info_span!("request", request_id = %request_id));
+        }
+        polled
+    })
+    .await
 }
 
 /// A response (or the error to answer with) and how the mirror answered it
