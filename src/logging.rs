@@ -220,20 +220,37 @@ thread_local! {
 
 impl Direct {
     fn write(&self, line: &RequestLine<'_>) {
+        // A body dropped while its thread exits (the thread-local gone) or
+        // a line written while another is being formatted on this thread
+        // gets buffers of its own: never a panic.
+        let done = SCRATCH
+            .try_with(|scratch| match scratch.try_borrow_mut() {
+                Ok(mut scratch) => {
+                    let (out, time) = &mut *scratch;
+                    self.format_and_write(line, out, time);
+                    true
+                }
+                Err(_) => false,
+            })
+            .unwrap_or(false);
+        if !done {
+            self.format_and_write(line, &mut Vec::new(), &mut String::new());
+        }
+    }
+
+    fn format_and_write(&self, line: &RequestLine<'_>, out: &mut Vec<u8>, time: &mut String) {
         use tracing_subscriber::fmt::format::Writer;
         use tracing_subscriber::fmt::time::FormatTime;
-        SCRATCH.with_borrow_mut(|(out, time)| {
-            out.clear();
-            time.clear();
-            // The formatter's own clock and format.
-            let _ = tracing_subscriber::fmt::time::SystemTime.format_time(&mut Writer::new(time));
-            format_request_line(self.format, time, line, out);
-            if self.sink.capacity > 0 {
-                self.sink.buffer(out);
-            } else {
-                self.sink.emit(out);
-            }
-        });
+        out.clear();
+        time.clear();
+        // The formatter's own clock and format.
+        let _ = tracing_subscriber::fmt::time::SystemTime.format_time(&mut Writer::new(time));
+        format_request_line(self.format, time, line, out);
+        if self.sink.capacity > 0 {
+            self.sink.buffer(out);
+        } else {
+            self.sink.emit(out);
+        }
     }
 }
 
@@ -548,6 +565,37 @@ mod tests {
                 format_request_line(format, &time, line, &mut got);
                 assert_eq!(String::from_utf8(got).unwrap(), want, "{format:?}");
             }
+        }
+    }
+
+    #[test]
+    fn a_line_written_while_the_scratch_buffer_is_taken_still_goes_out() {
+        let out = Writes::default();
+        let direct = Direct {
+            sink: Sink::with_output(0, Box::new(out.clone())),
+            format: LogFormat::Human,
+        };
+        let line = RequestLine {
+            request_id: "inner-1",
+            method: &http::Method::GET,
+            path: "/v2/",
+            status: 200,
+            bytes: 2,
+            ms: 0,
+            cache: "-",
+            peer: "127.0.0.1:1".parse().unwrap(),
+            complete: true,
+        };
+        SCRATCH.with_borrow_mut(|_| direct.write(&line));
+        direct.write(&line);
+        let writes = out.0.lock().unwrap().clone();
+        assert_eq!(writes.len(), 2);
+        for w in writes {
+            let w = String::from_utf8(w).unwrap();
+            assert!(
+                w.contains(" request request_id=inner-1 ") && w.ends_with('\n'),
+                "{w}"
+            );
         }
     }
 
