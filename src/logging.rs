@@ -568,6 +568,21 @@ mod tests {
         }
     }
 
+    /// A request line for `GET`/`HEAD /v2/`.
+    fn base_line<'a>(request_id: &'a str, method: &'a http::Method) -> RequestLine<'a> {
+        RequestLine {
+            request_id,
+            method,
+            path: "/v2/",
+            status: 200,
+            bytes: 2,
+            ms: 1,
+            cache: "-",
+            peer: "127.0.0.1:1".parse().unwrap(),
+            complete: true,
+        }
+    }
+
     #[test]
     fn a_line_written_while_the_scratch_buffer_is_taken_still_goes_out() {
         let out = Writes::default();
@@ -575,17 +590,7 @@ mod tests {
             sink: Sink::with_output(0, Box::new(out.clone())),
             format: LogFormat::Human,
         };
-        let line = RequestLine {
-            request_id: "inner-1",
-            method: &http::Method::GET,
-            path: "/v2/",
-            status: 200,
-            bytes: 2,
-            ms: 0,
-            cache: "-",
-            peer: "127.0.0.1:1".parse().unwrap(),
-            complete: true,
-        };
+        let line = base_line("inner-1", &http::Method::GET);
         SCRATCH.with_borrow_mut(|_| direct.write(&line));
         direct.write(&line);
         let writes = out.0.lock().unwrap().clone();
@@ -603,17 +608,7 @@ mod tests {
     fn request_lines_go_through_tracing_without_a_direct_sink() {
         // No `init` in unit tests: the line is an ordinary event.
         assert!(DIRECT.get().is_none());
-        let line = RequestLine {
-            request_id: "t-1",
-            method: &http::Method::HEAD,
-            path: "/v2/",
-            status: 200,
-            bytes: 0,
-            ms: 1,
-            cache: "-",
-            peer: "127.0.0.1:1".parse().unwrap(),
-            complete: true,
-        };
+        let line = base_line("t-1", &http::Method::HEAD);
         let out = Writes::default();
         let w = out.clone();
         let subscriber = tracing_subscriber::fmt()

@@ -196,6 +196,16 @@ async fn json_logs_carry_request_ids() {
     }
 }
 
+/// The address of the registry listener, from the human-format log line.
+fn listening_addr(child: &mut Process) -> String {
+    child.wait_line(|l| {
+        l.contains("stowage listening").then(|| {
+            let at = l.find("addr=").unwrap() + 5;
+            l[at..].split_whitespace().next().unwrap().to_string()
+        })
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn human_logs_carry_request_ids() {
     let up = FakeUpstream::start().await;
@@ -207,12 +217,7 @@ async fn human_logs_carry_request_ids() {
     )
     .unwrap();
     let mut child = Process::with_config(&config, &[]);
-    let addr: String = child.wait_line(|l| {
-        l.contains("stowage listening").then(|| {
-            let at = l.find("addr=").unwrap() + 5;
-            l[at..].split_whitespace().next().unwrap().to_string()
-        })
-    });
+    let addr: String = listening_addr(&mut child);
     let r = client()
         .get(format!("http://{addr}/v2/"))
         .send()
@@ -256,12 +261,7 @@ async fn in_request_warnings_carry_the_request_span() {
     )
     .unwrap();
     let mut child = Process::with_config(&config, &[]);
-    let addr: String = child.wait_line(|l| {
-        l.contains("stowage listening").then(|| {
-            let at = l.find("addr=").unwrap() + 5;
-            l[at..].split_whitespace().next().unwrap().to_string()
-        })
-    });
+    let addr: String = listening_addr(&mut child);
     let url = format!("http://{addr}/v2/hello/manifests/1");
     let get = |id: &'static str| {
         let url = url.clone();
@@ -295,12 +295,7 @@ async fn request_lines_obey_the_log_filter() {
         + "\n[log]\nlevel = \"info,stowage::http::access_log=off\"\n";
     std::fs::write(&config, &toml).unwrap();
     let mut child = Process::with_config(&config, &[]);
-    let addr: String = child.wait_line(|l| {
-        l.contains("stowage listening").then(|| {
-            let at = l.find("addr=").unwrap() + 5;
-            l[at..].split_whitespace().next().unwrap().to_string()
-        })
-    });
+    let addr: String = listening_addr(&mut child);
     let r = client()
         .get(format!("http://{addr}/v2/"))
         .header("x-request-id", "filtered-1")
