@@ -379,7 +379,8 @@ async fn inconsistent_peer_lists_cannot_make_a_loop() {
     // Node B advertises itself as localhost, node A knows it as 127.0.0.1:
     // each believes the other owns the key. One hop, then B serves.
     let up = FakeUpstream::start().await;
-    let (pa, pb) = (free_port(), free_port());
+    let ports = free_ports(2);
+    let (pa, pb) = (ports[0], ports[1]);
     let a = format!("http://127.0.0.1:{pa}");
     let b_as_a_sees = format!("http://127.0.0.1:{pb}");
     let b_itself = format!("http://localhost:{pb}");
@@ -459,9 +460,7 @@ async fn the_cluster_secret_guards_the_peer_path() {
     )
     .unwrap();
     let access = format!("[access]\nhtpasswd = {:?}\n", htpasswd.to_str().unwrap());
-    let urls: Vec<String> = (0..2)
-        .map(|_| format!("http://127.0.0.1:{}", free_port()))
-        .collect();
+    let urls = node_urls(2);
     let nodes =
         start_cluster_nodes(&urls, &urls, &up.url(), "", |_| format!("{good}\n{access}")).await;
     let blob = blob_owned_by(&urls, 1, 40_000);
@@ -547,9 +546,7 @@ async fn the_cluster_secret_guards_the_peer_path() {
 async fn a_peer_with_another_secret_is_skipped_and_the_client_served() {
     let up = FakeUpstream::start().await;
     let files = TempDir::new().unwrap();
-    let urls: Vec<String> = (0..2)
-        .map(|_| format!("http://127.0.0.1:{}", free_port()))
-        .collect();
+    let urls = node_urls(2);
     let nodes = start_cluster_nodes(&urls, &urls, &up.url(), "", |i| {
         secret_line(
             files.path(),
@@ -609,9 +606,7 @@ async fn a_manifest_from_a_lying_peer_is_refused_and_fetched_upstream() {
 async fn stale_tags_are_served_with_the_owner_and_upstream_down() {
     let up = FakeUpstream::start().await;
     let img = make_image(Format::Oci, &[100]);
-    let urls: Vec<String> = (0..2)
-        .map(|_| format!("http://127.0.0.1:{}", free_port()))
-        .collect();
+    let urls = node_urls(2);
     let tag = loop {
         let tag = format!("t{}", common::image::random_hex(4));
         if owner_of_tag(&urls, REPO, &tag) == 1 {
@@ -688,8 +683,9 @@ async fn peers_talk_over_mutual_tls() {
     std::fs::write(&client_cert, &client.cert_pem).unwrap();
     std::fs::write(&client_key, &client.key_pem).unwrap();
     // Every node requires client certificates; peers present theirs.
-    let urls: Vec<String> = (0..2)
-        .map(|_| format!("https://127.0.0.1:{}", free_port()))
+    let urls: Vec<String> = free_ports(2)
+        .into_iter()
+        .map(|p| format!("https://127.0.0.1:{p}"))
         .collect();
     let extra = format!(
         "ca_file = {:?}\nclient_cert = {:?}\nclient_key = {:?}\n{}",
@@ -802,9 +798,7 @@ async fn private_content_does_not_reach_another_node_through_a_mirror_mode_upstr
     private_up.push_image("acme/private", "v1", &img);
     let public_up = FakeUpstream::start().await;
     public_up.set_strict_repos(true);
-    let urls: Vec<String> = (0..2)
-        .map(|_| format!("http://127.0.0.1:{}", free_port()))
-        .collect();
+    let urls = node_urls(2);
     let extra = format!(
         "\n[[upstream]]\nhost = \"private.example\"\nurl = \"{}\"\nauth = \"passthrough\"\n",
         private_up.url()

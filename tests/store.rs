@@ -172,9 +172,7 @@ async fn a_cluster_on_one_bucket_uploads_once_from_the_owner() {
     let blob = Blob::random(1 << 20);
     up.add_blob(blob.data.clone());
     let bucket = TempDir::new().unwrap();
-    let urls: Vec<String> = (0..3)
-        .map(|_| format!("http://127.0.0.1:{}", free_port()))
-        .collect();
+    let urls = node_urls(3);
     let store = format!("[store]\nurl = \"file://{}\"\n", bucket.path().display());
     let nodes = start_cluster_nodes(&urls, &urls, &up.url(), "", |_| store.clone()).await;
     let c = client();

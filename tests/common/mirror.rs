@@ -143,6 +143,27 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `n` distinct free ports: all are held until all are picked, as the
+/// kernel may hand a port just released by `free_port` out again (two
+/// "nodes" on one port made a test looking for a tag owned by the second
+/// loop forever).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+/// `n` node URLs (`http://127.0.0.1:PORT`) on distinct free ports.
+pub fn node_urls(n: usize) -> Vec<String> {
+    free_ports(n)
+        .into_iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect()
+}
+
 /// Starts one stowage per URL in `urls` (`http://127.0.0.1:PORT`), each
 /// advertising its URL with all of `peers` as its peers, in front of
 /// `upstream_url` (docker.io, `library_prefix`), with `extra` TOML appended
@@ -178,9 +199,7 @@ pub async fn start_cluster_nodes(
 
 /// `n` nodes that all know each other.
 pub async fn start_cluster(n: usize, upstream_url: &str, upstream_extra: &str) -> Vec<Stowage> {
-    let urls: Vec<String> = (0..n)
-        .map(|_| format!("http://127.0.0.1:{}", free_port()))
-        .collect();
+    let urls = node_urls(n);
     start_cluster_nodes(&urls, &urls, upstream_url, upstream_extra, |_| {
         String::new()
     })
@@ -189,12 +208,23 @@ pub async fn start_cluster(n: usize, upstream_url: &str, upstream_extra: &str) -
 
 /// Index in `nodes` (URLs) of the owner of blob or manifest `digest`.
 pub fn owner_of_digest(nodes: &[String], digest: &str) -> usize {
+    assert_distinct(nodes);
     let owner = &stowage::test_hooks::rank_digest(nodes, digest)[0];
     nodes.iter().position(|n| n == owner).unwrap()
 }
 
+/// Two nodes on one URL would make every key "owned" by the first: a
+/// test searching for a key owned by the second would never end.
+fn assert_distinct(nodes: &[String]) {
+    let mut sorted = nodes.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), nodes.len(), "two nodes on one URL: {nodes:?}");
+}
+
 /// Index in `nodes` (URLs) of the owner of `repo:tag` on docker.io.
 pub fn owner_of_tag(nodes: &[String], repo: &str, tag: &str) -> usize {
+    assert_distinct(nodes);
     let owner = &stowage::test_hooks::rank_tag(nodes, "docker.io", repo, tag)[0];
     nodes.iter().position(|n| n == owner).unwrap()
 }

@@ -23,8 +23,8 @@ pub use image::{
     make_artifact, make_image, make_image_for, make_index, random_bytes, sha256_digest,
 };
 pub use mirror::{
-    Stowage, config_toml, free_port, owner_of_digest, owner_of_tag, start_cluster,
-    start_cluster_nodes, start_stowage, start_stowage_in, start_stowage_no_prefetch,
+    Stowage, config_toml, free_port, free_ports, node_urls, owner_of_digest, owner_of_tag,
+    start_cluster, start_cluster_nodes, start_stowage, start_stowage_in, start_stowage_no_prefetch,
     start_stowage_toml,
 };
 pub use process::{Process, run_stowage, wait_http_ok, write_config};
