@@ -603,6 +603,46 @@ async fn a_manifest_from_a_lying_peer_is_refused_and_fetched_upstream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_owner_stalling_mid_manifest_is_set_aside_and_upstream_asked() {
+    let up = FakeUpstream::start().await;
+    let peer = FakeUpstream::start().await;
+    let me = format!("http://127.0.0.1:{}", free_port());
+    let urls = vec![me.clone(), peer.url()];
+    // The peer client waits for a head up to the upstream timeout + 5 s; a
+    // body once the head is in, up to the upstream timeout.
+    let nodes = start_cluster_nodes(&[me], &urls, &up.url(), "timeout = \"2s\"", |_| {
+        String::new()
+    })
+    .await;
+    let n = &nodes[0];
+    // A tag the fake peer owns; it sends half the manifest, then nothing.
+    let (img, tag) = loop {
+        let img = make_image(Format::Oci, &[100]);
+        let tag = format!("t{}", common::image::random_hex(4));
+        if owner_of_tag(&urls, REPO, &tag) == 1 {
+            break (img, tag);
+        }
+    };
+    up.push_image(REPO, &tag, &img);
+    peer.push_image(REPO, &tag, &img);
+    peer.fault(&sha256_digest(&img.manifest), BodyFault::StallMidBody);
+    let c = client();
+    within(
+        15,
+        "a tag whose owner stalls mid-body",
+        check_manifest(&c, n, REPO, &tag, &img.manifest, img.media_type.as_str()),
+    )
+    .await;
+    assert_eq!(peer.manifest_gets(REPO, &tag), 1);
+    assert_eq!(up.manifest_gets(REPO, &tag), 1, "fetched upstream instead");
+    assert_eq!(
+        metric(n, "stowage_cluster_peers", &[("state", "down")]).await,
+        1.0,
+        "the stalling peer is set aside"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stale_tags_are_served_with_the_owner_and_upstream_down() {
     let up = FakeUpstream::start().await;
     let img = make_image(Format::Oci, &[100]);

@@ -137,11 +137,26 @@ async fn fetch(
         return Err(OwnerMiss::Next);
     }
     let headers = resp.headers().clone();
-    let body = match Limited::new(resp.into_body(), MAX_MANIFEST).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
+    // The peer client bounds the wait for the head only: a peer that stops
+    // after it would hold this request, and every request for the same key
+    // waiting on it, for good. The owner answers once it holds the whole
+    // manifest, so its body gets what upstream's gets.
+    let read = Limited::new(resp.into_body(), MAX_MANIFEST).collect();
+    let body = match tokio::time::timeout(upstream.timeout(), read).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) => {
             metrics.peer_request(kind, PeerResult::Broken);
             tracing::info!(manifest = %what, error = %e, "reading a manifest from a peer failed");
+            return Err(OwnerMiss::Next);
+        }
+        Err(_) => {
+            metrics.peer_request(kind, PeerResult::Broken);
+            let why = format!(
+                "sent no complete manifest body within {}",
+                humantime::format_duration(upstream.timeout())
+            );
+            tracing::info!(manifest = %what, "peer {why}; going on without it");
+            cluster.peer_failed(peer, &why);
             return Err(OwnerMiss::Next);
         }
     };
