@@ -684,3 +684,67 @@ async fn redirects_to_private_addresses_are_refused() {
         Err(e) => panic!("allowed private redirect refused: {e}"),
     }
 }
+
+/// The token realm a challenge names gets the mirror's credentials, so it
+/// is held to the same address rules as a redirect target: a loopback
+/// upstream's realm may be on loopback (by address or by name), not at
+/// 169.254.169.254 or 10.x.
+#[tokio::test]
+async fn token_realms_at_private_addresses_are_refused() {
+    let tokens = FakeUpstream::start().await;
+    tokens.respond_open("/token", 200, &[], r#"{"token":"t"}"#);
+    let realms = [
+        ("meta", "http://169.254.169.254/latest/token".to_string()),
+        ("lan", "http://10.255.255.1/token".to_string()),
+        ("local", format!("{}/token", tokens.url())),
+        (
+            "name",
+            format!("http://localhost:{}/token", tokens.addr().port()),
+        ),
+    ];
+    for (case, realm) in realms {
+        // One registry per realm: an upstream remembers its challenge.
+        let reg = FakeUpstream::start().await;
+        let challenge = format!("Bearer realm=\"{realm}\",service=\"reg\"");
+        reg.respond(
+            "/v2/a/b/manifests/v1",
+            401,
+            &[("www-authenticate", &challenge)],
+            "",
+        );
+        let mut cfg = config(reg.url());
+        cfg.timeout = Duration::from_secs(1);
+        cfg.username = Some("mirror".into());
+        cfg.password = Some("secret".into());
+        let up = Upstream::new(&cfg).unwrap();
+        let before = tokens.token_requests();
+        let started = Instant::now();
+        let sent = up
+            .send(Method::GET, "a/b", "manifests/v1", HeaderMap::new())
+            .await;
+        if case == "meta" || case == "lan" {
+            let message = sent.unwrap_err().to_string();
+            assert!(
+                message.contains("token realm refused")
+                    && message.contains("allow_private_redirects"),
+                "{case}: {message}"
+            );
+            assert!(
+                started.elapsed() < Duration::from_millis(500),
+                "{case}: tried to connect"
+            );
+        } else {
+            // Loopback, like the upstream: the token is fetched (and the
+            // registry, scripted to, still refuses).
+            assert_eq!(sent.unwrap().status(), 401, "{case}");
+            assert_eq!(tokens.token_requests(), before + 1, "{case}");
+        }
+    }
+    assert!(
+        tokens
+            .requests()
+            .iter()
+            .all(|r| r.header("authorization").is_some()),
+        "the realm got the credentials"
+    );
+}

@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
 
 use super::challenge::{self, Challenge};
-use super::client::{Upstream, UpstreamBody};
+use super::client::{Hop, Upstream, UpstreamBody};
 use super::config::UpstreamConfig;
 use super::error::UpstreamError;
 use crate::error::ConfigError;
@@ -419,6 +419,7 @@ impl Upstream {
                 &uri,
                 &headers,
                 self.credentials.basic.as_ref(),
+                Hop::Redirect,
             )
             .await
         {

@@ -37,7 +37,7 @@ use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Uri, header};
 use sha2::Digest as _;
 
 use super::auth::{Remembered, pull_scope};
-use super::client::{Upstream, UpstreamBody};
+use super::client::{Hop, Upstream, UpstreamBody};
 use super::config::AuthMode;
 use super::error::UpstreamError;
 
@@ -304,9 +304,16 @@ impl Upstream {
         let resp = match caller {
             Caller::Mirror => {
                 let uri = parse_uri(&url)?;
-                self.follow("other", &Method::GET, &uri, &HeaderMap::new(), None)
-                    .await?
-                    .0
+                self.follow(
+                    "other",
+                    &Method::GET,
+                    &uri,
+                    &HeaderMap::new(),
+                    None,
+                    Hop::First,
+                )
+                .await?
+                .0
             }
             Caller::Passthrough(c) => {
                 self.send_passthrough(c, "other", Method::GET, &url, None, HeaderMap::new())
@@ -342,7 +349,14 @@ impl Upstream {
         let uri = parse_uri(url)?;
         super::client::strip_headers(&mut headers);
         let (resp, from_registry) = self
-            .follow(kind, &method, &uri, &headers, credential.header.as_ref())
+            .follow(
+                kind,
+                &method,
+                &uri,
+                &headers,
+                credential.header.as_ref(),
+                Hop::First,
+            )
             .await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);

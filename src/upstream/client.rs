@@ -53,10 +53,10 @@ type HttpClient<R = GaiResolver> = Client<HttpsConnector<HttpConnector<R>>, Empt
 /// Which hop of a request an exchange is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Hop {
-    /// The request as sent to the registry (or to the token realm it named).
+    /// The request as sent to the registry.
     First,
-    /// A redirect target: connected to through the guarded resolver, its
-    /// query left out of logs.
+    /// A redirect target, or the token realm the registry named: connected
+    /// to through the guarded resolver, its query left out of logs.
     Redirect,
 }
 
@@ -410,7 +410,7 @@ impl Upstream {
 
         let sent = self.authenticate_up_front(&scope).await?;
         let (resp, from_registry) = self
-            .follow(kind, &method, &uri, &headers, sent.header())
+            .follow(kind, &method, &uri, &headers, sent.header(), Hop::First)
             .await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
@@ -425,7 +425,7 @@ impl Upstream {
         };
         drop(resp);
         let (resp, from_registry) = self
-            .follow(kind, &method, &uri, &headers, Some(&retry))
+            .follow(kind, &method, &uri, &headers, Some(&retry), Hop::First)
             .await?;
         if resp.status() == StatusCode::UNAUTHORIZED && !from_registry {
             return Err(redirect_target_401());

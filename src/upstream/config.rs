@@ -64,10 +64,11 @@ pub struct UpstreamConfig {
     #[serde(default = "default_passthrough_ttl", with = "humantime_serde")]
     pub passthrough_ttl: Duration,
 
-    /// Follow redirects to loopback, link-local and private addresses even
-    /// when the upstream itself is not at such an address (off: a registry
-    /// cannot send the mirror into its own network, at cloud metadata
-    /// endpoints for instance).
+    /// Follow redirects, and fetch tokens from realms, at loopback,
+    /// link-local and private addresses even when the upstream itself is
+    /// not at such an address (off: a registry cannot send the mirror, or
+    /// its credentials, into its own network, at cloud metadata endpoints
+    /// for instance).
     #[serde(default)]
     pub allow_private_redirects: bool,
 

@@ -11,6 +11,9 @@
 //!   client that redirect hops use ([`GuardedResolver`]), so the address
 //!   checked is the address connected to (no second lookup to rebind);
 //! * its 401 is not a registry challenge (see `Upstream::send`).
+//!
+//! The token realm a challenge names is held to the same address rules
+//! (it gets the mirror's credentials; see `auth.rs`).
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -274,10 +277,12 @@ fn check_hop(from: &Uri, to: &Uri) -> Result<(), UpstreamError> {
 
 impl Upstream {
     /// Sends a request and follows redirects (at most [`MAX_REDIRECTS`]).
-    /// `auth` goes to the first hop only. `kind` labels the metrics.
-    /// Returns the final response and whether it came from the first hop's
-    /// origin (the registry itself, or the token endpoint it named) rather
-    /// than a redirect target elsewhere.
+    /// `auth` goes to the first hop only, which is sent `via` the registry's
+    /// own client, or the guarded one (a token realm: a place the registry
+    /// named, held to the redirect targets' address rules). `kind` labels
+    /// the metrics. Returns the final response and whether it came from
+    /// the first hop's origin (the registry itself, or the token endpoint
+    /// it named) rather than a redirect target elsewhere.
     pub(super) async fn follow(
         &self,
         kind: &'static str,
@@ -285,15 +290,21 @@ impl Upstream {
         uri: &Uri,
         headers: &HeaderMap,
         auth: Option<&HeaderValue>,
+        via: Hop,
     ) -> Result<(Response<UpstreamBody>, bool), UpstreamError> {
         let first = uri.clone();
         let mut uri = uri.clone();
         for hop in 0..=MAX_REDIRECTS {
             let (auth, via) = if hop == 0 {
-                (auth, Hop::First)
+                (auth, via)
             } else {
                 (None, Hop::Redirect)
             };
+            // A name is checked by the guarded client's resolver; a literal
+            // address here.
+            if via == Hop::Redirect {
+                self.check_literal(&uri, hop == 0).await?;
+            }
             let resp = self
                 .exchange(kind, method, &uri, headers, auth, via)
                 .await?;
@@ -309,21 +320,27 @@ impl Upstream {
             })?;
             let next = resolve_location(&uri, location)?;
             check_hop(&uri, &next)?;
-            let literal = next
-                .host()
-                .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
-                .and_then(|h| h.parse::<IpAddr>().ok());
-            if let Some(ip) = literal {
-                self.redirects
-                    .check(ip)
-                    .await
-                    .map_err(|why| UpstreamError::Protocol(format!("redirect refused: {why}")))?;
-            }
             uri = next;
         }
         Err(UpstreamError::Protocol(format!(
             "more than {MAX_REDIRECTS} redirects"
         )))
+    }
+
+    /// Refuses `uri` when its host is a literal address the
+    /// [`RedirectPolicy`] does not allow.
+    async fn check_literal(&self, uri: &Uri, realm: bool) -> Result<(), UpstreamError> {
+        let literal = uri
+            .host()
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+            .and_then(|h| h.parse::<IpAddr>().ok());
+        let Some(ip) = literal else {
+            return Ok(());
+        };
+        self.redirects.check(ip).await.map_err(|why| {
+            let what = if realm { "token realm" } else { "redirect" };
+            UpstreamError::Protocol(format!("{what} refused: {why}"))
+        })
     }
 }
 
