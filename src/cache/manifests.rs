@@ -58,6 +58,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use moka::Expiry;
 
+use super::OriginKey;
 use super::layout::{self, Layout};
 use super::owner;
 use super::private::{Access, Private};
@@ -328,10 +329,15 @@ impl ManifestStore {
         if let Some(m) = self.by_digest.get(digest).await {
             return Ok((m, Outcome::Hit));
         }
-        let mut fetched = false;
-        let m = self
-            .by_digest
-            .try_get_with_by_ref(digest, async {
+        let me = OriginKey::new(upstream, repo, caller);
+        // Requests for the digest share one load, under the origin of the
+        // one that started it. Its failure is the answer for the others
+        // only where it applies to them (a 404 in another repository does
+        // not); otherwise they load again, under their own.
+        let mut retried = false;
+        loop {
+            let mut fetched = false;
+            let load = async {
                 if let Some(m) = self.read_disk(digest).await.map_err(local_error)? {
                     return Ok(Arc::new(m));
                 }
@@ -345,10 +351,24 @@ impl ManifestStore {
                         "cannot store manifest: serving it without caching");
                 }
                 Ok(Arc::new(m))
-            })
-            .await
-            .map_err(|e: Arc<Error>| (*e).clone())?;
-        Ok((m, if fetched { Outcome::Miss } else { Outcome::Hit }))
+            };
+            let loaded = self
+                .by_digest
+                .try_get_with_by_ref(digest, async {
+                    load.await.map_err(|error| (me.clone(), error))
+                })
+                .await;
+            match loaded {
+                Ok(m) => return Ok((m, if fetched { Outcome::Miss } else { Outcome::Hit })),
+                Err(failed) => {
+                    let (origin, e) = &*failed;
+                    if fetched || retried || origin.failure_is_also_for(e, &me) {
+                        return Err(e.clone());
+                    }
+                    retried = true;
+                }
+            }
+        }
     }
 
     /// The manifest by digest from its owner, else upstream.

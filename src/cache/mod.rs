@@ -18,3 +18,46 @@ pub(crate) mod pins;
 pub(crate) mod prefetch;
 pub(crate) mod private;
 pub(crate) mod referrers;
+
+use crate::error::{Error, ErrorSource};
+use crate::oci::RepoName;
+use crate::upstream::Upstream;
+use crate::upstream::caller::{Caller, CredentialId};
+
+/// Whom a fetch asks: an upstream host, a repository as upstream names it,
+/// and in passthrough the caller's credential (by fingerprint: a refusal of
+/// one credential is not another's). Requests for one digest share one
+/// fetch (a blob fill, a manifest load); its failure is the answer only for
+/// those it applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct OriginKey {
+    host: String,
+    repo: String,
+    credential: Option<CredentialId>,
+}
+
+impl OriginKey {
+    pub(crate) fn new(upstream: &Upstream, repo: &RepoName, caller: &Caller) -> OriginKey {
+        OriginKey {
+            host: upstream.host().to_string(),
+            repo: upstream.upstream_repo(repo.as_str()).into_owned(),
+            credential: caller.credential().map(|c| c.id()),
+        }
+    }
+
+    /// Whether `e`, a fetch under this origin failing, is also the answer
+    /// for a request under `me`: not when it is specific to this origin
+    /// (404, 401, 403: another repository or credential may well be
+    /// served), nor when another upstream said it.
+    pub(crate) fn failure_is_also_for(&self, e: &Error, me: &OriginKey) -> bool {
+        self == me
+            || !((e.esource() == ErrorSource::Upstream && self.host != me.host)
+                || e.is_origin_specific())
+    }
+}
+
+impl std::fmt::Display for OriginKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.host, self.repo)
+    }
+}

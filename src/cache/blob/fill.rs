@@ -75,12 +75,13 @@ use super::source::{Opened, Origin, Sources};
 use super::spill::{Spill, SpillReceiver};
 use super::store::BlobStore;
 use super::writer::{Landed, Writer};
+use crate::cache::OriginKey;
 use crate::cache::index::{BlobIndex, Reservation};
 use crate::error::{Error, ErrorKind, ErrorSource};
 use crate::metrics::{CacheKind, FillResult, Outcome};
 use crate::oci::{Digest, RepoName};
 use crate::upstream::Upstream;
-use crate::upstream::caller::{Credential, CredentialId};
+use crate::upstream::caller::Credential;
 
 /// Upstream body chunks queued between the network task and the disk writer.
 /// Bounds fill memory to this many frames (hyper's HTTP/1 client frames
@@ -90,22 +91,6 @@ const WRITE_QUEUE: usize = 8;
 /// Most fills one request waits on before giving up (each one after the
 /// first follows an origin-specific failure of the previous one).
 pub(super) const MAX_ROUNDS: usize = 8;
-
-/// Whom a fill asks: an upstream host, a repository as upstream names it,
-/// and in passthrough the caller's credential (by fingerprint: a refusal of
-/// one credential is not another's).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct OriginKey {
-    host: String,
-    repo: String,
-    credential: Option<CredentialId>,
-}
-
-impl std::fmt::Display for OriginKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.host, self.repo)
-    }
-}
 
 /// Where a fill is.
 #[derive(Debug, Clone)]
@@ -281,10 +266,7 @@ impl Fill {
         if let Some(refusal) = remembered {
             return Some(refusal);
         }
-        let theirs = self.origin != *me
-            && ((e.esource() == ErrorSource::Upstream && self.origin.host != me.host)
-                || e.is_origin_specific());
-        (!theirs).then(|| e.clone())
+        self.origin.failure_is_also_for(e, me).then(|| e.clone())
     }
 }
 
@@ -537,11 +519,7 @@ impl Drop for PreReserved {
 impl Origin {
     /// Whom this origin asks.
     pub(super) fn key(&self) -> OriginKey {
-        OriginKey {
-            host: self.upstream.host().to_string(),
-            repo: self.upstream.upstream_repo(self.repo.as_str()).into_owned(),
-            credential: self.caller.credential().map(|c| c.id()),
-        }
+        OriginKey::new(&self.upstream, &self.repo, &self.caller)
     }
 }
 

@@ -74,6 +74,7 @@ mod writer;
 pub(crate) use store::BlobStore;
 
 use crate::body::Body;
+use crate::cache::OriginKey;
 use crate::cache::private::Access;
 use crate::cluster::Hop;
 use crate::error::Error;
@@ -82,7 +83,7 @@ use crate::metrics::Outcome;
 use crate::oci::{Digest, RepoName};
 use crate::upstream::Upstream;
 use crate::upstream::caller::Caller;
-use fill::{Asker, Fill, FillReader, Lookup, MAX_ROUNDS, OriginKey, OwnFetch, Phase, PreReserved};
+use fill::{Asker, Fill, FillReader, Lookup, MAX_ROUNDS, OwnFetch, Phase, PreReserved};
 use reader::{Delivery, Feed};
 use response::{file_response, head_response, unsized_response};
 use source::{Origin, Sources};
