@@ -61,6 +61,34 @@ fn hv<'a>(h: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// An upstream that paginates (one referrer a page): the mirror's `Link`
+/// leads to the next page (asked upstream with `n` and `last`, not the
+/// cached first page again), and the pages together list every referrer
+/// once.
+#[tokio::test]
+async fn paginated_referrers_follow_the_link_page_by_page() {
+    let (up, img, sig, sbom) = signed().await;
+    up.set_referrers_page(1);
+    let st = start_stowage(&up.url(), "").await;
+    let mut path = format!("team/app/referrers/{}", img.digest);
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let (status, h, body) = get(&st, &path, false).await;
+        assert_eq!(status, 200, "{path}");
+        seen.extend(listed(&body));
+        let Some(link) = hv(&h, "link") else { break };
+        let target = link
+            .strip_prefix("</v2/")
+            .and_then(|l| l.split_once('>'))
+            .map(|(t, _)| t.to_string())
+            .unwrap_or_else(|| panic!("a Link this mirror can follow: {link}"));
+        path = target;
+    }
+    let mut want = vec![sig.digest.clone(), sbom.digest.clone()];
+    want.sort();
+    assert_eq!(seen, want, "each referrer once, over two pages");
+}
+
 #[tokio::test]
 async fn referrers_are_cached_with_the_tag_ttl() {
     let (up, img, sig, sbom) = signed().await;

@@ -89,15 +89,22 @@ pub(crate) fn new_cache() -> moka::future::Cache<String, RefEntry> {
 impl ManifestStore {
     /// The referrers of `subject` in `repo`, with `filter` as
     /// `artifactType` if given: fresh from the cache, else from upstream
-    /// (coalesced per key), else stale when upstream is out.
+    /// (coalesced per key), else stale when upstream is out. A paginated
+    /// answer is not kept, and a `page` past the first (`n`, `last`, as
+    /// upstream's `Link` named it) is asked upstream every time.
     pub(crate) async fn referrers(
         &self,
         upstream: &Upstream,
         repo: &RepoName,
         subject: &Digest,
         filter: Option<&str>,
+        page: &[(&str, &str)],
         caller: &Caller,
     ) -> Result<(Referrers, Outcome), Error> {
+        if !page.is_empty() {
+            let answer = fetch(upstream, caller, repo, subject, filter, page).await?;
+            return Ok((answer, Outcome::Upstream));
+        }
         let key = format!(
             "{}/{}@{subject}?{}",
             upstream.host(),
@@ -144,7 +151,7 @@ impl ManifestStore {
             subject,
             filter,
         );
-        let answer = match fetch(upstream, caller, repo, subject, filter).await {
+        let answer = match fetch(upstream, caller, repo, subject, filter, &[]).await {
             Ok(a) => a,
             Err(e) if e.is_upstream_outage() => {
                 let kept = match tokio::fs::read_to_string(&record).await {
@@ -208,22 +215,28 @@ impl ManifestStore {
     }
 }
 
-/// GETs the referrers of `subject` (with the filter, if any).
+/// GETs the referrers of `subject` (with the filter and the page, if
+/// any).
 async fn fetch(
     upstream: &Upstream,
     caller: &Caller,
     repo: &RepoName,
     subject: &Digest,
     filter: Option<&str>,
+    page: &[(&str, &str)],
 ) -> Result<Referrers, Error> {
     let mut tail = format!("referrers/{subject}");
-    if let Some(f) = filter {
+    let query = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(
+            filter
+                .map(|f| ("artifactType", f))
+                .into_iter()
+                .chain(page.iter().copied()),
+        )
+        .finish();
+    if !query.is_empty() {
         tail.push('?');
-        tail.push_str(
-            &form_urlencoded::Serializer::new(String::new())
-                .append_pair("artifactType", f)
-                .finish(),
-        );
+        tail.push_str(&query);
     }
     let mut headers = HeaderMap::new();
     headers.insert(header::ACCEPT, HeaderValue::from_static(OCI_INDEX));

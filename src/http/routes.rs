@@ -394,8 +394,9 @@ async fn tags_list(
     .await
 }
 
-/// `/v2/<name>/referrers/<digest>`: from the referrers cache (only
-/// `artifactType` is kept of the query), always as an OCI image index.
+/// `/v2/<name>/referrers/<digest>`: from the referrers cache (of the
+/// query, `artifactType` is kept; `n` and `last`, a page past the first,
+/// are asked upstream uncached), always as an OCI image index.
 async fn referrers(
     state: &AppState,
     req: &Request<Incoming>,
@@ -404,16 +405,27 @@ async fn referrers(
     digest: &Digest,
 ) -> Result<Answer, Error> {
     let (upstream, repo) = state.router.route(name, ns)?;
-    let filter = req
+    let query: Vec<(String, String)> = req
         .uri()
         .query()
-        .and_then(|q| form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "artifactType"))
-        .map(|(_, v)| v.into_owned());
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    let param = |key: &str| {
+        query
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    };
+    let filter = param("artifactType");
+    let page: Vec<(&str, &str)> = ["n", "last"]
+        .into_iter()
+        .filter_map(|k| param(k).map(|v| (k, v)))
+        .collect();
     let caller = Caller::of(&upstream, req.headers());
     passthrough::authorize(state, &upstream, &repo, &caller, Asking::Referrers(digest)).await?;
     let (answer, outcome) = state
         .manifests
-        .referrers(&upstream, &repo, digest, filter.as_deref(), &caller)
+        .referrers(&upstream, &repo, digest, filter, &page, &caller)
         .await?;
     passthrough::served_referrers(state, &upstream, &repo, &caller, &answer.body);
     let head = req.method() == Method::HEAD;
@@ -432,8 +444,8 @@ async fn referrers(
             HeaderValue::from_static("artifactType"),
         );
     }
-    // A paginated answer (passed on uncached): its next page stays on
-    // this upstream, through this mirror.
+    // A paginated answer: its next page stays on this upstream, through
+    // this mirror.
     let next = NextPage {
         path: format!("/v2/{name}/referrers/{digest}"),
         keep: &["artifactType", "n", "last"],

@@ -210,6 +210,8 @@ struct Inner {
     failure: Mutex<Failure>,
     down: AtomicBool,
     chunked: AtomicBool,
+    /// Referrers per page when the client gives no `n` (0: all).
+    referrers_page: std::sync::atomic::AtomicUsize,
     corrupt: Mutex<HashSet<String>>,
     truncate: Mutex<HashSet<String>>,
     holds: Mutex<HashMap<String, Arc<HoldState>>>,
@@ -308,6 +310,7 @@ impl FakeUpstream {
             failure: Mutex::new(Failure::None),
             down: AtomicBool::new(false),
             chunked: AtomicBool::new(false),
+            referrers_page: std::sync::atomic::AtomicUsize::new(0),
             corrupt: Mutex::default(),
             truncate: Mutex::default(),
             holds: Mutex::default(),
@@ -527,6 +530,12 @@ impl FakeUpstream {
     /// included).
     pub fn set_delay(&self, d: Duration) {
         *self.inner.delay.lock().unwrap() = d;
+    }
+
+    /// Paginate referrers answers by `n` when the client gives no `n` (as
+    /// a registry with a default page size does).
+    pub fn set_referrers_page(&self, n: usize) {
+        self.inner.referrers_page.store(n, Ordering::SeqCst);
     }
 
     /// Serve blob bodies as a stream without Content-Length (chunked).
@@ -1136,7 +1145,7 @@ impl Inner {
             }
             "manifests" => Ok(self.manifest(name, reference, head, req.headers())),
             "blobs" => Ok(self.blob(name, reference, head, req.headers())),
-            "referrers" => Ok(self.referrers(reference, query.as_deref(), head)),
+            "referrers" => Ok(self.referrers(name, reference, query.as_deref(), head)),
             _ => Ok(oci_error(StatusCode::NOT_FOUND, "NOT_FOUND", "not found")),
         }
     }
@@ -1428,12 +1437,29 @@ impl Inner {
 
     /// OCI 1.1 referrers: an image index of every stored manifest whose
     /// `subject` is `digest`, filtered by `artifactType` when asked (and
-    /// then saying so in `OCI-Filters-Applied`).
-    fn referrers(&self, digest: &str, query: Option<&str>, head: bool) -> Response<Body> {
-        let filter = query_params(query)
-            .into_iter()
-            .find(|(k, _)| k == "artifactType")
-            .map(|(_, v)| v);
+    /// then saying so in `OCI-Filters-Applied`); paginated like the tags
+    /// list when `n` is given or a default page size is set (by digest,
+    /// after `last`, with a `Link` to the next page).
+    fn referrers(
+        &self,
+        name: &str,
+        digest: &str,
+        query: Option<&str>,
+        head: bool,
+    ) -> Response<Body> {
+        let params = query_params(query);
+        let param = |key: &str| {
+            params
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+        };
+        let filter = param("artifactType");
+        let default_page = self.referrers_page.load(Ordering::SeqCst);
+        let n: Option<usize> = param("n")
+            .and_then(|v| v.parse().ok())
+            .or((default_page > 0).then_some(default_page));
+        let last = param("last");
         let store = self.store.lock().unwrap();
         let mut found: Vec<(String, serde_json::Value)> = Vec::new();
         for (d, m) in &store.manifests {
@@ -1463,6 +1489,14 @@ impl Inner {
             found.push((d.clone(), desc));
         }
         found.sort_by(|a, b| a.0.cmp(&b.0));
+        found.retain(|(d, _)| last.as_ref().is_none_or(|l| d > l));
+        let mut next = None;
+        if let Some(n) = n
+            && found.len() > n
+        {
+            found.truncate(n);
+            next = found.last().map(|(d, _)| d.clone());
+        }
         let body = serde_json::to_vec(&serde_json::json!({
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.index.v1+json",
@@ -1474,6 +1508,12 @@ impl Inner {
             .header("content-length", body.len().to_string());
         if filter.is_some() {
             b = b.header("oci-filters-applied", "artifactType");
+        }
+        if let (Some(n), Some(last)) = (n, next) {
+            b = b.header(
+                "link",
+                format!("</v2/{name}/referrers/{digest}?n={n}&last={last}>; rel=\"next\""),
+            );
         }
         b.body(if head { empty() } else { full(body) }).unwrap()
     }
