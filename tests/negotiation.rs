@@ -306,3 +306,33 @@ async fn each_class_is_served_stale_its_own_digest() {
     let a = ask(&st.url(), path, Client::Oci, "GET").await;
     assert_eq!(a.status, 503, "{a:?}");
 }
+
+/// An upstream that labels manifests `application/json` (a generic type):
+/// the body's `mediaType` decides, so a Docker-only client is served a
+/// Docker manifest, and an OCI-only client is refused it, as the labelled
+/// type would be.
+#[tokio::test]
+async fn a_generic_content_type_is_decided_by_the_body() {
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Docker, &[10]);
+    up.push_image("library/app", "v1", &img);
+    up.add_manifest(
+        "library/app",
+        Some("json"),
+        "application/json",
+        img.manifest.clone(),
+    );
+    let st = start_stowage(&up.url(), "").await;
+    let a = ask(&st.url(), "/v2/app/manifests/json", Client::Schema2, "GET").await;
+    assert_eq!(
+        (a.status, a.content_type.as_deref(), a.digest.as_deref()),
+        (200, Some(DOCKER_MANIFEST), Some(img.digest.as_str())),
+        "{a:?}"
+    );
+    let a = ask(&st.url(), "/v2/app/manifests/json", Client::Oci, "GET").await;
+    assert_eq!(
+        (a.status, a.code.as_deref()),
+        (404, Some("MANIFEST_UNKNOWN")),
+        "{a:?}"
+    );
+}

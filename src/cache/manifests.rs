@@ -1024,10 +1024,10 @@ async fn fetch(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    if content_type
-        .as_deref()
-        .is_some_and(|t| !class.serves(&manifest::media_type(Some(t), b""), true))
-    {
+    // Refused before the body is read when the header names the type; a
+    // generic one (`application/json`) leaves it to the body's `mediaType`
+    // (checked by the caller, `served`).
+    if manifest::specific_type(content_type.as_deref()).is_some_and(|t| !class.serves(&t, true)) {
         return Err(Error::new(
             ErrorKind::ManifestUnknown,
             ErrorSource::Client,

@@ -173,11 +173,17 @@ impl AcceptClass {
 /// `text/plain`), else the body's `mediaType` field, else an OCI image
 /// manifest.
 pub(crate) fn media_type(content_type: Option<&str>, body: &[u8]) -> String {
+    specific_type(content_type)
+        .or_else(|| media_type_in(body))
+        .unwrap_or_else(|| OCI_MANIFEST.to_string())
+}
+
+/// Upstream's `Content-Type` (parameters dropped) when it names a type:
+/// `None` when it is missing or generic (then only the body can tell).
+pub(crate) fn specific_type(content_type: Option<&str>) -> Option<String> {
     content_type
         .map(|v| v.split(';').next().unwrap_or(v).trim().to_string())
         .filter(|v| !v.is_empty() && v != "application/json" && v != "text/plain")
-        .or_else(|| media_type_in(body))
-        .unwrap_or_else(|| OCI_MANIFEST.to_string())
 }
 
 /// The `mediaType` field of a manifest body, if it has one.
