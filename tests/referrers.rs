@@ -126,6 +126,25 @@ async fn referrers_are_cached_with_the_tag_ttl() {
     assert_eq!(referrer_gets(&up, &img.digest), 2);
 }
 
+/// `artifactType=` (empty) filters nothing: it is the unfiltered answer,
+/// asked upstream without a filter (an upstream filtering literally would
+/// list nothing), and shares its cache entry.
+#[tokio::test]
+async fn an_empty_artifact_type_is_no_filter() {
+    let (up, img, sig, sbom) = signed().await;
+    let st = start_stowage(&up.url(), "").await;
+    let mut want = vec![sig.digest.clone(), sbom.digest.clone()];
+    want.sort();
+    for query in ["?artifactType=", ""] {
+        let path = format!("team/app/referrers/{}{query}", img.digest);
+        let (status, h, body) = get(&st, &path, false).await;
+        assert_eq!(status, 200, "{query}");
+        assert_eq!(listed(&body), want, "{query}");
+        assert_eq!(hv(&h, "oci-filters-applied"), None, "{query}");
+    }
+    assert_eq!(referrer_gets(&up, &img.digest), 1);
+}
+
 #[tokio::test]
 async fn each_artifact_type_filter_is_cached_apart() {
     let (up, img, sig, _) = signed().await;

@@ -416,7 +416,8 @@ async fn referrers(
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.as_str())
     };
-    let filter = param("artifactType");
+    // An empty filter filters nothing.
+    let filter = param("artifactType").filter(|f| !f.is_empty());
     let page: Vec<(&str, &str)> = ["n", "last"]
         .into_iter()
         .filter_map(|k| param(k).map(|v| (k, v)))
