@@ -553,17 +553,22 @@ impl BlobIndex {
             return false;
         }
         let size = meta.len();
+        // A file served before the scan reached it was indexed then
+        // (`touch`): dropped, it is forgotten too.
+        let reject = |why: &str| {
+            drop_file(&path, why);
+            self.forget(&digest);
+            false
+        };
         match records.get(&digest) {
             Some(&recorded) if recorded == size => {}
             Some(&recorded) => {
                 tracing::warn!(%digest, size, recorded, "blob size does not match its record");
-                drop_file(&path, "size does not match its record");
-                return false;
+                return reject("size does not match its record");
             }
             None => {
                 if !verify_file(&path, &digest) {
-                    drop_file(&path, "unrecorded and does not hash to its name");
-                    return false;
+                    return reject("unrecorded and does not hash to its name");
                 }
             }
         }
@@ -733,5 +738,26 @@ mod tests {
         // The journal was compacted to exactly the kept entries.
         let journal = std::fs::read_to_string(Layout::new(dir.path()).journal()).unwrap();
         assert_eq!(journal.lines().count(), 2);
+    }
+
+    /// A file served before the start-up scan reached it is indexed then;
+    /// when the scan drops it, the index forgets it (else it would count
+    /// in the budget, be journaled, and look stored with no file).
+    #[test]
+    fn a_file_dropped_by_the_scan_is_forgotten_even_if_served_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let bad = Digest::of(Algorithm::Sha256, b"other");
+        let path = layout.blob(&bad);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, b"not other").unwrap();
+        let index = BlobIndex::new(&layout, Budget::new(1 << 20, 0.9, 0.8));
+        index.touch(&bad, 9);
+        assert_eq!(index.load().unwrap(), 0);
+        assert!(!path.exists());
+        assert!(!index.contains(&bad));
+        assert_eq!(index.used(), 0);
+        let journal = std::fs::read_to_string(layout.journal()).unwrap_or_default();
+        assert_eq!(journal.lines().count(), 0, "{journal}");
     }
 }
