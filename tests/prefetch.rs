@@ -219,6 +219,49 @@ async fn prefetch_never_makes_room_by_evicting() {
     assert_eq!(get_blob(&st, "library/app", &img.layers[2]).await, "miss");
 }
 
+/// A manifest that under-states its layers' sizes (1 byte each for 400 kB)
+/// cannot make a prefetch evict: what upstream announces past the
+/// manifest's size needs room under the watermark too, else the prefetch
+/// gives up before streaming. A client asking for such a layer gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_manifest_under_stating_sizes_cannot_make_a_prefetch_evict() {
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[400_000, 400_000, 400_000]);
+    up.push_image("library/app", "honest", &img);
+    let mut m: serde_json::Value = serde_json::from_slice(&img.manifest).unwrap();
+    for l in m["layers"].as_array_mut().unwrap() {
+        l["size"] = 1.into();
+    }
+    up.add_manifest(
+        "library/app",
+        Some("1"),
+        img.media_type.as_str(),
+        serde_json::to_vec(&m).unwrap(),
+    );
+    let st = start(&up, "[cache]\nmax_size = \"1MiB\"").await;
+
+    get_manifest(&st, "library/app", "1").await;
+    until("the layers asked upstream", || {
+        img.layers.iter().all(|l| up.blob_gets(&l.digest) == 1) && st.hooks.fills_in_flight() == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        st.hooks.evicted_blobs(),
+        0,
+        "nothing evicted for a prefetch"
+    );
+    assert!(st.hooks.used() <= 1 << 20, "used {}", st.hooks.used());
+    // Two layers fit; the one that did not is fetched for a client.
+    let missing: Vec<_> = img
+        .layers
+        .iter()
+        .filter(|l| !stowage::test_hooks::blob_path(st.dir.path(), &l.digest).exists())
+        .collect();
+    assert_eq!(missing.len(), 1);
+    assert_eq!(get_blob(&st, "library/app", missing[0]).await, "miss");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn index_prefetches_configured_platforms_and_the_platform_manifest_its_own() {
     let up = FakeUpstream::start().await;

@@ -140,6 +140,10 @@ pub(super) struct Fill {
     pub(super) prefetched: bool,
     /// A client has asked for the blob (led or joined the fill).
     pub(super) asked: AtomicBool,
+    /// A prefetch that gave up before it streamed (upstream's size is more
+    /// than the manifest said, and there is no room for the rest): not a
+    /// failure of the blob, so whoever joined looks up again.
+    dropped: AtomicBool,
     /// Led by a passthrough caller: its content is private
     /// (`cache/private.rs`) until a mirror-mode upstream confirms it.
     pub(super) private: bool,
@@ -207,6 +211,7 @@ impl Fill {
             spill: Arc::default(),
             prefetched: asker == Asker::Prefetch,
             asked: AtomicBool::new(asker == Asker::Client),
+            dropped: AtomicBool::new(false),
             private: own.is_some(),
             own,
         })
@@ -258,6 +263,9 @@ impl Fill {
     /// before it streamed: the error to answer with, or `None` to look up
     /// again (the failure was specific to the fill's origin).
     pub(super) fn failure_for(&self, e: &Error, me: &OriginKey) -> Option<Error> {
+        if self.dropped.load(Ordering::Relaxed) {
+            return None;
+        }
         let remembered = self
             .refused
             .lock()
@@ -504,6 +512,16 @@ impl PreReserved {
         PreReserved { index, bytes }
     }
 
+    /// Reserves `more` bytes as well, if there is room for them under the
+    /// high watermark.
+    fn grow(&mut self, more: u64) -> bool {
+        let room = self.index.reserve_free_room(more);
+        if room {
+            self.bytes += more;
+        }
+        room
+    }
+
     /// The reserved bytes, handed over to whoever releases them now.
     fn hand_over(mut self) -> u64 {
         std::mem::take(&mut self.bytes)
@@ -581,10 +599,25 @@ impl BlobStore {
         fill: &Fill,
         sources: &Sources,
         digest: &Digest,
-        pre: Option<PreReserved>,
+        mut pre: Option<PreReserved>,
     ) -> Result<Filled, Error> {
         let opened = sources.open(digest, 0, 0).await?;
         let total = opened.total;
+        if let (Some(pre), Some(t)) = (&mut pre, total)
+            && t > pre.bytes
+            && !pre.grow(t - pre.bytes)
+            && fill.unread()
+        {
+            // The manifest gave less than upstream sends, and the rest has
+            // no room: a prefetch never makes room by evicting. Joiners, if
+            // any came meanwhile, look up again (`failure_for`).
+            fill.dropped.store(true, Ordering::Relaxed);
+            return Err(Error::unavailable(format!(
+                "upstream sends {t} bytes for {digest}, more than the manifest's {} and than \
+                 there is room for under the high watermark: not prefetched",
+                pre.bytes
+            )));
+        }
         let tmp = self.fill_file(digest, total).await?;
         // Counted against the budget as the bytes land (by the writer); a
         // prefetch's room, reserved up front, is handed over as the floor
