@@ -116,6 +116,42 @@ async fn warm_then_inspect_and_purge_the_cache() {
     assert!(text(&o).contains("blobs:           0"), "{}", text(&o));
 }
 
+/// `purge repo@digest` removes that manifest and its blobs, not the
+/// repository's tags (another tag, and its image, stay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_by_repository_and_digest_keeps_the_tags() {
+    let up = FakeUpstream::start().await;
+    let one = make_image(Format::Oci, &[10_000]);
+    let two = make_image(Format::Oci, &[20_000]);
+    up.push_image("library/app", "one", &one);
+    up.push_image("library/app", "two", &two);
+    let st = start_stowage_no_prefetch(&up.url(), "").await;
+    let c = client();
+    for (tag, img) in [("one", &one), ("two", &two)] {
+        check_manifest(&c, &st, "app", tag, &img.manifest, OCI_MANIFEST).await;
+        for b in img.blobs() {
+            let (_, body) = get_ok(&c, &st.blob_url("library/app", &b.digest)).await;
+            assert_eq!(body, b.data);
+        }
+    }
+    let dir = st.dir.path();
+    let target = format!("docker.io/library/app@{}", one.digest);
+    let o = run_stowage(cache_args(dir, &["purge", &target])).await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("removed 2 blobs") && text(&o).contains("1 manifests, 0 tags"),
+        "{}",
+        text(&o)
+    );
+    for b in two.blobs() {
+        assert!(
+            stowage::test_hooks::blob_path(dir, &b.digest).exists(),
+            "the other image's blob {} stays",
+            b.digest
+        );
+    }
+}
+
 /// `stowage warm` in front of a passthrough upstream: with the registry's
 /// credentials it answers the relayed challenge at the registry's token
 /// service and warms a private image (each blob fetched once); without

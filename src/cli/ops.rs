@@ -195,26 +195,29 @@ pub(crate) fn purge(config: &Config, target: &str) -> io::Result<Purged> {
     }
     .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no upstream for that host"))?;
     let tags_dir = layout.tag_dir(&upstream.host, image.repo.as_str(), upstream.library_prefix);
-    // A bare repository purges all its tags; `repo:tag` only that tag.
-    let explicit_tag = target
-        .rsplit_once(':')
-        .is_some_and(|(_, t)| !t.contains('/'));
-    let tag_files: Vec<PathBuf> = match (&image.reference, explicit_tag) {
-        (Reference::Tag(t), true) => layout.tag_files(
+    // A bare repository purges all its tags; `repo:tag` only that tag;
+    // `repo@digest` that manifest, no tag.
+    let whole_repo = match &image.reference {
+        Reference::Digest(_) => false,
+        Reference::Tag(_) => target.rsplit_once(':').is_none_or(|(_, t)| t.contains('/')),
+    };
+    let tag_files: Vec<PathBuf> = match &image.reference {
+        _ if whole_repo => std::fs::read_dir(&tags_dir)
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default(),
+        Reference::Tag(t) => layout.tag_files(
             &upstream.host,
             image.repo.as_str(),
             upstream.library_prefix,
             t,
         ),
-        _ => std::fs::read_dir(&tags_dir)
-            .map(|rd| rd.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default(),
+        Reference::Digest(_) => Vec::new(),
     };
     let mut roots: Vec<Digest> = Vec::new();
     if let Reference::Digest(d) = &image.reference {
         roots.push(d.clone());
     }
-    if !explicit_tag {
+    if whole_repo {
         // A whole repository: its referrers answers too (the indexes kept
         // for them list the repository's signatures and SBOMs).
         let mut dir = tags_dir.clone();
