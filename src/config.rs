@@ -22,6 +22,7 @@ pub use crate::cluster::config::ClusterConfig;
 pub use crate::error::ConfigError;
 pub use crate::front::config::{AccessConfig, LimitsConfig, TlsConfig};
 pub use crate::logging::{LogConfig, LogFormat};
+use crate::upstream::config::same_host;
 pub use crate::upstream::config::{AuthMode, UpstreamConfig, docker_hub};
 
 /// Everything stowage needs to run.
@@ -249,18 +250,20 @@ impl Config {
         for flag in flags {
             match flag.split_once('=') {
                 Some((host, url)) => {
-                    let mut up = self
-                        .upstreams
-                        .iter()
-                        .find(|u| u.host == host)
+                    // The entry for this registry, under whichever of its
+                    // names (and as an earlier flag left it).
+                    let earlier = named.iter().chain(&self.upstreams);
+                    let mut up = earlier
+                        .into_iter()
+                        .find(|u| same_host(&u.host, host))
                         .cloned()
                         .unwrap_or_else(|| UpstreamConfig {
                             host: host.to_string(),
-                            library_prefix: host == "docker.io",
+                            library_prefix: same_host(host, "docker.io"),
                             ..docker_hub()
                         });
                     up.url = url.to_string();
-                    named.retain(|u| u.host != host);
+                    named.retain(|u| !same_host(&u.host, host));
                     named.push(up);
                 }
                 None => {
@@ -268,6 +271,11 @@ impl Config {
                         ConfigError::invalid("upstream", "no upstream to apply --upstream to")
                     })?;
                     default.url = flag.clone();
+                    // A HOST=URL flag before it for the same registry: the
+                    // later flag wins there too.
+                    if let Some(n) = named.iter_mut().find(|n| same_host(&n.host, &default.host)) {
+                        n.url = flag.clone();
+                    }
                 }
             }
         }
@@ -275,7 +283,7 @@ impl Config {
             let rest: Vec<UpstreamConfig> = self
                 .upstreams
                 .drain(..)
-                .filter(|u| !named.iter().any(|n| n.host == u.host))
+                .filter(|u| !named.iter().any(|n| same_host(&n.host, &u.host)))
                 .collect();
             named.extend(rest);
             self.upstreams = named;
@@ -325,7 +333,7 @@ impl Config {
             let pin = crate::cache::config::parse_pin(i, image)?;
             // A pin naming a registry host needs an upstream for it.
             if let Some(h) = &pin.host
-                && !self.upstreams.iter().any(|u| &u.host == h)
+                && !self.upstreams.iter().any(|u| same_host(&u.host, h))
             {
                 return Err(ConfigError::invalid(
                     format!("cache.pin[{i}]"),
@@ -596,6 +604,38 @@ mod tests {
         assert_eq!(c.upstreams[1].url, "http://x");
         assert!(c.upstreams[1].library_prefix);
         assert_eq!(c.upstreams.len(), 2);
+
+        // Docker Hub under another of its names is the same entry.
+        let mut c = Config::default();
+        c.apply_upstream_flags(&["index.docker.io=http://y".into()])
+            .unwrap();
+        assert_eq!(c.upstreams.len(), 1);
+        assert_eq!(c.upstreams[0].host, "docker.io");
+        assert_eq!(c.upstreams[0].url, "http://y");
+        assert!(c.upstreams[0].library_prefix);
+
+        // The last flag for a registry wins, bare or named.
+        let mut c = Config::default();
+        c.apply_upstream_flags(&["docker.io=http://a".into(), "http://b".into()])
+            .unwrap();
+        assert_eq!(c.upstreams.len(), 1);
+        assert_eq!(c.upstreams[0].url, "http://b");
+    }
+
+    /// Two tables for one registry under two of its names: the router would
+    /// only ever use the first.
+    #[test]
+    fn docker_hub_aliases_are_one_upstream() {
+        let e = Config::from_toml_str(
+            "[[upstream]]\nhost = \"docker.io\"\nurl = \"https://registry-1.docker.io\"\n\
+             [[upstream]]\nhost = \"index.docker.io\"\nurl = \"https://registry-1.docker.io\"\n\
+             auth = \"passthrough\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("configured twice"), "{e}");
+        assert!(e.to_string().contains("upstream[1].host"), "{e}");
+        // A pin may name Docker Hub by any of its names.
+        Config::from_toml_str("[cache]\npin = [\"index.docker.io/library/alpine:3\"]\n").unwrap();
     }
 
     #[test]

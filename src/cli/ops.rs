@@ -190,7 +190,10 @@ pub(crate) fn purge(config: &Config, target: &str) -> io::Result<Purged> {
     let image = ImageRef::parse(target)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.message))?;
     let upstream = match &image.host {
-        Some(h) => config.upstreams.iter().find(|u| &u.host == h),
+        Some(h) => config
+            .upstreams
+            .iter()
+            .find(|u| crate::upstream::config::same_host(&u.host, h)),
         None => config.upstreams.first(),
     }
     .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no upstream for that host"))?;

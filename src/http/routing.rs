@@ -17,6 +17,7 @@ use crate::error::Error;
 use crate::metrics::RouteKind;
 use crate::oci::{ImageRef, ParseError, RepoName, Route};
 use crate::upstream::Upstream;
+use crate::upstream::config::canonical_host;
 
 /// The configured upstreams, the first being the default.
 #[derive(Clone)]
@@ -84,14 +85,6 @@ impl Router {
             .first()
             .ok_or_else(|| Error::internal("no upstream configured"))?;
         Ok((default.clone(), RepoName::parse(name)?))
-    }
-}
-
-/// Docker Hub goes by several names.
-fn canonical_host(host: &str) -> &str {
-    match host {
-        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => "docker.io",
-        h => h,
     }
 }
 

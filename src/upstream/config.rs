@@ -130,6 +130,19 @@ pub fn docker_hub() -> UpstreamConfig {
 }
 
 /// Checks the list of upstreams: at least one, hosts unique, each valid.
+/// Docker Hub goes by several names: one registry, one upstream.
+pub(crate) fn canonical_host(host: &str) -> &str {
+    match host {
+        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => "docker.io",
+        h => h,
+    }
+}
+
+/// Whether `a` and `b` name the same registry.
+pub(crate) fn same_host(a: &str, b: &str) -> bool {
+    canonical_host(a) == canonical_host(b)
+}
+
 pub fn validate_all(upstreams: &[UpstreamConfig]) -> Result<(), ConfigError> {
     if upstreams.is_empty() {
         return Err(ConfigError::invalid(
@@ -160,10 +173,15 @@ impl UpstreamConfig {
                 format!("{:?} is not a registry host name", self.host),
             ));
         }
-        if earlier.iter().any(|u| u.host == self.host) {
+        if let Some(u) = earlier.iter().find(|u| same_host(&u.host, &self.host)) {
+            let also = if u.host == self.host {
+                String::new()
+            } else {
+                format!(" (as {:?}: Docker Hub goes by several names)", u.host)
+            };
             return Err(invalid(
                 "host",
-                format!("{:?} is configured twice", self.host),
+                format!("{:?} is configured twice{also}", self.host),
             ));
         }
         self.validate_url(&key("url"))?;
