@@ -332,12 +332,31 @@ impl Config {
         for (i, image) in self.cache.pin.iter().enumerate() {
             let pin = crate::cache::config::parse_pin(i, image)?;
             // A pin naming a registry host needs an upstream for it.
-            if let Some(h) = &pin.host
-                && !self.upstreams.iter().any(|u| same_host(&u.host, h))
-            {
+            let upstream = match &pin.host {
+                Some(h) => self.upstreams.iter().find(|u| same_host(&u.host, h)),
+                None => self.upstreams.first(),
+            };
+            let Some(upstream) = upstream else {
                 return Err(ConfigError::invalid(
                     format!("cache.pin[{i}]"),
-                    format!("no upstream is configured for registry host {h:?}"),
+                    format!(
+                        "no upstream is configured for registry host {:?}",
+                        pin.host.as_deref().unwrap_or_default()
+                    ),
+                ));
+            };
+            // Pins are resolved with the mirror's own access, which a
+            // passthrough upstream does not have (each caller brings its
+            // own): a private image could never be pinned, a public one
+            // would be marked public without a mirror-mode upstream's word.
+            if upstream.auth == AuthMode::Passthrough {
+                return Err(ConfigError::invalid(
+                    format!("cache.pin[{i}]"),
+                    format!(
+                        "{image:?} is on {:?}, a passthrough upstream: pins are fetched with \
+                         the mirror's own access, which it does not have",
+                        upstream.host
+                    ),
                 ));
             }
         }
@@ -636,6 +655,16 @@ mod tests {
         assert!(e.to_string().contains("upstream[1].host"), "{e}");
         // A pin may name Docker Hub by any of its names.
         Config::from_toml_str("[cache]\npin = [\"index.docker.io/library/alpine:3\"]\n").unwrap();
+        // Not one on a passthrough upstream (fetched with the mirror's own
+        // access, which it has not).
+        let e = Config::from_toml_str(
+            "[cache]\npin = [\"alpine:3\"]\n\
+             [[upstream]]\nhost = \"docker.io\"\nurl = \"https://registry-1.docker.io\"\n\
+             auth = \"passthrough\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("cache.pin[0]"), "{e}");
+        assert!(e.to_string().contains("passthrough"), "{e}");
     }
 
     #[test]
