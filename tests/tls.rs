@@ -395,6 +395,76 @@ async fn mtls_requires_a_client_certificate_from_the_ca() {
     assert_eq!(up.blob_gets(&blob.digest), 1);
 }
 
+/// A client CA replaced on disk: a client of the old CA cannot come back by
+/// resuming a session it got before (resumption skips the certificate
+/// check, so the sessions of the old trust are dropped with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replaced_client_ca_is_not_bypassed_by_resuming_a_session() {
+    let up = FakeUpstream::start().await;
+    seeded(&up);
+    let ca = Ca::new("stowage server CA");
+    let old = Ca::new("old client CA");
+    let new = Ca::new("new client CA");
+    let certs = TempDir::new().unwrap();
+    let ca_file = certs.path().join("clients.pem");
+    std::fs::write(&ca_file, &old.cert_pem).unwrap();
+    let st = start_tls(
+        &up,
+        certs.path(),
+        &ca.server("stowage-1", 1),
+        &format!(
+            "client_ca = {:?}\nreload_interval = \"100ms\"",
+            ca_file.to_str().unwrap()
+        ),
+        "",
+    )
+    .await;
+    async fn attempt(
+        addr: std::net::SocketAddr,
+        cfg: Arc<rustls::ClientConfig>,
+    ) -> Result<u16, String> {
+        let s = connect(addr, cfg)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let mut conn = Conn::start(s, false)
+            .await
+            .map_err(|e| format!("http: {e}"))?;
+        let r = within(10, "mTLS request", conn.get("/v2/", None)).await;
+        r.map(|r| r.0).map_err(|e| format!("request: {e}"))
+    }
+    let me = old.client("builder-01");
+    // One config throughout: it keeps the sessions the server gives it.
+    let resuming = client_config(&ca.cert_pem, &[], Some(&me), BOTH);
+    assert_eq!(attempt(st.addr, resuming.clone()).await, Ok(200));
+    assert_eq!(attempt(st.addr, resuming.clone()).await, Ok(200));
+
+    std::fs::write(&ca_file, &new.cert_pem).unwrap();
+    // Reloaded once a fresh handshake with the old CA's certificate fails.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while attempt(st.addr, client_config(&ca.cert_pem, &[], Some(&me), BOTH))
+        .await
+        .is_ok()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the new client CA was never loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = attempt(st.addr, resuming).await;
+    assert!(r.is_err(), "resumed a session of the old client CA: {r:?}");
+    // The new CA's clients get in.
+    let newcomer = new.client("builder-02");
+    assert_eq!(
+        attempt(
+            st.addr,
+            client_config(&ca.cert_pem, &[], Some(&newcomer), BOTH)
+        )
+        .await,
+        Ok(200)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stalled_tls_handshake_is_dropped() {
     let up = FakeUpstream::start().await;

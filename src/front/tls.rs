@@ -21,7 +21,7 @@ use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert, StoresServerSessions, WebPkiClientVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use sha2::{Digest as _, Sha256};
 
@@ -114,7 +114,6 @@ pub(crate) struct Tls {
     files: TlsConfig,
     provider: Arc<CryptoProvider>,
     resolver: Arc<ReloadableCert>,
-    sessions: Arc<dyn StoresServerSessions>,
     config: ArcSwap<rustls::ServerConfig>,
     /// Digest of the files last tried (loaded or rejected) and of the CA
     /// bundle in use.
@@ -133,15 +132,12 @@ impl Tls {
         let provider = provider();
         let m = read_material(files, &provider)?;
         let resolver = Arc::new(ReloadableCert::new(m.key.clone()));
-        let sessions: Arc<dyn StoresServerSessions> =
-            rustls::server::ServerSessionMemoryCache::new(1024);
-        let config = build_config(&provider, &resolver, &sessions, m.client_roots.clone())?;
+        let config = build_config(&provider, &resolver, m.client_roots.clone())?;
         log_loaded(files, &m, "TLS certificate loaded");
         Ok(Tls {
             files: files.clone(),
             provider,
             resolver,
-            sessions,
             config: ArcSwap::new(Arc::new(config)),
             seen: Mutex::new(Seen {
                 files: m.files_digest,
@@ -189,12 +185,7 @@ impl Tls {
             return Ok(Reloaded::Unchanged);
         }
         if m.ca_digest != seen.ca {
-            let config = build_config(
-                &self.provider,
-                &self.resolver,
-                &self.sessions,
-                m.client_roots.clone(),
-            )?;
+            let config = build_config(&self.provider, &self.resolver, m.client_roots.clone())?;
             self.config.store(Arc::new(config));
         }
         self.resolver.set(m.key.clone());
@@ -237,10 +228,14 @@ fn log_loaded(files: &TlsConfig, m: &Material, what: &str) {
     );
 }
 
+/// A `ServerConfig` trusting `client_roots` for client certificates (none:
+/// no client authentication), with a session store of its own: a resumed
+/// session skips the client certificate check, so sessions must not
+/// outlive the trust they were made under (a certificate-only reload keeps
+/// the config, and so its sessions).
 fn build_config(
     provider: &Arc<CryptoProvider>,
     resolver: &Arc<ReloadableCert>,
-    sessions: &Arc<dyn StoresServerSessions>,
     client_roots: Option<Arc<RootCertStore>>,
 ) -> Result<rustls::ServerConfig, TlsError> {
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -256,7 +251,7 @@ fn build_config(
     };
     let mut config = builder.with_cert_resolver(resolver.clone());
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    config.session_storage = sessions.clone();
+    config.session_storage = rustls::server::ServerSessionMemoryCache::new(1024);
     Ok(config)
 }
 
