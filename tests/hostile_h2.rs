@@ -211,3 +211,54 @@ async fn pings_do_not_keep_a_stalled_h2_connection_open() {
         );
     }
 }
+
+/// A request trickled in a byte at a time is not progress: a client that
+/// sends the preface, then a HEADERS frame's payload one byte every half
+/// second (well inside the idle timeout each time) is closed after the idle
+/// timeout, not kept for as long as it trickles. So is one that trickles
+/// the preface itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_h2_request_does_not_keep_the_connection_open() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = write_config(dir.path(), &up.url(), "[limits]\nidle_timeout = \"2s\"\n");
+    let mut st = Process::with_config(&config, &[]);
+    let addr = st.listening_addr();
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    // SETTINGS (empty), then the header of a HEADERS frame on stream 1
+    // promising 40 bytes (20 s of trickling).
+    let settings = [0u8, 0, 0, 0x4, 0, 0, 0, 0, 0];
+    let headers = [0u8, 0, 40, 0x1, 0x4, 0, 0, 0, 1];
+    for whole_preface in [true, false] {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut rd, mut wr) = tcp.into_split();
+        let opened = Instant::now();
+        let closed = tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            while matches!(rd.read(&mut buf).await, Ok(n) if n > 0) {}
+            opened.elapsed()
+        });
+        let trickle: Vec<u8> = if whole_preface {
+            wr.write_all(preface).await.unwrap();
+            wr.write_all(&settings).await.unwrap();
+            wr.write_all(&headers).await.unwrap();
+            vec![0x82; 40]
+        } else {
+            preface.to_vec()
+        };
+        for b in trickle {
+            if closed.is_finished() || wr.write_all(&[b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let took = within(40, "the server to close the trickling connection", closed)
+            .await
+            .unwrap();
+        assert!(
+            took < Duration::from_secs(5),
+            "closed after {took:?} (idle timeout 2 s), whole preface {whole_preface}"
+        );
+    }
+}

@@ -5,7 +5,9 @@
 //! SETTINGS, WINDOW_UPDATEs of a stream that still cannot move, streams
 //! with a zero window. So on a connection that starts with the HTTP/2
 //! preface, only frames that carry requests or responses count: HEADERS,
-//! CONTINUATION and DATA, read or written. The scanner reads only the
+//! CONTINUATION and DATA, read or written, each once it is complete (a
+//! frame trickled in a byte at a time is not progress; nor is the preface
+//! until it is all there). The scanner reads only the
 //! 9-byte frame headers and skips payloads by length (it never looks at
 //! payload bytes, so mapped file regions are never touched); it keeps no
 //! buffer beyond one header.
@@ -59,7 +61,7 @@ impl Activity {
             }
             if seen + n < PREFACE.len() {
                 *self = Activity::Detecting(seen + n);
-                return true;
+                return false;
             }
             let mut frames = Frames::default();
             frames.scan(&data[n..]);
@@ -99,15 +101,15 @@ pub(crate) struct Frames {
 }
 
 impl Frames {
-    /// Feeds the next bytes of this direction; true when any of them
-    /// belongs to a counting frame.
+    /// Feeds the next bytes of this direction; true when they complete a
+    /// counting frame.
     fn scan(&mut self, mut data: &[u8]) -> bool {
         let mut active = false;
         while !data.is_empty() {
             if self.payload_left > 0 {
                 let n = self.payload_left.min(data.len());
-                active |= self.current_counts;
                 self.payload_left -= n;
+                active |= self.current_counts && self.payload_left == 0;
                 data = &data[n..];
                 continue;
             }
@@ -122,7 +124,7 @@ impl Frames {
             let len = u32::from_be_bytes([0, self.header[0], self.header[1], self.header[2]]);
             self.current_counts = counts(self.header[3]);
             self.payload_left = len as usize;
-            active |= self.current_counts;
+            active |= self.current_counts && len == 0;
         }
         active
     }
@@ -147,9 +149,10 @@ mod tests {
         assert!(matches!(a, Activity::Http1));
         assert!(a.read(b"x"));
         assert!(a.written(b"HTTP/1.1 200 OK\r\n"));
-        // A prefix of the preface that turns out to be something else.
+        // A prefix of the preface (not activity yet) that turns out to be
+        // something else.
         let mut a = Activity::default();
-        assert!(a.read(b"PRI"));
+        assert!(!a.read(b"PRI"));
         assert!(a.read(b" nope"));
         assert!(matches!(a, Activity::Http1));
     }
@@ -167,7 +170,8 @@ mod tests {
         // cut the bytes.
         for cut in 1..stream.len() {
             let mut a = Activity::default();
-            assert!(a.read(&stream[..cut]));
+            // The preface counts once it is all there.
+            assert_eq!(a.read(&stream[..cut]), cut >= PREFACE.len());
             a.read(&stream[cut..]);
             assert!(matches!(a, Activity::Http2 { .. }), "cut {cut}");
             assert!(!a.read(&ping), "PING is not activity");
@@ -177,18 +181,25 @@ mod tests {
             assert!(a.read(&headers), "a request is activity");
             assert!(a.written(&data), "response data is activity");
         }
-        // A DATA frame's payload arriving byte by byte keeps counting; the
-        // PING after it does not.
+        // A frame arriving byte by byte counts once, with its last byte (a
+        // trickle is not progress); the PING after it never does. Nor do
+        // the preface's bytes before the last.
         let mut a = Activity::default();
-        a.read(PREFACE);
-        let mut both = data.clone();
-        both.extend(&ping);
-        let active: Vec<bool> = both
+        let preface: Vec<bool> = PREFACE
             .iter()
             .map(|b| a.read(std::slice::from_ref(b)))
             .collect();
-        // (The first 8 header bytes alone say nothing yet.)
-        assert!(active[8..data.len()].iter().all(|&x| x));
-        assert!(active[data.len()..].iter().all(|&x| !x));
+        assert_eq!(preface.iter().filter(|&&x| x).count(), 1);
+        assert!(preface[PREFACE.len() - 1]);
+        let mut all = data.clone();
+        all.extend(&ping);
+        all.extend(frame(0x1, &[]));
+        let active: Vec<usize> = all
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| a.read(std::slice::from_ref(*b)))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(active, vec![data.len() - 1, all.len() - 1]);
     }
 }
