@@ -299,18 +299,77 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         self.inner.is_write_vectored()
     }
 
+    // A flush or a shutdown that cannot move is idle too: over TLS the last
+    // records of a response (and close_notify) may wait in rustls once
+    // hyper has stopped reading and writing (`Connection: close`), for as
+    // long as the client does not read.
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_flush(cx) {
+            Poll::Pending => this.poll_expired(cx).map(Err),
+            done => done,
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_shutdown(cx) {
+            Poll::Pending => this.poll_expired(cx).map(Err),
+            done => done,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream on which nothing ever moves.
+    struct Stuck;
+
+    impl AsyncRead for Stuck {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Stuck {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Pending
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test]
+    async fn a_flush_or_shutdown_that_never_moves_times_out() {
+        use tokio::io::AsyncWriteExt as _;
+        let idle = Duration::from_millis(100);
+        let mut io = IdleIo::new(Stuck, idle, idle);
+        let e = tokio::time::timeout(Duration::from_secs(5), io.flush())
+            .await
+            .expect("the flush waited past the idle timeout")
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        let mut io = IdleIo::new(Stuck, idle, idle);
+        let e = tokio::time::timeout(Duration::from_secs(5), io.shutdown())
+            .await
+            .expect("the shutdown waited past the idle timeout")
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+    }
 
     #[tokio::test]
     async fn read_budget_shrinks_reads_then_waits_for_the_minimum() {
