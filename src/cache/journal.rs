@@ -68,16 +68,27 @@ impl LineLog {
         Ok(())
     }
 
-    /// Hands every line to `each`, in order, up to the first that cannot
-    /// be read. No file is no lines.
+    /// Hands every complete line to `each`, in order, up to the first that
+    /// cannot be read. A last line without its newline is torn (a crash
+    /// mid-append) and left out: a prefix of a record can parse as another
+    /// record (`+<digest> 12` of `+<digest> 1234`). No file is no lines.
     pub(crate) fn read(&self, mut each: impl FnMut(&str)) -> io::Result<()> {
         let file = match File::open(&self.path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e),
         };
-        for line in io::BufReader::new(file).lines() {
-            let Ok(line) = line else { break };
+        // Whether the file ends mid-line: then its last line is torn.
+        let len = file.metadata()?.len();
+        let mut last = [0u8; 1];
+        let torn = len > 0
+            && std::os::unix::fs::FileExt::read_exact_at(&file, &mut last, len - 1).is_ok()
+            && last[0] != b'\n';
+        let mut lines = io::BufReader::new(file).lines().peekable();
+        while let Some(Ok(line)) = lines.next() {
+            if torn && lines.peek().is_none() {
+                break;
+            }
             each(&line);
         }
         Ok(())
@@ -99,7 +110,8 @@ impl LineLog {
         tmp.as_file().sync_all()?;
         tmp.persist(&self.path).map_err(|e| e.error)?;
         *guard = None;
-        Ok(())
+        // The rename is durable once the directory is.
+        File::open(dir)?.sync_all()
     }
 }
 
@@ -273,6 +285,21 @@ mod tests {
 
     fn digest(i: u64) -> Digest {
         Digest::of(Algorithm::Sha256, &i.to_le_bytes())
+    }
+
+    /// A record torn by a crash mid-append (no newline) is not read as a
+    /// record: its size would be a prefix of the real one.
+    #[test]
+    fn a_torn_last_line_is_not_a_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.log");
+        let journal = Journal::new(path.clone());
+        let d = digest(1);
+        journal.append(&Record::Stored(d.clone(), 1234)).unwrap();
+        let torn = Record::Stored(d.clone(), 5678).line();
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&torn.as_bytes()[..torn.len() - 3]).unwrap();
+        assert_eq!(journal.read().unwrap().get(&d), Some(&1234));
     }
 
     /// Compactions racing appends from several threads lose nothing: the
