@@ -5,9 +5,11 @@
 //! SETTINGS, WINDOW_UPDATEs of a stream that still cannot move, streams
 //! with a zero window. So on a connection that starts with the HTTP/2
 //! preface, only frames that carry requests or responses count: HEADERS,
-//! CONTINUATION and DATA, read or written, each once it is complete (a
-//! frame trickled in a byte at a time is not progress; nor is the preface
-//! until it is all there). The scanner reads only the
+//! CONTINUATION and DATA, read or written. A frame read counts once it is
+//! complete (a request trickled in a byte at a time is no progress; nor is
+//! the preface until it is all there); a frame written counts as its bytes
+//! go (a response frame can be as large as a body chunk, and a slow client
+//! reading it is making progress). The scanner reads only the
 //! 9-byte frame headers and skips payloads by length (it never looks at
 //! payload bytes, so mapped file regions are never touched); it keeps no
 //! buffer beyond one header.
@@ -63,7 +65,7 @@ impl Activity {
                 *self = Activity::Detecting(seen + n);
                 return false;
             }
-            let mut frames = Frames::default();
+            let mut frames = Frames::whole();
             frames.scan(&data[n..]);
             *self = Activity::Http2 {
                 read: frames,
@@ -98,18 +100,29 @@ pub(crate) struct Frames {
     payload_left: usize,
     /// Whether the current frame counts.
     current_counts: bool,
+    /// Whether a counting frame counts only once complete (else with each
+    /// of its bytes).
+    whole: bool,
 }
 
 impl Frames {
-    /// Feeds the next bytes of this direction; true when they complete a
-    /// counting frame.
+    /// A scanner on which a counting frame counts once complete.
+    fn whole() -> Frames {
+        Frames {
+            whole: true,
+            ..Frames::default()
+        }
+    }
+
+    /// Feeds the next bytes of this direction; true when they are (or, for
+    /// a scanner of whole frames, complete) a counting frame.
     fn scan(&mut self, mut data: &[u8]) -> bool {
         let mut active = false;
         while !data.is_empty() {
             if self.payload_left > 0 {
                 let n = self.payload_left.min(data.len());
                 self.payload_left -= n;
-                active |= self.current_counts && self.payload_left == 0;
+                active |= self.current_counts && (!self.whole || self.payload_left == 0);
                 data = &data[n..];
                 continue;
             }
@@ -124,7 +137,7 @@ impl Frames {
             let len = u32::from_be_bytes([0, self.header[0], self.header[1], self.header[2]]);
             self.current_counts = counts(self.header[3]);
             self.payload_left = len as usize;
-            active |= self.current_counts && len == 0;
+            active |= self.current_counts && (!self.whole || len == 0);
         }
         active
     }
@@ -201,5 +214,14 @@ mod tests {
             .map(|(i, _)| i)
             .collect();
         assert_eq!(active, vec![data.len() - 1, all.len() - 1]);
+        // Written, a response frame counts as its bytes go (a slow reader
+        // of a large frame is making progress); the PING after it does not.
+        let written: Vec<bool> = all[..data.len() + ping.len()]
+            .iter()
+            .map(|b| a.written(std::slice::from_ref(b)))
+            .collect();
+        // (The first 8 header bytes alone say nothing yet.)
+        assert!(written[8..data.len()].iter().all(|&x| x));
+        assert!(written[data.len()..].iter().all(|&x| !x));
     }
 }
