@@ -48,8 +48,15 @@ impl Liveness {
     }
 
     /// One more failure at `now`: down for the next backoff. Returns the
-    /// backoff.
+    /// backoff. Failures while the peer is down and not yet due for a probe
+    /// are the same outage (requests that were in flight when it went
+    /// down): they leave the backoff as it is.
     pub(crate) fn failed(&mut self, now: Instant) -> Duration {
+        if let Some(until) = self.down_until
+            && now < until
+        {
+            return until - now;
+        }
         self.failures = self.failures.saturating_add(1);
         let backoff = BACKOFF_BASE
             .saturating_mul(1u32 << (self.failures - 1).min(16))
@@ -229,18 +236,40 @@ mod tests {
         let t0 = Instant::now();
         let mut l = Liveness::default();
         assert!(l.is_up() && !l.probe_due(t0));
+        // Each failed probe (once the backoff has passed) doubles it.
         let mut seen = Vec::new();
+        let mut t = t0;
         for _ in 0..8 {
-            seen.push(l.failed(t0).as_secs());
+            let backoff = l.failed(t);
+            seen.push(backoff.as_secs());
+            t += backoff;
         }
         assert_eq!(seen, vec![1, 2, 4, 8, 16, 30, 30, 30]);
         assert!(!l.is_up());
-        assert!(!l.probe_due(t0 + Duration::from_secs(29)));
-        assert!(l.probe_due(t0 + Duration::from_secs(30)));
+        assert!(!l.probe_due(t - Duration::from_secs(1)));
+        assert!(l.probe_due(t));
         l.succeeded();
         assert!(l.is_up());
         assert_eq!(l.failed(t0), Duration::from_secs(1), "reset after success");
         assert!(l.probe_due(t0 + Duration::from_secs(1)));
+    }
+
+    /// Requests in flight when a peer goes down all fail at about the same
+    /// time: one outage, one backoff (ten of them made it 30 s).
+    #[test]
+    fn failures_at_once_do_not_stack_the_backoff() {
+        let t0 = Instant::now();
+        let mut l = Liveness::default();
+        for i in 0..10 {
+            l.failed(t0 + Duration::from_millis(i * 10));
+        }
+        assert!(!l.probe_due(t0 + Duration::from_millis(900)));
+        assert!(l.probe_due(t0 + Duration::from_secs(1)));
+        // The probe fails: the next backoff doubles.
+        assert_eq!(
+            l.failed(t0 + Duration::from_secs(1)),
+            Duration::from_secs(2)
+        );
     }
 
     #[test]
