@@ -263,40 +263,47 @@ async fn concurrent_revalidations_make_one_upstream_request() {
 }
 
 /// Requests for one digest coalesce, but a failure is only the answer for
-/// requests that asked the same: a digest that another repository does not
-/// have (a slow 404 there) is still fetched for the one that has it.
+/// requests that asked the same: a digest that two other repositories do
+/// not have (slow 404s there) is still fetched for the one that has it,
+/// whichever of the others' loads it waited on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_fetch_by_digest_fails_only_requests_for_its_repository() {
     let up = FakeUpstream::start().await;
     let img = make_image(Format::Oci, &[10]);
     up.push_image("library/nginx", "1", &img);
-    let elsewhere = format!("/v2/library/other/manifests/{}", img.digest);
-    up.respond(
-        &elsewhere,
-        404,
-        &[("content-type", "application/json")],
-        r#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}"#,
-    );
-    up.delay(&elsewhere, Duration::from_millis(600));
+    let mut elsewhere = Vec::new();
+    for (repo, delay) in [("other", 600), ("third", 400)] {
+        let path = format!("/v2/library/{repo}/manifests/{}", img.digest);
+        up.respond(
+            &path,
+            404,
+            &[("content-type", "application/json")],
+            r#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}"#,
+        );
+        up.delay(&path, Duration::from_millis(delay));
+        elsewhere.push((repo, path));
+    }
     let st = start_stowage(&up.url(), "").await;
     let c = client();
-    let other = {
-        let (c, url) = (c.clone(), st.manifest_url("other", &img.digest));
-        tokio::spawn(async move { c.get(&url).send().await.unwrap().status().as_u16() })
-    };
-    // The first request is waiting for its 404 when the second comes.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut refused = Vec::new();
+    for (repo, _) in &elsewhere {
+        let (c, url) = (c.clone(), st.manifest_url(repo, &img.digest));
+        refused.push(tokio::spawn(async move {
+            c.get(&url).send().await.unwrap().status().as_u16()
+        }));
+        // Each request is waiting for its 404 when the next comes.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
     within(
         10,
         "the digest in the repository that has it",
         check_manifest(&c, &st, "nginx", &img.digest, &img.manifest, OCI_MANIFEST),
     )
     .await;
-    assert_eq!(
-        within(10, "the other repository", other).await.unwrap(),
-        404
-    );
-    assert_eq!(up.count("GET", &elsewhere), 1);
+    for (r, (repo, path)) in refused.into_iter().zip(&elsewhere) {
+        assert_eq!(within(10, repo, r).await.unwrap(), 404, "{repo}");
+        assert_eq!(up.count("GET", path), 1, "{repo}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -75,6 +75,9 @@ use crate::upstream::{Upstream, UpstreamBody, is_idle_timeout};
 /// Largest manifest accepted from upstream (distribution's own limit).
 pub(super) const MAX_MANIFEST: usize = 4 * 1024 * 1024;
 
+/// Most shared loads of one digest a request waits on (see `load_digest`).
+const MAX_LOAD_ROUNDS: usize = 8;
+
 /// In-memory budget for manifest bodies.
 const MEMORY_BUDGET: u64 = 64 * 1024 * 1024;
 
@@ -333,9 +336,12 @@ impl ManifestStore {
         // Requests for the digest share one load, under the origin of the
         // one that started it. Its failure is the answer for the others
         // only where it applies to them (a 404 in another repository does
-        // not); otherwise they load again, under their own.
-        let mut retried = false;
+        // not); otherwise they load again, under their own or joining
+        // another's, for at most MAX_LOAD_ROUNDS loads (each one after the
+        // first follows an origin-specific failure of another origin).
+        let mut rounds = 0;
         loop {
+            rounds += 1;
             let mut fetched = false;
             let load = async {
                 if let Some(m) = self.read_disk(digest).await.map_err(local_error)? {
@@ -362,10 +368,9 @@ impl ManifestStore {
                 Ok(m) => return Ok((m, if fetched { Outcome::Miss } else { Outcome::Hit })),
                 Err(failed) => {
                     let (origin, e) = &*failed;
-                    if fetched || retried || origin.failure_is_also_for(e, &me) {
+                    if rounds >= MAX_LOAD_ROUNDS || origin.failure_is_also_for(e, &me) {
                         return Err(e.clone());
                     }
-                    retried = true;
                 }
             }
         }
