@@ -152,27 +152,29 @@ impl RedirectPolicy {
         }
     }
 
-    /// The kinds of address the upstream itself is at (none if its name
-    /// does not resolve: then only public targets are allowed).
-    async fn own_kinds(&self) -> &HashSet<AddrKind> {
-        self.own_kinds
-            .get_or_init(|| async {
+    /// Whether the upstream itself is at an address of `kind` (learnt once;
+    /// while its name does not resolve, it is at none, and the lookup is
+    /// tried again next time: a passing DNS failure must not refuse its
+    /// redirects and token realms for good).
+    async fn is_own_kind(&self, kind: AddrKind) -> bool {
+        let own = self
+            .own_kinds
+            .get_or_try_init(|| async {
                 if let Ok(ip) = self.host.parse::<IpAddr>() {
-                    return [addr_kind(ip)].into();
+                    return Ok([addr_kind(ip)].into());
                 }
-                match tokio::net::lookup_host((self.host.as_str(), self.port)).await {
-                    Ok(addrs) => addrs.map(|a| addr_kind(a.ip())).collect(),
-                    Err(_) => HashSet::new(),
-                }
+                tokio::net::lookup_host((self.host.as_str(), self.port))
+                    .await
+                    .map(|addrs| addrs.map(|a| addr_kind(a.ip())).collect::<HashSet<_>>())
             })
-            .await
+            .await;
+        own.is_ok_and(|kinds| kinds.contains(&kind))
     }
 
     /// Whether a redirect may lead to `ip`; the reason if not.
     pub(super) async fn check(&self, ip: IpAddr) -> Result<(), String> {
         let kind = addr_kind(ip);
-        if kind == AddrKind::Public || self.allow_private || self.own_kinds().await.contains(&kind)
-        {
+        if kind == AddrKind::Public || self.allow_private || self.is_own_kind(kind).await {
             return Ok(());
         }
         Err(format!(
@@ -432,6 +434,19 @@ mod tests {
                 .await
                 .is_ok()
         );
+    }
+
+    /// The upstream's own address kinds are learnt once, but a name that
+    /// does not resolve (a passing DNS failure) is not remembered as "at
+    /// no address": the next check looks it up again.
+    #[tokio::test]
+    async fn a_failed_lookup_of_the_upstream_is_not_remembered() {
+        let p = RedirectPolicy::new(&"http://no-such-host.invalid:5000/".parse().unwrap(), false);
+        assert!(p.check("10.0.0.1".parse().unwrap()).await.is_err());
+        assert!(p.own_kinds.get().is_none(), "a failed lookup was kept");
+        let p = RedirectPolicy::new(&"http://localhost:5000/".parse().unwrap(), false);
+        assert!(p.check("127.0.0.1".parse().unwrap()).await.is_ok());
+        assert!(p.own_kinds.get().is_some());
     }
 
     #[test]
