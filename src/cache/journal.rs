@@ -110,8 +110,13 @@ impl LineLog {
         tmp.as_file().sync_all()?;
         tmp.persist(&self.path).map_err(|e| e.error)?;
         *guard = None;
-        // The rename is durable once the directory is.
-        File::open(dir)?.sync_all()
+        // The rename is durable once the directory is. Best effort: some
+        // file systems refuse to sync a directory (FUSE, 9p), and the
+        // rename has happened either way.
+        if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+            tracing::debug!(dir = %dir.display(), error = %e, "cannot sync the directory of a rewritten log");
+        }
+        Ok(())
     }
 }
 
