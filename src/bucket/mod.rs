@@ -46,7 +46,15 @@ pub(crate) use config::StoreConfig;
 use crate::error::ConfigError;
 use crate::metrics::{CacheKind, Metrics, StoreResult};
 use crate::oci::Digest;
+use crate::oci::manifest::MAX_MANIFEST;
 use upload::Job;
+
+/// Largest manifest object read from the store: a manifest no larger than
+/// one from upstream may be, and its media type line.
+const MAX_MANIFEST_OBJECT: u64 = MAX_MANIFEST as u64 + 1024;
+
+/// Largest tag record read from the store (a digest and a newline).
+const MAX_TAG_OBJECT: u64 = 1024;
 
 /// After a failure, reads skip the store for this long (and the background
 /// check tries it this often).
@@ -339,12 +347,16 @@ impl Bucket {
     /// Manifest `digest` as stored (its media type line, then its bytes),
     /// or `None`. The caller decodes and verifies it.
     pub(crate) async fn manifest(&self, digest: &Digest) -> Result<Option<Bytes>, BucketError> {
-        let Some(obj) = self
-            .get(&self.key("manifests", digest), 0, CacheKind::Manifest)
-            .await?
-        else {
+        let key = self.key("manifests", digest);
+        let Some(obj) = self.get(&key, 0, CacheKind::Manifest).await? else {
             return Ok(None);
         };
+        // Read into memory: no bigger than a manifest from upstream may be.
+        if obj.size > MAX_MANIFEST_OBJECT {
+            tracing::warn!(store = %self.name, %key, size = obj.size,
+                "manifest object in the shared store is too large: not read");
+            return Ok(None);
+        }
         use futures_util::TryStreamExt as _;
         let chunks: Vec<Bytes> = tokio::time::timeout(self.timeout, obj.body.try_collect())
             .await
@@ -393,6 +405,11 @@ impl Bucket {
     pub(crate) async fn tag(&self, host: &str, repo: &str, tag: &str) -> Option<Digest> {
         let key = self.tag_key(host, repo, tag);
         let obj = self.get(&key, 0, CacheKind::Manifest).await.ok()??;
+        if obj.size > MAX_TAG_OBJECT {
+            tracing::warn!(store = %self.name, %key, size = obj.size,
+                "tag record in the shared store is too large: not read");
+            return None;
+        }
         use futures_util::TryStreamExt as _;
         let chunks: Vec<Bytes> = tokio::time::timeout(self.timeout, obj.body.try_collect())
             .await
@@ -510,4 +527,48 @@ fn open(
         other => return Err(format!("{other:?} URLs are not supported for the store")),
     };
     Ok(store)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::Algorithm;
+
+    /// Objects larger than a manifest (or a tag record) can be are not read
+    /// into memory: a damaged or foreign object is a miss, not a 64 MiB
+    /// allocation.
+    #[tokio::test]
+    async fn oversized_manifest_and_tag_objects_are_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg: StoreConfig =
+            toml::from_str(&format!("url = \"file://{}\"", dir.path().display())).unwrap();
+        let bucket = Bucket::new(&cfg, Arc::new(Metrics::new())).unwrap();
+        let digest = Digest::of(Algorithm::Sha256, b"m");
+        let (alg, hex) = (digest.algorithm().as_str(), digest.hex());
+        let path = dir.path().join("manifests").join(alg).join(hex);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(64 << 20).unwrap();
+        assert!(bucket.manifest(&digest).await.unwrap().is_none());
+        // One within the limit is read.
+        f.set_len(1000).unwrap();
+        assert_eq!(
+            bucket.manifest(&digest).await.unwrap().map(|b| b.len()),
+            Some(1000)
+        );
+        let tag = dir.path().join("tags/docker.io/library/app/_tags/v1");
+        std::fs::create_dir_all(tag.parent().unwrap()).unwrap();
+        std::fs::write(&tag, format!("{digest}\n")).unwrap();
+        assert_eq!(
+            bucket.tag("docker.io", "library/app", "v1").await,
+            Some(digest.clone())
+        );
+        std::fs::File::options()
+            .write(true)
+            .open(&tag)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        assert_eq!(bucket.tag("docker.io", "library/app", "v1").await, None);
+    }
 }

@@ -72,8 +72,7 @@ use crate::oci::{Algorithm, Digest, RepoName, Tag};
 use crate::upstream::caller::Caller;
 use crate::upstream::{Upstream, UpstreamBody, is_idle_timeout};
 
-/// Largest manifest accepted from upstream (distribution's own limit).
-pub(super) const MAX_MANIFEST: usize = 4 * 1024 * 1024;
+pub(crate) use crate::oci::manifest::MAX_MANIFEST;
 
 /// Most shared loads of one digest a request waits on (see `load_digest`).
 const MAX_LOAD_ROUNDS: usize = 8;

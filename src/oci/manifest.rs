@@ -168,6 +168,10 @@ impl AcceptClass {
     }
 }
 
+/// Largest manifest accepted, from upstream, a peer or the shared store
+/// (distribution's own limit).
+pub(crate) const MAX_MANIFEST: usize = 4 * 1024 * 1024;
+
 /// The media type a manifest is served with: upstream's `Content-Type`
 /// (parameters dropped) unless it is missing or generic (`application/json`,
 /// `text/plain`), else the body's `mediaType` field, else an OCI image
