@@ -642,6 +642,34 @@ async fn an_owner_stalling_mid_manifest_is_set_aside_and_upstream_asked() {
     );
 }
 
+/// A node whose peer list names it under another URL than `advertise`
+/// (here `localhost` for `127.0.0.1`) asks itself for the digests that name
+/// "owns": it refuses its own hop at once, so the fill goes upstream
+/// instead of waiting on itself for the peer timeout (2 s + 5 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_listed_under_another_url_does_not_wait_on_itself() {
+    let up = FakeUpstream::start().await;
+    let me = format!("http://127.0.0.1:{}", free_port());
+    let alias = me.replace("127.0.0.1", "localhost");
+    let urls = vec![me.clone(), alias];
+    let nodes = start_cluster_nodes(&[me], &urls, &up.url(), "timeout = \"2s\"", |_| {
+        String::new()
+    })
+    .await;
+    let blob = blob_owned_by(&urls, 1, 1000);
+    up.add_blob(blob.data.clone());
+    let started = std::time::Instant::now();
+    let (status, body) = get_with(&nodes[0].blob_url(REPO, &blob.digest), &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(sha256_digest(&body.unwrap()), blob.digest);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "waited {:?} on itself",
+        started.elapsed()
+    );
+    assert_eq!(up.blob_gets(&blob.digest), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stale_tags_are_served_with_the_owner_and_upstream_down() {
     let up = FakeUpstream::start().await;

@@ -221,8 +221,22 @@ impl Cluster {
     /// Who sent a request with these headers; a request carrying the hop
     /// header without the right secret (when one is configured) is refused.
     pub(crate) fn inbound(&self, headers: &HeaderMap) -> Result<Hop, Error> {
-        if !headers.contains_key(X_STOWAGE_HOP) {
+        let Some(hop) = headers.get(X_STOWAGE_HOP) else {
             return Ok(Hop::Client);
+        };
+        if hop.as_bytes() == self.peers.me().as_bytes() {
+            // This node asked itself: its peer list names it under another
+            // URL than `advertise`. Served, the request would join the very
+            // fill that waits for it, until the peer timeout; refused, the
+            // asking fill goes on to its next source at once.
+            tracing::warn!(me = %self.peers.me(),
+                "peer request from this node itself: the peer list names this node under \
+                 another URL than advertise");
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                ErrorSource::Client,
+                "peer request from this node itself",
+            ));
         }
         let Some(secret) = &self.secret else {
             self.metrics.peer_request_received(true);
