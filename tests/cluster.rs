@@ -23,6 +23,16 @@ fn blob_owned_by(urls: &[String], owner: usize, size: usize) -> Blob {
     }
 }
 
+/// A random tag whose owner among `urls` is `urls[owner]`.
+fn tag_owned_by(urls: &[String], owner: usize) -> String {
+    loop {
+        let tag = format!("t{}", common::image::random_hex(4));
+        if owner_of_tag(urls, REPO, &tag) == owner {
+            return tag;
+        }
+    }
+}
+
 fn stored(st: &Stowage, digest: &str) -> bool {
     stowage::test_hooks::blob_path(st.dir.path(), digest).exists()
 }
@@ -577,13 +587,7 @@ async fn a_manifest_from_a_lying_peer_is_refused_and_fetched_upstream() {
     let nodes = start_cluster_nodes(&[me], &urls, &up.url(), "", |_| String::new()).await;
     let n = &nodes[0];
     // A tag the fake peer owns, which it serves corrupted.
-    let (img, tag) = loop {
-        let img = make_image(Format::Oci, &[100]);
-        let tag = format!("t{}", common::image::random_hex(4));
-        if owner_of_tag(&urls, REPO, &tag) == 1 {
-            break (img, tag);
-        }
-    };
+    let (img, tag) = (make_image(Format::Oci, &[100]), tag_owned_by(&urls, 1));
     up.push_image(REPO, &tag, &img);
     peer.push_image(REPO, &tag, &img);
     peer.corrupt(&sha256_digest(&img.manifest));
@@ -616,13 +620,7 @@ async fn an_owner_stalling_mid_manifest_is_set_aside_and_upstream_asked() {
     .await;
     let n = &nodes[0];
     // A tag the fake peer owns; it sends half the manifest, then nothing.
-    let (img, tag) = loop {
-        let img = make_image(Format::Oci, &[100]);
-        let tag = format!("t{}", common::image::random_hex(4));
-        if owner_of_tag(&urls, REPO, &tag) == 1 {
-            break (img, tag);
-        }
-    };
+    let (img, tag) = (make_image(Format::Oci, &[100]), tag_owned_by(&urls, 1));
     up.push_image(REPO, &tag, &img);
     peer.push_image(REPO, &tag, &img);
     peer.fault(&sha256_digest(&img.manifest), BodyFault::StallMidBody);
@@ -675,12 +673,7 @@ async fn stale_tags_are_served_with_the_owner_and_upstream_down() {
     let up = FakeUpstream::start().await;
     let img = make_image(Format::Oci, &[100]);
     let urls = node_urls(2);
-    let tag = loop {
-        let tag = format!("t{}", common::image::random_hex(4));
-        if owner_of_tag(&urls, REPO, &tag) == 1 {
-            break tag;
-        }
-    };
+    let tag = tag_owned_by(&urls, 1);
     up.push_image(REPO, &tag, &img);
     let mut nodes = start_cluster_nodes(&urls, &urls, &up.url(), "tag_ttl = \"1s\"", |_| {
         String::new()

@@ -321,6 +321,22 @@ async fn sighup_reloads_the_certificate_of_the_binary() {
     assert!(child.is_running(), "stowage exited after a bad reload");
 }
 
+/// Connects over mTLS with `cfg` and asks for /v2/: Err(what failed) or
+/// the status.
+async fn attempt(
+    addr: std::net::SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+) -> Result<u16, String> {
+    let s = connect(addr, cfg)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let mut conn = Conn::start(s, false)
+        .await
+        .map_err(|e| format!("http: {e}"))?;
+    let r = within(10, "mTLS request", conn.get("/v2/", None)).await;
+    r.map(|r| r.0).map_err(|e| format!("request: {e}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mtls_requires_a_client_certificate_from_the_ca() {
     let up = FakeUpstream::start().await;
@@ -339,21 +355,6 @@ async fn mtls_requires_a_client_certificate_from_the_ca() {
         "",
     )
     .await;
-
-    // Connecting and asking for /v2/: Err(what failed) or the status.
-    async fn attempt(
-        addr: std::net::SocketAddr,
-        cfg: Arc<rustls::ClientConfig>,
-    ) -> Result<u16, String> {
-        let s = connect(addr, cfg)
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        let mut conn = Conn::start(s, false)
-            .await
-            .map_err(|e| format!("http: {e}"))?;
-        let r = within(10, "mTLS request", conn.get("/v2/", None)).await;
-        r.map(|r| r.0).map_err(|e| format!("request: {e}"))
-    }
 
     // No client certificate: refused (in TLS 1.3 the alert arrives after the
     // client's side of the handshake, so the request fails).
@@ -419,19 +420,6 @@ async fn a_replaced_client_ca_is_not_bypassed_by_resuming_a_session() {
         "",
     )
     .await;
-    async fn attempt(
-        addr: std::net::SocketAddr,
-        cfg: Arc<rustls::ClientConfig>,
-    ) -> Result<u16, String> {
-        let s = connect(addr, cfg)
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        let mut conn = Conn::start(s, false)
-            .await
-            .map_err(|e| format!("http: {e}"))?;
-        let r = within(10, "mTLS request", conn.get("/v2/", None)).await;
-        r.map(|r| r.0).map_err(|e| format!("request: {e}"))
-    }
     let me = old.client("builder-01");
     // One config throughout: it keeps the sessions the server gives it.
     let resuming = client_config(&ca.cert_pem, &[], Some(&me), BOTH);
