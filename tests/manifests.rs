@@ -607,3 +607,118 @@ async fn tags_list_link_stays_on_the_same_upstream() {
         assert_eq!(strays, 0, "{start}: a page went to the other upstream");
     }
 }
+
+/// The names that appear in watched directories (inotify): created there
+/// (`IN_CREATE`), or renamed into them (`IN_MOVED_TO`).
+struct DirWatch {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl DirWatch {
+    fn new() -> DirWatch {
+        use rustix::fs::inotify;
+        DirWatch {
+            fd: inotify::init(inotify::CreateFlags::NONBLOCK).unwrap(),
+        }
+    }
+
+    fn add(&self, dir: &std::path::Path) {
+        use rustix::fs::inotify::{WatchFlags, add_watch};
+        add_watch(&self.fd, dir, WatchFlags::CREATE | WatchFlags::MOVED_TO).unwrap();
+    }
+
+    /// (created, renamed in) since the last call.
+    fn names(&self) -> (Vec<String>, Vec<String>) {
+        use rustix::fs::inotify::{ReadFlags, Reader};
+        let mut buf = [std::mem::MaybeUninit::uninit(); 4096];
+        let mut reader = Reader::new(&self.fd, &mut buf);
+        let (mut created, mut moved) = (vec![], vec![]);
+        loop {
+            let event = match reader.next() {
+                Ok(e) => e,
+                Err(rustix::io::Errno::AGAIN) => return (created, moved),
+                Err(e) => panic!("reading inotify events: {e}"),
+            };
+            let name = event
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if event.events().contains(ReadFlags::CREATE) {
+                created.push(name);
+            } else if event.events().contains(ReadFlags::MOVED_TO) {
+                moved.push(name);
+            }
+        }
+    }
+}
+
+/// The directories named `name` under `dir`.
+fn dirs_named(dir: &std::path::Path, name: &str) -> Vec<std::path::PathBuf> {
+    let mut found = vec![];
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            if e.file_name() == name {
+                found.push(e.path());
+            } else {
+                found.extend(dirs_named(&e.path(), name));
+            }
+        }
+    }
+    found
+}
+
+/// A manifest or tag file is replaced through a temporary file in the
+/// cache's `tmp/` (emptied at start-up), not beside it: one beside it,
+/// left by a kill -9 in the middle of the write, would stay for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn manifest_and_tag_files_are_not_written_through_temporary_files_beside_them() {
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[10]);
+    up.push_image("library/nginx", "1", &img);
+    let st = start_stowage(&up.url(), &short_ttl()).await;
+    let c = client();
+    let manifests = st.dir.path().join("manifests").join("sha256");
+    std::fs::create_dir_all(&manifests).unwrap();
+    let watch = DirWatch::new();
+    watch.add(&manifests);
+    let hex = |d: &str| d.trim_start_matches("sha256:").to_string();
+    let landed = |d: &str| manifests.join(hex(d)).exists();
+
+    check_manifest(&c, &st, "nginx", "1", &img.manifest, OCI_MANIFEST).await;
+    within(10, "the manifest file is written", async {
+        while !landed(&img.digest) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let tags = dirs_named(&st.dir.path().join("tags"), "_tags");
+    assert_eq!(tags.len(), 1, "{tags:?}");
+    watch.add(&tags[0]);
+    let tag_files = || std::fs::read_dir(&tags[0]).unwrap().count();
+    let before = tag_files();
+    assert!(before >= 1);
+
+    // The tag moves: a new manifest file, and the tag file rewritten.
+    let img2 = make_image(Format::Oci, &[11]);
+    up.push_image("library/nginx", "1", &img2);
+    past_ttl().await;
+    check_manifest(&c, &st, "nginx", "1", &img2.manifest, OCI_MANIFEST).await;
+    within(10, "the new manifest file is written", async {
+        while !landed(&img2.digest) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let (created, moved) = watch.names();
+    assert!(
+        created.is_empty(),
+        "files created beside manifests or tags: {created:?}"
+    );
+    // The watch saw the writes: both manifests and the tag renamed in.
+    assert!(moved.contains(&hex(&img.digest)), "{moved:?}");
+    assert!(moved.contains(&hex(&img2.digest)), "{moved:?}");
+    assert!(moved.len() >= 3, "no tag file rewritten: {moved:?}");
+    assert_eq!(tag_files(), before);
+}

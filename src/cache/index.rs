@@ -210,7 +210,7 @@ impl BlobIndex {
     pub(crate) fn new(layout: &Layout, budget: Budget) -> BlobIndex {
         BlobIndex {
             layout: layout.clone(),
-            journal: Journal::new(layout.journal()),
+            journal: Journal::new(layout.journal(), layout.tmp()),
             entries: DashMap::new(),
             used: AtomicU64::new(0),
             reserved: AtomicU64::new(0),

@@ -20,7 +20,7 @@ use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::layout::Record;
+use super::layout::{Record, replace_file};
 use crate::oci::Digest;
 
 /// An append-only file of one-line records: the blob journal below, and
@@ -32,15 +32,19 @@ use crate::oci::Digest;
 pub(crate) struct LineLog {
     /// The file.
     path: PathBuf,
+    /// Where a rewrite writes its temporary file (the cache's `tmp/`).
+    tmp: PathBuf,
     /// Append handle, opened on first use and after a rewrite.
     file: Mutex<Option<File>>,
 }
 
 impl LineLog {
-    /// The log at `path` (created on the first append).
-    pub(crate) fn new(path: PathBuf) -> LineLog {
+    /// The log at `path` (created on the first append), rewritten through
+    /// a temporary file in `tmp`.
+    pub(crate) fn new(path: PathBuf, tmp: PathBuf) -> LineLog {
         LineLog {
             path,
+            tmp,
             file: Mutex::new(None),
         }
     }
@@ -94,28 +98,14 @@ impl LineLog {
         Ok(())
     }
 
-    /// Replaces the file with `text`.
+    /// Replaces the file with `text` ([`replace_file`]).
     pub(crate) fn rewrite(&self, text: &str) -> io::Result<()> {
         let mut guard = self
             .file
             .lock()
             .map_err(|_| io::Error::other("log lock poisoned"))?;
-        let dir = self
-            .path
-            .parent()
-            .ok_or_else(|| io::Error::other("log file has no directory"))?;
-        std::fs::create_dir_all(dir)?;
-        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-        tmp.write_all(text.as_bytes())?;
-        tmp.as_file().sync_all()?;
-        tmp.persist(&self.path).map_err(|e| e.error)?;
+        replace_file(&self.tmp, &self.path, text.as_bytes())?;
         *guard = None;
-        // The rename is durable once the directory is. Best effort: some
-        // file systems refuse to sync a directory (FUSE, 9p), and the
-        // rename has happened either way.
-        if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
-            tracing::debug!(dir = %dir.display(), error = %e, "cannot sync the directory of a rewritten log");
-        }
         Ok(())
     }
 }
@@ -147,10 +137,11 @@ struct Inner {
 }
 
 impl Journal {
-    /// The journal at `path` (created on the first append).
-    pub(crate) fn new(path: PathBuf) -> Journal {
+    /// The journal at `path` (created on the first append), rewritten
+    /// through a temporary file in `tmp`.
+    pub(crate) fn new(path: PathBuf, tmp: PathBuf) -> Journal {
         Journal {
-            log: LineLog::new(path),
+            log: LineLog::new(path, tmp),
             inner: Mutex::new(Inner::default()),
         }
     }
@@ -298,7 +289,7 @@ mod tests {
     fn a_torn_last_line_is_not_a_record() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("index.log");
-        let journal = Journal::new(path.clone());
+        let journal = Journal::new(path.clone(), dir.path().join("tmp"));
         let d = digest(1);
         journal.append(&Record::Stored(d.clone(), 1234)).unwrap();
         let torn = Record::Stored(d.clone(), 5678).line();
@@ -312,7 +303,10 @@ mod tests {
     #[test]
     fn compaction_loses_no_concurrent_record() {
         let dir = tempfile::tempdir().unwrap();
-        let journal = Arc::new(Journal::new(dir.path().join("index.log")));
+        let journal = Arc::new(Journal::new(
+            dir.path().join("index.log"),
+            dir.path().join("tmp"),
+        ));
         let threads: Vec<_> = (0..4u64)
             .map(|t| {
                 let journal = journal.clone();
@@ -355,7 +349,7 @@ mod tests {
     #[test]
     fn compacts_when_due_only() {
         let dir = tempfile::tempdir().unwrap();
-        let journal = Journal::new(dir.path().join("index.log"));
+        let journal = Journal::new(dir.path().join("index.log"), dir.path().join("tmp"));
         let d = digest(1);
         for _ in 0..COMPACT_SLACK / 2 {
             journal.append(&Record::Stored(d.clone(), 1)).unwrap();
@@ -376,7 +370,7 @@ mod tests {
     #[test]
     fn startup_compaction_keeps_records_appended_during_the_scan() {
         let dir = tempfile::tempdir().unwrap();
-        let journal = Journal::new(dir.path().join("index.log"));
+        let journal = Journal::new(dir.path().join("index.log"), dir.path().join("tmp"));
         journal.append(&Record::Stored(digest(1), 1)).unwrap();
         journal.append(&Record::Stored(digest(9), 9)).unwrap();
         journal.mark().unwrap();

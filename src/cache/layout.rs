@@ -6,6 +6,7 @@
 //! ```text
 //! <cache>/blobs/<alg>/<hex[..2]>/<hex>    verified blobs, content-addressed
 //! <cache>/tmp/<hex>-<pid>-<n>             fills in progress (emptied at start-up)
+//! <cache>/tmp/.replace*                   a small file being replaced (below)
 //! <cache>/index.log                       journal: `+<digest> <size>`, `-<digest>`
 //! <cache>/private.log                     digests fetched only through passthrough
 //!                                         upstreams: `+<digest>`, `-<digest>` (public now)
@@ -24,6 +25,7 @@
 //! repository component (components start with `[a-z0-9]`), so tag files
 //! never collide with nested repositories.
 
+use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -68,7 +70,8 @@ impl Layout {
         self.dir.join("blobs")
     }
 
-    /// `<cache>/tmp`: files of fills in progress.
+    /// `<cache>/tmp`: files of fills in progress, and of small files
+    /// being replaced ([`replace_file`]). Emptied at start-up.
     pub(crate) fn tmp(&self) -> PathBuf {
         self.dir.join("tmp")
     }
@@ -344,6 +347,32 @@ impl PrivateRecord {
             ))
         }
     }
+}
+
+/// Replaces the file at `path` with `data`, so that readers (and a crash)
+/// see the old or the new content, never a torn one: written to a
+/// temporary file in `tmp` (the cache's `tmp/`, same file system), fsynced,
+/// renamed over `path`, and the directory of `path` synced (best effort:
+/// some file systems refuse it, and the rename has happened either way).
+/// The temporary file is in `tmp` rather than beside `path` because
+/// start-up empties `tmp`: one left by a kill -9 is removed there, where
+/// beside a tag or manifest it would stay for good. Blocking.
+pub(crate) fn replace_file(tmp: &Path, path: &Path, data: &[u8]) -> io::Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::other("no parent directory"))?;
+    std::fs::create_dir_all(dir)?;
+    std::fs::create_dir_all(tmp)?;
+    let mut file = tempfile::Builder::new()
+        .prefix(".replace")
+        .tempfile_in(tmp)?;
+    file.write_all(data)?;
+    file.as_file().sync_all()?;
+    file.persist(path).map_err(|e| e.error)?;
+    if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        tracing::debug!(dir = %dir.display(), error = %e, "cannot sync the directory of a replaced file");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

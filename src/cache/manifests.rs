@@ -787,7 +787,7 @@ impl ManifestStore {
                 .await
                 .map_err(io::Error::other)??;
         }
-        write_atomic(self.layout.manifest(&m.digest), data).await?;
+        write_atomic(&self.layout, self.layout.manifest(&m.digest), data).await?;
         if caller.credential().is_none() {
             self.private.clear(&m.digest);
         }
@@ -816,6 +816,7 @@ impl ManifestStore {
         digest: &Digest,
     ) -> io::Result<()> {
         write_atomic(
+            &self.layout,
             self.tag_path(upstream, repo, tag, class),
             layout::encode_tag(digest),
         )
@@ -835,22 +836,13 @@ fn tag_key(upstream: &Upstream, repo: &RepoName, tag: &Tag, class: AcceptClass) 
     )
 }
 
-/// Writes a small file via a temporary sibling and a rename, so readers see
-/// the old or the new content, never a torn one.
-pub(super) async fn write_atomic(path: PathBuf, data: Vec<u8>) -> io::Result<()> {
-    tokio::task::spawn_blocking(move || {
-        let dir = path
-            .parent()
-            .ok_or_else(|| io::Error::other("no parent directory"))?;
-        std::fs::create_dir_all(dir)?;
-        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-        io::Write::write_all(&mut tmp, &data)?;
-        tmp.as_file().sync_all()?;
-        tmp.persist(&path).map_err(|e| e.error)?;
-        Ok(())
-    })
-    .await
-    .map_err(io::Error::other)?
+/// Replaces the small file at `path` with `data`
+/// ([`layout::replace_file`]), its temporary file in the cache's `tmp/`.
+pub(super) async fn write_atomic(layout: &Layout, path: PathBuf, data: Vec<u8>) -> io::Result<()> {
+    let tmp = layout.tmp();
+    tokio::task::spawn_blocking(move || layout::replace_file(&tmp, &path, &data))
+        .await
+        .map_err(io::Error::other)?
 }
 
 /// A manifest body, bounded by [`MAX_MANIFEST`] in size and by the

@@ -70,7 +70,7 @@ impl Private {
     /// content still in the cache (blob or manifest file present).
     /// Blocking; run before the server listens.
     pub(crate) fn open(layout: &Layout) -> io::Result<Private> {
-        let log = LineLog::new(layout.private_log());
+        let log = LineLog::new(layout.private_log(), layout.tmp());
         let set = DashSet::new();
         log.read(|line| match PrivateRecord::parse(line) {
             Some(PrivateRecord::Private(d)) => {

@@ -194,6 +194,7 @@ impl ManifestStore {
         let kept = match self.keep(m, caller).await {
             Ok(()) => {
                 write_atomic(
+                    &self.layout,
                     record,
                     layout::encode_referrers(&digest, answer.filters_applied),
                 )

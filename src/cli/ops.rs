@@ -85,10 +85,22 @@ pub(crate) fn stats(cache_dir: &Path, budget: Option<u64>) -> io::Result<Stats> 
         budget,
         oldest_access: blobs.iter().map(|b| b.last_access).min(),
         newest_access: blobs.iter().map(|b| b.last_access).max(),
-        fills_in_progress: count_files(&layout.tmp()),
+        fills_in_progress: count_fills(&layout.tmp()),
         manifests: count_files(&layout.manifests()),
         tags: count_tags(&layout.tags()),
     })
+}
+
+/// The fills' files in `tmp/`: not the dot-files of small files being
+/// replaced or of the readiness probe.
+fn count_fills(tmp: &Path) -> usize {
+    std::fs::read_dir(tmp)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 fn count_files(dir: &Path) -> usize {
@@ -345,10 +357,18 @@ mod tests {
         // The same tag as a schema-2-only client was answered.
         std::fs::write(tag.with_file_name("1.0@v2"), layout::encode_tag(&manifest)).unwrap();
 
+        // A fill in progress, a small file being replaced and the
+        // readiness probe's file: one fill.
+        let layout = Layout::new(cache);
+        std::fs::create_dir_all(layout.tmp()).unwrap();
+        std::fs::write(layout.tmp_file(&other, 1), b"unr").unwrap();
+        std::fs::write(layout.tmp().join(".replaceAbC123"), b"x").unwrap();
+        std::fs::write(layout.tmp().join(".readyz-1"), b"x").unwrap();
+
         let s = stats(cache, Some(1000)).unwrap();
         assert_eq!(
-            (s.blobs, s.bytes, s.manifests, s.tags),
-            (3, 6 + 11 + 9, 1, 2)
+            (s.blobs, s.bytes, s.manifests, s.tags, s.fills_in_progress),
+            (3, 6 + 11 + 9, 1, 2, 1)
         );
         assert!(s.to_string().contains("of 1000 B"), "{s}");
 
