@@ -861,3 +861,84 @@ async fn slow_disk_blocks_neither_the_runtime_nor_the_fill_table() {
     );
     st.hooks.inject_disk_latency(None);
 }
+
+/// Bytes of the files of fills in progress.
+fn tmp_bytes(cache: &Path) -> u64 {
+    std::fs::read_dir(stowage::test_hooks::tmp_dir(cache))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Fills in flight never take the disk past the budget, however many run
+/// at once: a fill whose next bytes do not fit (after evicting) streams the
+/// rest to its clients without caching. Before, three held 3 MiB fills put
+/// 4.5 MiB on a 4 MiB disk budget, and would have put 3 x 3 MiB there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fills_in_flight_stay_within_the_budget() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let up = FakeUpstream::start().await;
+    let blobs: Vec<Blob> = (0..3).map(|_| Blob::random(3 * MIB)).collect();
+    let holds: Vec<Hold> = blobs
+        .iter()
+        .map(|b| {
+            up.add_blob(b.data.clone());
+            up.hold(&b.digest)
+        })
+        .collect();
+    let max = 4 * MIB as u64;
+    let dir = TempDir::new().unwrap();
+    let toml = cache_toml(dir.path(), &up.url(), "max_size = \"4MiB\"");
+    let st = start_stowage_toml(dir, &toml).await;
+    let cache = st.dir.path().to_path_buf();
+
+    let mut clients = Vec::new();
+    let mut received = Vec::new();
+    for b in &blobs {
+        let got = Arc::new(AtomicUsize::new(0));
+        received.push(got.clone());
+        let (url, b) = (st.blob_url("library/x", &b.digest), b.clone());
+        clients.push(tokio::spawn(async move {
+            let mut r = client().get(&url).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let mut body = Vec::new();
+            while let Some(chunk) = r.chunk().await.expect("the whole body") {
+                body.extend_from_slice(&chunk);
+                got.store(body.len(), Ordering::Relaxed);
+            }
+            assert_eq!(sha256_digest(&body), b.digest, "served bytes");
+        }));
+    }
+    // Every client has the first half: every fill has written or spilled it.
+    let half = 3 * MIB / 2;
+    wait_until("each client has the first half of its blob", || {
+        received.iter().all(|g| g.load(Ordering::Relaxed) >= half)
+    })
+    .await;
+    let on_disk = tmp_bytes(&cache) + store_bytes(&cache);
+    assert!(on_disk <= max, "{on_disk} bytes on disk, budget {max}");
+    assert!(st.hooks.used() + st.hooks.reserved() <= max);
+
+    for h in &holds {
+        h.release();
+    }
+    for c in clients {
+        within(30, "the clients' bodies", c).await.unwrap();
+    }
+    let hooks = st.hooks.clone();
+    wait_until("fills end", || hooks.fills_in_flight() == 0).await;
+    let stored = store_bytes(&cache);
+    assert!(stored <= max, "{stored} bytes stored, budget {max}");
+    assert_eq!(st.hooks.used(), stored, "index usage matches the disk");
+    assert_eq!(st.hooks.reserved(), 0, "no reservation left behind");
+    assert_eq!(tmp_bytes(&cache), 0);
+    for b in &blobs {
+        assert_eq!(up.blob_gets(&b.digest), 1, "one upstream GET per blob");
+    }
+}

@@ -83,9 +83,11 @@ impl Budget {
 
 /// A fill's share of the budget: the bytes it has written to its temporary
 /// file so far, counted in the usage as they land (so eviction makes room
-/// for bytes that arrived, never for bytes merely announced). Dropped
-/// unfinished (the fill failed, or its blob is not cached), its bytes leave
-/// the usage; committed, they become the stored blob's
+/// for bytes that arrived, never for bytes merely announced), each chunk
+/// just before its write, and only if it fits in the budget: fills in
+/// flight never take the disk past `max_size`, however many there are.
+/// Dropped unfinished (the fill failed, or its blob is not cached), its
+/// bytes leave the usage; committed, they become the stored blob's
 /// ([`BlobIndex::committed`]).
 pub(crate) struct Reservation {
     index: Arc<BlobIndex>,
@@ -106,18 +108,39 @@ impl Reservation {
         }
     }
 
-    /// Counts the fill's bytes up to `written` (called as they land, past
-    /// what is already counted); wakes the evictor past the high watermark.
-    pub(crate) fn grow_to(&self, written: u64) {
-        let before = self.landed.fetch_max(written, Ordering::Relaxed);
-        if written > before {
-            self.index
+    /// Counts the fill's bytes up to `written` (past what is already
+    /// counted), about to be written, if they fit under `max_size` next to
+    /// what is stored and reserved, evicting at once if that makes them fit
+    /// (blocking: call it from the fill's writer thread). Wakes the evictor
+    /// past the high watermark. Returns false, counting nothing, when they
+    /// do not fit: the rest of the blob cannot be cached.
+    pub(crate) fn try_grow_to(&self, written: u64) -> bool {
+        let before = self.landed.load(Ordering::Relaxed);
+        let Some(more) = written.checked_sub(before).filter(|&m| m > 0) else {
+            return true;
+        };
+        for attempt in 0..2 {
+            if attempt > 0 {
+                self.index.evict_for(more);
+            }
+            let used = self.index.used();
+            let fits = self
+                .index
                 .reserved
-                .fetch_add(written - before, Ordering::Relaxed);
-            if self.index.over_high() {
-                self.evict.notify_one();
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                    let after = r.checked_add(more)?;
+                    (used.saturating_add(after) <= self.index.budget.max_size).then_some(after)
+                })
+                .is_ok();
+            if fits {
+                self.landed.fetch_add(more, Ordering::Relaxed);
+                if self.index.over_high() {
+                    self.evict.notify_one();
+                }
+                return true;
             }
         }
+        false
     }
 
     /// Takes the counted bytes out of the reservation (for the commit,
@@ -402,10 +425,16 @@ impl BlobIndex {
     /// low watermark, if it is over the high one. Blocking (unlinks files):
     /// run it on a blocking thread. Returns what was evicted.
     pub(crate) fn evict_if_needed(&self) -> Evicted {
+        self.evict_for(0)
+    }
+
+    /// [`BlobIndex::evict_if_needed`] as if `extra` more bytes were
+    /// reserved: room for a fill's next chunk.
+    fn evict_for(&self, extra: u64) -> Evicted {
         let Ok(_guard) = self.evicting.lock() else {
             return Evicted::default();
         };
-        if !self.over_high() {
+        if self.used() + self.reserved() + extra <= self.budget.high {
             return Evicted::default();
         }
         let pinned = self.pinned.read().map(|p| p.clone()).unwrap_or_default();
@@ -418,7 +447,7 @@ impl BlobIndex {
         candidates.sort_unstable();
         let mut done = Evicted::default();
         for (_, digest) in candidates {
-            if self.used() + self.reserved() <= self.budget.low {
+            if self.used() + self.reserved() + extra <= self.budget.low {
                 break;
             }
             let Some((_, meta)) = self.entries.remove(&digest) else {

@@ -1,6 +1,7 @@
 //! The blocking half of a fill: a thread of the blocking pool that writes
 //! the upstream's chunks to the temporary file, hashes them and publishes
-//! how far the file is written; once the disk fails, it spills the chunks
+//! how far the file is written; once the disk fails (or the budget has no
+//! room for the next chunk), it spills the chunks
 //! to the attached readers instead (`spill.rs`: paced by the slowest, a
 //! reader stuck for the idle timeout cut).
 
@@ -77,7 +78,8 @@ pub(super) struct Writer {
     pub(super) can_spill: bool,
     /// Longest wait for a reader's full queue when spilling.
     pub(super) stall_limit: Duration,
-    /// The fill's share of the budget, grown as bytes reach the file.
+    /// The fill's share of the budget, grown before each chunk reaches the
+    /// file (and only if it fits).
     pub(super) reservation: Arc<Reservation>,
 }
 
@@ -94,14 +96,16 @@ impl Writer {
         let mut published = 0u64;
         let mut on_disk = self.file.is_some();
         while let Some(chunk) = rx.blocking_recv() {
+            let written = offset + chunk.len() as u64;
+            if on_disk && !self.reservation.try_grow_to(written) {
+                on_disk = self.leave_disk(offset, "the cache budget has no room for it")?;
+            }
             if on_disk {
                 on_disk = self.write(&chunk, offset)?;
                 // Wake readers once per burst, not per frame: when nothing
                 // more is queued, or every PUBLISH_EVERY.
-                let written = offset + chunk.len() as u64;
                 if on_disk && (rx.is_empty() || written - published >= PUBLISH_EVERY) {
                     self.progress.send_modify(|p| p.written = written);
-                    self.reservation.grow_to(written);
                     published = written;
                 }
             }
@@ -113,7 +117,6 @@ impl Writer {
         }
         if on_disk && published != offset {
             self.progress.send_modify(|p| p.written = offset);
-            self.reservation.grow_to(offset);
         }
         Ok(Written {
             digest: hasher.finish(),
@@ -148,14 +151,38 @@ impl Writer {
             Err(e) if self.can_spill => {
                 tracing::error!(error = %e, at = offset,
                     "writing a blob to the cache failed: streaming the rest without caching");
-                self.progress.send_modify(|p| {
-                    p.written = offset;
-                    p.disk_end = Some(offset);
-                });
+                self.publish_disk_end(offset);
                 Ok(false)
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Stops using the disk at `offset` for `why`: the rest is spilled to
+    /// the readers (returns false, the disk no longer in use), or, when
+    /// that is impossible (the size is unknown), the fill fails.
+    fn leave_disk(&self, offset: u64, why: &str) -> io::Result<bool> {
+        if !self.can_spill {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!("{why}, and a blob of unknown size cannot be streamed without caching"),
+            ));
+        }
+        tracing::warn!(
+            at = offset,
+            "{why}: streaming the rest of the blob without caching"
+        );
+        self.publish_disk_end(offset);
+        Ok(false)
+    }
+
+    /// Tells the readers the file ends at `offset`: what follows comes
+    /// through the spill queue.
+    fn publish_disk_end(&self, offset: u64) {
+        self.progress.send_modify(|p| {
+            p.written = offset;
+            p.disk_end = Some(offset);
+        });
     }
 
     /// Hands `chunk` to the readers' queues, paced by the slowest: a
