@@ -44,6 +44,10 @@ use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::upstream::Upstream;
 
+/// How long shutdown waits for the access times to be written, past
+/// `shutdown_timeout`.
+const ATIME_FLUSH_AT_EXIT: Duration = Duration::from_secs(1);
+
 /// Why the server could not start or run.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -243,20 +247,31 @@ impl Server {
         // /readyz answers 503 from now on, while requests drain.
         self.state.metrics.set_listening(false);
         tracing::info!("shutting down: waiting for in-flight requests");
+        // One deadline for draining and for the fills: the operator's
+        // grace period (systemd, Kubernetes) is sized on it.
+        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
         tokio::select! {
             () = graceful.shutdown() => tracing::info!("all connections closed"),
-            () = tokio::time::sleep(self.shutdown_timeout) => {
+            () = tokio::time::sleep_until(deadline) => {
                 tracing::warn!(timeout = ?self.shutdown_timeout, "shutdown timeout reached, dropping connections");
             }
         }
         // Let fills finish committing (their clients may be done already:
         // readers finish at verification, before the fsyncs and rename).
-        if !self.shutdown.wait_for_fills(self.shutdown_timeout).await {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if !self.shutdown.wait_for_fills(left).await {
             tracing::warn!("shutdown timeout reached with blob fills still running");
         }
-        // Persist recency so LRU order survives the restart.
+        // Persist recency so LRU order survives the restart; a disk that
+        // does not answer within a second does not hold up the exit.
         let index = self.state.blobs.index().clone();
-        let _ = tokio::task::spawn_blocking(move || index.flush_atimes()).await;
+        let flush = tokio::task::spawn_blocking(move || index.flush_atimes());
+        if tokio::time::timeout(ATIME_FLUSH_AT_EXIT, flush)
+            .await
+            .is_err()
+        {
+            tracing::warn!("access times not saved at shutdown: the disk did not answer in time");
+        }
         self.shutdown.cancel();
         if let Some(admin) = admin {
             admin.stopped().await;

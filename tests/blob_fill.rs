@@ -572,3 +572,36 @@ async fn concurrent_fills_use_several_connections_to_an_h2_upstream() {
     );
     assert_eq!(up.connections(), 4, "connections opened in all");
 }
+
+/// Shutdown takes at most `shutdown_timeout` (2 s here) in all: draining
+/// the connections and letting fills commit share it. Before, each had the
+/// whole of it, so a stalled fill with its client still attached made
+/// shutdown take twice as long (4 s), past the grace periods deploy/ sets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_takes_at_most_the_shutdown_timeout_with_a_stalled_fill() {
+    let (up, st, blobs) = setup(&[4 * MIB]).await;
+    let b = blobs[0].clone();
+    let hold = up.hold(&b.digest);
+    let r = client()
+        .get(st.blob_url("library/big", &b.digest))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    hold.wait_half_sent(1).await;
+    let reader = tokio::spawn(read_all(r));
+
+    let started = std::time::Instant::now();
+    st.stop().await;
+    let took = started.elapsed();
+    hold.release();
+    assert!(
+        took < Duration::from_millis(3000),
+        "shutdown took {took:?}, shutdown_timeout is 2 s"
+    );
+    // (The connection task outlives `stop` here, in the test's runtime: in
+    // the binary the runtime ends with it. Either way no wrong byte.)
+    if let Ok(body) = reader.await.unwrap() {
+        assert!(body[..] == b.data[..], "bytes differ from the blob");
+    }
+}

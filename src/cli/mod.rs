@@ -41,7 +41,12 @@ pub fn run(config: Config) -> ExitCode {
     let Some(runtime) = runtime() else {
         return ExitCode::FAILURE;
     };
-    match runtime.block_on(serve(config)) {
+    let served = runtime.block_on(serve(config));
+    // Blocking threads stuck on a disk that does not answer (a write, the
+    // access times) do not hold up the exit for long: the files they would
+    // have finished are either complete or in tmp/, emptied at start-up.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "stowage stopped");
