@@ -102,6 +102,16 @@ pub(crate) struct Manifest {
 }
 
 impl Manifest {
+    /// What it costs in memory, for the cache's budget: the body, the media
+    /// type (held twice, also in `headers`), and the rest (the digest, the
+    /// header map, the cache's entry) as a fixed estimate, so that many
+    /// tiny manifests cannot add up past the budget.
+    fn weight(&self) -> u32 {
+        const FIXED: usize = 512;
+        let bytes = self.body.len() + 2 * self.media_type.len() + FIXED;
+        u32::try_from(bytes).unwrap_or(u32::MAX)
+    }
+
     /// A manifest and its response headers.
     pub(crate) fn new(digest: Digest, media_type: String, body: Bytes) -> Manifest {
         let mut headers = HeaderMap::new();
@@ -200,7 +210,7 @@ impl ManifestStore {
         Ok(ManifestStore {
             layout: layout.clone(),
             by_digest: moka::future::Cache::builder()
-                .weigher(|_, m: &Arc<Manifest>| u32::try_from(m.body.len()).unwrap_or(u32::MAX))
+                .weigher(|_, m: &Arc<Manifest>| m.weight())
                 .max_capacity(MEMORY_BUDGET)
                 .build(),
             tags: moka::future::Cache::builder()
@@ -1081,5 +1091,29 @@ mod tests {
         assert_eq!(store.prune(3).unwrap(), 2);
         let kept: Vec<bool> = paths.iter().map(|p| p.exists()).collect();
         assert_eq!(kept, vec![false, false, true, true, true]);
+    }
+
+    /// The memory cache is bounded whatever the manifests' sizes: one-byte
+    /// bodies (weighed 1 byte each before) do not let it hold more entries
+    /// than the budget allows for their real cost.
+    #[tokio::test]
+    async fn tiny_manifests_are_weighed_for_their_real_cost() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let private = Arc::new(Private::open(&layout).unwrap());
+        let store = ManifestStore::open(&layout, private).unwrap();
+        for i in 0..200_000u32 {
+            let body = Bytes::copy_from_slice(&i.to_le_bytes()[..1]);
+            let d = Digest::of(crate::oci::Algorithm::Sha256, &i.to_le_bytes());
+            let m = Manifest::new(d.clone(), manifest::OCI_MANIFEST.to_string(), body);
+            store.by_digest.insert(d, Arc::new(m)).await;
+        }
+        store.by_digest.run_pending_tasks().await;
+        let held = store.by_digest.entry_count();
+        assert!(
+            held <= MEMORY_BUDGET / 512,
+            "{held} manifests held in a {MEMORY_BUDGET}-byte budget"
+        );
+        assert!(store.by_digest.weighted_size() <= MEMORY_BUDGET);
     }
 }

@@ -182,22 +182,38 @@ pub(crate) fn media_type(content_type: Option<&str>, body: &[u8]) -> String {
         .unwrap_or_else(|| OCI_MANIFEST.to_string())
 }
 
+/// Longest media type taken from upstream (RFC 6838 allows 127 characters
+/// for each of type and subtype); a longer one is ignored, so that a
+/// manifest's memory cost is its body's.
+const MAX_MEDIA_TYPE: usize = 255;
+
 /// Upstream's `Content-Type` (parameters dropped) when it names a type:
-/// `None` when it is missing or generic (then only the body can tell).
+/// `None` when it is missing or generic (then only the body can tell), or
+/// longer than any media type.
 pub(crate) fn specific_type(content_type: Option<&str>) -> Option<String> {
     content_type
-        .map(|v| v.split(';').next().unwrap_or(v).trim().to_string())
-        .filter(|v| !v.is_empty() && v != "application/json" && v != "text/plain")
+        .map(|v| v.split(';').next().unwrap_or(v).trim())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= MAX_MEDIA_TYPE
+                && *v != "application/json"
+                && *v != "text/plain"
+        })
+        .map(str::to_string)
 }
 
-/// The `mediaType` field of a manifest body, if it has one.
+/// The `mediaType` field of a manifest body, if it has one (and it is not
+/// longer than any media type).
 fn media_type_in(body: &[u8]) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Probe {
         #[serde(rename = "mediaType")]
         media_type: Option<String>,
     }
-    serde_json::from_slice::<Probe>(body).ok()?.media_type
+    serde_json::from_slice::<Probe>(body)
+        .ok()?
+        .media_type
+        .filter(|t| t.len() <= MAX_MEDIA_TYPE)
 }
 
 /// The digests a manifest refers to: child manifests (of an index) and
@@ -422,6 +438,12 @@ mod tests {
             "m/t"
         );
         assert_eq!(media_type(None, b"{}"), OCI_MANIFEST);
+        // No media type is 100 KiB long: neither from the header nor from
+        // the body.
+        let huge = format!("application/{}", "x".repeat(100 << 10));
+        let body = format!(r#"{{"mediaType":"{huge}"}}"#);
+        assert_eq!(media_type(Some(&huge), body.as_bytes()), OCI_MANIFEST);
+        assert_eq!(media_type(Some(&huge), br#"{"mediaType":"m/t"}"#), "m/t");
     }
 
     #[test]
