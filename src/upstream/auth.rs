@@ -26,6 +26,9 @@ use crate::error::ConfigError;
 /// Largest token endpoint answer accepted.
 const MAX_TOKEN_BODY: usize = 1024 * 1024;
 
+/// Memory for cached tokens, per upstream: some 10,000 of Docker Hub's.
+const TOKEN_CACHE_BYTES: u64 = 32 * 1024 * 1024;
+
 /// The token endpoint URL for a challenge: `realm?service=…&scope=…`,
 /// values form-encoded and appended to any query the realm already has.
 pub(crate) fn token_url(
@@ -156,11 +159,22 @@ impl Default for TokenCache {
 }
 
 impl TokenCache {
-    /// An empty cache holding at most 10 000 tokens.
+    /// An empty cache holding at most [`TOKEN_CACHE_BYTES`] of tokens and
+    /// their keys (a token may be up to [`MAX_TOKEN_BODY`] long, and a key
+    /// exists per repository clients name).
     pub(crate) fn new() -> TokenCache {
         TokenCache {
             inner: moka::future::Cache::builder()
-                .max_capacity(10_000)
+                .weigher(|k: &TokenKey, t: &Token| {
+                    // The strings, and an estimate of the rest.
+                    let bytes = k.realm.len()
+                        + k.service.as_ref().map_or(0, String::len)
+                        + k.scope.len()
+                        + t.header.len()
+                        + 256;
+                    u32::try_from(bytes).unwrap_or(u32::MAX)
+                })
+                .max_capacity(TOKEN_CACHE_BYTES)
                 .expire_after(TokenExpiry)
                 .build(),
         }
@@ -531,6 +545,38 @@ mod tests {
         assert!(
             matches!(&e, UpstreamError::Protocol(m) if m.contains("plain http")),
             "{e}"
+        );
+    }
+
+    /// Large tokens do not add up past the cache's memory: 100 tokens of
+    /// 1 MiB (the most a token endpoint may answer) hold at most
+    /// `TOKEN_CACHE_BYTES`. (By count alone, all 100 stayed.)
+    #[tokio::test]
+    async fn the_token_cache_is_bounded_in_bytes() {
+        let cache = TokenCache::new();
+        let big = "t".repeat(MAX_TOKEN_BODY - 100);
+        let answer = format!(r#"{{"token":"{big}","expires_in":300}}"#);
+        for i in 0..100 {
+            let key = TokenKey {
+                realm: "https://auth/token".into(),
+                service: None,
+                scope: format!("repository:r{i}:pull"),
+            };
+            cache
+                .get_or_fetch(key, async { parse_token_response(answer.as_bytes()) })
+                .await
+                .unwrap();
+        }
+        cache.inner.run_pending_tasks().await;
+        assert!(
+            cache.inner.weighted_size() <= TOKEN_CACHE_BYTES,
+            "{} bytes of tokens",
+            cache.inner.weighted_size()
+        );
+        assert!(
+            cache.inner.entry_count() <= 32,
+            "{}",
+            cache.inner.entry_count()
         );
     }
 
