@@ -325,3 +325,83 @@ async fn referrers_answers_for_many_filters_stay_within_a_memory_budget() {
     // 1000 answers of 272 KiB would be about 270 MiB.
     assert!(grown < 96 * 1024, "RSS grew by {grown} KiB");
 }
+
+/// The `_referrers` record files under the cache's `tags/`.
+fn referrers_records(cache: &std::path::Path) -> usize {
+    fn walk(p: &std::path::Path, inside: bool) -> usize {
+        std::fs::read_dir(p)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    walk(&e.path(), inside || e.file_name() == "_referrers")
+                } else {
+                    usize::from(inside)
+                }
+            })
+            .sum()
+    }
+    walk(&cache.join("tags"), false)
+}
+
+/// Empty referrers lists for digests or filters clients make up leave no
+/// file behind (an OCI 1.1 registry answers 200 to any subject: each was
+/// a record file for good, outside any budget). Lists with referrers, and
+/// the unfiltered list of a manifest the cache holds, are still kept for
+/// outages.
+#[tokio::test]
+async fn empty_referrers_of_unknown_subjects_are_not_kept_on_disk() {
+    let (up, img, _sig, _sbom) = signed().await;
+    let plain = make_image(Format::Oci, &[101]);
+    up.push_image("team/app", "plain", &plain);
+    let st = start_stowage(&up.url(), "tag_ttl = \"1s\"").await;
+    for i in 0..20u8 {
+        let subject = sha256_digest(&[i]);
+        let (status, _, body) = get(&st, &format!("team/app/referrers/{subject}"), false).await;
+        assert_eq!(status, 200);
+        assert!(listed(&body).is_empty());
+        let filtered = format!("team/app/referrers/{}?artifactType=x/y{i}", img.digest);
+        let (status, _, body) = get(&st, &filtered, false).await;
+        assert_eq!(status, 200);
+        assert!(listed(&body).is_empty());
+    }
+    assert_eq!(referrers_records(st.dir.path()), 0);
+
+    // Kept: a list with referrers, and the empty list of a pulled image.
+    let (status, _, _) = get(&st, &format!("team/app/referrers/{}", img.digest), false).await;
+    assert_eq!(status, 200);
+    check_manifest(
+        &client(),
+        &st,
+        "team/app",
+        "plain",
+        &plain.manifest,
+        OCI_MANIFEST,
+    )
+    .await;
+    let file = st
+        .dir
+        .path()
+        .join("manifests/sha256")
+        .join(plain.digest.trim_start_matches("sha256:"));
+    within(10, "the manifest is on disk", async {
+        while !file.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let path = format!("team/app/referrers/{}", plain.digest);
+    let (status, _, body) = get(&st, &path, false).await;
+    assert_eq!(status, 200);
+    assert!(listed(&body).is_empty());
+    assert_eq!(referrers_records(st.dir.path()), 2);
+    // ... and served after a restart with upstream down.
+    let dir = st.stop().await;
+    up.set_failure(Failure::Down);
+    let st = start_stowage_in(dir, &up.url(), "tag_ttl = \"1s\"").await;
+    let (status, h, stale) = get(&st, &path, false).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&stale));
+    assert_eq!(hv(&h, "x-stowage-cache"), Some("stale"));
+    assert!(listed(&stale).is_empty());
+}

@@ -8,7 +8,10 @@
 //! An answer's body is kept as a manifest (content-addressed under
 //! `manifests/`, media type the OCI index), and a small record per key
 //! (`cache/layout.rs`: `_referrers/…`) names it and whether upstream
-//! applied the filter. Answers are always served as
+//! applied the filter; only for answers that list something, or for the
+//! unfiltered answer about a manifest the cache holds (not for the empty
+//! lists of whatever digests and filters clients make up). Answers are
+//! always served as
 //! `application/vnd.oci.image.index.v1+json`, as the OCI distribution
 //! specification requires. A paginated answer (upstream sent `Link`) is
 //! passed on with its `Link` but not kept.
@@ -28,7 +31,7 @@ use super::manifests::{Manifest, ManifestStore, read_body, write_atomic};
 use crate::error::{Asked, Error};
 use crate::metrics::Outcome;
 use crate::oci::headers::OCI_FILTERS_APPLIED;
-use crate::oci::manifest::OCI_INDEX;
+use crate::oci::manifest::{self, OCI_INDEX};
 use crate::oci::{Digest, RepoName};
 use crate::upstream::Upstream;
 use crate::upstream::caller::Caller;
@@ -183,6 +186,22 @@ impl ManifestStore {
                 answer,
                 fresh_for: Duration::ZERO,
                 outcome: Outcome::Upstream,
+            });
+        }
+        // Kept on disk (for outages after a restart) when it lists
+        // something, or, unfiltered, for a subject the cache holds. Not an
+        // empty list for any digest or filter a client names: each would
+        // be a file for good (OCI 1.1 registries answer 200 to any subject).
+        let durable = !manifest::refs_of(&answer.body).manifests.is_empty()
+            || (filter.is_none()
+                && tokio::fs::try_exists(self.layout.manifest(subject))
+                    .await
+                    .unwrap_or(false));
+        if !durable {
+            return Ok(RefEntry {
+                answer,
+                fresh_for: ttl,
+                outcome: Outcome::Miss,
             });
         }
         let m = Manifest::new(
