@@ -605,3 +605,27 @@ async fn shutdown_takes_at_most_the_shutdown_timeout_with_a_stalled_fill() {
         assert!(body[..] == b.data[..], "bytes differ from the blob");
     }
 }
+
+/// A Range wholly within what reached the disk gets every byte, its last
+/// once the rest of the blob is verified, although the disk failed past it
+/// and no reader needs the rest. Before, the fill stopped as soon as its
+/// only reader let go of the spill queue ("no readers left"), and the
+/// range's last byte failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_range_on_disk_completes_when_the_disk_fails_past_it() {
+    let (up, st, blobs) = setup(&[4 * MIB]).await;
+    let b = &blobs[0];
+    st.hooks.inject_write_failure(Some(MIB as u64));
+    let r = client()
+        .get(st.blob_url("library/big", &b.digest))
+        .header("Range", "bytes=0-99999")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    let body = within(30, "the range", r.bytes())
+        .await
+        .expect("the whole range");
+    assert!(body[..] == b.data[..100_000], "bytes differ");
+    assert_eq!(up.blob_gets(&b.digest), 1);
+}

@@ -188,12 +188,15 @@ impl Writer {
     /// Hands `chunk` to the readers' queues, paced by the slowest: a
     /// reader whose queue stays full for the idle timeout is cut (see
     /// `spill.rs`). This is a thread of the blocking pool, so it may wait on
-    /// the runtime. With no reader left there is no point going on.
+    /// the runtime. With no reader left there is no point going on; readers
+    /// that need no spilled byte (a Range within what reached the disk) but
+    /// wait for the verification of the whole blob before their last byte
+    /// still count: the rest is hashed for them.
     fn spill(&self, offset: u64, chunk: &Bytes) -> io::Result<()> {
         let left = self
             .runtime
             .block_on(self.spill.send((offset, chunk.clone()), self.stall_limit));
-        if left == 0 {
+        if left == 0 && self.progress.receiver_count() == 0 {
             return Err(io::Error::other(
                 "no readers left for a blob that cannot be cached",
             ));
