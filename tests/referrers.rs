@@ -380,11 +380,7 @@ async fn empty_referrers_of_unknown_subjects_are_not_kept_on_disk() {
         OCI_MANIFEST,
     )
     .await;
-    let file = st
-        .dir
-        .path()
-        .join("manifests/sha256")
-        .join(plain.digest.trim_start_matches("sha256:"));
+    let file = stowage::test_hooks::manifest_path(st.dir.path(), &plain.digest);
     within(10, "the manifest is on disk", async {
         while !file.exists() {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -404,4 +400,28 @@ async fn empty_referrers_of_unknown_subjects_are_not_kept_on_disk() {
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&stale));
     assert_eq!(hv(&h, "x-stowage-cache"), Some("stale"));
     assert!(listed(&stale).is_empty());
+}
+
+/// Referrers deleted upstream are not brought back by an outage: the
+/// record of the earlier answer goes when the new (empty, so not kept)
+/// answer replaces it.
+#[tokio::test]
+async fn referrers_deleted_upstream_are_not_served_stale() {
+    let (up, img, sig, sbom) = signed().await;
+    let st = start_stowage(&up.url(), "tag_ttl = \"1s\"").await;
+    let path = format!("team/app/referrers/{}", img.digest);
+    let (_, _, body) = get(&st, &path, false).await;
+    assert_eq!(listed(&body).len(), 2);
+    up.remove_manifest(&sig.digest);
+    up.remove_manifest(&sbom.digest);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (status, _, body) = get(&st, &path, false).await;
+    assert_eq!(status, 200);
+    assert!(listed(&body).is_empty());
+    // Upstream out, after a restart: nothing kept, not the old list.
+    let dir = st.stop().await;
+    up.set_failure(Failure::Down);
+    let st = start_stowage_in(dir, &up.url(), "tag_ttl = \"1s\"").await;
+    let (status, _, body) = get(&st, &path, false).await;
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
 }

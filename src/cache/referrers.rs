@@ -198,6 +198,14 @@ impl ManifestStore {
                     .await
                     .unwrap_or(false));
         if !durable {
+            // A record of an earlier answer must not outlive this one: an
+            // outage would bring back referrers deleted since.
+            if let Err(e) = tokio::fs::remove_file(&record).await
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(upstream = upstream.host(), %repo, %subject, error = %e,
+                    "cannot remove an outdated referrers record");
+            }
             return Ok(RefEntry {
                 answer,
                 fresh_for: ttl,

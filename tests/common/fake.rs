@@ -416,6 +416,11 @@ impl FakeUpstream {
         self.inner.store.lock().unwrap().blobs.remove(digest);
     }
 
+    /// Deletes a manifest (as `DELETE /v2/<name>/manifests/<digest>`).
+    pub fn remove_manifest(&self, digest: &str) {
+        self.inner.store.lock().unwrap().manifests.remove(digest);
+    }
+
     /// Stores a manifest, optionally tagging it in `repo`; returns its digest.
     pub fn add_manifest(
         &self,
