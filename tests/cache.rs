@@ -881,13 +881,14 @@ fn tmp_bytes(cache: &Path) -> u64 {
 }
 
 /// Fills in flight never take the disk past the budget, however many run
-/// at once: a fill whose next bytes do not fit (after evicting) streams the
-/// rest to its clients without caching. Before, three held 3 MiB fills put
-/// 4.5 MiB on a 4 MiB disk budget, and would have put 3 x 3 MiB there.
+/// at once, and still share one upstream fetch per blob: a fill that would
+/// not fit next to those in flight waits (joinable) for them to end. Before,
+/// three held 3 MiB fills put 4.5 MiB on a 4 MiB budget, and would have put
+/// 3 x 3 MiB there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fills_in_flight_stay_within_the_budget() {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
     let up = FakeUpstream::start().await;
     let blobs: Vec<Blob> = (0..3).map(|_| Blob::random(3 * MIB)).collect();
@@ -904,9 +905,23 @@ async fn fills_in_flight_stay_within_the_budget() {
     let st = start_stowage_toml(dir, &toml).await;
     let cache = st.dir.path().to_path_buf();
 
+    // The most the disk held at any moment (sampled).
+    let peak = Arc::new(AtomicU64::new(0));
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (peak, sampling, cache) = (peak.clone(), sampling.clone(), cache.clone());
+        std::thread::spawn(move || {
+            while sampling.load(Ordering::Relaxed) {
+                peak.fetch_max(tmp_bytes(&cache) + store_bytes(&cache), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+
+    // Two clients for each blob.
     let mut clients = Vec::new();
     let mut received = Vec::new();
-    for b in &blobs {
+    for b in blobs.iter().chain(&blobs) {
         let got = Arc::new(AtomicUsize::new(0));
         received.push(got.clone());
         let (url, b) = (st.blob_url("library/x", &b.digest), b.clone());
@@ -921,14 +936,18 @@ async fn fills_in_flight_stay_within_the_budget() {
             assert_eq!(sha256_digest(&body), b.digest, "served bytes");
         }));
     }
-    // Every client has the first half: every fill has written or spilled it.
+    // One fill runs (its clients get the first half); the others wait.
     let half = 3 * MIB / 2;
-    wait_until("each client has the first half of its blob", || {
-        received.iter().all(|g| g.load(Ordering::Relaxed) >= half)
+    wait_until("the first half of one blob", || {
+        received.iter().any(|g| g.load(Ordering::Relaxed) >= half)
     })
     .await;
-    let on_disk = tmp_bytes(&cache) + store_bytes(&cache);
-    assert!(on_disk <= max, "{on_disk} bytes on disk, budget {max}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = received
+        .iter()
+        .filter(|g| g.load(Ordering::Relaxed) > 0)
+        .count();
+    assert_eq!(started, 2, "the clients of one blob only");
     assert!(st.hooks.used() + st.hooks.reserved() <= max);
 
     for h in &holds {
@@ -939,6 +958,13 @@ async fn fills_in_flight_stay_within_the_budget() {
     }
     let hooks = st.hooks.clone();
     wait_until("fills end", || hooks.fills_in_flight() == 0).await;
+    sampling.store(false, Ordering::Relaxed);
+    sampler.join().unwrap();
+    let peak = peak.load(Ordering::Relaxed);
+    assert!(
+        peak <= max,
+        "{peak} bytes on disk at the peak, budget {max}"
+    );
     let stored = store_bytes(&cache);
     assert!(stored <= max, "{stored} bytes stored, budget {max}");
     assert_eq!(st.hooks.used(), stored, "index usage matches the disk");
@@ -947,4 +973,46 @@ async fn fills_in_flight_stay_within_the_budget() {
     for b in &blobs {
         assert_eq!(up.blob_gets(&b.digest), 1, "one upstream GET per blob");
     }
+}
+
+/// Files of `cache` this process holds open although they were deleted.
+fn deleted_but_open(cache: &Path) -> Vec<String> {
+    let prefix = cache.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|p| p.to_string_lossy().into_owned())
+        .filter(|p| p.starts_with(&prefix) && p.ends_with(" (deleted)"))
+        .collect()
+}
+
+/// A blob kept open after a hit (the few last opened are) and then evicted
+/// to make room for a fill is let go of, so its disk space is freed with
+/// the eviction. Before, only the evictor's own evictions let go of them,
+/// and a fill's eviction left the file open, its bytes on disk, uncounted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn blobs_evicted_for_a_fill_are_not_kept_open() {
+    let up = FakeUpstream::start().await;
+    let (a, b) = (Blob::random(2 * MIB), Blob::random(3 * MIB));
+    up.add_blob(a.data.clone());
+    up.add_blob(b.data.clone());
+    let dir = TempDir::new().unwrap();
+    // The evictor is not woken before the budget is full: the fill evicts.
+    let toml = cache_toml(
+        dir.path(),
+        &up.url(),
+        "max_size = \"4MiB\"\nhigh_watermark = 1.0\nlow_watermark = 0.9",
+    );
+    let st = start_stowage_toml(dir, &toml).await;
+    let cache = st.dir.path().to_path_buf();
+    fetch(&st, &a).await;
+    fetch(&st, &a).await; // a hit: its file is kept open
+    fetch(&st, &b).await; // 2 + 3 MiB: a is evicted while b fills
+    assert!(!blob_file(&cache, &a.digest).exists(), "a was evicted");
+    let c = cache.clone();
+    wait_until("the evicted blob's file is closed", || {
+        deleted_but_open(&c).is_empty()
+    })
+    .await;
 }

@@ -110,37 +110,50 @@ impl Reservation {
 
     /// Counts the fill's bytes up to `written` (past what is already
     /// counted), about to be written, if they fit under `max_size` next to
-    /// what is stored and reserved, evicting at once if that makes them fit
+    /// what is stored and reserved, evicting at once if that can make room
     /// (blocking: call it from the fill's writer thread). Wakes the evictor
     /// past the high watermark. Returns false, counting nothing, when they
-    /// do not fit: the rest of the blob cannot be cached.
+    /// do not fit: the rest of the blob cannot be cached. (A fill admitted
+    /// by its size, [`BlobIndex::admit`], always fits, unless pinned blobs
+    /// take the room.)
     pub(crate) fn try_grow_to(&self, written: u64) -> bool {
         let before = self.landed.load(Ordering::Relaxed);
         let Some(more) = written.checked_sub(before).filter(|&m| m > 0) else {
             return true;
         };
-        for attempt in 0..2 {
-            if attempt > 0 {
-                self.index.evict_for(more);
-            }
-            let used = self.index.used();
-            let fits = self
-                .index
-                .reserved
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
-                    let after = r.checked_add(more)?;
-                    (used.saturating_add(after) <= self.index.budget.max_size).then_some(after)
-                })
-                .is_ok();
-            if fits {
-                self.landed.fetch_add(more, Ordering::Relaxed);
-                if self.index.over_high() {
-                    self.evict.notify_one();
-                }
-                return true;
+        if self.fit(more) {
+            return true;
+        }
+        // Evicting helps only if the fills in flight, this chunk with them,
+        // fit in the budget at all.
+        if self.index.reserved().saturating_add(more) > self.index.budget.max_size {
+            return false;
+        }
+        if self.index.evict_for(more).blobs > 0 {
+            // The evictor task lets go of evicted files held open.
+            self.evict.notify_one();
+        }
+        self.fit(more)
+    }
+
+    /// Counts `more` bytes if they fit under `max_size` now.
+    fn fit(&self, more: u64) -> bool {
+        let used = self.index.used();
+        let fits = self
+            .index
+            .reserved
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                let after = r.checked_add(more)?;
+                (used.saturating_add(after) <= self.index.budget.max_size).then_some(after)
+            })
+            .is_ok();
+        if fits {
+            self.landed.fetch_add(more, Ordering::Relaxed);
+            if self.index.over_high() {
+                self.evict.notify_one();
             }
         }
-        false
+        fits
     }
 
     /// Takes the counted bytes out of the reservation (for the commit,
@@ -153,6 +166,24 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         self.index.release(self.take());
+    }
+}
+
+/// A fill's admission to the disk by its size ([`BlobIndex::admit`]),
+/// given back when dropped (the fill ended).
+pub(crate) struct Admission {
+    index: Arc<BlobIndex>,
+    size: u64,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let _ = self
+            .index
+            .admitted
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |a| {
+                Some(a.saturating_sub(self.size))
+            });
     }
 }
 
@@ -190,6 +221,9 @@ pub(crate) struct BlobIndex {
     used: AtomicU64,
     /// Bytes fills in flight have written so far (their reservations).
     reserved: AtomicU64,
+    /// The sizes of the fills admitted to the disk and still in flight
+    /// ([`BlobIndex::admit`]).
+    admitted: AtomicU64,
     /// The budget.
     budget: Budget,
     /// Blobs of pinned images; never evicted.
@@ -245,6 +279,7 @@ impl BlobIndex {
             evicted_bytes: AtomicU64::new(0),
             unread_bytes: AtomicU64::new(0),
             evicted_unread_bytes: AtomicU64::new(0),
+            admitted: AtomicU64::new(0),
         }
     }
 
@@ -336,6 +371,24 @@ impl BlobIndex {
             self.used.fetch_sub(m.size, Ordering::Relaxed);
             Self::mark_read(&m, &self.unread_bytes);
         }
+    }
+
+    /// Admits a fill of a blob of `size` bytes to the disk if, with the
+    /// fills admitted before it, it fits in `max_size` (what is stored can
+    /// always be evicted for them): fills admitted this way never run out
+    /// of room half way, however many there are at once. The admission
+    /// lasts as long as the returned guard.
+    pub(crate) fn admit(self: &Arc<Self>, size: u64) -> Option<Admission> {
+        self.admitted
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |a| {
+                let after = a.checked_add(size)?;
+                (after <= self.budget.max_size).then_some(after)
+            })
+            .ok()?;
+        Some(Admission {
+            index: self.clone(),
+            size,
+        })
     }
 
     /// Whether a blob of `size` bytes is cached at all: at most

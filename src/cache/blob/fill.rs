@@ -66,6 +66,7 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt as _;
@@ -76,7 +77,7 @@ use super::spill::{Spill, SpillReceiver};
 use super::store::BlobStore;
 use super::writer::{Landed, Writer};
 use crate::cache::OriginKey;
-use crate::cache::index::{BlobIndex, Reservation};
+use crate::cache::index::{Admission, BlobIndex, Reservation};
 use crate::error::{Error, ErrorKind, ErrorSource};
 use crate::metrics::{CacheKind, FillResult, Outcome};
 use crate::oci::{Digest, RepoName};
@@ -87,6 +88,9 @@ use crate::upstream::caller::Credential;
 /// Bounds fill memory to this many frames (hyper's HTTP/1 client frames
 /// grow with its adaptive read buffer, up to a few hundred KiB each).
 const WRITE_QUEUE: usize = 8;
+
+/// How often a fill waiting for admission to the disk looks again.
+const ADMIT_POLL: Duration = Duration::from_millis(20);
 
 /// Most fills one request waits on before giving up (each one after the
 /// first follows an origin-specific failure of the previous one).
@@ -618,7 +622,36 @@ impl BlobStore {
                 pre.bytes
             )));
         }
-        let tmp = self.fill_file(digest, total).await?;
+        // Admitted to the disk by its size, waiting (joinable) for fills
+        // admitted before it to end if need be; a prefetch does not wait.
+        let admission = match total {
+            Some(t) if self.index.cacheable(t) => {
+                let patience = if pre.is_some() {
+                    Duration::ZERO
+                } else {
+                    self.idle_timeout
+                };
+                let admitted = self.admit(t, patience).await;
+                if admitted.is_none() && pre.is_some() && fill.unread() {
+                    fill.dropped.store(true, Ordering::Relaxed);
+                    return Err(Error::unavailable(format!(
+                        "no room in the cache budget for {digest} ({t} bytes) next to the \
+                         downloads in progress: not prefetched"
+                    )));
+                }
+                admitted
+            }
+            _ => None,
+        };
+        let tmp = match (total, &admission) {
+            (Some(t), None) if self.index.cacheable(t) => {
+                tracing::warn!(%digest, size = t, wait = ?self.idle_timeout,
+                    "no room in the cache budget next to the downloads in progress: \
+                     streaming without caching");
+                None
+            }
+            _ => self.fill_file(digest, total).await?,
+        };
         // Counted against the budget as the bytes land (by the writer); a
         // prefetch's room, reserved up front, is handed over as the floor
         // (the bytes that land fill it before the reservation grows).
@@ -664,6 +697,7 @@ impl BlobStore {
             });
         }
         let filled = self.keep(result, tmp, fill, digest, reservation).await;
+        drop(admission);
         if let Ok(Filled::Stored(size)) = filled {
             // The commit turned the reservation into a stored blob.
             self.evict.notify_one();
@@ -673,6 +707,21 @@ impl BlobStore {
             }
         }
         filled
+    }
+
+    /// Admission to the disk for a blob of `size` bytes
+    /// ([`BlobIndex::admit`]), waiting up to `patience` for room.
+    async fn admit(&self, size: u64, patience: Duration) -> Option<Admission> {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            if let Some(a) = self.index.admit(size) {
+                return Some(a);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(ADMIT_POLL).await;
+        }
     }
 
     /// The temporary file a fill writes to, or `None` to stream without the

@@ -286,9 +286,12 @@ impl BlobStore {
                     continue;
                 }
                 let i = index.clone();
-                if let Ok(evicted) = tokio::task::spawn_blocking(move || i.evict_if_needed()).await
-                    && evicted.blobs > 0
+                if tokio::task::spawn_blocking(move || i.evict_if_needed())
+                    .await
+                    .is_ok()
                 {
+                    // Also after evictions elsewhere (a fill making room):
+                    // their files held open go too.
                     hot.release_gone(&index);
                 }
             }
