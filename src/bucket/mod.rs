@@ -24,7 +24,7 @@
 //!   `/readyz`'s body say so. It never makes a node unready: a store outage
 //!   must not take every node out of a load balancer at once.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,7 +47,7 @@ use crate::error::ConfigError;
 use crate::metrics::{CacheKind, Metrics, StoreResult};
 use crate::oci::Digest;
 use crate::oci::manifest::MAX_MANIFEST;
-use upload::Job;
+use upload::{HeldBytes, Job};
 
 /// Largest manifest object read from the store: a manifest no larger than
 /// one from upstream may be, and its media type line.
@@ -62,6 +62,10 @@ const DOWN_SKIP: Duration = Duration::from_secs(5);
 
 /// Uploads waiting at most; more are dropped (and counted).
 const UPLOAD_QUEUE: usize = 1024;
+
+/// Bytes of manifest uploads held in memory at most (waiting or being
+/// sent); more are dropped (and counted). A manifest may be 4 MiB.
+const UPLOAD_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Why a read of the store gave nothing.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +114,8 @@ pub(crate) struct Bucket {
     queue: mpsc::Sender<Job>,
     /// Taken by [`Bucket::spawn`].
     jobs: Mutex<Option<mpsc::Receiver<Job>>>,
+    /// Bytes of manifest uploads held (see [`UPLOAD_MANIFEST_BYTES`]).
+    manifest_bytes: Arc<AtomicU64>,
     concurrency: usize,
 }
 
@@ -184,6 +190,7 @@ impl Bucket {
             },
             queue,
             jobs: Mutex::new(Some(jobs)),
+            manifest_bytes: Arc::new(AtomicU64::new(0)),
             concurrency: cfg.upload_concurrency,
         };
         bucket.metrics.set_store_up(&bucket.name, true);
@@ -421,17 +428,37 @@ impl Bucket {
 
     /// Queues the record that `tag` pointed at `digest`.
     pub(crate) fn upload_tag(&self, host: &str, repo: &str, tag: &str, digest: &Digest) {
-        self.enqueue(Job::Manifest {
-            key: self.tag_key(host, repo, tag),
-            data: Bytes::from(format!("{digest}\n")),
-        });
+        self.enqueue_manifest(
+            self.tag_key(host, repo, tag),
+            Bytes::from(format!("{digest}\n")),
+        );
     }
 
     /// Queues the upload of manifest `digest`, encoded as on disk.
     pub(crate) fn upload_manifest(&self, digest: &Digest, encoded: Bytes) {
+        self.enqueue_manifest(self.key("manifests", digest), encoded);
+    }
+
+    /// Queues a manifest (or tag record) upload, unless the ones held
+    /// already take [`UPLOAD_MANIFEST_BYTES`].
+    fn enqueue_manifest(&self, key: Key, data: Bytes) {
+        let Some(held) = HeldBytes::take(
+            &self.manifest_bytes,
+            data.len() as u64,
+            UPLOAD_MANIFEST_BYTES,
+        ) else {
+            tracing::warn!(store = %self.name, %key, "too many manifest bytes waiting for upload: not uploading");
+            self.metrics.store_upload(
+                CacheKind::Manifest,
+                crate::metrics::UploadResult::Dropped,
+                0,
+            );
+            return;
+        };
         self.enqueue(Job::Manifest {
-            key: self.key("manifests", digest),
-            data: encoded,
+            key,
+            data,
+            _held: held,
         });
     }
 
@@ -537,6 +564,37 @@ mod tests {
     /// Objects larger than a manifest (or a tag record) can be are not read
     /// into memory: a damaged or foreign object is a miss, not a 64 MiB
     /// allocation.
+    /// Manifest uploads waiting for a slow (here: not started) uploader
+    /// hold at most `UPLOAD_MANIFEST_BYTES`; the rest are dropped and
+    /// counted. (By the queue's count alone, 100 of 1 MiB were all held.)
+    #[tokio::test]
+    async fn manifest_uploads_waiting_are_bounded_in_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg: StoreConfig =
+            toml::from_str(&format!("url = \"file://{}\"", dir.path().display())).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let bucket = Bucket::new(&cfg, metrics.clone()).unwrap();
+        let body = Bytes::from(vec![b'x'; 1 << 20]);
+        for i in 0..100u32 {
+            let digest = Digest::of(Algorithm::Sha256, &i.to_le_bytes());
+            bucket.upload_manifest(&digest, body.clone());
+        }
+        let held = bucket.manifest_bytes.load(Ordering::Relaxed);
+        assert!(held <= UPLOAD_MANIFEST_BYTES, "{held} bytes held");
+        let text = String::from_utf8(metrics.encode().unwrap()).unwrap();
+        let dropped = text
+            .lines()
+            .find(|l| {
+                l.starts_with("stowage_store_uploads_total")
+                    && l.contains(r#"kind="manifest""#)
+                    && l.contains(r#"result="dropped""#)
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok());
+        // 64 of them fit in 64 MiB.
+        assert_eq!(dropped, Some(36));
+    }
+
     #[tokio::test]
     async fn oversized_manifest_and_tag_objects_are_not_read() {
         let dir = tempfile::tempdir().unwrap();

@@ -11,6 +11,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -39,8 +40,43 @@ const READ: usize = 1024 * 1024;
 pub(super) enum Job {
     /// A stored blob.
     Blob { key: Key, path: PathBuf, size: u64 },
-    /// A manifest, encoded as on disk.
-    Manifest { key: Key, data: Bytes },
+    /// A manifest, encoded as on disk, its bytes counted while it waits
+    /// or is sent.
+    Manifest {
+        key: Key,
+        data: Bytes,
+        /// Given back when the job ends.
+        _held: HeldBytes,
+    },
+}
+
+/// Bytes of manifest uploads held in memory (queued or being sent),
+/// counted in a total that [`HeldBytes::take`] keeps under a limit.
+pub(super) struct HeldBytes {
+    total: Arc<AtomicU64>,
+    bytes: u64,
+}
+
+impl HeldBytes {
+    /// Counts `bytes` in `total` if that stays within `limit`.
+    pub(super) fn take(total: &Arc<AtomicU64>, bytes: u64, limit: u64) -> Option<HeldBytes> {
+        total
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                let after = t.checked_add(bytes)?;
+                (after <= limit).then_some(after)
+            })
+            .ok()?;
+        Some(HeldBytes {
+            total: total.clone(),
+            bytes,
+        })
+    }
+}
+
+impl Drop for HeldBytes {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 impl Job {
@@ -118,7 +154,7 @@ impl Bucket {
     async fn attempt(&self, job: &Job) -> Result<(UploadResult, u64), Failure> {
         let retry = |e: object_store::Error| Failure::Retry(crate::error::chain(&e));
         match job {
-            Job::Manifest { key, data } => {
+            Job::Manifest { key, data, .. } => {
                 self.writer
                     .put(key, PutPayload::from_bytes(data.clone()))
                     .await
