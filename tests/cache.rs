@@ -880,6 +880,27 @@ fn tmp_bytes(cache: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Bytes of the files in `tmp/` and in the blob store, each file (inode)
+/// once: a file renamed from one to the other between the two listings is
+/// not counted twice.
+fn disk_bytes(cache: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    fn walk(p: &Path, seen: &mut HashMap<u64, u64>) {
+        for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                walk(&e.path(), seen);
+            } else {
+                seen.insert(m.ino(), m.len());
+            }
+        }
+    }
+    let mut seen = HashMap::new();
+    walk(&stowage::test_hooks::tmp_dir(cache), &mut seen);
+    walk(&stowage::test_hooks::blobs_dir(cache), &mut seen);
+    seen.values().sum()
+}
+
 /// Fills in flight never take the disk past the budget, however many run
 /// at once, and still share one upstream fetch per blob: a fill that would
 /// not fit next to those in flight waits (joinable) for them to end. Before,
@@ -912,7 +933,7 @@ async fn fills_in_flight_stay_within_the_budget() {
         let (peak, sampling, cache) = (peak.clone(), sampling.clone(), cache.clone());
         std::thread::spawn(move || {
             while sampling.load(Ordering::Relaxed) {
-                peak.fetch_max(tmp_bytes(&cache) + store_bytes(&cache), Ordering::Relaxed);
+                peak.fetch_max(disk_bytes(&cache), Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(2));
             }
         })
@@ -973,6 +994,9 @@ async fn fills_in_flight_stay_within_the_budget() {
     for b in &blobs {
         assert_eq!(up.blob_gets(&b.digest), 1, "one upstream GET per blob");
     }
+    // Each was stored in turn (not streamed without caching): the two
+    // older ones evicted for the next.
+    assert_eq!(st.hooks.evicted_blobs(), 2);
 }
 
 /// Files of `cache` this process holds open although they were deleted.
@@ -1015,4 +1039,97 @@ async fn blobs_evicted_for_a_fill_are_not_kept_open() {
         deleted_but_open(&c).is_empty()
     })
     .await;
+}
+
+/// Fills wait for admission in line: a large blob waiting for room is not
+/// passed over by smaller ones that arrive after it (they would fit, and
+/// with a steady stream of them the large one was never cached).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fills_waiting_for_room_are_admitted_in_turn() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let up = FakeUpstream::start().await;
+    let first = Blob::random(MIB);
+    let big = Blob::random(3 * MIB + MIB / 2);
+    let small: Vec<Blob> = (0..2).map(|_| Blob::random(MIB)).collect();
+    for b in [&first, &big].into_iter().chain(&small) {
+        up.add_blob(b.data.clone());
+    }
+    let hold = up.hold(&first.digest);
+    let dir = TempDir::new().unwrap();
+    let toml = cache_toml(dir.path(), &up.url(), "max_size = \"4MiB\"");
+    let st = start_stowage_toml(dir, &toml).await;
+
+    let get = |b: &Blob, got: Arc<AtomicUsize>| {
+        let (url, b) = (st.blob_url("library/x", &b.digest), b.clone());
+        tokio::spawn(async move {
+            let mut r = client().get(&url).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let mut body = Vec::new();
+            while let Some(chunk) = r.chunk().await.expect("the whole body") {
+                body.extend_from_slice(&chunk);
+                got.store(body.len(), Ordering::Relaxed);
+            }
+            assert_eq!(sha256_digest(&body), b.digest, "served bytes");
+        })
+    };
+    let counters: Vec<Arc<AtomicUsize>> = (0..4).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+    let mut clients = vec![get(&first, counters[0].clone())];
+    hold.wait_half_sent(1).await;
+    // 1 + 3.5 MiB do not fit in 4: the big blob waits.
+    clients.push(get(&big, counters[1].clone()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // 1 + 1 + 1 MiB would fit, but they come after the big one.
+    for (b, got) in small.iter().zip(&counters[2..]) {
+        clients.push(get(b, got.clone()));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waiting: Vec<usize> = counters[1..]
+        .iter()
+        .map(|g| g.load(Ordering::Relaxed))
+        .collect();
+    assert_eq!(
+        waiting,
+        vec![0, 0, 0],
+        "bytes received while the first fill holds"
+    );
+
+    hold.release();
+    for c in clients {
+        within(30, "the clients' bodies", c).await.unwrap();
+    }
+    for b in [&first, &big].into_iter().chain(&small) {
+        assert_eq!(up.blob_gets(&b.digest), 1, "one upstream GET per blob");
+    }
+}
+
+/// A fill that leaves the disk (a write failed) gives back its admission:
+/// the next request for the blob leads a new fill (it cannot join one that
+/// spills), which is admitted at once. Before, it waited for the first
+/// fill's slowest reader, up to the upstream timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fill_that_left_the_disk_does_not_hold_its_room() {
+    let up = FakeUpstream::start().await;
+    // Larger than the stalled reader's queue and socket buffers take, and
+    // than half the budget.
+    let b = Blob::random(40 * MIB);
+    up.add_blob(b.data.clone());
+    let dir = TempDir::new().unwrap();
+    let toml = cache_toml(dir.path(), &up.url(), "max_size = \"64MiB\"");
+    let st = start_stowage_toml(dir, &toml).await;
+    st.hooks.inject_write_failure(Some(MIB as u64));
+    let url = st.blob_url("library/x", &b.digest);
+    // A reader that reads nothing past the headers holds the first fill.
+    let stalled = client().get(&url).send().await.unwrap();
+    assert_eq!(stalled.status(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = within(10, "a second client, served by a new fill", async {
+        let r = client().get(&url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.expect("the whole body")
+    })
+    .await;
+    assert_eq!(sha256_digest(&r), b.digest);
+    drop(stalled);
 }

@@ -28,7 +28,7 @@
 //! high/low watermarks; and its eviction listener runs after the entry has
 //! left the map, racing a refill of the same digest for the file name.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io;
 use std::path::Path;
@@ -95,17 +95,35 @@ pub(crate) struct Reservation {
     evict: Arc<Notify>,
     /// Bytes counted so far.
     landed: AtomicU64,
+    /// The fill's admission by size, while it uses the disk.
+    admission: Mutex<Option<Admission>>,
 }
 
 impl Reservation {
     /// A reservation against `index` of `already` bytes (counted in its
-    /// reserved bytes by the caller, e.g. a prefetch's room).
-    pub(crate) fn new(index: Arc<BlobIndex>, evict: Arc<Notify>, already: u64) -> Reservation {
+    /// reserved bytes by the caller, e.g. a prefetch's room), holding the
+    /// fill's `admission` ([`BlobIndex::admit`]) until it ends or leaves
+    /// the disk.
+    pub(crate) fn new(
+        index: Arc<BlobIndex>,
+        evict: Arc<Notify>,
+        already: u64,
+        admission: Option<Admission>,
+    ) -> Reservation {
         Reservation {
             index,
             evict,
             landed: AtomicU64::new(already),
+            admission: Mutex::new(admission),
         }
+    }
+
+    /// The fill goes on without the disk: its admission is given back (a
+    /// new fill of the same blob, which later requests lead, needs it; the
+    /// bytes already written stay counted until the fill ends).
+    pub(crate) fn leave_disk(&self) {
+        let admission = self.admission.lock().ok().and_then(|mut a| a.take());
+        drop(admission);
     }
 
     /// Counts the fill's bytes up to `written` (past what is already
@@ -187,6 +205,41 @@ impl Drop for Admission {
     }
 }
 
+/// A fill's place in the line for admission
+/// ([`BlobIndex::wait_for_admission`]).
+pub(crate) struct Waiting {
+    index: Arc<BlobIndex>,
+    ticket: u64,
+}
+
+impl Waiting {
+    /// Admits the fill of `size` bytes if it is first in line and fits.
+    pub(crate) fn admit(&self, size: u64) -> Option<Admission> {
+        let first = self
+            .index
+            .waiting
+            .lock()
+            .ok()
+            .is_some_and(|line| line.front() == Some(&self.ticket));
+        if first {
+            self.index.admit_now(size)
+        } else {
+            None
+        }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Ok(mut line) = self.index.waiting.lock()
+            && let Some(at) = line.iter().position(|t| *t == self.ticket)
+        {
+            line.remove(at);
+            self.index.waiters.fetch_sub(1, Ordering::Release);
+        }
+    }
+}
+
 /// What the index knows of one stored blob.
 #[derive(Debug)]
 struct Meta {
@@ -224,6 +277,15 @@ pub(crate) struct BlobIndex {
     /// The sizes of the fills admitted to the disk and still in flight
     /// ([`BlobIndex::admit`]).
     admitted: AtomicU64,
+    /// Fills waiting for admission, oldest first (their tickets): only the
+    /// oldest may be admitted, so a large blob is not passed over for ever
+    /// by smaller ones. Locked once per fill that has to wait, never on a
+    /// hit.
+    waiting: Mutex<VecDeque<u64>>,
+    /// How many fills wait (read without the lock by fills that need not).
+    waiters: AtomicU64,
+    /// The next waiting fill's ticket.
+    next_ticket: AtomicU64,
     /// The budget.
     budget: Budget,
     /// Blobs of pinned images; never evicted.
@@ -280,6 +342,9 @@ impl BlobIndex {
             unread_bytes: AtomicU64::new(0),
             evicted_unread_bytes: AtomicU64::new(0),
             admitted: AtomicU64::new(0),
+            waiting: Mutex::new(VecDeque::new()),
+            waiters: AtomicU64::new(0),
+            next_ticket: AtomicU64::new(0),
         }
     }
 
@@ -377,8 +442,30 @@ impl BlobIndex {
     /// fills admitted before it, it fits in `max_size` (what is stored can
     /// always be evicted for them): fills admitted this way never run out
     /// of room half way, however many there are at once. The admission
-    /// lasts as long as the returned guard.
+    /// lasts as long as the returned guard. Not while other fills wait for
+    /// admission: then join them ([`BlobIndex::wait_for_admission`]).
     pub(crate) fn admit(self: &Arc<Self>, size: u64) -> Option<Admission> {
+        if self.waiters.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        self.admit_now(size)
+    }
+
+    /// A place in the line of fills waiting for admission; leaves the
+    /// line when dropped.
+    pub(crate) fn wait_for_admission(self: &Arc<Self>) -> Waiting {
+        let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut line) = self.waiting.lock() {
+            line.push_back(ticket);
+            self.waiters.fetch_add(1, Ordering::Release);
+        }
+        Waiting {
+            index: self.clone(),
+            ticket,
+        }
+    }
+
+    fn admit_now(self: &Arc<Self>, size: u64) -> Option<Admission> {
         self.admitted
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |a| {
                 let after = a.checked_add(size)?;

@@ -626,7 +626,8 @@ impl BlobStore {
         // admitted before it to end if need be; a prefetch does not wait.
         let admission = match total {
             Some(t) if self.index.cacheable(t) => {
-                let patience = if pre.is_some() {
+                // (A prefetch a client has joined waits for the client.)
+                let patience = if pre.is_some() && fill.unread() {
                     Duration::ZERO
                 } else {
                     self.idle_timeout
@@ -652,6 +653,8 @@ impl BlobStore {
             }
             _ => self.fill_file(digest, total).await?,
         };
+        // Without a file (none could be created) the room is not needed.
+        let admission = admission.filter(|_| tmp.is_some());
         // Counted against the budget as the bytes land (by the writer); a
         // prefetch's room, reserved up front, is handed over as the floor
         // (the bytes that land fill it before the reservation grows).
@@ -660,6 +663,7 @@ impl BlobStore {
             self.index.clone(),
             self.evict.clone(),
             already,
+            admission,
         ));
         if let Some(t) = &tmp {
             let _ = fill.file.set(t.file.clone());
@@ -697,7 +701,6 @@ impl BlobStore {
             });
         }
         let filled = self.keep(result, tmp, fill, digest, reservation).await;
-        drop(admission);
         if let Ok(Filled::Stored(size)) = filled {
             // The commit turned the reservation into a stored blob.
             self.evict.notify_one();
@@ -712,9 +715,16 @@ impl BlobStore {
     /// Admission to the disk for a blob of `size` bytes
     /// ([`BlobIndex::admit`]), waiting up to `patience` for room.
     async fn admit(&self, size: u64, patience: Duration) -> Option<Admission> {
+        if let Some(a) = self.index.admit(size) {
+            return Some(a);
+        }
+        if patience.is_zero() {
+            return None;
+        }
         let deadline = tokio::time::Instant::now() + patience;
+        let waiting = self.index.wait_for_admission();
         loop {
-            if let Some(a) = self.index.admit(size) {
+            if let Some(a) = waiting.admit(size) {
                 return Some(a);
             }
             if tokio::time::Instant::now() >= deadline {

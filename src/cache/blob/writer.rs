@@ -179,6 +179,7 @@ impl Writer {
     /// Tells the readers the file ends at `offset`: what follows comes
     /// through the spill queue.
     fn publish_disk_end(&self, offset: u64) {
+        self.reservation.leave_disk();
         self.progress.send_modify(|p| {
             p.written = offset;
             p.disk_end = Some(offset);
