@@ -430,8 +430,17 @@ impl BlobIndex {
     }
 
     /// Forgets a blob whose file turned out to be missing (purged by an
-    /// operator command, or lost).
+    /// operator command, or lost), unless it is there by now: a fill of
+    /// the same digest may have committed since the file was found
+    /// missing. Under the eviction lock, which the commit's indexing takes
+    /// too (after its rename), so the two cannot interleave.
     pub(crate) fn forget(&self, digest: &Digest) {
+        let Ok(_guard) = self.evicting.lock() else {
+            return;
+        };
+        if self.layout.blob(digest).exists() {
+            return;
+        }
         if let Some((_, m)) = self.entries.remove(digest) {
             self.used.fetch_sub(m.size, Ordering::Relaxed);
             Self::mark_read(&m, &self.unread_bytes);
@@ -795,6 +804,25 @@ mod tests {
         index.record_all(&[(&d, size as u64)]).unwrap();
         index.committed(&d, size as u64, 0, false);
         d
+    }
+
+    /// A lookup that found no file forgets the digest late, after a fill
+    /// of it committed (renamed and indexed): the committed blob stays
+    /// indexed and counted. Before, it was forgotten, and its bytes were on
+    /// disk outside the budget until the next start.
+    #[test]
+    fn a_late_forget_keeps_a_blob_committed_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = BlobIndex::new(&Layout::new(dir.path()), Budget::new(1000, 0.9, 0.6));
+        let d = store(&index, 1, 300);
+        index.forget(&d);
+        assert!(index.contains(&d));
+        assert_eq!(index.used(), 300);
+        // Gone for real: forgotten.
+        std::fs::remove_file(index.layout.blob(&d)).unwrap();
+        index.forget(&d);
+        assert!(!index.contains(&d));
+        assert_eq!(index.used(), 0);
     }
 
     #[test]

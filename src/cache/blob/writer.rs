@@ -1,9 +1,9 @@
 //! The blocking half of a fill: a thread of the blocking pool that writes
 //! the upstream's chunks to the temporary file, hashes them and publishes
 //! how far the file is written; once the disk fails (or the budget has no
-//! room for the next chunk), it spills the chunks
-//! to the attached readers instead (`spill.rs`: paced by the slowest, a
-//! reader stuck for the idle timeout cut).
+//! room for the next chunk), it spills the chunks to the attached readers
+//! instead (`spill.rs`: paced by the slowest, a reader stuck for the idle
+//! timeout cut).
 
 use std::fs::File;
 use std::io::{self, Write as _};
