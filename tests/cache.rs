@@ -901,6 +901,26 @@ fn disk_bytes(cache: &Path) -> u64 {
     seen.values().sum()
 }
 
+/// A client GETting `b` in a task of its own: checks the status and the
+/// bytes, and keeps in `got` how many it has received so far.
+fn counted_get(
+    st: &Stowage,
+    b: &Blob,
+    got: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> tokio::task::JoinHandle<()> {
+    let (url, b) = (st.blob_url("library/x", &b.digest), b.clone());
+    tokio::spawn(async move {
+        let mut r = client().get(&url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let mut body = Vec::new();
+        while let Some(chunk) = r.chunk().await.expect("the whole body") {
+            body.extend_from_slice(&chunk);
+            got.store(body.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+        assert_eq!(sha256_digest(&body), b.digest, "served bytes");
+    })
+}
+
 /// Fills in flight never take the disk past the budget, however many run
 /// at once, and still share one upstream fetch per blob: a fill that would
 /// not fit next to those in flight waits (joinable) for them to end. Before,
@@ -945,17 +965,7 @@ async fn fills_in_flight_stay_within_the_budget() {
     for b in blobs.iter().chain(&blobs) {
         let got = Arc::new(AtomicUsize::new(0));
         received.push(got.clone());
-        let (url, b) = (st.blob_url("library/x", &b.digest), b.clone());
-        clients.push(tokio::spawn(async move {
-            let mut r = client().get(&url).send().await.unwrap();
-            assert_eq!(r.status(), 200);
-            let mut body = Vec::new();
-            while let Some(chunk) = r.chunk().await.expect("the whole body") {
-                body.extend_from_slice(&chunk);
-                got.store(body.len(), Ordering::Relaxed);
-            }
-            assert_eq!(sha256_digest(&body), b.digest, "served bytes");
-        }));
+        clients.push(counted_get(&st, b, got));
     }
     // One fill runs (its clients get the first half); the others wait.
     let half = 3 * MIB / 2;
@@ -1061,19 +1071,7 @@ async fn fills_waiting_for_room_are_admitted_in_turn() {
     let toml = cache_toml(dir.path(), &up.url(), "max_size = \"4MiB\"");
     let st = start_stowage_toml(dir, &toml).await;
 
-    let get = |b: &Blob, got: Arc<AtomicUsize>| {
-        let (url, b) = (st.blob_url("library/x", &b.digest), b.clone());
-        tokio::spawn(async move {
-            let mut r = client().get(&url).send().await.unwrap();
-            assert_eq!(r.status(), 200);
-            let mut body = Vec::new();
-            while let Some(chunk) = r.chunk().await.expect("the whole body") {
-                body.extend_from_slice(&chunk);
-                got.store(body.len(), Ordering::Relaxed);
-            }
-            assert_eq!(sha256_digest(&body), b.digest, "served bytes");
-        })
-    };
+    let get = |b: &Blob, got: Arc<AtomicUsize>| counted_get(&st, b, got);
     let counters: Vec<Arc<AtomicUsize>> = (0..4).map(|_| Arc::new(AtomicUsize::new(0))).collect();
     let mut clients = vec![get(&first, counters[0].clone())];
     hold.wait_half_sent(1).await;
