@@ -34,8 +34,13 @@ pub(crate) struct LineLog {
     path: PathBuf,
     /// Where a rewrite writes its temporary file (the cache's `tmp/`).
     tmp: PathBuf,
-    /// Append handle, opened on first use and after a rewrite.
+    /// Append handle, opened on first use, after a rewrite and after a
+    /// failed append.
     file: Mutex<Option<File>>,
+    /// Test only: the next append writes this many bytes of its line and
+    /// fails, as a write cut short by a full disk does.
+    #[cfg(test)]
+    short_write: Mutex<Option<usize>>,
 }
 
 impl LineLog {
@@ -46,30 +51,49 @@ impl LineLog {
             path,
             tmp,
             file: Mutex::new(None),
+            #[cfg(test)]
+            short_write: Mutex::new(None),
         }
     }
 
-    /// Appends `line` (newline included), fsynced when `sync`.
+    /// Appends `line` (newline included), fsynced when `sync`. A failed
+    /// append may have left part of its line (a full disk cuts a write
+    /// short): the handle is dropped, and the next append opens the file
+    /// again and cuts that part off first ([`open_at_line_end`]), or a
+    /// line appended after it would be glued to it and lost.
     pub(crate) fn append(&self, line: &str, sync: bool) -> io::Result<()> {
         let mut guard = self
             .file
             .lock()
             .map_err(|_| io::Error::other("log lock poisoned"))?;
-        if guard.is_none() {
-            *guard = Some(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&self.path)?,
-            );
+        let f = match guard.as_mut() {
+            Some(f) => f,
+            None => guard.insert(open_at_line_end(&self.path)?),
+        };
+        let written = self
+            .write(f, line.as_bytes())
+            .and_then(|()| if sync { f.sync_data() } else { Ok(()) });
+        if written.is_err() {
+            *guard = None;
         }
-        if let Some(f) = guard.as_mut() {
-            f.write_all(line.as_bytes())?;
-            if sync {
-                f.sync_data()?;
-            }
+        written
+    }
+
+    fn write(&self, f: &mut File, bytes: &[u8]) -> io::Result<()> {
+        #[cfg(test)]
+        if let Some(n) = self.short_write.lock().ok().and_then(|mut s| s.take()) {
+            f.write_all(&bytes[..n.min(bytes.len())])?;
+            return Err(io::Error::from(io::ErrorKind::StorageFull));
         }
-        Ok(())
+        f.write_all(bytes)
+    }
+
+    /// Test only: the next append writes `n` bytes of its line and fails.
+    #[cfg(test)]
+    pub(crate) fn cut_next_write_short(&self, n: usize) {
+        if let Ok(mut s) = self.short_write.lock() {
+            *s = Some(n);
+        }
     }
 
     /// Hands every complete line to `each`, in order, up to the first that
@@ -108,6 +132,44 @@ impl LineLog {
         *guard = None;
         Ok(())
     }
+}
+
+/// Opens `path` for appending (creating it), first cutting off a last
+/// line without its newline: the part of a line a failed append left.
+fn open_at_line_end(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .open(path)?;
+    let len = file.metadata()?.len();
+    let keep = line_end(&file, len)?;
+    if keep < len {
+        file.set_len(keep)?;
+    }
+    Ok(file)
+}
+
+/// Where the last complete line of `file` (`len` bytes) ends: `len` when
+/// the file ends with a newline (or is empty), else just past the last
+/// newline before the end (0 if there is none).
+fn line_end(file: &File, len: u64) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 4096];
+    let mut end = len;
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(end - start) as usize];
+        file.read_exact_at(chunk, start)?;
+        if end == len && chunk.last() == Some(&b'\n') {
+            return Ok(len);
+        }
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            return Ok(start + i as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
 }
 
 /// A running compaction waits for at least this many lines beyond twice
@@ -296,6 +358,44 @@ mod tests {
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(&torn.as_bytes()[..torn.len() - 3]).unwrap();
         assert_eq!(journal.read().unwrap().get(&d), Some(&1234));
+    }
+
+    /// An append cut short (a full disk) leaves part of its line; the
+    /// next append must not be glued to it: both the lines before and the
+    /// line after are read back.
+    #[test]
+    fn a_line_after_a_failed_append_is_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("private.log");
+        let log = LineLog::new(path.clone(), dir.path().join("tmp"));
+        log.append("+a\n", true).unwrap();
+        log.cut_next_write_short(2);
+        assert!(log.append("+bbbb\n", true).is_err());
+        log.append("+c\n", true).unwrap();
+        let mut lines = Vec::new();
+        log.read(|l| lines.push(l.to_string())).unwrap();
+        assert_eq!(lines, ["+a", "+c"]);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "+a\n+c\n");
+    }
+
+    /// Where the last complete line ends, across the read-back chunks.
+    #[test]
+    fn line_end_finds_the_last_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let long = "x".repeat(10_000);
+        for (text, want) in [
+            (String::new(), 0),
+            ("ab\n".to_string(), 3),
+            ("ab\ncd".to_string(), 3),
+            ("abcd".to_string(), 0),
+            (format!("ab\n{long}"), 3),
+            (format!("{long}\n{long}\n"), 20_002),
+        ] {
+            std::fs::write(&path, &text).unwrap();
+            let f = File::open(&path).unwrap();
+            assert_eq!(line_end(&f, text.len() as u64).unwrap(), want, "{text:.20}");
+        }
     }
 
     /// Compactions racing appends from several threads lose nothing: the
