@@ -971,3 +971,54 @@ async fn prefetch_asks_upstream_with_the_callers_credentials_only() {
     assert_eq!(a.body, private.layers[0].data);
     assert_eq!(up.blob_gets(&private.layers[0].digest), 1);
 }
+
+/// A private mark whose record could not be written (the log unwritable,
+/// as on a full disk) keeps the blob off the disk; the next fetch, with
+/// the log writable again, writes the mark before storing the blob. It
+/// once found the digest marked in memory and stored the blob with no
+/// record: public after a restart.
+#[tokio::test]
+async fn a_mark_that_failed_to_reach_the_log_is_written_before_the_blob_is_stored() {
+    let (up, private, _) = registry().await;
+    let public = FakeUpstream::start().await;
+    public.set_strict_repos(true);
+    let dir = TempDir::new().unwrap();
+    let toml = format!("prefetch = false\n{}", mixed_config(&dir, &up, &public));
+    let st = start_stowage_toml(dir, &toml).await;
+    let owner = token(&up, "acme/private", true).await;
+    let layer = &private.layers[0];
+    let log = st.dir.path().join("private.log");
+    let _ = std::fs::remove_file(&log);
+    std::fs::create_dir(&log).unwrap(); // cannot be appended to
+    let path = format!("acme/private/blobs/{}", layer.digest);
+    let stored = stowage::test_hooks::blob_path(st.dir.path(), &layer.digest);
+    let a = ask(&st, "GET", &path, Some(&owner)).await;
+    assert_eq!(
+        (a.status, sha256_digest(&a.body)),
+        (200, layer.digest.clone())
+    );
+    while st.hooks.fills_in_flight() > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!stored.exists(), "stored without its mark");
+    std::fs::remove_dir(&log).unwrap();
+    let a = ask(&st, "GET", &path, Some(&owner)).await;
+    assert_eq!(a.status, 200);
+    for _ in 0..250 {
+        if stored.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(stored.exists(), "the second fetch stores the blob");
+    let mirror = format!("docker.io/library/alpine/blobs/{}", layer.digest);
+    assert_eq!(ask(&st, "GET", &mirror, None).await.status, 404);
+    let dir = st.stop().await;
+    let st = start_stowage_toml(dir, &toml).await;
+    assert!(stored.exists());
+    let a = ask(&st, "GET", &mirror, None).await;
+    assert_eq!(
+        a.status, 404,
+        "private blob served to a mirror-mode caller after a restart"
+    );
+}

@@ -18,12 +18,14 @@
 //! appended and fsynced before the content it marks becomes visible (the
 //! blob's rename, the manifest file's write), the log compacted at start-up
 //! to the marks of content still on disk. All in memory as well: a sharded
-//! set of the private digests (`dashmap`, as the blob index), read on each
-//! cache hit of a mirror-mode request only.
+//! map of the private digests (`dashmap`, as the blob index), read on each
+//! cache hit of a mirror-mode request only, which also says whether each
+//! mark is in the log: one whose append failed (a full disk) is appended
+//! again the next time the digest is marked, before its content is stored.
 
 use std::io;
 
-use dashmap::DashSet;
+use dashmap::DashMap;
 
 use super::journal::LineLog;
 use super::layout::{Layout, PrivateRecord};
@@ -61,8 +63,8 @@ impl Access {
 pub(crate) struct Private {
     /// `<cache>/private.log`.
     log: LineLog,
-    /// The private digests.
-    set: DashSet<Digest>,
+    /// The private digests, each with whether its mark is in the log.
+    set: DashMap<Digest, bool>,
 }
 
 impl Private {
@@ -71,17 +73,17 @@ impl Private {
     /// Blocking; run before the server listens.
     pub(crate) fn open(layout: &Layout) -> io::Result<Private> {
         let log = LineLog::new(layout.private_log(), layout.tmp());
-        let set = DashSet::new();
+        let set = DashMap::new();
         log.read(|line| match PrivateRecord::parse(line) {
             Some(PrivateRecord::Private(d)) => {
-                set.insert(d);
+                set.insert(d, true);
             }
             Some(PrivateRecord::Public(d)) => {
                 set.remove(&d);
             }
             None => {}
         })?;
-        set.retain(|d| layout.blob(d).exists() || layout.manifest(d).exists());
+        set.retain(|d, _| layout.blob(d).exists() || layout.manifest(d).exists());
         let text: String = set
             .iter()
             .map(|d| PrivateRecord::Private(d.key().clone()).line())
@@ -92,22 +94,27 @@ impl Private {
 
     /// Whether `digest` came only through passthrough upstreams.
     pub(crate) fn contains(&self, digest: &Digest) -> bool {
-        self.set.contains(digest)
+        self.set.contains_key(digest)
     }
 
     /// Marks `digest` private, durably (fsynced), before the content
     /// becomes visible in the cache. Blocking. Private in memory even when
     /// the record cannot be written (a full disk): the caller then keeps
     /// the content off the disk, but a verified manifest is still served
-    /// from memory, and must not be to mirror-mode callers.
+    /// from memory, and must not be to mirror-mode callers. The record is
+    /// written again at the next mark of the digest.
     pub(crate) fn mark(&self, digest: &Digest) -> io::Result<()> {
-        if self.contains(digest) {
+        if self.set.get(digest).is_some_and(|logged| *logged) {
             return Ok(());
         }
+        self.set.entry(digest.clone()).or_insert(false);
         let record = PrivateRecord::Private(digest.clone());
-        let written = self.log.append(&record.line(), true);
-        self.set.insert(digest.clone());
-        written
+        self.log.append(&record.line(), true)?;
+        // Still private (a `clear` meanwhile made it public): now logged.
+        if let Some(mut logged) = self.set.get_mut(digest) {
+            *logged = true;
+        }
+        Ok(())
     }
 
     /// `digest` is public: a mirror-mode upstream confirmed or served it.
@@ -155,6 +162,27 @@ mod tests {
         assert!(!p.contains(&gone));
         let log = std::fs::read_to_string(layout.private_log()).unwrap();
         assert_eq!(log, format!("+{held}\n"));
+    }
+
+    /// A mark whose record could not be written (a full disk) is written
+    /// at the next mark: that one lets the content be stored, so its
+    /// record must be in the log, or a restart makes the content public.
+    #[test]
+    fn a_mark_that_failed_to_reach_the_log_is_written_at_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let d = Digest::of(crate::oci::Algorithm::Sha256, b"secret");
+        let p = Private::open(&layout).unwrap();
+        p.log.cut_next_write_short(10);
+        assert!(p.mark(&d).is_err());
+        assert!(p.contains(&d), "private in memory all the same");
+        p.mark(&d).unwrap();
+        let b = layout.blob(&d);
+        std::fs::create_dir_all(b.parent().unwrap()).unwrap();
+        std::fs::write(&b, b"secret").unwrap();
+        drop(p);
+        let p = Private::open(&layout).unwrap();
+        assert!(p.contains(&d), "private content public after a restart");
     }
 
     #[test]
