@@ -508,7 +508,7 @@ fn dir_contains(dir: &std::path::Path, needle: &[u8]) -> bool {
 /// (the default upstream), and `public` as `docker.io`, mirror mode.
 fn mixed_config(dir: &TempDir, private: &FakeUpstream, public: &FakeUpstream) -> String {
     format!(
-        "listen = \"127.0.0.1:0\"\ncache_dir = {cache:?}\n\
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ncache_dir = {cache:?}\n\
          [[upstream]]\nhost = \"private.example\"\nurl = \"{private_url}\"\nauth = \"passthrough\"\n\
          [[upstream]]\nhost = \"docker.io\"\nurl = \"{public_url}\"\nlibrary_prefix = true\n",
         cache = dir.path().to_str().unwrap(),
@@ -778,7 +778,7 @@ async fn credentials_meant_for_one_upstream_are_not_passed_to_another() {
     }
     let dir = TempDir::new().unwrap();
     let toml = format!(
-        "listen = \"127.0.0.1:0\"\ncache_dir = {cache:?}\n\
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ncache_dir = {cache:?}\n\
          [[upstream]]\nhost = \"x.example\"\nurl = \"{x}\"\nauth = \"passthrough\"\n\
          [[upstream]]\nhost = \"y.example\"\nurl = \"{y}\"\nauth = \"passthrough\"\n",
         cache = dir.path().to_str().unwrap(),
