@@ -1022,3 +1022,42 @@ async fn a_mark_that_failed_to_reach_the_log_is_written_before_the_blob_is_store
         "private blob served to a mirror-mode caller after a restart"
     );
 }
+
+/// Two passthrough callers ask for a tag (and a subject's referrers) past
+/// its TTL at once; the first's token was revoked upstream, the second's
+/// is valid. They share one revalidation; its 401 answers only the
+/// caller whose credential it refused: the second is served. It once got
+/// the first's 401.
+#[tokio::test]
+async fn a_refusal_of_one_credential_is_not_shared_with_another_callers_load() {
+    let (up, private, _) = registry().await;
+    let st = start_stowage_no_prefetch(&up.url(), "auth = \"passthrough\"\ntag_ttl = \"1s\"").await;
+    let revoked = token(&up, "acme/private", true).await;
+    let paths = [
+        "acme/private/manifests/v1".to_string(),
+        format!("acme/private/referrers/{}", private.digest),
+    ];
+    for path in &paths {
+        assert_eq!(ask(&st, "GET", path, Some(&revoked)).await.status, 200);
+    }
+    up.revoke_tokens();
+    let valid = token(&up, "acme/private", true).await;
+    for path in &paths {
+        assert_eq!(ask(&st, "GET", path, Some(&valid)).await.status, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for path in &paths {
+        up.delay(&format!("/v2/{path}"), Duration::from_millis(500));
+        let first = ask(&st, "GET", path, Some(&revoked));
+        let second = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            ask(&st, "GET", path, Some(&valid)).await
+        };
+        let (first, second) = tokio::join!(first, second);
+        assert_eq!(first.status, 401, "{path}: the revoked token");
+        assert_eq!(
+            second.status, 200,
+            "{path}: the valid token got the other's refusal"
+        );
+    }
+}

@@ -49,7 +49,7 @@
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -58,10 +58,10 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use moka::Expiry;
 
-use super::OriginKey;
 use super::layout::{self, Layout};
 use super::owner;
 use super::private::{Access, Private};
+use super::{OriginKey, shared_load};
 use crate::bucket::Bucket;
 use crate::cluster::{self, Cluster, Hop};
 use crate::error::{Asked, Error, ErrorKind, ErrorSource};
@@ -73,9 +73,6 @@ use crate::upstream::caller::Caller;
 use crate::upstream::{Upstream, UpstreamBody, is_idle_timeout};
 
 pub(crate) use crate::oci::manifest::MAX_MANIFEST;
-
-/// Most shared loads of one digest a request waits on (see `load_digest`).
-const MAX_LOAD_ROUNDS: usize = 8;
 
 /// In-memory budget for manifest bodies.
 const MEMORY_BUDGET: u64 = 64 * 1024 * 1024;
@@ -342,47 +339,29 @@ impl ManifestStore {
             return Ok((m, Outcome::Hit));
         }
         let me = OriginKey::new(upstream, repo, caller);
-        // Requests for the digest share one load, under the origin of the
-        // one that started it. Its failure is the answer for the others
-        // only where it applies to them (a 404 in another repository does
-        // not); otherwise they load again, under their own or joining
-        // another's, for at most MAX_LOAD_ROUNDS loads (each one after the
-        // first follows an origin-specific failure of another origin).
-        let mut rounds = 0;
-        loop {
-            rounds += 1;
-            let mut fetched = false;
-            let load = async {
-                if let Some(m) = self.read_disk(digest).await.map_err(local_error)? {
-                    return Ok(Arc::new(m));
-                }
-                fetched = true;
-                let m = self
-                    .fetch_by_digest(upstream, repo, digest, caller, hop)
-                    .await?;
-                if let Err(e) = self.write_disk(&m, caller).await {
-                    // Verified: serve it all the same (full disk, say).
-                    tracing::warn!(%digest, error = %e,
-                        "cannot store manifest: serving it without caching");
-                }
-                Ok(Arc::new(m))
-            };
-            let loaded = self
-                .by_digest
-                .try_get_with_by_ref(digest, async {
-                    load.await.map_err(|error| (me.clone(), error))
-                })
-                .await;
-            match loaded {
-                Ok(m) => return Ok((m, if fetched { Outcome::Miss } else { Outcome::Hit })),
-                Err(failed) => {
-                    let (origin, e) = &*failed;
-                    if rounds >= MAX_LOAD_ROUNDS || origin.failure_is_also_for(e, &me) {
-                        return Err(e.clone());
-                    }
-                }
+        let fetched = AtomicBool::new(false);
+        let m = shared_load(&self.by_digest, digest, &me, || async {
+            if let Some(m) = self.read_disk(digest).await.map_err(local_error)? {
+                return Ok(Arc::new(m));
             }
-        }
+            fetched.store(true, Ordering::Relaxed);
+            let m = self
+                .fetch_by_digest(upstream, repo, digest, caller, hop)
+                .await?;
+            if let Err(e) = self.write_disk(&m, caller).await {
+                // Verified: serve it all the same (full disk, say).
+                tracing::warn!(%digest, error = %e,
+                    "cannot store manifest: serving it without caching");
+            }
+            Ok(Arc::new(m))
+        })
+        .await?;
+        let outcome = if fetched.load(Ordering::Relaxed) {
+            Outcome::Miss
+        } else {
+            Outcome::Hit
+        };
+        Ok((m, outcome))
     }
 
     /// The manifest by digest from its owner, else upstream.
@@ -463,20 +442,18 @@ impl ManifestStore {
             let outcome = entry.outcome.again();
             return Ok((m, outcome));
         }
-        let mut loaded = false;
-        let entry = self
-            .tags
-            .try_get_with_by_ref(&key, async {
-                loaded = true;
-                self.revalidate(upstream, caller, repo, tag, class, hop)
-                    .await
-            })
-            .await
-            .map_err(|e: Arc<Error>| (*e).clone())?;
+        let loaded = AtomicBool::new(false);
+        let me = OriginKey::new(upstream, repo, caller);
+        let entry = shared_load(&self.tags, &key, &me, || async {
+            loaded.store(true, Ordering::Relaxed);
+            self.revalidate(upstream, caller, repo, tag, class, hop)
+                .await
+        })
+        .await?;
         let (m, _) = self
             .load_digest(upstream, repo, &entry.digest, caller, hop)
             .await?;
-        let outcome = if loaded {
+        let outcome = if loaded.load(Ordering::Relaxed) {
             entry.outcome
         } else {
             entry.outcome.again()

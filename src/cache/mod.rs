@@ -56,6 +56,49 @@ impl OriginKey {
     }
 }
 
+/// Most shared loads of one key a request waits on (see [`shared_load`]).
+const MAX_LOAD_ROUNDS: usize = 8;
+
+/// The value of `key` in `cache`, loaded by `load` when missing. Requests
+/// for one key share one load (moka's coalescing), under the origin of the
+/// request that started it. Its failure is the answer for the others only
+/// where it applies to them ([`OriginKey::failure_is_also_for`]: a 404 in
+/// another repository, or a 401 of another credential, does not);
+/// otherwise they load again, under their own origin or joining another's,
+/// for at most [`MAX_LOAD_ROUNDS`] loads (each one after the first follows
+/// an origin-specific failure of another origin).
+pub(crate) async fn shared_load<K, V, F, Fut>(
+    cache: &moka::future::Cache<K, V>,
+    key: &K,
+    me: &OriginKey,
+    load: F,
+) -> Result<V, Error>
+where
+    K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<V, Error>>,
+{
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        let loaded = cache
+            .try_get_with_by_ref(key, async {
+                load().await.map_err(|error| (me.clone(), error))
+            })
+            .await;
+        match loaded {
+            Ok(v) => return Ok(v),
+            Err(failed) => {
+                let (origin, e) = &*failed;
+                if rounds >= MAX_LOAD_ROUNDS || origin.failure_is_also_for(e, me) {
+                    return Err(e.clone());
+                }
+            }
+        }
+    }
+}
+
 impl std::fmt::Display for OriginKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.host, self.repo)

@@ -20,7 +20,7 @@
 //! and clients fall back to the tag schema (`sha256-<hex>.sig`), which goes
 //! through the tag cache like any tag.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -28,6 +28,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 
 use super::layout;
 use super::manifests::{Manifest, ManifestStore, read_body, write_atomic};
+use super::{OriginKey, shared_load};
 use crate::error::{Asked, Error};
 use crate::metrics::Outcome;
 use crate::oci::headers::OCI_FILTERS_APPLIED;
@@ -118,17 +119,15 @@ impl ManifestStore {
             let outcome = entry.outcome.again();
             return Ok((entry.answer, outcome));
         }
-        let mut loaded = false;
-        let entry = self
-            .referrers
-            .try_get_with_by_ref(&key, async {
-                loaded = true;
-                self.refresh_referrers(upstream, caller, repo, subject, filter)
-                    .await
-            })
-            .await
-            .map_err(|e: Arc<Error>| (*e).clone())?;
-        let outcome = if loaded {
+        let loaded = AtomicBool::new(false);
+        let me = OriginKey::new(upstream, repo, caller);
+        let entry = shared_load(&self.referrers, &key, &me, || async {
+            loaded.store(true, Ordering::Relaxed);
+            self.refresh_referrers(upstream, caller, repo, subject, filter)
+                .await
+        })
+        .await?;
+        let outcome = if loaded.load(Ordering::Relaxed) {
             entry.outcome
         } else {
             entry.outcome.again()
