@@ -722,3 +722,43 @@ async fn manifest_and_tag_files_are_not_written_through_temporary_files_beside_t
     assert!(moved.len() >= 3, "no tag file rewritten: {moved:?}");
     assert_eq!(tag_files(), before);
 }
+
+/// A manifest whose body names a media type that is not one (a newline
+/// in it), served with a generic `Content-Type`: it is served, with a
+/// `Content-Type`, and kept on disk like any other. The newline once left
+/// it without `Content-Type`, and split its file so that it never read
+/// back: not served from the cache after a restart with upstream out.
+#[tokio::test]
+async fn a_manifest_naming_a_malformed_media_type_is_served_and_kept() {
+    let up = FakeUpstream::start().await;
+    let body = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json\nx","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855","size":0},"layers":[]}"#;
+    let digest = sha256_digest(body.as_bytes());
+    up.respond(
+        &format!("/v2/odd/img/manifests/{digest}"),
+        200,
+        &[("content-type", "application/json")],
+        body,
+    );
+    let get = async |st: &Stowage| {
+        let r = client()
+            .get(st.manifest_url("odd/img", &digest))
+            .header("accept", "application/vnd.oci.image.manifest.v1+json")
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let content_type = header(&r, "content-type");
+        (status, content_type, r.bytes().await.unwrap())
+    };
+    let st = start_stowage_no_prefetch(&up.url(), "").await;
+    let oci = Some("application/vnd.oci.image.manifest.v1+json".to_string());
+    let (status, content_type, got) = get(&st).await;
+    assert_eq!((status, &content_type), (200, &oci));
+    assert_eq!(got, body.as_bytes());
+    let dir = st.stop().await;
+    up.set_failure(Failure::Unavailable);
+    let st = start_stowage_in(dir, &up.url(), "").await;
+    let (status, content_type, got) = get(&st).await;
+    assert_eq!((status, content_type), (200, oci), "served from the cache");
+    assert_eq!(got, body.as_bytes());
+}

@@ -187,23 +187,35 @@ pub(crate) fn media_type(content_type: Option<&str>, body: &[u8]) -> String {
 /// manifest's memory cost is its body's.
 const MAX_MEDIA_TYPE: usize = 255;
 
+/// Whether `t` is a media type as RFC 6838 (section 4.2) spells one:
+/// `type/subtype`, each a letter or digit then up to 126 of letters,
+/// digits and ``!#$&-^_.+``. What upstream names otherwise (a JSON string
+/// can hold a newline) would not make a `Content-Type`, nor the first
+/// line of the manifest's file (`cache/layout.rs`).
+fn is_media_type(t: &str) -> bool {
+    let name = |s: &str| {
+        (1..=127).contains(&s.len())
+            && s.as_bytes()[0].is_ascii_alphanumeric()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+    };
+    t.len() <= MAX_MEDIA_TYPE
+        && t.split_once('/')
+            .is_some_and(|(ty, sub)| name(ty) && name(sub))
+}
+
 /// Upstream's `Content-Type` (parameters dropped) when it names a type:
 /// `None` when it is missing or generic (then only the body can tell), or
-/// longer than any media type.
+/// not a media type at all.
 pub(crate) fn specific_type(content_type: Option<&str>) -> Option<String> {
     content_type
         .map(|v| v.split(';').next().unwrap_or(v).trim())
-        .filter(|v| {
-            !v.is_empty()
-                && v.len() <= MAX_MEDIA_TYPE
-                && *v != "application/json"
-                && *v != "text/plain"
-        })
+        .filter(|v| is_media_type(v) && *v != "application/json" && *v != "text/plain")
         .map(str::to_string)
 }
 
-/// The `mediaType` field of a manifest body, if it has one (and it is not
-/// longer than any media type).
+/// The `mediaType` field of a manifest body, if it has one and it is a
+/// media type ([`is_media_type`]).
 fn media_type_in(body: &[u8]) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Probe {
@@ -213,7 +225,7 @@ fn media_type_in(body: &[u8]) -> Option<String> {
     serde_json::from_slice::<Probe>(body)
         .ok()?
         .media_type
-        .filter(|t| t.len() <= MAX_MEDIA_TYPE)
+        .filter(|t| is_media_type(t))
 }
 
 /// The digests a manifest refers to: child manifests (of an index) and
@@ -444,6 +456,31 @@ mod tests {
         let body = format!(r#"{{"mediaType":"{huge}"}}"#);
         assert_eq!(media_type(Some(&huge), body.as_bytes()), OCI_MANIFEST);
         assert_eq!(media_type(Some(&huge), br#"{"mediaType":"m/t"}"#), "m/t");
+        // Nor what is not a media type: it would not make a header.
+        for odd in [
+            r#"application/vnd.oci.image.manifest.v1+json\nx"#,
+            "application/x y",
+            "application",
+            "/x",
+            "application/",
+            "a/b/c",
+            r"application/x\u0000",
+            r"\u00e9/x",
+        ] {
+            let body = format!(r#"{{"mediaType":"{odd}"}}"#);
+            assert_eq!(media_type(None, body.as_bytes()), OCI_MANIFEST, "{odd}");
+        }
+        assert_eq!(media_type(Some("x y/z"), b"{}"), OCI_MANIFEST);
+        for fine in [
+            "application/vnd.docker.distribution.manifest.v1+prettyjws",
+            "application/vnd.oci.image.index.v1+json",
+            "application/vnd.cncf.helm.config.v1+json",
+            "text/x-shellscript",
+        ] {
+            assert_eq!(media_type(Some(fine), b""), fine);
+            let body = format!(r#"{{"mediaType":"{fine}"}}"#);
+            assert_eq!(media_type(None, body.as_bytes()), fine);
+        }
     }
 
     #[test]
