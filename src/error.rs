@@ -64,8 +64,10 @@ pub(crate) enum ErrorKind {
     TagInvalid,
     /// A malformed digest, or an algorithm stowage cannot verify.
     DigestInvalid,
-    /// A write, or a path outside the pull API: the mirror is read-only.
+    /// A write: the mirror is read-only.
     Unsupported,
+    /// A path that is no route of the pull API.
+    RouteUnknown,
     /// The client must authenticate to the mirror itself.
     Unauthorized {
         /// The `WWW-Authenticate` challenge to answer with.
@@ -354,7 +356,7 @@ impl From<ParseError> for Error {
             Invalid::Name => ErrorKind::NameInvalid,
             Invalid::Tag => ErrorKind::TagInvalid,
             Invalid::Digest => ErrorKind::DigestInvalid,
-            Invalid::Path => ErrorKind::Unsupported,
+            Invalid::Path => ErrorKind::RouteUnknown,
         };
         Error::new(kind, ErrorSource::Client, e.message)
     }

@@ -213,8 +213,41 @@ async fn push_attempts_are_unsupported() {
     for (method, target) in &cases {
         let r = raw_request(st.addr, method, target).await;
         r.assert_oci_error(405, &["UNSUPPORTED"], &format!("{method} {target}"));
+        // RFC 9110: a 405 lists the methods the resource has.
+        assert_eq!(
+            r.header("allow").as_deref(),
+            Some("GET, HEAD"),
+            "{method} {target}"
+        );
     }
     assert_eq!(up.total(), 0, "push attempts reached upstream");
+}
+
+/// A path that is no route of the API (the catalog, the root, a manifest
+/// with no reference) is not found: 404 with an OCI error body, whatever
+/// the method. It once got 405, as if another method would do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn paths_outside_the_api_are_not_found() {
+    let up = FakeUpstream::start().await;
+    let st = start_stowage(&up.url(), "").await;
+    for target in [
+        "/",
+        "/v2/_catalog",
+        "/v2/library/alpine/manifests",
+        "/v2/library/alpine/blobs",
+        "/v2/library/alpine/tags",
+        "/v1/_ping",
+        "/v2x",
+    ] {
+        for method in ["GET", "HEAD", "POST"] {
+            let r = raw_request(st.addr, method, target).await;
+            assert_eq!(r.status, 404, "{method} {target}");
+            if method != "HEAD" {
+                r.assert_oci_error(404, &["UNSUPPORTED"], &format!("{method} {target}"));
+            }
+        }
+    }
+    assert_eq!(up.total(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

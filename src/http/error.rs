@@ -21,6 +21,9 @@ pub(crate) fn status_and_code(e: &Error) -> (StatusCode, &'static str) {
         K::TagInvalid => (StatusCode::BAD_REQUEST, "TAG_INVALID"),
         K::DigestInvalid => (StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
         K::Unsupported => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
+        // The OCI codes have none for "no such route"; a path outside the
+        // pull API asks for an operation the mirror does not support.
+        K::RouteUnknown => (StatusCode::NOT_FOUND, "UNSUPPORTED"),
         // Only the mirror's own challenge is a 401: a client can answer
         // it. Upstream refusing the mirror's credentials is a failure of
         // the mirror (502, the reason in the message), after which dockerd
@@ -79,6 +82,10 @@ pub(crate) fn response(e: &Error, head_only: bool) -> Response<Body> {
             ..
         } => {
             h.insert(header::RETRY_AFTER, r.clone());
+        }
+        ErrorKind::Unsupported => {
+            // RFC 9110 section 15.5.6: a 405 lists the methods allowed.
+            h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         }
         ErrorKind::Unauthorized { challenge } => {
             h.insert(header::WWW_AUTHENTICATE, challenge.clone());
