@@ -688,7 +688,11 @@ impl BlobIndex {
         // Records appended from now on (commits, evictions during the scan)
         // go into the compacted journal as well.
         self.journal.mark()?;
-        let records = self.journal.read()?;
+        let records = self.journal.read().unwrap_or_else(|e| {
+            // Only slower: files without a record are hashed.
+            tracing::warn!(error = %e, "cannot read the blob journal; hashing every blob");
+            HashMap::new()
+        });
         let mut kept = 0;
         self.layout.scan_blobs(|entry| match entry {
             Scanned::Stray(path, why) => drop_file(&path, why),
@@ -956,5 +960,21 @@ mod tests {
         assert_eq!(index.used(), 0);
         let journal = std::fs::read_to_string(layout.journal()).unwrap_or_default();
         assert_eq!(journal.lines().count(), 0, "{journal}");
+    }
+
+    /// A journal that cannot be read (here a directory in its place): the
+    /// load hashes every blob instead, and the index is loaded.
+    #[test]
+    fn an_unreadable_journal_only_makes_the_load_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let index = BlobIndex::new(&layout, Budget::new(1 << 20, 0.9, 0.8));
+        let d = Digest::of(Algorithm::Sha256, b"kept");
+        let path = layout.blob(&d);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, b"kept").unwrap();
+        std::fs::create_dir_all(layout.journal()).unwrap();
+        assert_eq!(index.load().unwrap(), 1);
+        assert!(index.is_loaded() && index.contains(&d));
     }
 }

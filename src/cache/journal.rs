@@ -96,30 +96,33 @@ impl LineLog {
         }
     }
 
-    /// Hands every complete line to `each`, in order, up to the first that
-    /// cannot be read. A last line without its newline is torn (a crash
-    /// mid-append) and left out: a prefix of a record can parse as another
-    /// record (`+<digest> 12` of `+<digest> 1234`). No file is no lines.
+    /// Hands every complete line to `each`, in order. A line that is not
+    /// UTF-8 (a damaged byte) is skipped like any other unparseable one;
+    /// the lines after it are still read. A last line without its newline
+    /// is torn (a crash mid-append) and left out: a prefix of a record can
+    /// parse as another record (`+<digest> 12` of `+<digest> 1234`). No
+    /// file is no lines; a file that cannot be read to its end is an
+    /// error (after `each` had the lines before the failure).
     pub(crate) fn read(&self, mut each: impl FnMut(&str)) -> io::Result<()> {
         let file = match File::open(&self.path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e),
         };
-        // Whether the file ends mid-line: then its last line is torn.
-        let len = file.metadata()?.len();
-        let mut last = [0u8; 1];
-        let torn = len > 0
-            && std::os::unix::fs::FileExt::read_exact_at(&file, &mut last, len - 1).is_ok()
-            && last[0] != b'\n';
-        let mut lines = io::BufReader::new(file).lines().peekable();
-        while let Some(Ok(line)) = lines.next() {
-            if torn && lines.peek().is_none() {
-                break;
+        let mut lines = io::BufReader::new(file);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if lines.read_until(b'\n', &mut line)? == 0 {
+                return Ok(());
             }
-            each(&line);
+            let Some(complete) = line.strip_suffix(b"\n") else {
+                return Ok(()); // torn: the last line, without its newline
+            };
+            if let Ok(text) = std::str::from_utf8(complete) {
+                each(text);
+            }
         }
-        Ok(())
     }
 
     /// Replaces the file with `text` ([`replace_file`]).

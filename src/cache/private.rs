@@ -70,7 +70,8 @@ pub(crate) struct Private {
 impl Private {
     /// Reads `<cache>/private.log` and rewrites it with the marks of
     /// content still in the cache (blob or manifest file present).
-    /// Blocking; run before the server listens.
+    /// Blocking; run before the server listens. A log that cannot be read
+    /// is an error: without its marks, private content would be public.
     pub(crate) fn open(layout: &Layout) -> io::Result<Private> {
         let log = LineLog::new(layout.private_log(), layout.tmp());
         let set = DashMap::new();
@@ -83,12 +84,18 @@ impl Private {
             }
             None => {}
         })?;
-        set.retain(|d, _| layout.blob(d).exists() || layout.manifest(d).exists());
+        // A mark is dropped only when its content is known to be gone (a
+        // file that cannot be looked at may still be there).
+        let held = |p: std::path::PathBuf| p.try_exists().unwrap_or(true);
+        set.retain(|d, _| held(layout.blob(d)) || held(layout.manifest(d)));
         let text: String = set
             .iter()
             .map(|d| PrivateRecord::Private(d.key().clone()).line())
             .collect();
-        log.rewrite(&text)?;
+        if let Err(e) = log.rewrite(&text) {
+            // The log as it is holds every mark still (and more): keep it.
+            tracing::warn!(error = %e, "cannot compact the private content log");
+        }
         Ok(Private { log, set })
     }
 
@@ -183,6 +190,52 @@ mod tests {
         drop(p);
         let p = Private::open(&layout).unwrap();
         assert!(p.contains(&d), "private content public after a restart");
+    }
+
+    /// A damaged line (not UTF-8) in the middle of the log loses only
+    /// itself: the marks after it are read and kept. They were dropped,
+    /// and the compaction made it for good.
+    #[test]
+    fn marks_after_a_damaged_line_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let ds: Vec<Digest> = [b"one", b"two"]
+            .iter()
+            .map(|b| Digest::of(crate::oci::Algorithm::Sha256, *b))
+            .collect();
+        for d in &ds {
+            let p = layout.blob(d);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, b"x").unwrap();
+        }
+        let mut log = PrivateRecord::Private(ds[0].clone()).line().into_bytes();
+        log.extend_from_slice(b"+sha256:\xff\xfe\n");
+        log.extend_from_slice(PrivateRecord::Private(ds[1].clone()).line().as_bytes());
+        std::fs::write(layout.private_log(), &log).unwrap();
+        for _ in 0..2 {
+            let p = Private::open(&layout).unwrap();
+            assert!(ds.iter().all(|d| p.contains(d)));
+        }
+    }
+
+    /// A log that cannot be compacted at start-up (a full disk) is kept
+    /// as it is: the cache still starts, with every mark.
+    #[test]
+    fn a_log_that_cannot_be_compacted_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let d = Digest::of(crate::oci::Algorithm::Sha256, b"held");
+        let p = layout.blob(&d);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, b"x").unwrap();
+        let line = PrivateRecord::Private(d.clone()).line();
+        std::fs::write(layout.private_log(), &line).unwrap();
+        // The rewrite's temporary file cannot be made.
+        let _ = std::fs::remove_dir_all(layout.tmp());
+        std::fs::write(layout.tmp(), b"not a directory").unwrap();
+        let p = Private::open(&layout).unwrap();
+        assert!(p.contains(&d));
+        assert_eq!(std::fs::read_to_string(layout.private_log()).unwrap(), line);
     }
 
     #[test]
