@@ -1131,3 +1131,39 @@ async fn a_fill_that_left_the_disk_does_not_hold_its_room() {
     assert_eq!(sha256_digest(&r), b.digest);
     drop(stalled);
 }
+
+/// A stored blob damaged on disk while stowage runs (truncated, or grown)
+/// is not served: its size no longer matches the one recorded when it was
+/// verified, so it is dropped and fetched again. A truncated one was
+/// served as a clean, short 200, again and again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_blob_damaged_on_disk_is_fetched_again() {
+    let up = FakeUpstream::start().await;
+    let (a, b) = (Blob::random(300 * KIB), Blob::random(300 * KIB));
+    for x in [&a, &b] {
+        up.add_blob(x.data.clone());
+    }
+    let dir = TempDir::new().unwrap();
+    let toml = cache_toml(dir.path(), &up.url(), "max_size = \"10MiB\"");
+    let st = start_stowage_toml(dir, &toml).await;
+    for x in [&a, &b] {
+        fetch(&st, x).await;
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(blob_file(st.dir.path(), &a.digest))
+        .unwrap();
+    file.set_len(1000).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(blob_file(st.dir.path(), &b.digest))
+        .unwrap();
+    std::io::Write::write_all(&mut &file, b"more").unwrap();
+    for x in [&a, &b] {
+        fetch(&st, x).await; // checks the bytes
+        fetch(&st, x).await;
+        assert_eq!(up.blob_gets(&x.digest), 2);
+        let stored = std::fs::read(blob_file(st.dir.path(), &x.digest)).unwrap();
+        assert_eq!(sha256_digest(&stored), x.digest);
+    }
+}

@@ -554,6 +554,11 @@ impl BlobIndex {
         self.entries.contains_key(digest)
     }
 
+    /// The size `digest` was indexed with, if indexed.
+    pub(crate) fn size(&self, digest: &Digest) -> Option<u64> {
+        self.entries.get(digest).map(|m| m.size)
+    }
+
     /// Replaces the set of pinned blobs.
     pub(crate) fn set_pinned(&self, pinned: HashSet<Digest>) {
         if let Ok(mut p) = self.pinned.write() {

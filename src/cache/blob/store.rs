@@ -383,12 +383,28 @@ impl BlobStore {
     }
 
     /// Opens a stored blob, or `None` on a miss. Records the access.
+    /// A file whose size is not the one indexed (it was verified at that
+    /// size) was damaged on disk: it is dropped, and the lookup is a miss.
     /// Blocking.
     fn lookup(&self, digest: &Digest) -> io::Result<Option<StoredBlob>> {
         self.slow_disk();
-        match File::open(self.layout.blob(digest)) {
+        let path = self.layout.blob(digest);
+        match File::open(&path) {
             Ok(file) => {
                 let size = file.metadata()?.len();
+                if let Some(indexed) = self.index.size(digest)
+                    && indexed != size
+                {
+                    tracing::warn!(%digest, indexed, size,
+                        "stored blob changed size on disk, dropping it");
+                    match std::fs::remove_file(&path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
+                    }
+                    self.index.forget(digest);
+                    return Ok(None);
+                }
                 self.index.touch(digest, size);
                 Ok(Some(StoredBlob {
                     file: Arc::new(file),
