@@ -149,3 +149,49 @@ async fn full_disk_still_serves_verified_content() {
     st.stop().await;
     drop(mount);
 }
+
+/// Referrers kept on disk, then a newer answer (a signature removed, one
+/// added) that cannot be kept (the disk is full): the record of the old
+/// answer goes. An outage afterwards must not bring back the removed
+/// signature; it did, served stale from the old record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn referrers_that_cannot_be_kept_do_not_leave_an_older_answer_behind() {
+    let dir = TempDir::new().unwrap();
+    let mount = Tmpfs::mount(dir.path(), "8m");
+    let cache = dir.path().to_path_buf();
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[1000]);
+    up.push_image("library/app", "1", &img);
+    let old_sig = make_artifact(&img, "application/vnd.dev.cosign.artifact.sig.v1+json");
+    up.push_image_untagged("library/app", &old_sig);
+    let st = start_stowage_in(dir, &up.url(), "tag_ttl = \"400ms\"").await;
+    let c = client();
+    let path = st.v2(&format!("app/referrers/{}", img.digest));
+    let listed = async |want: &str| {
+        let (_, body) = get_ok(&c, &path).await;
+        let index: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(index["manifests"][0]["digest"], want, "{index}");
+    };
+    // The subject is cached, so its referrers are kept on disk.
+    check_manifest(&c, &st, "app", "1", &img.manifest, OCI_MANIFEST).await;
+    listed(&old_sig.digest).await;
+    let filler = fill_up(&cache);
+    up.remove_manifest(&old_sig.digest);
+    let new_sig = make_artifact(&img, "application/vnd.example.sbom.v1+json");
+    up.push_image_untagged("library/app", &new_sig);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    listed(&new_sig.digest).await;
+    up.set_failure(Failure::Unavailable);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let r = c.get(&path).send().await.unwrap();
+    let status = r.status();
+    let body = r.bytes().await.unwrap();
+    assert!(
+        !String::from_utf8_lossy(&body).contains(&old_sig.digest),
+        "{status}: a removed referrer served stale: {}",
+        String::from_utf8_lossy(&body)
+    );
+    std::fs::remove_file(&filler).unwrap();
+    st.stop().await;
+    drop(mount);
+}

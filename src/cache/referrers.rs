@@ -196,15 +196,19 @@ impl ManifestStore {
                 && tokio::fs::try_exists(self.layout.manifest(subject))
                     .await
                     .unwrap_or(false));
-        if !durable {
-            // A record of an earlier answer must not outlive this one: an
-            // outage would bring back referrers deleted since.
+        // A record of an earlier answer must not outlive this one when this
+        // one is not kept: an outage would bring back referrers deleted
+        // since.
+        let forget_older = async || {
             if let Err(e) = tokio::fs::remove_file(&record).await
                 && e.kind() != std::io::ErrorKind::NotFound
             {
                 tracing::warn!(upstream = upstream.host(), %repo, %subject, error = %e,
                     "cannot remove an outdated referrers record");
             }
+        };
+        if !durable {
+            forget_older().await;
             return Ok(RefEntry {
                 answer,
                 fresh_for: ttl,
@@ -221,7 +225,7 @@ impl ManifestStore {
             Ok(()) => {
                 write_atomic(
                     &self.layout,
-                    record,
+                    record.clone(),
                     layout::encode_referrers(&digest, answer.filters_applied),
                 )
                 .await
@@ -233,6 +237,7 @@ impl ManifestStore {
             // only keeping it for an outage failed.
             tracing::warn!(upstream = upstream.host(), %repo, %subject, error = %e,
                 "cannot store referrers: serving them without caching");
+            forget_older().await;
         }
         Ok(RefEntry {
             answer,
