@@ -161,6 +161,7 @@ impl Server {
             manifests: manifests.clone(),
             index: blobs.index().clone(),
             route: router.resolver(),
+            layout: layout.clone(),
         };
         pins.spawn(shutdown.token());
         if let Some(c) = &cluster {

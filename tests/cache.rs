@@ -1167,3 +1167,52 @@ async fn a_stored_blob_damaged_on_disk_is_fetched_again() {
         assert_eq!(sha256_digest(&stored), x.digest);
     }
 }
+
+/// Pinned blobs stay pinned across a restart even when the pin cannot be
+/// resolved after it (its tag deleted upstream): the pinned set is kept on
+/// disk. They were evicted: only a pin resolved since the start counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_blobs_stay_pinned_after_a_restart_when_the_pin_cannot_be_resolved() {
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[200 * KIB, 200 * KIB]);
+    up.push_image("library/pinned", "1", &img);
+    let others: Vec<Blob> = (0..12).map(|_| Blob::random(200 * KIB)).collect();
+    for b in &others {
+        up.add_blob(b.data.clone());
+    }
+    let dir = TempDir::new().unwrap();
+    let toml = cache_toml(
+        dir.path(),
+        &up.url(),
+        "max_size = \"1MiB\"\nhigh_watermark = 0.9\nlow_watermark = 0.5\npin = [\"docker.io/library/pinned:1\"]",
+    );
+    let st = start_stowage_toml(dir, &toml).await;
+    let index = st.hooks.clone();
+    let layer = img.layers[0].digest.clone();
+    wait_until("pins resolved", || index.is_pinned(&layer)).await;
+    for b in img.blobs() {
+        fetch(&st, b).await;
+    }
+    up.respond(
+        "/v2/library/pinned/manifests/1",
+        404,
+        &[("content-type", "application/json")],
+        r#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"gone"}]}"#,
+    );
+    let dir = st.stop().await;
+    let st = start_stowage_toml(dir, &toml).await;
+    for b in &others {
+        fetch(&st, b).await;
+    }
+    assert!(st.hooks.evicted_blobs() > 0);
+    for b in img.blobs() {
+        assert!(st.hooks.is_pinned(&b.digest));
+        assert!(
+            blob_file(st.dir.path(), &b.digest).exists(),
+            "pinned blob kept"
+        );
+        fetch(&st, b).await;
+        assert_eq!(up.blob_gets(&b.digest), 1, "pinned blob never refetched");
+    }
+    assert!(store_bytes(st.dir.path()) <= MIB as u64);
+}

@@ -11,6 +11,8 @@
 //! <cache>/private.log                     digests fetched only through passthrough
 //!                                         upstreams: `+<digest>`, `-<digest>` (public now)
 //! <cache>/lock                            flock of the running instance, its pid inside
+//! <cache>/pins                            the blobs each pinned image last resolved to:
+//!                                         `<image> <digest>` lines
 //! <cache>/manifests/<alg>/<hex>           first line the media type, then the exact bytes
 //! <cache>/tags/<host>/<repo>/_referrers/<alg>-<hex>[@<filter hash>]
 //!                                         a referrers answer: its body's digest, and
@@ -84,6 +86,11 @@ impl Layout {
     /// `<cache>/private.log`: marks of private content (`cache/private.rs`).
     pub(crate) fn private_log(&self) -> PathBuf {
         self.dir.join("private.log")
+    }
+
+    /// `<cache>/pins`: the pinned blobs, per image (`cache/pins.rs`).
+    pub(crate) fn pins(&self) -> PathBuf {
+        self.dir.join("pins")
     }
 
     /// `<cache>/manifests`.
@@ -268,6 +275,34 @@ pub(crate) fn decode_tag(text: &str) -> Option<Digest> {
     Digest::parse(text.trim()).ok()
 }
 
+/// The pins file: a line `<image> <digest>` for each blob of each pinned
+/// image (an image reference holds no space), sorted.
+pub(crate) fn encode_pins<'a>(
+    pins: impl Iterator<Item = (&'a str, &'a std::collections::HashSet<Digest>)>,
+) -> Vec<u8> {
+    let mut lines: Vec<String> = pins
+        .flat_map(|(image, blobs)| blobs.iter().map(move |d| format!("{image} {d}\n")))
+        .collect();
+    lines.sort_unstable();
+    lines.concat().into_bytes()
+}
+
+/// The blobs of each image in a pins file; lines that do not parse are
+/// skipped.
+pub(crate) fn decode_pins(
+    text: &str,
+) -> std::collections::HashMap<String, std::collections::HashSet<Digest>> {
+    let mut pins = std::collections::HashMap::<_, std::collections::HashSet<_>>::new();
+    for line in text.lines() {
+        if let Some((image, digest)) = line.split_once(' ')
+            && let Ok(d) = Digest::parse(digest)
+        {
+            pins.entry(image.to_string()).or_default().insert(d);
+        }
+    }
+    pins
+}
+
 /// A referrers record: the digest of the answer's body (kept as a
 /// manifest), a newline, and `artifactType` and a newline when upstream
 /// applied the filter (`OCI-Filters-Applied`).
@@ -378,6 +413,26 @@ pub(crate) fn replace_file(tmp: &Path, path: &Path, data: &[u8]) -> io::Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pins_round_trip() {
+        let d = |b: &[u8]| Digest::of(Algorithm::Sha256, b);
+        let mut pins = std::collections::HashMap::new();
+        pins.insert(
+            "docker.io/library/a:1".to_string(),
+            [d(b"x"), d(b"y")].into_iter().collect(),
+        );
+        pins.insert(
+            "ghcr.io/b/c@".to_string() + &d(b"c").to_string(),
+            [d(b"z")].into_iter().collect(),
+        );
+        let text = encode_pins(pins.iter().map(|(i, b)| (i.as_str(), b)));
+        let text = String::from_utf8(text).unwrap();
+        assert_eq!(text.lines().count(), 3);
+        assert_eq!(decode_pins(&text), pins);
+        let damaged = format!("{text}junk\nimage sha256:zz\n");
+        assert_eq!(decode_pins(&damaged), pins);
+    }
 
     #[test]
     fn paths() {

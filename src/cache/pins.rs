@@ -4,7 +4,10 @@
 //! the manifest cache, at start and then every `cache.pin_refresh`, follows
 //! indexes to every platform's manifest, and hands the set of config and
 //! layer digests to the blob index. A pin that cannot be resolved keeps its
-//! previous blobs pinned.
+//! previous blobs pinned, across restarts too: the blobs of each image are
+//! kept in `<cache>/pins` (`layout.rs`), read before the first resolution
+//! (for the images still configured), so that no restart unpins them, not
+//! even for the time the first resolution takes.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -13,6 +16,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::index::BlobIndex;
+use super::layout::{self, Layout};
 use super::manifests::{Manifest, ManifestStore};
 use super::private::Access;
 use crate::cluster::Hop;
@@ -38,6 +42,8 @@ pub(crate) struct Pins {
     pub(crate) index: Arc<BlobIndex>,
     /// Which upstream and repository an image is.
     pub(crate) route: Route,
+    /// Where the pinned set is kept.
+    pub(crate) layout: Layout,
 }
 
 impl Pins {
@@ -46,19 +52,57 @@ impl Pins {
         if self.images.is_empty() {
             return;
         }
+        let mut last = self.saved();
+        self.pin(&last);
         tokio::spawn(async move {
-            let mut last: HashMap<String, HashSet<Digest>> = HashMap::new();
             let mut tick = tokio::time::interval(self.every);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
                     () = stop.cancelled() => return,
                 }
+                let before = last.clone();
                 self.refresh(&mut last).await;
-                let all: HashSet<Digest> = last.values().flatten().cloned().collect();
-                self.index.set_pinned(all);
+                self.pin(&last);
+                if last != before {
+                    self.save(&last).await;
+                }
             }
         });
+    }
+
+    /// Hands the blobs of every pinned image to the index.
+    fn pin(&self, pins: &HashMap<String, HashSet<Digest>>) {
+        self.index
+            .set_pinned(pins.values().flatten().cloned().collect());
+    }
+
+    /// The pinned blobs kept on disk, of the images still configured.
+    /// Blocking, but small, and read once at start-up.
+    fn saved(&self) -> HashMap<String, HashSet<Digest>> {
+        let text = match std::fs::read_to_string(self.layout.pins()) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the pinned blobs of the last run");
+                String::new()
+            }
+        };
+        let configured: HashSet<String> = self.images.iter().map(|i| i.to_string()).collect();
+        let mut pins = layout::decode_pins(&text);
+        pins.retain(|image, _| configured.contains(image));
+        pins
+    }
+
+    /// Keeps the pinned blobs on disk (replacing the file).
+    async fn save(&self, pins: &HashMap<String, HashSet<Digest>>) {
+        let data = layout::encode_pins(pins.iter().map(|(i, b)| (i.as_str(), b)));
+        let (tmp, path) = (self.layout.tmp(), self.layout.pins());
+        let saved =
+            tokio::task::spawn_blocking(move || layout::replace_file(&tmp, &path, &data)).await;
+        if let Err(e) = saved.map_err(std::io::Error::other).and_then(|r| r) {
+            tracing::warn!(error = %e, "cannot keep the pinned blobs on disk");
+        }
     }
 
     /// Resolves every image again; one that fails keeps its previous blobs.
