@@ -171,6 +171,7 @@ impl Server {
             b.spawn(&shutdown.token());
         }
         spawn_manifest_pruner(&shutdown, manifests.clone(), config.cache.max_manifests);
+        spawn_purge_watch(&shutdown, &layout, blobs.clone(), manifests.clone());
         let prefetch = Arc::new(Prefetcher::new(
             config.prefetch.clone(),
             blobs.clone(),
@@ -483,6 +484,43 @@ fn open_caches(
 
 /// Keeps the manifest files on disk within `max`, at start and every ten
 /// minutes, until the background work stops.
+/// How often a running instance looks for a purge by an operator command.
+const PURGE_CHECK: Duration = Duration::from_secs(2);
+
+/// Watches `<cache>/purged`, which each `stowage cache purge` rewrites:
+/// when it changes, the blobs and manifests the purge removed are
+/// forgotten (their bytes leave the budget, their open files are let go,
+/// the next request fetches them again). One small read per interval.
+fn spawn_purge_watch(
+    shutdown: &Shutdown,
+    layout: &Layout,
+    blobs: Arc<BlobStore>,
+    manifests: Arc<ManifestStore>,
+) {
+    let path = layout.purged();
+    shutdown.spawn_background(async move {
+        let mut seen = tokio::fs::read(&path).await.ok();
+        let mut tick = tokio::time::interval(PURGE_CHECK);
+        loop {
+            tick.tick().await;
+            let now = tokio::fs::read(&path).await.ok();
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            let b = blobs.clone();
+            let gone = tokio::task::spawn_blocking(move || b.forget_missing())
+                .await
+                .unwrap_or(0);
+            manifests.forget_missing().await;
+            tracing::info!(
+                blobs = gone,
+                "cache purged by an operator: forgot what it removed"
+            );
+        }
+    });
+}
+
 fn spawn_manifest_pruner(shutdown: &Shutdown, manifests: Arc<ManifestStore>, max: usize) {
     shutdown.spawn_background(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(600));

@@ -258,3 +258,105 @@ async fn a_second_instance_on_the_same_cache_dir_exits_naming_the_holder() {
     let addr = third.listening_addr();
     wait_http_ok(&format!("http://{addr}/v2/")).await;
 }
+
+/// `cache purge` while the server runs: the server notices, forgets the
+/// purged blob (its bytes leave the budget at once) and lets go of the
+/// file it kept open for hits, so the next request fetches it again. It
+/// kept counting the purged bytes, evicting live blobs for them, and
+/// served the purged blob from its open file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_server_notices_a_purge() {
+    let up = FakeUpstream::start().await;
+    let (a, b, c) = (
+        Blob::random(400_000),
+        Blob::random(300_000),
+        Blob::random(300_000),
+    );
+    for x in [&a, &b, &c] {
+        up.add_blob(x.data.clone());
+    }
+    let dir = tempfile::TempDir::new().unwrap();
+    let toml = format!(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"off\"\ncache_dir = {dir:?}\nprefetch = false\n\
+         [cache]\nmax_size = \"1000000B\"\nhigh_watermark = 0.9\nlow_watermark = 0.6\n\
+         [[upstream]]\nhost = \"docker.io\"\nurl = \"{url}\"\nlibrary_prefix = true\n",
+        dir = dir.path().to_str().unwrap(),
+        url = up.url()
+    );
+    let st = start_stowage_toml(dir, &toml).await;
+    let c2 = client();
+    let get = async |x: &Blob| {
+        let (h, body) = get_ok(&c2, &st.blob_url("library/x", &x.digest)).await;
+        assert_eq!(body, x.data);
+        let hooks = st.hooks.clone();
+        within(10, "fills done", async {
+            while hooks.fills_in_flight() > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        h.get("x-stowage-cache")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    get(&b).await;
+    get(&a).await;
+    assert_eq!(get(&a).await, "hit");
+    assert_eq!(st.hooks.used(), 700_000);
+    let o = run_stowage(cache_args(st.dir.path(), &["purge", &a.digest])).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let hooks = st.hooks.clone();
+    within(10, "the purged bytes leave the budget", async {
+        while hooks.used() != 300_000 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(get(&a).await, "miss");
+    assert_eq!(up.blob_gets(&a.digest), 2);
+    // 700 kB held again; C fits under the high watermark once A's 400 kB
+    // go (LRU: B is older than A, but A was purged, not B... B stays only
+    // if the purged bytes were not counted).
+    let o = run_stowage(cache_args(st.dir.path(), &["purge", &a.digest])).await;
+    assert!(o.status.success(), "{}", text(&o));
+    within(10, "the purged bytes leave the budget", async {
+        while hooks.used() != 300_000 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    get(&c).await;
+    assert!(
+        stowage::test_hooks::blob_path(st.dir.path(), &b.digest).exists(),
+        "a live blob evicted for purged bytes"
+    );
+    assert_eq!(hooks.evicted_blobs(), 0);
+}
+
+/// A mistyped digest or cache directory is an error (exit 1, saying
+/// what), not a purge of nothing that succeeds: `sha256:0123abcd` was
+/// taken as the repository `library/sha256` with a tag, and a missing
+/// directory as an empty cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mistyped_purge_targets_and_cache_dirs_are_errors() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let upper = format!("sha256:{}", "AB".repeat(32));
+    for target in ["sha256:0123abcd", upper.as_str(), "sha512:00"] {
+        let o = run_stowage(cache_args(dir.path(), &["purge", target])).await;
+        assert_eq!(o.status.code(), Some(1), "{target}: {}", text(&o));
+        assert!(text(&o).contains("digest"), "{target}: {}", text(&o));
+    }
+    let missing = dir.path().join("no-such-dir");
+    for args in [&["purge", "alpine"][..], &["ls"], &["stats"]] {
+        let o = run_stowage(cache_args(&missing, args)).await;
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", text(&o));
+        assert!(
+            text(&o).contains("is not a cache directory"),
+            "{args:?}: {}",
+            text(&o)
+        );
+    }
+    assert!(!missing.exists(), "nothing created");
+}

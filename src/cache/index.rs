@@ -554,6 +554,21 @@ impl BlobIndex {
         self.entries.contains_key(digest)
     }
 
+    /// Forgets every indexed blob whose file is gone (removed by an
+    /// operator command while running). Blocking: one `stat` per blob.
+    /// Returns how many were forgotten.
+    pub(crate) fn forget_missing(&self) -> usize {
+        let digests: Vec<Digest> = self.entries.iter().map(|e| e.key().clone()).collect();
+        let mut gone = 0;
+        for d in digests {
+            if !self.layout.blob(&d).try_exists().unwrap_or(true) {
+                self.forget(&d);
+                gone += 1;
+            }
+        }
+        gone
+    }
+
     /// The size `digest` was indexed with, if indexed.
     pub(crate) fn size(&self, digest: &Digest) -> Option<u64> {
         self.entries.get(digest).map(|m| m.size)

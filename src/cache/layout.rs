@@ -13,6 +13,9 @@
 //! <cache>/lock                            flock of the running instance, its pid inside
 //! <cache>/pins                            the blobs each pinned image last resolved to:
 //!                                         `<image> <digest>` lines
+//! <cache>/purged                          rewritten by each `stowage cache purge`: a
+//!                                         running instance seeing it change re-checks
+//!                                         what it holds against the disk
 //! <cache>/manifests/<alg>/<hex>           first line the media type, then the exact bytes
 //! <cache>/tags/<host>/<repo>/_referrers/<alg>-<hex>[@<filter hash>]
 //!                                         a referrers answer: its body's digest, and
@@ -86,6 +89,12 @@ impl Layout {
     /// `<cache>/private.log`: marks of private content (`cache/private.rs`).
     pub(crate) fn private_log(&self) -> PathBuf {
         self.dir.join("private.log")
+    }
+
+    /// `<cache>/purged`: changed by each purge (`cli/ops.rs`), watched by
+    /// a running instance (`server.rs`).
+    pub(crate) fn purged(&self) -> PathBuf {
+        self.dir.join("purged")
     }
 
     /// `<cache>/pins`: the pinned blobs, per image (`cache/pins.rs`).

@@ -264,6 +264,23 @@ impl ManifestStore {
         Some(entry.fresh_for.saturating_sub(entry.checked.elapsed()))
     }
 
+    /// After an operator's purge while running: drops from memory the
+    /// manifests whose files are gone, and every tag and referrers answer
+    /// (each is asked again, from its file or upstream).
+    pub(crate) async fn forget_missing(&self) {
+        let held: Vec<Digest> = self.by_digest.iter().map(|(d, _)| (*d).clone()).collect();
+        for d in held {
+            if !tokio::fs::try_exists(self.layout.manifest(&d))
+                .await
+                .unwrap_or(true)
+            {
+                self.by_digest.invalidate(&d).await;
+            }
+        }
+        self.tags.invalidate_all();
+        self.referrers.invalidate_all();
+    }
+
     /// Keeps at most `max` manifests on disk, removing the least recently
     /// written beyond that. Blocking. Returns how many were removed.
     pub(crate) fn prune(&self, max: usize) -> io::Result<usize> {

@@ -33,6 +33,7 @@ pub(crate) struct BlobFile {
 /// Lists every blob in the store of `cache_dir` (anything else found there
 /// is left alone).
 pub(crate) fn list_blobs(cache_dir: &Path) -> io::Result<Vec<BlobFile>> {
+    a_cache_dir(cache_dir)?;
     let mut out = Vec::new();
     Layout::new(cache_dir).scan_blobs(|entry| {
         if let Scanned::Blob(digest, file) = entry
@@ -69,14 +70,21 @@ pub(crate) struct Stats {
     pub(crate) tags: usize,
 }
 
+/// An error unless `dir` is a directory (a mistyped `--cache-dir` is not
+/// an empty cache).
+fn a_cache_dir(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{} is not a cache directory", dir.display()),
+    ))
+}
+
 /// Computes [`Stats`] for `cache_dir`.
 pub(crate) fn stats(cache_dir: &Path, budget: Option<u64>) -> io::Result<Stats> {
-    if !cache_dir.is_dir() {
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("{} is not a cache directory", cache_dir.display()),
-        ));
-    }
+    a_cache_dir(cache_dir)?;
     let blobs = list_blobs(cache_dir)?;
     let layout = Layout::new(cache_dir);
     Ok(Stats {
@@ -193,11 +201,38 @@ pub(crate) struct Purged {
 /// serving.
 pub(crate) fn purge(config: &Config, target: &str) -> io::Result<Purged> {
     let layout = Layout::new(&config.cache_dir);
+    let purged = remove_target(config, &layout, target)?;
+    if purged != Purged::default() {
+        tell_a_running_instance(&layout)?;
+    }
+    Ok(purged)
+}
+
+/// Rewrites `<cache>/purged`, which a running instance watches (its
+/// content changes with each purge).
+fn tell_a_running_instance(layout: &Layout) -> io::Result<()> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let text = format!("{} {nanos}\n", std::process::id());
+    layout::replace_file(&layout.tmp(), &layout.purged(), text.as_bytes())
+}
+
+fn remove_target(config: &Config, layout: &Layout, target: &str) -> io::Result<Purged> {
+    a_cache_dir(layout.dir())?;
     let mut purged = Purged::default();
-    if let Ok(digest) = Digest::parse(target) {
-        remove_blob(&layout, &digest, &mut purged)?;
-        remove_manifest(&layout, &digest, &mut purged)?;
-        return Ok(purged);
+    match Digest::parse(target) {
+        Ok(digest) => {
+            remove_blob(layout, &digest, &mut purged)?;
+            remove_manifest(layout, &digest, &mut purged)?;
+            return Ok(purged);
+        }
+        // Meant as a digest (a short id, upper-case hex), not as the
+        // repository `library/sha256` with a tag.
+        Err(e) if looks_like_a_digest(target) => {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, e.message));
+        }
+        Err(_) => {}
     }
     let image = ImageRef::parse(target)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.message))?;
@@ -261,16 +296,26 @@ pub(crate) fn purge(config: &Config, target: &str) -> io::Result<Purged> {
         if !seen.insert(m.clone()) {
             continue;
         }
-        if let Some(body) = read_manifest_body(&layout, &m) {
+        if let Some(body) = read_manifest_body(layout, &m) {
             let refs = refs_of(&body);
             roots.extend(refs.manifests);
             for b in refs.blobs {
-                remove_blob(&layout, &b, &mut purged)?;
+                remove_blob(layout, &b, &mut purged)?;
             }
         }
-        remove_manifest(&layout, &m, &mut purged)?;
+        remove_manifest(layout, &m, &mut purged)?;
     }
     Ok(purged)
+}
+
+/// `<algorithm>:<anything>` with a known algorithm and no `/`.
+fn looks_like_a_digest(target: &str) -> bool {
+    target.split_once(':').is_some_and(|(alg, rest)| {
+        matches!(
+            alg.to_ascii_lowercase().as_str(),
+            "sha256" | "sha384" | "sha512"
+        ) && !rest.contains('/')
+    })
 }
 
 fn read_manifest_body(layout: &Layout, digest: &Digest) -> Option<bytes::Bytes> {

@@ -369,6 +369,15 @@ impl BlobStore {
         Ok(opened)
     }
 
+    /// Forgets the blobs whose files are gone (an operator's purge while
+    /// running) and lets go of their files kept open. Blocking. Returns
+    /// how many were forgotten.
+    pub(crate) fn forget_missing(&self) -> usize {
+        let gone = self.index.forget_missing();
+        self.hot.release_gone(&self.index);
+        gone
+    }
+
     /// A stored blob among the [`HOT_FILES`] kept open, if the index still
     /// holds it (an evicted or forgotten one is let go). Records the
     /// access. No syscall, no lock.
