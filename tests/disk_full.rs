@@ -77,6 +77,19 @@ fn fill_up(dir: &Path) -> PathBuf {
     path
 }
 
+/// Waits for the fills running (prefetches a manifest started) to end: a
+/// fill that fails once the disk is full frees its pages, and a write the
+/// test expects to fail would find room.
+async fn fills_done(st: &Stowage) {
+    let hooks = st.hooks.clone();
+    within(10, "fills done", async {
+        while hooks.fills_in_flight() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn full_disk_still_serves_verified_content() {
     let dir = TempDir::new().unwrap();
@@ -97,6 +110,7 @@ async fn full_disk_still_serves_verified_content() {
     check_manifest(&c, &st, "app", "1", &old.manifest, OCI_MANIFEST).await;
     assert!(stowage::test_hooks::manifest_path(&cache, &old.digest).exists());
 
+    fills_done(&st).await;
     let filler = fill_up(&cache);
 
     // An uncached manifest, by digest: verified, served, not stored.
@@ -175,6 +189,7 @@ async fn referrers_that_cannot_be_kept_do_not_leave_an_older_answer_behind() {
     // The subject is cached, so its referrers are kept on disk.
     check_manifest(&c, &st, "app", "1", &img.manifest, OCI_MANIFEST).await;
     listed(&old_sig.digest).await;
+    fills_done(&st).await;
     let filler = fill_up(&cache);
     up.remove_manifest(&old_sig.digest);
     let new_sig = make_artifact(&img, "application/vnd.example.sbom.v1+json");
@@ -191,6 +206,41 @@ async fn referrers_that_cannot_be_kept_do_not_leave_an_older_answer_behind() {
         "{status}: a removed referrer served stale: {}",
         String::from_utf8_lossy(&body)
     );
+    std::fs::remove_file(&filler).unwrap();
+    st.stop().await;
+    drop(mount);
+}
+
+/// Referrers kept on disk and unchanged upstream, refreshed while the disk
+/// is full: their record still holds, so an outage afterwards serves them
+/// stale. Removing the record of any answer that could not be kept (for
+/// the test above) once removed this one too: the outage was a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unchanged_referrers_refreshed_on_a_full_disk_are_still_served_stale() {
+    let dir = TempDir::new().unwrap();
+    let mount = Tmpfs::mount(dir.path(), "8m");
+    let cache = dir.path().to_path_buf();
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[1000]);
+    up.push_image("library/app", "1", &img);
+    let sig = make_artifact(&img, "application/vnd.dev.cosign.artifact.sig.v1+json");
+    up.push_image_untagged("library/app", &sig);
+    let st = start_stowage_in(dir, &up.url(), "tag_ttl = \"400ms\"").await;
+    let c = client();
+    let path = st.v2(&format!("app/referrers/{}", img.digest));
+    check_manifest(&c, &st, "app", "1", &img.manifest, OCI_MANIFEST).await;
+    let (_, kept) = get_ok(&c, &path).await;
+    fills_done(&st).await;
+    let filler = fill_up(&cache);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (_, again) = get_ok(&c, &path).await;
+    assert_eq!(again, kept);
+    up.set_failure(Failure::Unavailable);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let r = c.get(&path).send().await.unwrap();
+    assert_eq!(r.status(), 200, "served stale in the outage");
+    assert_eq!(header(&r, "x-stowage-cache").as_deref(), Some("stale"));
+    assert_eq!(r.bytes().await.unwrap(), kept);
     std::fs::remove_file(&filler).unwrap();
     st.stop().await;
     drop(mount);

@@ -237,7 +237,15 @@ impl ManifestStore {
             // only keeping it for an outage failed.
             tracing::warn!(upstream = upstream.host(), %repo, %subject, error = %e,
                 "cannot store referrers: serving them without caching");
-            forget_older().await;
+            // A record of this very answer (unchanged upstream) still holds.
+            let same = tokio::fs::read_to_string(&record)
+                .await
+                .ok()
+                .and_then(|t| layout::decode_referrers(&t))
+                == Some((digest, answer.filters_applied));
+            if !same {
+                forget_older().await;
+            }
         }
         Ok(RefEntry {
             answer,
