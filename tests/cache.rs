@@ -1216,3 +1216,54 @@ async fn pinned_blobs_stay_pinned_after_a_restart_when_the_pin_cannot_be_resolve
     }
     assert!(store_bytes(st.dir.path()) <= MIB as u64);
 }
+
+/// Makes a file immutable (`chattr +i`: not even root may remove it, as on
+/// a file system that went read-only) until dropped.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn set(path: PathBuf) -> Immutable {
+        let ok = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(&path)
+            .status()
+            .expect("running chattr(1)");
+        assert!(ok.success(), "chattr +i {} (needs root)", path.display());
+        Immutable(path)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A damaged stored blob that cannot be removed (an immutable file, as
+/// on a file system remounted read-only after errors) is served from
+/// upstream, right, each time; it was a 500 on every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_blob_that_cannot_be_removed_is_served_from_upstream() {
+    let up = FakeUpstream::start().await;
+    let a = Blob::random(300 * KIB);
+    up.add_blob(a.data.clone());
+    let dir = TempDir::new().unwrap();
+    let toml = cache_toml(dir.path(), &up.url(), "max_size = \"10MiB\"");
+    let st = start_stowage_toml(dir, &toml).await;
+    fetch(&st, &a).await;
+    let path = blob_file(st.dir.path(), &a.digest);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(1000)
+        .unwrap();
+    let _immutable = Immutable::set(path);
+    for n in 2..4 {
+        fetch(&st, &a).await; // checks the bytes
+        assert_eq!(up.blob_gets(&a.digest), n);
+    }
+}

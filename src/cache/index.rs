@@ -441,6 +441,28 @@ impl BlobIndex {
         if self.layout.blob(digest).exists() {
             return;
         }
+        self.remove_entry(digest);
+    }
+
+    /// Forgets a blob whose file does not have the size it was indexed at
+    /// (damaged on disk) and cannot be removed, unless it has that size by
+    /// now (a fill of the same digest committed since). Under the eviction
+    /// lock, as [`BlobIndex::forget`]. The file's bytes stay on disk,
+    /// outside the budget, until it can be removed.
+    pub(crate) fn forget_damaged(&self, digest: &Digest) {
+        let Ok(_guard) = self.evicting.lock() else {
+            return;
+        };
+        let Some(size) = self.size(digest) else {
+            return;
+        };
+        if std::fs::metadata(self.layout.blob(digest)).is_ok_and(|m| m.len() == size) {
+            return;
+        }
+        self.remove_entry(digest);
+    }
+
+    fn remove_entry(&self, digest: &Digest) {
         if let Some((_, m)) = self.entries.remove(digest) {
             self.used.fetch_sub(m.size, Ordering::Relaxed);
             Self::mark_read(&m, &self.unread_bytes);

@@ -407,11 +407,16 @@ impl BlobStore {
                     tracing::warn!(%digest, indexed, size,
                         "stored blob changed size on disk, dropping it");
                     match std::fs::remove_file(&path) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(e),
+                        Ok(()) => self.index.forget(digest),
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => self.index.forget(digest),
+                        // Still a miss: fetched (and served) again each
+                        // time, never served from the damaged file.
+                        Err(e) => {
+                            tracing::warn!(%digest, error = %e,
+                                "cannot remove a damaged stored blob");
+                            self.index.forget_damaged(digest);
+                        }
                     }
-                    self.index.forget(digest);
                     return Ok(None);
                 }
                 self.index.touch(digest, size);
