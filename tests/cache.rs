@@ -1134,8 +1134,9 @@ async fn a_fill_that_left_the_disk_does_not_hold_its_room() {
 
 /// A stored blob damaged on disk while stowage runs (truncated, or grown)
 /// is not served: its size no longer matches the one recorded when it was
-/// verified, so it is dropped and fetched again. A truncated one was
-/// served as a clean, short 200, again and again.
+/// verified, so it is dropped and fetched again, also when its file is
+/// kept open for hits. A truncated one was served as a clean, short 200,
+/// again and again; one kept open failed every request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stored_blob_damaged_on_disk_is_fetched_again() {
     let up = FakeUpstream::start().await;
@@ -1146,7 +1147,9 @@ async fn a_stored_blob_damaged_on_disk_is_fetched_again() {
     let dir = TempDir::new().unwrap();
     let toml = cache_toml(dir.path(), &up.url(), "max_size = \"10MiB\"");
     let st = start_stowage_toml(dir, &toml).await;
+    // Each fetched twice: the second, a hit, keeps its file open.
     for x in [&a, &b] {
+        fetch(&st, x).await;
         fetch(&st, x).await;
     }
     let file = std::fs::OpenOptions::new()

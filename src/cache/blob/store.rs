@@ -119,6 +119,16 @@ impl HotFiles {
         Some((file.clone(), *size))
     }
 
+    /// Lets go of `digest`'s file.
+    fn release(&self, digest: &Digest) {
+        self.0.rcu(|hot| {
+            hot.iter()
+                .filter(|(d, _, _)| d != digest)
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+    }
+
     /// Keeps `digest`'s file open, letting go of the least recent one.
     /// An eviction of `digest` racing with this (its index entry goes
     /// before its `release_gone`) is seen by one or the other check.
@@ -379,12 +389,17 @@ impl BlobStore {
     }
 
     /// A stored blob among the [`HOT_FILES`] kept open, if the index still
-    /// holds it (an evicted or forgotten one is let go). Records the
-    /// access. No syscall, no lock.
+    /// holds it (an evicted or forgotten one is let go) and it still has
+    /// its size (one `fstat`: a file truncated on disk is let go, and the
+    /// lookup that follows drops it). Records the access. No lock.
     fn hot_blob(&self, digest: &Digest) -> Option<StoredBlob> {
         let (file, size) = self.hot.get(digest)?;
         if !self.index.contains(digest) {
             self.hot.release_gone(&self.index);
+            return None;
+        }
+        if file.metadata().map(|m| m.len()).ok() != Some(size) {
+            self.hot.release(digest);
             return None;
         }
         self.index.touch(digest, size);
