@@ -64,8 +64,12 @@ pub(crate) enum ErrorKind {
     TagInvalid,
     /// A malformed digest, or an algorithm stowage cannot verify.
     DigestInvalid,
-    /// A write: the mirror is read-only.
-    Unsupported,
+    /// A write: the mirror is read-only. `reads` when the resource may be
+    /// read (GET and HEAD), not when it is a write route (uploads).
+    Unsupported {
+        /// Whether GET and HEAD are allowed on the resource.
+        reads: bool,
+    },
     /// A path that is no route of the pull API.
     RouteUnknown,
     /// The client must authenticate to the mirror itself.
@@ -229,8 +233,12 @@ impl Error {
     }
 
     /// 405 UNSUPPORTED: the mirror is read-only.
-    pub(crate) fn unsupported(message: impl Into<String>) -> Error {
-        Error::new(ErrorKind::Unsupported, ErrorSource::Client, message)
+    pub(crate) fn unsupported(reads: bool, message: impl Into<String>) -> Error {
+        Error::new(
+            ErrorKind::Unsupported { reads },
+            ErrorSource::Client,
+            message,
+        )
     }
 
     /// 401 UNAUTHORIZED with a challenge: the client must authenticate to

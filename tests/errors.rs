@@ -213,12 +213,24 @@ async fn push_attempts_are_unsupported() {
     for (method, target) in &cases {
         let r = raw_request(st.addr, method, target).await;
         r.assert_oci_error(405, &["UNSUPPORTED"], &format!("{method} {target}"));
-        // RFC 9110: a 405 lists the methods the resource has.
+        // RFC 9110: a 405 lists the methods the resource has: none for
+        // an upload.
+        let allow = if target.contains("/uploads") {
+            ""
+        } else {
+            "GET, HEAD"
+        };
         assert_eq!(
             r.header("allow").as_deref(),
-            Some("GET, HEAD"),
+            Some(allow),
             "{method} {target}"
         );
+    }
+    for method in ["GET", "HEAD"] {
+        let target = "/v2/alpine/blobs/uploads/0c8a2f3b-6c1e-4e7e-9a4b-5f0a1f2e3d4c";
+        let r = raw_request(st.addr, method, target).await;
+        assert_eq!(r.status, 405, "{method} {target}");
+        assert_eq!(r.header("allow").as_deref(), Some(""), "{method} {target}");
     }
     assert_eq!(up.total(), 0, "push attempts reached upstream");
 }

@@ -20,7 +20,7 @@ pub(crate) fn status_and_code(e: &Error) -> (StatusCode, &'static str) {
         K::NameInvalid => (StatusCode::BAD_REQUEST, "NAME_INVALID"),
         K::TagInvalid => (StatusCode::BAD_REQUEST, "TAG_INVALID"),
         K::DigestInvalid => (StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
-        K::Unsupported => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
+        K::Unsupported { .. } => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
         // The OCI codes have none for "no such route"; a path outside the
         // pull API asks for an operation the mirror does not support.
         K::RouteUnknown => (StatusCode::NOT_FOUND, "UNSUPPORTED"),
@@ -83,9 +83,11 @@ pub(crate) fn response(e: &Error, head_only: bool) -> Response<Body> {
         } => {
             h.insert(header::RETRY_AFTER, r.clone());
         }
-        ErrorKind::Unsupported => {
-            // RFC 9110 section 15.5.6: a 405 lists the methods allowed.
-            h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        ErrorKind::Unsupported { reads } => {
+            // RFC 9110 section 15.5.6: a 405 lists the methods allowed
+            // (none, on an upload).
+            let allow = if *reads { "GET, HEAD" } else { "" };
+            h.insert(header::ALLOW, HeaderValue::from_static(allow));
         }
         ErrorKind::Unauthorized { challenge } => {
             h.insert(header::WWW_AUTHENTICATE, challenge.clone());

@@ -175,15 +175,16 @@ async fn dispatch(
     let method = req.method();
     let read_only = method == Method::GET || method == Method::HEAD;
     if !read_only || route == Route::Write {
-        return Err(Error::unsupported(format!(
-            "{method} is not supported: this is a read-only pull-through mirror"
-        )));
+        return Err(Error::unsupported(
+            route != Route::Write,
+            format!("{method} is not supported: this is a read-only pull-through mirror"),
+        ));
     }
     let ns = ns_param(req.uri().query());
     let ns = ns.as_deref();
     match route {
         Route::Base => base(state, req, ns, hop).await,
-        Route::Write => Err(Error::unsupported("pushing is not supported")),
+        Route::Write => Err(Error::unsupported(false, "pushing is not supported")),
         Route::Blob { name, digest } => blob(state, req, &name, ns, &digest, hop).await,
         Route::Manifest { name, reference } => {
             manifest(state, req, &name, ns, &reference, hop).await
