@@ -360,3 +360,68 @@ async fn mistyped_purge_targets_and_cache_dirs_are_errors() {
     }
     assert!(!missing.exists(), "nothing created");
 }
+
+/// Purging a tag or a repository leaves what other tags, other
+/// repositories and pins still use: the store is shared by digest. It
+/// removed the image's manifest and blobs although `app:b` and `other:1`
+/// pointed at them too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purging_a_tag_keeps_what_other_tags_and_repositories_use() {
+    let up = FakeUpstream::start().await;
+    let shared = make_image(Format::Oci, &[10_000, 20_000]);
+    let own = make_image(Format::Oci, &[30_000]);
+    up.push_image("library/app", "a", &shared);
+    up.push_image("library/app", "b", &shared);
+    up.push_image("library/other", "1", &shared);
+    up.push_image("library/app", "own", &own);
+    let st = start_stowage_no_prefetch(&up.url(), "").await;
+    let c = client();
+    for (repo, tag, img) in [
+        ("app", "a", &shared),
+        ("app", "b", &shared),
+        ("other", "1", &shared),
+        ("app", "own", &own),
+    ] {
+        check_manifest(&c, &st, repo, tag, &img.manifest, OCI_MANIFEST).await;
+        for b in img.blobs() {
+            let (_, body) = get_ok(&c, &st.blob_url(&format!("library/{repo}"), &b.digest)).await;
+            assert_eq!(body, b.data);
+        }
+    }
+    let dir = st.dir.path();
+    let stored = |img: &Image| {
+        img.blobs()
+            .iter()
+            .all(|b| stowage::test_hooks::blob_path(dir, &b.digest).exists())
+            && stowage::test_hooks::manifest_path(dir, &img.digest).exists()
+    };
+    let o = run_stowage(cache_args(dir, &["purge", "docker.io/library/app:a"])).await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        stored(&shared),
+        "app:b and other:1 still use it: {}",
+        text(&o)
+    );
+    // The whole repository: `own` goes, `shared` stays for other:1.
+    let o = run_stowage(cache_args(dir, &["purge", "docker.io/library/app"])).await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(stored(&shared), "other:1 still uses it: {}", text(&o));
+    assert!(
+        own.blobs()
+            .iter()
+            .all(|b| !stowage::test_hooks::blob_path(dir, &b.digest).exists()),
+        "{}",
+        text(&o)
+    );
+    // The last user: gone.
+    let o = run_stowage(cache_args(dir, &["purge", "docker.io/library/other:1"])).await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        shared
+            .blobs()
+            .iter()
+            .all(|b| !stowage::test_hooks::blob_path(dir, &b.digest).exists()),
+        "{}",
+        text(&o)
+    );
+}

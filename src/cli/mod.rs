@@ -94,7 +94,8 @@ pub enum CacheCommand {
         /// How many.
         limit: usize,
     },
-    /// Remove blobs by digest, or everything cached for repositories or tags.
+    /// Remove blobs by digest, or what is cached for repositories or tags
+    /// (keeping what other tags, repositories and pins still use).
     Purge {
         /// Digests or image references.
         targets: Vec<String>,
@@ -127,11 +128,12 @@ pub fn cache(config: &Config, command: CacheCommand) -> ExitCode {
         CacheCommand::Purge { targets } => targets.iter().try_for_each(|t| {
             let p = ops::purge(config, t)?;
             println!(
-                "{t}: removed {} blobs ({}), {} manifests, {} tags",
+                "{t}: removed {} blobs ({}), {} manifests, {} tags; kept {} still used elsewhere",
                 p.blobs,
                 ops::human_bytes(p.bytes),
                 p.manifests,
-                p.tags
+                p.tags,
+                p.shared
             );
             Ok(())
         }),

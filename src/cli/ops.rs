@@ -191,11 +191,15 @@ pub(crate) struct Purged {
     pub(crate) manifests: usize,
     /// Tags removed.
     pub(crate) tags: usize,
+    /// Manifests and blobs left because other tags, repositories or pins
+    /// still use them.
+    pub(crate) shared: usize,
 }
 
 /// Removes a blob (or manifest) by digest, or everything cached for a
 /// repository: its tags, the manifests they point at (and, for indexes,
-/// their platform manifests) and those manifests' blobs. A repository
+/// their platform manifests) and those manifests' blobs, except what
+/// other tags, referrers records and pins still reach. A repository
 /// without a host is the default upstream's; upstreams with
 /// `library_prefix` get `library/` added to one-component names, as when
 /// serving.
@@ -291,21 +295,87 @@ fn remove_target(config: &Config, layout: &Layout, target: &str) -> io::Result<P
             purged.tags += 1;
         }
     }
+    // The store is shared by digest: what the tags, referrers records and
+    // pins left still reach stays (a base layer, the same image under
+    // another tag or repository).
+    // A manifest named by digest goes even if tags still point at it.
+    let named: HashSet<Digest> = match &image.reference {
+        Reference::Digest(d) => HashSet::from([d.clone()]),
+        Reference::Tag(_) => HashSet::new(),
+    };
+    let used = still_used(layout, &named);
     let mut seen = HashSet::new();
     while let Some(m) = roots.pop() {
         if !seen.insert(m.clone()) {
+            continue;
+        }
+        if used.contains(&m) {
+            purged.shared += 1;
             continue;
         }
         if let Some(body) = read_manifest_body(layout, &m) {
             let refs = refs_of(&body);
             roots.extend(refs.manifests);
             for b in refs.blobs {
-                remove_blob(layout, &b, &mut purged)?;
+                if used.contains(&b) {
+                    purged.shared += 1;
+                } else {
+                    remove_blob(layout, &b, &mut purged)?;
+                }
             }
         }
         remove_manifest(layout, &m, &mut purged)?;
     }
     Ok(purged)
+}
+
+/// Every manifest and blob reachable from the tag files and referrers
+/// records in the cache (but not through the manifests in `except`), and
+/// the pinned blobs.
+fn still_used(layout: &Layout, except: &HashSet<Digest>) -> HashSet<Digest> {
+    let mut roots = Vec::new();
+    records(&layout.tags(), &mut roots);
+    roots.retain(|d| !except.contains(d));
+    let mut used: HashSet<Digest> = std::fs::read_to_string(layout.pins())
+        .map(|t| layout::decode_pins(&t).into_values().flatten().collect())
+        .unwrap_or_default();
+    while let Some(m) = roots.pop() {
+        if except.contains(&m) || !used.insert(m.clone()) {
+            continue;
+        }
+        if let Some(body) = read_manifest_body(layout, &m) {
+            let refs = refs_of(&body);
+            roots.extend(refs.manifests);
+            used.extend(refs.blobs);
+        }
+    }
+    used
+}
+
+/// The digests the tag files and referrers records under `dir` name.
+fn records(dir: &Path, out: &mut Vec<Digest>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let path = e.path();
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            records(&path, out);
+            continue;
+        }
+        let in_dir = |name: &str| dir.file_name().is_some_and(|n| n == name);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let named = if in_dir(layout::TAG_DIR) {
+            layout::decode_tag(&text)
+        } else if in_dir(layout::REFERRERS_DIR) {
+            layout::decode_referrers(&text).map(|(d, _)| d)
+        } else {
+            None
+        };
+        out.extend(named);
+    }
 }
 
 /// `<algorithm>:<anything>` with a known algorithm and no `/`.
@@ -433,7 +503,8 @@ mod tests {
                 blobs: 2,
                 bytes: 17,
                 manifests: 1,
-                tags: 2
+                tags: 2,
+                shared: 0
             }
         );
         assert_eq!(list_blobs(cache).unwrap(), vec![]);
