@@ -1270,3 +1270,47 @@ async fn a_damaged_blob_that_cannot_be_removed_is_served_from_upstream() {
         assert_eq!(up.blob_gets(&a.digest), n);
     }
 }
+
+/// After a restart, a blob truncated on disk while stowage was stopped is
+/// not served before the start-up scan has checked it: its journal record
+/// says it is not whole, so it is dropped and fetched again. It was served
+/// as a clean, short 200 until the scan reached it (minutes on a large
+/// cache).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_damaged_while_stopped_is_not_served_before_the_scan_checks_it() {
+    let up = FakeUpstream::start().await;
+    let a = Blob::random(300 * KIB);
+    up.add_blob(a.data.clone());
+    let dir = TempDir::new().unwrap();
+    let toml = cache_toml(dir.path(), &up.url(), "max_size = \"10MiB\"");
+    let st = start_stowage_toml(dir, &toml).await;
+    fetch(&st, &a).await;
+    let dir = st.stop().await;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(blob_file(dir.path(), &a.digest))
+        .unwrap()
+        .set_len(1000)
+        .unwrap();
+    /// Releases the scan however the test ends (a held scan would keep
+    /// the runtime, and the test, from ever ending).
+    struct Held(PathBuf);
+    impl Drop for Held {
+        fn drop(&mut self) {
+            stowage::test_hooks::hold_startup_scan(&self.0, false);
+        }
+    }
+    let cache = dir.path().to_path_buf();
+    stowage::test_hooks::hold_startup_scan(&cache, true);
+    let held = Held(cache);
+    let st = start_stowage_toml(dir, &toml).await;
+    assert!(!st.hooks.index_loaded());
+    fetch(&st, &a).await; // checks the bytes
+    assert_eq!(up.blob_gets(&a.digest), 2);
+    assert!(!st.hooks.index_loaded(), "served before the scan ended");
+    drop(held);
+    let hooks = st.hooks.clone();
+    wait_until("the scan ends", || hooks.index_loaded()).await;
+    fetch(&st, &a).await;
+    assert_eq!(up.blob_gets(&a.digest), 2);
+}

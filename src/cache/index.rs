@@ -33,7 +33,7 @@ use std::fs::File;
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
@@ -253,6 +253,29 @@ struct Meta {
     unread: AtomicBool,
 }
 
+/// The journal's records, as the start-up scan goes.
+enum Records {
+    /// Not read yet.
+    Pending,
+    /// Read; the scan is running.
+    Read(Arc<HashMap<Digest, u64>>),
+    /// The scan has ended (or failed): the index holds what it found.
+    Done,
+}
+
+/// How long a lookup waits for the journal to be read at start-up.
+const RECORDS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What the journal says of a blob the index does not hold yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Recorded {
+    /// Verified at this size.
+    Size(u64),
+    /// No record (the scan hashes such a file), or no records (yet, or any
+    /// more).
+    Unknown,
+}
+
 /// Counters the index reports, for logs and metrics.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Evicted {
@@ -292,6 +315,12 @@ pub(crate) struct BlobIndex {
     pinned: RwLock<HashSet<Digest>>,
     /// Set once the start-up scan has finished.
     loaded: AtomicBool,
+    /// The journal's records while the start-up scan runs: a lookup of a
+    /// blob the scan has not reached checks its file against them
+    /// ([`BlobIndex::recorded`]).
+    records: Mutex<Records>,
+    /// Signalled when `records` leaves [`Records::Pending`].
+    records_read: Condvar,
     /// Serialises evictions (not taken on the hit path).
     evicting: Mutex<()>,
     /// Totals evicted since start.
@@ -336,6 +365,8 @@ impl BlobIndex {
             budget,
             pinned: RwLock::new(HashSet::new()),
             loaded: AtomicBool::new(false),
+            records: Mutex::new(Records::Pending),
+            records_read: Condvar::new(),
             evicting: Mutex::new(()),
             evicted_blobs: AtomicU64::new(0),
             evicted_bytes: AtomicU64::new(0),
@@ -727,14 +758,25 @@ impl BlobIndex {
     /// disagrees with the journal; verifies unrecorded files by hashing;
     /// compacts the journal. Returns the number of blobs indexed.
     pub(crate) fn load(&self) -> io::Result<usize> {
+        /// Lookups stop waiting for the records however the load ends.
+        struct Done<'a>(&'a BlobIndex);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.set_records(Records::Done);
+            }
+        }
+        let _done = Done(self);
         // Records appended from now on (commits, evictions during the scan)
         // go into the compacted journal as well.
         self.journal.mark()?;
-        let records = self.journal.read().unwrap_or_else(|e| {
+        let records = Arc::new(self.journal.read().unwrap_or_else(|e| {
             // Only slower: files without a record are hashed.
             tracing::warn!(error = %e, "cannot read the blob journal; hashing every blob");
             HashMap::new()
-        });
+        }));
+        self.set_records(Records::Read(records.clone()));
+        #[cfg(feature = "test-hooks")]
+        crate::test_hooks::wait_while_scan_held(self.layout.dir());
         let mut kept = 0;
         self.layout.scan_blobs(|entry| match entry {
             Scanned::Stray(path, why) => drop_file(&path, why),
@@ -753,10 +795,40 @@ impl BlobIndex {
         // The index is complete either way; a journal that cannot be
         // compacted just stays longer.
         self.loaded.store(true, Ordering::Release);
+        self.set_records(Records::Done);
         if let Err(e) = self.journal.compact_to(records.into_iter()) {
             tracing::warn!(error = %e, "cannot compact the blob journal");
         }
         Ok(kept)
+    }
+
+    fn set_records(&self, records: Records) {
+        if let Ok(mut r) = self.records.lock() {
+            *r = records;
+        }
+        self.records_read.notify_all();
+    }
+
+    /// What the journal says of `digest`, for a lookup of a blob the index
+    /// does not hold: until the start-up scan has reached a file, only its
+    /// record tells whether it is whole. Waits (blocking) for the journal
+    /// to be read, up to [`RECORDS_WAIT`].
+    pub(crate) fn recorded(&self, digest: &Digest) -> Recorded {
+        let Ok(guard) = self.records.lock() else {
+            return Recorded::Unknown;
+        };
+        let Ok((guard, _)) = self
+            .records_read
+            .wait_timeout_while(guard, RECORDS_WAIT, |r| matches!(r, Records::Pending))
+        else {
+            return Recorded::Unknown;
+        };
+        match &*guard {
+            Records::Read(records) => records
+                .get(digest)
+                .map_or(Recorded::Unknown, |&size| Recorded::Size(size)),
+            Records::Pending | Records::Done => Recorded::Unknown,
+        }
     }
 
     /// Indexes one file found by the start-up scan, if its size agrees with

@@ -35,7 +35,7 @@ use tokio_util::task::TaskTracker;
 use super::fill::{FillTable, TmpFile};
 use crate::bucket::Bucket;
 use crate::cache::grants::Grants;
-use crate::cache::index::{BlobIndex, Reservation};
+use crate::cache::index::{BlobIndex, Recorded, Reservation};
 use crate::cache::layout::Layout;
 use crate::cache::private::Private;
 use crate::cluster::Cluster;
@@ -416,9 +416,18 @@ impl BlobStore {
         match File::open(&path) {
             Ok(file) => {
                 let size = file.metadata()?.len();
-                if let Some(indexed) = self.index.size(digest)
-                    && indexed != size
-                {
+                // Not indexed: the start-up scan has not reached it yet, and
+                // only its journal record tells whether it is whole; without
+                // one (the scan would hash it) it is a miss, the fill
+                // replacing it.
+                let indexed = match self.index.size(digest) {
+                    Some(indexed) => indexed,
+                    None => match self.index.recorded(digest) {
+                        Recorded::Size(recorded) => recorded,
+                        Recorded::Unknown => return Ok(None),
+                    },
+                };
+                if indexed != size {
                     tracing::warn!(%digest, indexed, size,
                         "stored blob changed size on disk, dropping it");
                     match std::fs::remove_file(&path) {
