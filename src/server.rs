@@ -482,8 +482,6 @@ fn open_caches(
     Ok((blobs, Arc::new(manifests), private))
 }
 
-/// Keeps the manifest files on disk within `max`, at start and every ten
-/// minutes, until the background work stops.
 /// How often a running instance looks for a purge by an operator command.
 const PURGE_CHECK: Duration = Duration::from_secs(2);
 
@@ -521,6 +519,8 @@ fn spawn_purge_watch(
     });
 }
 
+/// Keeps the manifest files on disk within `max`, at start and every ten
+/// minutes, until the background work stops.
 fn spawn_manifest_pruner(shutdown: &Shutdown, manifests: Arc<ManifestStore>, max: usize) {
     shutdown.spawn_background(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(600));
