@@ -485,23 +485,30 @@ fn open_caches(
 /// How often a running instance looks for a purge by an operator command.
 const PURGE_CHECK: Duration = Duration::from_secs(2);
 
-/// Watches `<cache>/purged`, which each `stowage cache purge` rewrites:
-/// when it changes, the blobs and manifests the purge removed are
+/// Watches `<cache>/purged`, which each `stowage cache purge` replaces:
+/// when it is another file, the blobs and manifests the purge removed are
 /// forgotten (their bytes leave the budget, their open files are let go,
-/// the next request fetches them again). One small read per interval.
+/// the next request fetches them again). One `stat` per interval.
 fn spawn_purge_watch(
     shutdown: &Shutdown,
     layout: &Layout,
     blobs: Arc<BlobStore>,
     manifests: Arc<ManifestStore>,
 ) {
+    // Which file it is (each purge makes a new one), by `stat`: no need
+    // to read it, which a purge run as another user may not let us do.
+    async fn identity(path: &std::path::Path) -> Option<(u64, u64, i64, i64)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = tokio::fs::metadata(path).await.ok()?;
+        Some((m.dev(), m.ino(), m.mtime(), m.mtime_nsec()))
+    }
     let path = layout.purged();
     shutdown.spawn_background(async move {
-        let mut seen = tokio::fs::read(&path).await.ok();
+        let mut seen = identity(&path).await;
         let mut tick = tokio::time::interval(PURGE_CHECK);
         loop {
             tick.tick().await;
-            let now = tokio::fs::read(&path).await.ok();
+            let now = identity(&path).await;
             if now == seen {
                 continue;
             }

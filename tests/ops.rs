@@ -425,3 +425,60 @@ async fn purging_a_tag_keeps_what_other_tags_and_repositories_use() {
         text(&o)
     );
 }
+
+/// A purge that fails part-way (a blob whose file cannot be removed: a
+/// directory stands in its place) has removed files all the same: it
+/// exits 1, and the running instance is told and forgets them (their
+/// bytes leave its budget). It was told only when the whole purge
+/// succeeded, and kept counting the removed bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_that_fails_part_way_still_tells_the_running_server() {
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[10_000, 20_000]);
+    up.push_image("library/app", "1", &img);
+    let st = start_stowage_no_prefetch(&up.url(), "").await;
+    let c = client();
+    check_manifest(&c, &st, "app", "1", &img.manifest, OCI_MANIFEST).await;
+    for b in img.blobs() {
+        let (_, body) = get_ok(&c, &st.blob_url("library/app", &b.digest)).await;
+        assert_eq!(body, b.data);
+    }
+    let hooks = st.hooks.clone();
+    let size = |bs: &[&Blob]| bs.iter().map(|b| b.data.len() as u64).sum::<u64>();
+    let blobs = img.blobs();
+    within(10, "fills committed", async {
+        while hooks.used() != size(&blobs) {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // The purge removes the config, then the layers in order: the last
+    // one's removal fails.
+    let last = blobs.last().unwrap();
+    let path = stowage::test_hooks::blob_path(st.dir.path(), &last.digest);
+    std::fs::remove_file(&path).unwrap();
+    std::fs::create_dir(&path).unwrap();
+    std::fs::write(path.join("x"), b"x").unwrap();
+    let o = run_stowage(cache_args(
+        st.dir.path(),
+        &["purge", "docker.io/library/app:1"],
+    ))
+    .await;
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    for b in &blobs[..blobs.len() - 1] {
+        assert!(!stowage::test_hooks::blob_path(st.dir.path(), &b.digest).exists());
+    }
+    within(10, "the removed bytes leave the budget", async {
+        while hooks.used() != size(&[last]) {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // Told by a file the instance can read whoever runs the command.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(st.dir.path().join("purged"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o644);
+}

@@ -205,31 +205,45 @@ pub(crate) struct Purged {
 /// serving.
 pub(crate) fn purge(config: &Config, target: &str) -> io::Result<Purged> {
     let layout = Layout::new(&config.cache_dir);
-    let purged = remove_target(config, &layout, target)?;
+    let mut purged = Purged::default();
+    let removed = remove_target(config, &layout, target, &mut purged);
+    // A purge that failed part-way has removed files all the same.
     if purged != Purged::default() {
-        tell_a_running_instance(&layout)?;
+        let told = tell_a_running_instance(&layout);
+        removed?;
+        told?;
+    } else {
+        removed?;
     }
     Ok(purged)
 }
 
-/// Rewrites `<cache>/purged`, which a running instance watches (its
-/// content changes with each purge).
+/// Replaces `<cache>/purged`, which a running instance watches (a new
+/// file each purge). Readable by all: the instance may run as another
+/// user than the operator's command (`sudo stowage cache purge`).
 fn tell_a_running_instance(layout: &Layout) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
     let text = format!("{} {nanos}\n", std::process::id());
-    layout::replace_file(&layout.tmp(), &layout.purged(), text.as_bytes())
+    let path = layout.purged();
+    layout::replace_file(&layout.tmp(), &path, text.as_bytes())?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
 }
 
-fn remove_target(config: &Config, layout: &Layout, target: &str) -> io::Result<Purged> {
+fn remove_target(
+    config: &Config,
+    layout: &Layout,
+    target: &str,
+    purged: &mut Purged,
+) -> io::Result<()> {
     a_cache_dir(layout.dir())?;
-    let mut purged = Purged::default();
     match Digest::parse(target) {
         Ok(digest) => {
-            remove_blob(layout, &digest, &mut purged)?;
-            remove_manifest(layout, &digest, &mut purged)?;
-            return Ok(purged);
+            remove_blob(layout, &digest, purged)?;
+            remove_manifest(layout, &digest, purged)?;
+            return Ok(());
         }
         // Meant as a digest (a short id, upper-case hex), not as the
         // repository `library/sha256` with a tag.
@@ -305,12 +319,13 @@ fn remove_target(config: &Config, layout: &Layout, target: &str) -> io::Result<P
     };
     let used = still_used(layout, &named);
     let mut seen = HashSet::new();
+    let mut kept = HashSet::new();
     while let Some(m) = roots.pop() {
         if !seen.insert(m.clone()) {
             continue;
         }
         if used.contains(&m) {
-            purged.shared += 1;
+            purged.shared += usize::from(kept.insert(m));
             continue;
         }
         if let Some(body) = read_manifest_body(layout, &m) {
@@ -318,15 +333,15 @@ fn remove_target(config: &Config, layout: &Layout, target: &str) -> io::Result<P
             roots.extend(refs.manifests);
             for b in refs.blobs {
                 if used.contains(&b) {
-                    purged.shared += 1;
+                    purged.shared += usize::from(kept.insert(b));
                 } else {
-                    remove_blob(layout, &b, &mut purged)?;
+                    remove_blob(layout, &b, purged)?;
                 }
             }
         }
-        remove_manifest(layout, &m, &mut purged)?;
+        remove_manifest(layout, &m, purged)?;
     }
-    Ok(purged)
+    Ok(())
 }
 
 /// Every manifest and blob reachable from the tag files and referrers
