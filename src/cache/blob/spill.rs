@@ -1,7 +1,9 @@
 //! The spill: how the bytes of a fill past a failed disk reach the readers
 //! already attached to it, without the disk and without unbounded memory.
 //!
-//! Each reader has its own bounded queue ([`SPILL_QUEUE`] chunks). The fill
+//! Each reader has its own bounded queue ([`SPILL_QUEUE`] chunks of at most
+//! [`SPILL_CHUNK`] bytes: upstream's chunks are cut to that size, or a
+//! queue's bytes would follow the size of upstream's reads). The fill
 //! hands every chunk to every queue, waiting for a full one at most the idle
 //! timeout: the slowest reader paces the fill (so memory stays bounded: a
 //! chunk is shared, `Bytes`, by all the queues it sits in), and a reader
@@ -23,6 +25,10 @@ use tokio::sync::mpsc::error::TrySendError;
 
 /// Chunks queued per reader when the disk has failed.
 pub(super) const SPILL_QUEUE: usize = 64;
+
+/// Most bytes in one queued chunk: a reader's queue holds at most
+/// `SPILL_QUEUE * SPILL_CHUNK` (4 MiB).
+pub(super) const SPILL_CHUNK: usize = 64 * 1024;
 
 /// A chunk of a blob at an offset, for readers when the disk has failed.
 pub(super) type SpillChunk = (u64, Bytes);
@@ -49,10 +55,24 @@ impl Spill {
         rx
     }
 
-    /// Hands `chunk` to every reader, waiting at most `idle` in all for
-    /// queues that are full; a reader still full after that is cut.
-    /// Returns how many readers are left.
+    /// Hands `chunk` to every reader, in pieces of at most
+    /// [`SPILL_CHUNK`] (slices of it, not copies), waiting at most `idle`
+    /// for each piece in all for queues that are full; a reader still full
+    /// after that is cut. Returns how many readers are left.
     pub(super) async fn send(&self, chunk: SpillChunk, idle: Duration) -> usize {
+        let (mut offset, mut rest) = chunk;
+        loop {
+            let piece = rest.split_to(rest.len().min(SPILL_CHUNK));
+            let len = piece.len() as u64;
+            let left = self.send_piece((offset, piece), idle).await;
+            offset += len;
+            if rest.is_empty() || left == 0 {
+                return left;
+            }
+        }
+    }
+
+    async fn send_piece(&self, chunk: SpillChunk, idle: Duration) -> usize {
         let taken = match self.readers.lock() {
             Ok(mut readers) => std::mem::take(&mut *readers),
             Err(_) => return 0,
@@ -86,5 +106,50 @@ impl Spill {
             }
             Err(_) => 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reader that stops reading holds at most `SPILL_QUEUE *
+    /// SPILL_CHUNK` bytes, whatever the size of upstream's chunks (hyper
+    /// hands out reads of a few hundred KiB): the queue counted chunks,
+    /// and 64 big ones held 32 MiB here. The reader that reads gets every
+    /// byte, in order.
+    #[tokio::test]
+    async fn a_stuck_reader_holds_a_bounded_number_of_bytes() {
+        let spill = Spill::default();
+        let mut stuck = spill.subscribe();
+        let mut reading = spill.subscribe();
+        let reader = tokio::spawn(async move {
+            let mut next = 0u64;
+            while let Some((offset, bytes)) = reading.recv().await {
+                assert_eq!(offset, next);
+                assert!(bytes.len() <= SPILL_CHUNK);
+                next += bytes.len() as u64;
+            }
+            next
+        });
+        let big = Bytes::from(vec![7u8; 512 * 1024]);
+        let mut offset = 0;
+        loop {
+            let left = spill
+                .send((offset, big.clone()), Duration::from_millis(50))
+                .await;
+            offset += big.len() as u64;
+            if left < 2 {
+                assert_eq!(left, 1, "only the stuck reader is cut");
+                break;
+            }
+        }
+        drop(spill);
+        assert_eq!(reader.await.unwrap(), offset);
+        let mut held = 0;
+        while let Ok((_, bytes)) = stuck.try_recv() {
+            held += bytes.len();
+        }
+        assert!(held > 0 && held <= SPILL_QUEUE * SPILL_CHUNK, "{held}");
     }
 }
