@@ -48,30 +48,11 @@ fn rank(nodes: &[String], key: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// Cache directories whose start-up scan waits (see [`hold_startup_scan`]).
-static SCANS_HELD: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
-
 /// Makes the start-up scan of the cache at `cache_dir` wait, once the
 /// journal is read, until called again with `false`: the window where the
 /// server serves blobs the scan has not reached.
 pub fn hold_startup_scan(cache_dir: &Path, held: bool) {
-    if let Ok(mut h) = SCANS_HELD.lock() {
-        h.retain(|d| d != cache_dir);
-        if held {
-            h.push(cache_dir.to_path_buf());
-        }
-    }
-}
-
-/// Waits while the scan of `cache_dir` is held. Blocking (the scan runs
-/// on a blocking thread).
-pub(crate) fn wait_while_scan_held(cache_dir: &Path) {
-    while SCANS_HELD
-        .lock()
-        .is_ok_and(|h| h.iter().any(|d| d == cache_dir))
-    {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    crate::cache::index::hold_scan(cache_dir, held);
 }
 
 /// Where the cache at `cache_dir` keeps the manifest `digest`.

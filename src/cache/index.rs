@@ -266,6 +266,36 @@ enum Records {
 /// How long a lookup waits for the journal to be read at start-up.
 const RECORDS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Cache directories whose start-up scan waits (test hook, see
+/// [`hold_scan`]).
+#[cfg(feature = "test-hooks")]
+static SCANS_HELD: Mutex<Vec<std::path::PathBuf>> = Mutex::new(Vec::new());
+
+/// Test hook (`test_hooks::hold_startup_scan`): makes the start-up scan of
+/// the cache at `cache_dir` wait, once the journal is read, until called
+/// again with `false`.
+#[cfg(feature = "test-hooks")]
+pub(crate) fn hold_scan(cache_dir: &Path, held: bool) {
+    if let Ok(mut h) = SCANS_HELD.lock() {
+        h.retain(|d| d != cache_dir);
+        if held {
+            h.push(cache_dir.to_path_buf());
+        }
+    }
+}
+
+/// Waits while the scan of `cache_dir` is held. Blocking (the scan runs
+/// on a blocking thread).
+#[cfg(feature = "test-hooks")]
+fn wait_while_scan_held(cache_dir: &Path) {
+    while SCANS_HELD
+        .lock()
+        .is_ok_and(|h| h.iter().any(|d| d == cache_dir))
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// What the journal says of a blob the index does not hold yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Recorded {
@@ -776,7 +806,7 @@ impl BlobIndex {
         }));
         self.set_records(Records::Read(records.clone()));
         #[cfg(feature = "test-hooks")]
-        crate::test_hooks::wait_while_scan_held(self.layout.dir());
+        wait_while_scan_held(self.layout.dir());
         let mut kept = 0;
         self.layout.scan_blobs(|entry| match entry {
             Scanned::Stray(path, why) => drop_file(&path, why),
