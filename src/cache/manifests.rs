@@ -70,7 +70,7 @@ use crate::oci::headers::DOCKER_CONTENT_DIGEST;
 use crate::oci::manifest::{self, AcceptClass};
 use crate::oci::{Algorithm, Digest, RepoName, Tag};
 use crate::upstream::caller::Caller;
-use crate::upstream::{Upstream, UpstreamBody, is_idle_timeout};
+use crate::upstream::{Upstream, is_idle_timeout};
 
 pub(crate) use crate::oci::manifest::MAX_MANIFEST;
 
@@ -853,11 +853,11 @@ pub(super) async fn write_atomic(layout: &Layout, path: PathBuf, data: Vec<u8>) 
 /// upstream's timeout in time: each frame within it (the body's idle
 /// timeout), and the whole body within it too, since nothing reaches the
 /// client before the last byte (a manifest is a few KiB).
-pub(super) async fn read_body(
-    body: UpstreamBody,
-    timeout: Duration,
-    what: &str,
-) -> Result<Bytes, Error> {
+pub(super) async fn read_body<B>(body: B, timeout: Duration, what: &str) -> Result<Bytes, Error>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let collected = tokio::time::timeout(timeout, Limited::new(body, MAX_MANIFEST).collect())
         .await
         .map_err(|_| {
@@ -888,7 +888,10 @@ pub(super) async fn read_body(
             )
             .with_cause(e)
         })?;
-    Ok(collected.to_bytes())
+    // A copy, kept for long (the memory cache, a prefetch): a body that
+    // came in one read is a slice of the buffer it landed in (hyper's, up
+    // to some 400 KiB), which it would keep whole.
+    Ok(Bytes::copy_from_slice(&collected.to_bytes()))
 }
 
 /// The digest of `body`, which must be `want` when given (invariant: a
@@ -1064,6 +1067,22 @@ fn served(m: &Manifest, class: AcceptClass, by_tag: bool) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A manifest body kept in memory keeps no more than itself: one that
+    /// came in one read was a slice of the 400 KiB buffer it landed in,
+    /// kept whole (a 64 MiB budget of 1 KiB manifests held gigabytes).
+    #[tokio::test]
+    async fn a_manifest_body_keeps_no_upstream_buffer_alive() {
+        let live = Arc::default();
+        let read = crate::body::tracked_buffer(400 * 1024, b"{}", &live);
+        let body = http_body_util::Full::new(read.slice(0..2));
+        let kept = read_body(body, Duration::from_secs(5), "test")
+            .await
+            .unwrap();
+        drop(read);
+        assert_eq!(&kept[..], b"{}");
+        assert_eq!(live.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
 
     #[test]
     fn prune_keeps_the_most_recently_written() {

@@ -115,10 +115,16 @@ impl std::fmt::Debug for Credential {
 impl Credential {
     /// The credential of a request: its (first) `Authorization`, if any.
     pub(crate) fn from_headers(headers: &HeaderMap) -> Credential {
-        let header = headers.get(header::AUTHORIZATION).cloned().map(|mut v| {
-            v.set_sensitive(true);
-            v
-        });
+        // A copy: the request's own value is a slice of the buffer its
+        // head was read into (up to some 400 KiB), which fills led with
+        // this credential would keep whole for as long as they run.
+        let header = headers
+            .get(header::AUTHORIZATION)
+            .map(|v| HeaderValue::from_bytes(v.as_bytes()).unwrap_or_else(|_| v.clone()))
+            .map(|mut v| {
+                v.set_sensitive(true);
+                v
+            });
         let bytes = header.as_ref().map(|v| v.as_bytes()).unwrap_or_default();
         let id = CredentialId(sha2::Sha256::digest(bytes).into());
         let text = std::str::from_utf8(bytes).unwrap_or("");
@@ -381,6 +387,27 @@ fn parse_uri(url: &str) -> Result<Uri, UpstreamError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A credential keeps no more of the request than its value: it was a
+    /// slice of the buffer the request's head was read into, kept whole
+    /// by every fill it led.
+    #[test]
+    fn a_credential_keeps_no_request_buffer_alive() {
+        let live = std::sync::Arc::default();
+        let head = crate::body::tracked_buffer(400 * 1024, b"Basic eDp", &live);
+        let mut h = HeaderMap::new();
+        let value = HeaderValue::from_maybe_shared(head.slice(0..9)).unwrap();
+        h.insert(header::AUTHORIZATION, value);
+        drop(head);
+        let c = Credential::from_headers(&h);
+        drop(h);
+        assert_eq!(live.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert_eq!(
+            c.header.as_ref().map(|v| v.as_bytes()),
+            Some(&b"Basic eDp"[..])
+        );
+        assert!(c.header.as_ref().is_some_and(HeaderValue::is_sensitive));
+    }
 
     fn headers(auth: Option<&str>) -> HeaderMap {
         let mut h = HeaderMap::new();

@@ -2,8 +2,8 @@
 //! already attached to it, without the disk and without unbounded memory.
 //!
 //! Each reader has its own bounded queue ([`SPILL_QUEUE`] chunks of at most
-//! [`SPILL_CHUNK`] bytes: upstream's chunks are cut to that size, or a
-//! queue's bytes would follow the size of upstream's reads). The fill
+//! [`SPILL_CHUNK`] bytes, copied out of upstream's chunks: else a queue's
+//! memory would follow the size of upstream's reads). The fill
 //! hands every chunk to every queue, waiting for a full one at most the idle
 //! timeout: the slowest reader paces the fill (so memory stays bounded: a
 //! chunk is shared, `Bytes`, by all the queues it sits in), and a reader
@@ -19,7 +19,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
@@ -56,13 +56,16 @@ impl Spill {
     }
 
     /// Hands `chunk` to every reader, in pieces of at most
-    /// [`SPILL_CHUNK`] (slices of it, not copies), waiting at most `idle`
-    /// for each piece in all for queues that are full; a reader still full
-    /// after that is cut. Returns how many readers are left.
+    /// [`SPILL_CHUNK`], waiting at most `idle` for each piece in all for
+    /// queues that are full; a reader still full after that is cut.
+    /// Returns how many readers are left. The pieces are copies: a slice
+    /// would keep the whole buffer upstream's read landed in (hyper's, up
+    /// to some 400 KiB) alive for as long as a stuck reader holds it.
     pub(super) async fn send(&self, chunk: SpillChunk, idle: Duration) -> usize {
         let (mut offset, mut rest) = chunk;
         loop {
-            let piece = rest.split_to(rest.len().min(SPILL_CHUNK));
+            let piece = Bytes::copy_from_slice(&rest[..rest.len().min(SPILL_CHUNK)]);
+            rest.advance(piece.len());
             let len = piece.len() as u64;
             let left = self.send_piece((offset, piece), idle).await;
             offset += len;
@@ -151,5 +154,23 @@ mod tests {
             held += bytes.len();
         }
         assert!(held > 0 && held <= SPILL_QUEUE * SPILL_CHUNK, "{held}");
+    }
+
+    /// The memory a stuck reader's queue keeps alive is what it holds: a
+    /// byte of upstream's read kept the whole buffer it landed in (here
+    /// 400 KiB each, 64 of them: 25 MiB for 64 bytes).
+    #[tokio::test]
+    async fn a_stuck_reader_keeps_no_upstream_buffer_alive() {
+        let live = std::sync::Arc::default();
+        let spill = Spill::default();
+        let mut stuck = spill.subscribe();
+        for offset in 0..(SPILL_QUEUE as u64 + 1) {
+            let read = crate::body::tracked_buffer(400 * 1024, b"x", &live);
+            spill
+                .send((offset, read.slice(0..1)), Duration::from_millis(20))
+                .await;
+        }
+        assert_eq!(stuck.recv().await.map(|(_, b)| b.len()), Some(1));
+        assert_eq!(live.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
 }
