@@ -306,6 +306,14 @@ async fn blob_larger_than_budget_is_streamed_not_cached() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pinned_images_survive_eviction() {
+    let (up, img, others, st, _) = pinned_image_cached().await;
+    pinned_blobs_outlast(&st, &up, &img, &others).await;
+}
+
+/// An upstream with `library/pinned:1` (two 200 KiB layers) and twelve
+/// other 200 KiB blobs, and a 1 MiB cache that pins the image, its pin
+/// resolved and its blobs fetched; with the cache's config.
+async fn pinned_image_cached() -> (FakeUpstream, Image, Vec<Blob>, Stowage, String) {
     let up = FakeUpstream::start().await;
     let img = make_image(Format::Oci, &[200 * KIB, 200 * KIB]);
     up.push_image("library/pinned", "1", &img);
@@ -326,17 +334,22 @@ async fn pinned_images_survive_eviction() {
     for b in img.blobs() {
         fetch(&st, b).await;
     }
-    // Far more than the budget, all more recent than the pinned blobs.
-    for b in &others {
-        fetch(&st, b).await;
+    (up, img, others, st, toml)
+}
+
+/// Fetches `others`, far more than the budget and all more recent than
+/// the pinned `img`: the pinned blobs stay, never fetched again.
+async fn pinned_blobs_outlast(st: &Stowage, up: &FakeUpstream, img: &Image, others: &[Blob]) {
+    for b in others {
+        fetch(st, b).await;
     }
-    assert!(index.evicted_blobs() > 0);
+    assert!(st.hooks.evicted_blobs() > 0);
     for b in img.blobs() {
         assert!(
             blob_file(st.dir.path(), &b.digest).exists(),
             "pinned blob kept"
         );
-        fetch(&st, b).await;
+        fetch(st, b).await;
         assert_eq!(up.blob_gets(&b.digest), 1, "pinned blob never refetched");
     }
     assert!(store_bytes(st.dir.path()) <= MIB as u64);
@@ -1184,26 +1197,7 @@ async fn a_stored_blob_damaged_on_disk_is_fetched_again() {
 /// disk. They were evicted: only a pin resolved since the start counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pinned_blobs_stay_pinned_after_a_restart_when_the_pin_cannot_be_resolved() {
-    let up = FakeUpstream::start().await;
-    let img = make_image(Format::Oci, &[200 * KIB, 200 * KIB]);
-    up.push_image("library/pinned", "1", &img);
-    let others: Vec<Blob> = (0..12).map(|_| Blob::random(200 * KIB)).collect();
-    for b in &others {
-        up.add_blob(b.data.clone());
-    }
-    let dir = TempDir::new().unwrap();
-    let toml = cache_toml(
-        dir.path(),
-        &up.url(),
-        "max_size = \"1MiB\"\nhigh_watermark = 0.9\nlow_watermark = 0.5\npin = [\"docker.io/library/pinned:1\"]",
-    );
-    let st = start_stowage_toml(dir, &toml).await;
-    let index = st.hooks.clone();
-    let layer = img.layers[0].digest.clone();
-    wait_until("pins resolved", || index.is_pinned(&layer)).await;
-    for b in img.blobs() {
-        fetch(&st, b).await;
-    }
+    let (up, img, others, st, toml) = pinned_image_cached().await;
     up.respond(
         "/v2/library/pinned/manifests/1",
         404,
@@ -1212,20 +1206,10 @@ async fn pinned_blobs_stay_pinned_after_a_restart_when_the_pin_cannot_be_resolve
     );
     let dir = st.stop().await;
     let st = start_stowage_toml(dir, &toml).await;
-    for b in &others {
-        fetch(&st, b).await;
-    }
-    assert!(st.hooks.evicted_blobs() > 0);
+    pinned_blobs_outlast(&st, &up, &img, &others).await;
     for b in img.blobs() {
         assert!(st.hooks.is_pinned(&b.digest));
-        assert!(
-            blob_file(st.dir.path(), &b.digest).exists(),
-            "pinned blob kept"
-        );
-        fetch(&st, b).await;
-        assert_eq!(up.blob_gets(&b.digest), 1, "pinned blob never refetched");
     }
-    assert!(store_bytes(st.dir.path()) <= MIB as u64);
 }
 
 /// Makes a file immutable (`chattr +i`: not even root may remove it, as on
