@@ -28,7 +28,7 @@
 //! | `stowage_upstream_ratelimit_remaining` | gauge | `upstream` |
 //! | `stowage_upstream_ratelimit_limit` | gauge | `upstream` |
 //! | `stowage_blob_fills_in_flight` | gauge | |
-//! | `stowage_blob_fills_total` | counter | `result` (`ok`, `uncached`, `failed`) |
+//! | `stowage_blob_fills_total` | counter | `result` (`ok`, `uncached`, `failed`, `abandoned`) |
 //! | `stowage_blob_fill_bytes_total` | counter | |
 //! | `stowage_digest_mismatches_total` | counter | `kind` (`manifest`, `blob`) |
 //! | `stowage_cache_evictions_total` | counter | |
@@ -1019,6 +1019,9 @@ pub(crate) enum FillResult {
     Uncached,
     /// Upstream error, digest mismatch or local failure.
     Failed,
+    /// Stopped because every client left and `cache.max_detached_fills`
+    /// other fills already ran for nobody.
+    Abandoned,
 }
 
 impl FillResult {
@@ -1027,6 +1030,7 @@ impl FillResult {
             FillResult::Stored(_) => "ok",
             FillResult::Uncached => "uncached",
             FillResult::Failed => "failed",
+            FillResult::Abandoned => "abandoned",
         }
     }
 }

@@ -469,6 +469,7 @@ fn open_caches(
             .with_cluster(remote.cluster.clone())
             .with_bucket(remote.bucket.clone())
             .with_read_budget(read_budget)
+            .with_max_detached_fills(config.cache.max_detached_fills)
             .with_grants(grants.clone()),
     );
     blobs.spawn_background(&shutdown.token());

@@ -80,6 +80,11 @@ impl Hooks {
         self.blobs.fills_in_flight()
     }
 
+    /// Requests reading the fills running now.
+    pub fn fill_readers(&self) -> usize {
+        self.blobs.fill_readers()
+    }
+
     /// Makes disk writes of fills fail (as on a full disk) past `after`
     /// bytes of a blob; `None` turns it off.
     pub fn inject_write_failure(&self, after: Option<u64>) {

@@ -115,6 +115,149 @@ async fn clients_that_disconnect_mid_fill_leave_nothing_behind() {
     back_to_baseline(base, 10, "disconnect mid-fill").await;
 }
 
+/// Starts stowage with prefetch off and at most `max` fills going on with
+/// no client reading them.
+async fn start_detached(up: &FakeUpstream, max: usize) -> Stowage {
+    let dir = TempDir::new().unwrap();
+    let toml = format!(
+        "prefetch = false\n{}{LIMITS}\n[cache]\nmax_detached_fills = {max}\n",
+        config_toml(dir.path(), &up.url(), "")
+    );
+    start_stowage_toml(dir, &toml).await
+}
+
+/// GETs `url`, reads the first bytes and hangs up.
+async fn read_a_little_and_hang_up(url: &str) {
+    let r = client().get(url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut s = r.bytes_stream();
+    let first = within(10, "first bytes of the fill", s.next()).await;
+    assert!(matches!(first, Some(Ok(b)) if !b.is_empty()));
+}
+
+/// Waits until no request reads a running fill (the server has seen every
+/// client hang up).
+async fn no_fill_readers(st: &Stowage) {
+    within(10, "the server to see the clients leave", async {
+        while st.hooks.fill_readers() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+/// A client asks for three blobs still being fetched and hangs up on each
+/// after the first bytes. With `cache.max_detached_fills = 1` one fill goes
+/// on alone and is cached; the two others are stopped at their next chunk:
+/// their upstream bodies are dropped, nothing of them is kept, and a later
+/// request fetches them again. Before the limit, all three went on (so a
+/// client hanging up on blob after blob made the mirror download every one
+/// at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fills_nobody_reads_past_the_limit_are_stopped() {
+    let _serial = SERIAL.lock().await;
+    let up = FakeUpstream::start().await;
+    let st = start_detached(&up, 1).await;
+    let blobs: Vec<_> = (0..3).map(|_| random_bytes(8 * 1024 * 1024)).collect();
+    let digests: Vec<_> = blobs.iter().map(|b| up.add_blob(b.clone())).collect();
+    let holds: Vec<_> = digests.iter().map(|d| up.hold(d)).collect();
+    for (d, hold) in digests.iter().zip(&holds) {
+        read_a_little_and_hang_up(&st.blob_url("library/big", d)).await;
+        hold.wait_half_sent(1).await;
+    }
+    no_fill_readers(&st).await;
+    for hold in &holds {
+        hold.release();
+    }
+    within(20, "the fills to end", async {
+        while st.hooks.fills_in_flight() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    metric_becomes(
+        &st,
+        "stowage_blob_fills_total",
+        &[("result", "abandoned")],
+        2.0,
+    )
+    .await;
+    metric_becomes(&st, "stowage_blob_fills_total", &[("result", "ok")], 1.0).await;
+    assert_eq!(
+        (st.hooks.used(), st.hooks.reserved()),
+        (8 * 1024 * 1024, 0),
+        "only the one that went on is kept"
+    );
+    assert_eq!(
+        std::fs::read_dir(stowage::test_hooks::tmp_dir(st.dir.path()))
+            .unwrap()
+            .count(),
+        0,
+        "no temporary file left"
+    );
+    // Each is served whole afterwards: the kept one from the cache, the
+    // stopped ones fetched again.
+    let mut hits = 0;
+    for (i, (d, data)) in digests.iter().zip(&blobs).enumerate() {
+        let (h, body) = get_ok(&client(), &st.blob_url("library/big", d)).await;
+        assert!(body == *data, "bytes of blob {i}");
+        let hit = h.get("x-stowage-cache").is_some_and(|v| v == "hit");
+        hits += usize::from(hit);
+        let want = if hit { 1 } else { 2 };
+        assert_eq!(up.blob_gets(d), want, "upstream GETs of blob {i}");
+    }
+    assert_eq!(hits, 1, "one blob was kept");
+}
+
+/// With `cache.max_detached_fills = 0`, a fill goes on as long as one of
+/// its clients still reads it (another hanging up changes nothing), and is
+/// stopped once its last client hangs up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_goes_on_while_any_client_reads_it() {
+    let _serial = SERIAL.lock().await;
+    let up = FakeUpstream::start().await;
+    let st = start_detached(&up, 0).await;
+    let data = random_bytes(8 * 1024 * 1024);
+    let digest = up.add_blob(data.clone());
+    let hold = up.hold(&digest);
+    let url = st.blob_url("library/big", &digest);
+    let stays = client().get(&url).send().await.unwrap();
+    assert_eq!(stays.status(), 200);
+    read_a_little_and_hang_up(&url).await;
+    hold.wait_half_sent(1).await;
+    within(10, "the server to see one client leave", async {
+        while st.hooks.fill_readers() > 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    hold.release();
+    let body = within(20, "the staying client's body", stays.bytes())
+        .await
+        .unwrap();
+    assert!(body == data, "the client that stayed got the whole blob");
+    metric_becomes(&st, "stowage_blob_fills_total", &[("result", "ok")], 1.0).await;
+
+    // Alone, a client that hangs up takes its fill with it.
+    let other = random_bytes(8 * 1024 * 1024);
+    let od = up.add_blob(other.clone());
+    let ohold = up.hold(&od);
+    read_a_little_and_hang_up(&st.blob_url("library/big", &od)).await;
+    ohold.wait_half_sent(1).await;
+    no_fill_readers(&st).await;
+    ohold.release();
+    metric_becomes(
+        &st,
+        "stowage_blob_fills_total",
+        &[("result", "abandoned")],
+        1.0,
+    )
+    .await;
+    let (_, body) = get_ok(&client(), &st.blob_url("library/big", &od)).await;
+    assert!(body == other);
+    assert_eq!(up.blob_gets(&od), 2, "fetched again");
+}
+
 /// Reads what is there until EOF or an error; the byte count.
 async fn drain(tcp: &mut TcpStream) -> u64 {
     let mut buf = vec![0u8; 256 * 1024];

@@ -50,6 +50,27 @@ async fn metric(st: &Stowage, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}")) as u64
 }
 
+/// Prefetches are fills nobody reads, bounded by `prefetch.max_concurrent`:
+/// `cache.max_detached_fills`, the bound of fills whose clients left, does
+/// not stop them, even at 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetches_go_on_when_no_detached_fill_is_allowed() {
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[300_000, 400_000, 500_000]);
+    up.push_image("library/app", "1", &img);
+    let st = start(&up, "[cache]\nmax_detached_fills = 0\n").await;
+    let total: u64 = img.blobs().iter().map(|b| b.len() as u64).sum();
+    get_manifest(&st, "library/app", "1").await;
+    until("prefetch fills of the config and 3 layers", || {
+        img.blobs().iter().all(|b| up.blob_gets(&b.digest) == 1) && st.hooks.fills_in_flight() == 0
+    })
+    .await;
+    assert_eq!(st.hooks.used(), total, "every prefetched blob stored");
+    for b in img.blobs() {
+        assert_eq!(get_blob(&st, "library/app", b).await, "hit");
+    }
+}
+
 async fn get_manifest(st: &Stowage, name: &str, reference: &str) {
     let (_, _) = get_ok(&client(), &st.manifest_url(name, reference)).await;
 }

@@ -46,6 +46,14 @@ pub struct CacheConfig {
     /// How often pinned tags are resolved again.
     #[serde(default = "default_pin_refresh", with = "humantime_serde")]
     pub pin_refresh: Duration,
+
+    /// Downloads that go on after every client reading them has left (a
+    /// cancelled pull), so that a retry finds the blob cached. Past this
+    /// many, a download nobody reads is stopped. 0 stops every download
+    /// its clients leave. Prefetches are bounded by
+    /// `prefetch.max_concurrent` instead.
+    #[serde(default = "default_max_detached_fills")]
+    pub max_detached_fills: usize,
 }
 
 fn default_max_size() -> bytesize::ByteSize {
@@ -68,6 +76,10 @@ fn default_pin_refresh() -> Duration {
     Duration::from_secs(600)
 }
 
+fn default_max_detached_fills() -> usize {
+    16
+}
+
 impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
@@ -78,6 +90,7 @@ impl Default for CacheConfig {
             max_manifests: default_max_manifests(),
             pin: Vec::new(),
             pin_refresh: default_pin_refresh(),
+            max_detached_fills: default_max_detached_fills(),
         }
     }
 }

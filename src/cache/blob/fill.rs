@@ -70,7 +70,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt as _;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 
 use super::source::{Opened, Origin, Sources};
 use super::spill::{Spill, SpillReceiver};
@@ -148,6 +148,9 @@ pub(super) struct Fill {
     /// than the manifest said, and there is no room for the rest): not a
     /// failure of the blob, so whoever joined looks up again.
     dropped: AtomicBool,
+    /// Stopped because no client read it any more and enough other fills
+    /// already run for nobody ([`Audience`]).
+    abandoned: AtomicBool,
     /// Led by a passthrough caller: its content is private
     /// (`cache/private.rs`) until a mirror-mode upstream confirms it.
     pub(super) private: bool,
@@ -216,6 +219,7 @@ impl Fill {
             prefetched: asker == Asker::Prefetch,
             asked: AtomicBool::new(asker == Asker::Client),
             dropped: AtomicBool::new(false),
+            abandoned: AtomicBool::new(false),
             private: own.is_some(),
             own,
         })
@@ -282,11 +286,14 @@ impl Fill {
     }
 }
 
-/// A request's place at a fill: the fill, its subscription to the spill
-/// queue (taken while the fill's progress was held, so it sees every
-/// spilled chunk), and how the request is answered.
+/// A request's place at a fill: the fill, its subscriptions to the
+/// progress and to the spill queue (both taken under the table's lock, the
+/// spill one while the fill's progress was held, so it sees every spilled
+/// chunk), and how the request is answered. A subscription to the progress
+/// is what makes a reader count as one ([`Audience`]).
 pub(super) struct FillReader {
     pub(super) fill: Arc<Fill>,
+    pub(super) progress: watch::Receiver<Progress>,
     pub(super) spill: SpillReceiver,
     pub(super) outcome: Outcome,
 }
@@ -294,8 +301,10 @@ pub(super) struct FillReader {
 impl FillReader {
     fn new(fill: Arc<Fill>, outcome: Outcome) -> FillReader {
         let spill = fill.spill.subscribe();
+        let progress = fill.progress.subscribe();
         FillReader {
             fill,
+            progress,
             spill,
             outcome,
         }
@@ -395,6 +404,15 @@ impl FillTable {
         self.fills.lock().map(|f| f.len()).unwrap_or(0)
     }
 
+    /// Readers subscribed to the fills in the table.
+    #[cfg(feature = "test-hooks")]
+    pub(super) fn readers(&self) -> usize {
+        self.fills
+            .lock()
+            .map(|f| f.values().map(|f| f.progress.receiver_count()).sum())
+            .unwrap_or(0)
+    }
+
     /// Finds a running fill for `digest` or makes one that asks `origin`.
     /// Asks `committed` (the index, in memory: no syscall under this lock)
     /// whether the blob is stored: a fill leaves the table only after its
@@ -492,6 +510,27 @@ impl FillTable {
         Some((p.total?, outcome, private))
     }
 
+    /// Takes `fill` out of the table to be stopped, if no reader is
+    /// subscribed to it. Readers subscribe under the table's lock
+    /// ([`FillReader::new`]), so once this returns true none can join: a
+    /// request for the digest after it leads a new fill.
+    fn abandon(&self, digest: &Digest, fill: &Fill) -> bool {
+        let Ok(mut fills) = self.fills.lock() else {
+            return false;
+        };
+        if fill.progress.receiver_count() > 0 {
+            return false;
+        }
+        if fills
+            .get(digest)
+            .is_some_and(|f| std::ptr::eq(Arc::as_ptr(f), fill))
+        {
+            fills.remove(digest);
+        }
+        fill.abandoned.store(true, Ordering::Relaxed);
+        true
+    }
+
     /// Removes `fill`'s entry for `digest`, if it is still its own.
     fn remove(&self, digest: &Digest, fill: &Arc<Fill>) {
         if let Ok(mut fills) = self.fills.lock()
@@ -499,6 +538,66 @@ impl FillTable {
         {
             fills.remove(digest);
         }
+    }
+}
+
+/// Whether a fill still has someone to fetch for, asked by its task before
+/// it waits for room on the disk and at every chunk.
+///
+/// A fill whose readers have all left (a cancelled pull) goes on, so that
+/// the retry finds the blob cached, as long as it holds one of the store's
+/// `cache.max_detached_fills` permits; it gives the permit back when a
+/// reader joins again. Past that many, a fill nobody reads is stopped: a
+/// client that asks for blob after blob and hangs up at once cannot make
+/// the mirror download all of them at once (each stopped fill costs its
+/// upstream connection, nothing is kept). Prefetches are bounded by
+/// `prefetch.max_concurrent` instead and always go on.
+pub(super) struct Audience<'a> {
+    store: &'a BlobStore,
+    fill: &'a Fill,
+    digest: &'a Digest,
+    detached: Option<OwnedSemaphorePermit>,
+}
+
+impl<'a> Audience<'a> {
+    pub(super) fn new(store: &'a BlobStore, fill: &'a Fill, digest: &'a Digest) -> Audience<'a> {
+        Audience {
+            store,
+            fill,
+            digest,
+            detached: None,
+        }
+    }
+
+    /// `Ok` to go on; the error to stop the fill with (it has left the
+    /// table) when nobody reads it and no permit to go on alone is free.
+    pub(super) fn check(&mut self) -> Result<(), Error> {
+        if self.fill.prefetched {
+            return Ok(());
+        }
+        if self.fill.progress.receiver_count() > 0 {
+            // Read again (or still): the permit is for fills nobody reads.
+            self.detached = None;
+            return Ok(());
+        }
+        if self.detached.is_some() {
+            return Ok(());
+        }
+        if let Ok(permit) = self.store.detached.clone().try_acquire_owned() {
+            tracing::info!(digest = %self.digest,
+                "every client of a blob fill left: it goes on, to cache the blob");
+            self.detached = Some(permit);
+            return Ok(());
+        }
+        if !self.store.fills.abandon(self.digest, self.fill) {
+            // A reader joined just now.
+            return Ok(());
+        }
+        Err(Error::unavailable(format!(
+            "every client of the fill of {} left, and cache.max_detached_fills fills \
+             already run for nobody: stopped",
+            self.digest
+        )))
     }
 }
 
@@ -575,13 +674,18 @@ impl BlobStore {
             if let (true, Ok(Filled::Stored(size))) = (permit.fill().prefetched, &result) {
                 store.metrics.prefetch_stored(*size);
             }
+            let abandoned = permit.fill().abandoned.load(Ordering::Relaxed);
             guard.finish(match &result {
                 Ok(Filled::Stored(size)) => FillResult::Stored(*size),
                 Ok(Filled::Uncached(_)) => FillResult::Uncached,
+                Err(_) if abandoned => FillResult::Abandoned,
                 Err(_) => FillResult::Failed,
             });
             let repo = &sources.origin.repo;
             match &result {
+                Err(e) if abandoned => {
+                    tracing::info!(%digest, repo = %repo, reason = %e, "blob fill stopped")
+                }
                 Ok(Filled::Stored(size)) => {
                     tracing::info!(%digest, size, repo = %repo, "blob cached")
                 }
@@ -605,7 +709,9 @@ impl BlobStore {
         digest: &Digest,
         mut pre: Option<PreReserved>,
     ) -> Result<Filled, Error> {
+        let mut audience = Audience::new(self, fill, digest);
         let opened = sources.open(digest, 0, 0).await?;
+        audience.check()?;
         let total = opened.total;
         if let (Some(pre), Some(t)) = (&mut pre, total)
             && t > pre.bytes
@@ -632,7 +738,7 @@ impl BlobStore {
                 } else {
                     self.idle_timeout
                 };
-                let admitted = self.admit(t, patience).await;
+                let admitted = self.admit(t, patience, &mut audience).await?;
                 if admitted.is_none() && pre.is_some() && fill.unread() {
                     fill.dropped.store(true, Ordering::Relaxed);
                     return Err(Error::unavailable(format!(
@@ -677,7 +783,7 @@ impl BlobStore {
         });
         let file = tmp.as_ref().map(|t| t.file.clone());
         let result = self
-            .stream(fill, sources, opened, file, digest, &reservation)
+            .stream(sources, opened, file, &reservation, &mut audience)
             .await;
         let fetched_upstream = matches!(&result,
             Ok((_, used)) if used.last().is_some_and(|i| sources.is_upstream(*i)));
@@ -713,24 +819,31 @@ impl BlobStore {
     }
 
     /// Admission to the disk for a blob of `size` bytes
-    /// ([`BlobIndex::admit`]), waiting up to `patience` for room.
-    async fn admit(&self, size: u64, patience: Duration) -> Option<Admission> {
+    /// ([`BlobIndex::admit`]), waiting up to `patience` for room (unless
+    /// the fill's `audience` leaves meanwhile: the error to stop with).
+    async fn admit(
+        &self,
+        size: u64,
+        patience: Duration,
+        audience: &mut Audience<'_>,
+    ) -> Result<Option<Admission>, Error> {
         if let Some(a) = self.index.admit(size) {
-            return Some(a);
+            return Ok(Some(a));
         }
         if patience.is_zero() {
-            return None;
+            return Ok(None);
         }
         let deadline = tokio::time::Instant::now() + patience;
         let waiting = self.index.wait_for_admission();
         loop {
             if let Some(a) = waiting.admit(size) {
-                return Some(a);
+                return Ok(Some(a));
             }
             if tokio::time::Instant::now() >= deadline {
-                return None;
+                return Ok(None);
             }
             tokio::time::sleep(ADMIT_POLL).await;
+            audience.check()?;
         }
     }
 
@@ -809,15 +922,16 @@ impl BlobStore {
     /// Pumps the sources' bodies to a blocking writer thread that writes,
     /// hashes and publishes progress (or spills to readers once the disk
     /// fails), then checks size and digest.
+    /// The fill and its digest are `audience`'s.
     async fn stream(
         &self,
-        fill: &Fill,
         sources: &Sources,
         opened: Opened,
         file: Option<Arc<File>>,
-        digest: &Digest,
         reservation: &Arc<Reservation>,
+        audience: &mut Audience<'_>,
     ) -> Result<(Landed, Vec<usize>), Error> {
+        let (fill, digest) = (audience.fill, audience.digest);
         let total = opened.total;
         let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
         let writer = Writer {
@@ -832,7 +946,9 @@ impl BlobStore {
         };
         let algorithm = digest.algorithm();
         let writer = tokio::task::spawn_blocking(move || writer.run(rx, algorithm));
-        let pumped = self.pump(sources, opened, tx, total, digest).await;
+        let pumped = self
+            .pump(sources, opened, tx, total, digest, audience)
+            .await;
         let written = writer
             .await
             .map_err(|e| Error::internal(format!("blob writer panicked: {e}")))?;
@@ -881,12 +997,13 @@ impl BlobStore {
         tx: mpsc::Sender<Bytes>,
         total: Option<u64>,
         digest: &Digest,
+        audience: &mut Audience<'_>,
     ) -> Result<Vec<usize>, Error> {
         let mut received = 0u64;
         let mut used = vec![opened.index];
         loop {
             let e = match self
-                .pump_one(&mut opened, &tx, &mut received, total, digest)
+                .pump_one(&mut opened, &tx, &mut received, total, digest, audience)
                 .await
             {
                 Ok(()) => return Ok(used),
@@ -925,6 +1042,7 @@ impl BlobStore {
         received: &mut u64,
         total: Option<u64>,
         digest: &Digest,
+        audience: &mut Audience<'_>,
     ) -> Result<(), Error> {
         loop {
             let data = match tokio::time::timeout(self.idle_timeout, opened.body.next()).await {
@@ -955,6 +1073,8 @@ impl BlobStore {
                      ({max} bytes): not cached, not served"
                 )));
             }
+            // Every chunk: whether anyone still waits for the bytes.
+            audience.check()?;
             if tx.send(data).await.is_err() {
                 // The writer stopped: its error is reported by the caller.
                 return Ok(());

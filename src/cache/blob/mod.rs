@@ -22,6 +22,11 @@
 //! file is removed, and every reader's body ends with an error, which cuts
 //! the connection: no client can complete a corrupt blob.
 //!
+//! A fill outlives its readers: when every client has hung up it goes on,
+//! so the retry finds the blob cached, as long as it holds one of the
+//! `cache.max_detached_fills` permits; without one it is stopped and
+//! nothing of it kept (`fill::Audience`).
+//!
 //! States of a fill, in order: `Connecting` (upstream request sent) ->
 //! `Streaming` (headers received, bytes arriving) -> `Verified` or `Failed`.
 //!
@@ -336,10 +341,10 @@ async fn read_fill(
 ) -> Result<Read, Error> {
     let FillReader {
         fill,
+        progress: mut rx,
         spill,
         outcome,
     } = reader;
-    let mut rx = fill.progress.subscribe();
     let progress = rx
         .wait_for(|p| !matches!(p.phase, Phase::Connecting))
         .await

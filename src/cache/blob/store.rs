@@ -90,6 +90,9 @@ pub(crate) struct BlobStore {
     pub(super) grants: Option<Arc<Grants>>,
     /// The process-wide budget of read-ahead buffers of blob bodies.
     read_budget: Arc<ReadBudget>,
+    /// Permits of fills that go on with no client reading them
+    /// (`cache.max_detached_fills`; see `fill::Audience`).
+    pub(super) detached: Arc<Semaphore>,
 }
 
 /// Most opens of stored blobs on the blocking pool at once. Each open is a
@@ -105,6 +108,10 @@ const OPENS_AT_ONCE: usize = 16;
 /// 73 MiB resident instead of 46 MiB (tests/hostile_h2.rs) until the blob
 /// they all ask for was served without a syscall.
 const HOT_FILES: usize = 4;
+
+/// Fills that go on with no client reading them, unless configured
+/// (`cache.max_detached_fills`).
+const DEFAULT_DETACHED_FILLS: usize = 16;
 
 /// The stored blobs kept open ([`HOT_FILES`] of them, the last opened
 /// first). Read without a lock (an `ArcSwap` of a short list).
@@ -212,6 +219,7 @@ impl BlobStore {
             grants: None,
             private,
             read_budget: ReadBudget::new(DEFAULT_READ_BUDGET),
+            detached: Arc::new(Semaphore::new(DEFAULT_DETACHED_FILLS)),
         })
     }
 
@@ -242,6 +250,13 @@ impl BlobStore {
         self
     }
 
+    /// Lets at most `max` fills go on with no client reading them
+    /// ([`DEFAULT_DETACHED_FILLS`] until this is called).
+    pub(crate) fn with_max_detached_fills(mut self, max: usize) -> BlobStore {
+        self.detached = Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS)));
+        self
+    }
+
     /// The budget body read buffers are leased from.
     pub(super) fn read_budget(&self) -> &Arc<ReadBudget> {
         &self.read_budget
@@ -257,6 +272,12 @@ impl BlobStore {
     #[cfg(feature = "test-hooks")]
     pub(crate) fn fills_in_flight(&self) -> usize {
         self.fills.len()
+    }
+
+    /// Requests reading the fills running now.
+    #[cfg(feature = "test-hooks")]
+    pub(crate) fn fill_readers(&self) -> usize {
+        self.fills.readers()
     }
 
     /// The index.
