@@ -510,6 +510,7 @@ mod tests {
             ("[tls]\ncert = \"c\"\n", "key"),
             ("[tls]\ncert = \"c\"\nkey = \"k\"\nkye = 1\n", "kye"),
             ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
+            ("[cache]\nscrub_max_rate = 0\n", "cache.scrub_max_rate"),
             (
                 "[limits]\nheader_read_timeout = \"0s\"\n",
                 "limits.header_read_timeout",

@@ -31,6 +31,8 @@
 //! | `stowage_blob_fills_total` | counter | `result` (`ok`, `uncached`, `failed`, `abandoned`) |
 //! | `stowage_blob_fill_bytes_total` | counter | |
 //! | `stowage_digest_mismatches_total` | counter | `kind` (`manifest`, `blob`) |
+//! | `stowage_cache_scrubbed_bytes_total` | counter | |
+//! | `stowage_cache_damaged_blobs_total` | counter | |
 //! | `stowage_cache_evictions_total` | counter | |
 //! | `stowage_cache_evicted_bytes_total` | counter | |
 //! | `stowage_prefetch_blobs_total` | counter | |
@@ -533,6 +535,8 @@ struct CacheMetrics {
     prefetch_bytes: IntCounter,
     prefetch_unread: IntGauge,
     prefetch_evicted_unread: IntCounter,
+    scrubbed_bytes: IntCounter,
+    damaged: IntCounter,
 }
 
 impl CacheMetrics {
@@ -587,7 +591,17 @@ impl CacheMetrics {
             "stowage_prefetch_evicted_unread_bytes_total",
             "Bytes of prefetched blobs evicted before any client asked for them (prefetched for nothing).",
         );
+        let scrubbed_bytes = b.counter(
+            "stowage_cache_scrubbed_bytes_total",
+            "Bytes of stored blobs read and hashed again by the scrubber.",
+        );
+        let damaged = b.counter(
+            "stowage_cache_damaged_blobs_total",
+            "Stored blobs found damaged on disk (no longer their size or their digest) and dropped, to be fetched again.",
+        );
         CacheMetrics {
+            scrubbed_bytes,
+            damaged,
             prefetch_blobs,
             prefetch_bytes,
             prefetch_unread,
@@ -902,6 +916,16 @@ impl Metrics {
         let bytes = total_bytes.saturating_sub(self.cache.evicted_bytes.get());
         self.cache.evictions.inc_by(count);
         self.cache.evicted_bytes.inc_by(bytes);
+    }
+
+    /// The scrubber read and hashed `bytes` more of stored blobs.
+    pub(crate) fn scrubbed(&self, bytes: u64) {
+        self.cache.scrubbed_bytes.inc_by(bytes);
+    }
+
+    /// A stored blob was found damaged on disk and dropped.
+    pub(crate) fn damaged_blob(&self) {
+        self.cache.damaged.inc();
     }
 
     /// A prefetch started a blob fill.

@@ -25,7 +25,7 @@ use tokio_util::sync::DropGuard;
 
 use crate::admin::{self, AdminHandle, AdminState};
 use crate::bucket::Bucket;
-use crate::cache::blob::BlobStore;
+use crate::cache::blob::{BlobStore, Scrub};
 use crate::cache::grants::Grants;
 use crate::cache::index::{BlobIndex, Budget};
 use crate::cache::layout::Layout;
@@ -473,6 +473,13 @@ fn open_caches(
             .with_grants(grants.clone()),
     );
     blobs.spawn_background(&shutdown.token());
+    blobs.spawn_scrubber(
+        Scrub {
+            interval: config.cache.scrub_interval,
+            max_rate: config.cache.scrub_max_rate.as_u64(),
+        },
+        &shutdown.token(),
+    );
     let manifests = ManifestStore::open(layout, private.clone()).map_err(io_error(format!(
         "opening manifest cache in {}",
         config.cache_dir.display()

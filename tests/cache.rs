@@ -1192,6 +1192,50 @@ async fn a_stored_blob_damaged_on_disk_is_fetched_again() {
     }
 }
 
+/// A stored blob damaged on disk without changing size (a flipped byte,
+/// its file kept open for hits) is found by the scrubber, which hashes the
+/// stored blobs again in the background: it is dropped, and fetched again
+/// at its next request. Before, it was served damaged (and refused by every
+/// client that verifies it) until an operator purged it. Its undamaged
+/// neighbour stays cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_damaged_on_disk_at_its_size_is_found_by_the_scrubber() {
+    use std::os::unix::fs::FileExt as _;
+    let up = FakeUpstream::start().await;
+    let (a, b) = (Blob::random(300 * KIB), Blob::random(300 * KIB));
+    for x in [&a, &b] {
+        up.add_blob(x.data.clone());
+    }
+    let dir = TempDir::new().unwrap();
+    let toml = cache_toml(dir.path(), &up.url(), "scrub_interval = \"1s\"")
+        .replace("admin_listen = \"off\"", "admin_listen = \"127.0.0.1:0\"");
+    let st = start_stowage_toml(dir, &toml).await;
+    // Each fetched twice: the second, a hit, keeps its file open.
+    for x in [&a, &b] {
+        fetch(&st, x).await;
+        fetch(&st, x).await;
+    }
+    let path = blob_file(st.dir.path(), &a.digest);
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    let byte = a.data[1000] ^ 0xff;
+    file.write_all_at(&[byte], 1000).unwrap();
+    drop(file);
+    metric_becomes(&st, "stowage_cache_damaged_blobs_total", &[], 1.0).await;
+    assert!(!path.exists(), "the damaged file is removed");
+    fetch(&st, &a).await; // checks the bytes
+    assert_eq!(up.blob_gets(&a.digest), 2, "fetched again");
+    let stored = std::fs::read(&path).unwrap();
+    assert_eq!(sha256_digest(&stored), a.digest);
+    fetch(&st, &b).await;
+    assert_eq!(
+        up.blob_gets(&b.digest),
+        1,
+        "the undamaged blob stays cached"
+    );
+    let scrubbed = metric(&st, "stowage_cache_scrubbed_bytes_total", &[]).await;
+    assert!(scrubbed >= (600 * KIB) as f64, "scrubbed {scrubbed} bytes");
+}
+
 /// Pinned blobs stay pinned across a restart even when the pin cannot be
 /// resolved after it (its tag deleted upstream): the pinned set is kept on
 /// disk. They were evicted: only a pin resolved since the start counted.

@@ -54,6 +54,17 @@ pub struct CacheConfig {
     /// `prefetch.max_concurrent` instead.
     #[serde(default = "default_max_detached_fills")]
     pub max_detached_fills: usize,
+
+    /// How long one pass of the scrubber, which hashes every stored blob
+    /// again to find those damaged on disk, should take; a pass starts
+    /// this often. `"0s"` turns it off.
+    #[serde(default = "default_scrub_interval", with = "humantime_serde")]
+    pub scrub_interval: Duration,
+
+    /// The most bytes per second the scrubber reads (a pass of a small
+    /// cache reads at 1 MiB/s, finishing early).
+    #[serde(default = "default_scrub_max_rate")]
+    pub scrub_max_rate: bytesize::ByteSize,
 }
 
 fn default_max_size() -> bytesize::ByteSize {
@@ -80,6 +91,14 @@ fn default_max_detached_fills() -> usize {
     16
 }
 
+fn default_scrub_interval() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+
+fn default_scrub_max_rate() -> bytesize::ByteSize {
+    bytesize::ByteSize::mib(16)
+}
+
 impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
@@ -91,6 +110,8 @@ impl Default for CacheConfig {
             pin: Vec::new(),
             pin_refresh: default_pin_refresh(),
             max_detached_fills: default_max_detached_fills(),
+            scrub_interval: default_scrub_interval(),
+            scrub_max_rate: default_scrub_max_rate(),
         }
     }
 }
@@ -134,6 +155,12 @@ impl CacheConfig {
         if self.max_manifests == 0 {
             return Err(ConfigError::invalid(
                 "cache.max_manifests",
+                "must be more than zero",
+            ));
+        }
+        if self.scrub_max_rate.as_u64() == 0 {
+            return Err(ConfigError::invalid(
+                "cache.scrub_max_rate",
                 "must be more than zero",
             ));
         }

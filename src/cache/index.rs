@@ -523,6 +523,42 @@ impl BlobIndex {
         self.remove_entry(digest);
     }
 
+    /// Forgets a blob whose file no longer hashes to its digest (found by
+    /// the scrubber), if the file at its path is still the one hashed,
+    /// `file` (device and inode), or is gone: a fill of the same digest may
+    /// have committed a new one since. Records the removal in the journal,
+    /// so a damaged file that could not be removed is hashed again at the
+    /// next start rather than trusted by its record. Under the eviction
+    /// lock, as [`BlobIndex::forget`].
+    pub(crate) fn forget_file(&self, digest: &Digest, file: (u64, u64)) {
+        use std::os::unix::fs::MetadataExt as _;
+        let Ok(_guard) = self.evicting.lock() else {
+            return;
+        };
+        match std::fs::metadata(self.layout.blob(digest)) {
+            Ok(m) if (m.dev(), m.ino()) != file => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(_) => return,
+        }
+        if self.entries.contains_key(digest) {
+            let _ = self.journal.append(&Record::Removed(digest.clone()));
+        }
+        self.remove_entry(digest);
+    }
+
+    /// The stored blobs whose hex digest starts with `prefix` (two hex
+    /// digits, as the store's directories), with their sizes: one of 256
+    /// slices of the index, so a walk over all of them never holds more
+    /// than a slice in memory.
+    pub(crate) fn stored_under(&self, prefix: &str) -> Vec<(Digest, u64)> {
+        self.entries
+            .iter()
+            .filter(|e| e.key().hex().starts_with(prefix))
+            .map(|e| (e.key().clone(), e.size))
+            .collect()
+    }
+
     fn remove_entry(&self, digest: &Digest) {
         if let Some((_, m)) = self.entries.remove(digest) {
             self.used.fetch_sub(m.size, Ordering::Relaxed);
@@ -952,6 +988,42 @@ mod tests {
         index.record_all(&[(&d, size as u64)]).unwrap();
         index.committed(&d, size as u64, 0, false);
         d
+    }
+
+    /// The scrubber forgets a damaged blob only if its path still holds
+    /// the file it found damaged (or nothing): a file committed in its
+    /// place since stays. A damaged file left on disk (it could not be
+    /// removed) is not trusted by its journal record at the next start: it
+    /// is hashed, and dropped.
+    #[test]
+    fn a_damaged_file_is_forgotten_only_while_it_is_the_one_found() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let index = BlobIndex::new(&layout, Budget::new(1 << 20, 0.9, 0.8));
+        index.load().unwrap();
+        let d = store(&index, 1, 300);
+        let path = layout.blob(&d);
+        let id = |p: &Path| {
+            let m = std::fs::metadata(p).unwrap();
+            (m.dev(), m.ino())
+        };
+        let found = id(&path);
+        // Replaced by a new file (a fill committed since): kept.
+        let fresh = dir.path().join("fresh");
+        std::fs::write(&fresh, vec![1u8; 300]).unwrap();
+        std::fs::rename(&fresh, &path).unwrap();
+        index.forget_file(&d, found);
+        assert!(index.contains(&d));
+        // Still the file found damaged: forgotten, the file left in place.
+        index.forget_file(&d, id(&path));
+        assert!(!index.contains(&d));
+        assert_eq!(index.used(), 0);
+        assert!(path.exists());
+        drop(index);
+        let again = BlobIndex::new(&layout, Budget::new(1 << 20, 0.9, 0.8));
+        assert_eq!(again.load().unwrap(), 0, "hashed at start, and dropped");
+        assert!(!path.exists());
     }
 
     /// A lookup that found no file forgets the digest late, after a fill

@@ -49,6 +49,8 @@
 //!   breaks off.
 //! * `writer.rs`: the blocking writer thread of a fill.
 //! * `spill.rs`: the readers' queues past a failed disk.
+//! * `scrub.rs`: the scrubber, which hashes stored blobs again in the
+//!   background and drops those damaged on disk.
 //! * `reader.rs`: response bodies (stored blobs and fills, spill queue).
 //! * `response.rs`: 200/206 responses and their headers; `range.rs`:
 //!   `Range` parsing.
@@ -71,11 +73,13 @@ mod fill;
 pub(crate) mod range;
 mod reader;
 mod response;
+mod scrub;
 mod source;
 mod spill;
 mod store;
 mod writer;
 
+pub(crate) use scrub::Scrub;
 pub(crate) use store::BlobStore;
 
 use crate::body::Body;

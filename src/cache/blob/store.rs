@@ -409,6 +409,24 @@ impl BlobStore {
         gone
     }
 
+    /// Drops a stored blob found damaged on disk by the scrubber: removes
+    /// its file if that is still the one found damaged, `id` (device and
+    /// inode), forgets it, and lets go of it if it is kept open. A file
+    /// that cannot be removed is forgotten all the same: the blob is a miss,
+    /// fetched (and served) again each time. Blocking.
+    pub(super) fn drop_damaged(&self, digest: &Digest, id: (u64, u64)) {
+        use std::os::unix::fs::MetadataExt as _;
+        let path = self.layout.blob(digest);
+        if std::fs::metadata(&path).is_ok_and(|m| (m.dev(), m.ino()) == id)
+            && let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(%digest, error = %e, "cannot remove a damaged stored blob");
+        }
+        self.index.forget_file(digest, id);
+        self.hot.release(digest);
+    }
+
     /// A stored blob among the [`HOT_FILES`] kept open, if the index still
     /// holds it (an evicted or forgotten one is let go) and it still has
     /// its size (one `fstat`: a file truncated on disk is let go, and the
@@ -451,6 +469,7 @@ impl BlobStore {
                 if indexed != size {
                     tracing::warn!(%digest, indexed, size,
                         "stored blob changed size on disk, dropping it");
+                    self.metrics.damaged_blob();
                     match std::fs::remove_file(&path) {
                         Ok(()) => self.index.forget(digest),
                         Err(e) if e.kind() == io::ErrorKind::NotFound => self.index.forget(digest),
