@@ -9,7 +9,9 @@
 //! the store's directories), one blob at a time, reading each in pieces on
 //! the blocking pool into one buffer. It is paced to spread a pass over the
 //! stored bytes across `cache.scrub_interval`, at no less than
-//! [`MIN_RATE`] and no more than `cache.scrub_max_rate`; the next pass
+//! [`MIN_RATE`] (unless the maximum is lower) and no more than
+//! `cache.scrub_max_rate`, making up at most [`CATCH_UP`] of lost time;
+//! the next pass
 //! starts an interval after the last one started, the first an interval
 //! (at most an hour) after start-up. Memory stays one piece
 //! and one slice of the index, whatever the cache holds.
@@ -50,8 +52,13 @@ pub(crate) struct Scrub {
     pub(crate) max_rate: u64,
 }
 
+/// The most time a pass that fell behind its pace (slow reads, a busy
+/// blocking pool) makes up by reading faster than its rate.
+const CATCH_UP: Duration = Duration::from_secs(1);
+
 /// Keeps a pass's reads at `rate` bytes per second on average.
 struct Pace {
+    /// When reading at `rate` from then on would have read `done` by now.
     start: Instant,
     rate: u64,
     done: u64,
@@ -60,8 +67,13 @@ struct Pace {
 impl Pace {
     async fn wait(&mut self, bytes: u64) {
         self.done += bytes;
-        let due = Duration::from_secs_f64(self.done as f64 / self.rate as f64);
-        tokio::time::sleep_until(self.start + due).await;
+        let due = self.start + Duration::from_secs_f64(self.done as f64 / self.rate as f64);
+        let now = Instant::now();
+        if now > due + CATCH_UP {
+            // Behind: the time lost is not made up at full speed.
+            self.start += now - (due + CATCH_UP);
+        }
+        tokio::time::sleep_until(due).await;
     }
 }
 
@@ -99,18 +111,26 @@ impl BlobStore {
 
     /// One pass over every stored blob.
     async fn scrub_pass(self: &Arc<Self>, scrub: Scrub) {
+        let started = Instant::now();
         let per_sec = self.index.used() / scrub.interval.as_secs().max(1);
-        let rate = per_sec.clamp(MIN_RATE, scrub.max_rate.max(MIN_RATE));
+        let max = scrub.max_rate.max(1);
+        let rate = per_sec.clamp(MIN_RATE.min(max), max);
         let mut pace = Pace {
-            start: Instant::now(),
+            start: started,
             rate,
             done: 0,
         };
         let (mut blobs, mut damaged) = (0u64, 0u64);
         let mut buf = vec![0u8; PIECE];
         for slice in 0..=255u8 {
+            // A walk over the whole index: not on a runtime worker.
+            let index = self.index.clone();
             let prefix = format!("{slice:02x}");
-            for (digest, size) in self.index.stored_under(&prefix) {
+            let Ok(stored) = tokio::task::spawn_blocking(move || index.stored_under(&prefix)).await
+            else {
+                continue;
+            };
+            for (digest, size) in stored {
                 let checked;
                 (checked, buf) = self.scrub_one(&digest, size, buf, &mut pace).await;
                 blobs += 1;
@@ -118,20 +138,32 @@ impl BlobStore {
                     damaged += 1;
                     tracing::error!(%digest, size, reason = %why,
                         "stored blob damaged on disk: dropping it, to be fetched again");
-                    self.metrics.damaged_blob();
                     let store = self.clone();
                     let _ =
                         tokio::task::spawn_blocking(move || store.drop_damaged(&digest, id)).await;
+                    self.metrics.damaged_blob();
                 }
             }
         }
-        tracing::info!(
-            blobs,
-            damaged,
-            bytes = pace.done,
-            secs = pace.start.elapsed().as_secs(),
-            "scrub pass over the stored blobs done"
-        );
+        let took = started.elapsed();
+        if took > scrub.interval {
+            tracing::warn!(
+                blobs,
+                bytes = pace.done,
+                secs = took.as_secs(),
+                rate,
+                "a scrub pass took longer than cache.scrub_interval: raise \
+                 cache.scrub_max_rate or the interval"
+            );
+        } else {
+            tracing::debug!(
+                blobs,
+                damaged,
+                bytes = pace.done,
+                secs = took.as_secs(),
+                "scrub pass over the stored blobs done"
+            );
+        }
     }
 
     /// Hashes the stored blob `digest` (indexed at `size` bytes) again,
