@@ -629,3 +629,66 @@ async fn a_range_on_disk_completes_when_the_disk_fails_past_it() {
     assert!(body[..] == b.data[..100_000], "bytes differ");
     assert_eq!(up.blob_gets(&b.digest), 1);
 }
+
+/// Fills that wait on upstream hold no thread of the blocking pool: with a
+/// pool of 4 threads and 6 fills held mid-body by upstream (each with a
+/// client reading), new fills still start (creating their file is a
+/// blocking call) and stored blobs are still served (opening one that is
+/// not kept open is too). Before, each fill's writer held a thread for the
+/// whole fill: the fifth fill's response waited until a held fill failed
+/// (upstream's 30 s idle timeout); in production, everything blocking
+/// waited behind 512 slow fills.
+#[test]
+fn fills_waiting_on_upstream_leave_the_blocking_pool_to_hits() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let up = FakeUpstream::start().await;
+        let st = start_stowage_no_prefetch(&up.url(), "").await;
+        let c = client();
+        // More stored blobs than the few kept open.
+        let stored: Vec<Blob> = (0..8).map(|_| Blob::random(64 * 1024)).collect();
+        for b in &stored {
+            up.add_blob(b.data.clone());
+            let (_, body) = get_ok(&c, &st.blob_url("library/x", &b.digest)).await;
+            assert!(body == b.data);
+        }
+        let held: Vec<Blob> = (0..6).map(|_| Blob::random(MIB)).collect();
+        let mut readers = Vec::new();
+        for (i, b) in held.iter().enumerate() {
+            up.add_blob(b.data.clone());
+            let hold = up.hold(&b.digest);
+            // Its response starts once the fill has its temporary file:
+            // a blocking call too.
+            let r = within(5, "a held fill's response", async {
+                c.get(st.blob_url("library/x", &b.digest))
+                    .send()
+                    .await
+                    .unwrap()
+            })
+            .await;
+            assert_eq!(r.status(), 200);
+            hold.wait_half_sent(1).await;
+            readers.push((i, r, hold));
+        }
+        // The writers have had time to go idle.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        for b in &stored {
+            let (_, body) = within(5, "a stored blob while fills are held", async {
+                get_ok(&c, &st.blob_url("library/x", &b.digest)).await
+            })
+            .await;
+            assert!(body == b.data);
+        }
+        for (i, r, hold) in readers {
+            hold.release();
+            let body = within(10, "a held fill's body", read_all(r)).await.unwrap();
+            assert!(body == held[i].data, "bytes of held blob {i}");
+        }
+    });
+}

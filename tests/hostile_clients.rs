@@ -258,6 +258,41 @@ async fn a_fill_goes_on_while_any_client_reads_it() {
     assert_eq!(up.blob_gets(&od), 2, "fetched again");
 }
 
+/// A fill that is not being cached (a blob over `cache.max_blob_size`,
+/// streamed off the disk) stops as soon as its last client hangs up, even
+/// with a permit free: nothing of it would be kept. It used to go on until
+/// its next chunk found nobody to hand it to, and counted as failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncached_fill_stops_when_its_last_client_leaves() {
+    let _serial = SERIAL.lock().await;
+    let up = FakeUpstream::start().await;
+    let dir = TempDir::new().unwrap();
+    let toml = format!(
+        "prefetch = false\n{}{LIMITS}\n[cache]\nmax_blob_size = \"1MiB\"\n",
+        config_toml(dir.path(), &up.url(), "")
+    );
+    let st = start_stowage_toml(dir, &toml).await;
+    let data = random_bytes(8 * 1024 * 1024);
+    let digest = up.add_blob(data.clone());
+    let hold = up.hold(&digest);
+    read_a_little_and_hang_up(&st.blob_url("library/big", &digest)).await;
+    no_fill_readers(&st).await;
+    hold.release();
+    metric_becomes(
+        &st,
+        "stowage_blob_fills_total",
+        &[("result", "abandoned")],
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        metric(&st, "stowage_blob_fills_total", &[("result", "failed")]).await,
+        0.0
+    );
+    let (_, body) = get_ok(&client(), &st.blob_url("library/big", &digest)).await;
+    assert!(body == data, "served whole afterwards");
+}
+
 /// Reads what is there until EOF or an error; the byte count.
 async fn drain(tcp: &mut TcpStream) -> u64 {
     let mut buf = vec![0u8; 256 * 1024];

@@ -75,7 +75,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 use super::source::{Opened, Origin, Sources};
 use super::spill::{Spill, SpillReceiver};
 use super::store::BlobStore;
-use super::writer::{Landed, Writer};
+use super::writer::{Landed, NoReaders, Writer};
 use crate::cache::OriginKey;
 use crate::cache::index::{Admission, BlobIndex, Reservation};
 use crate::error::{Error, ErrorKind, ErrorSource};
@@ -546,8 +546,11 @@ impl FillTable {
 ///
 /// A fill whose readers have all left (a cancelled pull) goes on, so that
 /// the retry finds the blob cached, as long as it holds one of the store's
-/// `cache.max_detached_fills` permits; it gives the permit back when a
-/// reader joins again. Past that many, a fill nobody reads is stopped: a
+/// `cache.max_detached_fills` permits, which it keeps until it ends (a
+/// retry that joins and leaves again does not cost it its place; nor does
+/// a prefetch that looks it up). Past that many, a fill nobody reads is
+/// stopped, as is at once one nobody reads that could not be cached
+/// anyway (off the disk): a
 /// client that asks for blob after blob and hangs up at once cannot make
 /// the mirror download all of them at once (each stopped fill costs its
 /// upstream connection, nothing is kept). Prefetches are bounded by
@@ -572,30 +575,34 @@ impl<'a> Audience<'a> {
     /// `Ok` to go on; the error to stop the fill with (it has left the
     /// table) when nobody reads it and no permit to go on alone is free.
     pub(super) fn check(&mut self) -> Result<(), Error> {
-        if self.fill.prefetched {
+        if self.fill.prefetched || self.fill.progress.receiver_count() > 0 {
             return Ok(());
         }
-        if self.fill.progress.receiver_count() > 0 {
-            // Read again (or still): the permit is for fills nobody reads.
-            self.detached = None;
-            return Ok(());
-        }
-        if self.detached.is_some() {
-            return Ok(());
-        }
-        if let Ok(permit) = self.store.detached.clone().try_acquire_owned() {
-            tracing::info!(digest = %self.digest,
-                "every client of a blob fill left: it goes on, to cache the blob");
-            self.detached = Some(permit);
-            return Ok(());
+        // Off the disk (a failed disk, a blob not to be cached), nothing
+        // would be kept: nobody gains from going on.
+        let cacheable = self.fill.progress.borrow().disk_end.is_none();
+        if cacheable {
+            if self.detached.is_some() {
+                return Ok(());
+            }
+            if let Ok(permit) = self.store.detached.clone().try_acquire_owned() {
+                tracing::info!(digest = %self.digest,
+                    "every client of a blob fill left: it goes on, to cache the blob");
+                self.detached = Some(permit);
+                return Ok(());
+            }
         }
         if !self.store.fills.abandon(self.digest, self.fill) {
             // A reader joined just now.
             return Ok(());
         }
+        let why = if cacheable {
+            "cache.max_detached_fills fills already run for nobody"
+        } else {
+            "it is not being cached"
+        };
         Err(Error::unavailable(format!(
-            "every client of the fill of {} left, and cache.max_detached_fills fills \
-             already run for nobody: stopped",
+            "every client of the fill of {} left, and {why}: stopped",
             self.digest
         )))
     }
@@ -945,15 +952,23 @@ impl BlobStore {
             reservation: reservation.clone(),
         };
         let algorithm = digest.algorithm();
-        let writer = tokio::task::spawn_blocking(move || writer.run(rx, algorithm));
-        let pumped = self
-            .pump(sources, opened, tx, total, digest, audience)
-            .await;
-        let written = writer
-            .await
-            .map_err(|e| Error::internal(format!("blob writer panicked: {e}")))?;
+        let (pumped, written) = tokio::join!(
+            self.pump(sources, opened, tx, total, digest, audience),
+            writer.run(rx, algorithm)
+        );
+        let written = written.map_err(|e| Error::internal(format!("blob writer panicked: {e}")))?;
         let used = pumped?;
-        let written = written.map_err(|e| Error::local("cache storage error", e))?;
+        let written = written.map_err(|e| {
+            if NoReaders::is(&e) {
+                // The readers left between the last check and this chunk.
+                fill.abandoned.store(true, Ordering::Relaxed);
+                Error::unavailable(format!(
+                    "every client of the fill of {digest} left, and it is not being cached: stopped"
+                ))
+            } else {
+                Error::local("cache storage error", e)
+            }
+        })?;
         let size = written.landed.size();
         let from = || {
             used.iter()

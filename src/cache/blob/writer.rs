@@ -1,9 +1,10 @@
-//! The blocking half of a fill: a thread of the blocking pool that writes
-//! the upstream's chunks to the temporary file, hashes them and publishes
-//! how far the file is written; once the disk fails (or the budget has no
-//! room for the next chunk), it spills the chunks to the attached readers
-//! instead (`spill.rs`: paced by the slowest, a reader stuck for the idle
-//! timeout cut).
+//! The blocking half of a fill: on a thread of the blocking pool while
+//! chunks keep coming (given back when none has come for [`LINGER`]), it
+//! writes the upstream's chunks to the temporary file, hashes them and
+//! publishes how far the file is written; once the disk fails (or the
+//! budget has no room for the next chunk), it spills the chunks to the
+//! attached readers instead (`spill.rs`: paced by the slowest, a reader
+//! stuck for the idle timeout cut).
 
 use std::fs::File;
 use std::io::{self, Write as _};
@@ -36,6 +37,19 @@ const PUBLISH_EVERY: u64 = 1024 * 1024;
 /// profile is mostly that copy). 16 KiB pieces, nginx's size for its
 /// temporary files, cost more in system calls (6 runs: median 0.57 GB/s).
 const WRITE_PIECE: usize = 64 * 1024;
+
+/// The writer's error when the disk is out of the picture and no reader is
+/// left to hand the bytes to: the fill was abandoned, not broken.
+#[derive(Debug, thiserror::Error)]
+#[error("no readers left for a blob that cannot be cached")]
+pub(super) struct NoReaders;
+
+impl NoReaders {
+    /// Whether `e` is this error.
+    pub(super) fn is(e: &io::Error) -> bool {
+        e.get_ref().is_some_and(|inner| inner.is::<NoReaders>())
+    }
+}
 
 /// Where the bytes of a fill went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,51 +97,146 @@ pub(super) struct Writer {
     pub(super) reservation: Arc<Reservation>,
 }
 
+/// How long a writer thread waits for the next chunk before it gives its
+/// thread back to the blocking pool (the fill's task waits for the chunk
+/// instead, and starts the writer on a thread again when it comes).
+///
+/// A writer that kept its thread for the whole fill let fills that wait on
+/// a slow upstream (or on a client-chosen pace) take every thread of the
+/// pool (512), and every blocking call behind them (opening a stored blob
+/// for a hit, committing a blob) waited for some fill to end. A thread is
+/// now held only while chunks keep coming: within a burst the writer takes
+/// the next one on the same thread, as before.
+const LINGER: Duration = Duration::from_millis(2);
+
+/// Where a writer stopped.
+enum Step {
+    /// The chunks ended (the channel closed), or the writer failed.
+    Done(io::Result<Written>),
+    /// No chunk came for [`LINGER`]: the writer, to be resumed on a thread
+    /// with the next chunk ([`Running::resume`]), and its channel.
+    Idle(Box<Running>, mpsc::Receiver<Bytes>),
+}
+
+/// A writer between chunks: the writer and what it has seen so far.
+struct Running {
+    writer: Writer,
+    hasher: Hasher,
+    offset: u64,
+    published: u64,
+    on_disk: bool,
+}
+
 impl Writer {
-    /// Consumes the chunks of `rx` until it closes. Fails on a disk error
-    /// that cannot be spilled past, or when no reader is left to spill to.
-    pub(super) fn run(
+    /// Consumes the chunks of `rx` until it closes, on the blocking pool,
+    /// a thread at a time while chunks keep coming ([`LINGER`]). Fails on a
+    /// disk error that cannot be spilled past, or when no reader is left to
+    /// spill to; the outer error is a writer thread that panicked.
+    pub(super) async fn run(
         self,
-        mut rx: mpsc::Receiver<Bytes>,
+        rx: mpsc::Receiver<Bytes>,
         algorithm: Algorithm,
-    ) -> io::Result<Written> {
-        let mut hasher = Hasher::new(algorithm);
-        let mut offset = 0u64;
-        let mut published = 0u64;
-        let mut on_disk = self.file.is_some();
-        while let Some(chunk) = rx.blocking_recv() {
-            let written = offset + chunk.len() as u64;
-            if on_disk && !self.reservation.try_grow_to(written) {
-                on_disk = self.leave_disk(offset, "the cache budget has no room for it")?;
+    ) -> Result<io::Result<Written>, tokio::task::JoinError> {
+        let on_disk = self.file.is_some();
+        let mut running = Running {
+            writer: self,
+            hasher: Hasher::new(algorithm),
+            offset: 0,
+            published: 0,
+            on_disk,
+        };
+        let (mut rx, mut first) = (rx, None);
+        loop {
+            match tokio::task::spawn_blocking(move || running.resume(rx, first)).await? {
+                Step::Done(result) => return Ok(result),
+                Step::Idle(idle, mut chunks) => match chunks.recv().await {
+                    Some(chunk) => (running, rx, first) = (*idle, chunks, Some(chunk)),
+                    None => return Ok(Ok(idle.finish())),
+                },
             }
-            if on_disk {
-                on_disk = self.write(&chunk, offset)?;
-                // Wake readers once per burst, not per frame: when nothing
-                // more is queued, or every PUBLISH_EVERY.
-                if on_disk && (rx.is_empty() || written - published >= PUBLISH_EVERY) {
-                    self.progress.send_modify(|p| p.written = written);
-                    published = written;
-                }
-            }
-            if !on_disk {
-                self.spill(offset, &chunk)?;
-            }
-            hasher.update(&chunk);
-            offset += chunk.len() as u64;
         }
-        if on_disk && published != offset {
-            self.progress.send_modify(|p| p.written = offset);
+    }
+}
+
+impl Running {
+    /// Takes `first` (if any) and then the chunks of `rx` as they come,
+    /// until it closes (`Done`: the digest of every byte and where they
+    /// went), the writer fails on a disk error that cannot be spilled past
+    /// or when no reader is left to spill to (`Done` with the error), or
+    /// no chunk comes for [`LINGER`] (`Idle`). Blocking: on a thread of the
+    /// blocking pool, which may wait on the runtime.
+    fn resume(mut self, mut rx: mpsc::Receiver<Bytes>, first: Option<Bytes>) -> Step {
+        let mut next = first;
+        loop {
+            let chunk = match next.take() {
+                Some(chunk) => chunk,
+                None => match rx.try_recv() {
+                    Ok(chunk) => chunk,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        return Step::Done(Ok(self.finish()));
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        let waited = self
+                            .writer
+                            .runtime
+                            .block_on(tokio::time::timeout(LINGER, rx.recv()));
+                        match waited {
+                            Ok(Some(chunk)) => chunk,
+                            Ok(None) => return Step::Done(Ok(self.finish())),
+                            Err(_) => return Step::Idle(Box::new(self), rx),
+                        }
+                    }
+                },
+            };
+            if let Err(e) = self.take(&chunk, rx.is_empty()) {
+                return Step::Done(Err(e));
+            }
         }
-        Ok(Written {
-            digest: hasher.finish(),
-            landed: if on_disk {
-                Landed::OnDisk(offset)
-            } else {
-                Landed::OffDisk(offset)
-            },
-        })
     }
 
+    /// Writes (or spills) and hashes one chunk. `dry`: nothing more is
+    /// queued behind it.
+    fn take(&mut self, chunk: &Bytes, dry: bool) -> io::Result<()> {
+        let w = &self.writer;
+        let written = self.offset + chunk.len() as u64;
+        if self.on_disk && !w.reservation.try_grow_to(written) {
+            self.on_disk = w.leave_disk(self.offset, "the cache budget has no room for it")?;
+        }
+        if self.on_disk {
+            self.on_disk = w.write(chunk, self.offset)?;
+            // Wake readers once per burst, not per frame: when nothing
+            // more is queued, or every PUBLISH_EVERY.
+            if self.on_disk && (dry || written - self.published >= PUBLISH_EVERY) {
+                w.progress.send_modify(|p| p.written = written);
+                self.published = written;
+            }
+        }
+        if !self.on_disk {
+            w.spill(self.offset, chunk)?;
+        }
+        self.hasher.update(chunk);
+        self.offset = written;
+        Ok(())
+    }
+
+    /// What the writer saw, once the chunks have ended.
+    fn finish(self) -> Written {
+        if self.on_disk && self.published != self.offset {
+            let offset = self.offset;
+            self.writer.progress.send_modify(|p| p.written = offset);
+        }
+        Written {
+            digest: self.hasher.finish(),
+            landed: if self.on_disk {
+                Landed::OnDisk(self.offset)
+            } else {
+                Landed::OffDisk(self.offset)
+            },
+        }
+    }
+}
+
+impl Writer {
     /// Writes `chunk` at `offset` (the end of the file). Returns whether the
     /// disk is still in use: false once a write failed and the rest can be
     /// spilled (published as `disk_end`).
@@ -198,9 +307,7 @@ impl Writer {
             .runtime
             .block_on(self.spill.send((offset, chunk.clone()), self.stall_limit));
         if left == 0 && self.progress.receiver_count() == 0 {
-            return Err(io::Error::other(
-                "no readers left for a blob that cannot be cached",
-            ));
+            return Err(io::Error::other(NoReaders));
         }
         Ok(())
     }
