@@ -512,6 +512,10 @@ mod tests {
             ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
             ("[cache]\nscrub_max_rate = 0\n", "cache.scrub_max_rate"),
             (
+                "[cache]\nscrub_interval = \"10ms\"\n",
+                "cache.scrub_interval",
+            ),
+            (
                 "[limits]\nheader_read_timeout = \"0s\"\n",
                 "limits.header_read_timeout",
             ),

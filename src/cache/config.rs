@@ -57,7 +57,7 @@ pub struct CacheConfig {
 
     /// How long one pass of the scrubber, which hashes every stored blob
     /// again to find those damaged on disk, should take; a pass starts
-    /// this often. `"0s"` turns it off.
+    /// this often. `"0s"` turns it off; otherwise at least a second.
     #[serde(default = "default_scrub_interval", with = "humantime_serde")]
     pub scrub_interval: Duration,
 
@@ -156,6 +156,12 @@ impl CacheConfig {
             return Err(ConfigError::invalid(
                 "cache.max_manifests",
                 "must be more than zero",
+            ));
+        }
+        if !self.scrub_interval.is_zero() && self.scrub_interval < Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                "cache.scrub_interval",
+                "must be \"0s\" (off) or at least 1s",
             ));
         }
         if self.scrub_max_rate.as_u64() == 0 {

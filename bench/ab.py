@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""A/B of two stowage builds on the scenarios a fill or a blob read change
+moves: the cold 128 MiB blob (GB/s and server CPU, nginx's proxy_cache in
+the same rounds for reference) and warm blobs over TLS (server CPU per GiB).
+Rounds alternate the order of the two builds; medians are printed with the
+values of every round. It reuses bench.py's upstream, images, mirrors and
+load client, so it needs what bench/run.sh installs and builds:
+
+    python3 bench/ab.py --old OLD_BIN --new NEW_BIN \\
+        --client target/bench-client/release/bench-client [--rounds 5]
+
+Each round starts every mirror from a cold cache; about 25 s per round here.
+"""
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import types
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--old", required=True, help="stowage binary A")
+    ap.add_argument("--new", required=True, help="stowage binary B")
+    ap.add_argument("--client", required=True, help="bench-client binary")
+    ap.add_argument("--rounds", type=int, default=5)
+    a = ap.parse_args()
+    bins = {"old": a.old, "new": a.new}
+    args = types.SimpleNamespace(client=a.client, verify="cmp", warm_requests=32, warm_concurrency=8,
+                                 perf=None, scale=1)
+    work = tempfile.mkdtemp(prefix="stowage-ab.")
+    up = bench.Upstream(work)
+    try:
+        images = bench.seed(work, up, 1)
+        os.sync()
+        b = bench.Bench(args, work, images, up)
+        b.tls = bench.make_tls(work)
+        blob = images["large"]["layers"][2]
+        res = {k: {"cold_gbps": [], "cold_cpu_s": [], "tls_warm_cpu_s_per_gib": []}
+               for k in ("old", "new", "nginx")}
+        for r in range(a.rounds):
+            order = ["old", "new", "nginx"] if r % 2 == 0 else ["new", "old", "nginx"]
+            for k in order:
+                d = os.path.join(work, "m-%s-%d" % (k, r))
+                m = bench.Nginx(up, d) if k == "nginx" else bench.Stowage(bins[k], up, d)
+                try:
+                    out = {}
+                    bench.cold_warm(b, m, "", blob, "bench/large", out, None)
+                    res[k]["cold_gbps"].append(out["cold_gbps"])
+                    res[k]["cold_cpu_s"].append(out["cold_cpu_s"])
+                finally:
+                    m.stop()
+                    shutil.rmtree(d, ignore_errors=True)
+                    os.sync()
+                if k == "nginx":
+                    continue
+                d = os.path.join(work, "t-%s-%d" % (k, r))
+                m = bench.Stowage(bins[k], up, d, tls=b.tls)
+                try:
+                    out = {}
+                    bench.cold_warm(b, m, "", blob, "bench/large", out, None)
+                    res[k]["tls_warm_cpu_s_per_gib"].append(out["warm_cpu_s_per_gib"])
+                finally:
+                    m.stop()
+                    shutil.rmtree(d, ignore_errors=True)
+                    os.sync()
+        for k, metrics in res.items():
+            for name, vals in metrics.items():
+                if vals:
+                    print("%-5s %-24s median %.3f  rounds %s" % (k, name, statistics.median(vals), vals))
+    finally:
+        up.svc.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
