@@ -640,23 +640,11 @@ async fn a_range_on_disk_completes_when_the_disk_fails_past_it() {
 /// waited behind 512 slow fills.
 #[test]
 fn fills_waiting_on_upstream_leave_the_blocking_pool_to_hits() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(4)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    small_blocking_pool().block_on(async {
         let up = FakeUpstream::start().await;
         let st = start_stowage_no_prefetch(&up.url(), "").await;
         let c = client();
-        // More stored blobs than the few kept open.
-        let stored: Vec<Blob> = (0..8).map(|_| Blob::random(64 * 1024)).collect();
-        for b in &stored {
-            up.add_blob(b.data.clone());
-            let (_, body) = get_ok(&c, &st.blob_url("library/x", &b.digest)).await;
-            assert!(body == b.data);
-        }
+        let stored = store_more_than_are_kept_open(&up, &st, &c).await;
         let held: Vec<Blob> = (0..6).map(|_| Blob::random(MIB)).collect();
         let mut readers = Vec::new();
         for (i, b) in held.iter().enumerate() {
@@ -677,18 +665,92 @@ fn fills_waiting_on_upstream_leave_the_blocking_pool_to_hits() {
         }
         // The writers have had time to go idle.
         tokio::time::sleep(Duration::from_millis(200)).await;
-
-        for b in &stored {
-            let (_, body) = within(5, "a stored blob while fills are held", async {
-                get_ok(&c, &st.blob_url("library/x", &b.digest)).await
-            })
-            .await;
-            assert!(body == b.data);
-        }
+        stored_blobs_are_served(&st, &c, &stored, "fills are held").await;
         for (i, r, hold) in readers {
             hold.release();
             let body = within(10, "a held fill's body", read_all(r)).await.unwrap();
             assert!(body == held[i].data, "bytes of held blob {i}");
         }
+    });
+}
+
+/// A runtime whose blocking pool has 4 threads (tokio's default is 512).
+fn small_blocking_pool() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(4)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Stores more blobs than the few kept open (so that serving the first
+/// ones again opens their files: a blocking call).
+async fn store_more_than_are_kept_open(
+    up: &FakeUpstream,
+    st: &Stowage,
+    c: &reqwest::Client,
+) -> Vec<Blob> {
+    let stored: Vec<Blob> = (0..8).map(|_| Blob::random(64 * 1024)).collect();
+    for b in &stored {
+        up.add_blob(b.data.clone());
+        let (_, body) = get_ok(c, &st.blob_url("library/x", &b.digest)).await;
+        assert!(body == b.data);
+    }
+    stored
+}
+
+/// Each of `stored` is served within 5 s, while `what`.
+async fn stored_blobs_are_served(st: &Stowage, c: &reqwest::Client, stored: &[Blob], what: &str) {
+    for b in stored {
+        let (_, body) = within(5, &format!("a stored blob while {what}"), async {
+            get_ok(c, &st.blob_url("library/x", &b.digest)).await
+        })
+        .await;
+        assert!(body == b.data);
+    }
+}
+
+/// Fills streamed past the disk (blobs over `cache.max_blob_size`) to
+/// clients that do not read (five, on a pool of 4 threads) hold no thread
+/// of the blocking pool either,
+/// though the slowest reader paces them. Before, each such fill's writer
+/// waited for its readers' queues on a thread of the pool, for up to the
+/// idle timeout per chunk.
+#[test]
+fn fills_paced_by_slow_readers_leave_the_blocking_pool_to_hits() {
+    small_blocking_pool().block_on(async {
+        let up = FakeUpstream::start().await;
+        let dir = tempfile::TempDir::new().unwrap();
+        let toml = format!(
+            "prefetch = false\n{}\n[cache]\nmax_blob_size = \"1MiB\"\n",
+            config_toml(dir.path(), &up.url(), "")
+        );
+        let st = start_stowage_toml(dir, &toml).await;
+        let c = client();
+        let stored = store_more_than_are_kept_open(&up, &st, &c).await;
+        let mut unread = Vec::new();
+        // Five distinct blobs of 24 MiB (more than a reader's queue and
+        // its sockets hold), made from one: random bytes are slow to make
+        // in a debug build.
+        let base = random_bytes(24 * MIB);
+        for i in 0..5u64 {
+            let mut data = base.to_vec();
+            data[..8].copy_from_slice(&i.to_le_bytes());
+            let digest = up.add_blob(data);
+            let r = within(5, "an uncached blob's response", async {
+                c.get(st.blob_url("library/x", &digest))
+                    .send()
+                    .await
+                    .unwrap()
+            })
+            .await;
+            assert_eq!(r.status(), 200);
+            unread.push(r);
+        }
+        // Long enough for every reader's queue and socket to fill up.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        stored_blobs_are_served(&st, &c, &stored, "fills wait for their readers").await;
+        drop(unread);
     });
 }

@@ -959,9 +959,9 @@ impl BlobStore {
         let written = written.map_err(|e| Error::internal(format!("blob writer panicked: {e}")))?;
         let used = pumped?;
         let written = written.map_err(|e| {
-            if NoReaders::is(&e) {
-                // The readers left between the last check and this chunk.
-                fill.abandoned.store(true, Ordering::Relaxed);
+            // The readers left between the last check and this chunk (and
+            // none joined since: then it is the plain failure it is to them).
+            if NoReaders::is(&e) && self.fills.abandon(digest, fill) {
                 Error::unavailable(format!(
                     "every client of the fill of {digest} left, and it is not being cached: stopped"
                 ))

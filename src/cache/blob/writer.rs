@@ -84,7 +84,8 @@ pub(super) struct Writer {
     pub(super) progress: watch::Sender<Progress>,
     /// Where chunks go once the disk is out of the picture.
     pub(super) spill: Arc<Spill>,
-    /// The runtime, to wait on the readers' queues from this thread.
+    /// The runtime, to wait for the next chunk from a thread of the
+    /// blocking pool ([`LINGER`]).
     pub(super) runtime: tokio::runtime::Handle,
     /// Test hook: fail writes past this many bytes.
     pub(super) fault: u64,
@@ -116,6 +117,10 @@ enum Step {
     /// No chunk came for [`LINGER`]: the writer, to be resumed on a thread
     /// with the next chunk ([`Running::resume`]), and its channel.
     Idle(Box<Running>, mpsc::Receiver<Bytes>),
+    /// A chunk (hashed already) to hand to the readers past the disk, on
+    /// the runtime rather than a thread (a slow reader paces it), before
+    /// the writer is resumed.
+    Spill(Box<Running>, mpsc::Receiver<Bytes>, (u64, Bytes)),
 }
 
 /// A writer between chunks: the writer and what it has seen so far.
@@ -153,6 +158,12 @@ impl Writer {
                     Some(chunk) => (running, rx, first) = (*idle, chunks, Some(chunk)),
                     None => return Ok(Ok(idle.finish())),
                 },
+                Step::Spill(spilling, chunks, (offset, chunk)) => {
+                    if let Err(e) = spilling.writer.spill(offset, chunk).await {
+                        return Ok(Err(e));
+                    }
+                    (running, rx, first) = (*spilling, chunks, None);
+                }
             }
         }
     }
@@ -188,15 +199,18 @@ impl Running {
                     }
                 },
             };
-            if let Err(e) = self.take(&chunk, rx.is_empty()) {
-                return Step::Done(Err(e));
+            match self.take(&chunk, rx.is_empty()) {
+                Ok(None) => {}
+                Ok(Some(spill)) => return Step::Spill(Box::new(self), rx, spill),
+                Err(e) => return Step::Done(Err(e)),
             }
         }
     }
 
-    /// Writes (or spills) and hashes one chunk. `dry`: nothing more is
-    /// queued behind it.
-    fn take(&mut self, chunk: &Bytes, dry: bool) -> io::Result<()> {
+    /// Writes and hashes one chunk, or hashes it and returns it with its
+    /// offset to be spilled (the disk is out of the picture). `dry`:
+    /// nothing more is queued behind it.
+    fn take(&mut self, chunk: &Bytes, dry: bool) -> io::Result<Option<(u64, Bytes)>> {
         let w = &self.writer;
         let written = self.offset + chunk.len() as u64;
         if self.on_disk && !w.reservation.try_grow_to(written) {
@@ -211,12 +225,10 @@ impl Running {
                 self.published = written;
             }
         }
-        if !self.on_disk {
-            w.spill(self.offset, chunk)?;
-        }
+        let spill = (!self.on_disk).then(|| (self.offset, chunk.clone()));
         self.hasher.update(chunk);
         self.offset = written;
-        Ok(())
+        Ok(spill)
     }
 
     /// What the writer saw, once the chunks have ended.
@@ -297,15 +309,14 @@ impl Writer {
 
     /// Hands `chunk` to the readers' queues, paced by the slowest: a
     /// reader whose queue stays full for the idle timeout is cut (see
-    /// `spill.rs`). This is a thread of the blocking pool, so it may wait on
-    /// the runtime. With no reader left there is no point going on; readers
-    /// that need no spilled byte (a Range within what reached the disk) but
-    /// wait for the verification of the whole blob before their last byte
-    /// still count: the rest is hashed for them.
-    fn spill(&self, offset: u64, chunk: &Bytes) -> io::Result<()> {
-        let left = self
-            .runtime
-            .block_on(self.spill.send((offset, chunk.clone()), self.stall_limit));
+    /// `spill.rs`). On the runtime, not a thread of the blocking pool: a
+    /// client reading slowly must not hold one. With no reader left there
+    /// is no point going on; readers that need no spilled byte (a Range
+    /// within what reached the disk) but wait for the verification of the
+    /// whole blob before their last byte still count: the rest is hashed
+    /// for them.
+    async fn spill(&self, offset: u64, chunk: Bytes) -> io::Result<()> {
+        let left = self.spill.send((offset, chunk), self.stall_limit).await;
         if left == 0 && self.progress.receiver_count() == 0 {
             return Err(io::Error::other(NoReaders));
         }
