@@ -723,8 +723,10 @@ fn fills_paced_by_slow_readers_leave_the_blocking_pool_to_hits() {
         let up = FakeUpstream::start().await;
         let dir = tempfile::TempDir::new().unwrap();
         let toml = format!(
-            "prefetch = false\n{}\n[cache]\nmax_blob_size = \"1MiB\"\n",
-            config_toml(dir.path(), &up.url(), "")
+            "prefetch = false\n{}\n[cache]\nmax_blob_size = \"1MiB\"\n\
+             [limits]\nidle_timeout = \"60s\"\n",
+            // How long a fill waits for its slowest reader, per chunk.
+            config_toml(dir.path(), &up.url(), "timeout = \"60s\"")
         );
         let st = start_stowage_toml(dir, &toml).await;
         let c = client();
@@ -748,8 +750,15 @@ fn fills_paced_by_slow_readers_leave_the_blocking_pool_to_hits() {
             assert_eq!(r.status(), 200);
             unread.push(r);
         }
-        // Long enough for every reader's queue and socket to fill up.
+        // Long enough for every reader's queue and socket to fill up: the
+        // fills then wait for their readers (they would be over by now if
+        // the bodies fitted in the buffers).
         tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            st.hooks.fills_in_flight(),
+            5,
+            "the fills wait for their readers"
+        );
         stored_blobs_are_served(&st, &c, &stored, "fills wait for their readers").await;
         drop(unread);
     });

@@ -961,12 +961,14 @@ impl BlobStore {
         let written = written.map_err(|e| {
             // The readers left between the last check and this chunk (and
             // none joined since: then it is the plain failure it is to them).
-            if NoReaders::is(&e) && self.fills.abandon(digest, fill) {
+            if !NoReaders::is(&e) {
+                Error::local("cache storage error", e)
+            } else if self.fills.abandon(digest, fill) {
                 Error::unavailable(format!(
                     "every client of the fill of {digest} left, and it is not being cached: stopped"
                 ))
             } else {
-                Error::local("cache storage error", e)
+                Error::unavailable(format!("{digest}: {e}"))
             }
         })?;
         let size = written.landed.size();

@@ -117,9 +117,9 @@ enum Step {
     /// No chunk came for [`LINGER`]: the writer, to be resumed on a thread
     /// with the next chunk ([`Running::resume`]), and its channel.
     Idle(Box<Running>, mpsc::Receiver<Bytes>),
-    /// A chunk (hashed already) to hand to the readers past the disk, on
-    /// the runtime rather than a thread (a slow reader paces it), before
-    /// the writer is resumed.
+    /// The disk is out of the picture: the first chunk past it (hashed
+    /// already) and its offset. The rest of the fill runs on the runtime
+    /// ([`Running::spill_rest`]).
     Spill(Box<Running>, mpsc::Receiver<Bytes>, (u64, Bytes)),
 }
 
@@ -158,11 +158,8 @@ impl Writer {
                     Some(chunk) => (running, rx, first) = (*idle, chunks, Some(chunk)),
                     None => return Ok(Ok(idle.finish())),
                 },
-                Step::Spill(spilling, chunks, (offset, chunk)) => {
-                    if let Err(e) = spilling.writer.spill(offset, chunk).await {
-                        return Ok(Err(e));
-                    }
-                    (running, rx, first) = (*spilling, chunks, None);
+                Step::Spill(spilling, chunks, first) => {
+                    return Ok(spilling.spill_rest(chunks, first).await);
                 }
             }
         }
@@ -173,8 +170,8 @@ impl Running {
     /// Takes `first` (if any) and then the chunks of `rx` as they come,
     /// until it closes (`Done`: the digest of every byte and where they
     /// went), the writer fails on a disk error that cannot be spilled past
-    /// or when no reader is left to spill to (`Done` with the error), or
-    /// no chunk comes for [`LINGER`] (`Idle`). Blocking: on a thread of the
+    /// (`Done` with the error), the disk is left (`Spill`), or no chunk
+    /// comes for [`LINGER`] (`Idle`). Blocking: on a thread of the
     /// blocking pool, which may wait on the runtime.
     fn resume(mut self, mut rx: mpsc::Receiver<Bytes>, first: Option<Bytes>) -> Step {
         let mut next = first;
@@ -229,6 +226,29 @@ impl Running {
         self.hasher.update(chunk);
         self.offset = written;
         Ok(spill)
+    }
+
+    /// Hands `first` and then every chunk still to come to the readers,
+    /// hashing them: the fill past the disk, on the runtime. A thread of
+    /// the blocking pool is not needed without the disk, and the slowest
+    /// reader paces this (for up to the idle timeout per chunk): a client
+    /// reading slowly must not hold a thread. Hashing a chunk (a few
+    /// hundred KiB at most) on a worker is what encrypting it for TLS
+    /// costs too.
+    async fn spill_rest(
+        mut self,
+        mut rx: mpsc::Receiver<Bytes>,
+        first: (u64, Bytes),
+    ) -> io::Result<Written> {
+        let (offset, chunk) = first;
+        self.writer.spill(offset, chunk).await?;
+        while let Some(chunk) = rx.recv().await {
+            let offset = self.offset;
+            self.hasher.update(&chunk);
+            self.offset += chunk.len() as u64;
+            self.writer.spill(offset, chunk).await?;
+        }
+        Ok(self.finish())
     }
 
     /// What the writer saw, once the chunks have ended.
