@@ -549,11 +549,11 @@ impl FillTable {
 /// `cache.max_detached_fills` permits, which it keeps until it ends (a
 /// retry that joins and leaves again does not cost it its place; nor does
 /// a prefetch that looks it up). Past that many, a fill nobody reads is
-/// stopped, as is at once one nobody reads that could not be cached
-/// anyway (off the disk): a
-/// client that asks for blob after blob and hangs up at once cannot make
-/// the mirror download all of them at once (each stopped fill costs its
-/// upstream connection, nothing is kept). Prefetches are bounded by
+/// stopped at its next check, as is, whatever the permits, one nobody
+/// reads that could not be cached anyway (off the disk). So a client that
+/// asks for blob after blob and hangs up at once cannot make the mirror
+/// download all of them at once (each stopped fill costs its upstream
+/// connection, nothing is kept). Prefetches are bounded by
 /// `prefetch.max_concurrent` instead and always go on.
 pub(super) struct Audience<'a> {
     store: &'a BlobStore,

@@ -2,18 +2,18 @@
 //! blob damaged on disk without changing size (a flipped bit, a stray
 //! write) is found, dropped and fetched again at its next request, instead
 //! of being served, and refused by every client that verifies it, until an
-//! operator purges it. A change of size is caught sooner, at the next hit
-//! (`store.rs`), as is a blob damaged while stopped, by the start-up scan.
+//! operator purges it. A change of size is caught sooner: at the next hit
+//! (`store.rs`), or, if it happened while stowage was stopped, by the
+//! start-up scan.
 //!
 //! A pass walks the index in 256 slices (by the first two hex digits, as
 //! the store's directories), one blob at a time, reading each in pieces on
 //! the blocking pool into one buffer. It is paced to spread a pass over the
 //! stored bytes across `cache.scrub_interval`, at no less than
 //! [`MIN_RATE`] (unless the maximum is lower) and no more than
-//! `cache.scrub_max_rate`, making up at most [`CATCH_UP`] of lost time;
-//! the next pass
-//! starts an interval after the last one started, the first an interval
-//! (at most an hour) after start-up. Memory stays one piece
+//! `cache.scrub_max_rate`, making up at most [`CATCH_UP`] of lost time.
+//! The next pass starts an interval after the last one started, the first
+//! an interval (at most an hour) after start-up. Memory stays one piece
 //! and one slice of the index, whatever the cache holds.
 
 use std::fs::File;
