@@ -419,3 +419,86 @@ async fn a_thousand_idle_connections_are_closed_after_the_timeout() {
     );
     back_to_baseline(base, 10, "1,000 idle connections").await;
 }
+
+/// Reads a response's status line (or what came before the connection
+/// ended): the bytes up to the first CRLF.
+async fn status_line(tcp: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut b = [0u8; 1024];
+    while !got.windows(2).any(|w| w == b"\r\n") {
+        match tcp.read(&mut b).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&b[..n]),
+        }
+    }
+    let end = got
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .unwrap_or(got.len());
+    String::from_utf8_lossy(&got[..end]).into_owned()
+}
+
+/// HTTP/1 request heads are bounded (64 KiB): two hundred clients that
+/// each send 300 KiB of a head that never ends are answered 431 and
+/// closed at once, instead of each holding a buffer that size until the
+/// header timeout (hyper's default allowed about 400 KiB). A 48 KiB head
+/// (a large bearer token) is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_request_heads_are_refused_without_holding_memory() {
+    let _serial = SERIAL.lock().await;
+    let up = FakeUpstream::start().await;
+    let st = start(&up).await;
+    let mut tcp = TcpStream::connect(st.addr).await.unwrap();
+    let pad = "a".repeat(48 * 1024);
+    tcp.write_all(format!("GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Pad: {pad}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let line = within(5, "a 48 KiB head answered", status_line(&mut tcp)).await;
+    assert_eq!(line, "HTTP/1.1 200 OK", "a 48 KiB request head");
+    drop(tcp);
+    let base = usage();
+
+    let head = format!(
+        "GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Pad: {}",
+        "a".repeat(300 * 1024)
+    );
+    let mut sent = Vec::new();
+    for _ in 0..200 {
+        let mut tcp = TcpStream::connect(st.addr).await.unwrap();
+        let head = head.clone();
+        sent.push(tokio::spawn(async move {
+            // The server may stop reading (and close) before all is sent.
+            let _ = tcp.write_all(head.as_bytes()).await;
+            tcp
+        }));
+    }
+    let mut held = Vec::new();
+    for s in sent {
+        held.push(within(10, "a head sent", s).await.unwrap());
+    }
+    // The header timeout (2 s) has not passed: what the server holds now
+    // is what the heads cost it.
+    let now = usage();
+    assert!(
+        now.rss <= base.rss + RSS_MARGIN,
+        "200 unfinished 300 KiB heads grew resident memory from {} to {} MiB",
+        base.rss >> 20,
+        now.rss >> 20
+    );
+    let mut refused = 0;
+    for mut tcp in held {
+        let line = within(5, "an oversized head answered", status_line(&mut tcp)).await;
+        if line == "HTTP/1.1 431 Request Header Fields Too Large" {
+            refused += 1;
+        } else {
+            eprintln!("an oversized head got {line:?}");
+        }
+    }
+    // The server closes with the rest of a head unread, which resets the
+    // connection; a reset may reach a client before it read the answer.
+    assert!(
+        refused >= 190,
+        "{refused} of 200 oversized heads answered 431"
+    );
+    back_to_baseline(base, 10, "oversized request heads").await;
+}

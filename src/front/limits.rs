@@ -1,7 +1,7 @@
 //! Connection limits: the connection slots of a listener, the idle and
 //! first-byte timeouts on each connection ([`IdleIo`]), hyper's HTTP/1
-//! header read timeout, the HTTP/2 stream limit, and the process-wide
-//! budget of read-ahead buffers ([`ReadBudget`]).
+//! header read timeout and head size, the HTTP/2 stream limit, and the
+//! process-wide budget of read-ahead buffers ([`ReadBudget`]).
 
 use std::io;
 use std::pin::Pin;
@@ -65,8 +65,23 @@ impl Slots {
     }
 }
 
+/// The largest HTTP/1 request head hyper reads (request line and headers):
+/// a longer one is answered `431 Request Header Fields Too Large` and the
+/// connection closed. hyper's default (about 400 KiB) let every connection
+/// hold that much while its head trickled in, some 400 MiB over the default
+/// 1,024 connections; registry clients send heads of a few KiB, a large
+/// bearer token included (nginx allows 32 KiB by default). HTTP/2 heads are
+/// bounded by hyper's own default (a 16 KiB header list).
+///
+/// hyper bounds its HTTP/1 read buffer and its write queue with the one
+/// setting (`max_buf_size`). The write queue takes another chunk only
+/// while it holds less than this, so it still holds the one chunk a body
+/// hands it, whatever its size (a read-ahead chunk, a `sendfile` region).
+pub(crate) const MAX_REQUEST_HEAD: usize = 64 * 1024;
+
 /// Applies the HTTP-level limits to hyper's connection builder: a timer,
-/// the HTTP/1 header read timeout and the HTTP/2 stream limit.
+/// the HTTP/1 header read timeout and head size, and the HTTP/2 stream
+/// limit.
 pub(crate) fn configure(
     builder: &mut auto::Builder<TokioExecutor>,
     header_read_timeout: Duration,
@@ -75,7 +90,8 @@ pub(crate) fn configure(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout);
+        .header_read_timeout(header_read_timeout)
+        .max_buf_size(MAX_REQUEST_HEAD);
     builder
         .http2()
         .timer(TokioTimer::new())

@@ -1,11 +1,10 @@
 //! The front door of the registry listener: the connection limit, the TLS
 //! handshake (with a timeout), the idle and first-byte timeouts on the
 //! plaintext stream (HTTP/2 PINGs are not activity: [`activity`]), the
-//! HTTP/1 header read timeout, HTTP/2 stream limits and the read budget
-//! ([`limits`]), TLS termination
-//! ([`tls`]), client authentication ([`access`]), the reloading of the
-//! files behind TLS and authentication ([`reload`]) and zero-copy sends
-//! ([`zerocopy`]).
+//! HTTP/1 header read timeout and head size, HTTP/2 stream limits and the
+//! read budget ([`limits`]), TLS termination ([`tls`]), client
+//! authentication ([`access`]), the reloading of the files behind TLS and
+//! authentication ([`reload`]) and zero-copy sends ([`zerocopy`]).
 //!
 //! `server.rs` keeps the accept loop and hands every accepted socket to
 //! [`Front::handshake`], which returns the stream hyper serves ([`FrontIo`]:
@@ -106,7 +105,8 @@ impl Front {
     }
 
     /// Applies the HTTP-level limits to hyper's connection builder: a timer,
-    /// the HTTP/1 header read timeout and the HTTP/2 stream limit.
+    /// the HTTP/1 header read timeout and head size, and the HTTP/2 stream
+    /// limit.
     pub(crate) fn configure(&self, builder: &mut auto::Builder<TokioExecutor>) {
         limits::configure(
             builder,
