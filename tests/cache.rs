@@ -1200,7 +1200,6 @@ async fn a_stored_blob_damaged_on_disk_is_fetched_again() {
 /// neighbour stays cached.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blob_damaged_on_disk_at_its_size_is_found_by_the_scrubber() {
-    use std::os::unix::fs::FileExt as _;
     let up = FakeUpstream::start().await;
     let (a, b) = (Blob::random(300 * KIB), Blob::random(300 * KIB));
     for x in [&a, &b] {
@@ -1216,10 +1215,7 @@ async fn a_blob_damaged_on_disk_at_its_size_is_found_by_the_scrubber() {
         fetch(&st, x).await;
     }
     let path = blob_file(st.dir.path(), &a.digest);
-    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-    let byte = a.data[1000] ^ 0xff;
-    file.write_all_at(&[byte], 1000).unwrap();
-    drop(file);
+    damage(st.dir.path(), &a);
     metric_becomes(&st, "stowage_cache_damaged_blobs_total", &[], 1.0).await;
     assert!(!path.exists(), "the damaged file is removed");
     fetch(&st, &a).await; // checks the bytes
@@ -1234,6 +1230,74 @@ async fn a_blob_damaged_on_disk_at_its_size_is_found_by_the_scrubber() {
     );
     let scrubbed = metric(&st, "stowage_cache_scrubbed_bytes_total", &[]).await;
     assert!(scrubbed >= (600 * KIB) as f64, "scrubbed {scrubbed} bytes");
+}
+
+/// Flips one byte of a stored blob's file, keeping its size.
+fn damage(cache: &Path, b: &Blob) {
+    use std::os::unix::fs::FileExt as _;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(blob_file(cache, &b.digest))
+        .unwrap();
+    file.write_all_at(&[b.data[1000] ^ 0xff], 1000).unwrap();
+}
+
+/// A scrub pass cut short by a restart goes on where it stopped
+/// (`<cache>/scrub`), instead of from the first slice again: a cache whose
+/// pass outlasts the process's uptime would never have its last slices
+/// checked. Two blobs damaged while stowage was stopped, the note naming
+/// the slice of the later one: the first pass after the start finds that
+/// one, and the earlier one is found only by the next pass, which starts
+/// from the first slice. A finished pass leaves `00`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrub_pass_goes_on_after_a_restart_where_it_stopped() {
+    let up = FakeUpstream::start().await;
+    // `early` in a slice from 00 to 7f, `late` in one from 80 to ff.
+    let pick = |early: bool| loop {
+        let b = Blob::random(300 * KIB);
+        if (b.digest.as_bytes()["sha256:".len()] < b'8') == early {
+            return b;
+        }
+    };
+    let (early, late) = (pick(true), pick(false));
+    for x in [&early, &late] {
+        up.add_blob(x.data.clone());
+    }
+    let dir = TempDir::new().unwrap();
+    let toml = cache_toml(dir.path(), &up.url(), "scrub_interval = \"3s\"")
+        .replace("admin_listen = \"off\"", "admin_listen = \"127.0.0.1:0\"");
+    let st = start_stowage_toml(dir, &toml).await;
+    for x in [&early, &late] {
+        fetch(&st, x).await;
+    }
+    let dir = st.stop().await;
+    for x in [&early, &late] {
+        damage(dir.path(), x);
+    }
+    let note = dir.path().join("scrub");
+    let slice = &late.digest["sha256:".len()..][..2];
+    std::fs::write(&note, format!("{slice}\n")).unwrap();
+    let st = start_stowage_toml(dir, &toml).await;
+    let cache = st.dir.path().to_path_buf();
+    metric_becomes(&st, "stowage_cache_damaged_blobs_total", &[], 1.0).await;
+    assert!(
+        !blob_file(&cache, &late.digest).exists(),
+        "the first pass went on from the noted slice {slice}"
+    );
+    assert!(
+        blob_file(&cache, &early.digest).exists(),
+        "the first pass started at slice {slice}, after the earlier blob's"
+    );
+    metric_becomes(&st, "stowage_cache_damaged_blobs_total", &[], 2.0).await;
+    assert!(!blob_file(&cache, &early.digest).exists());
+    for x in [&early, &late] {
+        fetch(&st, x).await;
+        assert_eq!(up.blob_gets(&x.digest), 2, "fetched again");
+    }
+    wait_until("a finished pass to note slice 00", || {
+        std::fs::read_to_string(&note).is_ok_and(|t| t == "00\n")
+    })
+    .await;
 }
 
 /// Pinned blobs stay pinned across a restart even when the pin cannot be

@@ -13,6 +13,8 @@
 //! <cache>/lock                            flock of the running instance, its pid inside
 //! <cache>/pins                            the blobs each pinned image last resolved to:
 //!                                         `<image> <digest>` lines
+//! <cache>/scrub                           the slice of the blob store (two hex digits)
+//!                                         the scrubber's pass goes on with after a restart
 //! <cache>/purged                          rewritten by each `stowage cache purge`: a
 //!                                         running instance seeing it change re-checks
 //!                                         what it holds against the disk
@@ -95,6 +97,12 @@ impl Layout {
     /// a running instance (`server.rs`).
     pub(crate) fn purged(&self) -> PathBuf {
         self.dir.join("purged")
+    }
+
+    /// `<cache>/scrub`: where the scrubber's pass goes on after a restart
+    /// (`blob/scrub.rs`).
+    pub(crate) fn scrub_cursor(&self) -> PathBuf {
+        self.dir.join("scrub")
     }
 
     /// `<cache>/pins`: the pinned blobs, per image (`cache/pins.rs`).
@@ -312,6 +320,22 @@ pub(crate) fn decode_pins(
     pins
 }
 
+/// The scrubber's cursor: the next slice of the blob store (the first two
+/// hex digits of a digest), and a newline.
+pub(crate) fn encode_scrub_cursor(slice: u8) -> Vec<u8> {
+    format!("{slice:02x}\n").into_bytes()
+}
+
+/// The slice an [`encode_scrub_cursor`] text names; `None` for anything
+/// else (a file cut short by a crash).
+pub(crate) fn decode_scrub_cursor(text: &str) -> Option<u8> {
+    let hex = text.strip_suffix('\n')?;
+    if hex.len() != 2 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u8::from_str_radix(hex, 16).ok()
+}
+
 /// A referrers record: the digest of the answer's body (kept as a
 /// manifest), a newline, and `artifactType` and a newline when upstream
 /// applied the filter (`OCI-Filters-Applied`).
@@ -502,6 +526,13 @@ mod tests {
             assert_eq!(PrivateRecord::parse(r.line().trim_end()), Some(r));
         }
         assert_eq!(PrivateRecord::parse("+sha256:abc"), None);
+        for slice in [0u8, 0x7f, 0xff] {
+            let text = String::from_utf8(encode_scrub_cursor(slice)).unwrap();
+            assert_eq!(decode_scrub_cursor(&text), Some(slice));
+        }
+        for cut in ["", "a", "0a", "+a\n", "100\n", "zz\n"] {
+            assert_eq!(decode_scrub_cursor(cut), None, "{cut:?}");
+        }
         for applied in [false, true] {
             let text = String::from_utf8(encode_referrers(&d, applied)).unwrap();
             assert_eq!(decode_referrers(&text), Some((d.clone(), applied)));

@@ -15,6 +15,12 @@
 //! The next pass starts an interval after the last one started, the first
 //! an interval (at most an hour) after start-up. Memory stays one piece
 //! and one slice of the index, whatever the cache holds.
+//!
+//! After each slice the next one is noted in `<cache>/scrub`, and the first
+//! pass after a start goes on from there: a pass longer than the process's
+//! uptime (a large cache, restarted daily) would otherwise check the first
+//! slices again and again and never reach the last ones. The note is not
+//! synced: one lost in a crash only means that pass starts over.
 
 use std::fs::File;
 use std::io;
@@ -26,6 +32,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::store::BlobStore;
+use crate::cache::layout;
 use crate::oci::{Digest, Hasher};
 
 /// The slowest a pass reads, whatever the interval: a small cache is
@@ -101,16 +108,48 @@ impl BlobStore {
             while !store.index.is_loaded() {
                 tokio::time::sleep(LOAD_POLL).await;
             }
+            let mut from = store.scrub_cursor().await;
             loop {
                 let started = Instant::now();
-                store.scrub_pass(scrub).await;
+                store.scrub_pass(scrub, from).await;
+                from = 0;
                 tokio::time::sleep_until(started + scrub.interval).await;
             }
         }));
     }
 
-    /// One pass over every stored blob.
-    async fn scrub_pass(self: &Arc<Self>, scrub: Scrub) {
+    /// Where the last pass stopped (`<cache>/scrub`): the slice to go on
+    /// with, 0 when none is noted or the note cannot be read.
+    async fn scrub_cursor(&self) -> u8 {
+        let path = self.layout.scrub_cursor();
+        let read = tokio::task::spawn_blocking(move || std::fs::read_to_string(path)).await;
+        match read {
+            Ok(Ok(text)) => layout::decode_scrub_cursor(&text).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    /// Notes `slice` as the one to go on with after a restart.
+    async fn note_scrub_cursor(&self, slice: u8) {
+        let path = self.layout.scrub_cursor();
+        let written = tokio::task::spawn_blocking(move || {
+            std::fs::write(&path, layout::encode_scrub_cursor(slice))
+        })
+        .await;
+        if let Ok(Err(e)) = written {
+            tracing::debug!(error = %e, "cannot note where the scrub pass is");
+        }
+    }
+
+    /// One pass over every stored blob, from slice `from` on (the slices
+    /// before it were checked before a restart).
+    async fn scrub_pass(self: &Arc<Self>, scrub: Scrub, from: u8) {
+        if from != 0 {
+            tracing::info!(
+                slice = format_args!("{from:02x}"),
+                "scrub pass goes on where it stopped before the restart"
+            );
+        }
         let started = Instant::now();
         let per_sec = self.index.used() / scrub.interval.as_secs().max(1);
         let max = scrub.max_rate.max(1);
@@ -122,7 +161,7 @@ impl BlobStore {
         };
         let (mut blobs, mut damaged) = (0u64, 0u64);
         let mut buf = vec![0u8; PIECE];
-        for slice in 0..=255u8 {
+        for slice in from..=255u8 {
             // A walk over the whole index: not on a runtime worker.
             let index = self.index.clone();
             let prefix = format!("{slice:02x}");
@@ -144,6 +183,7 @@ impl BlobStore {
                     self.metrics.damaged_blob();
                 }
             }
+            self.note_scrub_cursor(slice.wrapping_add(1)).await;
         }
         let took = started.elapsed();
         if took > scrub.interval {
