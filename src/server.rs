@@ -380,8 +380,16 @@ impl Connection {
             // each HEADERS frame, so a burst of 2,000 HTTP/2 streams boxed
             // every handler before the first one ran (8 KiB each in a debug
             // build: the flood of tests/hostile_h2.rs added 28 MiB resident,
-            // 14 MiB since); now only handlers that wait hold theirs.
-            async move { Ok::<_, Infallible>(Box::pin(handle(state, req, peer)).await) }
+            // 14 MiB since); now only handlers that wait hold theirs. Boxing
+            // allocates and copies the whole future for every request, so
+            // `routes::handle` keeps it small: what a hit does not need
+            // (misses, upstream, rare routes) is boxed where it starts.
+            async move {
+                let handling = handle(state, req, peer);
+                #[cfg(feature = "test-hooks")]
+                crate::test_hooks::note_request_future(&handling);
+                Ok::<_, Infallible>(Box::pin(handling).await)
+            }
         });
         let conn = self
             .builder

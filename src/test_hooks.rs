@@ -55,6 +55,22 @@ pub fn hold_startup_scan(cache_dir: &Path, held: bool) {
     crate::cache::index::hold_scan(cache_dir, held);
 }
 
+/// The size of the future every request's handling starts as (allocated
+/// and copied whole for each request, `server.rs`); 0 before the first
+/// request of the process.
+pub fn request_future_size() -> usize {
+    REQUEST_FUTURE_SIZE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static REQUEST_FUTURE_SIZE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Notes the size of a request's future (the same for every request: its
+/// type's).
+pub(crate) fn note_request_future<F>(future: &F) {
+    let size = std::mem::size_of_val(future);
+    REQUEST_FUTURE_SIZE.store(size, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Where the cache at `cache_dir` keeps the manifest `digest`.
 pub fn manifest_path(cache_dir: &Path, digest: &str) -> PathBuf {
     Layout::new(cache_dir).manifest(&parse(digest))

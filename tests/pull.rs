@@ -279,3 +279,26 @@ async fn registry_host_in_path_or_ns_selects_the_upstream() {
         .unwrap();
     assert_oci_error(r, 404, &["NAME_UNKNOWN"], "unknown ns").await;
 }
+
+/// The future every request's handling starts as is allocated and copied
+/// whole for each request (`server.rs`), hits included, and an async fn's
+/// state holds the largest state of any path it may take. The paths a hit
+/// does not take (misses, requests upstream, the rare routes) are boxed
+/// where they start, so it stays small: 2,784 bytes (in the test build as in
+/// a release build), where it was 42,128.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requests_future_stays_small() {
+    const MAX: usize = 8 << 10;
+    let up = FakeUpstream::start().await;
+    let img = make_image(Format::Oci, &[3000]);
+    up.push_image("library/alpine", "3.20", &img);
+    let st = start_stowage(&up.url(), "").await;
+    pull_image(&client(), &st, "alpine", "3.20", &img).await;
+    let size = stowage::test_hooks::request_future_size();
+    assert!(size > 0, "no request future was noted");
+    assert!(
+        size <= MAX,
+        "a request's future is {size} bytes (at most {MAX}): a path a hit does not take \
+         is inline in it; box it where it starts (see routes::handle)"
+    );
+}

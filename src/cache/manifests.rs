@@ -355,6 +355,23 @@ impl ManifestStore {
         if let Some(m) = self.by_digest.get(digest).await {
             return Ok((m, Outcome::Hit));
         }
+        // Boxed: a miss's state (disk, owner, store, upstream) is many KiB,
+        // and unboxed it would sit inline in every request's future, hits
+        // included (see `routes::handle`).
+        Box::pin(self.load_digest_missing(upstream, repo, digest, caller, hop)).await
+    }
+
+    /// [`Self::load_digest`] for a digest not in memory: from disk, its
+    /// owner, the shared store or upstream (one load for concurrent
+    /// callers).
+    async fn load_digest_missing(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+        caller: &Caller,
+        hop: Hop,
+    ) -> Result<(Arc<Manifest>, Outcome), Error> {
         let me = OriginKey::new(upstream, repo, caller);
         let fetched = AtomicBool::new(false);
         let m = shared_load(&self.by_digest, digest, &me, || async {
@@ -459,6 +476,23 @@ impl ManifestStore {
             let outcome = entry.outcome.again();
             return Ok((m, outcome));
         }
+        // Boxed, as a digest's miss (`load_digest`).
+        Box::pin(self.load_tag_missing(upstream, repo, tag, class, caller, hop, key)).await
+    }
+
+    /// [`Self::load_tag`] for a tag not fresh in memory (`key`): revalidated
+    /// or fetched upstream (one load for concurrent callers).
+    #[allow(clippy::too_many_arguments)]
+    async fn load_tag_missing(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        tag: &Tag,
+        class: AcceptClass,
+        caller: &Caller,
+        hop: Hop,
+        key: TagKey,
+    ) -> Result<(Arc<Manifest>, Outcome), Error> {
         let loaded = AtomicBool::new(false);
         let me = OriginKey::new(upstream, repo, caller);
         let entry = shared_load(&self.tags, &key, &me, || async {

@@ -82,7 +82,22 @@ pub(crate) async fn authorize(
 /// for the caller, and remembers a yes: for a passthrough caller, that it
 /// may read `repo` and where the digest is; for the mirror, that the
 /// digest is public. Any other answer is the error to answer with.
+///
+/// Boxed: the state of a request upstream is several KiB, and unboxed it
+/// would sit inline in the future of every request that may confirm, hits
+/// included (see `routes::handle`).
 pub(crate) async fn confirm(
+    state: &AppState,
+    upstream: &Upstream,
+    repo: &RepoName,
+    caller: &Caller,
+    asking: Asking<'_>,
+) -> Result<(), Error> {
+    Box::pin(ask_upstream(state, upstream, repo, caller, asking)).await
+}
+
+/// [`confirm`], unboxed.
+async fn ask_upstream(
     state: &AppState,
     upstream: &Upstream,
     repo: &RepoName,

@@ -151,27 +151,61 @@ impl BlobStore {
             Some(regions) => Delivery::ZeroCopy(regions),
             None => Delivery::Buffered(self.read_budget().clone()),
         };
-        // A stored blob: complete and verified.
-        let hit = |blob: StoredBlob, delivery| {
-            if !access.allows(|| self.private.contains(digest), false) {
-                return None;
-            }
-            Some(BlobResponse {
-                outcome: Outcome::Hit,
-                response: file_response(
-                    digest,
-                    Some(blob.file),
-                    blob.size,
-                    range,
-                    head_only,
-                    None,
-                    delivery,
-                ),
-            })
-        };
         if let Some(blob) = self.open_stored(digest).await? {
-            return Ok(hit(blob, delivery));
+            return Ok(self.hit(digest, blob, range, head_only, delivery, access));
         }
+        // Boxed: a miss's state (a fill's lookup, the sources, reading the
+        // fill) is many KiB, and unboxed it would sit inline in every
+        // request's future, hits included (see `routes::handle`).
+        let missing = self.serve_missing(
+            upstream, repo, digest, range, head_only, delivery, caller, hop, access,
+        );
+        Box::pin(missing).await
+    }
+
+    /// The response for the stored blob `blob`, complete and verified, if
+    /// `access` allows it.
+    fn hit(
+        &self,
+        digest: &Digest,
+        blob: StoredBlob,
+        range: Option<range::ByteRange>,
+        head_only: bool,
+        delivery: Delivery,
+        access: Access,
+    ) -> Option<BlobResponse> {
+        if !access.allows(|| self.private.contains(digest), false) {
+            return None;
+        }
+        Some(BlobResponse {
+            outcome: Outcome::Hit,
+            response: file_response(
+                digest,
+                Some(blob.file),
+                blob.size,
+                range,
+                head_only,
+                None,
+                delivery,
+            ),
+        })
+    }
+
+    /// [`Self::serve`] for a blob not stored: a running fill joined, or a
+    /// new one led (`HEAD`: answered without one).
+    #[allow(clippy::too_many_arguments)]
+    async fn serve_missing(
+        self: &Arc<Self>,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        digest: &Digest,
+        range: Option<range::ByteRange>,
+        head_only: bool,
+        delivery: Delivery,
+        caller: Caller,
+        hop: Hop,
+        access: Access,
+    ) -> Result<Option<BlobResponse>, Error> {
         let origin = Origin {
             upstream: upstream.clone(),
             repo: repo.clone(),
@@ -201,7 +235,10 @@ impl BlobStore {
                 own.clone(),
             )? {
                 Lookup::Stored => match self.open_stored(digest).await? {
-                    Some(blob) => return Ok(hit(blob, delivery.clone())),
+                    Some(blob) => {
+                        let delivery = delivery.clone();
+                        return Ok(self.hit(digest, blob, range, head_only, delivery, access));
+                    }
                     // Evicted in between: look again.
                     None => continue,
                 },
