@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """A/B of two stowage builds on the scenarios a fill or a blob read change
 moves: the cold 128 MiB blob (GB/s and server CPU, nginx's proxy_cache in
-the same rounds for reference) and warm blobs over TLS (server CPU per GiB).
+the same rounds for reference) and warm blobs over TLS (server CPU per GiB);
+with `--scenario manifests`, wrk on a cached manifest by digest and by tag,
+access logs on (req/s and server CPU per request, nginx alongside).
 Rounds alternate the order of the two builds; medians are printed with the
 values of every round. It reuses bench.py's upstream, images, mirrors and
 load client, so it needs what bench/run.sh installs and builds:
 
     python3 bench/ab.py --old OLD_BIN --new NEW_BIN \\
-        --client target/bench-client/release/bench-client [--rounds 5]
+        --client target/bench-client/release/bench-client [--rounds 5] \\
+        [--scenario blobs|manifests]
 
 Each round starts every mirror from a cold cache; about 25 s per round here.
 """
@@ -29,10 +32,12 @@ def main():
     ap.add_argument("--new", required=True, help="stowage binary B")
     ap.add_argument("--client", required=True, help="bench-client binary")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--scenario", choices=["blobs", "manifests"], default="blobs")
+    ap.add_argument("--wrk-seconds", type=int, default=5)
     a = ap.parse_args()
     bins = {"old": a.old, "new": a.new}
     args = types.SimpleNamespace(client=a.client, verify="cmp", warm_requests=32, warm_concurrency=8,
-                                 perf=None, scale=1)
+                                 perf=None, scale=1, wrk_seconds=a.wrk_seconds)
     work = tempfile.mkdtemp(prefix="stowage-ab.")
     up = bench.Upstream(work)
     try:
@@ -40,6 +45,8 @@ def main():
         os.sync()
         b = bench.Bench(args, work, images, up)
         b.tls = bench.make_tls(work)
+        if a.scenario == "manifests":
+            return manifests(a, bins, work, b, up)
         blob = images["large"]["layers"][2]
         res = {k: {"cold_gbps": [], "cold_cpu_s": [], "tls_warm_cpu_s_per_gib": []}
                for k in ("old", "new", "nginx")}
@@ -69,13 +76,38 @@ def main():
                     m.stop()
                     shutil.rmtree(d, ignore_errors=True)
                     os.sync()
-        for k, metrics in res.items():
-            for name, vals in metrics.items():
-                if vals:
-                    print("%-5s %-24s median %.3f  rounds %s" % (k, name, statistics.median(vals), vals))
+        report(res)
     finally:
         up.svc.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def report(res):
+    for k, metrics in res.items():
+        for name, vals in metrics.items():
+            if vals:
+                print("%-5s %-24s median %.3f  rounds %s" % (k, name, statistics.median(vals), vals))
+
+
+def manifests(a, bins, work, b, up):
+    """wrk on a cached manifest by digest and by tag (bench.manifests), each
+    build and nginx per round, the builds' order alternating."""
+    names = ["manifest_digest_rps", "manifest_digest_cpu_us", "manifest_tag_rps", "manifest_tag_cpu_us"]
+    res = {k: {n: [] for n in names} for k in ("old", "new", "nginx")}
+    for r in range(a.rounds):
+        order = ["old", "new", "nginx"] if r % 2 == 0 else ["new", "old", "nginx"]
+        for k in order:
+            d = os.path.join(work, "w-%s-%d" % (k, r))
+            m = bench.Nginx(up, d) if k == "nginx" else bench.Stowage(bins[k], up, d)
+            try:
+                out = {}
+                bench.manifests(b, m, out)
+                for n in names:
+                    res[k][n].append(out[n])
+            finally:
+                m.stop()
+                shutil.rmtree(d, ignore_errors=True)
+    report(res)
 
 
 if __name__ == "__main__":
