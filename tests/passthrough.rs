@@ -828,14 +828,16 @@ async fn credentials_meant_for_one_upstream_are_not_passed_to_another() {
 
 /// Malformed, odd and huge `Authorization` headers: a clear OCI 401 with
 /// upstream's challenge (or the request's own answer), never a crash or a
-/// 5xx, and nothing remembered for them.
+/// 5xx, and nothing remembered for them; one past the request head limit,
+/// a 431.
 #[tokio::test]
 async fn odd_credentials_get_a_clear_refusal() {
     let (up, private, _) = registry().await;
     let st = start(&up, "").await;
     let owner = token(&up, "acme/private", true).await;
     pull(&st, "acme/private", "v1", &private, &owner).await;
-    let huge = format!("Bearer {}", "A".repeat(200_000));
+    // Huge, but within the 64 KiB a request head may take.
+    let huge = format!("Bearer {}", "A".repeat(60_000));
     let odd: Vec<http::HeaderValue> = vec![
         http::HeaderValue::from_static("Bearer"),
         http::HeaderValue::from_static("Bearer "),
@@ -878,6 +880,14 @@ async fn odd_credentials_get_a_clear_refusal() {
             }
         }
     }
+    // Past the 64 KiB a request head may take: refused before any route.
+    let r = client()
+        .get(st.v2("acme/private/manifests/v1"))
+        .header("authorization", format!("Bearer {}", "A".repeat(200_000)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 431, "a 200 KB credential");
     // Two Authorization headers: the first is the caller's.
     let r = client()
         .get(st.v2("acme/private/manifests/v1"))
