@@ -45,37 +45,27 @@ def main():
         os.sync()
         b = bench.Bench(args, work, images, up)
         b.tls = bench.make_tls(work)
+        mirror = lambda k: (lambda d: bench.Nginx(up, d) if k == "nginx" else bench.Stowage(bins[k], up, d))
         if a.scenario == "manifests":
-            return manifests(a, bins, work, b, up)
+            names = ["manifest_digest_rps", "manifest_digest_cpu_us", "manifest_tag_rps", "manifest_tag_cpu_us"]
+            res = {k: {n: [] for n in names} for k in ("old", "new", "nginx")}
+            for r, k in rounds(a.rounds):
+                out = measured(work, "w-%s-%d" % (k, r), mirror(k), lambda m, out: bench.manifests(b, m, out))
+                for n in names:
+                    res[k][n].append(out[n])
+            return report(res)
         blob = images["large"]["layers"][2]
+        cold_warm = lambda m, out: bench.cold_warm(b, m, "", blob, "bench/large", out, None)
         res = {k: {"cold_gbps": [], "cold_cpu_s": [], "tls_warm_cpu_s_per_gib": []}
                for k in ("old", "new", "nginx")}
-        for r in range(a.rounds):
-            order = ["old", "new", "nginx"] if r % 2 == 0 else ["new", "old", "nginx"]
-            for k in order:
-                d = os.path.join(work, "m-%s-%d" % (k, r))
-                m = bench.Nginx(up, d) if k == "nginx" else bench.Stowage(bins[k], up, d)
-                try:
-                    out = {}
-                    bench.cold_warm(b, m, "", blob, "bench/large", out, None)
-                    res[k]["cold_gbps"].append(out["cold_gbps"])
-                    res[k]["cold_cpu_s"].append(out["cold_cpu_s"])
-                finally:
-                    m.stop()
-                    shutil.rmtree(d, ignore_errors=True)
-                    os.sync()
-                if k == "nginx":
-                    continue
-                d = os.path.join(work, "t-%s-%d" % (k, r))
-                m = bench.Stowage(bins[k], up, d, tls=b.tls)
-                try:
-                    out = {}
-                    bench.cold_warm(b, m, "", blob, "bench/large", out, None)
-                    res[k]["tls_warm_cpu_s_per_gib"].append(out["warm_cpu_s_per_gib"])
-                finally:
-                    m.stop()
-                    shutil.rmtree(d, ignore_errors=True)
-                    os.sync()
+        for r, k in rounds(a.rounds):
+            out = measured(work, "m-%s-%d" % (k, r), mirror(k), cold_warm)
+            res[k]["cold_gbps"].append(out["cold_gbps"])
+            res[k]["cold_cpu_s"].append(out["cold_cpu_s"])
+            if k != "nginx":
+                tls = lambda d: bench.Stowage(bins[k], up, d, tls=b.tls)
+                out = measured(work, "t-%s-%d" % (k, r), tls, cold_warm)
+                res[k]["tls_warm_cpu_s_per_gib"].append(out["warm_cpu_s_per_gib"])
         report(res)
     finally:
         up.svc.stop()
@@ -89,25 +79,28 @@ def report(res):
                 print("%-5s %-24s median %.3f  rounds %s" % (k, name, statistics.median(vals), vals))
 
 
-def manifests(a, bins, work, b, up):
-    """wrk on a cached manifest by digest and by tag (bench.manifests), each
-    build and nginx per round, the builds' order alternating."""
-    names = ["manifest_digest_rps", "manifest_digest_cpu_us", "manifest_tag_rps", "manifest_tag_cpu_us"]
-    res = {k: {n: [] for n in names} for k in ("old", "new", "nginx")}
-    for r in range(a.rounds):
-        order = ["old", "new", "nginx"] if r % 2 == 0 else ["new", "old", "nginx"]
-        for k in order:
-            d = os.path.join(work, "w-%s-%d" % (k, r))
-            m = bench.Nginx(up, d) if k == "nginx" else bench.Stowage(bins[k], up, d)
-            try:
-                out = {}
-                bench.manifests(b, m, out)
-                for n in names:
-                    res[k][n].append(out[n])
-            finally:
-                m.stop()
-                shutil.rmtree(d, ignore_errors=True)
-    report(res)
+def rounds(n):
+    """(round, mirror) in the order they run: the two builds alternate which
+    goes first, nginx last."""
+    for r in range(n):
+        for k in (["old", "new", "nginx"] if r % 2 == 0 else ["new", "old", "nginx"]):
+            yield r, k
+
+
+def measured(work, name, make, run):
+    """Starts a mirror from a cold cache in work/name (make(dir)), has
+    run(mirror, out) fill out, stops the mirror and removes its files;
+    returns out."""
+    d = os.path.join(work, name)
+    m = make(d)
+    try:
+        out = {}
+        run(m, out)
+        return out
+    finally:
+        m.stop()
+        shutil.rmtree(d, ignore_errors=True)
+        os.sync()
 
 
 if __name__ == "__main__":
