@@ -1101,6 +1101,54 @@ def run_mirror(b, kind, run_dir, direct_gbps):
         os.sync()
 
 
+def warm_free_memory(args):
+    """Touches the machine's free memory once before the runs (a file in
+    /dev/shm, written and deleted), so that no mirror's fills pay for
+    memory nobody has touched for a while.
+
+    On the bench VM the host takes back guest memory left untouched, and
+    the first touch of each such page is a fault in the host (6-10 us per
+    4 KiB page here). The kernel hands out its smallest free blocks first,
+    so a fill's new page-cache pages come from those until they run out.
+    The first mirror to fill after the setup paid for it: its cold 128 MiB
+    fill took 0.7-1.3 s of CPU instead of about 0.2 s, most of it in the
+    kernel's copy into those pages, at 0.09-0.18 GB/s instead of 0.5-0.8.
+    It was whichever mirror went first: nginx alone, 0.154 and 0.169 GB/s;
+    stowage alone, 0.094-0.184 GB/s in nine runs (rotation put stowage
+    first in run 1 of every full bench). A throwaway nginx pass first did
+    not cure it (the stowage after it: 0.167 GB/s); writing 7 GiB here
+    first did (0.630 GB/s, 0.2 s of CPU).
+
+    How much: the free memory outside the largest free blocks (from
+    /proc/buddyinfo) and 1 GiB more, at most the available memory less
+    2 GiB."""
+    if args.no_warmup or args.smoke:
+        return
+    small = 0
+    with open("/proc/buddyinfo") as f:
+        for line in f:
+            counts = [int(x) for x in line.split()[4:]]
+            small += sum(n * (4096 << order) for order, n in enumerate(counts[:-1]))
+    with open("/proc/meminfo") as f:
+        avail = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
+    size = min(small + GiB, avail - 2 * GiB)
+    if size <= 0:
+        return
+    path = "/dev/shm/stowage-bench-warm-%d" % os.getpid()
+    block = b"\1" * MiB
+    t = time.monotonic()
+    try:
+        with open(path, "wb") as f:
+            for _ in range(size // MiB):
+                f.write(block)
+    except OSError as e:  # a small /dev/shm: warm what fitted
+        log("warming free memory stopped early: %s" % e)
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+    log("touched %.1f GiB of free memory in %.1f s (see warm_free_memory)" % (size / GiB, time.monotonic() - t))
+
+
 # ------------------------------------------------------------------ setup
 
 def make_tls(work):
@@ -1584,6 +1632,8 @@ def main():
     ap.add_argument("--perf", metavar="DIR", help="perf record the servers during storm and warm into DIR")
     ap.add_argument("--out", help="JSON results file (default bench/results/<date>-<commit>.json)")
     ap.add_argument("--workdir", help="scratch directory (default: a new temp dir, removed at the end)")
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="do not touch the free memory before the runs (see warm_free_memory(); --smoke does not)")
     ap.add_argument("--smoke", action="store_true", help="check that everything works, no results file; "
                     "exit 1 if any body failed verification or a scenario failed")
     args = ap.parse_args()
@@ -1650,6 +1700,7 @@ def main():
                   "wall_s": statistics.median(o["wall_s"] for o in direct_storm),
                   "verified": "%d/%d" % (sum(o["ok"] for o in direct_storm), sum(o["requests"] for o in direct_storm))}
         log("storm direct from upstream: %s" % dstorm)
+        warm_free_memory(args)
         runs = []
         for i in range(args.runs):
             log("=== run %d of %d" % (i + 1, args.runs))
