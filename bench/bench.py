@@ -728,6 +728,9 @@ def storm(b, m, prefix, blob, repo, res, perf_name=None):
 
 
 def cold_warm(b, m, prefix, blob, repo, res, direct_gbps, perf_name=None):
+    # The cold fill's page-cache pages, every mirror's alike, from memory
+    # touched just now (see warm_free_memory).
+    warm_free_memory(b.args, 256 * MiB, quiet=True)
     pids = m.pids()
     prof = Profiler(b.args.perf, perf_name + "-cold", pids) if perf_name else None
     cpu0 = cpu_seconds(pids)
@@ -1107,10 +1110,11 @@ def run_mirror(b, kind, run_dir, direct_gbps):
         os.sync()
 
 
-def warm_free_memory(args):
-    """Touches the machine's free memory once before the runs (a file in
-    /dev/shm, written and deleted), so that no mirror's fills pay for
-    memory nobody has touched for a while.
+def warm_free_memory(args, extra=GiB, quiet=False):
+    """Touches the machine's free memory (a file in /dev/shm, written and
+    deleted): once before the runs, and again just before each mirror's
+    cold fill (`extra` 256 MiB), so that no mirror's fills pay for memory
+    nobody has touched for a while.
 
     On the bench VM the host takes back guest memory left untouched, and
     the first touch of each such page is a fault in the host (6-10 us per
@@ -1123,10 +1127,14 @@ def warm_free_memory(args):
     stowage alone, 0.094-0.184 GB/s in nine runs (rotation put stowage
     first in run 1 of every full bench). A throwaway nginx pass first did
     not cure it (the stowage after it: 0.167 GB/s); writing 7 GiB here
-    first did (0.630 GB/s, 0.2 s of CPU).
+    first did (0.630 GB/s, 0.2 s of CPU), but not always: in a later
+    one-run bench stowage still filled at 0.203 GB/s with 0.66 s of CPU,
+    68 % of it in that copy, 40 s after the warming. Touched again just
+    before the cold fill, three one-run benches of stowage alone gave
+    0.422, 0.661 and 0.657 GB/s (0.32, 0.24 and 0.21 s of CPU).
 
     How much: the free memory outside the largest free blocks (from
-    /proc/buddyinfo) and 1 GiB more, at most the available memory less
+    /proc/buddyinfo) and `extra` more, at most the available memory less
     2 GiB."""
     if args.no_warmup or args.smoke:
         return
@@ -1137,7 +1145,7 @@ def warm_free_memory(args):
             small += sum(n * (4096 << order) for order, n in enumerate(counts[:-1]))
     with open("/proc/meminfo") as f:
         avail = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
-    size = min(small + GiB, avail - 2 * GiB)
+    size = min(small + extra, avail - 2 * GiB)
     if size <= 0:
         return
     path = "/dev/shm/stowage-bench-warm-%d" % os.getpid()
@@ -1152,7 +1160,8 @@ def warm_free_memory(args):
     finally:
         if os.path.exists(path):
             os.unlink(path)
-    log("touched %.1f GiB of free memory in %.1f s (see warm_free_memory)" % (size / GiB, time.monotonic() - t))
+    if not quiet:
+        log("touched %.1f GiB of free memory in %.1f s (see warm_free_memory)" % (size / GiB, time.monotonic() - t))
 
 
 # ------------------------------------------------------------------ setup
