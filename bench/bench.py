@@ -733,12 +733,17 @@ def cold_warm(b, m, prefix, blob, repo, res, direct_gbps, perf_name=None):
     warm_free_memory(b.args, 256 * MiB, quiet=True)
     pids = m.pids()
     prof = Profiler(b.args.perf, perf_name + "-cold", pids) if perf_name else None
+    umark = m.upstream_mark()
     cpu0 = cpu_seconds(pids)
     out = b.fetch(m.base, repo, blob, 1, 1, cafile=m.cafile)
     cpu1 = cpu_seconds(pids)
     if prof:
         prof.stop()
     res[prefix + "cold_gbps"] = out["gbps"] if out["ok"] == 1 else None
+    # Where a slow cold fetch lost its time: before the first byte (the
+    # upstream's answer is part of it) or in the body.
+    res[prefix + "cold_ttfb_ms"] = out["ttfb_p50_ms"]
+    res[prefix + "cold_upstream_header_ms"] = m.upstream_header_ms(umark)
     res[prefix + "cold_verified"] = "%d/%d" % (out["ok"], out["requests"])
     res[prefix + "cold_cpu_s"] = round(cpu1 - cpu0, 3)
     res[prefix + "cold_last_read_ms"] = out["results"][0]["last_read_ms"]
@@ -1241,6 +1246,8 @@ ROWS = [
     ("cold_vs_direct", "2 cold blob: ratio to upstream direct", "{:.2f}"),
     ("cold_last_read_ms", "2 cold blob: wait for last read (ms)", "{:.1f}"),
     ("cold_cpu_s", "2 cold blob: server CPU (s)", "{:.2f}"),
+    ("cold_ttfb_ms", "2 cold blob: time to first byte (ms)", "{:.1f}"),
+    ("cold_upstream_header_ms", "2 cold blob: upstream's answer to the mirror's GET (ms)", "{:.1f}"),
     ("warm_gbps", "3 warm blobs: GB/s", "{:.3f}"),
     ("warm_cpu_s_per_gib", "3 warm blobs: server CPU s/GiB", "{:.3f}"),
     ("warm_cpu_s_per_gib_vs_peer", "3 warm blobs: CPU s/GiB, ratio to nginx*", "{:.2f}"),
