@@ -1139,8 +1139,7 @@ def warm_free_memory(args, extra=GiB, quiet=False):
     0.422, 0.661 and 0.657 GB/s (0.32, 0.24 and 0.21 s of CPU).
 
     How much: the free memory outside the largest free blocks (from
-    /proc/buddyinfo) and `extra` more, at most the available memory less
-    2 GiB."""
+    /proc/buddyinfo) and `extra` more, at most the free memory less 1 GiB."""
     if args.no_warmup or args.smoke:
         return
     small = 0
@@ -1149,8 +1148,10 @@ def warm_free_memory(args, extra=GiB, quiet=False):
             counts = [int(x) for x in line.split()[4:]]
             small += sum(n * (4096 << order) for order, n in enumerate(counts[:-1]))
     with open("/proc/meminfo") as f:
-        avail = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
-    size = min(small + extra, avail - 2 * GiB)
+        free = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemFree:"))
+    # Within the free memory: reclaiming page cache for it would push out
+    # the upstream's files, read in at the setup.
+    size = min(small + extra, free - GiB)
     if size <= 0:
         return
     path = "/dev/shm/stowage-bench-warm-%d" % os.getpid()
