@@ -1121,22 +1121,24 @@ def warm_free_memory(args, extra=GiB, quiet=False):
     cold fill (`extra` 256 MiB), so that no mirror's fills pay for memory
     nobody has touched for a while.
 
-    On the bench VM the host takes back guest memory left untouched, and
-    the first touch of each such page is a fault in the host (6-10 us per
-    4 KiB page here). The kernel hands out its smallest free blocks first,
-    so a fill's new page-cache pages come from those until they run out.
-    The first mirror to fill after the setup paid for it: its cold 128 MiB
-    fill took 0.7-1.3 s of CPU instead of about 0.2 s, most of it in the
-    kernel's copy into those pages, at 0.09-0.18 GB/s instead of 0.5-0.8.
-    It was whichever mirror went first: nginx alone, 0.154 and 0.169 GB/s;
-    stowage alone, 0.094-0.184 GB/s in nine runs (rotation put stowage
-    first in run 1 of every full bench). A throwaway nginx pass first did
-    not cure it (the stowage after it: 0.167 GB/s); writing 7 GiB here
-    first did (0.630 GB/s, 0.2 s of CPU), but not always: in a later
-    one-run bench stowage still filled at 0.203 GB/s with 0.66 s of CPU,
-    68 % of it in that copy, 40 s after the warming. Touched again just
-    before the cold fill, three one-run benches of stowage alone gave
-    0.422, 0.661 and 0.657 GB/s (0.32, 0.24 and 0.21 s of CPU).
+    On the bench VM, touching memory that nobody has used for a while is
+    slow, most likely a fault in the host for each page: the warming here
+    writes it at about 20 us per 4 KiB page, memory in use lately at 1.6.
+    The kernel hands out its smallest free blocks first, so (as far as I
+    can tell) a fill's new page-cache pages come from those until they run
+    out. The first mirror to fill after the setup paid for it: its cold
+    128 MiB fill took 0.7-1.3 s of CPU instead of about 0.2 s, most of it
+    in the kernel's copy into those pages, at 0.09-0.18 GB/s instead of
+    0.5-0.8. It was whichever mirror went first: nginx alone, 0.154 and
+    0.169 GB/s; stowage alone, 0.094-0.184 GB/s in eleven runs (rotation
+    put stowage first in run 1 of every full bench). A throwaway nginx pass
+    first did not cure it (the stowage after it: 0.167 GB/s); writing
+    7 GiB here first did (0.630 GB/s, 0.2 s of CPU), but not always: in a
+    later one-run bench stowage still filled at 0.203 GB/s with 0.66 s of
+    CPU, 68 % of it in that copy, a few scenarios after the warming.
+    Touched again just before the cold fill, three one-run benches of
+    stowage alone gave 0.422, 0.661 and 0.657 GB/s (0.32, 0.24 and 0.21 s
+    of CPU); in a full run one first fill was still slow (0.73 s of CPU).
 
     How much: the free memory outside the largest free blocks (from
     /proc/buddyinfo) and `extra` more, at most the free memory less 1 GiB."""
