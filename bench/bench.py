@@ -696,6 +696,11 @@ class Profiler:
 
 # ------------------------------------------------------------------ scenarios
 
+def less(a, b):
+    """a - b (ms, rounded), or None when either is unknown."""
+    return None if a is None or b is None else round(a - b, 2)
+
+
 def storm(b, m, prefix, blob, repo, res, perf_name=None):
     """32 clients at once ask for one uncached blob."""
     mark = b.up.mark()
@@ -709,10 +714,8 @@ def storm(b, m, prefix, blob, repo, res, perf_name=None):
     b.up.settle()
     # The upstream's own time to answer the mirror's GET: every client's
     # first byte waits for it, so it is the floor of the TTFB.
-    res[prefix + "upstream_header_ms"] = m.upstream_header_ms(umark)
-    u = res[prefix + "upstream_header_ms"]
-    res[prefix + "ttfb_p50_over_upstream_ms"] = (round(out["ttfb_p50_ms"] - u, 2)
-                                                 if u is not None and out["ttfb_p50_ms"] is not None else None)
+    u = res[prefix + "upstream_header_ms"] = m.upstream_header_ms(umark)
+    res[prefix + "ttfb_p50_over_upstream_ms"] = less(out["ttfb_p50_ms"], u)
     res[prefix + "upstream_gets"] = b.up.count(mark, r'"GET /v2/%s/blobs/%s ' % (re.escape(repo), blob["digest"]))
     res[prefix + "ttfb_p50_ms"] = out["ttfb_p50_ms"]
     res[prefix + "ttfb_max_ms"] = out["ttfb_max_ms"]
@@ -910,8 +913,7 @@ def curl_storm(b, m, blob, repo, res):
     res["pstorm_ttfb_p50_ms"] = round(statistics.median(ttfb), 2) if ttfb else None
     # As in the storm: every first byte waits for the upstream's answer.
     u = res["pstorm_upstream_header_ms"] = m.upstream_header_ms(umark)
-    res["pstorm_ttfb_p50_over_upstream_ms"] = (round(res["pstorm_ttfb_p50_ms"] - u, 2)
-                                               if u is not None and ttfb else None)
+    res["pstorm_ttfb_p50_over_upstream_ms"] = less(res["pstorm_ttfb_p50_ms"], u)
     res["pstorm_ttfb_max_ms"] = round(max(ttfb), 2) if ttfb else None
     res["pstorm_wall_s"] = round(wall, 3)
     res["pstorm_cpu_s"] = round(cpu1 - cpu0, 2)
