@@ -34,15 +34,19 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--scenario", choices=["blobs", "manifests"], default="blobs")
     ap.add_argument("--wrk-seconds", type=int, default=5)
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="do not touch the free memory (see bench.warm_free_memory())")
     a = ap.parse_args()
     bins = {"old": a.old, "new": a.new}
     args = types.SimpleNamespace(client=a.client, verify="cmp", warm_requests=32, warm_concurrency=8,
-                                 perf=None, scale=1, wrk_seconds=a.wrk_seconds)
+                                 perf=None, scale=1, wrk_seconds=a.wrk_seconds,
+                                 no_warmup=a.no_warmup, smoke=False)
     work = tempfile.mkdtemp(prefix="stowage-ab.")
     up = bench.Upstream(work)
     try:
         images = bench.seed(work, up, 1)
         os.sync()
+        bench.warm_free_memory(args)
         b = bench.Bench(args, work, images, up)
         b.tls = bench.make_tls(work)
         mirror = lambda k: (lambda d: bench.Nginx(up, d) if k == "nginx" else bench.Stowage(bins[k], up, d))
