@@ -24,19 +24,26 @@ use crate::oci::{Algorithm, Digest, Hasher};
 const PUBLISH_EVERY: u64 = 1024 * 1024;
 
 /// Largest `write(2)` into the temporary file: a bigger chunk is written
-/// in pieces of this size.
+/// in pieces of this size. hyper's HTTP/1 chunks (its read buffer, at most
+/// 408 KiB) go whole; the cap keeps a piece within a core's L2 cache (1 MiB
+/// here), where the receive just put it and the hash reads it again.
 ///
-/// Measured, not derived: on the bench VM (kernel 6.18, ext4) writing
-/// hyper's chunks (up to about 400 KiB) whole made the copy into the page
-/// cache far slower in many runs, most likely because ext4 sizes a file's
-/// page-cache folios by the write and large folios came from memory the
-/// host had taken back (each first touch a fault in the host; nginx,
-/// writing small pieces, rarely showed it). The cold 128 MiB fill, 17
-/// alternating runs each: median 0.62 GB/s in 64 KiB writes, 0.42 GB/s in
-/// whole chunks, with 4 and 7 runs under 0.4 GB/s (the slow kind, whose
-/// profile is mostly that copy). 16 KiB pieces, nginx's size for its
-/// temporary files, cost more in system calls (6 runs: median 0.57 GB/s).
-const WRITE_PIECE: usize = 64 * 1024;
+/// Measured, not derived (the cold 128 MiB fill, bench VM, kernel 6.18,
+/// ext4). ext4 sizes a file's page-cache folios by the write, and bigger
+/// folios cost the kernel less per byte: with the machine's free memory
+/// recently touched, 18 alternating fills each gave a median of 0.68 GB/s
+/// and 0.15 s of system CPU in whole chunks against 0.58 GB/s and 0.17 s
+/// in 64 KiB pieces (nginx in the same rounds: 0.68 GB/s). Reading 1 MiB
+/// chunks from upstream (hyper's buffer raised) and writing them whole was
+/// slower (0.19 s of system CPU; beyond L2).
+///
+/// Where the host has taken back the guest's free memory (a VM's free
+/// page reporting), the first touch of each page faults in the host, and
+/// big folios came from such memory more often: before the bench warmed
+/// the free memory, 64 KiB pieces were faster (17 runs each: 0.62 GB/s
+/// against 0.42). A server's page cache soon fills its memory, and the
+/// bench now warms it (`bench/bench.py`, `warm_free_memory`).
+const WRITE_PIECE: usize = 512 * 1024;
 
 /// The writer's error when the disk is out of the picture and no reader is
 /// left to hand the bytes to: the fill was abandoned, not broken.
