@@ -737,9 +737,11 @@ def cold_warm(b, m, prefix, blob, repo, res, direct_gbps, perf_name=None):
     pids = m.pids()
     prof = Profiler(b.args.perf, perf_name + "-cold", pids) if perf_name else None
     umark = m.upstream_mark()
+    io0 = io_stall_us()
     cpu0 = cpu_seconds(pids)
     out = b.fetch(m.base, repo, blob, 1, 1, cafile=m.cafile)
     cpu1 = cpu_seconds(pids)
+    io1 = io_stall_us()
     if prof:
         prof.stop()
     res[prefix + "cold_gbps"] = out["gbps"] if out["ok"] == 1 else None
@@ -747,6 +749,9 @@ def cold_warm(b, m, prefix, blob, repo, res, direct_gbps, perf_name=None):
     # upstream's answer is part of it) or in the body.
     res[prefix + "cold_ttfb_ms"] = out["ttfb_p50_ms"]
     res[prefix + "cold_upstream_header_ms"] = m.upstream_header_ms(umark)
+    # Whether a fill slow with normal CPU waited on the disk: the time some
+    # task of the machine (any process) was stalled on I/O meanwhile.
+    res[prefix + "cold_io_stall_ms"] = round((io1 - io0) / 1000, 1) if None not in (io0, io1) else None
     res[prefix + "cold_verified"] = "%d/%d" % (out["ok"], out["requests"])
     res[prefix + "cold_cpu_s"] = round(cpu1 - cpu0, 3)
     res[prefix + "cold_last_read_ms"] = out["results"][0]["last_read_ms"]
@@ -763,9 +768,9 @@ def cold_warm(b, m, prefix, blob, repo, res, direct_gbps, perf_name=None):
     res[prefix + "warm_gbps"] = out["gbps"] if ok else None
     res[prefix + "warm_cpu_s_per_gib"] = round((cpu1 - cpu0) / (out["bytes"] / GiB), 4) if ok else None
     res[prefix + "warm_verified"] = "%d/%d" % (out["ok"], out["requests"])
-    log("  %scold %.3f GB/s; warm %.3f GB/s, %.3f CPU s/GiB (%s verified)" % (
-        prefix, res[prefix + "cold_gbps"] or -1, out["gbps"], res[prefix + "warm_cpu_s_per_gib"] or -1,
-        res[prefix + "warm_verified"]))
+    log("  %scold %.3f GB/s (%.2f s CPU, I/O stall %s ms); warm %.3f GB/s, %.3f CPU s/GiB (%s verified)" % (
+        prefix, res[prefix + "cold_gbps"] or -1, res[prefix + "cold_cpu_s"], res[prefix + "cold_io_stall_ms"],
+        out["gbps"], res[prefix + "warm_cpu_s_per_gib"] or -1, res[prefix + "warm_verified"]))
 
 
 def manifests(b, m, res, perf_name=None):
@@ -1117,6 +1122,18 @@ def run_mirror(b, kind, run_dir, direct_gbps):
         os.sync()
 
 
+def io_stall_us():
+    """Microseconds some task of the machine has been stalled on I/O since
+    boot (pressure stall information, `/proc/pressure/io`), or None
+    where the kernel has none."""
+    try:
+        with open("/proc/pressure/io") as f:
+            some = f.readline().split()
+        return int(dict(kv.split("=") for kv in some[1:])["total"])
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+
+
 def warm_free_memory(args, extra=GiB, quiet=False):
     """Touches the machine's free memory (a file in /dev/shm, written and
     deleted): once before the runs, and again just before each mirror's
@@ -1252,6 +1269,7 @@ ROWS = [
     ("cold_last_read_ms", "2 cold blob: wait for last read (ms)", "{:.1f}"),
     ("cold_cpu_s", "2 cold blob: server CPU (s)", "{:.2f}"),
     ("cold_ttfb_ms", "2 cold blob: time to first byte (ms)", "{:.1f}"),
+    ("cold_io_stall_ms", "2 cold blob: machine's I/O stall meanwhile (ms)", "{:.1f}"),
     ("cold_upstream_header_ms", "2 cold blob: upstream's answer to the mirror's GET (ms)", "{:.1f}"),
     ("warm_gbps", "3 warm blobs: GB/s", "{:.3f}"),
     ("warm_cpu_s_per_gib", "3 warm blobs: server CPU s/GiB", "{:.3f}"),
