@@ -35,11 +35,12 @@ const PUBLISH_EVERY: u64 = 1024 * 1024;
 /// and 0.15 s of system CPU in whole chunks against 0.58 GB/s and 0.17 s
 /// in 64 KiB pieces (nginx in the same rounds: 0.68 GB/s). Reading 1 MiB
 /// chunks from upstream (hyper's buffer raised) and writing them whole was
-/// slower (0.19 s of system CPU; beyond L2).
+/// slower (0.18-0.22 s of system CPU; likely as they no longer fit in L2).
 ///
 /// Where the host has taken back the guest's free memory (a VM's free
-/// page reporting), the first touch of each page faults in the host, and
-/// big folios came from such memory more often: before the bench warmed
+/// page reporting, which this VM's balloon offers), the first touch of
+/// each page faults in the host, and big folios likely came from such
+/// memory more often: before the bench warmed
 /// the free memory, 64 KiB pieces were faster (17 runs each: 0.62 GB/s
 /// against 0.42). A server's page cache soon fills its memory, and the
 /// bench now warms it (`bench/bench.py`, `warm_free_memory`).
