@@ -244,9 +244,10 @@ http:
         file pages nobody has read for about a minute (at most 128 MiB/s):
         the 256 MiB blobs the upstream had served hours before were wholly
         out of the page cache, and the 128 MiB one lost 3 MiB in 70 s idle.
-        A mirror whose turn came after such a gap waited for the upstream's
-        disk, with normal CPU (a cold fill at 0.054 GB/s with 0.27 s of CPU,
-        where 0.5 GB/s is usual): noise about the upstream, not the mirror."""
+        A mirror whose turn came after such a gap would wait for the
+        upstream's disk: noise about the upstream, not the mirror (likely
+        what slowed some cold fills with normal CPU, e.g. nginx TLS at
+        0.054 GB/s with 0.27 s of CPU, where 0.5 GB/s is usual)."""
         for blob in blobs:
             alg, hex_ = blob["digest"].split(":", 1)
             path = os.path.join(self.dir, "data", "docker", "registry", "v2", "blobs", alg, hex_[:2], hex_, "data")

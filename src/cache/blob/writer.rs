@@ -30,7 +30,7 @@ const PUBLISH_EVERY: u64 = 1024 * 1024;
 ///
 /// Measured, not derived (the cold 128 MiB fill, bench VM, kernel 6.18,
 /// ext4). ext4 sizes a file's page-cache folios by the write, and bigger
-/// folios cost the kernel less per byte: with the machine's free memory
+/// folios likely cost the kernel less per byte: with the machine's free memory
 /// recently touched, 18 alternating fills each gave a median of 0.68 GB/s
 /// and 0.15 s of system CPU in whole chunks against 0.58 GB/s and 0.17 s
 /// in 64 KiB pieces (nginx in the same rounds: 0.68 GB/s). Reading 1 MiB
@@ -40,10 +40,10 @@ const PUBLISH_EVERY: u64 = 1024 * 1024;
 /// Where the host has taken back the guest's free memory (a VM's free
 /// page reporting, which this VM's balloon offers), the first touch of
 /// each page faults in the host, and big folios likely came from such
-/// memory more often: before the bench warmed
-/// the free memory, 64 KiB pieces were faster (17 runs each: 0.62 GB/s
-/// against 0.42). A server's page cache soon fills its memory, and the
-/// bench now warms it (`bench/bench.py`, `warm_free_memory`).
+/// memory more often: before the bench warmed the free memory, 64 KiB
+/// pieces were faster (17 runs each: 0.62 GB/s against 0.42). A server's
+/// page cache soon fills its memory, and the bench now warms it
+/// (`bench/bench.py`, `warm_free_memory`).
 const WRITE_PIECE: usize = 512 * 1024;
 
 /// The writer's error when the disk is out of the picture and no reader is
