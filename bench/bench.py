@@ -258,6 +258,10 @@ http:
             except OSError as e:
                 log("cannot read the upstream's file of %s: %s" % (blob["digest"], e))
 
+    def page_in_image(self, img):
+        """page_in() for every blob of image `img` (its config and layers)."""
+        self.page_in([img["config"]] + img["layers"])
+
     def lines_since(self, mark):
         with open(self.access, "rb") as f:
             f.seek(mark)
@@ -842,7 +846,7 @@ def manifests(b, m, res, perf_name=None):
 
 
 def whole_image(b, m, res):
-    b.up.page_in(b.images["many"]["layers"] + [b.images["many"]["config"]])
+    b.up.page_in_image(b.images["many"])
     secs, v1 = b.skopeo(m.base, "many")
     res["skopeo_cold_s"] = round(secs, 3)
     secs, v2 = b.skopeo(m.base, "many")
@@ -996,7 +1000,7 @@ def distant(b, run_dir, i):
 
 def distant_pull(b, col, run_dir, r, client):
     dir = os.path.join(run_dir, "distant-%s-%s" % (client, col))
-    b.up.page_in(b.images["dist"]["layers"] + [b.images["dist"]["config"]])
+    b.up.page_in_image(b.images["dist"])
     m = None if col == "direct" else start_mirror(b, col, dir, b.shaper)
     try:
         base = b.shaper.url if m is None else m.base

@@ -30,12 +30,13 @@ const PUBLISH_EVERY: u64 = 1024 * 1024;
 ///
 /// Measured, not derived (the cold 128 MiB fill, bench VM, kernel 6.18,
 /// ext4). ext4 sizes a file's page-cache folios by the write, and bigger
-/// folios likely cost the kernel less per byte: with the machine's free memory
-/// recently touched, 18 alternating fills each gave a median of 0.68 GB/s
-/// and 0.15 s of system CPU in whole chunks against 0.58 GB/s and 0.17 s
-/// in 64 KiB pieces (nginx in the same rounds: 0.68 GB/s). Reading 1 MiB
-/// chunks from upstream (hyper's buffer raised) and writing them whole was
-/// slower (0.18-0.22 s of system CPU; likely as they no longer fit in L2).
+/// folios likely cost the kernel less per byte: with the machine's free
+/// memory recently touched, 18 alternating fills each gave a median of
+/// 0.68 GB/s and 0.15 s of system CPU in whole chunks against 0.58 GB/s
+/// and 0.17 s in 64 KiB pieces (nginx in the same rounds: 0.68 GB/s).
+/// Reading 1 MiB chunks from upstream (hyper's buffer raised) and writing
+/// them whole was slower (0.18-0.22 s of system CPU; likely as they no
+/// longer fit in L2).
 ///
 /// Where the host has taken back the guest's free memory (a VM's free
 /// page reporting, which this VM's balloon offers), the first touch of
