@@ -489,6 +489,11 @@ mod tests {
             let e = Config::from_toml_str(&toml).unwrap_err();
             assert!(e.to_string().contains("cache.max_blob_size"), "{e}");
         }
+        assert_eq!(c.cache.max_manifest_bytes.as_u64(), 1 << 30, "the default");
+        let c = Config::from_toml_str("[cache]\nmax_manifest_bytes = \"64MiB\"\n").unwrap();
+        assert_eq!(c.cache.max_manifest_bytes.as_u64(), 64 << 20);
+        let e = Config::from_toml_str("[cache]\nmax_manifest_bytes = \"1MiB\"\n").unwrap_err();
+        assert!(e.to_string().contains("cache.max_manifest_bytes"), "{e}");
     }
 
     #[test]

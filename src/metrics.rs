@@ -35,6 +35,9 @@
 //! | `stowage_cache_damaged_blobs_total` | counter | |
 //! | `stowage_cache_evictions_total` | counter | |
 //! | `stowage_cache_evicted_bytes_total` | counter | |
+//! | `stowage_manifest_disk_files` | gauge | |
+//! | `stowage_manifest_disk_bytes` | gauge | |
+//! | `stowage_manifests_pruned_total` | counter | |
 //! | `stowage_prefetch_blobs_total` | counter | |
 //! | `stowage_prefetch_bytes_total` | counter | |
 //! | `stowage_prefetch_unread_bytes` | gauge | |
@@ -537,6 +540,9 @@ struct CacheMetrics {
     prefetch_evicted_unread: IntCounter,
     scrubbed_bytes: IntCounter,
     damaged: IntCounter,
+    manifest_files: IntGauge,
+    manifest_bytes: IntGauge,
+    manifests_pruned: IntCounter,
 }
 
 impl CacheMetrics {
@@ -599,9 +605,24 @@ impl CacheMetrics {
             "stowage_cache_damaged_blobs_total",
             "Stored blobs found damaged on disk (no longer their size or their digest) and dropped, to be fetched again.",
         );
+        let manifest_files = b.gauge(
+            "stowage_manifest_disk_files",
+            "Manifest files on disk (outside the blob budget; bounded by cache.max_manifests).",
+        );
+        let manifest_bytes = b.gauge(
+            "stowage_manifest_disk_bytes",
+            "Bytes of manifest files on disk (outside the blob budget; bounded by cache.max_manifest_bytes).",
+        );
+        let manifests_pruned = b.counter(
+            "stowage_manifests_pruned_total",
+            "Manifest files removed from disk, least recently written first, to stay within their bounds.",
+        );
         CacheMetrics {
             scrubbed_bytes,
             damaged,
+            manifest_files,
+            manifest_bytes,
+            manifests_pruned,
             prefetch_blobs,
             prefetch_bytes,
             prefetch_unread,
@@ -916,6 +937,21 @@ impl Metrics {
         let bytes = total_bytes.saturating_sub(self.cache.evicted_bytes.get());
         self.cache.evictions.inc_by(count);
         self.cache.evicted_bytes.inc_by(bytes);
+    }
+
+    /// The manifest files on disk now hold `disk`; the pruned counter is
+    /// raised to its total (serialised like [`Metrics::sync_evictions`]).
+    pub(crate) fn sync_manifest_disk(&self, disk: crate::cache::manifests::ManifestDisk) {
+        let _serialised = self
+            .sync_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.cache.manifest_files.set(gauge_value(disk.files));
+        self.cache.manifest_bytes.set(gauge_value(disk.bytes));
+        let more = disk
+            .pruned
+            .saturating_sub(self.cache.manifests_pruned.get());
+        self.cache.manifests_pruned.inc_by(more);
     }
 
     /// The scrubber read and hashed `bytes` more of stored blobs.

@@ -170,7 +170,7 @@ impl Server {
         if let Some(b) = &bucket {
             b.spawn(&shutdown.token());
         }
-        spawn_manifest_pruner(&shutdown, manifests.clone(), config.cache.max_manifests);
+        spawn_manifest_pruner(&shutdown, manifests.clone());
         spawn_purge_watch(&shutdown, &layout, blobs.clone(), manifests.clone());
         let prefetch = Arc::new(Prefetcher::new(
             config.prefetch.clone(),
@@ -287,6 +287,7 @@ impl Server {
         let listener = self.admin.take()?;
         let blobs = self.state.blobs.clone();
         let index = self.state.blobs.index().clone();
+        let manifests = self.state.manifests.clone();
         let mut state = AdminState::new(self.state.metrics.clone(), self.layout.tmp())
             .with_index_check(move || blobs.index().is_loaded())
             .with_scrape_hook(move |metrics| {
@@ -296,6 +297,7 @@ impl Server {
                 metrics.sync_evictions(evicted.blobs, evicted.bytes);
                 let unread = index.unread();
                 metrics.sync_prefetch_unread(unread.stored, unread.evicted);
+                metrics.sync_manifest_disk(manifests.disk());
             });
         if let Some(c) = self.state.cluster.clone() {
             state = state.with_note(move || c.status());
@@ -493,6 +495,10 @@ fn open_caches(
         config.cache_dir.display()
     )))?;
     let manifests = manifests
+        .with_disk_limits(
+            config.cache.max_manifests,
+            config.cache.max_manifest_bytes.as_u64(),
+        )
         .with_cluster(remote.cluster.clone())
         .with_bucket(remote.bucket.clone());
     Ok((blobs, Arc::new(manifests), private))
@@ -544,13 +550,28 @@ fn spawn_purge_watch(
 
 /// Keeps the manifest files on disk within `max`, at start and every ten
 /// minutes, until the background work stops.
-fn spawn_manifest_pruner(shutdown: &Shutdown, manifests: Arc<ManifestStore>, max: usize) {
+fn spawn_manifest_pruner(shutdown: &Shutdown, manifests: Arc<ManifestStore>) {
     shutdown.spawn_background(async move {
+        // A scan at start-up, then every ten minutes, and whenever a write
+        // takes the files past a bound: at most once a second then, should
+        // removals fail and every write find them still past it.
         let mut tick = tokio::time::interval(Duration::from_secs(600));
+        let mut last = None::<tokio::time::Instant>;
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = manifests.disk_over() => {
+                    if !manifests.disk_is_over() {
+                        continue;
+                    }
+                    if let Some(t) = last {
+                        tokio::time::sleep_until(t + Duration::from_secs(1)).await;
+                    }
+                }
+            }
+            last = Some(tokio::time::Instant::now());
             let m = manifests.clone();
-            match tokio::task::spawn_blocking(move || m.prune(max)).await {
+            match tokio::task::spawn_blocking(move || m.prune()).await {
                 Ok(Err(e)) => tracing::warn!(error = %e, "pruning manifests failed"),
                 Err(e) => tracing::warn!(error = %e, "manifest pruner panicked"),
                 Ok(Ok(_)) => {}

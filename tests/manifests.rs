@@ -762,3 +762,67 @@ async fn a_manifest_naming_a_malformed_media_type_is_served_and_kept() {
     assert_eq!((status, content_type), (200, oci), "served from the cache");
     assert_eq!(got, body.as_bytes());
 }
+
+/// Manifest files in a cache directory.
+fn manifest_files(cache: &std::path::Path) -> usize {
+    std::fs::read_dir(cache.join("manifests"))
+        .map(|algs| {
+            algs.flatten()
+                .map(|a| std::fs::read_dir(a.path()).map_or(0, |f| f.count()))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// The manifest files on disk stay within `cache.max_manifests` as they are
+/// written, not only at the pruner's ten-minute tick (which had let any
+/// number pile up in between), and `/metrics` shows them and the pruned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn manifest_files_are_pruned_as_soon_as_they_pass_their_bound() {
+    let up = FakeUpstream::start().await;
+    let images: Vec<_> = (0..30)
+        .map(|i| {
+            let img = make_image(Format::Oci, &[i + 1]);
+            up.push_image("library/many", &format!("t{i}"), &img);
+            img
+        })
+        .collect();
+    let dir = tempfile::TempDir::new().unwrap();
+    let toml = format!(
+        "prefetch = false\n{}\n[cache]\nmax_manifests = 10\n",
+        config_toml(dir.path(), &up.url(), "")
+    );
+    let st = start_stowage_toml(dir, &toml).await;
+    let c = client();
+    for img in &images {
+        check_manifest(&c, &st, "many", &img.digest, &img.manifest, OCI_MANIFEST).await;
+    }
+    let cache = st.dir.path().to_path_buf();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while manifest_files(&cache) > 10 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} manifest files on disk 10 s after the writes, bound 10",
+            manifest_files(&cache)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let kept = manifest_files(&cache) as f64;
+    assert!(kept >= 9.0, "pruned below nine tenths of the bound: {kept}");
+    metric_becomes(&st, "stowage_manifests_pruned_total", &[], 30.0 - kept).await;
+    // A file written while a scan ran may count twice until the next scan.
+    let shown = metric(&st, "stowage_manifest_disk_files", &[]).await;
+    assert!(
+        (kept..=kept + 2.0).contains(&shown),
+        "{shown} files shown, {kept} on disk"
+    );
+    assert!(metric(&st, "stowage_manifest_disk_bytes", &[]).await > 0.0);
+    // The most recently written are the ones kept, and every manifest is
+    // still served (from memory, or upstream again).
+    let last = images.last().unwrap();
+    let hex = last.digest.trim_start_matches("sha256:");
+    assert!(cache.join("manifests/sha256").join(hex).exists());
+    for img in &images {
+        check_manifest(&c, &st, "many", &img.digest, &img.manifest, OCI_MANIFEST).await;
+    }
+}

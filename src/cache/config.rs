@@ -1,5 +1,5 @@
 //! The blob cache's configuration (`[cache]`): budget, watermarks, the
-//! manifest limit and pinned images, with defaults and validation.
+//! manifest limits and pinned images, with defaults and validation.
 
 use std::time::Duration;
 
@@ -32,10 +32,16 @@ pub struct CacheConfig {
     #[serde(default = "default_low_watermark")]
     pub low_watermark: f64,
 
-    /// Most manifests kept on disk (they are small and outside the blob
-    /// budget); the least recently written are removed beyond this.
+    /// Most manifests kept on disk (they are outside the blob budget); the
+    /// least recently written are removed beyond this or
+    /// `max_manifest_bytes`.
     #[serde(default = "default_max_manifests")]
     pub max_manifests: usize,
+
+    /// Most bytes of manifest files on disk, outside `max_size` (a
+    /// manifest may be up to 4 MiB).
+    #[serde(default = "default_max_manifest_bytes")]
+    pub max_manifest_bytes: bytesize::ByteSize,
 
     /// Images whose blobs are never evicted, as `host/repo:tag` or
     /// `host/repo@digest` (`docker.io/library/postgres:16`). A name without
@@ -83,6 +89,10 @@ fn default_max_manifests() -> usize {
     100_000
 }
 
+fn default_max_manifest_bytes() -> bytesize::ByteSize {
+    bytesize::ByteSize::gib(1)
+}
+
 fn default_pin_refresh() -> Duration {
     Duration::from_secs(600)
 }
@@ -107,6 +117,7 @@ impl Default for CacheConfig {
             high_watermark: default_high_watermark(),
             low_watermark: default_low_watermark(),
             max_manifests: default_max_manifests(),
+            max_manifest_bytes: default_max_manifest_bytes(),
             pin: Vec::new(),
             pin_refresh: default_pin_refresh(),
             max_detached_fills: default_max_detached_fills(),
@@ -156,6 +167,12 @@ impl CacheConfig {
             return Err(ConfigError::invalid(
                 "cache.max_manifests",
                 "must be more than zero",
+            ));
+        }
+        if self.max_manifest_bytes.as_u64() < crate::oci::manifest::MAX_MANIFEST as u64 {
+            return Err(ConfigError::invalid(
+                "cache.max_manifest_bytes",
+                "must be at least 4MiB (the largest manifest accepted)",
             ));
         }
         if !self.scrub_interval.is_zero() && self.scrub_interval < Duration::from_secs(1) {

@@ -179,6 +179,78 @@ impl Expiry<TagKey, TagEntry> for TagExpiry {
     }
 }
 
+/// The manifest files on disk: how much they hold, and their bounds
+/// (`cache.max_manifests`, `cache.max_manifest_bytes`).
+///
+/// What they hold is known from the pruner's last scan of the directory,
+/// plus what was written since that scan began: a file written while the
+/// scan ran may count twice until the next scan, which only makes that
+/// scan come early. A write that takes either past its bound wakes the
+/// pruner at once ([`ManifestStore::disk_over`]); it removes the least
+/// recently written files down to nine tenths of both bounds, so the
+/// scans come at most once per tenth of a bound written, not per write.
+struct DiskUse {
+    max_files: u64,
+    max_bytes: u64,
+    /// Files and bytes the last scan left.
+    scanned_files: AtomicU64,
+    scanned_bytes: AtomicU64,
+    /// Files and bytes written since the last scan began.
+    new_files: AtomicU64,
+    new_bytes: AtomicU64,
+    /// Files removed by the pruner since start.
+    pruned: AtomicU64,
+    /// Woken when a write takes the files past a bound.
+    over: tokio::sync::Notify,
+}
+
+impl DiskUse {
+    fn new(max_files: u64, max_bytes: u64) -> DiskUse {
+        DiskUse {
+            max_files,
+            max_bytes,
+            scanned_files: AtomicU64::new(0),
+            scanned_bytes: AtomicU64::new(0),
+            new_files: AtomicU64::new(0),
+            new_bytes: AtomicU64::new(0),
+            pruned: AtomicU64::new(0),
+            over: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Files and bytes on disk, as far as known.
+    fn held(&self) -> (u64, u64) {
+        let files =
+            self.scanned_files.load(Ordering::Relaxed) + self.new_files.load(Ordering::Relaxed);
+        let bytes =
+            self.scanned_bytes.load(Ordering::Relaxed) + self.new_bytes.load(Ordering::Relaxed);
+        (files, bytes)
+    }
+
+    fn is_over(&self) -> bool {
+        let (files, bytes) = self.held();
+        files > self.max_files || bytes > self.max_bytes
+    }
+
+    /// A file of `bytes` was written.
+    fn wrote(&self, bytes: u64) {
+        self.new_files.fetch_add(1, Ordering::Relaxed);
+        self.new_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if self.is_over() {
+            self.over.notify_one();
+        }
+    }
+}
+
+/// What the manifest files on disk hold, for `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ManifestDisk {
+    pub(crate) files: u64,
+    pub(crate) bytes: u64,
+    /// Files removed by the pruner since start.
+    pub(crate) pruned: u64,
+}
+
 /// The manifest cache. Share it in an `Arc`.
 pub(crate) struct ManifestStore {
     /// Where manifest and tag files live.
@@ -196,6 +268,8 @@ pub(crate) struct ManifestStore {
     bucket: Option<Arc<Bucket>>,
     /// Which digests came only through passthrough upstreams.
     private: Arc<Private>,
+    /// The manifest files on disk and their bounds.
+    disk: DiskUse,
 }
 
 impl ManifestStore {
@@ -204,6 +278,7 @@ impl ManifestStore {
     pub(crate) fn open(layout: &Layout, private: Arc<Private>) -> io::Result<ManifestStore> {
         std::fs::create_dir_all(layout.manifests())?;
         std::fs::create_dir_all(layout.tags())?;
+        let defaults = super::config::CacheConfig::default();
         Ok(ManifestStore {
             layout: layout.clone(),
             by_digest: moka::future::Cache::builder()
@@ -218,7 +293,39 @@ impl ManifestStore {
             cluster: None,
             bucket: None,
             private,
+            disk: DiskUse::new(
+                defaults.max_manifests as u64,
+                defaults.max_manifest_bytes.as_u64(),
+            ),
         })
+    }
+
+    /// Bounds the manifest files on disk to `max_files` and `max_bytes`
+    /// ([`ManifestStore::prune`]).
+    pub(crate) fn with_disk_limits(mut self, max_files: usize, max_bytes: u64) -> ManifestStore {
+        self.disk = DiskUse::new(max_files as u64, max_bytes);
+        self
+    }
+
+    /// Completes when a write has taken the manifest files past a bound
+    /// (at once if one did since the last call): time to prune.
+    pub(crate) async fn disk_over(&self) {
+        self.disk.over.notified().await
+    }
+
+    /// Whether the manifest files are past a bound, as far as known.
+    pub(crate) fn disk_is_over(&self) -> bool {
+        self.disk.is_over()
+    }
+
+    /// What the manifest files on disk hold, as far as known.
+    pub(crate) fn disk(&self) -> ManifestDisk {
+        let (files, bytes) = self.disk.held();
+        ManifestDisk {
+            files,
+            bytes,
+            pruned: self.disk.pruned.load(Ordering::Relaxed),
+        }
     }
 
     /// Looks in the shared store before going upstream, and uploads what
@@ -281,34 +388,58 @@ impl ManifestStore {
         self.referrers.invalidate_all();
     }
 
-    /// Keeps at most `max` manifests on disk, removing the least recently
-    /// written beyond that. Blocking. Returns how many were removed.
-    pub(crate) fn prune(&self, max: usize) -> io::Result<usize> {
+    /// Scans the manifest files on disk and, when they are past a bound
+    /// (`cache.max_manifests`, `cache.max_manifest_bytes`), removes the
+    /// least recently written down to nine tenths of both. Blocking.
+    /// Returns how many were removed.
+    pub(crate) fn prune(&self) -> io::Result<usize> {
+        let d = &self.disk;
+        // Writes from here on count toward the next scan.
+        d.new_files.store(0, Ordering::Relaxed);
+        d.new_bytes.store(0, Ordering::Relaxed);
         let mut files = Vec::new();
+        let mut bytes = 0u64;
         for alg in std::fs::read_dir(self.layout.manifests())?.flatten() {
             let Ok(rd) = std::fs::read_dir(alg.path()) else {
                 continue;
             };
             for f in rd.flatten() {
-                let mtime = f
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .unwrap_or(std::time::UNIX_EPOCH);
-                files.push((mtime, f.path()));
+                let Ok(meta) = f.metadata() else {
+                    continue;
+                };
+                let mtime = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+                bytes += meta.len();
+                files.push((mtime, meta.len(), f.path()));
             }
         }
-        if files.len() <= max {
-            return Ok(0);
-        }
-        files.sort();
-        let excess = files.len() - max;
+        let mut count = files.len() as u64;
         let mut removed = 0;
-        for (_, path) in files.into_iter().take(excess) {
-            if std::fs::remove_file(&path).is_ok() {
-                removed += 1;
+        if count > d.max_files || bytes > d.max_bytes {
+            let keep_files = d.max_files - d.max_files / 10;
+            let keep_bytes = d.max_bytes - d.max_bytes / 10;
+            files.sort();
+            for (_, len, path) in files {
+                if count <= keep_files && bytes <= keep_bytes {
+                    break;
+                }
+                if std::fs::remove_file(&path).is_ok() {
+                    count -= 1;
+                    bytes -= len;
+                    removed += 1;
+                }
             }
+            tracing::info!(
+                removed,
+                files = count,
+                bytes,
+                max_files = d.max_files,
+                max_bytes = d.max_bytes,
+                "pruned least recently written manifests"
+            );
         }
-        tracing::info!(removed, max, "pruned least recently written manifests");
+        d.scanned_files.store(count, Ordering::Relaxed);
+        d.scanned_bytes.store(bytes, Ordering::Relaxed);
+        d.pruned.fetch_add(removed as u64, Ordering::Relaxed);
         Ok(removed)
     }
 
@@ -825,7 +956,9 @@ impl ManifestStore {
                 .await
                 .map_err(io::Error::other)??;
         }
+        let len = data.len() as u64;
         write_atomic(&self.layout, self.layout.manifest(&m.digest), data).await?;
+        self.disk.wrote(len);
         if caller.credential().is_none() {
             self.private.clear(&m.digest);
         }
@@ -1118,26 +1251,107 @@ mod tests {
         assert_eq!(live.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
 
-    #[test]
-    fn prune_keeps_the_most_recently_written() {
-        let dir = tempfile::tempdir().unwrap();
-        let layout = Layout::new(dir.path());
-        let private = Arc::new(Private::open(&layout).unwrap());
-        let store = ManifestStore::open(&layout, private).unwrap();
+    /// Five manifest files of 100 bytes, written at seconds 1000 to 1004.
+    fn five_manifests(
+        layout: &Layout,
+        max_files: usize,
+        max_bytes: u64,
+    ) -> (ManifestStore, Vec<PathBuf>) {
+        let private = Arc::new(Private::open(layout).unwrap());
+        let store = ManifestStore::open(layout, private)
+            .unwrap()
+            .with_disk_limits(max_files, max_bytes);
         let mut paths = Vec::new();
         for i in 0..5u8 {
             let d = Digest::of(crate::oci::Algorithm::Sha256, &[i]);
             let p = store.layout.manifest(&d);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(&p, [b'x', b'\n', i]).unwrap();
+            std::fs::write(&p, [i; 100]).unwrap();
             filetime::set_file_mtime(&p, filetime::FileTime::from_unix_time(1000 + i as i64, 0))
                 .unwrap();
             paths.push(p);
         }
-        assert_eq!(store.prune(10).unwrap(), 0);
-        assert_eq!(store.prune(3).unwrap(), 2);
+        (store, paths)
+    }
+
+    #[test]
+    fn prune_keeps_the_most_recently_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let (store, paths) = five_manifests(&layout, 10, 1 << 20);
+        assert_eq!(store.prune().unwrap(), 0);
+        assert_eq!(
+            store.disk(),
+            ManifestDisk {
+                files: 5,
+                bytes: 500,
+                pruned: 0
+            }
+        );
+        let (store, _) = five_manifests(&layout, 3, 1 << 20);
+        assert_eq!(store.prune().unwrap(), 2);
         let kept: Vec<bool> = paths.iter().map(|p| p.exists()).collect();
         assert_eq!(kept, vec![false, false, true, true, true]);
+        assert_eq!(
+            store.disk(),
+            ManifestDisk {
+                files: 3,
+                bytes: 300,
+                pruned: 2
+            }
+        );
+    }
+
+    /// Past the byte bound, the least recently written go until the files
+    /// hold at most nine tenths of it (here 225 of 250 bytes: two files).
+    #[test]
+    fn prune_keeps_the_bytes_within_their_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let (store, paths) = five_manifests(&layout, 10, 250);
+        assert_eq!(store.prune().unwrap(), 3);
+        let kept: Vec<bool> = paths.iter().map(|p| p.exists()).collect();
+        assert_eq!(kept, vec![false, false, false, true, true]);
+        assert_eq!(
+            store.disk(),
+            ManifestDisk {
+                files: 2,
+                bytes: 200,
+                pruned: 3
+            }
+        );
+    }
+
+    /// A write that takes the files past a bound wakes the pruner at once,
+    /// not at its next tick; one within the bounds does not.
+    #[tokio::test]
+    async fn a_write_past_a_bound_wakes_the_pruner() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let (store, _) = five_manifests(&layout, 6, 1 << 20);
+        store.prune().unwrap();
+        let m = Manifest::new(
+            Digest::of(crate::oci::Algorithm::Sha256, b"{}"),
+            "application/vnd.oci.image.manifest.v1+json".into(),
+            Bytes::from_static(b"{}"),
+        );
+        let woken = |store: &ManifestStore| {
+            futures_util::FutureExt::now_or_never(store.disk_over()).is_some()
+        };
+        store.write_disk(&m, &Caller::Mirror).await.unwrap();
+        assert_eq!(store.disk().files, 6);
+        assert!(!woken(&store) && !store.disk_is_over());
+        let m2 = Manifest::new(
+            Digest::of(crate::oci::Algorithm::Sha256, b"{ }"),
+            "application/vnd.oci.image.manifest.v1+json".into(),
+            Bytes::from_static(b"{ }"),
+        );
+        store.write_disk(&m2, &Caller::Mirror).await.unwrap();
+        assert!(store.disk_is_over());
+        assert!(woken(&store), "the pruner was not woken");
+        assert_eq!(store.prune().unwrap(), 1);
+        assert!(!store.disk_is_over());
+        assert_eq!(store.disk().files, 6);
     }
 
     /// The memory cache is bounded whatever the manifests' sizes: one-byte
