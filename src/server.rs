@@ -571,10 +571,19 @@ fn spawn_manifest_pruner(shutdown: &Shutdown, manifests: Arc<ManifestStore>) {
             }
             last = Some(tokio::time::Instant::now());
             let m = manifests.clone();
-            match tokio::task::spawn_blocking(move || m.prune()).await {
-                Ok(Err(e)) => tracing::warn!(error = %e, "pruning manifests failed"),
+            // The private marks of content gone (blobs evicted, manifests
+            // pruned) go too, once they have doubled.
+            let done = tokio::task::spawn_blocking(move || (m.prune(), m.compact_private_marks()));
+            match done.await {
+                Ok((pruned, compacted)) => {
+                    if let Err(e) = pruned {
+                        tracing::warn!(error = %e, "pruning manifests failed");
+                    }
+                    if let Err(e) = compacted {
+                        tracing::warn!(error = %e, "compacting the private marks failed");
+                    }
+                }
                 Err(e) => tracing::warn!(error = %e, "manifest pruner panicked"),
-                Ok(Ok(_)) => {}
             }
         }
     });

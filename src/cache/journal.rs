@@ -127,11 +127,19 @@ impl LineLog {
 
     /// Replaces the file with `text` ([`replace_file`]).
     pub(crate) fn rewrite(&self, text: &str) -> io::Result<()> {
+        self.rewrite_with(|| text.to_owned())
+    }
+
+    /// Replaces the file with what `text` makes, made while holding the
+    /// lock every append takes: no line appended meanwhile is lost (one
+    /// appended before is in what `text` reads, one after goes to the new
+    /// file).
+    pub(crate) fn rewrite_with(&self, text: impl FnOnce() -> String) -> io::Result<()> {
         let mut guard = self
             .file
             .lock()
             .map_err(|_| io::Error::other("log lock poisoned"))?;
-        replace_file(&self.tmp, &self.path, text.as_bytes())?;
+        replace_file(&self.tmp, &self.path, text().as_bytes())?;
         *guard = None;
         Ok(())
     }

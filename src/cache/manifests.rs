@@ -388,6 +388,20 @@ impl ManifestStore {
         self.referrers.invalidate_all();
     }
 
+    /// Compacts the private marks once they have grown
+    /// ([`Private::compact_if_grown`]): a digest's content is held while its
+    /// blob or manifest file is there (or cannot be looked at), or the
+    /// manifest is in memory. Blocking. `None` when not due, else how many
+    /// marks were dropped.
+    pub(crate) fn compact_private_marks(&self) -> io::Result<Option<usize>> {
+        let there = |p: PathBuf| p.try_exists().unwrap_or(true);
+        self.private.compact_if_grown(|d| {
+            self.by_digest.contains_key(d)
+                || there(self.layout.manifest(d))
+                || there(self.layout.blob(d))
+        })
+    }
+
     /// Scans the manifest files on disk and, when they are past a bound
     /// (`cache.max_manifests`, `cache.max_manifest_bytes`), removes the
     /// least recently written down to nine tenths of both. Blocking.
@@ -950,12 +964,17 @@ impl ManifestStore {
     /// when the mirror did (`cache/private.rs`).
     async fn write_disk(&self, m: &Manifest, caller: &Caller) -> io::Result<()> {
         let data = layout::encode_manifest(&m.media_type, &m.body);
-        if caller.credential().is_some() {
+        // Relied on until the file is written (`Marked`).
+        let _marked = if caller.credential().is_some() {
             let (private, digest) = (self.private.clone(), m.digest.clone());
-            tokio::task::spawn_blocking(move || private.mark(&digest))
-                .await
-                .map_err(io::Error::other)??;
-        }
+            Some(
+                tokio::task::spawn_blocking(move || private.mark(&digest))
+                    .await
+                    .map_err(io::Error::other)??,
+            )
+        } else {
+            None
+        };
         let len = data.len() as u64;
         write_atomic(&self.layout, self.layout.manifest(&m.digest), data).await?;
         self.disk.wrote(len);

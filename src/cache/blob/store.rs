@@ -602,7 +602,7 @@ impl GroupCommit {
 
 /// One round of the group commit. Each blob's result goes to its fill; a
 /// blob that fails is left out (its fill removes the temporary file).
-fn commit_group(index: &BlobIndex, marks: &Private, hot: &HotFiles, group: Vec<Pending>) {
+fn commit_group(index: &BlobIndex, marks: &Arc<Private>, hot: &HotFiles, group: Vec<Pending>) {
     // Start the write-back of every file before waiting for any: the
     // data goes to the disk together, and the file system commits the
     // allocations of all of them with the first fdatasync.
@@ -610,6 +610,9 @@ fn commit_group(index: &BlobIndex, marks: &Private, hot: &HotFiles, group: Vec<P
         start_writeback(&p.file);
     }
     let mut ready = Vec::with_capacity(group.len());
+    // The private marks, relied on until the renames below are done (or
+    // failed): a compaction meanwhile keeps them.
+    let mut marked = Vec::new();
     for p in group {
         let durable = rustix::fs::fdatasync(&*p.file)
             .map_err(io::Error::from)
@@ -621,10 +624,9 @@ fn commit_group(index: &BlobIndex, marks: &Private, hot: &HotFiles, group: Vec<P
             // content is never visible unmarked, not even after a crash.
             .and_then(|()| {
                 if p.private {
-                    marks.mark(&p.digest)
-                } else {
-                    Ok(())
+                    marked.push(marks.mark(&p.digest)?);
                 }
+                Ok(())
             });
         match durable {
             Ok(()) => ready.push(p),
