@@ -816,7 +816,10 @@ async fn manifest_files_are_pruned_as_soon_as_they_pass_their_bound() {
     assert!(kept >= 9.0, "pruned below nine tenths of the bound: {kept}");
     // A file written while a scan ran may count twice until the next scan.
     let shown = metric(&st, "stowage_manifest_disk_files", &[]).await;
-    assert!((kept..=kept + 2.0).contains(&shown), "{shown} files shown, {kept} on disk");
+    assert!(
+        (kept..=kept + 2.0).contains(&shown),
+        "{shown} files shown, {kept} on disk"
+    );
     assert!(metric(&st, "stowage_manifest_disk_bytes", &[]).await > 0.0);
     // The most recently written are the ones kept, and every manifest is
     // still served (from memory, or upstream again).
