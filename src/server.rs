@@ -548,8 +548,9 @@ fn spawn_purge_watch(
     });
 }
 
-/// Keeps the manifest files on disk within `max`, at start and every ten
-/// minutes, until the background work stops.
+/// Keeps the manifest files on disk within their bounds (at start, every
+/// ten minutes, and when a write passes one) and compacts the private marks
+/// when due, until the background work stops.
 fn spawn_manifest_pruner(shutdown: &Shutdown, manifests: Arc<ManifestStore>) {
     shutdown.spawn_background(async move {
         // A scan at start-up, then every ten minutes, and whenever a write
