@@ -939,18 +939,17 @@ impl Metrics {
         self.cache.evicted_bytes.inc_by(bytes);
     }
 
-    /// The manifest files on disk now hold `disk`; the pruned counter is
-    /// raised to its total (serialised like [`Metrics::sync_evictions`]).
-    pub(crate) fn sync_manifest_disk(&self, disk: crate::cache::manifests::ManifestDisk) {
+    /// The manifest files on disk now number `files` and hold `bytes`;
+    /// `pruned` files were removed since start (the counter is raised to it,
+    /// serialised like [`Metrics::sync_evictions`]).
+    pub(crate) fn sync_manifest_disk(&self, files: u64, bytes: u64, pruned: u64) {
         let _serialised = self
             .sync_lock
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        self.cache.manifest_files.set(gauge_value(disk.files));
-        self.cache.manifest_bytes.set(gauge_value(disk.bytes));
-        let more = disk
-            .pruned
-            .saturating_sub(self.cache.manifests_pruned.get());
+        self.cache.manifest_files.set(gauge_value(files));
+        self.cache.manifest_bytes.set(gauge_value(bytes));
+        let more = pruned.saturating_sub(self.cache.manifests_pruned.get());
         self.cache.manifests_pruned.inc_by(more);
     }
 

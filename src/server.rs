@@ -297,7 +297,8 @@ impl Server {
                 metrics.sync_evictions(evicted.blobs, evicted.bytes);
                 let unread = index.unread();
                 metrics.sync_prefetch_unread(unread.stored, unread.evicted);
-                metrics.sync_manifest_disk(manifests.disk());
+                let disk = manifests.disk();
+                metrics.sync_manifest_disk(disk.files, disk.bytes, disk.pruned);
             });
         if let Some(c) = self.state.cluster.clone() {
             state = state.with_note(move || c.status());
