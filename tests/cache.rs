@@ -1123,6 +1123,69 @@ async fn fills_waiting_for_room_are_admitted_in_turn() {
     }
 }
 
+/// `HEAD` on a blob whose fill waits for room in the budget is answered from
+/// the fill, which has upstream's answer and so the size: upstream is not
+/// asked again. Before, the size was published only once the fill streamed,
+/// so every `HEAD` during the wait (up to the upstream timeout) went
+/// upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn head_of_a_blob_waiting_for_room_is_answered_from_its_fill() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let up = FakeUpstream::start().await;
+    let first = Blob::random(MIB);
+    let big = Blob::random(3 * MIB + MIB / 2);
+    for b in [&first, &big] {
+        up.add_blob(b.data.clone());
+    }
+    let hold = up.hold(&first.digest);
+    let dir = TempDir::new().unwrap();
+    let toml = cache_toml(dir.path(), &up.url(), "max_size = \"4MiB\"");
+    let st = start_stowage_toml(dir, &toml).await;
+
+    let got_first = Arc::new(AtomicUsize::new(0));
+    let got_big = Arc::new(AtomicUsize::new(0));
+    let c1 = counted_get(&st, &first, got_first);
+    hold.wait_half_sent(1).await;
+    // 1 + 3.5 MiB do not fit in 4: the big blob's fill has upstream's
+    // answer and waits for room.
+    let c2 = counted_get(&st, &big, got_big.clone());
+    wait_until("the big blob's upstream GET", || {
+        up.blob_gets(&big.digest) == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(got_big.load(Ordering::Relaxed), 0, "the big blob waits");
+
+    let url = st.blob_url("library/x", &big.digest);
+    for _ in 0..3 {
+        let r = within(10, "HEAD", client().head(&url).send())
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            header(&r, "content-length").as_deref(),
+            Some(big.data.len().to_string().as_str())
+        );
+        assert_eq!(
+            header(&r, "docker-content-digest").as_deref(),
+            Some(big.digest.as_str())
+        );
+    }
+    assert_eq!(
+        up.blob_heads(&big.digest),
+        0,
+        "HEAD answered from the waiting fill, not by upstream"
+    );
+
+    hold.release();
+    for c in [c1, c2] {
+        within(30, "the clients' bodies", c).await.unwrap();
+    }
+    assert_eq!(up.blob_gets(&big.digest), 1, "one upstream GET");
+}
+
 /// A fill that leaves the disk (a write failed) gives back its admission:
 /// the next request for the blob leads a new fill (it cannot join one that
 /// spills), which is admitted at once. Before, it waited for the first

@@ -100,7 +100,9 @@ pub(super) const MAX_ROUNDS: usize = 8;
 /// Where a fill is.
 #[derive(Debug, Clone)]
 pub(super) enum Phase {
-    /// The upstream request is under way; no headers yet.
+    /// The upstream request is under way; or a source has answered
+    /// (`total` is then set, if it gave a size) and the fill waits for room
+    /// in the budget or for its temporary file.
     Connecting,
     /// Upstream answered 200; bytes are being written.
     Streaming,
@@ -115,8 +117,8 @@ pub(super) enum Phase {
 #[derive(Debug, Clone)]
 pub(super) struct Progress {
     pub(super) phase: Phase,
-    /// Size announced by upstream (`Content-Length`), if any; set to the
-    /// actual size on verification.
+    /// Size announced by upstream (`Content-Length`), if any, published as
+    /// soon as it answers; set to the actual size on verification.
     pub(super) total: Option<u64>,
     /// Bytes written to the temporary file so far; readable with `pread`.
     pub(super) written: u64,
@@ -496,17 +498,18 @@ impl FillTable {
         Ok(Lookup::Lead(permit, reader))
     }
 
-    /// What `HEAD` can learn from a running fill, once it is streaming:
-    /// its size, how the request is answered, and whether it is private.
+    /// What `HEAD` can learn from a running fill, once upstream has given
+    /// the size (the fill may still wait for room in the budget): the size,
+    /// how the request is answered, and whether the blob is private.
     pub(super) fn head(&self, digest: &Digest) -> Option<(u64, Outcome, bool)> {
         let fills = self.fills.lock().ok()?;
         let fill = fills.get(digest)?;
         let private = fill.private;
-        let p = fill.progress.borrow().clone();
+        let p = fill.progress.borrow();
         let outcome = match p.phase {
             Phase::Verified => Outcome::Hit,
-            Phase::Streaming => Outcome::Join,
-            Phase::Connecting | Phase::Failed(_) => return None,
+            Phase::Connecting | Phase::Streaming => Outcome::Join,
+            Phase::Failed(_) => return None,
         };
         Some((p.total?, outcome, private))
     }
@@ -788,6 +791,11 @@ impl BlobStore {
                  there is room for under the high watermark: not prefetched",
                 pre.bytes
             )));
+        }
+        // Upstream has answered: `HEAD` is answered from the fill from now
+        // on, also while it waits for room or for its file (`head`).
+        if total.is_some() {
+            fill.progress.send_modify(|p| p.total = total);
         }
         // Admitted to the disk by its size, waiting (joinable) for fills
         // admitted before it to end if need be; a prefetch does not wait.
