@@ -9,9 +9,10 @@
 //! `ServerConfig` itself, so when it changes a new `ServerConfig` (sharing
 //! the resolver and the session cache) is swapped in the same way.
 //!
-//! A reload reads every file first and swaps nothing unless all of them
-//! parse and the key matches the certificate: a bad new file is logged and
-//! the old certificate stays.
+//! A reload reads every file once and swaps nothing unless all of them
+//! parse and the key matches the certificate: a bad new file is logged (once:
+//! the digest of the bytes rejected is remembered) and the old certificate
+//! stays.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -108,10 +109,15 @@ pub(crate) enum Reloaded {
     Unchanged,
 }
 
+/// How the files are read: `std::fs::read`, or in tests a stand-in whose
+/// contents change between reads.
+type ReadFile = Arc<dyn Fn(&Path) -> std::io::Result<Vec<u8>> + Send + Sync>;
+
 /// TLS termination state of one listener: the current `ServerConfig` and
 /// the files it came from.
 pub(crate) struct Tls {
     files: TlsConfig,
+    read: ReadFile,
     provider: Arc<CryptoProvider>,
     resolver: Arc<ReloadableCert>,
     config: ArcSwap<rustls::ServerConfig>,
@@ -129,13 +135,18 @@ struct Seen {
 impl Tls {
     /// Loads the certificate, key and client CA named in `files`.
     pub(crate) fn load(files: &TlsConfig) -> Result<Tls, TlsError> {
+        Tls::load_with(files, Arc::new(|p: &Path| std::fs::read(p)))
+    }
+
+    fn load_with(files: &TlsConfig, read: ReadFile) -> Result<Tls, TlsError> {
         let provider = provider();
-        let m = read_material(files, &provider)?;
+        let m = material(files, read_files(files, &read), &provider)?;
         let resolver = Arc::new(ReloadableCert::new(m.key.clone()));
         let config = build_config(&provider, &resolver, m.client_roots.clone())?;
         log_loaded(files, &m, "TLS certificate loaded");
         Ok(Tls {
             files: files.clone(),
+            read,
             provider,
             resolver,
             config: ArcSwap::new(Arc::new(config)),
@@ -165,25 +176,25 @@ impl Tls {
     /// contents differ from the last attempt (so a rejected file is reported
     /// once, not at every poll). On error the old material stays in use.
     pub(crate) fn reload(&self, force: bool) -> Result<Reloaded, TlsError> {
-        if !force && self.seen().files == files_digest(&self.files) {
+        // Read once: the bytes compared are the bytes loaded or rejected.
+        let contents = read_files(&self.files, &self.read);
+        let digest = contents.digest;
+        if !force && self.seen().files == digest {
             return Ok(Reloaded::Unchanged);
         }
-        let result = self.swap_in(force);
+        let result = self.swap_in(contents);
         if let Err(e) = &result {
-            // Remember what was rejected, to report it once.
-            let digest = files_digest(&self.files);
+            // Remember what was rejected, to report it once: these bytes,
+            // not the files read again, which may hold a good pair by now.
             self.set_seen(|s| s.files = digest);
             tracing::error!(error = %e, "TLS reload rejected; still serving the previous certificate");
         }
         result
     }
 
-    fn swap_in(&self, force: bool) -> Result<Reloaded, TlsError> {
-        let m = read_material(&self.files, &self.provider)?;
+    fn swap_in(&self, contents: Contents) -> Result<Reloaded, TlsError> {
+        let m = material(&self.files, contents, &self.provider)?;
         let seen = self.seen();
-        if !force && m.files_digest == seen.files {
-            return Ok(Reloaded::Unchanged);
-        }
         if m.ca_digest != seen.ca {
             let config = build_config(&self.provider, &self.resolver, m.client_roots.clone())?;
             self.config.store(Arc::new(config));
@@ -255,49 +266,58 @@ fn build_config(
     Ok(config)
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
-        path: path.to_path_buf(),
-        source,
-    })
+/// The files' contents, read once, and their digest.
+struct Contents {
+    cert: std::io::Result<Vec<u8>>,
+    key: std::io::Result<Vec<u8>>,
+    ca: Option<std::io::Result<Vec<u8>>>,
+    /// SHA-256 over them all, to notice changes; an unreadable file counts
+    /// by its error kind, so a missing file is reported once rather than at
+    /// every poll.
+    digest: [u8; 32],
 }
 
-/// Digest of the files as they are now; an unreadable file counts by its
-/// error kind, so a missing file is reported once rather than at every poll.
-fn files_digest(files: &TlsConfig) -> [u8; 32] {
+fn read_files(files: &TlsConfig, read: &ReadFile) -> Contents {
+    let cert = read(&files.cert);
+    let key = read(&files.key);
+    let ca = files.client_ca.as_deref().map(|p| read(p));
     let mut h = Sha256::new();
-    for path in [
-        Some(&files.cert),
-        Some(&files.key),
-        files.client_ca.as_ref(),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        match std::fs::read(path) {
+    for r in [Some(&cert), Some(&key), ca.as_ref()].into_iter().flatten() {
+        match r {
             Ok(bytes) => {
                 h.update((bytes.len() as u64).to_le_bytes());
-                h.update(&bytes);
+                h.update(bytes);
             }
             Err(e) => h.update(format!("unreadable: {:?}", e.kind())),
         }
     }
-    h.finalize().into()
+    Contents {
+        cert,
+        key,
+        ca,
+        digest: h.finalize().into(),
+    }
 }
 
-fn read_material(files: &TlsConfig, provider: &CryptoProvider) -> Result<Material, TlsError> {
-    let cert_pem = read(&files.cert)?;
-    let key_pem = read(&files.key)?;
-    let ca_pem = files.client_ca.as_deref().map(read).transpose()?;
-
-    let mut all = Sha256::new();
-    for bytes in [Some(&cert_pem), Some(&key_pem), ca_pem.as_ref()]
-        .into_iter()
-        .flatten()
-    {
-        all.update((bytes.len() as u64).to_le_bytes());
-        all.update(bytes);
-    }
+/// The material in `contents`, checked: every file read and parsed, and
+/// the key matching the certificate.
+fn material(
+    files: &TlsConfig,
+    contents: Contents,
+    provider: &CryptoProvider,
+) -> Result<Material, TlsError> {
+    let readable = |path: &Path, r: std::io::Result<Vec<u8>>| {
+        r.map_err(|source| TlsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let cert_pem = readable(&files.cert, contents.cert)?;
+    let key_pem = readable(&files.key, contents.key)?;
+    let ca_pem = match (&files.client_ca, contents.ca) {
+        (Some(path), Some(r)) => Some(readable(path, r)?),
+        _ => None,
+    };
 
     let chain = parse_certs(&files.cert, &cert_pem)?;
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
@@ -331,7 +351,7 @@ fn read_material(files: &TlsConfig, provider: &CryptoProvider) -> Result<Materia
     Ok(Material {
         key: Arc::new(key),
         client_roots,
-        files_digest: all.finalize().into(),
+        files_digest: contents.digest,
         ca_digest,
     })
 }
@@ -344,4 +364,75 @@ fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, 
         return Err(invalid(path, "no PEM certificate in the file"));
     }
     Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    fn cert_pem(key: &rcgen::KeyPair, name: &str) -> String {
+        rcgen::CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .self_signed(key)
+            .unwrap()
+            .pem()
+    }
+
+    fn der(pem: &str) -> Vec<u8> {
+        CertificateDer::pem_slice_iter(pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap()
+            .as_ref()
+            .to_vec()
+    }
+
+    fn served_cert(tls: &Tls) -> Vec<u8> {
+        tls.resolver.current.load().cert[0].as_ref().to_vec()
+    }
+
+    /// What a rejected reload remembers is the digest of the bytes it
+    /// rejected. It used to read the files again for it, so a good
+    /// certificate written in between was taken for the rejected one and
+    /// skipped until the files changed again (SIGHUP aside). Here the
+    /// certificate file changes between reads: the start-up load reads the
+    /// first certificate, the next two reads garbage, and every read after
+    /// them a new good certificate.
+    #[test]
+    fn a_certificate_written_while_a_reload_rejects_the_old_files_is_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let first = cert_pem(&key, "first.example");
+        let second = cert_pem(&key, "second.example");
+        let cert_path = dir.path().join("cert.pem");
+        let key_path = dir.path().join("key.pem");
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+
+        let reads = Arc::new(AtomicUsize::new(0));
+        let read: ReadFile = {
+            let (cert_path, first, second) = (cert_path.clone(), first.clone(), second.clone());
+            let reads = reads.clone();
+            Arc::new(move |p: &Path| {
+                if p != cert_path {
+                    return std::fs::read(p);
+                }
+                Ok(match reads.fetch_add(1, Ordering::Relaxed) {
+                    0 => first.clone().into_bytes(),
+                    1 | 2 => b"not a certificate".to_vec(),
+                    _ => second.clone().into_bytes(),
+                })
+            })
+        };
+        let tls = Tls::load_with(&TlsConfig::new(cert_path, key_path), read).unwrap();
+        assert_eq!(served_cert(&tls), der(&first));
+        assert!(tls.reload(false).is_err(), "garbage is rejected");
+        // Polls: the good certificate is loaded by the third.
+        let polls: Vec<_> = (0..3).map(|_| tls.reload(false).ok()).collect();
+        assert!(
+            served_cert(&tls) == der(&second),
+            "the new certificate is not served (polls: {polls:?})"
+        );
+    }
 }
