@@ -27,8 +27,9 @@
 //! `cache.max_detached_fills` permits; without one it is stopped and
 //! nothing of it kept (`fill::Audience`).
 //!
-//! States of a fill, in order: `Connecting` (upstream request sent) ->
-//! `Streaming` (headers received, bytes arriving) -> `Verified` or `Failed`.
+//! States of a fill, in order: `Connecting` (upstream request sent; once
+//! answered, the size is published while the fill waits for room and its
+//! file) -> `Streaming` (bytes arriving) -> `Verified` or `Failed`.
 //!
 //! ## Budget
 //! The [`BlobIndex`](crate::cache::index::BlobIndex) accounts for every
