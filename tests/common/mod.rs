@@ -359,6 +359,24 @@ pub async fn metric(st: &Stowage, name: &str, labels: &[(&str, &str)]) -> f64 {
     total
 }
 
+/// Waits (10 s at most) until `metric(st, name, labels)` is at least
+/// `want` (for a counter that a background task, such as the scrubber,
+/// raises at its own pace); the value reached.
+pub async fn metric_reaches(st: &Stowage, name: &str, labels: &[(&str, &str)], want: f64) -> f64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = metric(st, name, labels).await;
+        if got >= want {
+            return got;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name}{labels:?} is {got}, expected at least {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits (10 s at most) until `metric(st, name, labels)` is `want`.
 pub async fn metric_becomes(st: &Stowage, name: &str, labels: &[(&str, &str)], want: f64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
