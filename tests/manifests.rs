@@ -220,6 +220,56 @@ async fn stale_tag_is_not_served_when_upstream_content_is_bad_or_refused() {
     assert_ne!(status, 200, "a refused tag was served stale");
 }
 
+/// A tag upstream deleted (404), or denied the mirror (403), is not
+/// brought back by a later outage: its tag file goes with the answer, so
+/// there is no stale copy left to serve, also after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tag_deleted_or_denied_upstream_is_not_served_stale_in_a_later_outage() {
+    for (answer, code) in [(404, "MANIFEST_UNKNOWN"), (403, "DENIED")] {
+        let up = FakeUpstream::start().await;
+        let img = make_image(Format::Oci, &[10]);
+        up.push_image("library/ruby", "3", &img);
+        let st = start_stowage(&up.url(), &short_ttl()).await;
+        let c = client();
+        check_manifest(&c, &st, "ruby", "3", &img.manifest, OCI_MANIFEST).await;
+
+        if answer == 404 {
+            up.remove_tag("library/ruby", "3");
+        } else {
+            up.respond(
+                "/v2/library/ruby/manifests/3",
+                403,
+                &[("content-type", "application/json")],
+                r#"{"errors":[{"code":"DENIED","message":"requested access to the resource is denied"}]}"#,
+            );
+        }
+        past_ttl().await;
+        let r = c.get(st.manifest_url("ruby", "3")).send().await.unwrap();
+        assert_oci_error(r, answer, &[code], "withdrawn tag").await;
+
+        // Upstream goes down: the tag stays withdrawn.
+        up.set_failure(Failure::Down);
+        past_ttl().await;
+        let r = c.get(st.manifest_url("ruby", "3")).send().await.unwrap();
+        let status = r.status().as_u16();
+        assert_ne!(
+            status, 200,
+            "{answer}: the tag was served stale in an outage"
+        );
+        // The manifest by digest is still held (digests are immutable).
+        check_manifest(&c, &st, "ruby", &img.digest, &img.manifest, OCI_MANIFEST).await;
+
+        // Nor after a restart during the outage.
+        let st = start_stowage_in(st.stop().await, &up.url(), &short_ttl()).await;
+        let r = c.get(st.manifest_url("ruby", "3")).send().await.unwrap();
+        let status = r.status().as_u16();
+        assert_ne!(
+            status, 200,
+            "{answer}: served stale after a restart in an outage"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_revalidations_make_one_upstream_request() {
     let up = FakeUpstream::start().await;

@@ -659,8 +659,38 @@ impl ManifestStore {
 
     /// Asks the tag's owner (in a cluster), else upstream, what `tag`
     /// points at now for `class`, using the tag file on disk as the stale
-    /// answer.
+    /// answer. A tag upstream no longer has, or denies the mirror,
+    /// loses its tag file: a later outage must not bring it back as stale
+    /// (a deleted `.sig` tag, a withdrawn image).
     async fn revalidate(
+        &self,
+        upstream: &Upstream,
+        caller: &Caller,
+        repo: &RepoName,
+        tag: &Tag,
+        class: AcceptClass,
+        hop: Hop,
+    ) -> Result<TagEntry, Error> {
+        let result = self
+            .revalidate_or_refuse(upstream, caller, repo, tag, class, hop)
+            .await;
+        if let Err(e) = &result
+            && withdraws_tag(e, caller)
+        {
+            let path = self.tag_path(upstream, repo, tag, class);
+            match tokio::fs::remove_file(&path).await {
+                Ok(()) => tracing::info!(upstream = upstream.host(), %repo, %tag,
+                    reason = %e.report(), "tag withdrawn upstream: its stale copy is forgotten"),
+                Err(r) if r.kind() == io::ErrorKind::NotFound => {}
+                Err(r) => tracing::warn!(upstream = upstream.host(), %repo, %tag, error = %r,
+                    "cannot remove the file of a tag withdrawn upstream"),
+            }
+        }
+        result
+    }
+
+    /// [`Self::revalidate`] up to forgetting a withdrawn tag.
+    async fn revalidate_or_refuse(
         &self,
         upstream: &Upstream,
         caller: &Caller,
@@ -1158,6 +1188,25 @@ async fn head(
             what,
         )),
     }
+}
+
+/// Whether upstream's answer `e` to a tag withdraws it: unknown (404, for
+/// any caller: the tag or repository is gone), or denied to the mirror's
+/// own credentials (403 from the registry or its token endpoint: refused
+/// to every mirror-mode client alike). Not a 401, which is about the
+/// credentials, not the tag (a mistyped password must not cost every tag
+/// its stale copy), nor a passthrough caller's 403, which is that
+/// caller's own. Errors of stowage's own or of the request (a media type
+/// the client does not accept) are not upstream's answer.
+fn withdraws_tag(e: &Error, caller: &Caller) -> bool {
+    let mirror = caller.credential().is_none();
+    e.esource() == ErrorSource::Upstream
+        && match e.kind() {
+            ErrorKind::ManifestUnknown | ErrorKind::NameUnknown => true,
+            ErrorKind::Denied => mirror,
+            ErrorKind::UpstreamAuth { status: Some(s) } => mirror && *s == StatusCode::FORBIDDEN,
+            _ => false,
+        }
 }
 
 /// Upstream answers under which a cached manifest is served stale (the same

@@ -421,6 +421,13 @@ impl FakeUpstream {
         self.inner.store.lock().unwrap().manifests.remove(digest);
     }
 
+    /// Deletes a tag (the manifest it pointed at stays, untagged).
+    pub fn remove_tag(&self, repo: &str, tag: &str) {
+        if let Some(tags) = self.inner.store.lock().unwrap().tags.get_mut(repo) {
+            tags.remove(tag);
+        }
+    }
+
     /// Stores a manifest, optionally tagging it in `repo`; returns its digest.
     pub fn add_manifest(
         &self,
