@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 
@@ -141,9 +142,8 @@ async fn fetch(
     // after it would hold this request, and every request for the same key
     // waiting on it, for good. The owner answers once it holds the whole
     // manifest, so its body gets what upstream's gets.
-    let read = Limited::new(resp.into_body(), MAX_MANIFEST).collect();
-    let body = match tokio::time::timeout(upstream.timeout(), read).await {
-        Ok(Ok(b)) => b.to_bytes(),
+    let body = match read_body(resp.into_body(), upstream.timeout()).await {
+        Ok(Ok(b)) => b,
         Ok(Err(e)) => {
             metrics.peer_request(kind, PeerResult::Broken);
             tracing::info!(manifest = %what, error = %e, "reading a manifest from a peer failed");
@@ -189,6 +189,42 @@ async fn fetch(
     })
 }
 
+/// A peer's manifest body, whole within `timeout` (the outer error) and
+/// at most [`MAX_MANIFEST`] bytes. A copy, as `manifests::read_body`'s: it
+/// is kept for long (the memory cache), and a body that came in one read
+/// is a slice of the buffer it landed in, which it would keep whole.
+async fn read_body<B>(
+    body: B,
+    timeout: Duration,
+) -> Result<Result<Bytes, Box<dyn std::error::Error + Send + Sync>>, tokio::time::error::Elapsed>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let read = Limited::new(body, MAX_MANIFEST).collect();
+    let collected = tokio::time::timeout(timeout, read).await?;
+    Ok(collected.map(|b| Bytes::copy_from_slice(&b.to_bytes())))
+}
+
 fn header_str<'a>(h: &'a HeaderMap, name: &header::HeaderName) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_peer_manifest_body_keeps_no_receive_buffer_alive() {
+        let live = Arc::default();
+        let read = crate::body::tracked_buffer(400 * 1024, b"{}", &live);
+        let body = http_body_util::Full::new(read.slice(0..2));
+        let kept = read_body(body, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .unwrap();
+        drop(read);
+        assert_eq!(&kept[..], b"{}");
+        assert_eq!(live.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
 }
