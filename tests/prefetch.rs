@@ -355,3 +355,41 @@ async fn prefetched_bytes_evicted_unread_are_counted() {
         "every prefetched byte is accounted for"
     );
 }
+
+/// Nested indexes are followed at most two levels below the manifest
+/// asked for: a chain of indexes published upstream (each one `GET`, up
+/// to 4 MiB held) does not drive the prefetch without end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_chain_of_nested_indexes_is_prefetched_only_two_levels_deep() {
+    let up = FakeUpstream::start().await;
+    let img = make_image_for(Format::Oci, &[10_000], "amd64");
+    up.push_image_untagged("library/nest", &img);
+    // chain[0] lists the image; chain[k] lists chain[k - 1]; the tag
+    // points at the last.
+    let mut chain: Vec<String> = Vec::new();
+    let (mut below, mut below_type, mut below_size) =
+        (img.digest.clone(), OCI_MANIFEST, img.manifest.len());
+    for k in 0..10 {
+        let body = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{{"mediaType":"{below_type}","digest":"{below}","size":{below_size},"platform":{{"architecture":"amd64","os":"linux"}}}}]}}"#
+        );
+        let tag = (k == 9).then_some("1");
+        let digest = up.add_manifest("library/nest", tag, OCI_INDEX, body.clone());
+        (below, below_type, below_size) = (digest.clone(), OCI_INDEX, body.len());
+        chain.push(digest);
+    }
+    let st = start(&up, "[prefetch]\nplatforms = [\"linux/amd64\"]").await;
+    get_manifest(&st, "library/nest", "1").await;
+    until("two nested levels prefetched", || {
+        up.manifest_gets("library/nest", &chain[7]) == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(up.manifest_gets("library/nest", &chain[8]), 1);
+    let deeper: usize = chain[..7]
+        .iter()
+        .map(|d| up.manifest_gets("library/nest", d))
+        .sum::<usize>()
+        + up.manifest_gets("library/nest", &img.digest);
+    assert_eq!(deeper, 0, "manifests fetched deeper than two levels");
+}

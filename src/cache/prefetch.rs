@@ -60,6 +60,13 @@ pub(crate) const MAX_QUEUED: usize = 64;
 /// How long after looking at a manifest prefetch looks at it again.
 pub(crate) const RECHECK: Duration = Duration::from_secs(30);
 
+/// How many levels of indexes below the manifest asked for a prefetch
+/// follows (an index may list indexes; registries nest one level, if at
+/// all). Each level is an upstream `GET` and a manifest of up to 4 MiB held
+/// until the chain ends: without a bound, a chain of nested indexes
+/// published upstream would drive both without end.
+const MAX_NESTING: usize = 2;
+
 /// `[prefetch]`, or `prefetch = false` to turn it off.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrefetchConfig {
@@ -231,7 +238,7 @@ impl Prefetcher {
         let stop = self.stop.clone();
         tokio::spawn(async move {
             let _queued = queued;
-            stop.run_until_cancelled(this.run(&upstream, &repo, &m, class, &caller))
+            stop.run_until_cancelled(this.run(&upstream, &repo, &m, class, &caller, 0))
                 .await;
         });
     }
@@ -250,7 +257,8 @@ impl Prefetcher {
     }
 
     /// Prefetches the blobs of an image manifest, or the configured
-    /// platforms' manifests (and so their blobs) of an index.
+    /// platforms' manifests (and so their blobs) of an index, `depth`
+    /// indexes below the manifest asked for (at most [`MAX_NESTING`]).
     async fn run(
         self: &Arc<Self>,
         upstream: &Arc<Upstream>,
@@ -258,9 +266,10 @@ impl Prefetcher {
         m: &Manifest,
         class: AcceptClass,
         caller: &Caller,
+        depth: usize,
     ) {
         let d = m.descriptors();
-        for child in &d.children {
+        for child in d.children.iter().filter(|_| depth < MAX_NESTING) {
             if !child
                 .platform
                 .as_deref()
@@ -293,7 +302,7 @@ impl Prefetcher {
                 Ok(None) => {}
                 Ok(Some((child, _))) => {
                     if self.due(&child) {
-                        Box::pin(self.run(upstream, repo, &child, class, caller)).await;
+                        Box::pin(self.run(upstream, repo, &child, class, caller, depth + 1)).await;
                     }
                 }
                 Err(e) => {
