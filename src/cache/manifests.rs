@@ -642,8 +642,14 @@ impl ManifestStore {
         let me = OriginKey::new(upstream, repo, caller);
         let entry = shared_load(&self.tags, &key, &me, || async {
             loaded.store(true, Ordering::Relaxed);
-            self.revalidate(upstream, caller, repo, tag, class, hop)
-                .await
+            let result = self
+                .revalidate(upstream, caller, repo, tag, class, hop)
+                .await;
+            if let Err(e) = &result {
+                self.forget_if_withdrawn(upstream, caller, repo, tag, class, e)
+                    .await;
+            }
+            result
         })
         .await?;
         let (m, _) = self
@@ -657,40 +663,35 @@ impl ManifestStore {
         Ok((m, outcome))
     }
 
-    /// Asks the tag's owner (in a cluster), else upstream, what `tag`
-    /// points at now for `class`, using the tag file on disk as the stale
-    /// answer. A tag upstream no longer has, or denies the mirror,
-    /// loses its tag file: a later outage must not bring it back as stale
-    /// (a deleted `.sig` tag, a withdrawn image).
-    async fn revalidate(
+    /// Forgets the tag file of `tag` in `class` when `e`, the answer to its
+    /// revalidation, withdraws it ([`withdraws_tag`]): a later outage must
+    /// not bring it back as stale (a deleted `.sig` tag, a withdrawn image).
+    async fn forget_if_withdrawn(
         &self,
         upstream: &Upstream,
         caller: &Caller,
         repo: &RepoName,
         tag: &Tag,
         class: AcceptClass,
-        hop: Hop,
-    ) -> Result<TagEntry, Error> {
-        let result = self
-            .revalidate_or_refuse(upstream, caller, repo, tag, class, hop)
-            .await;
-        if let Err(e) = &result
-            && withdraws_tag(e, caller)
-        {
-            let path = self.tag_path(upstream, repo, tag, class);
-            match tokio::fs::remove_file(&path).await {
-                Ok(()) => tracing::info!(upstream = upstream.host(), %repo, %tag,
-                    reason = %e.report(), "tag withdrawn upstream: its stale copy is forgotten"),
-                Err(r) if r.kind() == io::ErrorKind::NotFound => {}
-                Err(r) => tracing::warn!(upstream = upstream.host(), %repo, %tag, error = %r,
-                    "cannot remove the file of a tag withdrawn upstream"),
-            }
+        e: &Error,
+    ) {
+        if !withdraws_tag(e, caller) {
+            return;
         }
-        result
+        let path = self.tag_path(upstream, repo, tag, class);
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => tracing::info!(upstream = upstream.host(), %repo, %tag,
+                reason = %e.report(), "tag withdrawn upstream: its stale copy is forgotten"),
+            Err(r) if r.kind() == io::ErrorKind::NotFound => {}
+            Err(r) => tracing::warn!(upstream = upstream.host(), %repo, %tag, error = %r,
+                "cannot remove the file of a tag withdrawn upstream"),
+        }
     }
 
-    /// [`Self::revalidate`] up to forgetting a withdrawn tag.
-    async fn revalidate_or_refuse(
+    /// Asks the tag's owner (in a cluster), else upstream, what `tag`
+    /// points at now for `class`, using the tag file on disk as the stale
+    /// answer.
+    async fn revalidate(
         &self,
         upstream: &Upstream,
         caller: &Caller,
